@@ -1,0 +1,117 @@
+"""The exceptions qprobes raises.
+
+Every error derives from :class:`QprobesError`. Subclasses carry the fields a
+caller needs to act on the failure (the packet, the address, the command
+line); lower-level errors are wrapped with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class QprobesError(Exception):
+    """Root of every error raised by qprobes."""
+
+
+# --- wire protocol and connection -------------------------------------------
+
+
+class ProtocolError(QprobesError):
+    """The stub sent something the GDB remote protocol does not allow here."""
+
+    def __init__(self, message: str, packet: bytes | None = None) -> None:
+        self.packet = packet
+        if packet is not None:
+            shown = packet if len(packet) <= 80 else packet[:77] + b"..."
+            message = f"{message} (packet {shown!r})"
+        super().__init__(message)
+
+
+class ChecksumError(ProtocolError):
+    """A packet's checksum did not match its payload."""
+
+
+class StubError(ProtocolError):
+    """The stub answered ``E NN`` to a request."""
+
+    def __init__(self, request: bytes, code: int, packet: bytes | None = None) -> None:
+        self.request = request
+        self.code = code
+        shown = request if len(request) <= 40 else request[:37] + b"..."
+        super().__init__(f"stub answered error {code:#04x} to {shown!r}", packet)
+
+
+class UnsupportedError(ProtocolError):
+    """The stub answered an empty packet: it does not support the request."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        shown = request if len(request) <= 40 else request[:37] + b"..."
+        super().__init__(f"stub does not support {shown!r}")
+
+
+class ConnectionClosedError(QprobesError):
+    """The connection to the stub was closed or dropped."""
+
+
+class StubTimeoutError(QprobesError):
+    """The stub did not answer within the timeout."""
+
+
+# --- target -------------------------------------------------------------------
+
+
+class TargetError(QprobesError):
+    """An operation on the target (registers, memory, run control) failed."""
+
+
+class TranslationError(TargetError):
+    """A virtual address has no present mapping in the guest's page tables."""
+
+    def __init__(self, vaddr: int, level: str, entry: int | None = None) -> None:
+        self.vaddr = vaddr
+        self.level = level
+        self.entry = entry
+        super().__init__(f"{vaddr:#x} is not mapped ({level} entry not present)")
+
+
+class TargetRunningError(TargetError):
+    """The operation needs the target stopped, but it is running."""
+
+
+# --- machine ------------------------------------------------------------------
+
+
+class MachineError(QprobesError):
+    """The QEMU process could not be started, or it died."""
+
+
+class LaunchError(MachineError):
+    """QEMU failed to start; carries the command line and QEMU's output."""
+
+    def __init__(self, message: str, cmdline: list[str], output: str) -> None:
+        self.cmdline = cmdline
+        self.output = output
+        text = f"{message}\ncommand: {' '.join(cmdline)}"
+        if output.strip():
+            text += f"\noutput:\n{output.rstrip()}"
+        super().__init__(text)
+
+
+# --- instructions, probes, symbols --------------------------------------------
+
+
+class InstructionError(QprobesError):
+    """An instruction could not be decoded or cannot run out of line."""
+
+    def __init__(self, addr: int, reason: str) -> None:
+        self.addr = addr
+        self.reason = reason
+        super().__init__(f"{addr:#x}: {reason}")
+
+
+class ProbeError(QprobesError):
+    """A probe could not be registered, armed or removed."""
+
+
+class SymbolError(QprobesError):
+    """A symbol could not be resolved."""
