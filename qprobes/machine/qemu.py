@@ -1,0 +1,335 @@
+"""Launching and stopping a QEMU x86_64 machine with its gdbstub.
+
+Modelled on QEMU's own ``python/qemu/machine``: the machine is a context
+manager with a state guard; shutdown is polite first (the monitor's ``quit``
+through the gdbstub), then ``SIGTERM``, then ``SIGKILL``, and the scratch
+directory is removed in ``finally``. A launch failure raises
+:class:`~qprobes.errors.LaunchError` with the command line and QEMU's output.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from qprobes.errors import LaunchError, MachineError, QprobesError
+from qprobes.remote.client import GdbClient
+from qprobes.target.target import Target
+
+if TYPE_CHECKING:
+    from qprobes.machine.console import Console
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+# isa-debug-exit: writing v to this port ends QEMU with status (v << 1) | 1.
+DEBUG_EXIT_PORT = 0xF4
+
+MiB = 1024 * 1024
+
+
+class MachineState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    SHUT_DOWN = "shut down"
+
+
+@dataclass
+class MachineConfig:
+    """What to boot and how.
+
+    ``reserve_mib`` of guest-physical memory at the top of RAM are kept for
+    qprobes (instruction slots, trap stubs, page tables): the machine adds a
+    ``memmap=SIZE$ADDR`` argument to the kernel command line so Linux never
+    uses them. Freestanding kernels such as qtest ignore the argument and stay
+    below that memory on their own.
+    """
+
+    kernel: Path
+    initrd: Path | None = None
+    append: str = ""
+    memory_mib: int = 128
+    smp: int = 1
+    accel: str = "tcg"  # "tcg" or "kvm"
+    cpu: str | None = None  # QEMU -cpu model; None: QEMU's default (or "host" with KVM)
+    reserve_mib: int = 4
+    debug_exit: bool = True
+    extra_args: list[str] = field(default_factory=list)
+    binary: str = QEMU_BINARY
+
+    @property
+    def reserved(self) -> tuple[int, int]:
+        """(guest-physical start, size) of the memory kept for qprobes."""
+        size = self.reserve_mib * MiB
+        # Below 4 GiB, RAM is contiguous from 0 up to the machine's hole.
+        low_ram = min(self.memory_mib * MiB, 0xB000_0000)
+        return (low_ram - size, size)
+
+    def kernel_cmdline(self) -> str:
+        parts = [self.append.strip()] if self.append.strip() else []
+        if self.reserve_mib:
+            start, size = self.reserved
+            parts.append(f"memmap={size // MiB}M${start:#x}")
+        return " ".join(parts)
+
+
+class QemuMachine:
+    """A QEMU process with its gdbstub on a unix socket, started halted (``-S``).
+
+    Usage::
+
+        with QemuMachine(MachineConfig(kernel=path)) as machine:
+            target = machine.target        # connected, guest still halted
+            target.resume()
+            machine.console.recvuntil(b"qtest> ")
+    """
+
+    def __init__(self, config: MachineConfig, *, start_timeout: float = 20.0) -> None:
+        self.config = config
+        self.start_timeout = start_timeout
+        self.state = MachineState.NEW
+        self._workdir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._client: GdbClient | None = None
+        self._target: Target | None = None
+        self._console: Console | None = None
+        self._console_sock: socket.socket | None = None
+        self.exitcode: int | None = None
+        #: The guest's whole console output, kept after shutdown.
+        self.console_output = ""
+
+    # --- paths --------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        if self._workdir is None:
+            raise MachineError("the machine has not been launched")
+        return self._workdir / name
+
+    @property
+    def gdb_socket(self) -> Path:
+        return self._path("gdb.sock")
+
+    @property
+    def console_log(self) -> Path:
+        """Everything the guest wrote to its serial port."""
+        return self._path("console.log")
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise MachineError("the machine has not been launched")
+        return self._proc.pid
+
+    def command_line(self) -> list[str]:
+        """The QEMU command line this machine runs (paths filled in at launch)."""
+        c = self.config
+        accel = c.accel
+        args = [
+            c.binary,
+            "-nodefaults", "-nographic", "-no-reboot", "-S",
+            "-accel", accel,
+            "-m", f"{c.memory_mib}M",
+            "-smp", str(c.smp),
+            "-kernel", str(c.kernel),
+            "-append", c.kernel_cmdline(),
+            "-gdb", f"unix:{self.gdb_socket},server=on,wait=off",
+            "-chardev", f"socket,id=con0,path={self._path('console.sock')},server=on,wait=off,"
+            f"logfile={self.console_log},logappend=on",
+            "-serial", "chardev:con0",
+            "-monitor", "none",
+        ]  # fmt: skip
+        cpu = c.cpu if c.cpu else ("host" if accel == "kvm" else None)
+        if cpu:
+            args += ["-cpu", cpu]
+        if c.initrd is not None:
+            args += ["-initrd", str(c.initrd)]
+        if c.debug_exit:
+            args += ["-device", f"isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=4"]
+        return args + list(c.extra_args)
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def launch(self) -> None:
+        """Start QEMU, connect the gdbstub and the console. The guest stays halted."""
+        if self.state is not MachineState.NEW:
+            raise MachineError(f"cannot launch a machine that is {self.state.value}")
+        if shutil.which(self.config.binary) is None:
+            raise LaunchError(f"{self.config.binary} not found on PATH", [self.config.binary], "")
+        if not Path(self.config.kernel).is_file():
+            raise LaunchError(f"kernel {self.config.kernel} does not exist", [], "")
+        self._workdir = Path(tempfile.mkdtemp(prefix="qprobes-"))
+        cmdline = self.command_line()
+        output = self._path("qemu.out").open("wb")
+        try:
+            self._proc = subprocess.Popen(
+                cmdline, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+            )
+        except OSError as exc:
+            output.close()
+            self._cleanup()
+            raise LaunchError(f"cannot run QEMU: {exc}", cmdline, "") from exc
+        output.close()
+        self.state = MachineState.RUNNING
+        try:
+            self._wait_for_socket(self.gdb_socket, cmdline)
+            self._client = GdbClient.connect(str(self.gdb_socket))
+            self._target = Target(self._client)
+        except LaunchError:
+            self._kill()
+            self._cleanup()
+            raise
+        except QprobesError as exc:
+            text = self.output()
+            self._kill()
+            self._cleanup()
+            raise LaunchError(f"cannot talk to QEMU's gdbstub: {exc}", cmdline, text) from exc
+
+    def _wait_for_socket(self, path: Path, cmdline: list[str]) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        assert self._proc is not None
+        while not path.exists():
+            if self._proc.poll() is not None:
+                raise LaunchError(
+                    f"QEMU exited with status {self._proc.returncode} during start-up",
+                    cmdline, self.output(),
+                )  # fmt: skip
+            if time.monotonic() > deadline:
+                raise LaunchError("QEMU did not open its gdbstub socket in time", cmdline,
+                                  self.output())  # fmt: skip
+            time.sleep(0.005)
+
+    def _read_console_log(self) -> str:
+        try:
+            return self.console_log.read_text(errors="replace")
+        except (OSError, MachineError):
+            return self.console_output
+
+    def console_text(self) -> str:
+        """Everything the guest printed so far."""
+        if self.state is MachineState.RUNNING:
+            return self._read_console_log()
+        return self.console_output
+
+    def output(self) -> str:
+        """What QEMU itself printed (not the guest console)."""
+        try:
+            return self._path("qemu.out").read_text(errors="replace")
+        except (OSError, MachineError):
+            return ""
+
+    @property
+    def client(self) -> GdbClient:
+        if self._client is None:
+            raise MachineError("the machine is not connected")
+        return self._client
+
+    @property
+    def target(self) -> Target:
+        if self._target is None:
+            raise MachineError("the machine is not connected")
+        return self._target
+
+    @property
+    def console(self) -> Console:
+        """The serial console as a pwntools tube (created on first use)."""
+        if self._console is None:
+            from qprobes.machine.console import Console
+
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(self._path("console.sock")))
+            self._console_sock = sock
+            self._console = Console(sock)
+        return self._console
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for QEMU to exit (for example through isa-debug-exit)."""
+        if self._proc is None:
+            raise MachineError("the machine has not been launched")
+        try:
+            self.exitcode = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise MachineError(f"QEMU still running after {timeout} s") from exc
+        return self.exitcode
+
+    def shutdown(self, timeout: float = 5.0) -> int | None:
+        """Stop QEMU: politely (monitor ``quit``), then SIGTERM, then SIGKILL."""
+        if self.state is not MachineState.RUNNING:
+            return self.exitcode
+        try:
+            if self._proc is not None and self._proc.poll() is None and self._client is not None:
+                try:
+                    if self._client.running:
+                        self._client.interrupt()
+                        self._client.wait_stop(timeout=2.0)
+                    self._client.kill()
+                except QprobesError:
+                    pass  # QEMU is going away anyway; the signals below finish it.
+            if self._proc is not None:
+                try:
+                    self.exitcode = self._proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._kill()
+        finally:
+            self._close_connections()
+            self.console_output = self._read_console_log()
+            self._cleanup()
+            self.state = MachineState.SHUT_DOWN
+        return self.exitcode
+
+    def _kill(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            self._proc.wait(3.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self.exitcode = self._proc.returncode
+
+    def _close_connections(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except QprobesError:
+                pass
+            self._client = None
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+        if self._console_sock is not None:
+            self._console_sock.close()
+            self._console_sock = None
+
+    def _cleanup(self) -> None:
+        if self._workdir is not None and not os.environ.get("QPROBES_KEEP_WORKDIR"):
+            shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> QemuMachine:
+        self.launch()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+
+def attach(address: str, timeout: float = 10.0) -> Target:
+    """Connect to an already running QEMU's gdbstub (``host:port`` or a socket path)."""
+    return Target(GdbClient.connect(address, timeout=timeout))

@@ -1,0 +1,40 @@
+"""Shared test plumbing.
+
+Tests marked ``vm`` boot real QEMU guests. Where QEMU or a guest cannot be
+had they skip with the reason, unless ``QPROBES_REQUIRE_VM=1`` (set by
+scripts/test.sh and CI), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def require_vm(reason: str) -> None:
+    """Skip (or fail, under QPROBES_REQUIRE_VM=1) a VM test that cannot run."""
+    if os.environ.get("QPROBES_REQUIRE_VM") == "1":
+        pytest.fail(f"VM test cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def qemu_binary() -> str:
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        require_vm("qemu-system-x86_64 is not installed (scripts/install.sh installs it)")
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="session")
+def qtest_image(qemu_binary: str):  # type: ignore[no-untyped-def]
+    from qprobes.errors import MachineError
+    from qprobes.machine.guests import qtest_kernel
+
+    try:
+        return qtest_kernel()
+    except MachineError as exc:
+        require_vm(f"qtest cannot be built: {exc}")
