@@ -1,0 +1,200 @@
+"""qprobes' own memory inside the guest.
+
+Guest-physical pages come from memory the guest never uses (the machine puts
+``memmap=`` on the kernel command line; qtest stays below 32 MiB). They are
+mapped into a free 2 MiB region of the module area (Linux: between
+0xffffffffa0000000 and 0xffffffffff000000) by writing page-table entries, so
+copies of kernel instructions keep their rip-relative reach (±2 GiB) and the
+trap stubs can be the target of IDT gates.
+
+Every entry qprobes writes is recorded with the value it replaced and put
+back by :meth:`GuestArea.teardown`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qprobes.errors import ProbeError, TranslationError
+from qprobes.target.paging import (
+    ADDR_MASK,
+    CR4_LA57,
+    PTE_PRESENT,
+    PTE_PS,
+    Level,
+    make_entry,
+    table_index,
+)
+from qprobes.target.target import Target
+
+PAGE_SIZE = 4096
+REGION_SIZE = 2 * 1024 * 1024  # one page table's worth of 4 KiB pages
+MODULES_VADDR = 0xFFFF_FFFF_A000_0000
+MODULES_END = 0xFFFF_FFFF_FF00_0000
+REL32_REACH = 1 << 31
+
+
+@dataclass(frozen=True)
+class Page:
+    """One 4 KiB page of the area."""
+
+    vaddr: int
+    paddr: int
+    writable: bool
+    executable: bool
+
+
+class PhysAllocator:
+    """Hands out 4 KiB guest-physical pages from the reservation."""
+
+    def __init__(self, start: int, size: int) -> None:
+        if start % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+            raise ProbeError(f"bad physical reservation {start:#x}+{size:#x}")
+        self.start = start
+        self.end = start + size
+        self._next = start
+        self._free: list[int] = []
+
+    def alloc(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._next >= self.end:
+            raise ProbeError(
+                f"the physical reservation {self.start:#x}-{self.end:#x} is used up"
+            )
+        page = self._next
+        self._next += PAGE_SIZE
+        return page
+
+    def free(self, paddr: int) -> None:
+        self._free.append(paddr)
+
+
+class GuestArea:
+    """A 2 MiB virtual region of 4 KiB pages that qprobes owns in the guest.
+
+    ``near`` is an address of kernel text: the region is chosen so that any
+    address in it is within rel32 reach of it. Page tables are edited through
+    the gdbstub in physical mode while the guest is stopped.
+    """
+
+    def __init__(self, target: Target, reserve: tuple[int, int], near: int,
+                 vbase: int | None = None) -> None:  # fmt: skip
+        self.target = target
+        self.phys = PhysAllocator(*reserve)
+        self.near = near
+        self._requested_vbase = vbase
+        self.vbase = 0
+        self._pt = 0  # physical address of our page table
+        self._written: list[tuple[int, int]] = []  # (entry paddr, old value), in order
+        self._pages: dict[int, Page] = {}  # page index -> Page
+        self._cr3 = 0
+        self._la57 = False
+
+    # --- set-up -------------------------------------------------------------
+
+    def _read_entry(self, paddr: int) -> int:
+        return self.target.read_phys_u64(paddr)
+
+    def _write_entry(self, paddr: int, value: int) -> None:
+        old = self._read_entry(paddr)
+        self._written.append((paddr, old))
+        self.target.write_phys(paddr, value.to_bytes(8, "little"))
+
+    def _new_table(self) -> int:
+        page = self.phys.alloc()
+        self.target.write_phys(page, bytes(PAGE_SIZE))
+        return page
+
+    def setup(self) -> None:
+        """Pick the region and install its page table."""
+        regs = self.target.registers()
+        self._cr3 = regs.cr3 & ADDR_MASK
+        self._la57 = bool(regs.cr4 & CR4_LA57)
+        candidates = (
+            [self._requested_vbase]
+            if self._requested_vbase is not None
+            else list(range(MODULES_END - REGION_SIZE, MODULES_VADDR - 1, -REGION_SIZE))
+        )
+        for vbase in candidates:
+            if vbase % REGION_SIZE:
+                raise ProbeError(f"area base {vbase:#x} is not 2 MiB aligned")
+            lo, hi = min(vbase, self.near), max(vbase + REGION_SIZE, self.near)
+            if hi - lo >= REL32_REACH:
+                continue
+            if self._try_region(vbase):
+                self.vbase = vbase
+                return
+            if self._requested_vbase is not None:
+                raise ProbeError(f"the requested area {vbase:#x} is already in use")
+        raise ProbeError(
+            f"no free 2 MiB region in the module area within rel32 reach of {self.near:#x}"
+        )
+
+    def _try_region(self, vbase: int) -> bool:
+        """Install a page table for ``vbase`` if its PMD entry is free."""
+        table = self._cr3
+        level = Level.PGD if self._la57 else Level.P4D
+        while level > Level.PMD:
+            entry_addr = table + 8 * table_index(vbase, level)
+            entry = self._read_entry(entry_addr)
+            if not entry & PTE_PRESENT:
+                if level >= Level.P4D:
+                    # A new top-level entry would not be shared by other
+                    # address spaces (each process has its own PGD).
+                    return False
+                new = self._new_table()
+                self._write_entry(entry_addr, make_entry(new, writable=True, executable=True))
+                table = new
+            elif level == Level.PUD and entry & PTE_PS:
+                return False  # a 1 GiB page covers it
+            else:
+                table = entry & ADDR_MASK
+            level = Level(int(level) - 1)
+        pmd_addr = table + 8 * table_index(vbase, Level.PMD)
+        if self._read_entry(pmd_addr) & PTE_PRESENT:
+            return False
+        self._pt = self._new_table()
+        self._write_entry(pmd_addr, make_entry(self._pt, writable=True, executable=True))
+        return True
+
+    # --- pages --------------------------------------------------------------
+
+    def map_page(self, index: int, *, writable: bool, executable: bool) -> Page:
+        """Map page ``index`` of the region to a fresh physical page (zeroed)."""
+        if not 0 <= index < REGION_SIZE // PAGE_SIZE:
+            raise ProbeError(f"area page index {index} out of range")
+        if index in self._pages:
+            raise ProbeError(f"area page {index} is already mapped")
+        paddr = self.phys.alloc()
+        self.target.write_phys(paddr, bytes(PAGE_SIZE))
+        entry = make_entry(paddr, writable=writable, executable=executable)
+        self._write_entry(self._pt + 8 * index, entry)
+        page = Page(self.vbase + index * PAGE_SIZE, paddr, writable, executable)
+        self._pages[index] = page
+        return page
+
+    def unmap_page(self, index: int) -> None:
+        page = self._pages.pop(index)
+        self.target.write_phys(self._pt + 8 * index, bytes(8))
+        self.phys.free(page.paddr)
+
+    def page(self, index: int) -> Page:
+        return self._pages[index]
+
+    def contains(self, vaddr: int) -> bool:
+        return self.vbase <= vaddr < self.vbase + REGION_SIZE
+
+    def check_mapping(self, vaddr: int) -> int:
+        """The physical address behind ``vaddr``, proving the guest sees the mapping."""
+        try:
+            return self.target.translate(vaddr).paddr
+        except TranslationError as exc:
+            raise ProbeError(f"area page {vaddr:#x} is not visible to the guest") from exc
+
+    def teardown(self) -> None:
+        """Put back every page-table entry written, newest first."""
+        for paddr, old in reversed(self._written):
+            self.target.write_phys(paddr, old.to_bytes(8, "little"))
+        self._written.clear()
+        self._pages.clear()

@@ -1,0 +1,740 @@
+"""The kprobe engine: probes armed in guest memory, hits handled on the host.
+
+This is Linux's kprobes flow (2.6 ``arch/x86_64/kernel/kprobes.c``:
+``kprobe_handler``, ``post_kprobe_handler``, ``kprobe_fault_handler``,
+``resume_execution``; ``kernel/kprobes.c``: the probe table, aggregate
+probes, ``get_insn_slot``), run from outside the guest:
+
+* arming writes ``int3`` at the probe address through the gdbstub;
+* the guest's #BP, #DB, #GP and #PF gates point at qprobes' stubs
+  (:mod:`qprobes.probes.stubs`), which save ``pt_regs`` and ring a watched
+  doorbell for exceptions that are qprobes' own;
+* at the doorbell stop the host reads the frame, runs the handlers, edits
+  the frame (rip to the slot, TF for a single-step, the fixups after it)
+  and tells the stub to ``iretq`` or to pass the exception on.
+
+The guest must be stopped whenever these methods run, except
+:meth:`KprobeEngine.run`, which resumes it and handles stops until told to
+stop. All calls come from one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qprobes.arch.x86_64 import fixups as x86fix
+from qprobes.arch.x86_64 import insn as x86insn
+from qprobes.arch.x86_64.idt import gate_offset, gate_with_offset
+from qprobes.errors import (
+    InstructionError,
+    ProbeError,
+    QprobesError,
+    StubTimeoutError,
+    SymbolError,
+)
+from qprobes.probes.area import PAGE_SIZE, GuestArea
+from qprobes.probes.context import HitContext, PtRegs
+from qprobes.probes.kprobe import (
+    Kprobe,
+    KprobeCtlblk,
+    KprobeStatus,
+    PrevKprobe,
+    ProbePoint,
+)
+from qprobes.probes.slots import SlotAllocator
+from qprobes.probes.stubs import (
+    ACTION_CHAIN,
+    ACTION_RETURN,
+    FRAME_SIZE,
+    FRAME_WORDS,
+    JPROBE_VECTOR,
+    KRETPROBE_VECTOR,
+    PTABLE_ENTRIES,
+    PTABLE_MAX_LOAD,
+    VAR_ORIG,
+    VAR_SS_ACTIVE,
+    StubLayout,
+    Stubs,
+    assemble_stubs,
+    probe_hash,
+)
+from qprobes.symbols.elf import SymbolTable
+from qprobes.target.hostmem import HostMemory
+from qprobes.target.paging import CR4_LA57
+from qprobes.target.registers import Registers
+from qprobes.target.target import Target
+from qprobes.wire.stop import StopReply
+
+log = logging.getLogger(__name__)
+
+INT3 = 0xCC
+TF = 0x100
+IF = 0x200
+
+# Pages of the guest area.
+PAGE_CODE = 0
+PAGE_DOORBELL = 1
+PAGE_VARS = 2
+PAGE_PTABLE = 3  # PTABLE_ENTRIES * 8 bytes = 16 pages
+PAGE_USER_CODE = 20  # jprobe handlers and other guest code from users: 20..31
+PAGE_SLOTS_FIRST = 32
+PAGE_SLOTS_LAST = 511
+
+TRAPPED_VECTORS = (1, 3, 13, 14)
+
+@dataclass
+class EngineStats:
+    """Counts of stops by kind, for benchmarks and tests."""
+
+    stops: int = 0
+    bp: int = 0
+    db: int = 0
+    faults: int = 0
+    kret: int = 0
+    chained: int = 0
+    foreign: int = 0  # stops not caused by qprobes
+
+
+class KprobeEngine:
+    """Registers, arms and services kprobes in one guest.
+
+    ``reserve`` is (guest-physical start, size) of memory the guest never
+    uses; ``near`` an address in kernel text (slots must be within rel32 of
+    every probed instruction). ``hostmem`` enables the fast data path through
+    ``/proc/PID/mem`` (only for a QEMU that this process launched).
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        reserve: tuple[int, int],
+        near: int,
+        *,
+        symbols: SymbolTable | None = None,
+        hostmem: HostMemory | None = None,
+        area_base: int | None = None,
+    ) -> None:
+        self.target = target
+        self.client = target.client
+        self.symbols = symbols
+        self.hostmem = hostmem
+        self.area = GuestArea(target, reserve, near, area_base)
+        self.stats = EngineStats()
+        self.points: dict[int, ProbePoint] = {}
+        self.kcb: dict[int, KprobeCtlblk] = {}
+        self.attached = False
+        self._ptable = [0] * PTABLE_ENTRIES
+        self._ss_active = 0
+        self._orig_gates: dict[tuple[int, int], bytes] = {}  # (idt paddr, vector) -> gate
+        self._orig_handler: dict[int, int] = {}
+        self._stubs: Stubs | None = None
+        self._doorbell = 0
+        self._vars = 0
+        self._ptable_addr = 0
+        self._ret_kind: dict[int, int] = {}
+        self._slots: SlotAllocator | None = None
+        self._extra_stop: Callable[[StopReply], bool] | None = None
+        self.kretprobes: object = None  # set by the kretprobe manager
+
+    # --- attach / detach ----------------------------------------------------
+
+    def attach(self) -> None:
+        """Map the area, install the stubs and redirect the IDT gates."""
+        if self.attached:
+            return
+        area = self.area
+        area.setup()
+        try:
+            code = area.map_page(PAGE_CODE, writable=False, executable=True)
+            bell = area.map_page(PAGE_DOORBELL, writable=True, executable=False)
+            vars_ = area.map_page(PAGE_VARS, writable=True, executable=False)
+            ptable = [area.map_page(PAGE_PTABLE + i, writable=True, executable=False)
+                      for i in range(PTABLE_ENTRIES * 8 // PAGE_SIZE)]  # fmt: skip
+            self._doorbell = bell.vaddr
+            self._vars = vars_.vaddr
+            self._ptable_addr = ptable[0].vaddr
+            slot_lo = area.vbase + PAGE_SLOTS_FIRST * PAGE_SIZE
+            slot_hi = area.vbase + (PAGE_SLOTS_LAST + 1) * PAGE_SIZE
+            layout = StubLayout(code.vaddr, bell.vaddr, vars_.vaddr, ptable[0].vaddr,
+                                slot_lo, slot_hi)  # fmt: skip
+            self._stubs = stubs = assemble_stubs(layout)
+            self.target.write(code.vaddr, stubs.code)
+            self._ret_kind = {
+                stubs["qp_bp_doorbell_ret"]: 3,
+                stubs["qp_db_doorbell_ret"]: 1,
+                stubs["qp_gp_doorbell_ret"]: 13,
+                stubs["qp_pf_doorbell_ret"]: 14,
+                stubs["qp_kret_doorbell_ret"]: KRETPROBE_VECTOR,
+                stubs["qp_jprobe_doorbell_ret"]: JPROBE_VECTOR,
+            }
+            self._slots = SlotAllocator(
+                x86insn.SLOT_SIZE, PAGE_SLOTS_FIRST, PAGE_SLOTS_LAST,
+                lambda i: area.map_page(i, writable=False, executable=True).vaddr,
+                area.unmap_page,
+            )  # fmt: skip
+            area.check_mapping(code.vaddr)
+            self._install_gates()
+            self.target.add_watchpoint(self._doorbell, 1, "write")
+        except BaseException:
+            self._restore_gates()
+            area.teardown()
+            raise
+        self.attached = True
+
+    def _idts(self) -> dict[int, tuple[int, int]]:
+        """Physical address and limit of each distinct IDT, by a vCPU using it."""
+        found: dict[int, tuple[int, int]] = {}
+        for vcpu in self.target.vcpus:
+            idt = self.target.idt(vcpu)
+            paddr = self.target.translate(idt.base, vcpu).paddr
+            found.setdefault(paddr, (vcpu, idt.limit))
+        return {paddr: (limit, vcpu) for paddr, (vcpu, limit) in found.items()}
+
+    def _install_gates(self) -> None:
+        assert self._stubs is not None
+        entries = {1: "qp_db_entry", 3: "qp_bp_entry", 13: "qp_gp_entry", 14: "qp_pf_entry"}
+        idts = self._idts()
+        for paddr, (limit, _vcpu) in idts.items():
+            for vector in TRAPPED_VECTORS:
+                if 16 * vector + 15 > limit:
+                    raise ProbeError(f"the IDT at {paddr:#x} has no gate {vector}")
+                gate = self.target.read_phys(paddr + 16 * vector, 16)
+                handler = gate_offset(gate)
+                prev = self._orig_handler.setdefault(vector, handler)
+                if prev != handler:
+                    raise ProbeError(
+                        f"vCPUs disagree on the handler of vector {vector}: "
+                        f"{prev:#x} and {handler:#x}"
+                    )
+                self._orig_gates[(paddr, vector)] = gate
+        # The stubs chain to the guest's own handlers through the vars page.
+        for vector, handler in self._orig_handler.items():
+            self._write_data(self._vars + VAR_ORIG + 8 * vector, struct.pack("<Q", handler))
+        for (paddr, vector), gate in self._orig_gates.items():
+            new = gate_with_offset(gate, self._stubs[entries[vector]])
+            self.target.write_phys(paddr + 16 * vector, new)
+
+    def _restore_gates(self) -> None:
+        for (paddr, vector), gate in self._orig_gates.items():
+            self.target.write_phys(paddr + 16 * vector, gate)
+        self._orig_gates.clear()
+
+    @property
+    def stubs(self) -> Stubs:
+        if self._stubs is None:
+            raise ProbeError("the engine is not attached")
+        return self._stubs
+
+    @property
+    def original_handlers(self) -> dict[int, int]:
+        """The guest's own handler of each trapped vector."""
+        return dict(self._orig_handler)
+
+    def detach(self, drain_timeout: float = 10.0) -> None:
+        """Disarm every probe and restore every byte qprobes wrote.
+
+        vCPUs in the middle of a single-step are run to its end first
+        (detaching mid-step leaves TF set and rip in a slot).
+        """
+        if not self.attached:
+            return
+        try:
+            self.drain(drain_timeout)
+        finally:
+            for point in list(self.points.values()):
+                self._disarm(point)
+            self.points.clear()
+            if self.kretprobes is not None:
+                self.kretprobes.detach()  # type: ignore[attr-defined]
+            try:
+                self.target.remove_watchpoint(self._doorbell, 1, "write")
+            except QprobesError as exc:
+                log.warning("could not remove the doorbell watchpoint: %s", exc)
+            self._restore_gates()
+            self.area.teardown()
+            self.attached = False
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """Run the guest until no vCPU is single-stepping a slot."""
+        deadline = time.monotonic() + timeout
+        while self._busy():
+            if time.monotonic() > deadline:
+                raise ProbeError("vCPUs did not leave their instruction slots in time")
+            self.target.resume()
+            stop = self.target.wait(max(0.1, deadline - time.monotonic()))
+            self.handle_stop(stop)
+
+    def _busy(self) -> bool:
+        return any(k.status is not KprobeStatus.NONE for k in self.kcb.values())
+
+    # --- data writes ----------------------------------------------------------
+
+    def _write_data(self, vaddr: int, data: bytes, cr3: int | None = None) -> None:
+        """Write guest *data* (never code): host memory when possible."""
+        if self.hostmem is not None and cr3 is not None:
+            self.hostmem.write_virt(cr3, vaddr, data)
+        else:
+            self.target.write(vaddr, data)
+
+    def _read_data(self, vaddr: int, length: int, cr3: int | None = None) -> bytes:
+        if self.hostmem is not None and cr3 is not None:
+            return self.hostmem.read_virt(cr3, vaddr, length)
+        return self.target.read(vaddr, length)
+
+    def _set_ss_active(self, delta: int, cr3: int | None) -> None:
+        self._ss_active += delta
+        if self._ss_active < 0:
+            raise AssertionError("ss_active below zero")
+        self._write_data(self._vars + VAR_SS_ACTIVE, struct.pack("<Q", self._ss_active), cr3)
+
+    # --- registration -------------------------------------------------------
+
+    def resolve(self, kp: Kprobe) -> int:
+        """The address a kprobe names (``kprobe_addr``)."""
+        if kp.addr is not None:
+            if kp.symbol_name is not None:
+                raise ProbeError("give a kprobe an address or a symbol, not both")
+            return kp.addr + kp.offset
+        if kp.symbol_name is None:
+            raise ProbeError("a kprobe needs an address or a symbol name")
+        if self.symbols is None:
+            raise SymbolError(f"no symbol table to resolve {kp.symbol_name!r}")
+        return self.symbols.address(kp.symbol_name) + kp.offset
+
+    def _original_bytes(self, addr: int, length: int) -> bytes:
+        """Guest text with qprobes' own int3 bytes replaced by the originals."""
+        data = bytearray(self.target.read(addr, length))
+        for point in self.points.values():
+            if point.armed and addr <= point.addr < addr + length:
+                data[point.addr - addr] = point.opcode
+        return bytes(data)
+
+    def can_probe(self, addr: int) -> None:
+        """Raise unless ``addr`` may be probed (``can_probe``/``check_kprobe_address_safe``)."""
+        if self.attached and self.area.contains(addr):
+            raise ProbeError(f"{addr:#x} is inside qprobes' own guest area")
+        for vector, handler in self._orig_handler.items():
+            if self._same_function(addr, handler):
+                raise ProbeError(
+                    f"{addr:#x} is in the guest's handler for vector {vector}, "
+                    "which qprobes' stubs chain to"
+                )
+        if self.symbols is None:
+            return
+        found = self.symbols.resolve(addr)
+        if found is None:
+            return
+        sym, off = found
+        if sym.kind != "func" or sym.size == 0:
+            return
+        code = self._original_bytes(sym.addr, off + x86insn.MAX_INSN_SIZE)
+        pos = 0
+        while pos < off:
+            try:
+                insn = x86insn.decode(code[pos:], sym.addr + pos)
+            except InstructionError:
+                return  # data or padding: cannot prove the boundary either way
+            pos += insn.length
+        if pos != off:
+            raise ProbeError(
+                f"{addr:#x} ({sym.name}+{off:#x}) is not an instruction boundary: "
+                f"the instruction at {sym.name}+{pos - insn.length:#x} spans it"
+            )
+
+    def _same_function(self, a: int, b: int) -> bool:
+        if self.symbols is None:
+            return a == b
+        fa, fb = self.symbols.resolve(a), self.symbols.resolve(b)
+        if fa is None or fb is None:
+            return a == b
+        return fa[0] == fb[0]
+
+    def register_kprobe(self, kp: Kprobe) -> Kprobe:
+        """Register and arm ``kp`` (``register_kprobe``)."""
+        if not self.attached:
+            raise ProbeError("attach the engine before registering probes")
+        if kp.registered:
+            raise ProbeError(f"{kp!r} is already registered")
+        addr = self.resolve(kp)
+        kp.addr, kp.symbol_name = addr, None if kp.symbol_name is None else kp.symbol_name
+        point = self.points.get(addr)
+        if point is not None:
+            # An aggregate probe: one int3, one slot, several handlers.
+            if kp.boost is False and point.boosted:
+                raise ProbeError(
+                    f"{addr:#x} is already probed boosted; register the single-stepped probe first"
+                )
+            point.kprobes.append(kp)
+            kp.registered = True
+            return kp
+        self.can_probe(addr)
+        if len(self.points) >= PTABLE_MAX_LOAD:
+            raise ProbeError(f"at most {PTABLE_MAX_LOAD} probe addresses at once")
+        code = self._original_bytes(addr, x86insn.MAX_INSN_SIZE)
+        insn = x86insn.decode(code, addr)
+        analysis = x86insn.analyze(insn)
+        if analysis.rejected is not None:
+            raise InstructionError(addr, f"cannot probe {insn.mnemonic}: {analysis.rejected}")
+        assert self._slots is not None
+        slot = self._slots.get_insn_slot()
+        try:
+            boosted = kp.boost and analysis.boostable
+            if boosted:
+                copy = x86insn.boosted_copy(insn, slot)
+            else:
+                copy = x86insn.copy_instruction(insn, slot)
+            self.target.write(slot, copy)
+        except BaseException:
+            self._slots.free_insn_slot(slot)
+            raise
+        point = ProbePoint(addr, code[0], insn, analysis, slot, boosted, [kp])
+        self.points[addr] = point
+        kp.registered = True
+        try:
+            self._arm(point)
+        except BaseException:
+            del self.points[addr]
+            kp.registered = False
+            self._slots.free_insn_slot(slot)
+            raise
+        return kp
+
+    def unregister_kprobe(self, kp: Kprobe) -> None:
+        """Disarm and forget ``kp`` (``unregister_kprobe``)."""
+        if not kp.registered or kp.addr is None:
+            raise ProbeError(f"{kp!r} is not registered")
+        point = self.points[kp.addr]
+        point.kprobes.remove(kp)
+        kp.registered = False
+        if point.kprobes:
+            return
+        # A vCPU may be stepping this probe's slot: let it finish first.
+        self.drain()
+        self._disarm(point)
+        del self.points[point.addr]
+        assert self._slots is not None
+        self._slots.free_insn_slot(point.slot)
+
+    def enable_kprobe(self, kp: Kprobe) -> None:
+        kp.disabled = False
+        if kp.addr is not None and kp.addr in self.points:
+            point = self.points[kp.addr]
+            if not point.armed:
+                self._arm(point)
+
+    def disable_kprobe(self, kp: Kprobe) -> None:
+        kp.disabled = True
+        if kp.addr is not None and kp.addr in self.points:
+            point = self.points[kp.addr]
+            if point.armed and not point.enabled:
+                self._disarm(point)
+
+    # --- arming ---------------------------------------------------------------
+
+    def _ptable_slot(self, addr: int) -> int:
+        i = probe_hash(addr)
+        while self._ptable[i] not in (0, addr):
+            i = (i + 1) % PTABLE_ENTRIES
+        return i
+
+    def _ptable_write(self, indexes: list[int]) -> None:
+        for i in indexes:
+            self._write_data(self._ptable_addr + 8 * i, struct.pack("<Q", self._ptable[i]))
+
+    def _ptable_insert(self, addr: int) -> None:
+        i = self._ptable_slot(addr)
+        self._ptable[i] = addr
+        self._ptable_write([i])
+
+    def _ptable_remove(self, addr: int) -> None:
+        """Remove ``addr`` and re-insert the rest of its cluster (linear probing)."""
+        i = self._ptable_slot(addr)
+        if self._ptable[i] != addr:
+            return
+        changed = [i]
+        self._ptable[i] = 0
+        j = (i + 1) % PTABLE_ENTRIES
+        while self._ptable[j]:
+            moved = self._ptable[j]
+            self._ptable[j] = 0
+            k = self._ptable_slot(moved)
+            self._ptable[k] = moved
+            changed += [j, k]
+            j = (j + 1) % PTABLE_ENTRIES
+        self._ptable_write(sorted(set(changed)))
+
+    def _arm(self, point: ProbePoint) -> None:
+        """``arch_arm_kprobe``: table entry first, then the int3."""
+        if point.armed:
+            return
+        self._ptable_insert(point.addr)
+        current = self.target.read(point.addr, 1)[0]
+        if current != point.opcode:
+            self._ptable_remove(point.addr)
+            raise ProbeError(
+                f"{point.addr:#x} changed under qprobes (byte {current:#04x}, "
+                f"expected {point.opcode:#04x})"
+            )
+        if point.opcode != INT3:
+            self.target.write(point.addr, bytes([INT3]))
+        point.armed = True
+
+    def _disarm(self, point: ProbePoint) -> None:
+        """``arch_disarm_kprobe``: the original byte back, if ours is still there."""
+        if not point.armed:
+            return
+        if point.opcode != INT3:
+            current = self.target.read(point.addr, 1)[0]
+            if current == INT3:
+                self.target.write(point.addr, bytes([point.opcode]))
+            else:
+                # The guest rewrote its own text (ftrace, static keys): the
+                # saved byte is stale, so leave the new one alone.
+                log.warning("%#x no longer holds qprobes' int3 (%#04x); not restored",
+                            point.addr, current)  # fmt: skip
+        self._ptable_remove(point.addr)
+        point.armed = False
+
+    # --- the trap path ----------------------------------------------------------
+
+    def handle_stop(self, stop: StopReply) -> bool:
+        """Service one stop; False when the stop is not qprobes' doorbell."""
+        self.stats.stops += 1
+        if stop.watch_addr != self._doorbell:
+            if self._extra_stop is not None and self._extra_stop(stop):
+                return True
+            self.stats.foreign += 1
+            return False
+        vcpu = stop.thread.tid if stop.thread is not None else self.target.vcpus[0]
+        self.client.note_stop_thread(vcpu)
+        raw = self.client.read_registers()
+        regs = Registers.from_g(self.client.layout, raw)
+        vector = self._ret_kind.get(regs.rip)
+        if vector is None:
+            raise ProbeError(f"doorbell stop at unexpected rip {regs.rip:#x}")
+        cr3 = regs.cr3
+        la57 = bool(regs.cr4 & CR4_LA57)
+        frame_bytes = self._read_frame(regs.rsp, cr3, la57)
+        frame = PtRegs(list(struct.unpack(f"<{FRAME_WORDS}Q", frame_bytes)))
+        if frame.action:
+            # A stale stop: this doorbell was already answered.
+            return True
+        ctx = HitContext(vcpu, frame, self._reader(cr3, la57), cr3)
+        kcb = self.kcb.setdefault(vcpu, KprobeCtlblk())
+        if vector == 3:
+            self.stats.bp += 1
+            self._kprobe_handler(kcb, ctx)
+        elif vector == 1:
+            self.stats.db += 1
+            self._post_kprobe_handler(kcb, ctx)
+        elif vector in (13, 14):
+            self.stats.faults += 1
+            self._kprobe_fault_handler(kcb, ctx, vector)
+        elif vector == KRETPROBE_VECTOR:
+            self.stats.kret += 1
+            if self.kretprobes is None:
+                raise ProbeError("a kretprobe trampoline hit with no kretprobes")
+            self.kretprobes.trampoline_handler(ctx)  # type: ignore[attr-defined]
+        elif vector == JPROBE_VECTOR:
+            self._jprobe_return(kcb, ctx, regs)
+            return True
+        if frame.action == ACTION_CHAIN:
+            self.stats.chained += 1
+        if not frame.action:
+            frame.action = ACTION_RETURN
+        self._write_frame(regs.rsp, frame, cr3, la57)
+        return True
+
+    def _reader(self, cr3: int, la57: bool) -> Callable[[int, int], bytes]:
+        if self.hostmem is not None:
+            hm = self.hostmem
+            return lambda addr, n: hm.read_virt(cr3, addr, n, la57)
+        return self.target.read
+
+    def _read_frame(self, rsp: int, cr3: int, la57: bool) -> bytes:
+        if self.hostmem is not None:
+            return self.hostmem.read_virt(cr3, rsp, FRAME_SIZE, la57)
+        return self.client.read_memory(rsp, FRAME_SIZE)
+
+    def _write_frame(self, rsp: int, frame: PtRegs, cr3: int, la57: bool) -> None:
+        dirty = sorted(frame.dirty)
+        if not dirty:
+            return
+        lo, hi = dirty[0], dirty[-1] + 1
+        data = struct.pack(f"<{hi - lo}Q", *frame.words[lo:hi])
+        if self.hostmem is not None:
+            self.hostmem.write_virt(cr3, rsp + 8 * lo, data, la57)
+        else:
+            self.client.write_memory(rsp + 8 * lo, data)
+
+    # 2.6 kprobe_handler
+    def _kprobe_handler(self, kcb: KprobeCtlblk, ctx: HitContext) -> None:
+        regs = ctx.regs
+        addr = regs.rip - 1
+        point = self.points.get(addr)
+        if kcb.status in (KprobeStatus.HIT_SS, KprobeStatus.REENTER):
+            if point is not None and point is kcb.current and point.is_int3:
+                # The probed instruction is itself an int3, stepped in place:
+                # hand it to the guest's own handler with the flags as they were.
+                regs.eflags = (regs.eflags & ~(TF | IF)) | kcb.old_rflags
+                self._end_step(kcb, ctx.cr3)
+                regs.action = ACTION_CHAIN
+                return
+            if point is not None and point.armed:
+                # A probe hit while this vCPU handles another (kprobe_reenter):
+                # count it missed and step it without handlers.
+                for kp in point.kprobes:
+                    kp.nmissed += 1
+                kcb.prev = PrevKprobe(kcb.current, kcb.status, kcb.old_rflags, kcb.saved_rflags)
+                regs.rip = addr
+                self._prepare_singlestep(kcb, point, ctx, KprobeStatus.REENTER)
+                return
+        if point is None or not point.armed:
+            if self.target.read(addr, 1)[0] != INT3:
+                regs.rip = addr  # removed after this vCPU hit it
+            else:
+                regs.action = ACTION_CHAIN
+            return
+        regs.rip = addr
+        point.nhit += 1
+        kcb.current = point
+        kcb.status = KprobeStatus.HIT_ACTIVE
+        for kp in point.kprobes:
+            if kp.disabled:
+                continue
+            kp.nhit += 1
+            if kp.pre_handler is not None:
+                ctx.probe = kp
+                if kp.pre_handler(kp, ctx):
+                    # The handler changed rip: skip the instruction.
+                    kcb.status = KprobeStatus.NONE
+                    kcb.current = None
+                    return
+        self._prepare_singlestep(kcb, point, ctx, KprobeStatus.HIT_SS)
+
+    def _prepare_singlestep(self, kcb: KprobeCtlblk, point: ProbePoint, ctx: HitContext,
+                            status: KprobeStatus) -> None:  # fmt: skip
+        regs = ctx.regs
+        if point.boosted and not point.has_post_handler() and status is KprobeStatus.HIT_SS:
+            # Boosted: copy + jmp back, no single-step, one stop per hit.
+            regs.rip = point.slot
+            kcb.status = KprobeStatus.NONE
+            kcb.current = None
+            return
+        kcb.old_rflags = regs.eflags & (TF | IF)
+        kcb.saved_rflags = regs.eflags
+        regs.eflags = x86fix.prepare_singlestep(regs.eflags)
+        regs.rip = point.addr if point.is_int3 else point.slot
+        kcb.current = point
+        kcb.status = status
+        self._set_ss_active(+1, ctx.cr3)
+
+    def _end_step(self, kcb: KprobeCtlblk, cr3: int) -> None:
+        self._set_ss_active(-1, cr3)
+        if kcb.status is KprobeStatus.REENTER and kcb.prev is not None:
+            prev = kcb.prev
+            kcb.current, kcb.status = prev.current, prev.status
+            kcb.old_rflags, kcb.saved_rflags = prev.old_rflags, prev.saved_rflags
+            kcb.prev = None
+        else:
+            kcb.status = KprobeStatus.NONE
+            kcb.current = None
+
+    # 2.6 post_kprobe_handler + resume_execution
+    def _post_kprobe_handler(self, kcb: KprobeCtlblk, ctx: HitContext) -> None:
+        regs = ctx.regs
+        point = kcb.current
+        if kcb.status not in (KprobeStatus.HIT_SS, KprobeStatus.REENTER) or point is None:
+            regs.action = ACTION_CHAIN  # a #DB of the guest's own
+            return
+        tos = struct.unpack("<Q", ctx.read(regs.rsp, 8))[0]
+        result = x86fix.resume_execution(
+            point.analysis, point.addr, point.slot, regs.rip, tos, kcb.old_rflags, regs.eflags
+        )
+        regs.rip = result.rip
+        regs.eflags = result.rflags
+        if result.tos is not None:
+            self._write_data(regs.rsp, struct.pack("<Q", result.tos), ctx.cr3)
+        reenter = kcb.status is KprobeStatus.REENTER
+        if not reenter:
+            for kp in point.kprobes:
+                if kp.post_handler is not None and not kp.disabled:
+                    ctx.probe = kp
+                    kp.post_handler(kp, ctx, 0)
+        self._end_step(kcb, ctx.cr3)
+        if result.guest_tf:
+            # The guest single-steps itself: its debugger gets this #DB.
+            regs.action = ACTION_CHAIN
+
+    # 2.6 kprobe_fault_handler
+    def _kprobe_fault_handler(self, kcb: KprobeCtlblk, ctx: HitContext, trapnr: int) -> None:
+        regs = ctx.regs
+        point = kcb.current
+        if point is not None and kcb.status in (KprobeStatus.HIT_SS, KprobeStatus.REENTER) \
+                and point.slot <= regs.rip < point.slot + x86insn.SLOT_SIZE:  # fmt: skip
+            for kp in point.kprobes:
+                kp.nmissed += 0  # faults are not misses; counted in stats
+                if kp.fault_handler is not None and not kp.disabled:
+                    ctx.probe = kp
+                    if kp.fault_handler(kp, ctx, trapnr):
+                        return  # the handler dealt with it and set the registers
+            # Undo the step: the guest sees the fault at the probed address.
+            regs.rip, regs.eflags = x86fix.fault_fixup(point.addr, kcb.old_rflags, regs.eflags)
+            self._end_step(kcb, ctx.cr3)
+            regs.action = ACTION_CHAIN
+            return
+        # A boosted copy faulted: no TF to undo, only rip.
+        for p in self.points.values():
+            if p.boosted and p.slot <= regs.rip < p.slot + x86insn.SLOT_SIZE:
+                regs.rip = p.addr + (regs.rip - p.slot)
+                break
+        regs.action = ACTION_CHAIN
+
+    def _jprobe_return(self, kcb: KprobeCtlblk, ctx: HitContext, regs: Registers) -> None:
+        raise ProbeError("jprobe_return reached with no jprobe active")
+
+    # --- running ----------------------------------------------------------------
+
+    def run(self, until: Callable[[], bool] | None = None, timeout: float | None = None,
+            poll: float = 0.05) -> None:  # fmt: skip
+        """Resume the guest and service stops until ``until()`` is true or time runs out.
+
+        ``until`` is checked every ``poll`` seconds while the guest runs and
+        after every stop. The guest is stopped again when this returns.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.target.resume()
+        try:
+            while True:
+                if until is not None and until():
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                try:
+                    stop = self.target.wait(poll)
+                except StubTimeoutError:
+                    continue
+                if not self.handle_stop(stop):
+                    raise ProbeError(f"unexpected stop: {stop}")
+                self.target.resume()
+        finally:
+            if self.client.running:
+                self._stop_quietly()
+
+    def _stop_quietly(self) -> None:
+        """Interrupt the guest, servicing doorbells that race with the interrupt.
+
+        A doorbell stop can arrive instead of the interrupt's: answer it,
+        resume, and interrupt again until the guest stops for the interrupt.
+        """
+        while True:
+            self.client.interrupt()
+            stop = self.target.wait(5.0)
+            if stop.watch_addr != self._doorbell:
+                return
+            self.handle_stop(stop)
+            self.target.resume()

@@ -1,0 +1,275 @@
+"""The guest-side trap stubs, assembled for the area's address.
+
+qprobes points IDT vectors 1 (#DB), 3 (#BP), 13 (#GP) and 14 (#PF) at these
+stubs. Each stub saves the interrupted registers in Linux's ``pt_regs``
+layout (so the host reads and edits them in one memory access), decides
+whether the exception is qprobes' own, and if it is, stores to a *doorbell*
+byte that the host watches with a write watchpoint (Z2). A watchpoint stop
+does not flush QEMU's translation cache, where a breakpoint stop does
+(FIELD-NOTES, "The cost that decides the design").
+
+At the doorbell the stack holds, from ``rsp`` upward::
+
+    action   0 until the host answers; 1 = return (iretq), 2 = pass the
+             exception on to the guest's own handler
+    vector   1, 3, 13, 14; or KRETPROBE_VECTOR / JPROBE_VECTOR
+    pt_regs  r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi
+             orig_rax (error code, or -1) rip cs rflags rsp ss
+
+If the host never saw a doorbell store (in all-stop mode two vCPUs can ring
+at once and QEMU reports one), ``action`` stays 0 and the stub rings again.
+
+Exceptions that are not qprobes' go straight to the guest's handler with no
+stop: a user-mode int3; an int3 whose address is not in the probe table
+(an int3 whose byte qprobes already removed resumes at its address, as
+Linux's ``kprobe_int3_handler`` does); a #DB while no vCPU single-steps a
+slot; a #GP/#PF whose rip is outside the slot pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PT_REGS_NAMES = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+    "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss",
+)  # fmt: skip
+FRAME_WORDS = 2 + len(PT_REGS_NAMES)  # action, vector, pt_regs
+FRAME_SIZE = 8 * FRAME_WORDS
+
+ACTION_NONE = 0
+ACTION_RETURN = 1
+ACTION_CHAIN = 2
+
+KRETPROBE_VECTOR = 0x100
+JPROBE_VECTOR = 0x101
+
+PTABLE_BITS = 13
+PTABLE_ENTRIES = 1 << PTABLE_BITS
+PTABLE_MAX_LOAD = PTABLE_ENTRIES // 2
+HASH_MULT = 0x9E3779B97F4A7C15
+
+DR6_RESET = 0xFFFF0FF0
+
+
+def probe_hash(addr: int) -> int:
+    """The probe-table bucket of ``addr``; the #BP stub computes the same."""
+    return ((addr * HASH_MULT) & (2**64 - 1)) >> (64 - PTABLE_BITS)
+
+
+@dataclass(frozen=True)
+class StubLayout:
+    """Addresses the stubs are assembled against."""
+
+    code: int  # the code page
+    doorbell: int
+    vars: int  # orig handlers and flags, see VAR_* offsets
+    ptable: int  # PTABLE_ENTRIES u64 probe addresses, 0 = empty
+    slot_lo: int  # [slot_lo, slot_hi) holds the instruction slots
+    slot_hi: int
+
+
+# Offsets inside the vars page.
+VAR_ORIG = 0x00  # u64 orig handler per vector, indexed by vector (0..31)
+VAR_SS_ACTIVE = 0x100  # u64: vCPUs currently single-stepping a slot
+
+_SAVE = "\n".join(f"    push {r}" for r in reversed(PT_REGS_NAMES[:15]))
+_RESTORE = "\n".join(f"    pop {r}" for r in PT_REGS_NAMES[:15])
+
+# Offsets from rsp after SAVE (pt_regs at rsp).
+_RIP = 8 * PT_REGS_NAMES.index("rip")
+_CS = 8 * PT_REGS_NAMES.index("cs")
+
+
+def _ring(vector: int, label: str, error_code: bool, clear_dr6: bool = False) -> str:
+    """Ring the doorbell, then return or chain to the guest's handler."""
+    drop = "" if error_code else "    add rsp, 8"
+    dr6 = (
+        f"    mov rax, {DR6_RESET:#x}\n    mov dr6, rax" if clear_dr6 else ""
+    )
+    return f"""
+{label}_ours:
+    push {vector:#x}
+    push 0
+{label}_ring:
+    mov byte ptr [rip + DOORBELL], 1
+.globl {label}_doorbell_ret
+{label}_doorbell_ret:
+    mov rax, [rsp]
+    test rax, rax
+    jz {label}_ring
+    add rsp, 16
+    cmp rax, {ACTION_CHAIN}
+    je {label}_chain
+{dr6}
+{_RESTORE}
+    add rsp, 8
+    iretq
+{label}_chain:
+{_RESTORE}
+{drop}
+    jmp qword ptr [rip + VARS + {VAR_ORIG + 8 * vector:#x}]
+"""
+
+
+def stub_source(layout: StubLayout) -> str:
+    """The assembly (Intel syntax) of the code page."""
+    # Data addresses are defined relative to a label at the start of the
+    # code: GAS assembles ``[rip + SYM]`` with an *absolute* SYM as a plain
+    # displacement, but with a relocatable one as rip-relative.
+    c = layout.code
+    return f"""
+qp_base:
+.set DOORBELL, qp_base + {layout.doorbell - c:#x}
+.set VARS, qp_base + {layout.vars - c:#x}
+.set PTABLE, qp_base + {layout.ptable - c:#x}
+.set SLOT_LO, qp_base + {layout.slot_lo - c:#x}
+.set SLOT_HI, qp_base + {layout.slot_hi - c:#x}
+
+/* vector 3, #BP: ours when the int3 is in the probe table. */
+.globl qp_bp_entry
+qp_bp_entry:
+    push -1
+{_SAVE}
+    test qword ptr [rsp + {_CS}], 3
+    jnz qp_bp_chain
+    mov rax, [rsp + {_RIP}]
+    dec rax
+    mov rcx, {HASH_MULT:#x}
+    imul rcx, rax
+    shr rcx, {64 - PTABLE_BITS}
+qp_bp_lookup:
+    mov rdx, [rcx * 8 + PTABLE]
+    cmp rdx, rax
+    je qp_bp_ours
+    test rdx, rdx
+    jz qp_bp_foreign
+    inc rcx
+    and rcx, {PTABLE_ENTRIES - 1}
+    jmp qp_bp_lookup
+qp_bp_foreign:
+    /* Not a probe. If the int3 byte is gone, qprobes removed it after this
+       vCPU hit it: resume at its address (Linux's kprobe_int3_handler). */
+    cmp byte ptr [rax], 0xcc
+    je qp_bp_chain
+    mov [rsp + {_RIP}], rax
+{_RESTORE}
+    add rsp, 8
+    iretq
+{_ring(3, "qp_bp", error_code=False)}
+
+/* vector 1, #DB: ours while some vCPU single-steps a slot. */
+.globl qp_db_entry
+qp_db_entry:
+    push -1
+{_SAVE}
+    cmp qword ptr [rip + VARS + {VAR_SS_ACTIVE:#x}], 0
+    jne qp_db_ours
+    jmp qp_db_chain
+{_ring(1, "qp_db", error_code=False, clear_dr6=True)}
+
+/* vectors 13 (#GP) and 14 (#PF): ours when rip is in a slot. */
+.globl qp_gp_entry
+qp_gp_entry:
+{_SAVE}
+    mov rax, [rsp + {_RIP}]
+    mov rcx, SLOT_LO
+    cmp rax, rcx
+    jb qp_gp_chain
+    mov rcx, SLOT_HI
+    cmp rax, rcx
+    jae qp_gp_chain
+    jmp qp_gp_ours
+{_ring(13, "qp_gp", error_code=True)}
+
+.globl qp_pf_entry
+qp_pf_entry:
+{_SAVE}
+    mov rax, [rsp + {_RIP}]
+    mov rcx, SLOT_LO
+    cmp rax, rcx
+    jb qp_pf_chain
+    mov rcx, SLOT_HI
+    cmp rax, rcx
+    jae qp_pf_chain
+    jmp qp_pf_ours
+{_ring(14, "qp_pf", error_code=True)}
+
+/* kretprobe trampoline: a hijacked return lands here. The host writes the
+   real return address into the slot pushed first, then the stub returns
+   there with every register and flag as the function left them. */
+.globl qp_kretprobe_trampoline
+qp_kretprobe_trampoline:
+    push 0
+    pushfq
+    push -1
+{_SAVE}
+    push {KRETPROBE_VECTOR:#x}
+    push 0
+qp_kret_ring:
+    mov byte ptr [rip + DOORBELL], 1
+.globl qp_kret_doorbell_ret
+qp_kret_doorbell_ret:
+    mov rax, [rsp]
+    test rax, rax
+    jz qp_kret_ring
+    add rsp, 16
+{_RESTORE}
+    add rsp, 8
+    popfq
+    ret
+
+/* jprobe_return: a jprobe's guest handler ends by jumping here. The host
+   restores the registers and stack saved at the probe hit, by itself. */
+.globl qp_jprobe_return
+qp_jprobe_return:
+    push 0
+    pushfq
+    push -1
+{_SAVE}
+    push {JPROBE_VECTOR:#x}
+    push 0
+qp_jprobe_ring:
+    mov byte ptr [rip + DOORBELL], 1
+.globl qp_jprobe_doorbell_ret
+qp_jprobe_doorbell_ret:
+    jmp qp_jprobe_ring
+"""
+
+
+@dataclass(frozen=True)
+class Stubs:
+    """The assembled code page and the addresses of its entry points."""
+
+    code: bytes
+    symbols: dict[str, int]
+
+    def __getitem__(self, name: str) -> int:
+        return self.symbols[name]
+
+
+def assemble_stubs(layout: StubLayout) -> Stubs:
+    """Assemble the stubs at ``layout.code`` with pwntools (GNU as)."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+    from pwnlib.asm import asm
+    from pwnlib.context import context
+
+    with context.local(arch="amd64", os="linux"):
+        path = asm(stub_source(layout), vma=layout.code, extract=False)
+    symbols: dict[str, int] = {}
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        text = elf.get_section_by_name(".shellcode")
+        code = bytes(text.data())
+        base = text["sh_addr"]
+        for section in elf.iter_sections():
+            if isinstance(section, SymbolTableSection):
+                for sym in section.iter_symbols():
+                    if sym.name.startswith("qp_"):
+                        symbols[sym.name] = sym["st_value"]
+    if base != layout.code:
+        raise AssertionError(f"stubs assembled at {base:#x}, wanted {layout.code:#x}")
+    if len(code) > 4096:
+        raise AssertionError(f"stubs take {len(code)} bytes, more than a page")
+    return Stubs(code, symbols)
