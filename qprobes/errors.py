@@ -40,6 +40,28 @@ class StubError(ProtocolError):
         super().__init__(f"stub answered error {code:#04x} to {shown!r}", packet)
 
 
+class MemoryAccessError(StubError):
+    """The stub answered ``E NN`` to a memory read or write.
+
+    ``addr`` and ``length`` name the chunk the stub refused; ``partial``
+    holds the bytes a read got before it (from the start of the request).
+    """
+
+    def __init__(
+        self,
+        request: bytes,
+        code: int,
+        addr: int,
+        length: int,
+        partial: bytes = b"",
+        packet: bytes | None = None,
+    ) -> None:
+        self.addr = addr
+        self.length = length
+        self.partial = partial
+        super().__init__(request, code, packet)
+
+
 class UnsupportedError(ProtocolError):
     """The stub answered an empty packet: it does not support the request."""
 
@@ -107,6 +129,25 @@ class InstructionError(QprobesError):
         self.addr = addr
         self.reason = reason
         super().__init__(f"{addr:#x}: {reason}")
+
+
+class SlotRangeError(InstructionError):
+    """An instruction slot is more than ±2 GiB from an address its copy must name.
+
+    Raised when a rip-relative operand, a relocated branch target or the jmp
+    back does not fit in a signed 32-bit displacement from the slot (2.6's
+    ``arch_copy_kprobe`` had ``BUG_ON`` there). ``addr`` is the probed
+    instruction's address.
+    """
+
+    def __init__(self, addr: int, slot_addr: int, target: int, what: str) -> None:
+        self.slot_addr = slot_addr
+        self.target = target
+        super().__init__(
+            addr,
+            f"slot {slot_addr:#x} is out of rip-relative reach of the {what} {target:#x} "
+            "(more than ±2 GiB away)",
+        )
 
 
 class ProbeError(QprobesError):

@@ -179,6 +179,9 @@ class GuestArea:
         self.target.write_phys(self._pt + 8 * index, bytes(8))
         self.phys.free(page.paddr)
 
+    def is_mapped(self, index: int) -> bool:
+        return index in self._pages
+
     def page(self, index: int) -> Page:
         return self._pages[index]
 

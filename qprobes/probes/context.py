@@ -27,6 +27,8 @@ class PtRegs:
     """
 
     __slots__ = ("_dirty", "_words")
+    _words: list[int]
+    _dirty: set[int]
 
     _ALIASES = {"ip": "rip", "sp": "rsp", "flags": "eflags", "rflags": "eflags"}
 
@@ -85,6 +87,9 @@ class HitContext:
     retval: int | None = None  # kretprobes: rax at the return
     ret_addr: int | None = None  # kretprobes: where the function returns to
     entry_data: object = None  # kretprobes: what the entry handler stored
+    entry_regs: dict[str, int] | None = None  # kretprobes: registers at the entry
+    duration: float | None = None  # kretprobes: host seconds from entry to return
+    frame_addr: int = 0  # guest address of the stub's frame
 
     def read(self, addr: int, length: int) -> bytes:
         """Read guest-virtual memory through this vCPU's page tables."""

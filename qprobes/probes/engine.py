@@ -59,6 +59,7 @@ from qprobes.probes.stubs import (
     VAR_SS_ACTIVE,
     StubLayout,
     Stubs,
+    assemble_at,
     assemble_stubs,
     probe_hash,
 )
@@ -138,7 +139,9 @@ class KprobeEngine:
         self._ret_kind: dict[int, int] = {}
         self._slots: SlotAllocator | None = None
         self._extra_stop: Callable[[StopReply], bool] | None = None
-        self.kretprobes: object = None  # set by the kretprobe manager
+        self.kretprobes: object = None  # set by KretprobeManager
+        self.jprobes: object = None  # set by JprobeManager
+        self._user_code = 0
 
     # --- attach / detach ----------------------------------------------------
 
@@ -155,6 +158,7 @@ class KprobeEngine:
             ptable = [area.map_page(PAGE_PTABLE + i, writable=True, executable=False)
                       for i in range(PTABLE_ENTRIES * 8 // PAGE_SIZE)]  # fmt: skip
             self._doorbell = bell.vaddr
+            self._user_code = area.vbase + PAGE_USER_CODE * PAGE_SIZE
             self._vars = vars_.vaddr
             self._ptable_addr = ptable[0].vaddr
             slot_lo = area.vbase + PAGE_SLOTS_FIRST * PAGE_SIZE
@@ -213,7 +217,7 @@ class KprobeEngine:
                 self._orig_gates[(paddr, vector)] = gate
         # The stubs chain to the guest's own handlers through the vars page.
         for vector, handler in self._orig_handler.items():
-            self._write_data(self._vars + VAR_ORIG + 8 * vector, struct.pack("<Q", handler))
+            self.write_data(self._vars + VAR_ORIG + 8 * vector, struct.pack("<Q", handler))
         for (paddr, vector), gate in self._orig_gates.items():
             new = gate_with_offset(gate, self._stubs[entries[vector]])
             self.target.write_phys(paddr + 16 * vector, new)
@@ -250,6 +254,8 @@ class KprobeEngine:
             self.points.clear()
             if self.kretprobes is not None:
                 self.kretprobes.detach()  # type: ignore[attr-defined]
+            if self.jprobes is not None:
+                self.jprobes.detach()  # type: ignore[attr-defined]
             try:
                 self.target.remove_watchpoint(self._doorbell, 1, "write")
             except QprobesError as exc:
@@ -273,14 +279,14 @@ class KprobeEngine:
 
     # --- data writes ----------------------------------------------------------
 
-    def _write_data(self, vaddr: int, data: bytes, cr3: int | None = None) -> None:
+    def write_data(self, vaddr: int, data: bytes, cr3: int | None = None) -> None:
         """Write guest *data* (never code): host memory when possible."""
         if self.hostmem is not None and cr3 is not None:
             self.hostmem.write_virt(cr3, vaddr, data)
         else:
             self.target.write(vaddr, data)
 
-    def _read_data(self, vaddr: int, length: int, cr3: int | None = None) -> bytes:
+    def read_data(self, vaddr: int, length: int, cr3: int | None = None) -> bytes:
         if self.hostmem is not None and cr3 is not None:
             return self.hostmem.read_virt(cr3, vaddr, length)
         return self.target.read(vaddr, length)
@@ -289,7 +295,7 @@ class KprobeEngine:
         self._ss_active += delta
         if self._ss_active < 0:
             raise AssertionError("ss_active below zero")
-        self._write_data(self._vars + VAR_SS_ACTIVE, struct.pack("<Q", self._ss_active), cr3)
+        self.write_data(self._vars + VAR_SS_ACTIVE, struct.pack("<Q", self._ss_active), cr3)
 
     # --- registration -------------------------------------------------------
 
@@ -332,17 +338,15 @@ class KprobeEngine:
         if sym.kind != "func" or sym.size == 0:
             return
         code = self._original_bytes(sym.addr, off + x86insn.MAX_INSN_SIZE)
-        pos = 0
-        while pos < off:
-            try:
-                insn = x86insn.decode(code[pos:], sym.addr + pos)
-            except InstructionError:
-                return  # data or padding: cannot prove the boundary either way
-            pos += insn.length
-        if pos != off:
+        try:
+            starts = x86insn.instruction_boundaries(code, sym.addr)
+        except InstructionError:
+            return  # data or padding: the boundary cannot be proven either way
+        if addr not in starts:
+            before = max((a for a in starts if a < addr), default=sym.addr)
             raise ProbeError(
                 f"{addr:#x} ({sym.name}+{off:#x}) is not an instruction boundary: "
-                f"the instruction at {sym.name}+{pos - insn.length:#x} spans it"
+                f"the instruction at {self.symbols.format(before)} spans it"
             )
 
     def _same_function(self, a: int, b: int) -> bool:
@@ -443,7 +447,7 @@ class KprobeEngine:
 
     def _ptable_write(self, indexes: list[int]) -> None:
         for i in indexes:
-            self._write_data(self._ptable_addr + 8 * i, struct.pack("<Q", self._ptable[i]))
+            self.write_data(self._ptable_addr + 8 * i, struct.pack("<Q", self._ptable[i]))
 
     def _ptable_insert(self, addr: int) -> None:
         i = self._ptable_slot(addr)
@@ -523,7 +527,7 @@ class KprobeEngine:
         if frame.action:
             # A stale stop: this doorbell was already answered.
             return True
-        ctx = HitContext(vcpu, frame, self._reader(cr3, la57), cr3)
+        ctx = HitContext(vcpu, frame, self._reader(cr3, la57), cr3, frame_addr=regs.rsp)
         kcb = self.kcb.setdefault(vcpu, KprobeCtlblk())
         if vector == 3:
             self.stats.bp += 1
@@ -580,7 +584,7 @@ class KprobeEngine:
             if point is not None and point is kcb.current and point.is_int3:
                 # The probed instruction is itself an int3, stepped in place:
                 # hand it to the guest's own handler with the flags as they were.
-                regs.eflags = (regs.eflags & ~(TF | IF)) | kcb.old_rflags
+                regs.eflags = x86fix.int3_passthrough(regs.eflags, kcb.saved_rflags)
                 self._end_step(kcb, ctx.cr3)
                 regs.action = ACTION_CHAIN
                 return
@@ -625,10 +629,10 @@ class KprobeEngine:
             kcb.status = KprobeStatus.NONE
             kcb.current = None
             return
-        kcb.old_rflags = regs.eflags & (TF | IF)
-        kcb.saved_rflags = regs.eflags
+        flags = x86fix.set_current_kprobe(regs.eflags, point.analysis.if_modifier)
+        kcb.old_rflags, kcb.saved_rflags = flags.old_rflags, flags.saved_rflags
         regs.eflags = x86fix.prepare_singlestep(regs.eflags)
-        regs.rip = point.addr if point.is_int3 else point.slot
+        regs.rip = x86fix.singlestep_rip(point.analysis, point.addr, point.slot)
         kcb.current = point
         kcb.status = status
         self._set_ss_active(+1, ctx.cr3)
@@ -651,14 +655,15 @@ class KprobeEngine:
         if kcb.status not in (KprobeStatus.HIT_SS, KprobeStatus.REENTER) or point is None:
             regs.action = ACTION_CHAIN  # a #DB of the guest's own
             return
-        tos = struct.unpack("<Q", ctx.read(regs.rsp, 8))[0]
-        result = x86fix.resume_execution(
-            point.analysis, point.addr, point.slot, regs.rip, tos, kcb.old_rflags, regs.eflags
-        )
+        tos = None
+        if point.analysis.fixup.reads_tos:
+            tos = struct.unpack("<Q", ctx.read(regs.rsp, 8))[0]
+        result = x86fix.resume_execution(point.analysis, point.addr, point.slot, regs.rip,
+                                         regs.rsp, tos, kcb.old_rflags, regs.eflags)  # fmt: skip
         regs.rip = result.rip
         regs.eflags = result.rflags
-        if result.tos is not None:
-            self._write_data(regs.rsp, struct.pack("<Q", result.tos), ctx.cr3)
+        if result.tos_write is not None:
+            self.write_data(result.tos_addr, struct.pack("<Q", result.tos_write), ctx.cr3)
         reenter = kcb.status is KprobeStatus.REENTER
         if not reenter:
             for kp in point.kprobes:
@@ -666,7 +671,7 @@ class KprobeEngine:
                     ctx.probe = kp
                     kp.post_handler(kp, ctx, 0)
         self._end_step(kcb, ctx.cr3)
-        if result.guest_tf:
+        if result.pass_to_guest:
             # The guest single-steps itself: its debugger gets this #DB.
             regs.action = ACTION_CHAIN
 
@@ -677,7 +682,6 @@ class KprobeEngine:
         if point is not None and kcb.status in (KprobeStatus.HIT_SS, KprobeStatus.REENTER) \
                 and point.slot <= regs.rip < point.slot + x86insn.SLOT_SIZE:  # fmt: skip
             for kp in point.kprobes:
-                kp.nmissed += 0  # faults are not misses; counted in stats
                 if kp.fault_handler is not None and not kp.disabled:
                     ctx.probe = kp
                     if kp.fault_handler(kp, ctx, trapnr):
@@ -695,7 +699,48 @@ class KprobeEngine:
         regs.action = ACTION_CHAIN
 
     def _jprobe_return(self, kcb: KprobeCtlblk, ctx: HitContext, regs: Registers) -> None:
-        raise ProbeError("jprobe_return reached with no jprobe active")
+        """``longjmp_break_handler``, then step the probed instruction as usual."""
+        if self.jprobes is None:
+            raise ProbeError("jprobe_return reached with no jprobes")
+        saved, values = self.jprobes.longjmp(ctx.vcpu)  # type: ignore[attr-defined]
+        point = self.points.get(saved.jp.kp.addr)
+        view = PtRegs(list(saved.words))
+        if point is not None and point.armed:
+            sctx = HitContext(ctx.vcpu, view, ctx.read_virt, ctx.cr3)
+            self._prepare_singlestep(kcb, point, sctx, KprobeStatus.HIT_SS)
+        else:
+            kcb.status, kcb.current = KprobeStatus.NONE, None
+        new = Registers(**regs.as_dict())
+        for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9",
+                     "r10", "r11", "r12", "r13", "r14", "r15", "rip"):  # fmt: skip
+            setattr(new, name, getattr(view, name))
+        new.eflags = view.eflags
+        self.target.set_registers(new, ctx.vcpu)
+
+    def place_code(self, source: str) -> int:
+        """Assemble guest code into qprobes' area and return its address.
+
+        ``jprobe_return`` is defined for the code to jump to.
+        """
+        if not self.attached:
+            raise ProbeError("attach the engine before placing code")
+        addr = self._user_code
+        prelude = (
+            "qp_code_base:\n"
+            f".set jprobe_return, qp_code_base + {self.stubs['qp_jprobe_return'] - addr:#x}\n"
+        )
+        code, _ = assemble_at(prelude + source, addr)
+        end = addr + len(code)
+        limit = self.area.vbase + PAGE_SLOTS_FIRST * PAGE_SIZE
+        if end > limit:
+            raise ProbeError("no room left for guest code in qprobes' area")
+        for page in range((addr - self.area.vbase) // PAGE_SIZE,
+                          (end - 1 - self.area.vbase) // PAGE_SIZE + 1):  # fmt: skip
+            if not self.area.is_mapped(page):
+                self.area.map_page(page, writable=False, executable=True)
+        self.target.write(addr, code)
+        self._user_code = (end + 15) & ~15
+        return addr
 
     # --- running ----------------------------------------------------------------
 

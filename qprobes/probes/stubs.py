@@ -248,28 +248,44 @@ class Stubs:
         return self.symbols[name]
 
 
-def assemble_stubs(layout: StubLayout) -> Stubs:
-    """Assemble the stubs at ``layout.code`` with pwntools (GNU as)."""
+def assemble_at(source: str, vma: int) -> tuple[bytes, dict[str, int]]:
+    """Assemble Intel-syntax ``source`` at ``vma`` with pwntools (GNU as and ld).
+
+    Returns the code and the addresses of its global symbols.
+    """
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
     from pwnlib.asm import asm
     from pwnlib.context import context
 
-    with context.local(arch="amd64", os="linux"):
-        path = asm(stub_source(layout), vma=layout.code, extract=False)
+    from qprobes.errors import ProbeError
+
+    try:
+        with context.local(arch="amd64", os="linux", log_level="error"):
+            path = asm(source, vma=vma, extract=False)
+    except Exception as exc:  # pwntools raises PwnlibException with the assembler's output
+        raise ProbeError(f"cannot assemble guest code: {exc}") from exc
     symbols: dict[str, int] = {}
     with open(path, "rb") as f:
         elf = ELFFile(f)
         text = elf.get_section_by_name(".shellcode")
+        if text is None:
+            raise ProbeError("the assembler produced no .shellcode section")
         code = bytes(text.data())
         base = text["sh_addr"]
         for section in elf.iter_sections():
             if isinstance(section, SymbolTableSection):
                 for sym in section.iter_symbols():
-                    if sym.name.startswith("qp_"):
+                    if sym.name and sym["st_info"]["bind"] == "STB_GLOBAL":
                         symbols[sym.name] = sym["st_value"]
-    if base != layout.code:
-        raise AssertionError(f"stubs assembled at {base:#x}, wanted {layout.code:#x}")
+    if base != vma:
+        raise ProbeError(f"code assembled at {base:#x}, wanted {vma:#x}")
+    return code, symbols
+
+
+def assemble_stubs(layout: StubLayout) -> Stubs:
+    """Assemble the stubs at ``layout.code``."""
+    code, symbols = assemble_at(stub_source(layout), layout.code)
     if len(code) > 4096:
         raise AssertionError(f"stubs take {len(code)} bytes, more than a page")
-    return Stubs(code, symbols)
+    return Stubs(code, {k: v for k, v in symbols.items() if k.startswith("qp_")})

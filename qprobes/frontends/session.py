@@ -1,0 +1,244 @@
+"""The Python API: a guest with the kprobe engine attached.
+
+::
+
+    from qprobes import Session
+
+    with Session.qtest() as s:
+        @s.kprobe("t_hot")
+        def on_hot(kp, ctx):
+            print("t_hot", ctx.regs.rdi)
+
+        @s.kretprobe("t_hot")
+        def on_ret(rp, ctx):
+            print("returned", ctx.retval)
+
+        print(s.command("run t_hot 3"))
+
+Handlers have Linux's shapes: ``pre_handler(kp, ctx) -> bool``,
+``post_handler(kp, ctx, flags)``, ``fault_handler(kp, ctx, trapnr) -> bool``,
+a kretprobe ``handler(rp, ctx)``. ``ctx`` is a
+:class:`~qprobes.probes.context.HitContext`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from qprobes.errors import MachineError, ProbeError
+from qprobes.machine.guests import QTEST_PROMPT, qtest_config
+from qprobes.machine.qemu import MachineConfig, QemuMachine, attach
+from qprobes.probes.engine import KprobeEngine
+from qprobes.probes.jprobe import Jprobe, JprobeManager
+from qprobes.probes.kprobe import Kprobe
+from qprobes.probes.kretprobe import Kretprobe, KretprobeManager
+from qprobes.symbols.elf import SymbolTable, load_elf_symbols
+from qprobes.target.hostmem import HostMemory
+from qprobes.target.target import Target
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Session:
+    """A guest, its symbols, and a :class:`KprobeEngine` attached to it."""
+
+    def __init__(
+        self,
+        target: Target,
+        *,
+        reserve: tuple[int, int],
+        near: int,
+        symbols: SymbolTable | None = None,
+        machine: QemuMachine | None = None,
+        prompt: bytes | None = None,
+    ) -> None:
+        self.target = target
+        self.machine = machine
+        self.symbols = symbols
+        self.prompt = prompt
+        hostmem = HostMemory(target, machine.pid) if machine is not None else None
+        self.hostmem = hostmem
+        self.engine = KprobeEngine(target, reserve, near, symbols=symbols, hostmem=hostmem)
+        self.kretprobes = KretprobeManager(self.engine)
+        self.jprobes = JprobeManager(self.engine)
+        self._closed = False
+
+    # --- construction -------------------------------------------------------
+
+    @classmethod
+    def boot(cls, config: MachineConfig, *, symbols: SymbolTable | None = None,
+             near: int | None = None, prompt: bytes | None = None,
+             boot_until: bytes | None = None, boot_timeout: float = 60.0) -> Session:  # fmt: skip
+        """Boot ``config`` and attach; with ``boot_until``, run until the console shows it."""
+        machine = QemuMachine(config)
+        machine.launch()
+        try:
+            if boot_until is not None:
+                machine.target.resume()
+                machine.console.recvuntil(boot_until, timeout=boot_timeout)
+                machine.target.stop()
+            if near is None:
+                if symbols is None:
+                    raise ProbeError("give a kernel text address (near=) or symbols")
+                near = min(s.addr for s in symbols if s.kind == "func")
+            session = cls(machine.target, reserve=config.reserved, near=near,
+                          symbols=symbols, machine=machine, prompt=prompt)  # fmt: skip
+            session.engine.attach()
+        except BaseException:
+            machine.shutdown()
+            raise
+        return session
+
+    @classmethod
+    def qtest(cls, smp: int = 1, append: str = "", **config: Any) -> Session:
+        """Boot the built-in qtest kernel to its shell prompt and attach."""
+        cfg = qtest_config(append=append, smp=smp, **config)
+        symbols = load_elf_symbols(cfg.kernel)
+        return cls.boot(cfg, symbols=symbols, near=symbols.address("t_hot"),
+                        prompt=QTEST_PROMPT, boot_until=QTEST_PROMPT)  # fmt: skip
+
+    @classmethod
+    def attach(cls, address: str, *, reserve: tuple[int, int], near: int | None = None,
+               symbols: str | Path | None = None) -> Session:  # fmt: skip
+        """Attach to a running QEMU's gdbstub. ``reserve`` names guest-physical
+        memory the guest does not use (see the README)."""
+        table = load_elf_symbols(symbols) if symbols is not None else None
+        target = attach(address)
+        if near is None:
+            if table is None:
+                raise ProbeError("give a kernel text address (near=) or a symbol file")
+            near = min(s.addr for s in table if s.kind == "func")
+        session = cls(target, reserve=reserve, near=near, symbols=table)
+        session.engine.attach()
+        return session
+
+    # --- probes -----------------------------------------------------------------
+
+    def _where(self, where: str | int) -> dict[str, Any]:
+        if isinstance(where, int):
+            return {"addr": where}
+        name, plus, off = where.partition("+")
+        return {"symbol_name": name, "offset": int(off, 0) if plus else 0}
+
+    def kprobe(self, where: str | int, pre_handler: Callable[..., Any] | None = None, *,
+               post_handler: Callable[..., Any] | None = None,
+               fault_handler: Callable[..., Any] | None = None,
+               boost: bool = True, name: str | None = None) -> Any:  # fmt: skip
+        """Register a kprobe at ``SYMBOL[+OFFS]`` or an address.
+
+        With ``pre_handler`` (or neither handler) returns the :class:`Kprobe`;
+        used bare as a decorator, registers the function as pre_handler.
+        """
+        def register(pre: Callable[..., Any] | None) -> Kprobe:
+            kp = Kprobe(**self._where(where), pre_handler=pre, post_handler=post_handler,
+                        fault_handler=fault_handler, boost=boost, name=name)  # fmt: skip
+            return self.engine.register_kprobe(kp)
+
+        if pre_handler is not None or post_handler is not None or fault_handler is not None:
+            return register(pre_handler)
+
+        def decorator(fn: F) -> F:
+            fn.kprobe = register(fn)  # type: ignore[attr-defined]
+            return fn
+
+        return decorator
+
+    def kretprobe(self, where: str | int, handler: Callable[..., Any] | None = None, *,
+                  entry_handler: Callable[..., Any] | None = None, maxactive: int = 0,
+                  name: str | None = None) -> Any:  # fmt: skip
+        """Register a return probe; as a decorator, the function is the return handler."""
+        def register(fn: Callable[..., Any] | None) -> Kretprobe:
+            rp = Kretprobe(**self._where(where), handler=fn, entry_handler=entry_handler,
+                           maxactive=maxactive, name=name)  # fmt: skip
+            return self.kretprobes.register(rp)
+
+        if handler is not None or entry_handler is not None:
+            return register(handler)
+
+        def decorator(fn: F) -> F:
+            fn.kretprobe = register(fn)  # type: ignore[attr-defined]
+            return fn
+
+        return decorator
+
+    def jprobe(self, where: str | int, entry: str | int | None = None,
+               handler: Callable[..., Any] | None = None) -> Jprobe:  # fmt: skip
+        """Register a jprobe: guest ``entry`` code and/or a host ``handler``."""
+        jp = Jprobe(**self._where(where), entry=entry, handler=handler)
+        return self.jprobes.register(jp)
+
+    def unregister(self, probe: Kprobe | Kretprobe | Jprobe) -> None:
+        if isinstance(probe, Kretprobe):
+            self.kretprobes.unregister(probe)
+        elif isinstance(probe, Jprobe):
+            self.jprobes.unregister(probe)
+        else:
+            self.engine.unregister_kprobe(probe)
+
+    # --- running ------------------------------------------------------------------
+
+    def run(self, until: Callable[[], bool] | None = None, timeout: float | None = None) -> None:
+        """Let the guest run, handling probe hits, until ``until()`` or ``timeout``."""
+        self.engine.run(until=until, timeout=timeout)
+
+    @property
+    def console(self) -> Any:
+        if self.machine is None:
+            raise MachineError("an attached session has no console")
+        return self.machine.console
+
+    def command(self, line: str, timeout: float = 60.0) -> str:
+        """Type ``line`` on the guest console and handle probe hits until the prompt returns."""
+        if self.prompt is None:
+            raise MachineError("this guest has no known shell prompt")
+        tube = self.console.tube
+        prompt = self.prompt
+        buf = bytearray()
+
+        def prompt_seen() -> bool:
+            while True:
+                data = tube.recv(4096, timeout=0)
+                if not data:
+                    break
+                buf.extend(data)
+            return buf.endswith(prompt)
+
+        tube.sendline(line.encode())
+        self.run(until=prompt_seen, timeout=timeout)
+        if not buf.endswith(prompt):
+            raise MachineError(
+                f"no prompt after {line!r} within {timeout} s; console: {bytes(buf[-400:])!r}"
+            )
+        text = bytes(buf[: -len(prompt)]).decode(errors="replace").replace("\r\n", "\n")
+        first, _, rest = text.partition("\n")
+        return rest if first.strip() == line.strip() else text
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach (restoring every byte written) and shut the machine down, if ours."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.target.running:
+                self.engine._stop_quietly()
+            self.engine.detach()
+        finally:
+            if self.hostmem is not None:
+                self.hostmem.close()
+            if self.machine is not None:
+                self.machine.shutdown()
+            else:
+                self.target.client.detach()
+                self.target.client.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        self.close()
