@@ -132,6 +132,7 @@ class Session:
         With ``pre_handler`` (or neither handler) returns the :class:`Kprobe`;
         used bare as a decorator, registers the function as pre_handler.
         """
+
         def register(pre: Callable[..., Any] | None) -> Kprobe:
             kp = Kprobe(**self._where(where), pre_handler=pre, post_handler=post_handler,
                         fault_handler=fault_handler, boost=boost, name=name)  # fmt: skip
@@ -150,6 +151,7 @@ class Session:
                   entry_handler: Callable[..., Any] | None = None, maxactive: int = 0,
                   name: str | None = None) -> Any:  # fmt: skip
         """Register a return probe; as a decorator, the function is the return handler."""
+
         def register(fn: Callable[..., Any] | None) -> Kretprobe:
             rp = Kretprobe(**self._where(where), handler=fn, entry_handler=entry_handler,
                            maxactive=maxactive, name=name)  # fmt: skip

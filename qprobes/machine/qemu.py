@@ -9,6 +9,7 @@ directory is removed in ``finally``. A launch failure raises
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import shutil
@@ -301,10 +302,8 @@ class QemuMachine:
 
     def _close_connections(self) -> None:
         if self._client is not None:
-            try:
+            with contextlib.suppress(QprobesError):
                 self._client.close()
-            except QprobesError:
-                pass
             self._client = None
         if self._console is not None:
             self._console.close()

@@ -59,9 +59,7 @@ class PhysAllocator:
         if self._free:
             return self._free.pop()
         if self._next >= self.end:
-            raise ProbeError(
-                f"the physical reservation {self.start:#x}-{self.end:#x} is used up"
-            )
+            raise ProbeError(f"the physical reservation {self.start:#x}-{self.end:#x} is used up")
         page = self._next
         self._next += PAGE_SIZE
         return page

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from qprobes.probes.stubs import FRAME_WORDS, PT_REGS_NAMES
 
@@ -30,7 +30,12 @@ class PtRegs:
     _words: list[int]
     _dirty: set[int]
 
-    _ALIASES = {"ip": "rip", "sp": "rsp", "flags": "eflags", "rflags": "eflags"}
+    _ALIASES: ClassVar[dict[str, str]] = {
+        "ip": "rip",
+        "sp": "rsp",
+        "flags": "eflags",
+        "rflags": "eflags",
+    }
 
     def __init__(self, words: list[int]) -> None:
         if len(words) != FRAME_WORDS:

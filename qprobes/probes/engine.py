@@ -87,6 +87,7 @@ PAGE_SLOTS_LAST = 511
 
 TRAPPED_VECTORS = (1, 3, 13, 14)
 
+
 @dataclass
 class EngineStats:
     """Counts of stops by kind, for benchmarks and tests."""
@@ -702,7 +703,7 @@ class KprobeEngine:
         """``longjmp_break_handler``, then step the probed instruction as usual."""
         if self.jprobes is None:
             raise ProbeError("jprobe_return reached with no jprobes")
-        saved, values = self.jprobes.longjmp(ctx.vcpu)  # type: ignore[attr-defined]
+        saved, _values = self.jprobes.longjmp(ctx.vcpu)  # type: ignore[attr-defined]
         point = self.points.get(saved.jp.kp.addr)
         view = PtRegs(list(saved.words))
         if point is not None and point.armed:

@@ -84,9 +84,7 @@ _CS = 8 * PT_REGS_NAMES.index("cs")
 def _ring(vector: int, label: str, error_code: bool, clear_dr6: bool = False) -> str:
     """Ring the doorbell, then return or chain to the guest's handler."""
     drop = "" if error_code else "    add rsp, 8"
-    dr6 = (
-        f"    mov rax, {DR6_RESET:#x}\n    mov dr6, rax" if clear_dr6 else ""
-    )
+    dr6 = f"    mov rax, {DR6_RESET:#x}\n    mov dr6, rax" if clear_dr6 else ""
     return f"""
 {label}_ours:
     push {vector:#x}

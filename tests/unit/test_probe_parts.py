@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
+from qprobes.arch.x86_64.idt import gate_offset, gate_with_offset
 from qprobes.errors import ProbeError
 from qprobes.probes.context import PtRegs
-from qprobes.arch.x86_64.idt import gate_offset, gate_with_offset
 from qprobes.probes.slots import SlotAllocator
 from qprobes.probes.stubs import (
     FRAME_SIZE,
@@ -103,13 +103,20 @@ def test_pt_regs_view_tracks_writes() -> None:
 def test_stubs_assemble_into_one_page() -> None:
     base = 0xFFFFFFFFFEE00000
     stubs = assemble_stubs(
-        StubLayout(base, base + 0x1000, base + 0x2000, base + 0x3000,
-                   base + 0x20000, base + 0x200000)  # fmt: skip
+        StubLayout(
+            base, base + 0x1000, base + 0x2000, base + 0x3000, base + 0x20000, base + 0x200000
+        )
     )
     assert 0 < len(stubs.code) <= 4096
     assert stubs["qp_bp_entry"] == base
-    for name in ("qp_db_entry", "qp_gp_entry", "qp_pf_entry", "qp_kretprobe_trampoline",
-                 "qp_bp_doorbell_ret", "qp_jprobe_return"):  # fmt: skip
+    for name in (
+        "qp_db_entry",
+        "qp_gp_entry",
+        "qp_pf_entry",
+        "qp_kretprobe_trampoline",
+        "qp_bp_doorbell_ret",
+        "qp_jprobe_return",
+    ):
         assert base < stubs[name] < base + len(stubs.code)
     # The doorbell store is the instruction right before each *_doorbell_ret.
     ret = stubs["qp_bp_doorbell_ret"] - base
