@@ -15,9 +15,14 @@ class Console:
     """A serial console connected through QEMU's socket chardev."""
 
     def __init__(self, sock: socket.socket) -> None:
-        from pwnlib.tubes.remote import remote
+        from pwnlib.tubes.sock import sock as socktube
 
-        self._tube: Any = remote.fromsocket(sock)
+        # pwntools' remote() wants an inet socket; its base class takes any.
+        tube: Any = socktube()
+        tube.sock = sock
+        tube.rhost, tube.rport = "qemu-serial", str(sock.getpeername())
+        tube.settimeout(tube.timeout)
+        self._tube = tube
 
     @property
     def tube(self) -> Any:

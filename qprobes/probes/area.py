@@ -32,6 +32,7 @@ REGION_SIZE = 2 * 1024 * 1024  # one page table's worth of 4 KiB pages
 MODULES_VADDR = 0xFFFF_FFFF_A000_0000
 MODULES_END = 0xFFFF_FFFF_FF00_0000
 REL32_REACH = 1 << 31
+EFER_NXE = 1 << 11
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class GuestArea:
         self._pages: dict[int, Page] = {}  # page index -> Page
         self._cr3 = 0
         self._la57 = False
+        self._nx = False
 
     # --- set-up -------------------------------------------------------------
 
@@ -109,6 +111,8 @@ class GuestArea:
         regs = self.target.registers()
         self._cr3 = regs.cr3 & ADDR_MASK
         self._la57 = bool(regs.cr4 & CR4_LA57)
+        # The NX bit is reserved (a #PF with RSVD) unless EFER.NXE is on.
+        self._nx = bool(regs.efer & EFER_NXE)
         candidates = (
             [self._requested_vbase]
             if self._requested_vbase is not None
@@ -166,7 +170,7 @@ class GuestArea:
             raise ProbeError(f"area page {index} is already mapped")
         paddr = self.phys.alloc()
         self.target.write_phys(paddr, bytes(PAGE_SIZE))
-        entry = make_entry(paddr, writable=writable, executable=executable)
+        entry = make_entry(paddr, writable=writable, executable=executable or not self._nx)
         self._write_entry(self._pt + 8 * index, entry)
         page = Page(self.vbase + index * PAGE_SIZE, paddr, writable, executable)
         self._pages[index] = page

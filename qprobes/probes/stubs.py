@@ -171,10 +171,10 @@ qp_db_entry:
 qp_gp_entry:
 {_SAVE}
     mov rax, [rsp + {_RIP}]
-    mov rcx, SLOT_LO
+    lea rcx, [rip + SLOT_LO]
     cmp rax, rcx
     jb qp_gp_chain
-    mov rcx, SLOT_HI
+    lea rcx, [rip + SLOT_HI]
     cmp rax, rcx
     jae qp_gp_chain
     jmp qp_gp_ours
@@ -184,10 +184,10 @@ qp_gp_entry:
 qp_pf_entry:
 {_SAVE}
     mov rax, [rsp + {_RIP}]
-    mov rcx, SLOT_LO
+    lea rcx, [rip + SLOT_LO]
     cmp rax, rcx
     jb qp_pf_chain
-    mov rcx, SLOT_HI
+    lea rcx, [rip + SLOT_HI]
     cmp rax, rcx
     jae qp_pf_chain
     jmp qp_pf_ours
