@@ -59,7 +59,12 @@ class Session:
         self.machine = machine
         self.symbols = symbols
         self.prompt = prompt
-        hostmem = HostMemory(target, machine.pid) if machine is not None else None
+        hostmem = None
+        if machine is not None:
+            hostmem = HostMemory(target, machine.pid)
+            # Low RAM above the first MiB (below it sit the BIOS and VGA holes).
+            low = min(machine.config.memory_mib << 20, 0xB000_0000)
+            hostmem.prime(0x100000, low - 0x100000)
         self.hostmem = hostmem
         self.engine = KprobeEngine(target, reserve, near, symbols=symbols, hostmem=hostmem)
         self.kretprobes = KretprobeManager(self.engine)
@@ -71,7 +76,8 @@ class Session:
     @classmethod
     def boot(cls, config: MachineConfig, *, symbols: SymbolTable | None = None,
              near: int | None = None, prompt: bytes | None = None,
-             boot_until: bytes | None = None, boot_timeout: float = 60.0) -> Session:  # fmt: skip
+             boot_until: bytes | None = None, boot_timeout: float = 60.0,
+             attach: bool = True) -> Session:  # fmt: skip
         """Boot ``config`` and attach; with ``boot_until``, run until the console shows it."""
         machine = QemuMachine(config)
         machine.launch()
@@ -86,19 +92,22 @@ class Session:
                 near = min(s.addr for s in symbols if s.kind == "func")
             session = cls(machine.target, reserve=config.reserved, near=near,
                           symbols=symbols, machine=machine, prompt=prompt)  # fmt: skip
-            session.engine.attach()
+            if attach:
+                session.engine.attach()
         except BaseException:
             machine.shutdown()
             raise
         return session
 
     @classmethod
-    def qtest(cls, smp: int = 1, append: str = "", **config: Any) -> Session:
-        """Boot the built-in qtest kernel to its shell prompt and attach."""
+    def qtest(cls, smp: int = 1, append: str = "", attach: bool = True,
+              **config: Any) -> Session:  # fmt: skip
+        """Boot the built-in qtest kernel to its shell prompt and attach
+        (``attach=False``: call ``session.engine.attach()`` yourself)."""
         cfg = qtest_config(append=append, smp=smp, **config)
         symbols = load_elf_symbols(cfg.kernel)
         return cls.boot(cfg, symbols=symbols, near=symbols.address("t_hot"),
-                        prompt=QTEST_PROMPT, boot_until=QTEST_PROMPT)  # fmt: skip
+                        prompt=QTEST_PROMPT, boot_until=QTEST_PROMPT, attach=attach)  # fmt: skip
 
     @classmethod
     def attach(cls, address: str, *, reserve: tuple[int, int], near: int | None = None,

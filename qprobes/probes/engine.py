@@ -88,6 +88,16 @@ PAGE_SLOTS_LAST = 511
 TRAPPED_VECTORS = (1, 3, 13, 14)
 
 
+# A nop after a single-stepped sti: QEMU's TCG raises the single-step trap
+# only after the instruction in sti's interrupt shadow, which must therefore
+# be in the slot too (hardware traps right after sti; both are handled).
+STI_PAD = b"\x90"
+
+
+def _is_sti(insn: x86insn.Insn) -> bool:
+    return insn.mnemonic == "sti"
+
+
 @dataclass
 class EngineStats:
     """Counts of stops by kind, for benchmarks and tests."""
@@ -168,14 +178,14 @@ class KprobeEngine:
                                 slot_lo, slot_hi)  # fmt: skip
             self._stubs = stubs = assemble_stubs(layout)
             self.target.write(code.vaddr, stubs.code)
-            self._ret_kind = {
-                stubs["qp_bp_doorbell_ret"]: 3,
-                stubs["qp_db_doorbell_ret"]: 1,
-                stubs["qp_gp_doorbell_ret"]: 13,
-                stubs["qp_pf_doorbell_ret"]: 14,
-                stubs["qp_kret_doorbell_ret"]: KRETPROBE_VECTOR,
-                stubs["qp_jprobe_doorbell_ret"]: JPROBE_VECTOR,
-            }
+            # A doorbell stop normally reports rip after the store; when an
+            # interrupt races with it, QEMU can report the store itself.
+            self._ret_kind = {}
+            for prefix, vector in (("qp_bp", 3), ("qp_db", 1), ("qp_gp", 13), ("qp_pf", 14),
+                                   ("qp_kret", KRETPROBE_VECTOR),
+                                   ("qp_jprobe", JPROBE_VECTOR)):  # fmt: skip
+                self._ret_kind[stubs[f"{prefix}_doorbell_ret"]] = vector
+                self._ret_kind[stubs[f"{prefix}_ring"]] = vector
             self._slots = SlotAllocator(
                 x86insn.SLOT_SIZE, PAGE_SLOTS_FIRST, PAGE_SLOTS_LAST,
                 lambda i: area.map_page(i, writable=False, executable=True).vaddr,
@@ -339,15 +349,18 @@ class KprobeEngine:
         if sym.kind != "func" or sym.size == 0:
             return
         code = self._original_bytes(sym.addr, off + x86insn.MAX_INSN_SIZE)
-        try:
-            starts = x86insn.instruction_boundaries(code, sym.addr)
-        except InstructionError:
-            return  # data or padding: the boundary cannot be proven either way
-        if addr not in starts:
-            before = max((a for a in starts if a < addr), default=sym.addr)
+        # Decode from the symbol's start up to addr (Linux's can_probe()).
+        pos, last = 0, 0
+        while pos < off:
+            try:
+                insn = x86insn.decode(code[pos:], sym.addr + pos)
+            except InstructionError:
+                return  # data or padding: the boundary cannot be proven either way
+            last, pos = pos, pos + insn.length
+        if pos != off:
             raise ProbeError(
                 f"{addr:#x} ({sym.name}+{off:#x}) is not an instruction boundary: "
-                f"the instruction at {self.symbols.format(before)} spans it"
+                f"the instruction at {sym.name}+{last:#x} spans it"
             )
 
     def _same_function(self, a: int, b: int) -> bool:
@@ -392,6 +405,8 @@ class KprobeEngine:
                 copy = x86insn.boosted_copy(insn, slot)
             else:
                 copy = x86insn.copy_instruction(insn, slot)
+                if _is_sti(insn):
+                    copy += STI_PAD
             self.target.write(slot, copy)
         except BaseException:
             self._slots.free_insn_slot(slot)
@@ -656,6 +671,10 @@ class KprobeEngine:
         if kcb.status not in (KprobeStatus.HIT_SS, KprobeStatus.REENTER) or point is None:
             regs.action = ACTION_CHAIN  # a #DB of the guest's own
             return
+        if _is_sti(point.insn) and regs.rip == point.slot + point.insn.length + len(STI_PAD):
+            # TCG delays the single-step trap after sti past the next
+            # instruction (the interrupt shadow): the pad nop ran too.
+            regs.rip = point.slot + point.insn.length
         tos = None
         if point.analysis.fixup.reads_tos:
             tos = struct.unpack("<Q", ctx.read(regs.rsp, 8))[0]

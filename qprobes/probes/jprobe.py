@@ -53,6 +53,7 @@ class Jprobe:
 
     symbol_name: str | None = None
     addr: int | None = None
+    offset: int = 0
     entry: str | int | None = None
     handler: JprobeHandler | None = None
     name: str | None = None
@@ -83,6 +84,8 @@ class JprobeManager:
 
     def register(self, jp: Jprobe) -> Jprobe:
         """``register_jprobe``: place the entry code, then the entry kprobe."""
+        if jp.offset:
+            raise ProbeError("a jprobe must be at a function's entry (offset 0)")
         if isinstance(jp.entry, str):
             jp.entry_addr = self.engine.place_code(jp.entry)
         elif isinstance(jp.entry, int):

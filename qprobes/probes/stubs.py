@@ -249,7 +249,7 @@ class Stubs:
 def assemble_at(source: str, vma: int) -> tuple[bytes, dict[str, int]]:
     """Assemble Intel-syntax ``source`` at ``vma`` with pwntools (GNU as and ld).
 
-    Returns the code and the addresses of its global symbols.
+    Returns the code and the addresses of its labels.
     """
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
@@ -274,7 +274,7 @@ def assemble_at(source: str, vma: int) -> tuple[bytes, dict[str, int]]:
         for section in elf.iter_sections():
             if isinstance(section, SymbolTableSection):
                 for sym in section.iter_symbols():
-                    if sym.name and sym["st_info"]["bind"] == "STB_GLOBAL":
+                    if sym.name and sym["st_info"]["type"] in ("STT_NOTYPE", "STT_FUNC"):
                         symbols[sym.name] = sym["st_value"]
     if base != vma:
         raise ProbeError(f"code assembled at {base:#x}, wanted {vma:#x}")

@@ -38,6 +38,21 @@ class HostMemory:
         self._fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
         self._chunks: dict[int, int] = {}  # chunk number -> hva of its start
         self._pages: dict[int, int] = {}  # page number -> hva (non-contiguous chunks)
+        self._ranges: list[tuple[int, int, int]] = []  # (gpa, size, hva) proven contiguous
+
+    def prime(self, start: int, size: int) -> bool:
+        """Look up ``[start, start + size)`` now (guest stopped), so that later
+        accesses need no monitor call even while the guest runs. True when the
+        range is one contiguous block of QEMU memory."""
+        try:
+            first = self.target.gpa2hva(start)
+            last = self.target.gpa2hva(start + size - _PAGE)
+        except TargetError:
+            return False
+        if last != first + size - _PAGE:
+            return False
+        self._ranges.append((start, size, first))
+        return True
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -45,6 +60,9 @@ class HostMemory:
             self._fd = -1
 
     def _hva(self, paddr: int) -> int:
+        for gpa, size, hva in self._ranges:
+            if gpa <= paddr < gpa + size:
+                return hva + paddr - gpa
         chunk = paddr // _CHUNK
         base = self._chunks.get(chunk)
         if base is not None:

@@ -1,0 +1,314 @@
+"""kprobes on qtest under TCG: every fixup class, transparency, faults, handlers.
+
+One qtest guest for the module. Ground truth for hit counts comes from
+single-stepping the same mailbox command through the gdbstub with no probe
+armed: each probe's ``nhit`` must equal the number of times the guest
+executed its instruction.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from qprobes.errors import InstructionError, ProbeError, SymbolError
+from qprobes.frontends.qtest import MBOX_RUN, QtestDriver
+from qprobes.frontends.session import Session
+from qprobes.probes.kprobe import Kprobe, KprobeStatus
+from tests.integration.qtest_fixtures import instructions, qtest_session
+
+pytestmark = pytest.mark.vm
+
+CALLS = 3  # checked calls per target run
+
+
+@pytest.fixture(scope="module")
+def guest(qtest_image: object) -> Iterator[tuple[Session, QtestDriver]]:
+    with qtest_session() as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def traces(guest: tuple[Session, QtestDriver]) -> dict[str, Counter[int]]:
+    """Executed-instruction counts of `run NAME 3` for every target, by stepping."""
+    session, q = guest
+    assert not session.engine.points
+    return {
+        t.name: q.trace(MBOX_RUN, (t.index << 32) | CALLS, [(t.addr, t.end)]) for t in q.targets
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_probes_left(guest: tuple[Session, QtestDriver]) -> Iterator[None]:
+    yield
+    session, _ = guest
+    for point in list(session.engine.points.values()):
+        for kp in list(point.kprobes):
+            session.engine.unregister_kprobe(kp)
+
+
+TARGETS = [
+    "t_riprel_load", "t_riprel_store", "t_riprel_cmp_imm", "t_riprel_gs", "t_pushf", "t_popf",
+    "t_cli_sti", "t_iretq", "t_ret", "t_ret_imm", "t_lret", "t_call_rel", "t_call_reg",
+    "t_call_mem", "t_lcall_mem", "t_jmp_reg", "t_jmp_mem", "t_ljmp_mem", "t_jmp_rel8",
+    "t_jmp_rel32", "t_jcc", "t_loop", "t_int3", "t_fault", "t_self_step", "t_hot", "t_mixed",
+]  # fmt: skip
+
+
+def test_every_target_is_covered(guest: tuple[Session, QtestDriver]) -> None:
+    _, q = guest
+    assert sorted(TARGETS) == sorted(t.name for t in q.targets)
+
+
+@pytest.mark.parametrize("boost", [True, False], ids=["boosted", "single-step"])
+@pytest.mark.parametrize("name", TARGETS)
+def test_each_instruction_one_at_a_time(
+    guest: tuple[Session, QtestDriver], traces: dict[str, Counter[int]], name: str, boost: bool
+) -> None:
+    """Probe each instruction alone: the target still passes its checks and
+    the probe fires exactly as often as the instruction ran."""
+    session, q = guest
+    target = q.by_name[name]
+    expected = traces[name]
+    assert expected, f"the trace of {name} saw none of its instructions"
+    for insn in instructions(session, target):
+        seen: list[int] = []
+        kp = session.kprobe(insn.addr, lambda kp, ctx: seen.append(ctx.regs.rip) and None,
+                            boost=boost)  # fmt: skip
+        failures = q.run_target(name, CALLS)
+        session.unregister(kp)
+        where = f"{name}+{insn.addr - target.addr:#x} ({insn.mnemonic} {insn.op_str})"
+        assert failures == 0, f"{where}: {failures} checked calls failed with the probe"
+        assert kp.nhit == expected[insn.addr], f"{where}: nhit {kp.nhit}"
+        assert seen == [insn.addr] * kp.nhit, f"{where}: pre_handler saw rip {seen}"
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_all_instructions_of_a_target_at_once(
+    guest: tuple[Session, QtestDriver], traces: dict[str, Counter[int]], name: str
+) -> None:
+    session, q = guest
+    target = q.by_name[name]
+    probes = {i.addr: session.kprobe(i.addr, lambda kp, ctx: None) for i in instructions(session, target)}
+    assert q.run_target(name, CALLS) == 0
+    got = {addr: kp.nhit for addr, kp in probes.items()}
+    assert got == {addr: traces[name][addr] for addr in probes}
+
+
+def test_every_instruction_of_every_target_at_once(
+    guest: tuple[Session, QtestDriver], traces: dict[str, Counter[int]]
+) -> None:
+    session, q = guest
+    probes: dict[int, Kprobe] = {}
+    for target in q.targets:
+        for i in instructions(session, target):
+            # Alternate boosted and single-stepped probes.
+            probes[i.addr] = session.kprobe(i.addr, lambda kp, ctx: None, boost=len(probes) % 2 == 0)
+    assert len(probes) > 300
+    for target in q.targets:
+        before = {a: kp.nhit for a, kp in probes.items()}
+        assert q.run_target(target.name, CALLS) == 0, target.name
+        delta = {a: kp.nhit - before[a] for a, kp in probes.items() if kp.nhit != before[a]}
+        assert delta == dict(traces[target.name]), target.name
+    assert q.selfcheck(2) == 0
+
+
+def test_handlers_see_registers_before_and_after(guest: tuple[Session, QtestDriver]) -> None:
+    """t_hot is `nopl; lock incq calls; lea 1(%rdi),%rax; ret`: the pre_handler
+    of the lea sees the argument, its post_handler sees rax = rdi + 1, and a
+    kretprobe sees the same value returned."""
+    session, q = guest
+    target = q.by_name["t_hot"]
+    lea = next(i for i in instructions(session, target) if i.mnemonic == "lea")
+    pre: list[int] = []
+    post: list[tuple[int, int, int]] = []
+    rets: list[tuple[int, int]] = []
+    session.kprobe(
+        lea.addr,
+        lambda kp, ctx: pre.append(ctx.regs.rdi) and None,
+        post_handler=lambda kp, ctx, flags: post.append((ctx.regs.rdi, ctx.regs.rax, ctx.regs.rip)),
+    )
+    session.kretprobe("t_hot", lambda rp, ctx: rets.append((ctx.entry_regs["rdi"], ctx.retval)))
+    assert q.run_target("t_hot", 4) == 0
+    assert len(pre) == len(post) == len(rets) == 4
+    for rdi, (prdi, rax, rip) in zip(pre, post, strict=True):
+        assert prdi == rdi and rax == rdi + 1 and rip == lea.addr + lea.length
+    assert all(ret == arg + 1 for arg, ret in rets)
+
+
+def test_pre_handler_can_change_registers(guest: tuple[Session, QtestDriver]) -> None:
+    """A pre_handler that skips `lea` and sets rax itself changes t_hot's
+    result: the guest's own check then reports the calls as failed."""
+    session, q = guest
+    lea = next(i for i in instructions(session, q.by_name["t_hot"]) if i.mnemonic == "lea")
+
+    def skip(kp: Kprobe, ctx: object) -> bool:
+        regs = ctx.regs  # type: ignore[attr-defined]
+        regs.rax = regs.rdi + 2
+        regs.rip = lea.addr + lea.length
+        return True
+
+    session.kprobe(lea.addr, skip)
+    assert q.run_target("t_hot", 3) == 3
+
+
+def test_fault_in_slot_is_handled_by_the_guest(guest: tuple[Session, QtestDriver]) -> None:
+    """t_fault's load page-faults in the slot; the guest's own extable fixup
+    must see the fault at the original address, boosted or single-stepped."""
+    session, q = guest
+    target = q.by_name["t_fault"]
+    symbols = session.symbols
+    assert symbols is not None
+    faulting = [i for i in instructions(session, target) if i.op_str == "rax, qword ptr [rax]"]
+    assert faulting, [f"{i.mnemonic} {i.op_str}" for i in instructions(session, target)]
+    traps: list[int] = []
+    for boost in (True, False):
+        for insn in faulting:
+            faults = session.engine.stats.faults
+            kp = session.kprobe(insn.addr, lambda kp, ctx: None, boost=boost,
+                                fault_handler=lambda kp, ctx, trapnr: traps.append(trapnr) and False)  # fmt: skip
+            assert q.run_target("t_fault", 2) == 0
+            session.unregister(kp)
+            if kp.nhit:
+                assert session.engine.stats.faults > faults
+    assert 14 in traps  # the single-stepped copy reported its #PF
+
+
+def test_aggregate_probes_and_enable_disable(guest: tuple[Session, QtestDriver]) -> None:
+    session, q = guest
+    calls: list[str] = []
+    a = session.kprobe("t_mixed", lambda kp, ctx: calls.append("a") and None)
+    b = session.kprobe("t_mixed", lambda kp, ctx: calls.append("b") and None)
+    assert q.run_target("t_mixed", 2) == 0
+    assert calls == ["a", "b", "a", "b"] and a.nhit == b.nhit == 2
+    session.engine.disable_kprobe(a)
+    assert q.run_target("t_mixed", 1) == 0
+    assert calls[4:] == ["b"] and a.nhit == 2 and b.nhit == 3
+    session.engine.disable_kprobe(b)
+    target = q.by_name["t_mixed"]
+    assert session.target.read(target.addr, 1) != b"\xcc"  # fully disarmed
+    assert q.run_target("t_mixed", 1) == 0
+    assert a.nhit == 2 and b.nhit == 3
+    session.engine.enable_kprobe(a)
+    assert q.run_target("t_mixed", 1) == 0
+    assert a.nhit == 3 and b.nhit == 3
+    session.unregister(a)
+    session.unregister(b)
+    assert session.target.read(target.addr, 5) == bytes.fromhex("0f1f440000")
+
+
+def test_jprobe_runs_guest_code_with_the_arguments(guest: tuple[Session, QtestDriver]) -> None:
+    session, q = guest
+    symbols = session.symbols
+    assert symbols is not None
+    scratch = symbols.address("qtest_4k_area") + 0x800
+    session.target.write(scratch, bytes(16))
+    host_args: list[int] = []
+    code = f"""
+        mov rax, {scratch:#x}
+        add qword ptr [rax], 1
+        mov [rax + 8], rdi
+        xor edi, edi            /* clobbers: jprobe_return must restore it */
+        jmp jprobe_return
+    """
+    jp = session.jprobe("t_hot", entry=code, handler=lambda jp, ctx: host_args.append(ctx.regs.rdi))
+    assert q.run_target("t_hot", 3) == 0  # the clobbered rdi was restored
+    count, last = struct.unpack("<QQ", session.target.read(scratch, 16))
+    assert count == 3 == jp.nhit
+    assert last == host_args[-1]
+    session.unregister(jp)
+
+
+def test_kretprobe_entry_handler_can_decline(guest: tuple[Session, QtestDriver]) -> None:
+    session, q = guest
+    rets: list[int] = []
+    seen = iter(range(100))
+    rp = session.kretprobe(
+        "t_hot", lambda rp, ctx: rets.append(ctx.retval),
+        entry_handler=lambda rp, ctx: next(seen) % 2 == 1,  # decline every second call
+    )  # fmt: skip
+    assert q.run_target("t_hot", 4) == 0
+    assert len(rets) == 2 and rp.nhit == 2 and not rp.instances
+    session.unregister(rp)
+
+
+def test_unregister_drains_a_vcpu_in_mid_step(guest: tuple[Session, QtestDriver]) -> None:
+    session, q = guest
+    engine = session.engine
+    kp = session.kprobe("t_mixed", lambda kp, ctx: None, boost=False)
+    q.post(MBOX_RUN, (q.by_name["t_mixed"].index << 32) | 1)
+    engine.run(until=lambda: any(k.status is KprobeStatus.HIT_SS for k in engine.kcb.values()),
+               timeout=30)  # fmt: skip
+    assert any(k.status is KprobeStatus.HIT_SS for k in engine.kcb.values())
+    session.unregister(kp)
+    assert all(k.status is KprobeStatus.NONE for k in engine.kcb.values())
+    assert q.selfcheck() == 0
+
+
+@pytest.mark.parametrize("stop_at", ["qp_bp_entry", "qp_bp_ours"])
+def test_int3_hit_after_its_probe_was_removed(guest: tuple[Session, QtestDriver], stop_at: str) -> None:
+    """A vCPU inside the #BP stub when the probe goes away resumes at the probe address."""
+    session, q = guest
+    engine = session.engine
+    kp = session.kprobe("t_hot", lambda kp, ctx: None)
+    client = session.target.client
+    vcpu = session.target.vcpus[0]
+    q.post(MBOX_RUN, (q.by_name["t_hot"].index << 32) | 1)
+    stop_rip = engine.stubs[stop_at]
+    for _ in range(100_000):
+        client.step(vcpu)
+        client.wait_stop(10)
+        if session.target.read_register("rip", vcpu) == stop_rip:
+            break
+    else:
+        pytest.fail(f"the vCPU never reached {stop_at}")
+    session.unregister(kp)
+    assert kp.nhit == 0
+    assert q.run_target("t_hot", 2) == 0  # and the command posted above completed too
+
+
+def test_bad_input_is_refused_cleanly(guest: tuple[Session, QtestDriver]) -> None:
+    session, q = guest
+    target = q.by_name["t_riprel_cmp_imm"]
+    text = session.target.read(target.addr, target.size)
+    with pytest.raises(SymbolError, match="unknown symbol"):
+        session.kprobe("no_such_function", lambda kp, ctx: None)
+    with pytest.raises(ProbeError, match="not an instruction boundary"):
+        session.kprobe(target.addr + 1, lambda kp, ctx: None)
+    with pytest.raises(ProbeError, match="qprobes' own guest area"):
+        session.kprobe(session.engine.stubs["qp_bp_entry"], lambda kp, ctx: None)
+    handler = session.engine.original_handlers[3]
+    with pytest.raises(ProbeError, match="handler for vector 3"):
+        session.kprobe(handler, lambda kp, ctx: None)
+    assert session.target.read(target.addr, target.size) == text
+    assert not session.engine.points
+    assert q.selfcheck() == 0
+
+
+def test_unprobeable_instruction_is_refused(guest: tuple[Session, QtestDriver]) -> None:
+    """hlt cannot run out of line; qtest's idle loop or traps hold one where available."""
+    session, _ = guest
+    symbols = session.symbols
+    assert symbols is not None
+    for sym in symbols:
+        if sym.kind != "func" or not sym.size or sym.name.startswith(("t_", "qp_")):
+            continue
+        code = session.target.read(sym.addr, sym.size)
+        for insn in instructions_in(code, sym.addr):
+            if insn.mnemonic in ("hlt", "ud2", "int1", "sysretq", "swapgs"):
+                with pytest.raises(InstructionError, match="cannot probe"):
+                    session.kprobe(insn.addr, lambda kp, ctx: None)
+                return
+    pytest.skip("qtest has no unprobeable instruction outside its targets")
+
+
+def instructions_in(code: bytes, addr: int) -> list[object]:
+    from qprobes.arch.x86_64 import insn as x86insn
+
+    try:
+        return list(x86insn.decode_function(code, addr))
+    except InstructionError:
+        return []
