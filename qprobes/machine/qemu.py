@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from qprobes.errors import LaunchError, MachineError, QprobesError
+from qprobes.errors import ConnectionClosedError, LaunchError, MachineError, QprobesError
 from qprobes.remote.client import GdbClient
 from qprobes.target.target import Target
 
@@ -182,7 +182,7 @@ class QemuMachine:
         self.state = MachineState.RUNNING
         try:
             self._wait_for_socket(self.gdb_socket, cmdline)
-            self._client = GdbClient.connect(str(self.gdb_socket))
+            self._client = self._connect_gdb(cmdline)
             self._target = Target(self._client)
         except LaunchError:
             self._kill()
@@ -219,6 +219,17 @@ class QemuMachine:
         if self.state is MachineState.RUNNING:
             return self._read_console_log()
         return self.console_output
+
+    def _connect_gdb(self, cmdline: list[str]) -> GdbClient:
+        """Connect to the stub; QEMU binds its socket a moment before it listens."""
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                return GdbClient.connect(str(self.gdb_socket))
+            except ConnectionClosedError:
+                if time.monotonic() > deadline or not self.alive():
+                    raise
+                time.sleep(0.01)
 
     def output(self) -> str:
         """What QEMU itself printed (not the guest console)."""

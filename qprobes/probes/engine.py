@@ -98,6 +98,11 @@ def _is_sti(insn: x86insn.Insn) -> bool:
     return insn.mnemonic == "sti"
 
 
+def _loads_flags(insn: x86insn.Insn) -> bool:
+    """popf and iret: instructions that load TF from memory."""
+    return insn.mnemonic in ("popf", "popfq", "popfw", "iret", "iretd", "iretq")
+
+
 @dataclass
 class EngineStats:
     """Counts of stops by kind, for benchmarks and tests."""
@@ -400,7 +405,9 @@ class KprobeEngine:
         assert self._slots is not None
         slot = self._slots.get_insn_slot()
         try:
-            boosted = kp.boost and analysis.boostable
+            # popf and iret can load TF: a boosted copy would let the guest's
+            # own single-step trap land in the slot.
+            boosted = kp.boost and analysis.boostable and not _loads_flags(insn)
             if boosted:
                 copy = x86insn.boosted_copy(insn, slot)
             else:
@@ -639,7 +646,10 @@ class KprobeEngine:
     def _prepare_singlestep(self, kcb: KprobeCtlblk, point: ProbePoint, ctx: HitContext,
                             status: KprobeStatus) -> None:  # fmt: skip
         regs = ctx.regs
-        if point.boosted and not point.has_post_handler() and status is KprobeStatus.HIT_SS:
+        if (point.boosted and not point.has_post_handler() and status is KprobeStatus.HIT_SS
+                and not regs.eflags & TF):  # fmt: skip
+            # (A guest single-stepping itself must trap after the original
+            # instruction, not after the copy: those hits are stepped.)
             # Boosted: copy + jmp back, no single-step, one stop per hit.
             regs.rip = point.slot
             kcb.status = KprobeStatus.NONE
@@ -649,6 +659,13 @@ class KprobeEngine:
         kcb.old_rflags, kcb.saved_rflags = flags.old_rflags, flags.saved_rflags
         regs.eflags = x86fix.prepare_singlestep(regs.eflags)
         regs.rip = x86fix.singlestep_rip(point.analysis, point.addr, point.slot)
+        kcb.popped_tf = 0
+        if _loads_flags(point.insn):
+            # The flags image popf/iret will load: its TF is the guest's own.
+            offset = 16 if point.insn.mnemonic.startswith("iret") else 0
+            size = 2 if point.insn.mnemonic == "popfw" else 8
+            image = int.from_bytes(ctx.read(regs.rsp + offset, size), "little")
+            kcb.popped_tf = image & TF
         kcb.current = point
         kcb.status = status
         self._set_ss_active(+1, ctx.cr3)
@@ -682,6 +699,12 @@ class KprobeEngine:
                                          regs.rsp, tos, kcb.old_rflags, regs.eflags)  # fmt: skip
         regs.rip = result.rip
         regs.eflags = result.rflags
+        pass_to_guest = result.pass_to_guest
+        if _loads_flags(point.insn):
+            # TF now is what the instruction loaded (it traps after the next
+            # instruction); this trap is the guest's only if it had TF before.
+            regs.eflags = (result.rflags & ~TF) | kcb.popped_tf
+            pass_to_guest = bool(kcb.old_rflags & TF)
         if result.tos_write is not None:
             self.write_data(result.tos_addr, struct.pack("<Q", result.tos_write), ctx.cr3)
         reenter = kcb.status is KprobeStatus.REENTER
@@ -691,7 +714,7 @@ class KprobeEngine:
                     ctx.probe = kp
                     kp.post_handler(kp, ctx, 0)
         self._end_step(kcb, ctx.cr3)
-        if result.pass_to_guest:
+        if pass_to_guest:
             # The guest single-steps itself: its debugger gets this #DB.
             regs.action = ACTION_CHAIN
 

@@ -75,7 +75,8 @@ class KprobeCtlblk:
     status: KprobeStatus = KprobeStatus.NONE
     current: ProbePoint | None = None
     old_rflags: int = 0  # TF|IF of the interrupted code (kprobe_old_rflags)
-    saved_rflags: int = 0  # the whole rflags (kprobe_saved_rflags)
+    saved_rflags: int = 0  # TF|IF to OR back after the step (kprobe_saved_rflags)
+    popped_tf: int = 0  # popf/iret: the TF bit the instruction loads
     prev: PrevKprobe | None = None
 
 
