@@ -13,8 +13,12 @@ from qprobes.errors import QprobesError
 def _cmd_qtest(args: argparse.Namespace) -> int:
     from qprobes.frontends import api
 
-    return api.qtest_selfcheck(
-        loops=args.loops, smp=args.smp, accel=args.accel, cpu=args.cpu, out=sys.stdout
+    if args.no_probes:
+        return api.qtest_selfcheck(
+            loops=args.loops, smp=args.smp, accel=args.accel, cpu=args.cpu, out=sys.stdout
+        )
+    return api.qtest_probe_all(
+        rounds=args.loops, smp=args.smp, accel=args.accel, cpu=args.cpu, out=sys.stdout
     )
 
 
@@ -47,8 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="QEMU accelerator (default tcg)")  # fmt: skip
         p.add_argument("--cpu", default=None, help="QEMU -cpu model (default: QEMU's)")
 
-    p = sub.add_parser("qtest", help="boot the built-in qtest kernel and run its self-check")
+    p = sub.add_parser(
+        "qtest",
+        help="boot the built-in qtest kernel, probe every instruction of its targets, "
+        "and run its self-check",
+    )
     p.add_argument("--loops", type=int, default=1, help="self-check rounds (default 1)")
+    p.add_argument("--no-probes", action="store_true",
+                   help="run the self-check with no probes (just boot and attach)")  # fmt: skip
     machine_options(p)
     p.set_defaults(func=_cmd_qtest)
 

@@ -791,23 +791,33 @@ class KprobeEngine:
             poll: float = 0.05) -> None:  # fmt: skip
         """Resume the guest and service stops until ``until()`` is true or time runs out.
 
-        ``until`` is checked every ``poll`` seconds while the guest runs and
-        after every stop. The guest is stopped again when this returns.
+        ``until`` is checked after every stop (with the guest still stopped)
+        and every ``poll`` seconds while it runs. The guest is stopped when
+        this returns.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+
+        def done() -> bool:
+            if until is not None and until():
+                return True
+            return deadline is not None and time.monotonic() >= deadline
+
+        if done():
+            return
         self.target.resume()
         try:
             while True:
-                if until is not None and until():
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
                 try:
                     stop = self.target.wait(poll)
                 except StubTimeoutError:
+                    if done():
+                        self._stop_quietly()
+                        return
                     continue
                 if not self.handle_stop(stop):
                     raise ProbeError(f"unexpected stop: {stop}")
+                if done():
+                    return
                 self.target.resume()
         finally:
             if self.client.running:
