@@ -191,7 +191,8 @@ def guest_digest(session: Session) -> str:
     import hashlib
 
     from qprobes.probes.area import MODULES_END
-    from qprobes.target.paging import TranslationError, walk
+    from qprobes.errors import TranslationError
+    from qprobes.target.paging import walk
 
     target = session.target
     digest = hashlib.sha256()

@@ -60,9 +60,9 @@ class HostMemory:
             self._fd = -1
 
     def _hva(self, paddr: int) -> int:
-        for gpa, size, hva in self._ranges:
+        for gpa, size, base_hva in self._ranges:
             if gpa <= paddr < gpa + size:
-                return hva + paddr - gpa
+                return base_hva + paddr - gpa
         chunk = paddr // _CHUNK
         base = self._chunks.get(chunk)
         if base is not None:

@@ -76,9 +76,12 @@ def test_each_instruction_one_at_a_time(
     assert expected, f"the trace of {name} saw none of its instructions"
     for insn in instructions(session, target):
         seen: list[int] = []
+
+        def pre(kp: Kprobe, ctx: object, seen: list[int] = seen) -> None:
+            seen.append(ctx.regs.rip)  # type: ignore[attr-defined]
+
         try:
-            kp = session.kprobe(insn.addr, lambda kp, ctx: seen.append(ctx.regs.rip) and None,
-                                boost=boost)  # fmt: skip
+            kp = session.kprobe(insn.addr, pre, boost=boost)
         except InstructionError:
             # Only the ud2 guards after non-returning control transfers are
             # refused, and the guest never runs them.
@@ -115,7 +118,8 @@ def test_every_instruction_of_every_target_at_once(
             if i.mnemonic == "ud2":
                 continue  # refused (see above), and never run
             # Alternate boosted and single-stepped probes.
-            probes[i.addr] = session.kprobe(i.addr, lambda kp, ctx: None, boost=len(probes) % 2 == 0)
+            boost = len(probes) % 2 == 0
+            probes[i.addr] = session.kprobe(i.addr, lambda kp, ctx: None, boost=boost)
     assert len(probes) > 300
     for target in q.targets:
         before = {a: kp.nhit for a, kp in probes.items()}
@@ -177,8 +181,12 @@ def test_fault_in_slot_is_handled_by_the_guest(guest: tuple[Session, QtestDriver
     for boost in (True, False):
         for insn in faulting:
             faults = session.engine.stats.faults
-            kp = session.kprobe(insn.addr, lambda kp, ctx: None, boost=boost,
-                                fault_handler=lambda kp, ctx, trapnr: traps.append(trapnr) and False)  # fmt: skip
+            kp = session.kprobe(
+                insn.addr,
+                lambda kp, ctx: None,
+                boost=boost,
+                fault_handler=lambda kp, ctx, trapnr: traps.append(trapnr) and False,
+            )
             assert q.run_target("t_fault", 2) == 0
             session.unregister(kp)
             if kp.nhit:
@@ -258,7 +266,9 @@ def test_unregister_drains_a_vcpu_in_mid_step(guest: tuple[Session, QtestDriver]
 
 
 @pytest.mark.parametrize("stop_at", ["qp_bp_entry", "qp_bp_ours"])
-def test_int3_hit_after_its_probe_was_removed(guest: tuple[Session, QtestDriver], stop_at: str) -> None:
+def test_int3_hit_after_its_probe_was_removed(
+    guest: tuple[Session, QtestDriver], stop_at: str
+) -> None:
     """A vCPU inside the #BP stub when the probe goes away resumes at the probe address."""
     session, q = guest
     engine = session.engine

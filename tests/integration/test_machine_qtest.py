@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -202,7 +203,5 @@ def test_attach_to_a_running_qemu(qtest_image: object) -> None:
         m.console.sendline("run t_hot 1")
         assert b"ran t_hot 1" in m.console.recvuntil(QTEST_PROMPT, timeout=20)
     finally:
-        try:
+        with contextlib.suppress(QprobesError):
             m.shutdown()
-        except QprobesError:
-            pass
