@@ -190,8 +190,8 @@ def guest_digest(session: Session) -> str:
     pages on the way to qprobes' area (the guest must be stopped)."""
     import hashlib
 
-    from qprobes.probes.area import MODULES_END
     from qprobes.errors import TranslationError
+    from qprobes.probes.area import MODULES_END
     from qprobes.target.paging import walk
 
     target = session.target
