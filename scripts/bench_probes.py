@@ -286,12 +286,26 @@ class Gdb:
     def __init__(self, binary: str) -> None:
         from pygdbmi.gdbcontroller import GdbController
 
-        self.ctl = GdbController(command=[binary, "--nx", "--quiet", "--interpreter=mi3"])
+        self.mi = self.mi_version(binary)
+        self.ctl = GdbController(command=[binary, "--nx", "--quiet", f"--interpreter={self.mi}"])
         self._token = 100
         self._pending: list[dict[str, Any]] = []
         self._drained: list[dict[str, Any]] = []
         self._stop_drain = threading.Event()
         self._drain_thread: threading.Thread | None = None
+
+    @staticmethod
+    def mi_version(binary: str) -> str:
+        """mi4 when gdb has it (13 and later), else mi3.
+
+        In MI 3 a breakpoint's ``script`` field is ``{"silent","continue"}``,
+        which is not valid MI: pygdbmi 0.11 loops forever parsing it inside
+        ``-break-info``'s table (and misparses it in ``=breakpoint-modified``).
+        MI 4 prints it as a list.
+        """
+        probe = subprocess.run([binary, "--nx", "--batch", "--interpreter=mi4"],
+                               capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        return "mi4" if probe.returncode == 0 and "unrecognized" not in probe.stderr else "mi3"
 
     def _read(self, timeout: float) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = self.ctl.get_gdb_response(
@@ -317,8 +331,8 @@ class Gdb:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gdb: no {what} within {timeout} s; got {seen[-5:]}")
 
-    def command(self, cmd: str, timeout: float = 10.0) -> dict[str, Any]:
-        """Send an MI command and wait for its result record (an error raises)."""
+    def command_records(self, cmd: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Send an MI command; returns the records up to its result (an error raises)."""
         assert self._drain_thread is None, "stop draining before sending commands"
         self._token += 1
         token = self._token
@@ -326,10 +340,13 @@ class Gdb:
         records = self.wait_for(
             lambda r: r.get("type") == "result" and r.get("token") == token, timeout, cmd
         )
-        result = records[-1]
-        if result.get("message") == "error":
-            raise RuntimeError(f"gdb: {cmd}: {result.get('payload')}")
-        return result
+        if records[-1].get("message") == "error":
+            raise RuntimeError(f"gdb: {cmd}: {records[-1].get('payload')}")
+        return records
+
+    def command(self, cmd: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Send an MI command and return its result record (an error raises)."""
+        return self.command_records(cmd, timeout)[-1]
 
     def wait_stopped(self, timeout: float = 10.0) -> None:
         self.wait_for(lambda r: r.get("type") == "notify" and r.get("message") == "stopped",
@@ -462,13 +479,19 @@ class GdbBench:
         return cases, trace
 
     def _times(self, bp: str) -> int:
-        """The breakpoint's hit count; stops the guest (and leaves it stopped)."""
+        """The breakpoint's hit count; stops the guest (and leaves it stopped).
+
+        Read from ``info breakpoints`` text rather than ``-break-info``, whose
+        MI 3 form pygdbmi cannot parse (see :meth:`Gdb.mi_version`).
+        """
         gdb = self.gdb
         assert gdb is not None
         gdb.command("-exec-interrupt")
         gdb.wait_stopped()
-        info = gdb.command(f"-break-info {bp}")
-        return int(info["payload"]["BreakpointTable"]["body"][0]["times"])
+        records = gdb.command_records(f'-interpreter-exec console "info breakpoints {bp}"')
+        text = "".join(str(r.get("payload")) for r in records if r.get("type") == "console")
+        found = re.search(r"already hit (\d+) times?", text)
+        return int(found.group(1)) if found else 0
 
     def _trace(self, bp: str, hits: int) -> GdbTrace:
         """An untimed run of ``hot hits`` with the remote protocol logged."""
@@ -480,13 +503,17 @@ class GdbBench:
         gdb.command("-gdb-set debug remote 1")
         gdb.command("-exec-continue")
         with gdb.draining() as records:
+            # hot 0 first: the packets of -exec-continue itself are logged by
+            # the time its prompt is back; count only what follows.
+            self.hot(0)
+            mark = len(records)
             self.hot(hits)
+            end = len(records)
         gdb.command("-exec-interrupt")
         gdb.wait_stopped()
         gdb.command("-gdb-set debug remote 0")
-        # Everything logged until the prompt came back; the interrupt comes after.
         kinds: dict[str, int] = {}
-        for rec in records:
+        for rec in records[mark:end]:
             text = rec.get("payload")
             if rec.get("type") != "log" or not isinstance(text, str):
                 continue
