@@ -40,10 +40,12 @@ which waits in 50 ms steps after the guest's last stop (``Session.run``
 passes no poll interval on), so each command then ends up to 50 ms late.
 
 "guest cycles" is the guest's own rdtsc delta for the loop. Under TCG the
-guest TSC is the host TSC, paused while the VM is stopped, so it counts
-the time the guest ran (its code, its translation work, qprobes' stubs)
-and leaves out the time the host spent handling stops. The TSC frequency
-is estimated from the no-probe run to show that share in microseconds.
+guest TSC follows the host TSC but QEMU pauses it while the VM is stopped
+(vm_stop disables its tick counter), so it counts the time the guest ran
+(its code, its translation work, qprobes' stubs) and leaves out the time
+the host spent handling stops. The TSC frequency is estimated from a
+no-probe run (gdb's console run first: it has no poll step) to show that
+share in microseconds.
 
 Stops: qprobes' ``engine.stats`` (stops by kind) per run; for gdb, an
 extra untimed run with ``set debug remote 1`` counts the stop replies and
@@ -198,8 +200,9 @@ class HotRunner:
             target = self.session.target
             box = self.driver.mailbox_addr
             before = self.driver.post(MBOX_HOT, n)
-            self.session.engine.run(until=lambda: self._done_running() != before,
-                                    timeout=self.timeout, poll=self.poll)  # fmt: skip
+            self.session.engine.run(
+                until=lambda: self._done_running() != before, timeout=self.timeout, poll=self.poll
+            )
             if target.read_u64(box + 16) == before:
                 raise RuntimeError(f"hot {n} did not finish in {self.timeout} s")
             result = target.read_u64(box + 24)
@@ -254,19 +257,20 @@ def bench_qprobes(args: argparse.Namespace) -> list[Case]:
             return None
 
         probes: list[tuple[str, str, Callable[[], Any]]] = [
-            ("boosted", "qprobes kprobe, boosted",
-             lambda: session.kprobe(PROBED, noop_kprobe)),
-            ("singlestep", "qprobes kprobe, single-step",
-             lambda: session.kprobe(PROBED, noop_kprobe, boost=False)),
-            ("kretprobe", "qprobes kretprobe",
-             lambda: session.kretprobe(PROBED, noop_kret)),
-        ]  # fmt: skip
+            ("boosted", "qprobes kprobe, boosted", lambda: session.kprobe(PROBED, noop_kprobe)),
+            (
+                "singlestep",
+                "qprobes kprobe, single-step",
+                lambda: session.kprobe(PROBED, noop_kprobe, boost=False),
+            ),
+            ("kretprobe", "qprobes kretprobe", lambda: session.kretprobe(PROBED, noop_kret)),
+        ]
         for key, label, register in probes:
             probe = register()
             case = Case(key, label, "mailbox", args.hits)
             log(f"qprobes: {label}, {args.repeat} x {case.hits} hits")
             try:
-                _measure(runner, case, args.repeat, lambda p=probe: int(p.nhit))
+                _measure(runner, case, args.repeat, lambda: int(probe.nhit))  # noqa: B023
                 if key == "kretprobe" and probe.nmissed:
                     case.problems.append(f"kretprobe nmissed={probe.nmissed}")
             finally:
@@ -290,7 +294,6 @@ class Gdb:
         self.ctl = GdbController(command=[binary, "--nx", "--quiet", f"--interpreter={self.mi}"])
         self._token = 100
         self._pending: list[dict[str, Any]] = []
-        self._drained: list[dict[str, Any]] = []
         self._stop_drain = threading.Event()
         self._drain_thread: threading.Thread | None = None
 
@@ -303,8 +306,13 @@ class Gdb:
         ``-break-info``'s table (and misparses it in ``=breakpoint-modified``).
         MI 4 prints it as a list.
         """
-        probe = subprocess.run([binary, "--nx", "--batch", "--interpreter=mi4"],
-                               capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        probe = subprocess.run(
+            [binary, "--nx", "--batch", "--interpreter=mi4"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         return "mi4" if probe.returncode == 0 and "unrecognized" not in probe.stderr else "mi3"
 
     def _read(self, timeout: float) -> list[dict[str, Any]]:
@@ -313,8 +321,9 @@ class Gdb:
         )
         return records
 
-    def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout: float,
-                 what: str) -> list[dict[str, Any]]:  # fmt: skip
+    def wait_for(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> list[dict[str, Any]]:
         """Read records until one matches; returns all records read."""
         deadline = time.monotonic() + timeout
         seen: list[dict[str, Any]] = []
@@ -349,14 +358,17 @@ class Gdb:
         return self.command_records(cmd, timeout)[-1]
 
     def wait_stopped(self, timeout: float = 10.0) -> None:
-        self.wait_for(lambda r: r.get("type") == "notify" and r.get("message") == "stopped",
-                      timeout, "*stopped")  # fmt: skip
+        self.wait_for(
+            lambda r: r.get("type") == "notify" and r.get("message") == "stopped",
+            timeout,
+            "*stopped",
+        )
 
     @contextmanager
     def draining(self) -> Iterator[list[dict[str, Any]]]:
         """Read gdb's output on a thread (so its stdout pipe never fills) while
         the target runs; yields the list the records go to."""
-        self._drained = records = list(self._pending)
+        records = list(self._pending)
         self._pending = []
         self._stop_drain.clear()
 
@@ -376,7 +388,7 @@ class Gdb:
     def close(self) -> None:
         try:
             self.ctl.exit()
-        except Exception as exc:  # noqa: BLE001 - cleanup must go on
+        except Exception as exc:  # cleanup must go on
             log(f"gdb: exit: {exc}")
 
 
@@ -435,8 +447,13 @@ class GdbBench:
         assert gdb is not None
         cases = []
 
-        case = Case("gdb_noprobe", "gdb attached, no breakpoint", "console",
-                    args.baseline_calls, probed=False)  # fmt: skip
+        case = Case(
+            "gdb_noprobe",
+            "gdb attached, no breakpoint",
+            "console",
+            args.baseline_calls,
+            probed=False,
+        )
         log(f"gdb: {case.label}, {args.repeat} x {case.hits} calls")
         gdb.command("-exec-continue")
         with gdb.draining():
@@ -505,9 +522,12 @@ class GdbBench:
         with gdb.draining() as records:
             # hot 0 first: the packets of -exec-continue itself are logged by
             # the time its prompt is back; count only what follows.
+            # The reader thread lags gdb's output: let it catch up each time.
             self.hot(0)
+            time.sleep(0.3)
             mark = len(records)
             self.hot(hits)
+            time.sleep(0.3)
             end = len(records)
         gdb.command("-exec-interrupt")
         gdb.wait_stopped()
@@ -523,8 +543,13 @@ class GdbBench:
             if sent:
                 trace.packets_sent += 1
                 kind = sent.group(1)
-                kind = "vCont" if kind.startswith("vCont") else kind[:1] if kind[0] in "zZmMgGpP" \
-                    else kind  # fmt: skip
+                kind = (
+                    "vCont"
+                    if kind.startswith("vCont")
+                    else kind[:1]
+                    if kind[0] in "zZmMgGpP"
+                    else kind
+                )
                 kinds[kind] = kinds.get(kind, 0) + 1
         trace.sent_kinds = kinds
         return trace
@@ -536,7 +561,7 @@ class GdbBench:
                 if self.gdb._drain_thread is None:
                     self.gdb.ctl.write("-interpreter-exec console kill", read_response=False)
                     time.sleep(0.2)
-            except Exception as exc:  # noqa: BLE001 - cleanup must go on
+            except Exception as exc:  # cleanup must go on
                 log(f"gdb: kill: {exc}")
             self.gdb.close()
             self.gdb = None
@@ -609,33 +634,61 @@ def ratios(cases: list[Case]) -> dict[str, dict[str, float | None]]:
         base = by_key.get("gdb_noprobe" if c.path == "console" else "noprobe")
         out[c.key] = {
             "faster_than_gdb_break": (gdb.per_hit / c.per_hit) if gdb and c.per_hit > 0 else None,
-            "times_unprobed_call": (c.per_hit / base.per_hit) if base and base.per_hit > 0
+            "times_unprobed_call": (c.per_hit / base.per_hit)
+            if base and base.per_hit > 0
             else None,
             "added_per_hit_s": (c.per_hit - base.per_hit) if base else None,
-        }  # fmt: skip
+        }
     return out
 
 
-def tsc_hz(cases: list[Case]) -> float | None:
-    """Guest TSC frequency, from the no-probe run (guest cycles over net wall time)."""
-    for c in cases:
-        if c.key == "noprobe" and c.cycles and c.per_hit > 0:
-            return c.cycles_per_hit / c.per_hit
+def tsc_hz(cases: list[Case], poll: float) -> tuple[float, str] | None:
+    """Guest TSC frequency: guest cycles over net wall time of a no-probe run.
+
+    The guest TSC runs whenever the VM runs, even while the host deschedules
+    QEMU, so load on the host does not bias this; only the error of the fixed
+    cost does. The console run (gdb's machine) has no poll step, so it comes
+    first; the mailbox run is good to the poll interval (2 ms of ~100 ms),
+    and useless with ``--poll 0`` (50 ms steps).
+    """
+    keys = ["gdb_noprobe"] + (["noprobe"] if poll > 0 else [])
+    for key in keys:
+        for c in cases:
+            if c.key == key and c.cycles and len(c.cycles) == len(c.walls) and c.per_hit > 0:
+                rates = [
+                    cyc / (w - c.fixed_cost)
+                    for cyc, w in zip(c.cycles, c.walls, strict=True)
+                    if w > c.fixed_cost
+                ]
+                if rates:
+                    return statistics.median(rates), c.label
     return None
 
 
-def print_report(args: argparse.Namespace, info: dict[str, Any], cases: list[Case],
-                 trace: GdbTrace | None, elapsed: float) -> None:  # fmt: skip
-    hz = tsc_hz(cases)
-    print(f"Probe hit cost on qtest's {PROBED} (TCG, smp=1): {args.repeat} runs per case, "
-          f"medians; per hit = (wall(N) - wall(0)) / N")  # fmt: skip
-    print(f"  {info['qemu']}; {info['gdb'] or 'gdb skipped'}; Python {info['python']}; "
-          f"{info['cpus']} CPUs; load average before {info['loadavg_before'][0]:.2f}")  # fmt: skip
+def print_report(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    cases: list[Case],
+    trace: GdbTrace | None,
+    elapsed: float,
+) -> None:
+    found = tsc_hz(cases, args.poll)
+    hz = found[0] if found else None
+    print(
+        f"Probe hit cost on qtest's {PROBED} (TCG, smp=1): {args.repeat} runs per case, "
+        f"medians; per hit = (wall(N) - wall(0)) / N"
+    )
+    print(
+        f"  {info['qemu']}; {info['gdb'] or 'gdb skipped'}; Python {info['python']}; "
+        f"{info['cpus']} CPUs; load average before {info['loadavg_before'][0]:.2f}"
+    )
     poll = f"poll {args.poll * 1e3:g} ms" if args.poll > 0 else "QtestDriver.hot (50 ms poll)"
     print(f"  qprobes: mailbox, {poll}; gdb: console")
     print()
-    head = (f"{'case':<38} {'N/run':>8} {'wall(N)':>10} {'wall(0)':>9} {'per hit':>10} "
-            f"{'range':>21} {'hits/s':>10} {'guest cyc/hit':>14} {'stops/hit':>9}")  # fmt: skip
+    head = (
+        f"{'case':<38} {'N/run':>8} {'wall(N)':>10} {'wall(0)':>9} {'per hit':>10} "
+        f"{'range':>21} {'hits/s':>10} {'guest cyc/hit':>14} {'stops/hit':>9}"
+    )
     print(head)
     print("-" * len(head))
     for c in cases:
@@ -643,19 +696,25 @@ def print_report(args: argparse.Namespace, info: dict[str, Any], cases: list[Cas
         spread = f"{fmt_time(min(runs))}..{fmt_time(max(runs))}"
         sph = c.stops_per_hit
         label = c.label if c.probed else f"{c.label} (per call)"
-        print(f"{label:<38} {c.hits:>8} {fmt_time(statistics.median(c.walls)):>10} "
-              f"{fmt_time(c.fixed_cost):>9} {fmt_time(c.per_hit):>10} {spread:>21} "
-              f"{fmt_rate(c.hits_per_second):>10} {c.cycles_per_hit:>14,.0f} "
-              f"{'-' if sph is None else f'{sph:.2f}':>9}")  # fmt: skip
+        print(
+            f"{label:<38} {c.hits:>8} {fmt_time(statistics.median(c.walls)):>10} "
+            f"{fmt_time(c.fixed_cost):>9} {fmt_time(c.per_hit):>10} {spread:>21} "
+            f"{fmt_rate(c.hits_per_second):>10} {c.cycles_per_hit:>14,.0f} "
+            f"{'-' if sph is None else f'{sph:.2f}':>9}"
+        )
     print()
-    if hz:
-        print(f"Guest TSC ~{hz / 1e9:.2f} GHz (from the no-probe run). Guest time per hit, "
-              "the part of the hit the guest spent running (paused while stopped):")
+    if found is not None and hz:
+        print(
+            f"Guest TSC ~{hz / 1e9:.2f} GHz (estimated from '{found[1]}'). Guest time per hit: "
+            "the part of the hit the guest spent running (its TSC pauses while the VM is stopped):"
+        )
         for c in cases:
             if c.probed and c.cycles:
                 share = c.cycles_per_hit / hz
-                print(f"  {c.label:<38} {fmt_time(share):>10} of {fmt_time(c.per_hit):>9} "
-                      f"({100 * share / c.per_hit:.0f}%)")  # fmt: skip
+                print(
+                    f"  {c.label:<38} {fmt_time(share):>10} of {fmt_time(c.per_hit):>9} "
+                    f"({100 * share / c.per_hit:.0f}%)"
+                )
         print()
     print("Ratios (per hit, fixed cost removed):")
     for key, r in ratios(cases).items():
@@ -663,15 +722,18 @@ def print_report(args: argparse.Namespace, info: dict[str, Any], cases: list[Cas
         parts = []
         fast = r["faster_than_gdb_break"]
         if fast is not None and key != "gdb_break":
-            parts.append(f"{fast:.1f}x faster than gdb break+commands" if fast >= 1
-                         else f"{1 / fast:.1f}x slower than gdb break+commands")  # fmt: skip
+            parts.append(
+                f"{fast:.1f}x faster than gdb break+commands"
+                if fast >= 1
+                else f"{1 / fast:.1f}x slower than gdb break+commands"
+            )
         times = r["times_unprobed_call"]
         added = r["added_per_hit_s"]
         if times is not None and added is not None:
             parts.append(f"{times:,.0f}x an unprobed call (+{fmt_time(added)} per hit)")
         print(f"  {c.label + ':':<39} " + "; ".join(parts))
     print()
-    print("Stops (qprobes engine.stats, summed over the timed runs):")
+    print("Stops (qprobes: engine.stats summed over the timed runs; gdb: MI records, remote log):")
     for c in cases:
         if c.path == "mailbox" and c.probed:
             kinds = " ".join(f"{k}={v}" for k, v in c.stops.items())
@@ -680,13 +742,19 @@ def print_report(args: argparse.Namespace, info: dict[str, Any], cases: list[Cas
     if trace is not None:
         gdb_case = next((c for c in cases if c.key == "gdb_break"), None)
         if gdb_case is not None:
-            print(f"  {'gdb break + commands:':<39} MI *stopped={gdb_case.stops.get('mi_stopped')}"
-                  f"; breakpoint hits {gdb_case.hits_seen}")  # fmt: skip
+            print(
+                f"  {'gdb break + commands:':<39} MI *stopped={gdb_case.stops.get('mi_stopped')}"
+                f"; breakpoint hits {gdb_case.hits_seen}"
+            )
         if trace.hits:
-            kinds = ", ".join(f"{k} {v / trace.hits:g}" for k, v in sorted(trace.sent_kinds.items()))
-            print(f"  gdb remote log over {trace.hits} hits: {trace.stop_replies / trace.hits:g} "
-                  f"stop replies and {trace.packets_sent / trace.hits:g} packets sent per hit "
-                  f"({kinds})")  # fmt: skip
+            kinds = ", ".join(
+                f"{k} {v / trace.hits:g}" for k, v in sorted(trace.sent_kinds.items())
+            )
+            print(
+                f"  gdb remote log over {trace.hits} hits: {trace.stop_replies / trace.hits:g} "
+                f"stop replies and {trace.packets_sent / trace.hits:g} packets sent per hit "
+                f"({kinds})"
+            )
     problems = [(c.label, p) for c in cases for p in c.problems]
     if problems:
         print()
@@ -702,28 +770,50 @@ def main() -> int:
         description=(__doc__ or "").splitlines()[0],
         epilog="See the module docstring for the method.",
     )
-    parser.add_argument("-n", "--hits", type=int, default=2000,
-                        help="probe hits per run for qprobes (default 2000)")
-    parser.add_argument("--gdb-hits", type=int, default=200,
-                        help="breakpoint hits per run for gdb (default 200)")
-    parser.add_argument("--baseline-calls", type=int, default=5_000_000,
-                        help="calls per run for the no-probe rows (default 5000000)")
-    parser.add_argument("-r", "--repeat", type=int, default=5,
-                        help="timed runs per case (default 5)")
-    parser.add_argument("--poll", type=float, default=0.002,
-                        help="mailbox poll interval in s while the guest runs; "
-                             "0 uses QtestDriver.hot (default 0.002)")
-    parser.add_argument("--trace-hits", type=int, default=3,
-                        help="hits of the untimed gdb run with remote logging (0: skip)")
-    parser.add_argument("--gdb", default=shutil.which("gdb") or "/usr/bin/gdb",
-                        help="the gdb binary (default: gdb on PATH)")
+    parser.add_argument(
+        "-n", "--hits", type=int, default=2000, help="probe hits per run for qprobes (default 2000)"
+    )
+    parser.add_argument(
+        "--gdb-hits", type=int, default=200, help="breakpoint hits per run for gdb (default 200)"
+    )
+    parser.add_argument(
+        "--baseline-calls",
+        type=int,
+        default=5_000_000,
+        help="calls per run for the no-probe rows (default 5000000)",
+    )
+    parser.add_argument(
+        "-r", "--repeat", type=int, default=5, help="timed runs per case (default 5)"
+    )
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=0.002,
+        help="mailbox poll interval in s while the guest runs; "
+        "0 uses QtestDriver.hot (default 0.002)",
+    )
+    parser.add_argument(
+        "--trace-hits",
+        type=int,
+        default=3,
+        help="hits of the untimed gdb run with remote logging (0: skip)",
+    )
+    parser.add_argument(
+        "--gdb",
+        default=shutil.which("gdb") or "/usr/bin/gdb",
+        help="the gdb binary (default: gdb on PATH)",
+    )
     parser.add_argument("--skip-gdb", action="store_true", help="no gdb baseline")
     parser.add_argument("--skip-qprobes", action="store_true", help="only the gdb baseline")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds one hot command may take")
-    parser.add_argument("--json", action="store_true",
-                        help="print JSON instead of the table (progress still goes to stderr)")
-    args = parser.parse_args()  # fmt: skip
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds one hot command may take"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of the table (progress still goes to stderr)",
+    )
+    args = parser.parse_args()
     for name in ("hits", "gdb_hits", "baseline_calls", "repeat"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -747,7 +837,7 @@ def main() -> int:
             "method": "per_hit_s = (median wall(N) - median wall(0)) / N",
             "args": vars(args),
             "host": info,
-            "tsc_hz_estimate": tsc_hz(cases),
+            "tsc_hz_estimate": (tsc_hz(cases, args.poll) or (None,))[0],
             "cases": [c.as_dict() for c in cases],
             "ratios": ratios(cases),
             "gdb_trace": dataclasses.asdict(trace) if trace is not None else None,

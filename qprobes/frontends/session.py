@@ -191,9 +191,12 @@ class Session:
 
     # --- running ------------------------------------------------------------------
 
-    def run(self, until: Callable[[], bool] | None = None, timeout: float | None = None) -> None:
-        """Let the guest run, handling probe hits, until ``until()`` or ``timeout``."""
-        self.engine.run(until=until, timeout=timeout)
+    def run(self, until: Callable[[], bool] | None = None, timeout: float | None = None,
+            poll: float = 0.002) -> None:  # fmt: skip
+        """Let the guest run, handling probe hits, until ``until()`` or ``timeout``.
+
+        ``until`` is checked after each stop and every ``poll`` seconds."""
+        self.engine.run(until=until, timeout=timeout, poll=poll)
 
     @property
     def console(self) -> Any:

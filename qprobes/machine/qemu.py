@@ -262,6 +262,16 @@ class QemuMachine:
             self._console = Console(sock)
         return self._console
 
+    def release_gdbstub(self) -> None:
+        """Disconnect qprobes from the gdbstub (it serves one client), leaving
+        the guest running, so that another debugger can attach."""
+        if self._client is not None:
+            if self._client.running is False:
+                self._client.detach()
+            self._client.close()
+            self._client = None
+            self._target = None
+
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -289,6 +299,8 @@ class QemuMachine:
                 except QprobesError:
                     pass  # QEMU is going away anyway; the signals below finish it.
             if self._proc is not None:
+                if self._client is None:
+                    self._kill()  # no stub connection to ask politely through
                 try:
                     self.exitcode = self._proc.wait(timeout)
                 except subprocess.TimeoutExpired:

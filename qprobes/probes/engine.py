@@ -788,7 +788,7 @@ class KprobeEngine:
     # --- running ----------------------------------------------------------------
 
     def run(self, until: Callable[[], bool] | None = None, timeout: float | None = None,
-            poll: float = 0.05) -> None:  # fmt: skip
+            poll: float = 0.002) -> None:  # fmt: skip
         """Resume the guest and service stops until ``until()`` is true or time runs out.
 
         ``until`` is checked after every stop (with the guest still stopped)

@@ -1,0 +1,217 @@
+"""The default Linux guest: a pinned Debian cloud kernel and a busybox initramfs.
+
+``scripts/build-linux-guest.sh`` downloads the kernel package (pinned, with its
+checksum; falling back to the current ``linux-image-cloud-amd64`` dependency
+when the pin has left Debian's archive), extracts ``vmlinuz`` and builds a
+tiny initramfs whose ``/init`` mounts proc, sys, devtmpfs, tracefs and
+debugfs, prints :data:`LINUX_READY` and runs a root shell on the serial
+console with the prompt :data:`LINUX_PROMPT`. The result is cached (by
+default in ``~/.cache/qprobes/linux``) and built on first use.
+
+Usage::
+
+    with QemuMachine(linux_config()) as machine:
+        machine.console          # connect before the guest prints anything
+        machine.target.resume()
+        machine.console.recvuntil(LINUX_READY)
+        machine.console.recvuntil(LINUX_PROMPT)
+        machine.console.command("cat /etc/hostname", LINUX_PROMPT)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qprobes.errors import MachineError
+from qprobes.machine.qemu import MachineConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-linux-guest.sh"
+
+#: The guest shell's prompt (``PS1``), exactly.
+LINUX_PROMPT = b"qprobes-guest# "
+#: The line ``/init`` prints once the file systems are mounted, before the first prompt.
+LINUX_READY = b"qprobes-guest: ready"
+#: What ``/etc/hostname`` holds in the guest.
+LINUX_HOSTNAME = "qprobes-guest"
+
+#: Kernel command line of every Linux guest (``nokaslr`` is added unless asked for KASLR).
+LINUX_CMDLINE = "console=ttyS0 quiet panic=-1"
+LINUX_MEMORY_MIB = 512
+
+# How long a build may take (a 27 MB download and an initramfs).
+BUILD_TIMEOUT = 900.0
+
+
+def linux_cache_dir() -> Path:
+    """Where the guest is cached: ``${QPROBES_CACHE:-~/.cache/qprobes}/linux``."""
+    base = os.environ.get("QPROBES_CACHE")
+    root = Path(base) if base else Path.home() / ".cache" / "qprobes"
+    return root / "linux"
+
+
+@dataclass(frozen=True)
+class LinuxGuest:
+    """A built Linux guest: kernel, initramfs and the build's manifest (``guest.json``)."""
+
+    kernel: Path
+    initrd: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        return self.kernel.parent
+
+    @property
+    def kernel_config(self) -> Path:
+        """The kernel's build configuration (``/boot/config-*`` of the package)."""
+        return self.directory / "config"
+
+    @property
+    def release(self) -> str:
+        """``uname -r`` of the guest kernel, e.g. ``6.1.0-56-cloud-amd64``."""
+        return str(self.manifest.get("release", ""))
+
+    @property
+    def package(self) -> str:
+        return str(self.manifest.get("package", ""))
+
+    @property
+    def version(self) -> str:
+        """The Debian package version, e.g. ``6.1.192-2`` (it shows in ``uname -v``)."""
+        return str(self.manifest.get("version", ""))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load(directory: Path, *, check_builder: bool) -> LinuxGuest | None:
+    """The guest cached in ``directory`` if it is complete and current, else None."""
+    kernel = directory / "vmlinuz"
+    initrd = directory / "initramfs.cpio.gz"
+    manifest_path = directory / "guest.json"
+    if not (kernel.is_file() and initrd.is_file() and manifest_path.is_file()):
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    if manifest.get("vmlinuz_sha256") != _sha256(kernel):
+        return None
+    if manifest.get("initramfs_sha256") != _sha256(initrd):
+        return None
+    # A changed build script (new pin, new /init) means a rebuild.
+    if (
+        check_builder
+        and BUILD_SCRIPT.is_file()
+        and manifest.get("builder_sha256") != _sha256(BUILD_SCRIPT)
+    ):
+        return None
+    return LinuxGuest(kernel=kernel, initrd=initrd, manifest=manifest)
+
+
+def build_linux_guest(directory: Path | None = None, timeout: float = BUILD_TIMEOUT) -> str:
+    """Run ``scripts/build-linux-guest.sh`` and return its output.
+
+    Raises :class:`MachineError` with the script's output when it fails.
+    """
+    directory = directory or linux_cache_dir()
+    if not BUILD_SCRIPT.is_file():
+        raise MachineError(f"{BUILD_SCRIPT} is missing: cannot build the Linux guest")
+    cmd = ["bash", str(BUILD_SCRIPT), str(directory)]
+    try:
+        result = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode()
+        raise MachineError(f"building the Linux guest timed out after {timeout} s:\n{out}") from exc
+    except OSError as exc:
+        raise MachineError(f"cannot run {BUILD_SCRIPT}: {exc}") from exc
+    if result.returncode != 0:
+        raise MachineError(
+            f"building the Linux guest failed ({' '.join(cmd)} exited with status "
+            f"{result.returncode}):\n{result.stdout.rstrip()}"
+        )
+    return result.stdout
+
+
+def linux_guest(build: bool = True) -> LinuxGuest:
+    """The default Linux guest, built (``scripts/build-linux-guest.sh``) when missing.
+
+    ``QPROBES_LINUX_GUEST`` names a directory with a prebuilt guest (``vmlinuz``,
+    ``initramfs.cpio.gz``, ``guest.json``) to use as it is. Otherwise the cache
+    is ``${QPROBES_CACHE:-~/.cache/qprobes}/linux``; with ``build=False`` a
+    missing or stale cache raises :class:`MachineError` instead of building.
+    """
+    override = os.environ.get("QPROBES_LINUX_GUEST")
+    if override:
+        guest = _load(Path(override), check_builder=False)
+        if guest is None:
+            raise MachineError(
+                f"QPROBES_LINUX_GUEST={override} does not hold a valid guest "
+                "(vmlinuz, initramfs.cpio.gz and a matching guest.json)"
+            )
+        return guest
+    directory = linux_cache_dir()
+    guest = _load(directory, check_builder=True)
+    if guest is not None:
+        return guest
+    if not build:
+        raise MachineError(
+            f"the Linux guest is not built in {directory}; run {BUILD_SCRIPT} {directory}"
+        )
+    output = build_linux_guest(directory)
+    guest = _load(directory, check_builder=True)
+    if guest is None:
+        raise MachineError(
+            f"{BUILD_SCRIPT} succeeded but {directory} holds no valid guest:\n{output.rstrip()}"
+        )
+    return guest
+
+
+def linux_config(append: str = "", kaslr: bool = False, **kwargs: Any) -> MachineConfig:
+    """A :class:`MachineConfig` that boots the default Linux guest.
+
+    512 MiB of RAM, ``console=ttyS0 quiet panic=-1`` and ``nokaslr`` (unless
+    ``kaslr``), then ``append``; :class:`MachineConfig` adds the ``memmap=``
+    that hides qprobes' reserved memory from Linux. Other keyword arguments
+    set :class:`MachineConfig` fields (``smp``, ``accel``, ``cpu``, ...).
+    ``cpu=None`` keeps QEMU's qemu64 model, with which Linux leaves PTI off.
+    """
+    guest = linux_guest()
+    parts = [LINUX_CMDLINE]
+    if not kaslr:
+        parts.append("nokaslr")
+    if append.strip():
+        parts.append(append.strip())
+    config = MachineConfig(
+        kernel=guest.kernel,
+        initrd=guest.initrd,
+        append=" ".join(parts),
+        memory_mib=LINUX_MEMORY_MIB,
+    )
+    for key, value in kwargs.items():
+        if key in ("kernel", "initrd", "append") or not hasattr(config, key):
+            raise TypeError(f"linux_config() got an unexpected keyword argument {key!r}")
+        setattr(config, key, value)
+    return config
