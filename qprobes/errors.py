@@ -154,5 +154,27 @@ class ProbeError(QprobesError):
     """A probe could not be registered, armed or removed."""
 
 
+class ProbeSyntaxError(QprobesError):
+    """A probe definition or event filter is malformed (or names what cannot be resolved).
+
+    ``spec`` is the text, ``column`` the 0-based position of the fault in it
+    and ``message`` the reason, in the words of Linux's ``error_log``
+    (``kernel/trace/trace_probe.h``, ``ERRORS``) where Linux has words for it.
+    ``str()`` is one line; :meth:`format_caret` gives the text and a caret
+    under the column, as ``tracing/error_log`` shows them.
+    """
+
+    def __init__(self, spec: str, column: int, message: str) -> None:
+        self.spec = spec
+        self.column = max(0, min(column, len(spec)))
+        self.message = message
+        super().__init__(f"error: {message}: {spec!r} at column {self.column}")
+
+    def format_caret(self) -> str:
+        """Two lines: the text, then ``^`` under :attr:`column` (tabs kept so it lines up)."""
+        pad = "".join("\t" if c == "\t" else " " for c in self.spec[: self.column])
+        return f"{self.spec}\n{pad}^"
+
+
 class SymbolError(QprobesError):
     """A symbol could not be resolved."""

@@ -181,6 +181,15 @@ class GuestArea:
         self.target.write_phys(self._pt + 8 * index, bytes(8))
         self.phys.free(page.paddr)
 
+    @property
+    def cr3(self) -> int:
+        """The page-table root the area was installed under."""
+        return self._cr3
+
+    @property
+    def la57(self) -> bool:
+        return self._la57
+
     def is_mapped(self, index: int) -> bool:
         return index in self._pages
 

@@ -95,10 +95,19 @@ class HitContext:
     entry_regs: dict[str, int] | None = None  # kretprobes: registers at the entry
     duration: float | None = None  # kretprobes: host seconds from entry to return
     frame_addr: int = 0  # guest address of the stub's frame
+    gs_base: int = 0  # the vCPU's GS base at the hit (Linux: its per-CPU area)
+    # Reads through the vCPU's *current* page tables (user memory of the
+    # interrupted task), by the gdbstub; ``read`` uses the kernel's.
+    read_current: Callable[[int, int], bytes] | None = None
 
     def read(self, addr: int, length: int) -> bytes:
         """Read guest-virtual memory through this vCPU's page tables."""
         return self.read_virt(addr, length)
+
+    def read_user(self, addr: int, length: int) -> bytes:
+        """Read user memory of the task that was interrupted."""
+        reader = self.read_current or self.read_virt
+        return reader(addr, length)
 
     def _unpack(self, fmt: str, addr: int) -> int:
         size = struct.calcsize(fmt)

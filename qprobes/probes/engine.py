@@ -55,7 +55,10 @@ from qprobes.probes.stubs import (
     KRETPROBE_VECTOR,
     PTABLE_ENTRIES,
     PTABLE_MAX_LOAD,
+    MAX_CPUS,
+    PERCPU_STRIDE,
     VAR_ORIG,
+    VAR_PERCPU,
     VAR_SS_ACTIVE,
     StubLayout,
     Stubs,
@@ -86,6 +89,7 @@ PAGE_SLOTS_FIRST = 32
 PAGE_SLOTS_LAST = 511
 
 TRAPPED_VECTORS = (1, 3, 13, 14)
+_VECTORS = frozenset((*TRAPPED_VECTORS, KRETPROBE_VECTOR, JPROBE_VECTOR))
 
 
 # A nop after a single-stepped sti: QEMU's TCG raises the single-step trap
@@ -158,6 +162,11 @@ class KprobeEngine:
         self.kretprobes: object = None  # set by KretprobeManager
         self.jprobes: object = None  # set by JprobeManager
         self._user_code = 0
+        self._vars_phys = 0
+        # Kernel page tables (the kernel half is the same in every address
+        # space): frames and kernel data are read through them.
+        self._kcr3 = 0
+        self._la57 = False
 
     # --- attach / detach ----------------------------------------------------
 
@@ -174,6 +183,8 @@ class KprobeEngine:
             ptable = [area.map_page(PAGE_PTABLE + i, writable=True, executable=False)
                       for i in range(PTABLE_ENTRIES * 8 // PAGE_SIZE)]  # fmt: skip
             self._doorbell = bell.vaddr
+            self._vars_phys = vars_.paddr
+            self._kcr3, self._la57 = area.cr3, area.la57
             self._user_code = area.vbase + PAGE_USER_CODE * PAGE_SIZE
             self._vars = vars_.vaddr
             self._ptable_addr = ptable[0].vaddr
@@ -538,19 +549,23 @@ class KprobeEngine:
             return False
         vcpu = stop.thread.tid if stop.thread is not None else self.target.vcpus[0]
         self.client.note_stop_thread(vcpu)
-        raw = self.client.read_registers()
-        regs = Registers.from_g(self.client.layout, raw)
-        vector = self._ret_kind.get(regs.rip)
-        if vector is None:
-            raise ProbeError(f"doorbell stop at unexpected rip {regs.rip:#x}")
-        cr3 = regs.cr3
-        la57 = bool(regs.cr4 & CR4_LA57)
-        frame_bytes = self._read_frame(regs.rsp, cr3, la57)
-        frame = PtRegs(list(struct.unpack(f"<{FRAME_WORDS}Q", frame_bytes)))
+        located = self._locate_frame_fast(vcpu)
+        regs: Registers | None = None
+        if located is None:
+            regs = Registers.from_g(self.client.layout, self.client.read_registers())
+            if regs.rip not in self._ret_kind:
+                raise ProbeError(f"doorbell stop at unexpected rip {regs.rip:#x}")
+            frame_addr, gs_base = regs.rsp, regs.gs_base
+            frame_bytes = self._read_frame(frame_addr, self._kcr3, self._la57)
+            frame = PtRegs(list(struct.unpack(f"<{FRAME_WORDS}Q", frame_bytes)))
+        else:
+            frame_addr, gs_base, frame = located
         if frame.action:
-            # A stale stop: this doorbell was already answered.
-            return True
-        ctx = HitContext(vcpu, frame, self._reader(cr3, la57), cr3, frame_addr=regs.rsp)
+            return True  # a stale stop: this doorbell was already answered
+        vector = frame.vector
+        cr3, la57 = self._kcr3, self._la57
+        ctx = HitContext(vcpu, frame, self._reader(cr3, la57), cr3, frame_addr=frame_addr,
+                         gs_base=gs_base, read_current=self.target.read)  # fmt: skip
         kcb = self.kcb.setdefault(vcpu, KprobeCtlblk())
         if vector == 3:
             self.stats.bp += 1
@@ -567,14 +582,40 @@ class KprobeEngine:
                 raise ProbeError("a kretprobe trampoline hit with no kretprobes")
             self.kretprobes.trampoline_handler(ctx)  # type: ignore[attr-defined]
         elif vector == JPROBE_VECTOR:
+            if regs is None:
+                regs = Registers.from_g(self.client.layout, self.client.read_registers())
             self._jprobe_return(kcb, ctx, regs)
             return True
+        else:
+            raise ProbeError(f"doorbell frame at {frame_addr:#x} names vector {vector:#x}")
         if frame.action == ACTION_CHAIN:
             self.stats.chained += 1
         if not frame.action:
             frame.action = ACTION_RETURN
-        self._write_frame(regs.rsp, frame, cr3, la57)
+        self._write_frame(frame_addr, frame, cr3, la57)
         return True
+
+    def _locate_frame_fast(self, vcpu: int) -> tuple[int, int, PtRegs] | None:
+        """The doorbell frame from the stub's per-CPU record, with no packet.
+
+        The record is indexed by initial APIC ID, which QEMU numbers like its
+        vCPUs (thread id - 1). Anything unexpected (a stale record, an action
+        already set) falls back to reading the registers.
+        """
+        if self.hostmem is None or not 0 < vcpu <= MAX_CPUS:
+            return None
+        record = self._vars_phys + VAR_PERCPU + PERCPU_STRIDE * (vcpu - 1)
+        rsp, gs_base = struct.unpack("<QQ", self.hostmem.read_phys(record, 16))
+        if not rsp:
+            return None
+        try:
+            data = self.hostmem.read_virt(self._kcr3, rsp, FRAME_SIZE, self._la57)
+        except QprobesError:
+            return None
+        words = list(struct.unpack(f"<{FRAME_WORDS}Q", data))
+        if words[0] != 0 or words[1] not in _VECTORS:
+            return None
+        return rsp, gs_base, PtRegs(words)
 
     def _reader(self, cr3: int, la57: bool) -> Callable[[int, int], bytes]:
         if self.hostmem is not None:

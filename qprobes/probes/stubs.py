@@ -72,6 +72,29 @@ class StubLayout:
 # Offsets inside the vars page.
 VAR_ORIG = 0x00  # u64 orig handler per vector, indexed by vector (0..31)
 VAR_SS_ACTIVE = 0x100  # u64: vCPUs currently single-stepping a slot
+# Per-CPU records, indexed by initial APIC ID: the frame address and GS base
+# at the last doorbell, so the host needs no register packet per hit.
+VAR_PERCPU = 0x200
+PERCPU_STRIDE = 16
+MAX_CPUS = 64
+
+# Stores rsp (the frame) and the GS base in this CPU's record. Clobbers
+# rax, rbx, rcx, rdx, which the frame already holds.
+_RECORD = f"""
+    mov eax, 1
+    cpuid
+    shr ebx, 24
+    and ebx, {MAX_CPUS - 1}
+    shl ebx, 4
+    lea rax, [rip + VARS + {VAR_PERCPU:#x}]
+    add rbx, rax
+    mov [rbx], rsp
+    mov ecx, 0xc0000101
+    rdmsr
+    shl rdx, 32
+    or rax, rdx
+    mov [rbx + 8], rax
+"""
 
 _SAVE = "\n".join(f"    push {r}" for r in reversed(PT_REGS_NAMES[:15]))
 _RESTORE = "\n".join(f"    pop {r}" for r in PT_REGS_NAMES[:15])
@@ -89,6 +112,7 @@ def _ring(vector: int, label: str, error_code: bool, clear_dr6: bool = False) ->
 {label}_ours:
     push {vector:#x}
     push 0
+{_RECORD}
 {label}_ring:
     mov byte ptr [rip + DOORBELL], 1
 .globl {label}_doorbell_ret
@@ -204,6 +228,7 @@ qp_kretprobe_trampoline:
 {_SAVE}
     push {KRETPROBE_VECTOR:#x}
     push 0
+{_RECORD}
 qp_kret_ring:
     mov byte ptr [rip + DOORBELL], 1
 .globl qp_kret_doorbell_ret
@@ -227,6 +252,7 @@ qp_jprobe_return:
 {_SAVE}
     push {JPROBE_VECTOR:#x}
     push 0
+{_RECORD}
 qp_jprobe_ring:
     mov byte ptr [rip + DOORBELL], 1
 .globl qp_jprobe_doorbell_ret
