@@ -41,6 +41,8 @@ from qprobes.target.target import Target
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+CURSOR_QUERY = b"\x1b[6n"
+
 
 class Session:
     """A guest, its symbols, and a :class:`KprobeEngine` attached to it."""
@@ -217,7 +219,9 @@ class Session:
                 data = tube.recv(4096, timeout=0)
                 if not data:
                     break
-                buf.extend(data)
+                # busybox's line editor asks for the cursor position after
+                # each prompt; that query is not output.
+                buf.extend(data.replace(CURSOR_QUERY, b""))
             return buf.endswith(prompt)
 
         tube.sendline(line.encode())

@@ -53,6 +53,8 @@ class Console:
         """Send ``line``, wait for ``prompt``, and return what came in between."""
         self.sendline(line)
         out = self.recvuntil(prompt, timeout=timeout)
+        # busybox's line editor asks for the cursor position after each prompt.
+        out = out.replace(b"\x1b[6n", b"")
         text = out[: -len(prompt)].decode(errors="replace").replace("\r\n", "\n")
         # Drop the echoed command line, if the guest echoes.
         first, _, rest = text.partition("\n")

@@ -71,9 +71,11 @@ class MachineConfig:
     def reserved(self) -> tuple[int, int]:
         """(guest-physical start, size) of the memory kept for qprobes."""
         size = self.reserve_mib * MiB
-        # Below 4 GiB, RAM is contiguous from 0 up to the machine's hole.
+        # Below 4 GiB, RAM is contiguous from 0 up to the machine's hole. The
+        # firmware keeps its ACPI tables in the top 128 KiB, so the
+        # reservation ends 2 MiB below the top.
         low_ram = min(self.memory_mib * MiB, 0xB000_0000)
-        return (low_ram - size, size)
+        return (low_ram - 2 * MiB - size, size)
 
     def kernel_cmdline(self) -> str:
         parts = [self.append.strip()] if self.append.strip() else []

@@ -163,6 +163,7 @@ class KprobeEngine:
         self.jprobes: object = None  # set by JprobeManager
         self._user_code = 0
         self._vars_phys = 0
+        self._blacklist: list[tuple[int, int, str]] = []
         # Kernel page tables (the kernel half is the same in every address
         # space): frames and kernel data are read through them.
         self._kcr3 = 0
@@ -346,10 +347,18 @@ class KprobeEngine:
                 data[point.addr - addr] = point.opcode
         return bytes(data)
 
+    def blacklist(self, start: int, end: int, reason: str) -> None:
+        """Refuse probes in ``[start, end)`` (Linux's kprobe blacklist)."""
+        self._blacklist.append((start, end, reason))
+
     def can_probe(self, addr: int) -> None:
         """Raise unless ``addr`` may be probed (``can_probe``/``check_kprobe_address_safe``)."""
         if self.attached and self.area.contains(addr):
             raise ProbeError(f"{addr:#x} is inside qprobes' own guest area")
+        for start, end, reason in self._blacklist:
+            if start <= addr < end:
+                where = self.symbols.format(addr) if self.symbols is not None else f"{addr:#x}"
+                raise ProbeError(f"{where} is blacklisted: {reason}")
         for vector, handler in self._orig_handler.items():
             if self._same_function(addr, handler):
                 raise ProbeError(
@@ -555,15 +564,16 @@ class KprobeEngine:
             regs = Registers.from_g(self.client.layout, self.client.read_registers())
             if regs.rip not in self._ret_kind:
                 raise ProbeError(f"doorbell stop at unexpected rip {regs.rip:#x}")
-            frame_addr, gs_base = regs.rsp, regs.gs_base
-            frame_bytes = self._read_frame(frame_addr, self._kcr3, self._la57)
+            frame_addr, gs_base, cr3 = regs.rsp, regs.gs_base, regs.cr3
+            frame_bytes = self._read_frame(frame_addr, cr3, self._la57)
             frame = PtRegs(list(struct.unpack(f"<{FRAME_WORDS}Q", frame_bytes)))
         else:
-            frame_addr, gs_base, frame = located
+            frame_addr, gs_base, cr3, frame = located
         if frame.action:
             return True  # a stale stop: this doorbell was already answered
         vector = frame.vector
-        cr3, la57 = self._kcr3, self._la57
+        la57 = self._la57
+        # The interrupted task's page tables: they map the kernel too.
         ctx = HitContext(vcpu, frame, self._reader(cr3, la57), cr3, frame_addr=frame_addr,
                          gs_base=gs_base, read_current=self.target.read)  # fmt: skip
         kcb = self.kcb.setdefault(vcpu, KprobeCtlblk())
@@ -595,7 +605,7 @@ class KprobeEngine:
         self._write_frame(frame_addr, frame, cr3, la57)
         return True
 
-    def _locate_frame_fast(self, vcpu: int) -> tuple[int, int, PtRegs] | None:
+    def _locate_frame_fast(self, vcpu: int) -> tuple[int, int, int, PtRegs] | None:
         """The doorbell frame from the stub's per-CPU record, with no packet.
 
         The record is indexed by initial APIC ID, which QEMU numbers like its
@@ -605,17 +615,17 @@ class KprobeEngine:
         if self.hostmem is None or not 0 < vcpu <= MAX_CPUS:
             return None
         record = self._vars_phys + VAR_PERCPU + PERCPU_STRIDE * (vcpu - 1)
-        rsp, gs_base = struct.unpack("<QQ", self.hostmem.read_phys(record, 16))
+        rsp, gs_base, cr3 = struct.unpack("<QQQ", self.hostmem.read_phys(record, 24))
         if not rsp:
             return None
         try:
-            data = self.hostmem.read_virt(self._kcr3, rsp, FRAME_SIZE, self._la57)
+            data = self.hostmem.read_virt(cr3, rsp, FRAME_SIZE, self._la57)
         except QprobesError:
             return None
         words = list(struct.unpack(f"<{FRAME_WORDS}Q", data))
         if words[0] != 0 or words[1] not in _VECTORS:
             return None
-        return rsp, gs_base, PtRegs(words)
+        return rsp, gs_base, cr3, PtRegs(words)
 
     def _reader(self, cr3: int, la57: bool) -> Callable[[int, int], bytes]:
         if self.hostmem is not None:

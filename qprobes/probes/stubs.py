@@ -72,10 +72,10 @@ class StubLayout:
 # Offsets inside the vars page.
 VAR_ORIG = 0x00  # u64 orig handler per vector, indexed by vector (0..31)
 VAR_SS_ACTIVE = 0x100  # u64: vCPUs currently single-stepping a slot
-# Per-CPU records, indexed by initial APIC ID: the frame address and GS base
-# at the last doorbell, so the host needs no register packet per hit.
+# Per-CPU records, indexed by initial APIC ID: the frame address, GS base and
+# CR3 at the last doorbell, so the host needs no register packet per hit.
 VAR_PERCPU = 0x200
-PERCPU_STRIDE = 16
+PERCPU_STRIDE = 32
 MAX_CPUS = 64
 
 # Stores rsp (the frame) and the GS base in this CPU's record. Clobbers
@@ -85,7 +85,7 @@ _RECORD = f"""
     cpuid
     shr ebx, 24
     and ebx, {MAX_CPUS - 1}
-    shl ebx, 4
+    shl ebx, 5
     lea rax, [rip + VARS + {VAR_PERCPU:#x}]
     add rbx, rax
     mov [rbx], rsp
@@ -94,6 +94,8 @@ _RECORD = f"""
     shl rdx, 32
     or rax, rdx
     mov [rbx + 8], rax
+    mov rax, cr3
+    mov [rbx + 16], rax
 """
 
 _SAVE = "\n".join(f"    push {r}" for r in reversed(PT_REGS_NAMES[:15]))

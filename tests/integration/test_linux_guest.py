@@ -203,11 +203,6 @@ def test_reserved_memory_is_reserved(booted: Booted, run: Callable[[str], str]) 
     assert all(name == "Reserved" for _, _, name in overlapping), overlapping
 
 
-@pytest.mark.xfail(
-    reason="MachineConfig.reserved ends at the top of low RAM, where SeaBIOS keeps the "
-    "ACPI tables (BIOS-e820 reserved, 128 KiB): the reservation must stay below them",
-    strict=False,
-)
 def test_reserved_memory_is_plain_ram(booted: Booted, run: Callable[[str], str]) -> None:
     """The firmware's own map must call the whole reservation usable RAM."""
     start, size = booted.machine.config.reserved
