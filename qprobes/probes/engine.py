@@ -164,6 +164,7 @@ class KprobeEngine:
         self._user_code = 0
         self._vars_phys = 0
         self._blacklist: list[tuple[int, int, str]] = []
+        self._frame_phys: int | None = None  # the current frame's guest-physical address
         # Kernel page tables (the kernel half is the same in every address
         # space): frames and kernel data are read through them.
         self._kcr3 = 0
@@ -558,6 +559,7 @@ class KprobeEngine:
             return False
         vcpu = stop.thread.tid if stop.thread is not None else self.target.vcpus[0]
         self.client.note_stop_thread(vcpu)
+        self._frame_phys = None
         located = self._locate_frame_fast(vcpu)
         regs: Registers | None = None
         if located is None:
@@ -619,7 +621,12 @@ class KprobeEngine:
         if not rsp:
             return None
         try:
-            data = self.hostmem.read_virt(cr3, rsp, FRAME_SIZE, self._la57)
+            if rsp % PAGE_SIZE + FRAME_SIZE <= PAGE_SIZE:
+                # One walk serves both the read and the write-back.
+                self._frame_phys = self.hostmem.translate(cr3, rsp, self._la57).paddr
+                data = self.hostmem.read_phys(self._frame_phys, FRAME_SIZE)
+            else:
+                data = self.hostmem.read_virt(cr3, rsp, FRAME_SIZE, self._la57)
         except QprobesError:
             return None
         words = list(struct.unpack(f"<{FRAME_WORDS}Q", data))
@@ -644,7 +651,9 @@ class KprobeEngine:
             return
         lo, hi = dirty[0], dirty[-1] + 1
         data = struct.pack(f"<{hi - lo}Q", *frame.words[lo:hi])
-        if self.hostmem is not None:
+        if self.hostmem is not None and self._frame_phys is not None:
+            self.hostmem.write_phys(self._frame_phys + 8 * lo, data)
+        elif self.hostmem is not None:
             self.hostmem.write_virt(cr3, rsp + 8 * lo, data, la57)
         else:
             self.client.write_memory(rsp + 8 * lo, data)
