@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
 
 from qprobes.errors import MachineError
 from qprobes.machine.guests import QTEST_EXIT_PASS, qtest_config
@@ -69,18 +70,32 @@ def boot_interactive(
     memory_mib: int = 512,
     accel: str = "tcg",
     cpu: str | None = None,
+    qtest: bool = False,
+    kaslr: bool = False,
 ) -> int:
-    """Boot a guest and hand its serial console to the terminal until it exits."""
-    if kernel is None:
+    """Boot a guest (the built-in Linux guest by default) and hand its serial
+    console to the terminal until it exits. The gdbstub socket is printed so
+    that ``qprobes attach`` or gdb can connect meanwhile."""
+    if qtest:
         config = qtest_config(append=append, smp=smp, accel=accel, cpu=cpu)
+    elif kernel is None:
+        from qprobes.machine.linux import linux_config
+
+        config = linux_config(append=append, kaslr=kaslr, smp=smp, accel=accel, cpu=cpu)
     else:
         config = MachineConfig(
             kernel=Path(kernel), initrd=Path(initrd) if initrd else None, append=append,
             smp=smp, memory_mib=memory_mib, accel=accel, cpu=cpu,
         )  # fmt: skip
     with QemuMachine(config) as machine:
-        print(f"qprobes: gdbstub at {machine.gdb_socket} (pid {machine.pid})", file=sys.stderr)
+        start, size = config.reserved
+        print(
+            f"qprobes: gdbstub at {machine.gdb_socket} (pid {machine.pid}); "
+            f"memory kept for qprobes: --reserve {start:#x}:{size:#x}",
+            file=sys.stderr,
+        )
         machine.target.resume()
+        machine.release_gdbstub()
         machine.console.interactive()
     return 0
 
@@ -213,3 +228,150 @@ def guest_digest(session: Session) -> str:
     for table in sorted(tables):
         digest.update(target.read_phys(table, 4096))
     return digest.hexdigest()
+
+
+def _session_for(
+    kernel: str | None,
+    initrd: str | None,
+    append: str,
+    attach_address: str | None,
+    reserve: str | None,
+    kaslr: bool,
+    smp: int,
+    accel: str,
+    cpu: str | None,
+) -> Session:
+    """The Linux session a trace or symbols command works on."""
+    from qprobes.frontends.session import Session
+    from qprobes.machine.linux import LINUX_CMDLINE
+
+    if attach_address is not None:
+        if reserve is None:
+            raise MachineError(
+                "--attach needs --reserve START:SIZE: guest-physical memory the guest does "
+                "not use (boot it with memmap=SIZE$START)"
+            )
+        start, _, size = reserve.partition(":")
+        return Session.attach(attach_address, reserve=(int(start, 0), int(size, 0)))
+    if kernel is not None:
+        parts = [LINUX_CMDLINE, append] if append else [LINUX_CMDLINE]
+        if not kaslr:
+            parts.append("nokaslr")
+        config = MachineConfig(
+            kernel=Path(kernel), initrd=Path(initrd) if initrd else None,
+            append=" ".join(parts), memory_mib=512, smp=smp, accel=accel, cpu=cpu,
+        )  # fmt: skip
+        return Session.linux(config)
+    return Session.linux(kaslr=kaslr, smp=smp, accel=accel, cpu=cpu)
+
+
+def trace(
+    probes: list[str],
+    command: list[str],
+    *,
+    json_output: bool = False,
+    filters: list[str] | None = None,
+    duration: float | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+    **machine: Any,
+) -> int:
+    """``qprobes trace``: arm kprobe_events-style probes, run a guest command,
+    print every hit, then a summary. Ctrl-C stops tracing and detaches."""
+    import json
+    import signal
+
+    from qprobes.frontends.trace import TraceEvent, Tracer
+    from qprobes.probes.language import parse_probe
+
+    # Check every definition before booting anything.
+    for text in probes:
+        parse_probe(text)
+    by_event: dict[str, str] = {}
+    for item in filters or []:
+        event, sep, expr = item.partition(":")
+        if not sep:
+            raise MachineError(f"--filter wants EVENT:EXPRESSION, got {item!r}")
+        by_event[event] = expr
+
+    def sink(event: TraceEvent) -> None:
+        out.write((event.to_json() if json_output else event.format()) + "\n")
+        out.flush()
+
+    stop = {"asked": False}
+
+    def on_sigint(signum: int, frame: object) -> None:
+        stop["asked"] = True
+
+    session = _session_for(**machine)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        tracer = Tracer(session, sink)
+        for text in probes:
+            spec = parse_probe(text)
+            tp = tracer.add(text, by_event.get(getattr(spec, "event", "")))
+            print(f"qprobes: {tp.name} at {tracer._location(tp.addr)}", file=err)
+        if command:
+            line = " ".join(command)
+            output = _run_command(session, line, lambda: stop["asked"])
+            if output:
+                err.write(output if output.endswith("\n") else output + "\n")
+        else:
+            print("qprobes: tracing; Ctrl-C to stop", file=err)
+            session.run(until=lambda: stop["asked"], timeout=duration)
+        summary = tracer.summary()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        session.close()
+    for row in summary:
+        if json_output:
+            err.write(json.dumps({"summary": row}) + "\n")
+        else:
+            err.write(
+                f"qprobes: {row['event']}: {row['hits']} hits, {row['emitted']} printed, "
+                f"{row['filtered']} filtered out, {row['missed']} missed\n"
+            )
+    return 130 if stop["asked"] else 0
+
+
+def _run_command(session: Session, line: str, interrupted: Callable[[], bool]) -> str:
+    """Type ``line`` in the guest shell, serve probes until the prompt returns."""
+    tube = session.console.tube
+    prompt = session.prompt or b"# "
+    buf = bytearray()
+
+    def done() -> bool:
+        while True:
+            data = tube.recv(4096, timeout=0)
+            if not data:
+                break
+            buf.extend(data.replace(b"\x1b[6n", b""))
+        return buf.endswith(prompt) or interrupted()
+
+    tube.sendline(line.encode())
+    session.run(until=done)
+    if interrupted() and not buf.endswith(prompt):
+        tube.send(b"\x03")  # interrupt the guest command too
+    text = bytes(buf[: -len(prompt)] if buf.endswith(prompt) else buf)
+    return text.decode(errors="replace").replace("\r\n", "\n")
+
+
+def symbols(pattern: str, out: TextIO = sys.stdout, **machine: Any) -> int:
+    """``qprobes symbols``: kernel symbols matching a glob, with addresses and sizes."""
+    import fnmatch
+
+    session = _session_for(**machine)
+    try:
+        table = session.symbols
+        assert table is not None
+        rows = sorted(
+            (s for s in table if fnmatch.fnmatchcase(s.name, pattern)), key=lambda s: s.addr
+        )
+        kernel = session.kernel
+        if kernel is not None:
+            print(f"# KASLR slide {kernel.slide:#x}; {len(table)} symbols", file=sys.stderr)
+        for s in rows:
+            print(f"{s.addr:016x} {s.size:8d} {s.kind:<6} {s.name}", file=out)
+    finally:
+        session.close()
+    return 0 if rows else 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from qprobes import __version__
 from qprobes.errors import QprobesError
@@ -27,8 +28,34 @@ def _cmd_boot(args: argparse.Namespace) -> int:
 
     return api.boot_interactive(
         kernel=args.kernel, initrd=args.initrd, append=args.append, smp=args.smp,
-        memory_mib=args.memory, accel=args.accel, cpu=args.cpu,
+        memory_mib=args.memory, accel=args.accel, cpu=args.cpu, qtest=args.qtest,
+        kaslr=args.kaslr,
     )  # fmt: skip
+
+
+def _machine_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "kernel": args.kernel, "initrd": args.initrd, "append": args.append,
+        "attach_address": args.attach, "reserve": args.reserve, "kaslr": args.kaslr,
+        "smp": args.smp, "accel": args.accel, "cpu": args.cpu,
+    }  # fmt: skip
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from qprobes.frontends import api
+
+    if not args.probes:
+        raise SystemExit("qprobes trace: give at least one probe definition")
+    return api.trace(
+        args.probes, args.guest_command, json_output=args.json, filters=args.filter,
+        duration=args.duration, **_machine_args(args),
+    )  # fmt: skip
+
+
+def _cmd_symbols(args: argparse.Namespace) -> int:
+    from qprobes.frontends import api
+
+    return api.symbols(args.pattern, **_machine_args(args))
 
 
 def _cmd_attach(args: argparse.Namespace) -> int:
@@ -62,10 +89,51 @@ def build_parser() -> argparse.ArgumentParser:
     machine_options(p)
     p.set_defaults(func=_cmd_qtest)
 
+    def guest_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--kernel", help="kernel image (default: the built-in Linux guest)")
+        p.add_argument("--initrd", help="initial ramdisk for --kernel")
+        p.add_argument("--append", default="", help="extra kernel command line")
+        p.add_argument("--kaslr", action="store_true", help="boot with KASLR (default nokaslr)")
+        machine_options(p)
+
+    def attach_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--attach", metavar="ADDR",
+                       help="attach to a running QEMU's gdbstub (HOST:PORT or socket path)")
+        p.add_argument("--reserve", metavar="START:SIZE",
+                       help="with --attach: guest-physical memory the guest does not use")
+
+    p = sub.add_parser(
+        "trace",
+        usage="qprobes trace [options] PROBE... [-- GUEST_COMMAND...]",
+        help="trace kprobe_events-style probes in a Linux guest",
+        description="Boot the default Linux guest (or --kernel, or --attach), arm the probes, "
+        "run GUEST_COMMAND in its shell (or trace until Ctrl-C), print every hit "
+        "in ftrace's format (or JSON), then a summary of hits and misses.",
+        epilog="example: qprobes trace 'p:myopen do_sys_openat2 path=+0(%%si):string' "
+        "-- cat /etc/hostname",
+    )
+    p.add_argument("probes", nargs="*", metavar="PROBE",
+                   help="p[:[GRP/]EVENT] SYM[+offs]|ADDR [FETCHARGS] or r[N][:[GRP/]EVENT] SYM")
+    p.add_argument("--json", action="store_true", help="one JSON object per hit")
+    p.add_argument("--filter", action="append", metavar="EVENT:EXPR",
+                   help="ftrace filter for one event, e.g. 'myopen:path ~ \"/etc/*\"'")
+    p.add_argument("--duration", type=float, help="with no GUEST_COMMAND: trace this long")
+    guest_options(p)
+    attach_options(p)
+    p.set_defaults(func=_cmd_trace, guest_command=[])
+
+    p = sub.add_parser("symbols", help="list kernel symbols matching a glob")
+    p.add_argument("pattern", help="glob, e.g. 'vfs_*'")
+    guest_options(p)
+    attach_options(p)
+    p.set_defaults(func=_cmd_symbols)
+
     p = sub.add_parser("boot", help="boot a guest and hand over its serial console")
-    p.add_argument("--kernel", help="kernel image (default: qtest)")
+    p.add_argument("--qtest", action="store_true", help="boot qtest instead of Linux")
     p.add_argument("--initrd", help="initial ramdisk")
-    p.add_argument("--append", default="", help="kernel command line")
+    p.add_argument("--kernel", help="kernel image (default: the built-in Linux guest)")
+    p.add_argument("--append", default="", help="extra kernel command line")
+    p.add_argument("--kaslr", action="store_true", help="boot with KASLR")
     p.add_argument("--memory", type=int, default=512, help="guest RAM in MiB (default 512)")
     machine_options(p)
     p.set_defaults(func=_cmd_boot)
@@ -78,7 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    guest_command: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, guest_command = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+    if guest_command:
+        if getattr(args, "func", None) is not _cmd_trace:
+            parser.error("'-- COMMAND' is only for 'qprobes trace'")
+        args.guest_command = guest_command
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qprobes.errors import MachineError, ProbeError
 from qprobes.machine.guests import QTEST_PROMPT, qtest_config
@@ -38,6 +38,9 @@ from qprobes.probes.kretprobe import Kretprobe, KretprobeManager
 from qprobes.symbols.elf import SymbolTable, load_elf_symbols
 from qprobes.target.hostmem import HostMemory
 from qprobes.target.target import Target
+
+if TYPE_CHECKING:
+    from qprobes.symbols.linux import LinuxKernel
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,6 +72,7 @@ class Session:
             hostmem.prime(0x100000, low - 0x100000)
         self.hostmem = hostmem
         self.engine = KprobeEngine(target, reserve, near, symbols=symbols, hostmem=hostmem)
+        self.kernel: LinuxKernel | None = None
         self.kretprobes = KretprobeManager(self.engine)
         self.jprobes = JprobeManager(self.engine)
         self._closed = False
@@ -112,15 +116,57 @@ class Session:
                         prompt=QTEST_PROMPT, boot_until=QTEST_PROMPT, attach=attach)  # fmt: skip
 
     @classmethod
+    def linux(cls, config: MachineConfig | None = None, *, kaslr: bool = False, smp: int = 1,
+              boot_timeout: float = 120.0, **config_args: Any) -> Session:  # fmt: skip
+        """Boot a Linux guest (default: the built-in one) to its shell prompt,
+        recover its symbols and types from memory, and attach."""
+        from qprobes.machine.linux import LINUX_PROMPT, linux_config
+
+        if config is None:
+            # Echo off: the console then carries only output and prompts.
+            config = linux_config(append="qprobes.echo=0", kaslr=kaslr, smp=smp, **config_args)
+        session = cls.boot(config, near=0, prompt=LINUX_PROMPT, boot_until=LINUX_PROMPT,
+                           boot_timeout=boot_timeout, attach=False)  # fmt: skip
+        try:
+            session.use_linux()
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def use_linux(self) -> None:
+        """Load the guest kernel's symbols and BTF (guest stopped), then attach
+        with Linux's kprobe blacklist."""
+        from qprobes.symbols.linux import LinuxKernel
+
+        read_phys = self.hostmem.read_phys if self.hostmem is not None else None
+        kernel = LinuxKernel.load(self.target, read_phys=read_phys)
+        self.kernel = kernel
+        self.symbols = kernel.symbols
+        self.engine.symbols = kernel.symbols
+        self.engine.area.near = kernel.text
+        self.engine.attach()
+        for start, end, why in kernel.blacklist(self.engine.read_data):
+            self.engine.blacklist(start, end, why)
+
+    @classmethod
     def attach(cls, address: str, *, reserve: tuple[int, int], near: int | None = None,
                symbols: str | Path | None = None) -> Session:  # fmt: skip
         """Attach to a running QEMU's gdbstub. ``reserve`` names guest-physical
         memory the guest does not use (see the README)."""
         table = load_elf_symbols(symbols) if symbols is not None else None
         target = attach(address)
+        if table is None and near is None:
+            # A Linux guest: symbols and types from its own memory.
+            session = cls(target, reserve=reserve, near=0)
+            try:
+                session.use_linux()
+            except BaseException:
+                session.close()
+                raise
+            return session
         if near is None:
-            if table is None:
-                raise ProbeError("give a kernel text address (near=) or a symbol file")
+            assert table is not None
             near = min(s.addr for s in table if s.kind == "func")
         session = cls(target, reserve=reserve, near=near, symbols=table)
         session.engine.attach()

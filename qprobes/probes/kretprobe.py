@@ -158,7 +158,8 @@ class KretprobeManager:
         view = PtRegs(fake)
         rctx = HitContext(ctx.vcpu, view, ctx.read_virt, ctx.cr3, kind="kretprobe",
                           probe=rp.kp, retval=words[_IDX["rax"]], ret_addr=inst.ret_addr,
-                          entry_data=inst.data)  # fmt: skip
+                          entry_data=inst.data, frame_addr=ctx.frame_addr,
+                          gs_base=ctx.gs_base, read_current=ctx.read_current)  # fmt: skip
         rctx.entry_regs = inst.entry_regs
         rctx.duration = time.monotonic() - inst.entry_time
         if rp.handler is not None:

@@ -1,0 +1,227 @@
+"""Tracing with kprobe_events definitions: probes from spec strings, hits as records.
+
+A :class:`Tracer` turns ``p:[GRP/]EVENT SYM[+offs] FETCHARGS`` and
+``r[MAXACTIVE]:...`` definitions (Documentation/trace/kprobetrace.rst) into
+qprobes kprobes and kretprobes whose handlers fetch the arguments, apply the
+event's filter and hand a :class:`TraceEvent` to a sink. Events print the way
+ftrace's ``trace`` file does, or as JSON objects.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qprobes.errors import ProbeError
+from qprobes.frontends.session import Session
+from qprobes.probes.context import HitContext
+from qprobes.probes.kprobe import Kprobe
+from qprobes.probes.kretprobe import Kretprobe
+from qprobes.probes.language import (
+    FAULT,
+    CompiledArg,
+    FilterExpr,
+    HitFetchContext,
+    ProbeSpec,
+    RemoveSpec,
+    Value,
+    compile_fetchargs,
+    evaluate,
+    evaluate_filter,
+    format_args,
+    parse_filter,
+    parse_probe,
+)
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One probe hit, with its fetched fields."""
+
+    group: str
+    event: str
+    kind: str  # "p" (kprobe) or "r" (return probe)
+    addr: int  # the probed address
+    location: str  # SYM+0xOFF/0xSIZE of the probe
+    ret_to: str | None  # return probes: where the function returned to
+    cpu: int  # 0-based vCPU
+    pid: int | None
+    comm: str | None
+    timestamp: float  # seconds since the trace started
+    fields: dict[str, Value]
+    text: str  # the fields as ftrace prints them
+
+    def format(self) -> str:
+        """The line ftrace's ``trace`` file would show."""
+        comm = self.comm if self.comm is not None else "<unknown>"
+        pid = self.pid if self.pid is not None else -1
+        where = f"{self.ret_to} <- {self.location.split('+')[0]}" if self.ret_to else self.location
+        tail = f" {self.text}" if self.text else ""
+        return (
+            f"{comm:>16}-{pid:<7} [{self.cpu:03d}] {self.timestamp:12.6f}: "
+            f"{self.event}: ({where}){tail}"
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        sym, _, off = self.location.partition("+")
+        fields = {k: (None if v is FAULT else v) for k, v in self.fields.items()}
+        return {
+            "event": self.event,
+            "group": self.group,
+            "type": self.kind,
+            "symbol": sym,
+            "offset": int(off.split("/")[0], 16) if off else 0,
+            "addr": f"{self.addr:#x}",
+            "ret_to": self.ret_to,
+            "cpu": self.cpu,
+            "pid": self.pid,
+            "comm": self.comm,
+            "timestamp": round(self.timestamp, 6),
+            "fields": fields,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_json(), default=str)
+
+
+@dataclass
+class TraceProbe:
+    """One definition and what it counted."""
+
+    spec: ProbeSpec
+    args: list[CompiledArg]
+    addr: int
+    filter: FilterExpr | None = None
+    filter_text: str | None = None
+    emitted: int = 0
+    filtered: int = 0
+    probe: Kprobe | Kretprobe | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.group}/{self.spec.event}"
+
+    @property
+    def nhit(self) -> int:
+        return self.probe.nhit if self.probe is not None else 0
+
+    @property
+    def nmissed(self) -> int:
+        return self.probe.nmissed if self.probe is not None else 0
+
+
+class Tracer:
+    """Probes from kprobe_events definitions on a :class:`Session`."""
+
+    def __init__(self, session: Session, sink: Callable[[TraceEvent], None]) -> None:
+        self.session = session
+        self.sink = sink
+        self.probes: dict[str, TraceProbe] = {}
+        self.started = time.monotonic()
+
+    @property
+    def _symbols(self) -> Any:
+        return self.session.symbols
+
+    def _location(self, addr: int) -> str:
+        symbols = self._symbols
+        found = symbols.resolve(addr) if symbols is not None else None
+        if found is None:
+            return f"{addr:#x}"
+        sym, off = found
+        return f"{sym.name}+{off:#x}/{sym.size:#x}"
+
+    def _resolver(self) -> Any:
+        kernel = self.session.kernel
+        if kernel is None or kernel.btf is None:
+            return None
+        from qprobes.frontends.btftypes import BtfTypeResolver
+
+        return BtfTypeResolver(kernel.btf)
+
+    def add(self, definition: str, filter_text: str | None = None) -> TraceProbe:
+        """Register the probe ``definition`` (kprobe_events syntax)."""
+        spec = parse_probe(definition)
+        if isinstance(spec, RemoveSpec):
+            self.remove(f"{spec.group or 'kprobes'}/{spec.event}")
+            raise ProbeError(f"removed {spec.event}")  # not a probe to add
+        name = f"{spec.group}/{spec.event}"
+        if name in self.probes:
+            raise ProbeError(f"event {name} already exists")
+        if spec.address is not None:
+            addr = spec.address
+        else:
+            if self._symbols is None:
+                raise ProbeError(f"no symbols to resolve {spec.symbol}")
+            assert spec.symbol is not None
+            addr = self._symbols.address(spec.symbol) + spec.offset
+        args = compile_fetchargs(spec, self._symbols, self._resolver())
+        tp = TraceProbe(spec, args, addr, filter_text=filter_text)
+        if filter_text:
+            tp.filter = parse_filter(filter_text, [a.filter_field for a in args])
+        if spec.is_return:
+            rp = Kretprobe(addr=addr, handler=self._ret_handler(tp), maxactive=spec.maxactive,
+                           name=name)  # fmt: skip
+            tp.probe = self.session.kretprobes.register(rp)
+        else:
+            kp = Kprobe(addr=addr, pre_handler=self._pre_handler(tp), name=name)
+            tp.probe = self.session.engine.register_kprobe(kp)
+        self.probes[name] = tp
+        return tp
+
+    def remove(self, name: str) -> None:
+        tp = self.probes.pop(name, None)
+        if tp is None:
+            raise ProbeError(f"no event {name}")
+        if tp.probe is not None:
+            self.session.unregister(tp.probe)
+
+    def _task(self, ctx: HitContext) -> tuple[str | None, int | None]:
+        kernel = self.session.kernel
+        if kernel is None:
+            return None, None
+        found = kernel.comm_pid(ctx.gs_base, ctx.read)
+        return found if found is not None else (None, None)
+
+    def _emit(self, tp: TraceProbe, ctx: HitContext, ret_to: str | None) -> None:
+        comm, pid = self._task(ctx)
+        fctx = HitFetchContext(ctx, lambda: comm or "")
+        values = evaluate(tp.args, fctx)
+        if tp.filter is not None and not evaluate_filter(tp.filter, values):
+            tp.filtered += 1
+            return
+        tp.emitted += 1
+        self.sink(
+            TraceEvent(
+                group=tp.spec.group, event=tp.spec.event, kind="r" if tp.spec.is_return else "p",
+                addr=tp.addr, location=self._location(tp.addr), ret_to=ret_to,
+                cpu=ctx.vcpu - 1, pid=pid, comm=comm,
+                timestamp=time.monotonic() - self.started,
+                fields=values, text=format_args(tp.args, values),
+            )  # fmt: skip
+        )
+
+    def _pre_handler(self, tp: TraceProbe) -> Callable[[Kprobe, HitContext], bool]:
+        def handler(kp: Kprobe, ctx: HitContext) -> bool:
+            self._emit(tp, ctx, None)
+            return False
+
+        return handler
+
+    def _ret_handler(self, tp: TraceProbe) -> Callable[[Kretprobe, HitContext], None]:
+        def handler(rp: Kretprobe, ctx: HitContext) -> None:
+            ret = ctx.ret_addr
+            self._emit(tp, ctx, self._location(ret) if ret is not None else None)
+
+        return handler
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Hits and misses per probe."""
+        return [
+            {"event": name, "location": tp.spec.location, "hits": tp.nhit,
+             "emitted": tp.emitted, "filtered": tp.filtered, "missed": tp.nmissed}
+            for name, tp in self.probes.items()
+        ]  # fmt: skip

@@ -1,0 +1,119 @@
+"""What qprobes knows about a running Linux kernel: symbols, types, ``current``.
+
+Symbols come from the kernel's own kallsyms tables and types from its BTF,
+both read from guest memory, so a stock distribution kernel needs no debug
+package. ``current`` (the task a probe hit interrupted) is the per-CPU
+``current_task`` read through the vCPU's GS base, and ``comm``/``pid`` are
+read at the ``task_struct`` offsets BTF gives.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qprobes.errors import QprobesError, SymbolError
+from qprobes.symbols.btf import Btf, read_guest_btf
+from qprobes.symbols.elf import SymbolTable
+from qprobes.symbols.kallsyms import read_guest_kallsyms
+from qprobes.target.target import Target
+
+ReadPhys = Callable[[int, int], bytes]
+
+# Text that must not be probed (Linux's kprobe blacklist: the NOKPROBE
+# sections and the entry code, which runs on stacks and GS bases an int3
+# handler cannot trust). Pairs of linker symbols.
+BLACKLIST_SECTIONS = (
+    ("__entry_text_start", "__entry_text_end", "entry code (.entry.text)"),
+    ("__irqentry_text_start", "__irqentry_text_end", "interrupt entry (.irqentry.text)"),
+    ("__softirqentry_text_start", "__softirqentry_text_end", "softirq entry"),
+    ("__noinstr_text_start", "__noinstr_text_end", "noinstr code (.noinstr.text)"),
+    ("__kprobes_text_start", "__kprobes_text_end", "NOKPROBE code (.kprobes.text)"),
+)
+
+
+@dataclass
+class TaskLayout:
+    """Offsets into ``struct task_struct`` from BTF."""
+
+    comm: int
+    comm_size: int
+    pid: int
+    tgid: int
+
+
+class LinuxKernel:
+    """Symbols, BTF and task access for one Linux guest."""
+
+    def __init__(self, symbols: SymbolTable, btf: Btf | None) -> None:
+        self.symbols = symbols
+        self.btf = btf
+        self.task: TaskLayout | None = None
+        self.current_task: int | None = None
+        if "current_task" in symbols:
+            self.current_task = symbols.address("current_task")
+        if btf is not None:
+            comm, comm_size = btf.struct_member_offset("task_struct", "comm")
+            pid, _ = btf.struct_member_offset("task_struct", "pid")
+            tgid, _ = btf.struct_member_offset("task_struct", "tgid")
+            self.task = TaskLayout(comm, comm_size, pid, tgid)
+
+    @classmethod
+    def load(cls, target: Target, read_phys: ReadPhys | None = None) -> LinuxKernel:
+        """Read kallsyms and BTF from a stopped guest."""
+        symbols = read_guest_kallsyms(target, read_phys=read_phys)
+        try:
+            btf: Btf | None = read_guest_btf(target, symbols, read_phys=read_phys)
+        except SymbolError:
+            btf = None
+        return cls(symbols, btf)
+
+    @property
+    def text(self) -> int:
+        """The kernel's ``_text`` (slid by KASLR)."""
+        return self.symbols.address("_text")
+
+    @property
+    def slide(self) -> int:
+        return int(getattr(self.symbols, "slide", self.text - 0xFFFF_FFFF_8100_0000))
+
+    def blacklist(self, read: Callable[[int, int], bytes]) -> list[tuple[int, int, str]]:
+        """Address ranges kprobes refuses: the sections above and every function
+        listed with ``NOKPROBE_SYMBOL`` (``__start_kprobe_blacklist``)."""
+        ranges = []
+        for first, last, why in BLACKLIST_SECTIONS:
+            if first in self.symbols and last in self.symbols:
+                ranges.append((self.symbols.address(first), self.symbols.address(last), why))
+        if "__start_kprobe_blacklist" in self.symbols:
+            lo = self.symbols.address("__start_kprobe_blacklist")
+            hi = self.symbols.address("__stop_kprobe_blacklist")
+            if 0 <= hi - lo < 1 << 20:
+                data = read(lo, hi - lo)
+                for (addr,) in struct.iter_unpack("<Q", data[: len(data) // 8 * 8]):
+                    found = self.symbols.resolve(addr)
+                    end = found[0].end if found and found[0].addr == addr else addr + 1
+                    name = found[0].name if found else f"{addr:#x}"
+                    ranges.append((addr, end, f"{name} is marked NOKPROBE_SYMBOL"))
+        return ranges
+
+    def current(self, gs_base: int, read: Callable[[int, int], bytes]) -> int | None:
+        """The ``task_struct`` address running on the vCPU whose GS base is given."""
+        if self.current_task is None or not gs_base:
+            return None
+        (task,) = struct.unpack("<Q", read(gs_base + self.current_task, 8))
+        return int(task) or None
+
+    def comm_pid(self, gs_base: int, read: Callable[[int, int], bytes]) -> tuple[str, int] | None:
+        """(comm, pid) of the current task, or None when it cannot be read."""
+        if self.task is None:
+            return None
+        try:
+            task = self.current(gs_base, read)
+            if task is None:
+                return None
+            comm = read(task + self.task.comm, self.task.comm_size).split(b"\0", 1)[0]
+            (pid,) = struct.unpack("<i", read(task + self.task.pid, 4))
+        except (QprobesError, struct.error):  # unmapped or torn: report no task
+            return None
+        return comm.decode(errors="replace"), int(pid)
