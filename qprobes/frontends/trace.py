@@ -138,7 +138,7 @@ class Tracer:
         kernel = self.session.kernel
         if kernel is None or kernel.btf is None:
             return None
-        from qprobes.frontends.btftypes import BtfTypeResolver
+        from qprobes.symbols.btf_resolver import BtfTypeResolver
 
         return BtfTypeResolver(kernel.btf)
 

@@ -1,0 +1,197 @@
+"""Tracing a real Linux guest: the CLI's acceptance cases and a comparison
+with the guest's own kprobe_events.
+
+The comparison arms Linux's kprobes (at function entry, through ftrace) and
+qprobes' probes (on the first instruction after the ftrace site) on the same
+functions at the same time, runs one workload between two trace_marker
+writes, and requires both to have seen the same calls with the same
+arguments, in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from qprobes.arch.x86_64 import insn as x86insn
+from qprobes.errors import QprobesError
+from qprobes.frontends.session import Session
+from qprobes.frontends.trace import TraceEvent, Tracer
+from tests.conftest import require_vm
+
+pytestmark = pytest.mark.vm
+
+# Functions whose first instruction after the ftrace nop differ in class.
+FUNCTIONS = {
+    "do_sys_openat2": "push",
+    "vfs_read": "push",
+    "__x64_sys_openat": "sub rsp",
+    "__x64_sys_read": "load through a register",
+    "alloc_empty_file": "rip-relative load",
+    "__d_lookup_rcu": "rip-relative load",
+    "d_alloc_pseudo": "call rel32",
+    "fput": "read-modify-write with a ds prefix",
+    "mnt_drop_write": "gs: rip-relative inc",
+    "putname": "cmp with an immediate",
+}
+WORKLOAD = "qp-work 2; echo piped | cat; qp-open 5 /etc/hostname"
+FTRACE_NOP = bytes.fromhex("0f1f440000")
+ENDBR64 = bytes.fromhex("f30f1efa")
+
+
+@pytest.fixture(scope="module")
+def linux() -> Iterator[Session]:
+    try:
+        session = Session.linux()
+    except QprobesError as exc:
+        require_vm(f"the default Linux guest cannot be booted: {exc}")
+        raise
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def first_real_instruction(session: Session, name: str) -> tuple[int, x86insn.Insn]:
+    """Offset of the first instruction after the ftrace site, and that instruction."""
+    addr = session.symbols.address(name)  # type: ignore[union-attr]
+    code = session.target.read(addr, 32)
+    off = 0
+    if code.startswith(ENDBR64):
+        off += 4
+    if code[off:].startswith(FTRACE_NOP) or code[off] == 0xE8:  # nop, or ftrace's call
+        off += 5
+    return off, x86insn.decode(code[off:], addr + off)
+
+
+def test_first_instructions_cover_the_interesting_classes(linux: Session) -> None:
+    seen = {}
+    for name in FUNCTIONS:
+        _, insn = first_real_instruction(linux, name)
+        seen[name] = insn
+    assert any(i.is_riprel for i in seen.values())
+    assert any(i.mnemonic == "call" for i in seen.values())
+    assert any(i.mnemonic == "push" for i in seen.values())
+    assert len({i.mnemonic for i in seen.values()}) >= 5
+
+
+def test_open_path_and_return_value(linux: Session) -> None:
+    events: list[TraceEvent] = []
+    tracer = Tracer(linux, events.append)
+    tracer.add("p:myopen do_sys_openat2 path=+0(%si):string")
+    tracer.add("r:myret do_sys_openat2 ret=$retval:s32")
+    try:
+        linux.command("cat /etc/hostname")
+    finally:
+        for name in list(tracer.probes):
+            tracer.remove(name)
+    opens = [e for e in events if e.event == "myopen" and e.comm == "cat"]
+    rets = [e for e in events if e.event == "myret" and e.comm == "cat"]
+    assert [e.fields["path"] for e in opens] == ["/etc/hostname"]
+    assert opens[0].format().strip().startswith("cat-")
+    assert re.search(r"myopen: \(do_sys_openat2\+0x0/0x[0-9a-f]+\) path=\"/etc/hostname\"$",
+                     opens[0].format())  # fmt: skip
+    # cat's first open gets the lowest free descriptor: 3.
+    assert [e.fields["ret"] for e in rets] == [3]
+    assert rets[0].ret_to is not None and " <- do_sys_openat2)" in rets[0].format()
+
+
+def parse_ftrace(text: str) -> list[tuple[str, int, str, dict[str, str]]]:
+    """(comm, pid, event, fields) from the guest's trace file; markers as event 'MARK'."""
+    rows = []
+    line_re = re.compile(r"^\s*(.+)-(\d+)\s+\[\d+\]\s+\S*\s*[\d.]+: (\S+): (.*)$")
+    for line in text.splitlines():
+        m = line_re.match(line)
+        if not m:
+            continue
+        comm, pid, event, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        if event == "tracing_mark_write":
+            rows.append((comm, pid, "MARK", {"text": rest.strip()}))
+            continue
+        fields = dict(re.findall(r"(\w+)=(\S+)", rest.split(")", 1)[1]))
+        rows.append((comm, pid, event, fields))
+    return rows
+
+
+def window(rows: list[tuple[str, int, str, dict[str, str]]]) -> list[tuple[int, str, str, str]]:
+    start = next(i for i, r in enumerate(rows) if r[2] == "MARK" and r[3]["text"] == "START")
+    end = next(i for i, r in enumerate(rows) if r[2] == "MARK" and r[3]["text"] == "END")
+    return [(pid, ev, f["a"], f["b"]) for _, pid, ev, f in rows[start + 1 : end]]
+
+
+def test_same_calls_and_arguments_as_the_guests_kprobe_events(linux: Session) -> None:
+    events: list[TraceEvent] = []
+    tracer = Tracer(linux, events.append)
+    linux_defs = []
+    for i, name in enumerate(FUNCTIONS):
+        off, _ = first_real_instruction(linux, name)
+        linux_defs.append(f"p:lx/e{i} {name} a=%di b=%si")
+        tracer.add(f"p:qp/e{i} {name}+{off} a=%di b=%si")
+    tracer.add("p:qp/mark tracing_mark_write text=+0(%si):ustring")
+    tr = "/sys/kernel/tracing"
+    setup = " && ".join(f"echo '{d}' >> {tr}/kprobe_events" for d in linux_defs)
+    try:
+        out = linux.command(f"echo > {tr}/trace && {setup} && echo 1 > {tr}/events/lx/enable "
+                            "&& echo configured")  # fmt: skip
+        assert "configured" in out, out
+        linux.command(f"echo START > {tr}/trace_marker; {WORKLOAD}; echo END > {tr}/trace_marker",
+                      timeout=120)  # fmt: skip
+        linux.command(f"echo 0 > {tr}/events/lx/enable")
+        trace_text = linux.command(f"cat {tr}/trace", timeout=120)
+        profile = linux.command(f"cat {tr}/kprobe_profile")
+    finally:
+        linux.command(f"echo 0 > {tr}/events/lx/enable; echo > {tr}/kprobe_events")
+        for name in list(tracer.probes):
+            tracer.remove(name)
+    theirs = window(parse_ftrace(trace_text))
+    ours_rows = []
+    for e in events:
+        if e.event == "mark":
+            text = str(e.fields["text"]).strip()
+            ours_rows.append((e.comm or "", e.pid or 0, "MARK", {"text": text}))
+        else:
+            ours_rows.append((e.comm or "", e.pid or 0, "e" + e.event[1:],
+                              {k: f"{v:#x}" for k, v in e.fields.items()}))  # fmt: skip
+    ours = window(ours_rows)
+    assert "lx/e0" in profile.replace(" ", "/") or "e0" in profile
+    counts = {name: sum(1 for r in theirs if r[1] == f"e{i}") for i, name in enumerate(FUNCTIONS)}
+    assert all(counts.values()), f"a function never ran in the workload: {counts}"
+    print(f"kprobe_events and qprobes agree on {len(theirs)} calls: {counts}")
+    assert len(ours) == len(theirs), (len(ours), len(theirs))
+    assert ours == theirs
+
+
+def qprobes_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qprobes.frontends.cli", *args],
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+
+
+def test_cli_trace_text_and_json_with_kaslr() -> None:
+    probe = "p:myopen do_sys_openat2 path=+0(%si):string"
+    text = qprobes_cli("trace", "--kaslr", probe, "--", "cat", "/etc/hostname")
+    assert text.returncode == 0, text.stderr
+    lines = [line for line in text.stdout.splitlines() if "myopen:" in line]
+    assert any(line.strip().startswith("cat-") and 'path="/etc/hostname"' in line
+               for line in lines), text.stdout  # fmt: skip
+    assert "kprobes/myopen:" in text.stderr and "missed" in text.stderr
+    js = qprobes_cli("trace", "--json", probe, "--", "cat", "/etc/hostname")
+    assert js.returncode == 0, js.stderr
+    hits = [json.loads(line) for line in js.stdout.splitlines() if line.startswith("{")]
+    cat = [h for h in hits if h["comm"] == "cat"]
+    assert cat and cat[0]["fields"]["path"] == "/etc/hostname"
+    assert cat[0]["symbol"] == "do_sys_openat2" and cat[0]["event"] == "myopen"
+
+
+def test_cli_errors_are_one_clear_line() -> None:
+    bad = qprobes_cli("trace", "p:x do_sys_openat2 path=+0(%zz):string", "--", "true")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().count("\n") <= 2 and "%zz" in bad.stderr or "register" in bad.stderr
+    unknown = qprobes_cli("trace", "p:x no_such_function_here", "--", "true")
+    assert unknown.returncode != 0
+    assert "no_such_function_here" in unknown.stderr
+    assert "Traceback" not in unknown.stderr and "Traceback" not in bad.stderr
