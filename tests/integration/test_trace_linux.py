@@ -195,3 +195,65 @@ def test_cli_errors_are_one_clear_line() -> None:
     assert unknown.returncode != 0
     assert "no_such_function_here" in unknown.stderr
     assert "Traceback" not in unknown.stderr and "Traceback" not in bad.stderr
+
+
+def test_filter_and_btf_arguments(linux: Session) -> None:
+    events: list[TraceEvent] = []
+    tracer = Tracer(linux, events.append)
+    # $arg2 takes its BTF name (filename); $arg3->flags reads
+    # struct open_how's member through the pointer.
+    tp = tracer.add("p:btfopen do_sys_openat2 $arg2:string flags=$arg3->flags:x64",
+                    filter_text='filename ~ "/etc/host*"')  # fmt: skip
+    try:
+        linux.command("cat /etc/hostname; cat /proc/version > /dev/null")
+    finally:
+        tracer.remove("kprobes/btfopen")
+    assert events, "no event passed the filter"
+    assert all(e.fields["filename"] == "/etc/hostname" for e in events)
+    assert tp.filtered > 0  # /proc/version and the shell's own opens were filtered out
+    # O_RDONLY | O_LARGEFILE as the kernel builds it for a plain open(2).
+    assert all(int(e.fields["flags"]) & 0o3 == 0 for e in events)  # type: ignore[call-overload]
+
+
+def test_kretprobe_detach_restores_a_sleeping_tasks_return_address(linux: Session) -> None:
+    """A return probe on a function a task sleeps in: unregistering while the
+    task sleeps must leave its stack returning to the real caller."""
+    rets: list[int] = []
+    rp = linux.kretprobe("do_nanosleep", lambda rp, ctx: rets.append(ctx.retval))
+    linux.command("(sleep 2; echo slept > /tmp/slept) &")
+    linux.run(timeout=0.5)
+    assert len(rp.instances) == 1, "sleep should be inside do_nanosleep"
+    slot = rp.instances[0].stack_slot
+    trampoline = linux.kretprobes.trampoline
+    assert linux.target.read_u64(slot) == trampoline
+    linux.kretprobes.detach()  # what detaching does for live instances
+    linux.unregister(rp)
+    assert linux.target.read_u64(slot) != trampoline
+    out = linux.command("sleep 2; cat /tmp/slept")
+    assert "slept" in out and not rets
+
+
+def test_ctrl_c_detaches_cleanly() -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qprobes.frontends.cli", "trace",
+         "p:vr vfs_read", "--duration", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 120
+    seen = ""
+    while "Ctrl-C to stop" not in seen and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+    assert "Ctrl-C to stop" in seen, seen
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "kprobes/vr:" in err and "hits" in err
+    assert "Traceback" not in err
