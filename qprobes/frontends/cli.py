@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qprobes import __version__
-from qprobes.errors import QprobesError
+from qprobes.errors import ProbeSyntaxError, QprobesError
 
 
 def _cmd_qtest(args: argparse.Namespace) -> int:
@@ -97,10 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
         machine_options(p)
 
     def attach_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--attach", metavar="ADDR",
-                       help="attach to a running QEMU's gdbstub (HOST:PORT or socket path)")
-        p.add_argument("--reserve", metavar="START:SIZE",
-                       help="with --attach: guest-physical memory the guest does not use")
+        p.add_argument(
+            "--attach",
+            metavar="ADDR",
+            help="attach to a running QEMU's gdbstub (HOST:PORT or socket path)",
+        )
+        p.add_argument(
+            "--reserve",
+            metavar="START:SIZE",
+            help="with --attach: guest-physical memory the guest does not use",
+        )
 
     p = sub.add_parser(
         "trace",
@@ -112,11 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: qprobes trace 'p:myopen do_sys_openat2 path=+0(%%si):string' "
         "-- cat /etc/hostname",
     )
-    p.add_argument("probes", nargs="*", metavar="PROBE",
-                   help="p[:[GRP/]EVENT] SYM[+offs]|ADDR [FETCHARGS] or r[N][:[GRP/]EVENT] SYM")
+    p.add_argument(
+        "probes",
+        nargs="*",
+        metavar="PROBE",
+        help="p[:[GRP/]EVENT] SYM[+offs]|ADDR [FETCHARGS] or r[N][:[GRP/]EVENT] SYM",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per hit")
-    p.add_argument("--filter", action="append", metavar="EVENT:EXPR",
-                   help="ftrace filter for one event, e.g. 'myopen:path ~ \"/etc/*\"'")
+    p.add_argument(
+        "--filter",
+        action="append",
+        metavar="EVENT:EXPR",
+        help="ftrace filter for one event, e.g. 'myopen:path ~ \"/etc/*\"'",
+    )
     p.add_argument("--duration", type=float, help="with no GUEST_COMMAND: trace this long")
     guest_options(p)
     attach_options(p)
@@ -161,6 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         status: int = args.func(args)
+    except ProbeSyntaxError as exc:
+        # One line, then the definition with a caret under the column (as
+        # Linux's tracing/error_log shows it).
+        print(f"qprobes: error: {exc.message} (column {exc.column + 1})", file=sys.stderr)
+        for line in exc.format_caret().splitlines():
+            print(f"    {line}", file=sys.stderr)
+        return 2
     except QprobesError as exc:
         print(f"qprobes: error: {exc}", file=sys.stderr)
         return 1

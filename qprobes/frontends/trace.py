@@ -196,12 +196,19 @@ class Tracer:
         tp.emitted += 1
         self.sink(
             TraceEvent(
-                group=tp.spec.group, event=tp.spec.event, kind="r" if tp.spec.is_return else "p",
-                addr=tp.addr, location=self._location(tp.addr), ret_to=ret_to,
-                cpu=ctx.vcpu - 1, pid=pid, comm=comm,
+                group=tp.spec.group,
+                event=tp.spec.event,
+                kind="r" if tp.spec.is_return else "p",
+                addr=tp.addr,
+                location=self._location(tp.addr),
+                ret_to=ret_to,
+                cpu=ctx.vcpu - 1,
+                pid=pid,
+                comm=comm,
                 timestamp=time.monotonic() - self.started,
-                fields=values, text=format_args(tp.args, values),
-            )  # fmt: skip
+                fields=values,
+                text=format_args(tp.args, values),
+            )
         )
 
     def _pre_handler(self, tp: TraceProbe) -> Callable[[Kprobe, HitContext], bool]:

@@ -53,10 +53,10 @@ from qprobes.probes.stubs import (
     FRAME_WORDS,
     JPROBE_VECTOR,
     KRETPROBE_VECTOR,
-    PTABLE_ENTRIES,
-    PTABLE_MAX_LOAD,
     MAX_CPUS,
     PERCPU_STRIDE,
+    PTABLE_ENTRIES,
+    PTABLE_MAX_LOAD,
     VAR_ORIG,
     VAR_PERCPU,
     VAR_SS_ACTIVE,
@@ -68,7 +68,6 @@ from qprobes.probes.stubs import (
 )
 from qprobes.symbols.elf import SymbolTable
 from qprobes.target.hostmem import HostMemory
-from qprobes.target.paging import CR4_LA57
 from qprobes.target.registers import Registers
 from qprobes.target.target import Target
 from qprobes.wire.stop import StopReply

@@ -189,8 +189,11 @@ def test_cli_trace_text_and_json_with_kaslr() -> None:
 
 def test_cli_errors_are_one_clear_line() -> None:
     bad = qprobes_cli("trace", "p:x do_sys_openat2 path=+0(%zz):string", "--", "true")
-    assert bad.returncode != 0
-    assert bad.stderr.strip().count("\n") <= 2 and "%zz" in bad.stderr or "register" in bad.stderr
+    assert bad.returncode == 2
+    first, spec, caret = bad.stderr.strip("\n").splitlines()
+    assert first.startswith("qprobes: error: Invalid register name (column ")
+    assert spec.strip() == "p:x do_sys_openat2 path=+0(%zz):string"
+    assert spec.index("%zz") == caret.index("^")
     unknown = qprobes_cli("trace", "p:x no_such_function_here", "--", "true")
     assert unknown.returncode != 0
     assert "no_such_function_here" in unknown.stderr
@@ -253,7 +256,7 @@ def test_ctrl_c_detaches_cleanly() -> None:
     assert "Ctrl-C to stop" in seen, seen
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "kprobes/vr:" in err and "hits" in err
     assert "Traceback" not in err
