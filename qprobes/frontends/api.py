@@ -44,17 +44,19 @@ def qtest_selfcheck(
         console = machine.console
         target.resume()
         deadline = started + timeout
-        while machine.alive():
-            data = console.tube.recv(4096, timeout=0.2)
+        while True:
+            try:
+                data = console.tube.recv(4096, timeout=0.2)
+            except EOFError:
+                break  # QEMU exited and closed the console
             if data:
                 out.write(data.decode(errors="replace").replace("\r\n", "\n"))
                 out.flush()
+            elif not machine.alive():
+                break
             if time.monotonic() > deadline:
                 raise MachineError(f"qtest did not finish within {timeout} s")
         status = machine.wait(5.0)
-        rest = console.tube.recvall(timeout=0.2) if console.tube.connected() else b""
-        if rest:
-            out.write(rest.decode(errors="replace").replace("\r\n", "\n"))
     elapsed = time.monotonic() - started
     ok = status == QTEST_EXIT_PASS
     verdict = "passed" if ok else f"FAILED (QEMU exit status {status})"

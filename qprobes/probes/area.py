@@ -19,6 +19,7 @@ from qprobes.errors import ProbeError, TranslationError
 from qprobes.target.paging import (
     ADDR_MASK,
     CR4_LA57,
+    PTE_NX,
     PTE_PRESENT,
     PTE_PS,
     Level,
@@ -90,6 +91,7 @@ class GuestArea:
         self._cr3 = 0
         self._la57 = False
         self._nx = False
+        self._user: int | None = None  # PTI user page-table root
 
     # --- set-up -------------------------------------------------------------
 
@@ -113,6 +115,9 @@ class GuestArea:
         self._la57 = bool(regs.cr4 & CR4_LA57)
         # The NX bit is reserved (a #PF with RSVD) unless EFER.NXE is on.
         self._nx = bool(regs.efer & EFER_NXE)
+        self._user = self._user_root()
+        if self._user is not None:
+            self._cr3 &= ~0x1FFF  # the kernel half of the pair
         candidates = (
             [self._requested_vbase]
             if self._requested_vbase is not None
@@ -133,9 +138,10 @@ class GuestArea:
             f"no free 2 MiB region in the module area within rel32 reach of {self.near:#x}"
         )
 
-    def _try_region(self, vbase: int) -> bool:
-        """Install a page table for ``vbase`` if its PMD entry is free."""
-        table = self._cr3
+    def _pmd_entry(self, root: int, vbase: int) -> int | None:
+        """Address of the PMD entry for ``vbase`` under ``root``, creating the
+        PUD-level tables on the way; None where that cannot be done safely."""
+        table = root
         level = Level.PGD if self._la57 else Level.P4D
         while level > Level.PMD:
             entry_addr = table + 8 * table_index(vbase, level)
@@ -144,20 +150,64 @@ class GuestArea:
                 if level >= Level.P4D:
                     # A new top-level entry would not be shared by other
                     # address spaces (each process has its own PGD).
-                    return False
+                    return None
                 new = self._new_table()
                 self._write_entry(entry_addr, make_entry(new, writable=True, executable=True))
                 table = new
             elif level == Level.PUD and entry & PTE_PS:
-                return False  # a 1 GiB page covers it
+                return None  # a 1 GiB page covers it
             else:
                 table = entry & ADDR_MASK
             level = Level(int(level) - 1)
-        pmd_addr = table + 8 * table_index(vbase, Level.PMD)
-        if self._read_entry(pmd_addr) & PTE_PRESENT:
+        return table + 8 * table_index(vbase, Level.PMD)
+
+    def _user_root(self) -> int | None:
+        """The PTI user page-table root paired with the kernel's, if PTI is on.
+
+        With page-table isolation Linux allocates each PGD as an 8 KiB pair,
+        kernel half first; exceptions from user mode start on the user half,
+        which maps only the entry code, so qprobes' stubs must be mapped
+        there too (FIELD-NOTES, "Hazards for the trap path").
+        """
+        kernel = self._cr3 & ~0x1FFF
+        user = kernel | 0x1000
+        top = 511  # the kernel image's top-level slot, 4- or 5-level
+        kernel_top = self._read_entry(kernel + 8 * top)
+        user_top = self._read_entry(user + 8 * top)
+        if not (kernel_top & PTE_PRESENT and user_top & PTE_PRESENT) or user_top == kernel_top:
+            return None
+        # The user half mirrors the kernel half's user-space entries (Linux
+        # sets NX on the kernel's copies: pti_set_user_pgtbl()).
+        same = present = 0
+        for i in range(256):
+            k = self._read_entry(kernel + 8 * i)
+            if k & PTE_PRESENT:
+                present += 1
+                same += (self._read_entry(user + 8 * i) | PTE_NX) == (k | PTE_NX)
+        if present:
+            return user if same == present else None
+        # No user mappings to compare (a kernel thread's page tables): the
+        # user half of a PTI pair maps only a few kernel-half slots (the CPU
+        # entry area and the entry text), the kernel half many.
+        user_high = [i for i in range(256, 512) if self._read_entry(user + 8 * i) & PTE_PRESENT]
+        kernel_high = sum(
+            1 for i in range(256, 512) if self._read_entry(kernel + 8 * i) & PTE_PRESENT
+        )
+        # (Linux preallocates the vmalloc area's upper levels: dozens of slots.)
+        looks_paired = 511 in user_high and len(user_high) <= 4 and kernel_high >= 8
+        return user if looks_paired else None
+
+    def _try_region(self, vbase: int) -> bool:
+        """Install a page table for ``vbase`` if its PMD entries are free."""
+        slots = [self._pmd_entry(self._cr3, vbase)]
+        if self._user is not None:
+            slots.append(self._pmd_entry(self._user, vbase))
+        if any(slot is None or self._read_entry(slot) & PTE_PRESENT for slot in slots):
             return False
         self._pt = self._new_table()
-        self._write_entry(pmd_addr, make_entry(self._pt, writable=True, executable=True))
+        for slot in slots:
+            assert slot is not None
+            self._write_entry(slot, make_entry(self._pt, writable=True, executable=True))
         return True
 
     # --- pages --------------------------------------------------------------

@@ -68,6 +68,7 @@ from qprobes.probes.stubs import (
 )
 from qprobes.symbols.elf import SymbolTable
 from qprobes.target.hostmem import HostMemory
+from qprobes.target.paging import walk
 from qprobes.target.registers import Registers
 from qprobes.target.target import Target
 from qprobes.wire.stop import StopReply
@@ -117,6 +118,7 @@ class EngineStats:
     kret: int = 0
     chained: int = 0
     foreign: int = 0  # stops not caused by qprobes
+    spurious: int = 0  # bare SIGTRAP stops that were not doorbells
 
 
 class KprobeEngine:
@@ -164,6 +166,7 @@ class KprobeEngine:
         self._vars_phys = 0
         self._blacklist: list[tuple[int, int, str]] = []
         self._frame_phys: int | None = None  # the current frame's guest-physical address
+        self._spurious = False
         # Kernel page tables (the kernel half is the same in every address
         # space): frames and kernel data are read through them.
         self._kcr3 = 0
@@ -194,7 +197,7 @@ class KprobeEngine:
             layout = StubLayout(code.vaddr, bell.vaddr, vars_.vaddr, ptable[0].vaddr,
                                 slot_lo, slot_hi)  # fmt: skip
             self._stubs = stubs = assemble_stubs(layout)
-            self.target.write(code.vaddr, stubs.code)
+            self.target.write_phys(code.paddr, stubs.code)
             # A doorbell stop normally reports rip after the store; when an
             # interrupt races with it, QEMU can report the store itself.
             self._ret_kind = {}
@@ -307,16 +310,57 @@ class KprobeEngine:
 
     # --- data writes ----------------------------------------------------------
 
+    # --- kernel memory -------------------------------------------------------
+    #
+    # Kernel addresses are translated through the kernel's page tables (the
+    # ones the area was installed under), never the stopped vCPU's current
+    # CR3: under page-table isolation a vCPU stopped in user mode has page
+    # tables that map almost no kernel memory. Code goes through the gdbstub
+    # in physical mode, which invalidates QEMU's translated blocks.
+
+    def _kphys(self, vaddr: int) -> int:
+        if self.hostmem is not None:
+            return self.hostmem.translate(self._kcr3, vaddr, self._la57).paddr
+        return walk(self.target.read_phys_u64, self._kcr3, vaddr, self._la57).paddr
+
+    def kread(self, vaddr: int, length: int) -> bytes:
+        """Read kernel memory (code or data)."""
+        if not self._kcr3:
+            return self.target.read(vaddr, length)
+        out = bytearray()
+        while length > 0:
+            n = min(length, PAGE_SIZE - vaddr % PAGE_SIZE)
+            out += self.target.read_phys(self._kphys(vaddr), n)
+            vaddr, length = vaddr + n, length - n
+        return bytes(out)
+
+    def kwrite_code(self, vaddr: int, data: bytes) -> None:
+        """Write kernel code (int3, slots, stubs) so that TCG sees the change."""
+        if not self._kcr3:
+            self.target.write(vaddr, data)
+            return
+        view = memoryview(data)
+        while view:
+            n = min(len(view), PAGE_SIZE - vaddr % PAGE_SIZE)
+            self.target.write_phys(self._kphys(vaddr), bytes(view[:n]))
+            vaddr, view = vaddr + n, view[n:]
+
     def write_data(self, vaddr: int, data: bytes, cr3: int | None = None) -> None:
         """Write guest *data* (never code): host memory when possible."""
-        if self.hostmem is not None and cr3 is not None:
-            self.hostmem.write_virt(cr3, vaddr, data)
+        cr3 = cr3 if cr3 is not None else self._kcr3
+        if self.hostmem is not None and cr3:
+            self.hostmem.write_virt(cr3, vaddr, data, self._la57)
+        elif self._kcr3 and vaddr >> 63:
+            self.kwrite_code(vaddr, data)
         else:
             self.target.write(vaddr, data)
 
     def read_data(self, vaddr: int, length: int, cr3: int | None = None) -> bytes:
-        if self.hostmem is not None and cr3 is not None:
-            return self.hostmem.read_virt(cr3, vaddr, length)
+        cr3 = cr3 if cr3 is not None else self._kcr3
+        if self.hostmem is not None and cr3:
+            return self.hostmem.read_virt(cr3, vaddr, length, self._la57)
+        if vaddr >> 63:
+            return self.kread(vaddr, length)
         return self.target.read(vaddr, length)
 
     def _set_ss_active(self, delta: int, cr3: int | None) -> None:
@@ -341,7 +385,7 @@ class KprobeEngine:
 
     def _original_bytes(self, addr: int, length: int) -> bytes:
         """Guest text with qprobes' own int3 bytes replaced by the originals."""
-        data = bytearray(self.target.read(addr, length))
+        data = bytearray(self.kread(addr, length))
         for point in self.points.values():
             if point.armed and addr <= point.addr < addr + length:
                 data[point.addr - addr] = point.opcode
@@ -434,7 +478,7 @@ class KprobeEngine:
                 copy = x86insn.copy_instruction(insn, slot)
                 if _is_sti(insn):
                     copy += STI_PAD
-            self.target.write(slot, copy)
+            self.kwrite_code(slot, copy)
         except BaseException:
             self._slots.free_insn_slot(slot)
             raise
@@ -519,7 +563,7 @@ class KprobeEngine:
         if point.armed:
             return
         self._ptable_insert(point.addr)
-        current = self.target.read(point.addr, 1)[0]
+        current = self.kread(point.addr, 1)[0]
         if current != point.opcode:
             self._ptable_remove(point.addr)
             raise ProbeError(
@@ -527,7 +571,7 @@ class KprobeEngine:
                 f"expected {point.opcode:#04x})"
             )
         if point.opcode != INT3:
-            self.target.write(point.addr, bytes([INT3]))
+            self.kwrite_code(point.addr, bytes([INT3]))
         point.armed = True
 
     def _disarm(self, point: ProbePoint) -> None:
@@ -535,9 +579,9 @@ class KprobeEngine:
         if not point.armed:
             return
         if point.opcode != INT3:
-            current = self.target.read(point.addr, 1)[0]
+            current = self.kread(point.addr, 1)[0]
             if current == INT3:
-                self.target.write(point.addr, bytes([point.opcode]))
+                self.kwrite_code(point.addr, bytes([point.opcode]))
             else:
                 # The guest rewrote its own text (ftrace, static keys): the
                 # saved byte is stale, so leave the new one alone.
@@ -551,12 +595,15 @@ class KprobeEngine:
     def handle_stop(self, stop: StopReply) -> bool:
         """Service one stop; False when the stop is not qprobes' doorbell."""
         self.stats.stops += 1
+        vcpu = stop.thread.tid if stop.thread is not None else self.target.vcpus[0]
         if stop.watch_addr != self._doorbell:
             if self._extra_stop is not None and self._extra_stop(stop):
                 return True
-            self.stats.foreign += 1
-            return False
-        vcpu = stop.thread.tid if stop.thread is not None else self.target.vcpus[0]
+            if not self._bare_trap_stop(stop, vcpu):
+                self.stats.foreign += 1
+                return False
+            if self._spurious:
+                return True
         self.client.note_stop_thread(vcpu)
         self._frame_phys = None
         located = self._locate_frame_fast(vcpu)
@@ -604,6 +651,25 @@ class KprobeEngine:
         if not frame.action:
             frame.action = ACTION_RETURN
         self._write_frame(frame_addr, frame, cr3, la57)
+        return True
+
+    def _bare_trap_stop(self, stop: StopReply, vcpu: int) -> bool:
+        """A SIGTRAP stop with no ``watch`` field: qprobes' to deal with?
+
+        With several vCPUs, QEMU can report a doorbell hit without its
+        watchpoint (two vCPUs hit at once; the second report loses the
+        field). If the vCPU sits on a doorbell store, it is a doorbell stop;
+        otherwise it is spurious and the guest just resumes. Sets
+        ``_spurious`` accordingly.
+        """
+        self._spurious = False
+        if stop.signal != 5 or stop.watch_addr is not None or stop.thread is None:
+            return False
+        self.client.note_stop_thread(vcpu)
+        rip = self.target.read_register("rip", vcpu)
+        if rip not in self._ret_kind:
+            self.stats.spurious += 1
+            self._spurious = True
         return True
 
     def _locate_frame_fast(self, vcpu: int) -> tuple[int, int, int, PtRegs] | None:
@@ -680,7 +746,7 @@ class KprobeEngine:
                 self._prepare_singlestep(kcb, point, ctx, KprobeStatus.REENTER)
                 return
         if point is None or not point.armed:
-            if self.target.read(addr, 1)[0] != INT3:
+            if self.kread(addr, 1)[0] != INT3:
                 regs.rip = addr  # removed after this vCPU hit it
             else:
                 regs.action = ACTION_CHAIN
@@ -840,7 +906,7 @@ class KprobeEngine:
                           (end - 1 - self.area.vbase) // PAGE_SIZE + 1):  # fmt: skip
             if not self.area.is_mapped(page):
                 self.area.map_page(page, writable=False, executable=True)
-        self.target.write(addr, code)
+        self.kwrite_code(addr, code)
         self._user_code = (end + 15) & ~15
         return addr
 

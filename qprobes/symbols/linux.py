@@ -85,16 +85,38 @@ class LinuxKernel:
         for first, last, why in BLACKLIST_SECTIONS:
             if first in self.symbols and last in self.symbols:
                 ranges.append((self.symbols.address(first), self.symbols.address(last), why))
-        if "__start_kprobe_blacklist" in self.symbols:
-            lo = self.symbols.address("__start_kprobe_blacklist")
-            hi = self.symbols.address("__stop_kprobe_blacklist")
-            if 0 <= hi - lo < 1 << 20:
-                data = read(lo, hi - lo)
-                for (addr,) in struct.iter_unpack("<Q", data[: len(data) // 8 * 8]):
-                    found = self.symbols.resolve(addr)
-                    end = found[0].end if found and found[0].addr == addr else addr + 1
-                    name = found[0].name if found else f"{addr:#x}"
-                    ranges.append((addr, end, f"{name} is marked NOKPROBE_SYMBOL"))
+        ranges += self._nokprobe_list(read)
+        return ranges
+
+    def _nokprobe_list(self, read: Callable[[int, int], bytes]) -> list[tuple[int, int, str]]:
+        """The kernel's runtime ``kprobe_blacklist`` list (NOKPROBE_SYMBOL
+        entries; the ``_kprobe_blacklist`` section itself is init data, freed
+        after boot), walked with BTF's ``struct kprobe_blacklist`` layout."""
+        if self.btf is None or "kprobe_blacklist" not in self.symbols:
+            return []
+        try:
+            link, _ = self.btf.struct_member_offset("kprobe_blacklist", "list")
+            start_off, _ = self.btf.struct_member_offset("kprobe_blacklist", "start_addr")
+            end_off, _ = self.btf.struct_member_offset("kprobe_blacklist", "end_addr")
+        except SymbolError:
+            return []
+        head = self.symbols.address("kprobe_blacklist")
+        ranges = []
+        try:
+            (node,) = struct.unpack("<Q", read(head, 8))
+            for _ in range(1 << 16):
+                if node == head:
+                    break
+                entry = node - link
+                start, end = struct.unpack(
+                    "<QQ", read(entry + start_off, 8) + read(entry + end_off, 8)
+                )
+                found = self.symbols.resolve(start)
+                name = found[0].name if found else f"{start:#x}"
+                ranges.append((start, end, f"{name} is marked NOKPROBE_SYMBOL"))
+                (node,) = struct.unpack("<Q", read(node, 8))
+        except QprobesError:
+            pass  # a torn list: keep what was read
         return ranges
 
     def current(self, gs_base: int, read: Callable[[int, int], bytes]) -> int | None:

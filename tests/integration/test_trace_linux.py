@@ -260,3 +260,25 @@ def test_ctrl_c_detaches_cleanly() -> None:
     assert proc.returncode == 130, err
     assert "kprobes/vr:" in err and "hits" in err
     assert "Traceback" not in err
+
+
+def test_page_table_isolation_guest() -> None:
+    """With an Intel CPU model Linux turns PTI on: exceptions from user mode
+    enter with the user page tables, so qprobes' stubs must be mapped there."""
+    session = Session.linux(cpu="Skylake-Client")
+    try:
+        assert "isolation: enabled" in session.command("dmesg | grep -i 'page tables isolation'")
+        assert session.engine.area._user is not None
+        events: list[TraceEvent] = []
+        tracer = Tracer(session, events.append)
+        tracer.add("p:myopen do_sys_openat2 path=+0(%si):string")
+        # User-mode page faults, syscalls and int3-free user code all run
+        # through the redirected vectors' stubs.
+        out = session.command("qp-work 3; cat /etc/hostname")
+        assert "qprobes-guest" in out
+        assert any(e.fields["path"] == "/etc/hostname" for e in events)
+        tracer.remove("kprobes/myopen")
+        session.engine.detach()
+        assert "alive" in session.command("echo alive")
+    finally:
+        session.close()

@@ -1045,8 +1045,14 @@ def test_socket_round_trips(socket_client: tuple[GdbClient, FakeStub, SocketStub
     assert client.read_memory(0x100, len(data)) == data
     assert client.thread_ids() == [1, 2]
     client.cont()
-    with server.lock:
-        stub.stop(b"T05thread:p01.02;watch:40;")
+    deadline = time.monotonic() + 2.0
+    while True:  # the stub thread handles 'c' on its own schedule
+        with server.lock:
+            if stub.running:
+                stub.stop(b"T05thread:p01.02;watch:40;")
+                break
+        assert time.monotonic() < deadline, "the stub never saw 'c'"
+        time.sleep(0.001)
     stop = client.wait_stop(2.0)
     assert stop.watch_addr == 0x40 and stop.thread == ThreadId(1, 2)
     client.cont()
