@@ -186,7 +186,10 @@ def qtest_probe_all(
         hits = sum(p.nhit for p in points)
         passed = ", 0 failed" in text and "FAIL" not in text
         engine.detach()
-        restored = guest_digest(session) == pristine
+        identical = guest_digest(session) == pristine
+        # The guest runs on, unprobed.
+        runs_on = ", 0 failed" in session.command("selfcheck", timeout=120)
+        restored = identical and runs_on
     elapsed = time.monotonic() - started
     verdict = "passed" if passed else "FAILED"
     print(
@@ -196,7 +199,8 @@ def qtest_probe_all(
     )
     print(
         "qprobes: detached: kernel text, IDT and page tables "
-        + ("identical to before attaching" if restored else "DIFFER from before attaching"),
+        + ("identical to before attaching" if identical else "DIFFER from before attaching")
+        + ("; the guest's self-check passes again" if runs_on else "; the guest FAILS now"),
         file=out,
     )
     return 0 if passed and restored else 1
@@ -242,6 +246,7 @@ def _session_for(
     smp: int,
     accel: str,
     cpu: str | None,
+    symbols_file: str | None = None,
 ) -> Session:
     """The Linux session a trace or symbols command works on."""
     from qprobes.frontends.session import Session
@@ -254,7 +259,8 @@ def _session_for(
                 "not use (boot it with memmap=SIZE$START)"
             )
         start, _, size = reserve.partition(":")
-        return Session.attach(attach_address, reserve=(int(start, 0), int(size, 0)))
+        return Session.attach(attach_address, reserve=(int(start, 0), int(size, 0)),
+                              symbols=symbols_file, linux=True)  # fmt: skip
     if kernel is not None:
         parts = [LINUX_CMDLINE, append] if append else [LINUX_CMDLINE]
         if not kaslr:
@@ -263,8 +269,8 @@ def _session_for(
             kernel=Path(kernel), initrd=Path(initrd) if initrd else None,
             append=" ".join(parts), memory_mib=512, smp=smp, accel=accel, cpu=cpu,
         )  # fmt: skip
-        return Session.linux(config)
-    return Session.linux(kaslr=kaslr, smp=smp, accel=accel, cpu=cpu)
+        return Session.linux(config, symbols_file=symbols_file)
+    return Session.linux(kaslr=kaslr, smp=smp, accel=accel, cpu=cpu, symbols_file=symbols_file)
 
 
 def trace(

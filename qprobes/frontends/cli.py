@@ -37,7 +37,7 @@ def _machine_args(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "kernel": args.kernel, "initrd": args.initrd, "append": args.append,
         "attach_address": args.attach, "reserve": args.reserve, "kaslr": args.kaslr,
-        "smp": args.smp, "accel": args.accel, "cpu": args.cpu,
+        "smp": args.smp, "accel": args.accel, "cpu": args.cpu, "symbols_file": args.symbols,
     }  # fmt: skip
 
 
@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--initrd", help="initial ramdisk for --kernel")
         p.add_argument("--append", default="", help="extra kernel command line")
         p.add_argument("--kaslr", action="store_true", help="boot with KASLR (default nokaslr)")
+        p.add_argument(
+            "--symbols",
+            metavar="FILE",
+            help="a System.map or vmlinux instead of the kernel's own kallsyms",
+        )
         machine_options(p)
 
     def attach_options(p: argparse.ArgumentParser) -> None:

@@ -117,7 +117,8 @@ class Session:
 
     @classmethod
     def linux(cls, config: MachineConfig | None = None, *, kaslr: bool = False, smp: int = 1,
-              boot_timeout: float = 120.0, **config_args: Any) -> Session:  # fmt: skip
+              boot_timeout: float = 120.0, symbols_file: str | None = None,
+              **config_args: Any) -> Session:  # fmt: skip
         """Boot a Linux guest (default: the built-in one) to its shell prompt,
         recover its symbols and types from memory, and attach."""
         from qprobes.machine.linux import LINUX_PROMPT, linux_config
@@ -128,19 +129,23 @@ class Session:
         session = cls.boot(config, near=0, prompt=LINUX_PROMPT, boot_until=LINUX_PROMPT,
                            boot_timeout=boot_timeout, attach=False)  # fmt: skip
         try:
-            session.use_linux()
+            session.use_linux(symbols_file)
         except BaseException:
             session.close()
             raise
         return session
 
-    def use_linux(self) -> None:
-        """Load the guest kernel's symbols and BTF (guest stopped), then attach
-        with Linux's kprobe blacklist."""
+    def use_linux(self, symbols_file: str | None = None) -> None:
+        """Load the guest kernel's symbols (its kallsyms, or ``symbols_file``:
+        a System.map or vmlinux) and BTF (guest stopped), then attach with
+        Linux's kprobe blacklist."""
         from qprobes.symbols.linux import LinuxKernel
 
         read_phys = self.hostmem.read_phys if self.hostmem is not None else None
-        kernel = LinuxKernel.load(self.target, read_phys=read_phys)
+        if symbols_file is not None:
+            kernel = LinuxKernel.from_file(self.target, symbols_file, read_phys=read_phys)
+        else:
+            kernel = LinuxKernel.load(self.target, read_phys=read_phys)
         self.kernel = kernel
         self.symbols = kernel.symbols
         self.engine.symbols = kernel.symbols
@@ -151,20 +156,21 @@ class Session:
 
     @classmethod
     def attach(cls, address: str, *, reserve: tuple[int, int], near: int | None = None,
-               symbols: str | Path | None = None) -> Session:  # fmt: skip
+               symbols: str | Path | None = None, linux: bool = False) -> Session:  # fmt: skip
         """Attach to a running QEMU's gdbstub. ``reserve`` names guest-physical
         memory the guest does not use (see the README)."""
-        table = load_elf_symbols(symbols) if symbols is not None else None
         target = attach(address)
-        if table is None and near is None:
-            # A Linux guest: symbols and types from its own memory.
+        if linux or (symbols is None and near is None):
+            # A Linux guest: symbols from its own memory (or the file given)
+            # and types from its BTF.
             session = cls(target, reserve=reserve, near=0)
             try:
-                session.use_linux()
+                session.use_linux(str(symbols) if symbols is not None else None)
             except BaseException:
                 session.close()
                 raise
             return session
+        table = load_elf_symbols(symbols) if symbols is not None else None
         if near is None:
             assert table is not None
             near = min(s.addr for s in table if s.kind == "func")

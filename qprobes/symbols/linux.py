@@ -51,6 +51,7 @@ class LinuxKernel:
         self.btf = btf
         self.task: TaskLayout | None = None
         self.current_task: int | None = None
+        self._slide: int | None = None
         if "current_task" in symbols:
             self.current_task = symbols.address("current_task")
         if btf is not None:
@@ -69,6 +70,36 @@ class LinuxKernel:
             btf = None
         return cls(symbols, btf)
 
+    @classmethod
+    def from_file(cls, target: Target, path: str, read_phys: ReadPhys | None = None) -> LinuxKernel:
+        """Symbols from a System.map or vmlinux, slid to where the running
+        kernel is: the guest's #DE gate must point at ``asm_exc_divide_error``."""
+        from qprobes.arch.x86_64.idt import gate_offset
+        from qprobes.symbols.sysmap import apply_slide, load_system_map, load_vmlinux_symbols
+
+        with open(path, "rb") as f:
+            is_elf = f.read(4) == b"\x7fELF"
+        table = load_vmlinux_symbols(path) if is_elf else load_system_map(path)
+        idt = target.idt()
+        handler = gate_offset(target.read_phys(target.translate(idt.base).paddr, 16))
+        anchor = "asm_exc_divide_error"
+        if anchor not in table:
+            raise SymbolError(f"{path} has no {anchor}: cannot find the KASLR slide")
+        slide = handler - table.address(anchor)
+        if slide % 0x200000:
+            raise SymbolError(
+                f"{path} does not match the running kernel (the #DE handler is at "
+                f"{handler:#x}, {anchor} at {table.address(anchor):#x} in the file)"
+            )
+        table = apply_slide(table, slide) if slide else table
+        try:
+            btf: Btf | None = read_guest_btf(target, table, read_phys=read_phys)
+        except SymbolError:
+            btf = None
+        kernel = cls(table, btf)
+        kernel._slide = slide
+        return kernel
+
     @property
     def text(self) -> int:
         """The kernel's ``_text`` (slid by KASLR)."""
@@ -76,6 +107,8 @@ class LinuxKernel:
 
     @property
     def slide(self) -> int:
+        if self._slide is not None:
+            return self._slide
         return int(getattr(self.symbols, "slide", self.text - 0xFFFF_FFFF_8100_0000))
 
     def blacklist(self, read: Callable[[int, int], bytes]) -> list[tuple[int, int, str]]:

@@ -8,6 +8,7 @@ executed its instruction.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import Counter
 from collections.abc import Iterator
@@ -331,3 +332,21 @@ def instructions_in(code: bytes, addr: int) -> list[object]:
         return list(x86insn.decode_function(code, addr))
     except InstructionError:
         return []
+
+
+@pytest.mark.parametrize("smp", [1, 2])
+def test_detach_restores_text_idt_and_page_tables(qtest_image: object, smp: int) -> None:
+    """`qprobes qtest`: every target instruction probed under the self-check,
+    then detach; the kernel text, IDT and page tables hash as before attaching
+    and the guest still passes its self-check."""
+    import io
+
+    from qprobes.frontends import api
+
+    out = io.StringIO()
+    assert api.qtest_probe_all(smp=smp, out=out) == 0, out.getvalue()
+    text = out.getvalue()
+    assert "qtest: selfcheck 27 passed, 0 failed" in text
+    assert "identical to before attaching" in text
+    hits = re.search(r"(\d+) probes armed: (\d+) hits", text)
+    assert hits and int(hits.group(1)) > 400 and int(hits.group(2)) > 2000

@@ -282,3 +282,34 @@ def test_page_table_isolation_guest() -> None:
         assert "alive" in session.command("echo alive")
     finally:
         session.close()
+
+
+def test_symbols_from_a_system_map_with_kaslr(linux: Session, tmp_path: object) -> None:
+    """--symbols takes a System.map (unslid addresses); qprobes finds the slide."""
+    from pathlib import Path
+
+    from qprobes.symbols.linux import LinuxKernel
+
+    assert linux.kernel is not None
+    slide = linux.kernel.slide
+    entries = getattr(linux.symbols, "entries", list(linux.symbols or []))
+    lines = [
+        f"{s.addr - slide:016x} {'T' if s.kind == 'func' else 'D'} {s.name}"
+        for s in entries
+        if s.addr >> 63
+    ]
+    path = Path(str(tmp_path)) / "System.map"
+    path.write_text("\n".join(lines) + "\n")
+    session = Session.linux(kaslr=True, symbols_file=str(path))
+    try:
+        assert session.kernel is not None
+        own = LinuxKernel.load(session.target)  # the guest's kallsyms, for reference
+        assert session.kernel.slide == own.slide
+        for name in ("do_sys_openat2", "vfs_read", "_text"):
+            assert session.symbols.address(name) == own.symbols.address(name)  # type: ignore[union-attr]
+        events: list[TraceEvent] = []
+        Tracer(session, events.append).add("p:myopen do_sys_openat2 path=+0(%si):string")
+        session.command("cat /etc/hostname")
+        assert any(e.fields["path"] == "/etc/hostname" for e in events)
+    finally:
+        session.close()
