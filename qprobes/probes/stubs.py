@@ -136,6 +136,24 @@ def _ring(vector: int, label: str, error_code: bool, clear_dr6: bool = False) ->
 """
 
 
+def _slot_fault(vector: int, label: str) -> str:
+    """A fault stub (#GP, #PF: with an error code): ours when rip is in a slot."""
+    return f"""
+.globl {label}_entry
+{label}_entry:
+{_SAVE}
+    mov rax, [rsp + {_RIP}]
+    lea rcx, [rip + SLOT_LO]
+    cmp rax, rcx
+    jb {label}_chain
+    lea rcx, [rip + SLOT_HI]
+    cmp rax, rcx
+    jae {label}_chain
+    jmp {label}_ours
+{_ring(vector, label, error_code=True)}
+"""
+
+
 def stub_source(layout: StubLayout) -> str:
     """The assembly (Intel syntax) of the code page."""
     # Data addresses are defined relative to a label at the start of the
@@ -193,32 +211,8 @@ qp_db_entry:
 {_ring(1, "qp_db", error_code=False, clear_dr6=True)}
 
 /* vectors 13 (#GP) and 14 (#PF): ours when rip is in a slot. */
-.globl qp_gp_entry
-qp_gp_entry:
-{_SAVE}
-    mov rax, [rsp + {_RIP}]
-    lea rcx, [rip + SLOT_LO]
-    cmp rax, rcx
-    jb qp_gp_chain
-    lea rcx, [rip + SLOT_HI]
-    cmp rax, rcx
-    jae qp_gp_chain
-    jmp qp_gp_ours
-{_ring(13, "qp_gp", error_code=True)}
-
-.globl qp_pf_entry
-qp_pf_entry:
-{_SAVE}
-    mov rax, [rsp + {_RIP}]
-    lea rcx, [rip + SLOT_LO]
-    cmp rax, rcx
-    jb qp_pf_chain
-    lea rcx, [rip + SLOT_HI]
-    cmp rax, rcx
-    jae qp_pf_chain
-    jmp qp_pf_ours
-{_ring(14, "qp_pf", error_code=True)}
-
+{_slot_fault(13, "qp_gp")}
+{_slot_fault(14, "qp_pf")}
 /* kretprobe trampoline: a hijacked return lands here. The host writes the
    real return address into the slot pushed first, then the stub returns
    there with every register and flag as the function left them. */
