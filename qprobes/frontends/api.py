@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -349,7 +350,7 @@ def _run_command(session: Session, line: str, interrupted: Callable[[], bool]) -
     buf = bytearray()
 
     def done() -> bool:
-        while True:
+        while len(tube.buffer) or select.select([tube.sock], [], [], 0)[0]:
             data = tube.recv(4096, timeout=0)
             if not data:
                 break

@@ -110,14 +110,20 @@ class QtestDriver:
         """
         client = self.target.client
         vcpu = self.target.vcpus[0]
-        rip_reg = client.layout.by_name("rip").regnum
         done = self.post(cmd, arg)
         counts: Counter[int] = Counter()
         start = time.monotonic()
+        before = self.target.registers(vcpu)
         for _ in range(max_steps):
             client.step(vcpu)
             client.wait_stop(10.0)
-            rip = int.from_bytes(client.read_register(rip_reg), "little")
+            after = self.target.registers(vcpu)
+            if after == before:
+                # Now and then QEMU reports a step that executed nothing
+                # (every register unchanged); that is not an execution.
+                continue
+            before = after
+            rip = after.rip
             for lo, hi in ranges:
                 if lo <= rip < hi:
                     counts[rip] += 1

@@ -23,6 +23,7 @@ a kretprobe ``handler(rp, ctx)``. ``ctx`` is a
 
 from __future__ import annotations
 
+import select
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -267,7 +268,9 @@ class Session:
         buf = bytearray()
 
         def prompt_seen() -> bool:
-            while True:
+            # A select() on the socket costs a microsecond; pwntools' own
+            # zero-timeout recv about 60 (this runs after every probe hit).
+            while len(tube.buffer) or select.select([tube.sock], [], [], 0)[0]:
                 data = tube.recv(4096, timeout=0)
                 if not data:
                     break

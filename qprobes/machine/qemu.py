@@ -38,6 +38,16 @@ DEBUG_EXIT_PORT = 0xF4
 MiB = 1024 * 1024
 
 
+def _die_with_parent() -> None:
+    """In the QEMU child: get SIGTERM when qprobes dies, even by SIGKILL, so no
+    guest outlives the process that owns it (Linux's PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 class MachineState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -174,8 +184,9 @@ class QemuMachine:
         output = self._path("qemu.out").open("wb")
         try:
             self._proc = subprocess.Popen(
-                cmdline, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
-            )
+                cmdline, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
         except OSError as exc:
             output.close()
             self._cleanup()
