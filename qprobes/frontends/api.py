@@ -296,6 +296,11 @@ def trace(
     # Check every definition before booting anything.
     for text in probes:
         parse_probe(text)
+    if command and machine.get("attach_address"):
+        raise MachineError(
+            "with --attach qprobes has no console to type GUEST_COMMAND into: run the "
+            "workload in the guest yourself, and stop tracing with Ctrl-C or --duration"
+        )
     by_event: dict[str, str] = {}
     for item in filters or []:
         event, sep, expr = item.partition(":")

@@ -708,7 +708,7 @@ class KprobeEngine:
     def _read_frame(self, rsp: int, cr3: int, la57: bool) -> bytes:
         if self.hostmem is not None:
             return self.hostmem.read_virt(cr3, rsp, FRAME_SIZE, la57)
-        return self.client.read_memory(rsp, FRAME_SIZE)
+        return self.target.read(rsp, FRAME_SIZE)
 
     def _write_frame(self, rsp: int, frame: PtRegs, cr3: int, la57: bool) -> None:
         dirty = sorted(frame.dirty)
@@ -721,7 +721,7 @@ class KprobeEngine:
         elif self.hostmem is not None:
             self.hostmem.write_virt(cr3, rsp + 8 * lo, data, la57)
         else:
-            self.client.write_memory(rsp + 8 * lo, data)
+            self.target.write(rsp + 8 * lo, data)
 
     # 2.6 kprobe_handler
     def _kprobe_handler(self, kcb: KprobeCtlblk, ctx: HitContext) -> None:

@@ -313,3 +313,45 @@ def test_symbols_from_a_system_map_with_kaslr(linux: Session, tmp_path: object) 
         assert any(e.fields["path"] == "/etc/hostname" for e in events)
     finally:
         session.close()
+
+
+def test_cli_trace_attached_to_a_running_qemu() -> None:
+    """`qprobes trace --attach` on a QEMU started elsewhere, with memory kept
+    for qprobes by the guest's own memmap=; the workload is typed by the test."""
+    import time
+
+    from qprobes.machine.linux import LINUX_PROMPT, linux_config
+    from qprobes.machine.qemu import QemuMachine
+
+    machine = QemuMachine(linux_config(append="qprobes.echo=0"))
+    machine.launch()
+    try:
+        machine.target.resume()
+        machine.console.recvuntil(LINUX_PROMPT, timeout=120)
+        machine.release_gdbstub()
+        start, size = machine.config.reserved
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qprobes.frontends.cli", "trace", "--attach",
+             str(machine.gdb_socket), "--reserve", f"{start:#x}:{size:#x}", "--duration", "30",
+             "p:myopen do_sys_openat2 path=+0(%si):string"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        seen = ""
+        deadline = time.monotonic() + 120
+        while "Ctrl-C to stop" not in seen and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen += line
+        assert "Ctrl-C to stop" in seen, seen
+        machine.console.sendline("cat /etc/hostname")
+        machine.console.recvuntil(LINUX_PROMPT, timeout=60)
+        proc.send_signal(__import__("signal").SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert 'path="/etc/hostname"' in out, (out, err)
+        # Detached: the guest runs on without qprobes.
+        machine.console.sendline("echo still-here")
+        assert b"still-here" in machine.console.recvuntil(LINUX_PROMPT, timeout=60)
+    finally:
+        machine.shutdown()
