@@ -60,13 +60,16 @@ class Session:
         symbols: SymbolTable | None = None,
         machine: QemuMachine | None = None,
         prompt: bytes | None = None,
+        host_memory: bool = True,
     ) -> None:
         self.target = target
         self.machine = machine
         self.symbols = symbols
         self.prompt = prompt
         hostmem = None
-        if machine is not None:
+        # Reading guest RAM through /proc/PID/mem needs a QEMU of our own;
+        # host_memory=False uses the gdbstub for everything (as when attached).
+        if machine is not None and host_memory:
             hostmem = HostMemory(target, machine.pid)
             # Low RAM above the first MiB (below it sit the BIOS and VGA holes).
             low = min(machine.config.memory_mib << 20, 0xB000_0000)
@@ -84,7 +87,7 @@ class Session:
     def boot(cls, config: MachineConfig, *, symbols: SymbolTable | None = None,
              near: int | None = None, prompt: bytes | None = None,
              boot_until: bytes | None = None, boot_timeout: float = 60.0,
-             attach: bool = True) -> Session:  # fmt: skip
+             attach: bool = True, host_memory: bool = True) -> Session:  # fmt: skip
         """Boot ``config`` and attach; with ``boot_until``, run until the console shows it."""
         machine = QemuMachine(config)
         machine.launch()
@@ -97,8 +100,8 @@ class Session:
                 if symbols is None:
                     raise ProbeError("give a kernel text address (near=) or symbols")
                 near = min(s.addr for s in symbols if s.kind == "func")
-            session = cls(machine.target, reserve=config.reserved, near=near,
-                          symbols=symbols, machine=machine, prompt=prompt)  # fmt: skip
+            session = cls(machine.target, reserve=config.reserved, near=near, symbols=symbols,
+                          machine=machine, prompt=prompt, host_memory=host_memory)  # fmt: skip
             if attach:
                 session.engine.attach()
         except BaseException:
@@ -108,13 +111,14 @@ class Session:
 
     @classmethod
     def qtest(cls, smp: int = 1, append: str = "", attach: bool = True,
-              **config: Any) -> Session:  # fmt: skip
+              host_memory: bool = True, **config: Any) -> Session:  # fmt: skip
         """Boot the built-in qtest kernel to its shell prompt and attach
         (``attach=False``: call ``session.engine.attach()`` yourself)."""
         cfg = qtest_config(append=append, smp=smp, **config)
         symbols = load_elf_symbols(cfg.kernel)
         return cls.boot(cfg, symbols=symbols, near=symbols.address("t_hot"),
-                        prompt=QTEST_PROMPT, boot_until=QTEST_PROMPT, attach=attach)  # fmt: skip
+                        prompt=QTEST_PROMPT, boot_until=QTEST_PROMPT, attach=attach,
+                        host_memory=host_memory)  # fmt: skip
 
     @classmethod
     def linux(cls, config: MachineConfig | None = None, *, kaslr: bool = False, smp: int = 1,

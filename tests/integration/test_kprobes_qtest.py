@@ -350,3 +350,23 @@ def test_detach_restores_text_idt_and_page_tables(qtest_image: object, smp: int)
     assert "identical to before attaching" in text
     hits = re.search(r"(\d+) probes armed: (\d+) hits", text)
     assert hits and int(hits.group(1)) > 400 and int(hits.group(2)) > 2000
+
+
+def test_everything_through_the_gdbstub_alone(qtest_image: object) -> None:
+    """No /proc/PID/mem (as when attached to someone else's QEMU): frames,
+    data and records all go through the gdbstub, and the results are the same."""
+    with qtest_session(host_memory=False) as (session, q):
+        assert session.hostmem is None
+        probes = []
+        for name in ("t_hot", "t_call_rel", "t_pushf", "t_riprel_gs", "t_fault", "t_self_step"):
+            for i, insn in enumerate(instructions(session, q.by_name[name])):
+                if insn.mnemonic != "ud2":
+                    probes.append(session.kprobe(insn.addr, lambda kp, ctx: None, boost=i % 2 == 0))
+        rets: list[int] = []
+        session.kretprobe("t_hot", lambda rp, ctx: rets.append(ctx.retval))
+        out = session.command("selfcheck 2")
+        assert "qtest: selfcheck 27 passed, 0 failed" in out, out
+        entries = {q.by_name[n].addr for n in ("t_hot", "t_call_rel", "t_pushf", "t_fault")}
+        assert all(kp.nhit >= 2 for kp in probes if kp.addr in entries)
+        assert sum(kp.nhit for kp in probes) > 50
+        assert rets and session.engine.stats.faults > 0
