@@ -375,7 +375,10 @@ class KprobeEngine:
         """The address a kprobe names (``kprobe_addr``)."""
         if kp.addr is not None:
             if kp.symbol_name is not None:
-                raise ProbeError("give a kprobe an address or a symbol, not both")
+                raise ProbeError(
+                    "give a kprobe an address or a symbol, not both (to register a probe "
+                    "again after unregistering it, set its addr back to None)"
+                )
             return kp.addr + kp.offset
         if kp.symbol_name is None:
             raise ProbeError("a kprobe needs an address or a symbol name")
@@ -447,7 +450,7 @@ class KprobeEngine:
         if kp.registered:
             raise ProbeError(f"{kp!r} is already registered")
         addr = self.resolve(kp)
-        kp.addr, kp.symbol_name = addr, None if kp.symbol_name is None else kp.symbol_name
+        kp.addr = addr  # as register_kprobe() fills in p->addr; symbol_name stays
         point = self.points.get(addr)
         if point is not None:
             # An aggregate probe: one int3, one slot, several handlers.
