@@ -283,17 +283,39 @@ class KprobeEngine:
             for point in list(self.points.values()):
                 self._disarm(point)
             self.points.clear()
-            if self.kretprobes is not None:
-                self.kretprobes.detach()  # type: ignore[attr-defined]
-            if self.jprobes is not None:
-                self.jprobes.detach()  # type: ignore[attr-defined]
-            try:
-                self.target.remove_watchpoint(self._doorbell, 1, "write")
-            except QprobesError as exc:
-                log.warning("could not remove the doorbell watchpoint: %s", exc)
+            # No new entries into the stubs from here on; then no vCPU may be
+            # left inside the area when its pages go away.
             self._restore_gates()
-            self.area.teardown()
-            self.attached = False
+            try:
+                self._step_out_of_area()
+            finally:
+                if self.kretprobes is not None:
+                    self.kretprobes.detach()  # type: ignore[attr-defined]
+                if self.jprobes is not None:
+                    self.jprobes.detach()  # type: ignore[attr-defined]
+                try:
+                    self.target.remove_watchpoint(self._doorbell, 1, "write")
+                except QprobesError as exc:
+                    log.warning("could not remove the doorbell watchpoint: %s", exc)
+                self.area.teardown()
+                self.attached = False
+
+    def _step_out_of_area(self, max_steps: int = 10_000) -> None:
+        """Single-step every vCPU whose rip is in the area (a stub, a slot, the
+        trampoline) until it leaves, answering doorbells met on the way.
+
+        All-stop mode stops vCPUs wherever they are, for instance inside the
+        #PF stub while it passes an ordinary page fault on.
+        """
+        for vcpu in self.target.vcpus:
+            for _ in range(max_steps):
+                if not self.area.contains(self.target.read_register("rip", vcpu)):
+                    break
+                stop = self.target.step(vcpu, timeout=5.0)
+                if stop.watch_addr == self._doorbell:
+                    self.handle_stop(stop)
+            else:
+                raise ProbeError(f"vCPU {vcpu} did not leave qprobes' area in {max_steps} steps")
 
     def drain(self, timeout: float = 10.0) -> None:
         """Run the guest until no vCPU is single-stepping a slot."""

@@ -370,3 +370,29 @@ def test_everything_through_the_gdbstub_alone(qtest_image: object) -> None:
         assert all(kp.nhit >= 2 for kp in probes if kp.addr in entries)
         assert sum(kp.nhit for kp in probes) > 50
         assert rets and session.engine.stats.faults > 0
+
+
+@pytest.mark.parametrize("stop_at", ["qp_bp_entry", "qp_bp_ring"])
+def test_detach_while_a_vcpu_is_inside_a_stub(qtest_image: object, stop_at: str) -> None:
+    """All-stop mode can stop a vCPU inside qprobes' own code: detaching must
+    walk it out before the area's pages go away."""
+    with qtest_session() as (session, q):
+        engine = session.engine
+        kp = session.kprobe("t_hot", lambda kp, ctx: None)
+        client = session.target.client
+        vcpu = session.target.vcpus[0]
+        q.post(MBOX_RUN, (q.by_name["t_hot"].index << 32) | 1)
+        target_rip = engine.stubs[stop_at]
+        for _ in range(100_000):
+            client.step(vcpu)
+            client.wait_stop(10)
+            if session.target.read_register("rip", vcpu) == target_rip:
+                break
+        else:
+            pytest.fail(f"the vCPU never reached {stop_at}")
+        area = engine.area.vbase
+        engine.detach()
+        assert not area <= session.target.read_register("rip", vcpu) < area + (2 << 20)
+        assert kp.nhit in (0, 1)
+        out = session.command("selfcheck")
+        assert "qtest: selfcheck 27 passed, 0 failed" in out
