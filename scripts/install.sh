@@ -42,8 +42,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 stamp="$venv/.qprobes-installed"
 if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
-    echo "qprobes install: pip install -e $repo[test]"
-    "$venv/bin/pip" install -q --disable-pip-version-check -e "$repo[test]"
+    echo "qprobes install: pip install -e ${repo}[test]"
+    "$venv/bin/pip" install -q --disable-pip-version-check -e "${repo}[test]"
     touch "$stamp"
 fi
 

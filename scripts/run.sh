@@ -13,6 +13,7 @@ if [ $# -gt 0 ]; then
 fi
 "$venv/bin/qprobes" qtest
 echo
+# shellcheck disable=SC2016  # $retval is qprobes syntax, not shell
 exec "$venv/bin/qprobes" trace \
     'p:myopen do_sys_openat2 path=+0(%si):string' \
     'r:myret do_sys_openat2 ret=$retval:s32' \
