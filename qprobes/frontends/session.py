@@ -23,19 +23,22 @@ a kretprobe ``handler(rp, ctx)``. ``ctx`` is a
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import select
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from qprobes.errors import MachineError, ProbeError
+from qprobes.errors import ConnectionClosedError, MachineError, ProbeError, QprobesError
 from qprobes.machine.guests import QTEST_PROMPT, qtest_config
 from qprobes.machine.qemu import MachineConfig, QemuMachine, attach
 from qprobes.probes.engine import KprobeEngine
 from qprobes.probes.jprobe import Jprobe, JprobeManager
 from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe, KretprobeManager
+from qprobes.remote.client import GdbClient
 from qprobes.symbols.elf import SymbolTable, load_elf_symbols
 from qprobes.target.hostmem import HostMemory
 from qprobes.target.target import Target
@@ -46,6 +49,8 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 CURSOR_QUERY = b"\x1b[6n"
+
+log = logging.getLogger(__name__)
 
 
 class Session:
@@ -80,6 +85,7 @@ class Session:
         self.kretprobes = KretprobeManager(self.engine)
         self.jprobes = JprobeManager(self.engine)
         self._closed = False
+        self._address: str | None = None  # the gdbstub of an attached QEMU
 
     # --- construction -------------------------------------------------------
 
@@ -169,6 +175,7 @@ class Session:
             # A Linux guest: symbols from its own memory (or the file given)
             # and types from its BTF.
             session = cls(target, reserve=reserve, near=0)
+            session._address = address
             try:
                 session.use_linux(str(symbols) if symbols is not None else None)
             except BaseException:
@@ -180,6 +187,7 @@ class Session:
             assert table is not None
             near = min(s.addr for s in table if s.kind == "func")
         session = cls(target, reserve=reserve, near=near, symbols=table)
+        session._address = address
         session.engine.attach()
         return session
 
@@ -295,15 +303,46 @@ class Session:
 
     # --- lifecycle ------------------------------------------------------------------
 
+    def reconnect(self) -> None:
+        """Open a new gdbstub connection after the old one dropped, and re-arm
+        the doorbell watchpoint (QEMU drops watchpoints when a client
+        connects). QEMU stops the guest when a client connects."""
+        if self.machine is not None:
+            address = str(self.machine.gdb_socket)
+        elif self._address is not None:
+            address = self._address
+        else:
+            raise MachineError("nothing to reconnect to")
+        with contextlib.suppress(QprobesError):  # the old connection is gone already
+            self.target.client.close()
+        client = GdbClient.connect(address)
+        self.target.client = client
+        self.engine.client = client
+        if self.machine is not None:
+            self.machine.adopt_client(client, self.target)
+        if self.engine.attached:
+            self.engine.rearm_doorbell()
+
     def close(self) -> None:
-        """Detach (restoring every byte written) and shut the machine down, if ours."""
+        """Detach (restoring every byte written) and shut the machine down, if ours.
+
+        If the gdbstub connection dropped, reconnect first, so that the guest
+        is left running with nothing of qprobes' in it.
+        """
         if self._closed:
             return
         self._closed = True
         try:
-            if self.target.running:
-                self.engine._stop_quietly()
-            self.engine.detach()
+            try:
+                if self.target.running:
+                    self.engine._stop_quietly()
+                self.engine.detach()
+            except ConnectionClosedError:
+                if self.machine is not None and not self.machine.alive():
+                    raise
+                log.warning("the gdbstub connection dropped; reconnecting to detach")
+                self.reconnect()
+                self.engine.detach()
         finally:
             if self.hostmem is not None:
                 self.hostmem.close()

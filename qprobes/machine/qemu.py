@@ -275,6 +275,11 @@ class QemuMachine:
             self._console = Console(sock)
         return self._console
 
+    def adopt_client(self, client: GdbClient, target: Target) -> None:
+        """Use a new stub connection (after the old one dropped)."""
+        self._client = client
+        self._target = target
+
     def release_gdbstub(self) -> None:
         """Disconnect qprobes from the gdbstub (it serves one client), leaving
         the guest running, so that another debugger can attach."""

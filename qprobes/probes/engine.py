@@ -20,6 +20,7 @@ stop. All calls come from one thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import time
@@ -219,6 +220,13 @@ class KprobeEngine:
             area.teardown()
             raise
         self.attached = True
+
+    def rearm_doorbell(self) -> None:
+        """Insert the doorbell watchpoint again (after a reconnect: QEMU drops
+        breakpoints and watchpoints when a client connects)."""
+        with contextlib.suppress(QprobesError):  # already gone, as expected
+            self.target.remove_watchpoint(self._doorbell, 1, "write")
+        self.target.add_watchpoint(self._doorbell, 1, "write")
 
     def _idts(self) -> dict[int, tuple[int, int]]:
         """Physical address and limit of each distinct IDT, by a vCPU using it."""

@@ -396,3 +396,25 @@ def test_detach_while_a_vcpu_is_inside_a_stub(qtest_image: object, stop_at: str)
         assert kp.nhit in (0, 1)
         out = session.command("selfcheck")
         assert "qtest: selfcheck 27 passed, 0 failed" in out
+
+
+def test_dropped_connection_is_an_error_then_reconnect_restores(qtest_image: object) -> None:
+    """A dropped gdbstub connection raises a clear error; qprobes reconnects to
+    detach, and the guest runs on with nothing of qprobes' left in it."""
+    import socket as socketmod
+
+    from qprobes.errors import ConnectionClosedError
+    from qprobes.frontends.api import guest_digest
+
+    with qtest_session(attach=False) as (session, q):
+        pristine = guest_digest(session)
+        session.engine.attach()
+        kp = session.kprobe("t_hot", lambda kp, ctx: None, boost=False)
+        assert q.run_target("t_hot", 2) == 0 and kp.nhit == 2
+        session.target.client.conn._sock.shutdown(socketmod.SHUT_RDWR)  # the "network" drops
+        with pytest.raises(ConnectionClosedError):
+            q.run_target("t_hot", 1)
+        session.reconnect()
+        session.engine.detach()
+        assert guest_digest(session) == pristine
+        assert "qtest: selfcheck 27 passed, 0 failed" in session.command("selfcheck")
