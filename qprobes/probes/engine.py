@@ -541,7 +541,7 @@ class KprobeEngine:
         self._disarm(point)
         del self.points[point.addr]
         assert self._slots is not None
-        self._slots.free_insn_slot(point.slot)
+        self._slots.free_insn_slot(point.slot, dirty=point.boosted)
 
     def enable_kprobe(self, kp: Kprobe) -> None:
         kp.disabled = False

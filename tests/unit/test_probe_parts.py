@@ -123,3 +123,16 @@ def test_stubs_assemble_into_one_page() -> None:
     assert stubs.code[ret - 7 : ret - 5] == b"\xc6\x05"  # movb $1, disp32(%rip)
     disp = struct.unpack("<i", stubs.code[ret - 5 : ret - 1])[0]
     assert base + ret + disp == base + 0x1000
+
+
+def test_dirty_slots_are_reused_last_and_keep_their_page() -> None:
+    alloc, events = make_alloc(slot_size=2048)  # 2 slots a page, pages 32..34
+    a, b = alloc.get_insn_slot(), alloc.get_insn_slot()
+    c = alloc.get_insn_slot()  # second page
+    alloc.free_insn_slot(c, dirty=True)  # a boosted slot: a task may be inside
+    assert "unmap 33" not in events  # its page stays
+    d = alloc.get_insn_slot()
+    assert d == c + 2048  # the clean slot beside it first
+    e, f = alloc.get_insn_slot(), alloc.get_insn_slot()  # then a third page
+    assert len({a, b, c, d, e, f}) == 6
+    assert alloc.get_insn_slot() == c  # no clean slot, no page left: the dirty one
