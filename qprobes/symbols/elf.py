@@ -48,6 +48,10 @@ class SymbolTable:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._by_name.values())
 
+    def all_symbols(self) -> list[Symbol]:
+        """Every symbol, repeated names included, by address."""
+        return list(self._sorted)
+
     def lookup(self, name: str) -> Symbol:
         """The symbol called ``name``; :class:`SymbolError` if there is none."""
         try:

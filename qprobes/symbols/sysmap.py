@@ -123,7 +123,7 @@ def apply_slide(table: SymbolTable, slide: int) -> SymbolTable:
 
 def _all_symbols(table: SymbolTable) -> list[Symbol]:
     # SymbolTable iterates one symbol per name; the address index holds all.
-    return list(table._sorted)
+    return table.all_symbols()
 
 
 def parse_system_map(text: str, slide: int = 0, *, source: str = "System.map") -> SymbolTable:
