@@ -26,6 +26,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qprobes.arch.x86_64 import fixups as x86fix
 from qprobes.arch.x86_64 import insn as x86insn
@@ -73,6 +74,10 @@ from qprobes.target.paging import walk
 from qprobes.target.registers import Registers
 from qprobes.target.target import Target
 from qprobes.wire.stop import StopReply
+
+if TYPE_CHECKING:
+    from qprobes.probes.jprobe import JprobeManager
+    from qprobes.probes.kretprobe import KretprobeManager
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +166,8 @@ class KprobeEngine:
         self._ret_kind: dict[int, int] = {}
         self._slots: SlotAllocator | None = None
         self._extra_stop: Callable[[StopReply], bool] | None = None
-        self.kretprobes: object = None  # set by KretprobeManager
-        self.jprobes: object = None  # set by JprobeManager
+        self.kretprobes: KretprobeManager | None = None  # set by KretprobeManager
+        self.jprobes: JprobeManager | None = None  # set by JprobeManager
         self._user_code = 0
         self._vars_phys = 0
         self._blacklist: list[tuple[int, int, str]] = []
@@ -298,9 +303,9 @@ class KprobeEngine:
                 self._step_out_of_area()
             finally:
                 if self.kretprobes is not None:
-                    self.kretprobes.detach()  # type: ignore[attr-defined]
+                    self.kretprobes.detach()
                 if self.jprobes is not None:
-                    self.jprobes.detach()  # type: ignore[attr-defined]
+                    self.jprobes.detach()
                 try:
                     self.target.remove_watchpoint(self._doorbell, 1, "write")
                 except QprobesError as exc:
@@ -671,7 +676,7 @@ class KprobeEngine:
             self.stats.kret += 1
             if self.kretprobes is None:
                 raise ProbeError("a kretprobe trampoline hit with no kretprobes")
-            self.kretprobes.trampoline_handler(ctx)  # type: ignore[attr-defined]
+            self.kretprobes.trampoline_handler(ctx)
         elif vector == JPROBE_VECTOR:
             if regs is None:
                 regs = Registers.from_g(self.client.layout, self.client.read_registers())
@@ -903,8 +908,9 @@ class KprobeEngine:
         """``longjmp_break_handler``, then step the probed instruction as usual."""
         if self.jprobes is None:
             raise ProbeError("jprobe_return reached with no jprobes")
-        saved, _values = self.jprobes.longjmp(ctx.vcpu)  # type: ignore[attr-defined]
-        point = self.points.get(saved.jp.kp.addr)
+        saved, _values = self.jprobes.longjmp(ctx.vcpu)
+        addr = saved.jp.kp.addr
+        point = self.points.get(addr) if addr is not None else None
         view = PtRegs(list(saved.words))
         if point is not None and point.armed:
             sctx = HitContext(ctx.vcpu, view, ctx.read_virt, ctx.cr3)
