@@ -38,3 +38,18 @@ def qtest_image(qemu_binary: str):  # type: ignore[no-untyped-def]
         return qtest_kernel()
     except MachineError as exc:
         require_vm(f"qtest cannot be built: {exc}")
+
+
+@pytest.fixture(scope="session")
+def guest(qemu_binary: str):  # type: ignore[no-untyped-def]
+    """The default Linux guest's kernel and initramfs (built on first use).
+
+    Test modules that boot qtest define their own ``guest`` fixture."""
+    from qprobes.errors import MachineError
+    from qprobes.machine.linux import linux_guest
+
+    try:
+        return linux_guest()
+    except MachineError as exc:
+        require_vm(f"the Linux guest cannot be built: {exc}")
+        raise

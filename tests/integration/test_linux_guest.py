@@ -14,17 +14,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from qprobes.errors import MachineError
 from qprobes.machine.linux import (
     LINUX_HOSTNAME,
     LINUX_PROMPT,
     LINUX_READY,
     LinuxGuest,
     linux_config,
-    linux_guest,
 )
 from qprobes.machine.qemu import MachineConfig, QemuMachine
-from tests.conftest import require_vm
 
 pytestmark = pytest.mark.vm
 
@@ -64,15 +61,6 @@ def boot(config: MachineConfig) -> Booted:
         return Booted(machine, time.monotonic() - start, banner)
     except BaseException:
         machine.shutdown()
-        raise
-
-
-@pytest.fixture(scope="module")
-def guest(qemu_binary: str) -> LinuxGuest:
-    try:
-        return linux_guest()
-    except MachineError as exc:
-        require_vm(f"the Linux guest cannot be built: {exc}")
         raise
 
 

@@ -18,14 +18,12 @@ from pathlib import Path
 import pytest
 
 from qprobes.arch.x86_64.insn import decode
-from qprobes.errors import MachineError
-from qprobes.machine.linux import LINUX_PROMPT, LINUX_READY, LinuxGuest, linux_config, linux_guest
+from qprobes.machine.linux import LINUX_PROMPT, LINUX_READY, LinuxGuest, linux_config
 from qprobes.machine.qemu import MachineConfig, QemuMachine
 from qprobes.symbols.btf import Btf, read_guest_btf
 from qprobes.symbols.kallsyms import KallsymsTable, read_guest_kallsyms
 from qprobes.symbols.sysmap import DEFAULT_TEXT
 from qprobes.target.hostmem import HostMemory
-from tests.conftest import require_vm
 
 pytestmark = pytest.mark.vm
 
@@ -71,15 +69,6 @@ def boot(config: MachineConfig) -> Booted:
         return booted
     except BaseException:
         machine.shutdown()
-        raise
-
-
-@pytest.fixture(scope="module")
-def guest(qemu_binary: str) -> LinuxGuest:
-    try:
-        return linux_guest()
-    except MachineError as exc:
-        require_vm(f"the Linux guest cannot be built: {exc}")
         raise
 
 

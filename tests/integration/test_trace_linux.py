@@ -355,3 +355,16 @@ def test_cli_trace_attached_to_a_running_qemu() -> None:
         assert b"still-here" in machine.console.recvuntil(LINUX_PROMPT, timeout=60)
     finally:
         machine.shutdown()
+
+
+def test_cli_symbols_lists_matches_with_sizes() -> None:
+    result = qprobes_cli("symbols", "--kaslr", "vfs_rea*")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    names = {row[3] for row in rows}
+    assert {"vfs_read", "vfs_readv"} <= names
+    for addr, size, kind, _ in rows:
+        assert int(addr, 16) >> 63 and int(size) > 0 and kind == "func"
+    assert "KASLR slide" in result.stderr
+    none = qprobes_cli("symbols", "no_such_symbol_*")
+    assert none.returncode == 1 and none.stdout == ""
