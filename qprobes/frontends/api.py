@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import select
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -327,7 +325,7 @@ def trace(
             print(f"qprobes: {tp.name} at {tracer._location(tp.addr)}", file=err)
         if command:
             line = " ".join(command)
-            output = _run_command(session, line, lambda: stop["asked"])
+            output, _ = session.run_command(line, interrupted=lambda: stop["asked"])
             if output:
                 err.write(output if output.endswith("\n") else output + "\n")
         else:
@@ -346,28 +344,6 @@ def trace(
                 f"{row['filtered']} filtered out, {row['missed']} missed\n"
             )
     return 130 if stop["asked"] else 0
-
-
-def _run_command(session: Session, line: str, interrupted: Callable[[], bool]) -> str:
-    """Type ``line`` in the guest shell, serve probes until the prompt returns."""
-    tube = session.console.tube
-    prompt = session.prompt or b"# "
-    buf = bytearray()
-
-    def done() -> bool:
-        while len(tube.buffer) or select.select([tube.sock], [], [], 0)[0]:
-            data = tube.recv(4096, timeout=0)
-            if not data:
-                break
-            buf.extend(data.replace(b"\x1b[6n", b""))
-        return buf.endswith(prompt) or interrupted()
-
-    tube.sendline(line.encode())
-    session.run(until=done)
-    if interrupted() and not buf.endswith(prompt):
-        tube.send(b"\x03")  # interrupt the guest command too
-    text = bytes(buf[: -len(prompt)] if buf.endswith(prompt) else buf)
-    return text.decode(errors="replace").replace("\r\n", "\n")
 
 
 def symbols(pattern: str, out: TextIO = sys.stdout, **machine: Any) -> int:

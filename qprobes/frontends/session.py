@@ -273,13 +273,26 @@ class Session:
 
     def command(self, line: str, timeout: float = 60.0) -> str:
         """Type ``line`` on the guest console and handle probe hits until the prompt returns."""
+        text, finished = self.run_command(line, timeout=timeout)
+        if not finished:
+            raise MachineError(
+                f"no prompt after {line!r} within {timeout} s; console: {text[-400:]!r}"
+            )
+        return text
+
+    def run_command(self, line: str, *, timeout: float | None = None,
+                    interrupted: Callable[[], bool] | None = None) -> tuple[str, bool]:  # fmt: skip
+        """Type ``line`` on the console and serve probe hits until the prompt
+        returns, ``timeout`` passes or ``interrupted()`` is true (then the
+        guest command gets a Ctrl-C too). Returns the output and whether the
+        prompt came back."""
         if self.prompt is None:
             raise MachineError("this guest has no known shell prompt")
         tube = self.console.tube
         prompt = self.prompt
         buf = bytearray()
 
-        def prompt_seen() -> bool:
+        def done() -> bool:
             # A select() on the socket costs a microsecond; pwntools' own
             # zero-timeout recv about 60 (this runs after every probe hit).
             while len(tube.buffer) or select.select([tube.sock], [], [], 0)[0]:
@@ -289,17 +302,17 @@ class Session:
                 # busybox's line editor asks for the cursor position after
                 # each prompt; that query is not output.
                 buf.extend(data.replace(CURSOR_QUERY, b""))
-            return buf.endswith(prompt)
+            return buf.endswith(prompt) or (interrupted is not None and interrupted())
 
         tube.sendline(line.encode())
-        self.run(until=prompt_seen, timeout=timeout)
-        if not buf.endswith(prompt):
-            raise MachineError(
-                f"no prompt after {line!r} within {timeout} s; console: {bytes(buf[-400:])!r}"
-            )
-        text = bytes(buf[: -len(prompt)]).decode(errors="replace").replace("\r\n", "\n")
+        self.run(until=done, timeout=timeout)
+        finished = buf.endswith(prompt)
+        if not finished and interrupted is not None and interrupted():
+            tube.send(b"\x03")
+        raw = bytes(buf[: -len(prompt)] if finished else buf)
+        text = raw.decode(errors="replace").replace("\r\n", "\n")
         first, _, rest = text.partition("\n")
-        return rest if first.strip() == line.strip() else text
+        return (rest if first.strip() == line.strip() else text), finished
 
     # --- lifecycle ------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ class TraceProbe:
     addr: int
     filter: FilterExpr | None = None
     filter_text: str | None = None
+    location: str = ""  # SYM+0xOFF/0xSIZE, resolved once
     emitted: int = 0
     filtered: int = 0
     probe: Kprobe | Kretprobe | None = field(default=None, repr=False)
@@ -159,7 +160,7 @@ class Tracer:
             assert spec.symbol is not None
             addr = self._symbols.address(spec.symbol) + spec.offset
         args = compile_fetchargs(spec, self._symbols, self._resolver())
-        tp = TraceProbe(spec, args, addr, filter_text=filter_text)
+        tp = TraceProbe(spec, args, addr, filter_text=filter_text, location=self._location(addr))
         if filter_text:
             tp.filter = parse_filter(filter_text, [a.filter_field for a in args])
         if spec.is_return:

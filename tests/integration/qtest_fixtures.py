@@ -23,3 +23,15 @@ def qtest_session(**kwargs: object) -> Iterator[tuple[Session, QtestDriver]]:
         yield session, QtestDriver(session)
     finally:
         session.close()
+
+
+def step_until(session: Session, rip: int, max_steps: int = 100_000) -> None:
+    """Single-step the first vCPU through the gdbstub until it reaches ``rip``."""
+    client = session.target.client
+    vcpu = session.target.vcpus[0]
+    for _ in range(max_steps):
+        client.step(vcpu)
+        client.wait_stop(10)
+        if session.target.read_register("rip", vcpu) == rip:
+            return
+    raise AssertionError(f"the vCPU never reached {rip:#x}")

@@ -19,7 +19,7 @@ from qprobes.errors import InstructionError, ProbeError, SymbolError
 from qprobes.frontends.qtest import MBOX_RUN, QtestDriver
 from qprobes.frontends.session import Session
 from qprobes.probes.kprobe import Kprobe, KprobeStatus
-from tests.integration.qtest_fixtures import instructions, qtest_session
+from tests.integration.qtest_fixtures import instructions, qtest_session, step_until
 
 pytestmark = pytest.mark.vm
 
@@ -274,17 +274,8 @@ def test_int3_hit_after_its_probe_was_removed(
     session, q = guest
     engine = session.engine
     kp = session.kprobe("t_hot", lambda kp, ctx: None)
-    client = session.target.client
-    vcpu = session.target.vcpus[0]
     q.post(MBOX_RUN, (q.by_name["t_hot"].index << 32) | 1)
-    stop_rip = engine.stubs[stop_at]
-    for _ in range(100_000):
-        client.step(vcpu)
-        client.wait_stop(10)
-        if session.target.read_register("rip", vcpu) == stop_rip:
-            break
-    else:
-        pytest.fail(f"the vCPU never reached {stop_at}")
+    step_until(session, engine.stubs[stop_at])
     session.unregister(kp)
     assert kp.nhit == 0
     assert q.run_target("t_hot", 2) == 0  # and the command posted above completed too
@@ -379,17 +370,9 @@ def test_detach_while_a_vcpu_is_inside_a_stub(qtest_image: object, stop_at: str)
     with qtest_session() as (session, q):
         engine = session.engine
         kp = session.kprobe("t_hot", lambda kp, ctx: None)
-        client = session.target.client
         vcpu = session.target.vcpus[0]
         q.post(MBOX_RUN, (q.by_name["t_hot"].index << 32) | 1)
-        target_rip = engine.stubs[stop_at]
-        for _ in range(100_000):
-            client.step(vcpu)
-            client.wait_stop(10)
-            if session.target.read_register("rip", vcpu) == target_rip:
-                break
-        else:
-            pytest.fail(f"the vCPU never reached {stop_at}")
+        step_until(session, engine.stubs[stop_at])
         area = engine.area.vbase
         engine.detach()
         assert not area <= session.target.read_register("rip", vcpu) < area + (2 << 20)
