@@ -91,17 +91,31 @@ def boot_interactive(
             config.kernel = Path(kernel)
         if initrd is not None:
             config.initrd = Path(initrd)
+    import re
+
+    seen = bytearray()
+
+    def keep_tail(data: bytes) -> None:
+        seen.extend(data)
+        del seen[:-4096]
+
     with QemuMachine(config) as machine:
         start, size = config.reserved
         print(
             f"qprobes: gdbstub at {machine.gdb_socket} (pid {machine.pid}); "
-            f"memory kept for qprobes: --reserve {start:#x}:{size:#x}",
+            f"memory kept for qprobes: --reserve {start:#x}:{size:#x}\r\n"
+            "qprobes: the guest's console follows; Ctrl-A x quits",
             file=sys.stderr,
         )
         machine.target.resume()
         machine.release_gdbstub()
-        machine.console.interactive()
-    return 0
+        how = machine.console.interact(sys.stdin.fileno(), sys.stdout.fileno(), keep_tail)
+    if how == "quit":
+        print("\r\nqprobes: quit (Ctrl-A x); the guest is shut down", file=sys.stderr)
+        return 0
+    # The built-in guest's init names the shell's exit status before powering off.
+    found = re.findall(rb"shell exited with status (\d+)", bytes(seen))
+    return int(found[-1]) if found else 0
 
 
 def attach_info(address: str, out: TextIO = sys.stdout) -> int:

@@ -8,20 +8,17 @@ as at a user's terminal), not sent to one process.
 from __future__ import annotations
 
 import os
-import pty
-import select
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.integration.terminal import CLI, PtySession
+
 pytestmark = pytest.mark.vm
 
 PROBE = "p:myopen do_sys_openat2 path=+0(%si):string"
-CLI = [sys.executable, "-m", "qprobes.frontends.cli"]
 
 
 def qprobes(*args: str, timeout: float = 300, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -31,62 +28,6 @@ def qprobes(*args: str, timeout: float = 300, **kw: object) -> subprocess.Comple
 
 def no_traceback(text: str) -> None:
     assert "Traceback" not in text, text
-
-
-class PtySession:
-    """The CLI on a new pseudo-terminal as its controlling terminal."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child: stdin/stdout/stderr are the terminal
-            try:
-                os.execv(sys.executable, [sys.executable, *CLI[1:], *args])
-            finally:
-                os._exit(127)
-        self.output = b""
-
-    def read_until(self, needle: bytes, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        while needle not in self.output:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {needle!r} in {timeout} s: {self.output[-2000:]!r}")
-            ready, _, _ = select.select([self.fd], [], [], left)
-            if ready:
-                try:
-                    data = os.read(self.fd, 4096)
-                except OSError:  # EIO: the child closed the terminal
-                    data = b""
-                if not data:
-                    raise AssertionError(f"EOF before {needle!r}: {self.output[-2000:]!r}")
-                self.output += data
-        return self.output
-
-    def ctrl_c(self) -> None:
-        os.write(self.fd, b"\x03")  # the terminal's VINTR: SIGINT to the foreground group
-
-    def wait(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self._drain()
-                return os.waitstatus_to_exitcode(status)
-            if time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                raise AssertionError(f"still running after {timeout} s: {self.output[-2000:]!r}")
-            self._drain(0.2)
-
-    def _drain(self, timeout: float = 0.0) -> None:
-        while select.select([self.fd], [], [], timeout)[0]:
-            try:
-                data = os.read(self.fd, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            self.output += data
-            timeout = 0.0
 
 
 @pytest.mark.parametrize(
@@ -112,9 +53,9 @@ def test_ctrl_c_at_a_terminal_detaches_and_prints_the_summary(command: list[str]
 def test_machine_options_reach_the_built_in_guest() -> None:
     """--append, --smp and --memory apply without --kernel; several words
     after -- are an argv, quoted for the guest shell."""
+    script = "for f in /proc/cmdline; do cat $f; done; nproc; grep MemTotal /proc/meminfo"
     result = qprobes("trace", "--append", "pti=on qprobes.marker=1", "--smp", "2",
-                     "--memory", "384", PROBE, "--", "sh", "-c",
-                     "for f in /proc/cmdline; do cat $f; done; nproc; grep MemTotal /proc/meminfo")  # fmt: skip
+                     "--memory", "384", PROBE, "--", "sh", "-c", script)  # fmt: skip
     assert result.returncode == 0, result.stderr
     err = result.stderr
     cmdline = next(line for line in err.splitlines() if line.startswith("console="))
