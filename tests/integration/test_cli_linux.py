@@ -145,3 +145,21 @@ def test_symbols_with_no_match_says_so() -> None:
     result = qprobes("symbols", "zzz_no_such_symbol*")
     assert result.returncode == 1
     assert "no kernel symbol matches 'zzz_no_such_symbol*'" in result.stderr, result.stderr
+
+
+def test_filters_on_common_fields() -> None:
+    """comm, COMM, common_pid and CPU filter as in ftrace; a group-qualified
+    event name works."""
+    result = qprobes("trace", "--json", "--filter", 'kprobes/myopen:comm == "cat" && CPU == 0',
+                     PROBE, "--", "cat /etc/hostname; head -1 /etc/passwd >/dev/null")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    import json
+
+    hits = [json.loads(line) for line in result.stdout.splitlines()]
+    assert hits and {h["comm"] for h in hits} == {"cat"}, hits
+    assert any(h["fields"]["path"] == "/etc/hostname" for h in hits), hits
+    result = qprobes("trace", "--filter", 'myopen:common_pid > 1 && COMM ~ "he*"', PROBE,
+                     "--", "cat /etc/hostname; head -1 /etc/passwd >/dev/null")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert 'path="/etc/passwd"' in result.stdout, result.stdout
+    assert "/etc/hostname" not in result.stdout, result.stdout
