@@ -407,7 +407,7 @@ def trace(
     import signal
 
     from qprobes.frontends.trace import TraceEvent, Tracer
-    from qprobes.probes.language import parse_probe
+    from qprobes.probes.language import RemoveSpec, parse_probe
 
     # Check every definition, filter and machine option before booting anything.
     for text in probes:
@@ -446,7 +446,12 @@ def trace(
         tracer = Tracer(session, sink)
         for text in probes:
             spec = parse_probe(text)
-            tp = tracer.add(text, by_event.get(getattr(spec, "event", "")))
+            if isinstance(spec, RemoveSpec):
+                name = f"{spec.group or 'kprobes'}/{spec.event}"
+                tracer.remove(name)
+                print(f"qprobes: removed {name}", file=err)
+                continue
+            tp = tracer.add(text, by_event.get(spec.event))
             print(f"qprobes: {tp.name} at {tracer._location(tp.addr)}", file=err)
         if command:
             line = guest_command_line(command)

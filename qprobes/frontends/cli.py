@@ -59,10 +59,54 @@ def _cmd_symbols(args: argparse.Namespace) -> int:
     return api.symbols(args.pattern, **_machine_args(args))
 
 
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from qprobes.frontends.completion import bash_completion
+
+    print(bash_completion(build_parser()), end="")
+    return 0
+
+
 def _cmd_attach(args: argparse.Namespace) -> int:
     from qprobes.frontends import api
 
     return api.attach_info(args.address, out=sys.stdout)
+
+
+TRACE_EPILOG = """\
+probe definitions (Linux's Documentation/trace/kprobetrace.rst):
+  p[:[GRP/]EVENT] SYM[+OFFS]|ADDR [FETCHARGS]   a probe at an instruction
+  r[MAXACTIVE][:[GRP/]EVENT] SYM[+0] [FETCHARGS] a probe at a function's return
+  -:[GRP/]EVENT                                remove an event defined earlier
+
+fetch arguments, each [NAME=]FETCHARG[:TYPE]:
+  %REG          a register (%di, %si, %ax, ...)
+  @ADDR @SYM[+|-OFFS]  memory at an address or symbol
+  $stackN $stack       the Nth stack entry, the stack pointer
+  $argN         the Nth function argument (at a function's entry)
+  $retval       the return value (return probes)
+  $comm         the current task's name
+  +|-[u]OFFS(FETCHARG)  memory at FETCHARG+OFFS (u: user memory)
+  $argN->MEMBER[.MEMBER]  struct members, with the kernel's BTF types
+TYPE: u8..u64, s8..s64, x8..x64, string, ustring, symbol, b<bits>@<bit>/<size>,
+      TYPE[N] for arrays
+
+exit status:
+  the guest command's own status, when -- GUEST_COMMAND ran to its end
+  0    tracing ended with no guest command
+  1    an error (one "qprobes: error:" line)
+  2    bad usage, or a bad probe definition or filter
+  124  --duration ended the guest command
+  130  Ctrl-C (qprobes detaches and prints the summary first)
+  141  stdout was closed (| head)
+
+examples:
+  qprobes trace 'p:myopen do_sys_openat2 path=+0(%si):string' -- cat /etc/hostname
+  qprobes trace 'r:ret do_sys_openat2 $retval' --filter 'ret:comm == "cat"' -- cat /etc/hostname
+  qprobes trace --smp 2 --duration 10 'p:alloc kmem_cache_alloc size=+24(%di):u32'
+"""
+
+#: Arguments that start with "-:" are kprobe_events removals, not options.
+_REMOVAL = "\0remove:"
 
 
 def _positive_int(text: str) -> int:
@@ -94,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
         "qtest",
         help="boot the built-in qtest kernel, probe every instruction of its targets, "
         "and run its self-check",
+        description="Boot qtest, the freestanding test kernel built into qprobes, put a kprobe "
+        "on every instruction of its target functions (half boosted, half single-stepped), "
+        "run its self-check with them armed, print hits per target, detach, and check that "
+        "its text, IDT and page tables are as before. Exit status 0 when all of that held.",
     )
     p.add_argument("--loops", type=int, default=1, help="self-check rounds (default 1)")
     p.add_argument("--no-probes", action="store_true",
@@ -134,14 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Boot the default Linux guest (or --kernel, or --attach), arm the probes, "
         "run GUEST_COMMAND in its shell (or trace until Ctrl-C), print every hit "
         "in ftrace's format (or JSON), then a summary of hits and misses.",
-        epilog="example: qprobes trace 'p:myopen do_sys_openat2 path=+0(%%si):string' "
-        "-- cat /etc/hostname",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRACE_EPILOG,
     )
     p.add_argument(
         "probes",
         nargs="*",
         metavar="PROBE",
-        help="p[:[GRP/]EVENT] SYM[+offs]|ADDR [FETCHARGS] or r[N][:[GRP/]EVENT] SYM",
+        help="p[:[GRP/]EVENT] SYM[+OFFS]|ADDR [FETCHARGS], r[MAXACTIVE][:[GRP/]EVENT] SYM "
+        "[FETCHARGS], or -:[GRP/]EVENT to remove one defined before it (see below)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per hit")
     p.add_argument(
@@ -157,13 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     attach_options(p)
     p.set_defaults(func=_cmd_trace, guest_command=[])
 
-    p = sub.add_parser("symbols", help="list kernel symbols matching a glob")
+    p = sub.add_parser(
+        "symbols", help="list kernel symbols matching a glob",
+        description="Boot the Linux guest (or --attach to one), read its symbols from its own "
+        "kallsyms (or --symbols FILE), and print each symbol matching PATTERN: address, size, "
+        "kind and name. Exit status 1 when nothing matches.",
+    )  # fmt: skip
     p.add_argument("pattern", help="glob, e.g. 'vfs_*'")
     guest_options(p)
     attach_options(p)
     p.set_defaults(func=_cmd_symbols)
 
-    p = sub.add_parser("boot", help="boot a guest and hand over its serial console")
+    p = sub.add_parser(
+        "boot", help="boot a guest and hand over its serial console",
+        description="Boot the Linux guest (or qtest, or --kernel) and connect this terminal "
+        "to its serial console in raw mode: every key goes to the guest, Ctrl-A x quits. "
+        "The gdbstub's socket is printed, for qprobes --attach or gdb. The exit status is "
+        "the guest shell's.",
+    )  # fmt: skip
     p.add_argument("--qtest", action="store_true", help="boot qtest instead of Linux")
     p.add_argument("--initrd", help="initial ramdisk")
     p.add_argument("--kernel", help="kernel image (default: the built-in Linux guest)")
@@ -174,24 +234,79 @@ def build_parser() -> argparse.ArgumentParser:
     machine_options(p)
     p.set_defaults(func=_cmd_boot)
 
-    p = sub.add_parser("attach", help="connect to a running QEMU's gdbstub and describe it")
+    p = sub.add_parser(
+        "completion", help="print a shell completion script",
+        description='Print a completion script for SHELL: eval "$(qprobes completion bash)" '
+        "in ~/.bashrc (zsh: autoload -U bashcompinit && bashcompinit first).",
+    )  # fmt: skip
+    p.add_argument("shell", choices=("bash", "zsh"))
+    p.set_defaults(func=_cmd_completion)
+
+    p = sub.add_parser(
+        "attach", help="connect to a running QEMU's gdbstub and describe it",
+        description="Connect to the gdbstub of a QEMU started elsewhere (-gdb unix:PATH or "
+        "tcp::PORT), print each vCPU's rip, rsp, cr3 and IDT, and detach, leaving it running.",
+    )  # fmt: skip
     p.add_argument("address", help="HOST:PORT or the path of a unix socket")
     p.set_defaults(func=_cmd_attach)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def reference_markdown() -> str:
+    """docs/commands.md: every command's ``--help``, as one Markdown page."""
+    import os
+
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    # A fixed width, so the page does not depend on the terminal that made it.
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        parts = [
+            "# qprobes commands\n",
+            "Generated from the command line's own definitions "
+            "(`python -m qprobes.frontends.cli --reference > docs/commands.md`); "
+            "`qprobes COMMAND --help` prints the same.\n",
+            "```\n" + parser.format_help() + "```\n",
+        ]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    parts.append(f"## qprobes {name}\n\n```\n{sub.format_help()}```\n")
+    finally:
+        if saved is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = saved
+    return "\n".join(parts)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse a command line: ``-- GUEST_COMMAND...`` and ``-:EVENT`` removals
+    are taken out of argparse's way."""
     guest_command: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, guest_command = argv[:cut], argv[cut + 1 :]
+    # argparse would take "-:EVENT" (a removal) for an option.
+    argv = [_REMOVAL + a[1:] if a.startswith("-:") else a for a in argv]
     args = parser.parse_args(argv)
+    if hasattr(args, "probes"):
+        args.probes = [("-" + p[len(_REMOVAL):]) if p.startswith(_REMOVAL) else p
+                       for p in args.probes]  # fmt: skip
     if guest_command:
         if getattr(args, "func", None) is not _cmd_trace:
             parser.error("'-- COMMAND' is only for 'qprobes trace'")
         args.guest_command = guest_command
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--reference"]:  # regenerates docs/commands.md
+        print(reference_markdown(), end="")
+        return 0
+    args = parse_args(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,0 +1,62 @@
+"""The command line's parsing, help and generated docs (no guest)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qprobes.frontends.cli import build_parser, parse_args, reference_markdown
+from qprobes.frontends.completion import bash_completion
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_removals_and_the_guest_command_get_past_argparse() -> None:
+    args = parse_args(build_parser(), ["trace", "p:a vfs_read", "-:a", "p:b vfs_write",
+                                       "--", "sh", "-c", "echo -:x"])  # fmt: skip
+    assert args.probes == ["p:a vfs_read", "-:a", "p:b vfs_write"]
+    assert args.guest_command == ["sh", "-c", "echo -:x"]
+
+
+@pytest.mark.parametrize("bad", [["trace", "--smp", "0", "p:a x"], ["qtest", "--smp", "-1"],
+                                 ["boot", "--memory", "zero"]])  # fmt: skip
+def test_non_positive_numbers_are_usage_errors(bad: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(build_parser(), bad)
+    assert info.value.code == 2
+
+
+def test_every_command_has_a_description_and_trace_documents_its_language() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():  # type: ignore[attr-defined]
+        assert p.description, f"qprobes {name} has no description"
+    text = sub.choices["trace"].format_help()  # type: ignore[attr-defined]
+    assert "%%" not in text and "+0(%si):string" in text
+    for word in ("$argN", "$retval", "+|-[u]OFFS(FETCHARG)", "-:[GRP/]EVENT", "124", "130"):
+        assert word in text, word
+
+
+def test_docs_commands_md_is_up_to_date() -> None:
+    assert (REPO / "docs" / "commands.md").read_text() == reference_markdown(), (
+        "regenerate: python -m qprobes.frontends.cli --reference > docs/commands.md"
+    )
+
+
+def complete(words: list[str]) -> list[str]:
+    script = bash_completion(build_parser())
+    line = " ".join(f"'{w}'" for w in words)
+    probe = (f'{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _qprobes; '
+             'printf "%s\\n" "${COMPREPLY[@]}"')  # fmt: skip
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_bash_completion_in_a_real_bash() -> None:
+    assert complete(["qprobes", "tr"]) == ["trace"]
+    assert "--duration" in complete(["qprobes", "trace", "--d"])
+    assert complete(["qprobes", "trace", "--accel", ""]) == ["tcg", "kvm"]
+    assert complete(["qprobes", "completion", "z"]) == ["zsh"]
+    assert "--no-probes" in complete(["qprobes", "qtest", "--smp", "2", "--no"])
