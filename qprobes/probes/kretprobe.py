@@ -243,9 +243,11 @@ class KretprobeManager:
                 return inst.ret_addr
         return None
 
-    def _read_u64(self, addr: int, cr3: int | None) -> int | None:
+    def _read_u64(self, addr: int) -> int | None:
+        """A word of a kernel stack, through the kernel's page tables (the
+        address space an instance was created in may be gone)."""
         try:
-            return int(struct.unpack("<Q", self.engine.read_data(addr, 8, cr3))[0])
+            return int(struct.unpack("<Q", self.engine.read_data(addr, 8))[0])
         except QprobesError:
             return None
 
@@ -259,11 +261,10 @@ class KretprobeManager:
         its saved rsp the slot + 8.
         """
         tramp, slot = self.trampoline, inst.stack_slot
-        if self._read_u64(slot, inst.cr3) in (tramp, None):
+        if self._read_u64(slot) in (tramp, None):
             return True
         for rip_at, rsp_at in ((slot - 32, slot - 8), (slot - 40, slot - 16)):
-            if self._read_u64(rip_at, inst.cr3) == tramp and \
-                    self._read_u64(rsp_at, inst.cr3) == slot + 8:  # fmt: skip
+            if self._read_u64(rip_at) == tramp and self._read_u64(rsp_at) == slot + 8:
                 return True
         return False
 
@@ -335,7 +336,6 @@ class KretprobeManager:
             # return address; this one chains onto it.
             if self._real_ret_addr(here) is None:
                 rp.nmissed += 1  # nothing to chain to: leave the slot alone
-                self.stats.orphans += 1
                 return None
         else:
             # A new call in this slot: whatever hijacked it before is dead.
@@ -458,9 +458,8 @@ class KretprobeManager:
             real = self._real_ret_addr(chain)
             if real is None:
                 continue
-            current = self._read_u64(slot, chain[0].cr3)
-            if current == tramp:
-                self.engine.write_data(slot, struct.pack("<Q", real), chain[0].cr3)
+            if self._read_u64(slot) == tramp:
+                self.engine.write_data(slot, struct.pack("<Q", real))
         for chain in list(self.live.values()):
             for inst in list(chain):
                 self._unlink(inst, None)
