@@ -151,6 +151,7 @@ class KretprobeStats:
 
     chained: int = 0  # entries that found the trampoline already in their slot
     reclaimed: int = 0  # dead instances dropped (slot reused, task gone)
+    reclaimed_because: dict[str, int] = field(default_factory=dict)  # by reason
     reclaim_scans: int = 0  # on-demand scans when a probe ran out of instances
     orphans: int = 0  # trampoline hits with no live instance, answered from memory
     lost: int = 0  # trampoline hits whose return address was unknown
@@ -233,6 +234,7 @@ class KretprobeManager:
                   inst.rp.name or inst.rp.kp, inst.stack_slot, why)  # fmt: skip
         inst.rp.nreclaimed += 1
         self.stats.reclaimed += 1
+        self.stats.reclaimed_because[why] = self.stats.reclaimed_because.get(why, 0) + 1
         self._unlink(inst, None)
 
     def _real_ret_addr(self, nodes: list[KretprobeInstance]) -> int | None:

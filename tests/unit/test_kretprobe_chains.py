@@ -213,6 +213,7 @@ def test_a_reused_slot_reclaims_the_dead_instance(world: World) -> None:
     cpu.rsp += 8  # the frame is unwound without returning (an exception path)
     assert cpu.call(CALLER + 4, [f]) == slot  # a new call in the same slot
     assert f.nreclaimed == 1 and world.mgr.stats.reclaimed == 1 and f.nmissed == 0
+    assert world.mgr.stats.reclaimed_because == {"its stack slot was reused": 1}
     assert cpu.ret(5) == CALLER + 4
     assert world.fired == [("f", CALLER + 4, 5)]
 
@@ -247,6 +248,7 @@ def test_an_exited_task_is_reclaimed() -> None:
     tasks.dead.add(TASK_A)
     b.call(CALLER + 8, [f])
     assert f.nmissed == 0 and f.nreclaimed == 1
+    assert world.mgr.stats.reclaimed_because == {"its task is gone": 1}
     assert b.ret(1) == CALLER + 8
 
 
