@@ -204,6 +204,10 @@ class Session:
         self.symbols = kernel.symbols
         self.engine.symbols = kernel.symbols
         self.engine.area.near = kernel.text
+        from qprobes.linux.current import LinuxTasks
+
+        # Return probes chain their instances per task (Linux's current).
+        self.kretprobes.tasks = LinuxTasks(kernel, self.engine.read_data)
         self.engine.attach()
         for start, end, why in kernel.blacklist(self.engine.read_data):
             self.engine.blacklist(start, end, why)

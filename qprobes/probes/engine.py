@@ -723,18 +723,23 @@ class KprobeEngine:
         rsp, gs_base, cr3 = struct.unpack("<QQQ", self.hostmem.read_phys(record, 24))
         if not rsp:
             return None
+        phys: int | None = None
         try:
             if rsp % PAGE_SIZE + FRAME_SIZE <= PAGE_SIZE:
                 # One walk serves both the read and the write-back.
-                self._frame_phys = self.hostmem.translate(cr3, rsp, self._la57).paddr
-                data = self.hostmem.read_phys(self._frame_phys, FRAME_SIZE)
+                phys = self.hostmem.translate(cr3, rsp, self._la57).paddr
+                data = self.hostmem.read_phys(phys, FRAME_SIZE)
             else:
                 data = self.hostmem.read_virt(cr3, rsp, FRAME_SIZE, self._la57)
         except QprobesError:
             return None
         words = list(struct.unpack(f"<{FRAME_WORDS}Q", data))
         if words[0] != 0 or words[1] not in _VECTORS:
+            # A stale record (another stub on this CPU wrote it since, e.g. an
+            # interrupt taken inside the kretprobe trampoline hit a kprobe):
+            # the answer must not go to *its* frame, so keep no address of it.
             return None
+        self._frame_phys = phys
         return rsp, gs_base, cr3, PtRegs(words)
 
     def _reader(self, cr3: int, la57: bool) -> Callable[[int, int], bytes]:

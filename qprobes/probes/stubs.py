@@ -213,13 +213,19 @@ qp_db_entry:
 /* vectors 13 (#GP) and 14 (#PF): ours when rip is in a slot. */
 {_slot_fault(13, "qp_gp")}
 {_slot_fault(14, "qp_pf")}
-/* kretprobe trampoline: a hijacked return lands here. The host writes the
-   real return address into the slot pushed first, then the stub returns
-   there with every register and flag as the function left them. */
+/* kretprobe trampoline: a hijacked return lands here. The slot the return
+   address was popped from is taken back with the trampoline's address still
+   in it (so the host can tell a call that is still returning from a dead
+   one), interrupts go off until the host has answered (no interrupt handler
+   can overwrite this CPU's frame record, and the task cannot move or be
+   preempted in here), the host writes the real return address into that
+   slot, and the stub returns there with every register and flag as the
+   function left them. */
 .globl qp_kretprobe_trampoline
 qp_kretprobe_trampoline:
-    push 0
+    lea rsp, [rsp - 8]
     pushfq
+    cli
     push -1
 {_SAVE}
     push {KRETPROBE_VECTOR:#x}
@@ -237,6 +243,15 @@ qp_kret_doorbell_ret:
     add rsp, 8
     popfq
     ret
+.globl qp_kretprobe_trampoline_end
+qp_kretprobe_trampoline_end:
+
+/* Where a return whose real address nobody knows is sent: an invalid
+   opcode, so that the guest kernel oopses in that task (Linux BUG()s when
+   __kretprobe_find_ret_addr finds nothing). */
+.globl qp_kretprobe_lost
+qp_kretprobe_lost:
+    ud2
 
 /* jprobe_return: a jprobe's guest handler ends by jumping here. The host
    restores the registers and stack saved at the probe hit, by itself. */

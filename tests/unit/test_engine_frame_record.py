@@ -1,0 +1,84 @@
+"""The per-CPU frame record the stubs leave for the host (no guest).
+
+Issue 7 item 10: an interrupt taken inside the kretprobe trampoline, between
+its record write and its doorbell store, hit a kprobe whose #BP stub wrote
+the same CPU's record. At the trampoline's doorbell the record named that
+stale (already answered) #BP frame; the host fell back to the registers for
+the frame, but still wrote its answer to the stale frame's address, so the
+trampoline rang again, unanswered, and was handled a second time.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from qprobes.probes.context import PtRegs
+from qprobes.probes.engine import KprobeEngine
+from qprobes.probes.stubs import (
+    ACTION_RETURN,
+    FRAME_WORDS,
+    KRETPROBE_VECTOR,
+    PERCPU_STRIDE,
+    VAR_PERCPU,
+)
+from qprobes.target.paging import Translation
+from tests.unit.test_engine_states import A, FakeTarget
+
+VARS_PHYS = 0x7C02000
+STALE_BP_FRAME = 0xFFFFC90000003DD8  # on the IRQ stack
+TRAMP_FRAME = 0xFFFFC900003F3CE8  # on the task stack
+CR3 = 0x1000
+
+
+class FakeHostMem:
+    """Guest-physical memory where physical = virtual & 0xffffffff."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[int, int] = {}
+        self.phys_writes: list[int] = []
+        self.virt_writes: list[int] = []
+
+    def read_phys(self, paddr: int, length: int) -> bytes:
+        return bytes(self.bytes.get(paddr + i, 0) for i in range(length))
+
+    def write_phys(self, paddr: int, data: bytes) -> None:
+        self.phys_writes.append(paddr)
+        for i, b in enumerate(data):
+            self.bytes[paddr + i] = b
+
+    def translate(self, cr3: int, vaddr: int, la57: bool = False) -> Translation:
+        return Translation(vaddr, vaddr & 0xFFFFFFFF, 4096, ())
+
+    def read_virt(self, cr3: int, vaddr: int, length: int, la57: bool = False) -> bytes:
+        return self.read_phys(vaddr & 0xFFFFFFFF, length)
+
+    def write_virt(self, cr3: int, vaddr: int, data: bytes, la57: bool = False) -> None:
+        self.virt_writes.append(vaddr)
+        for i, b in enumerate(data):
+            self.bytes[(vaddr & 0xFFFFFFFF) + i] = b
+
+
+def test_a_stale_record_does_not_take_the_answer() -> None:
+    engine = KprobeEngine(FakeTarget(), (0x7C00000, 4 << 20), A)  # type: ignore[arg-type]
+    hostmem = FakeHostMem()
+    engine.hostmem = hostmem  # type: ignore[assignment]
+    engine._vars_phys = VARS_PHYS
+    # vCPU 1's record names the #BP frame the interrupt handler's hit used;
+    # that frame was answered already (action = return).
+    record = VARS_PHYS + VAR_PERCPU + PERCPU_STRIDE * 0
+    hostmem.write_phys(record, struct.pack("<QQQ", STALE_BP_FRAME, 0, CR3))
+    stale = [ACTION_RETURN, 3] + [0] * (FRAME_WORDS - 2)
+    hostmem.write_phys(STALE_BP_FRAME & 0xFFFFFFFF, struct.pack(f"<{FRAME_WORDS}Q", *stale))
+    hostmem.phys_writes.clear()
+    assert engine._locate_frame_fast(1) is None  # the host then reads the registers
+    # The trampoline frame found through rsp gets the answer, not the stale one.
+    words = [0, KRETPROBE_VECTOR] + [0] * (FRAME_WORDS - 2)
+    frame = PtRegs(words)
+    frame.action = ACTION_RETURN
+    engine._write_frame(TRAMP_FRAME, frame, CR3, False)
+    answered = struct.unpack("<Q", hostmem.read_phys(TRAMP_FRAME & 0xFFFFFFFF, 8))[0]
+    assert answered == ACTION_RETURN
+    assert hostmem.virt_writes == [TRAMP_FRAME]
+    assert hostmem.phys_writes == []
+    stale_now = struct.unpack("<Q", hostmem.read_phys(STALE_BP_FRAME & 0xFFFFFFFF, 8))[0]
+    assert stale_now == ACTION_RETURN
