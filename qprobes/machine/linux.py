@@ -32,7 +32,10 @@ from qprobes.errors import MachineError
 from qprobes.machine.qemu import MachineConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The guest builder: the checkout's, or the copy an installed package carries.
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-linux-guest.sh"
+if not BUILD_SCRIPT.is_file():
+    BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "_data" / "build-linux-guest.sh"
 
 #: The guest shell's prompt (``PS1``), exactly.
 LINUX_PROMPT = b"qprobes-guest# "
