@@ -208,13 +208,19 @@ class FtraceRecords:
         """Every record's ip, sorted (as of the last refresh)."""
         return list(self._ips)
 
-    def site(self, addr: int) -> FtraceSite | None:
-        """The live record at ``addr``, or None when ``addr`` is no ftrace site."""
+    def record(self, addr: int) -> int | None:
+        """The address of the ``struct dyn_ftrace`` whose ip is ``addr``, if any."""
         self.refresh()
         i = bisect.bisect_left(self._ips, addr)
         if i == len(self._ips) or self._ips[i] != addr:
             return None
-        rec = self._where[i]
+        return self._where[i]
+
+    def site(self, addr: int) -> FtraceSite | None:
+        """The live record at ``addr``, or None when ``addr`` is no ftrace site."""
+        rec = self.record(addr)
+        if rec is None:
+            return None
         ((ip, flags),) = parse_records(self.read(rec, self.layout.rec_size), 1, self.layout)
         if ip != addr:  # freed under us (a module went away): read again
             self._pages = []
