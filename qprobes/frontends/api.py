@@ -322,7 +322,7 @@ def trace(
         for text in probes:
             spec = parse_probe(text)
             tp = tracer.add(text, by_event.get(getattr(spec, "event", "")))
-            print(f"qprobes: {tp.name} at {tracer._location(tp.addr)}", file=err)
+            print(f"qprobes: {tracer.describe(tp)}", file=err)
         if command:
             line = " ".join(command)
             output, _ = session.run_command(line, interrupted=lambda: stop["asked"])
@@ -343,6 +343,8 @@ def trace(
                 f"qprobes: {row['event']}: {row['hits']} hits, {row['emitted']} printed, "
                 f"{row['filtered']} filtered out, {row['missed']} missed\n"
             )
+            if row.get("note"):
+                err.write(f"qprobes: {row['event']}: warning: {row['note']}\n")
     return 130 if stop["asked"] else 0
 
 

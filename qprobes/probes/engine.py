@@ -547,6 +547,29 @@ class KprobeEngine:
         log.info("%s is an ftrace site (%s): armed at %s", where, site.describe(), there)
         return new
 
+    def ftrace_site_changed(self, kp: Kprobe) -> str | None:
+        """What the guest attached since ``kp`` was armed after its ftrace site,
+        when that makes its hits unsound (checked again at arm time only:
+        callers report this at the end of a trace). None when all is well."""
+        if not kp.on_ftrace or self.ftrace is None or kp.addr is None:
+            return None
+        where, there = self._where(kp.addr), self._where(kp.addr + MCOUNT_INSN_SIZE)
+        site = self.ftrace.site(kp.addr)
+        if site is None:
+            return f"{where} is no longer one of the guest's ftrace sites"
+        if site.direct:
+            return (
+                f"the guest attached a direct trampoline (BPF) to {where} while qprobes probed "
+                f"{there} for it: calls it skipped were missed, and its own calls to {there} "
+                "were counted"
+            )
+        if site.ipmodify:
+            return (
+                f"the guest attached an IPMODIFY ftrace_ops (livepatch?) to {where} while "
+                f"qprobes probed {there} for it: calls it redirected were missed"
+            )
+        return None
+
     def register_kprobe(self, kp: Kprobe) -> Kprobe:
         """Register and arm ``kp`` (``register_kprobe``)."""
         if not self.attached:

@@ -133,6 +133,9 @@ def test_guest_ftrace_and_kprobe_events_work_beside_qprobes_at_entry(linux: Sess
     tracer.add("r:qp/qpr vfs_read ret=$retval")
     tracer.add("p:qp/mark tracing_mark_write text=+0(%si):ustring")
     kp = linux.kprobe("vfs_read", raw)
+    size = linux.symbols.lookup("vfs_read").size  # type: ignore[union-attr]
+    assert tracer.describe(tracer.probes["qp/qpr"]).endswith(
+        f"(an ftrace site: int3 at vfs_read+0x5/{size:#x})")  # fmt: skip
     assert kp.addr == vfs_read and kp.on_ftrace and kp.arm_addr == vfs_read + 5
     assert linux.engine.kread(vfs_read, 5) == NOP5  # the site is the guest's
     setup = (
@@ -258,6 +261,14 @@ def test_what_the_guest_attached_at_the_site_is_read_at_arm_time(
     assert linux.engine.kread(vfs_write, 16) == text and not linux.engine.points
     kp = linux.kprobe("vfs_write", lambda kp, ctx: None)  # the record is plain again
     try:
-        assert kp.on_ftrace
+        assert kp.on_ftrace and linux.engine.ftrace_site_changed(kp) is None
+        # Attached after arming: said at the end of the trace.
+        linux.engine.write_data(flags_at, struct.pack("<Q", flags | getattr(fr.layout, flag) | 1))
+        try:
+            note = linux.engine.ftrace_site_changed(kp)
+        finally:
+            linux.engine.write_data(flags_at, saved)
+        assert note is not None and "while qprobes probed vfs_write+0x5" in note
+        assert linux.engine.ftrace_site_changed(kp) is None
     finally:
         linux.unregister(kp)
