@@ -177,6 +177,9 @@ class Session:
             log.warning("no BTF: qprobes cannot read the guest's ftrace records, and a probe "
                         "at an ftrace site (SYM+0) breaks the guest's ftrace")  # fmt: skip
             return
+        from qprobes.linux.retaddr import GuestReturnHooks
+
+        self.kretprobes.see_through = GuestReturnHooks(kernel)
         try:
             self.engine.ftrace = FtraceRecords.from_kernel(
                 kernel.symbols, kernel.btf, self.engine.read_data

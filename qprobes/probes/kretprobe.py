@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from qprobes.probes.engine import KprobeEngine
 
 RetHandler = Callable[["Kretprobe", HitContext], None]
+# (ctx at the return, stack slot, address found there) -> the real caller,
+# behind the guest's own return hooks (set by Session.use_linux).
+SeeThrough = Callable[[HitContext, int, int], int]
 EntryHandler = Callable[["Kretprobe", HitContext], "bool | None"]
 
 # Trampoline frame at the doorbell (see stubs.py): action, vector, 15 GPRs,
@@ -84,6 +87,7 @@ class KretprobeManager:
         self.engine = engine
         # Kernel stacks have distinct virtual addresses, so the slot alone pairs.
         self.live: dict[int, KretprobeInstance] = {}  # stack slot -> instance
+        self.see_through: SeeThrough | None = None
         engine.kretprobes = self
 
     @property
@@ -156,8 +160,13 @@ class KretprobeManager:
         fake[_IDX["rsp"]] = slot + 8
         fake[_IDX["ss"]] = 0
         view = PtRegs(fake)
+        ret_to = inst.ret_addr
+        if self.see_through is not None:
+            # A probe armed after an ftrace site can find the guest's own
+            # return trampoline there: report the caller behind it.
+            ret_to = self.see_through(ctx, slot, ret_to)
         rctx = HitContext(ctx.vcpu, view, ctx.read_virt, ctx.cr3, kind="kretprobe",
-                          probe=rp.kp, retval=words[_IDX["rax"]], ret_addr=inst.ret_addr,
+                          probe=rp.kp, retval=words[_IDX["rax"]], ret_addr=ret_to,
                           entry_data=inst.data, frame_addr=ctx.frame_addr,
                           gs_base=ctx.gs_base, read_current=ctx.read_current)  # fmt: skip
         rctx.entry_regs = inst.entry_regs

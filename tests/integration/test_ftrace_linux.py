@@ -111,6 +111,7 @@ def test_guest_ftrace_and_kprobe_events_work_beside_qprobes_at_entry(linux: Sess
     rows: list[tuple[str, str, int]] = []
     formatted: list[str] = []
     rips: set[int] = set()
+    ret_to: set[str] = set()
 
     def sink(e: TraceEvent) -> None:
         if e.event == "mark":
@@ -118,6 +119,8 @@ def test_guest_ftrace_and_kprobe_events_work_beside_qprobes_at_entry(linux: Sess
         else:
             rows.append((e.kind, e.comm or "", e.pid or 0))
             formatted.append(e.format())
+            if e.kind == "r" and e.comm == "dd":
+                ret_to.add(e.ret_to or "")
 
     assert linux.kernel is not None
     kernel = linux.kernel
@@ -187,6 +190,11 @@ def test_guest_ftrace_and_kprobe_events_work_beside_qprobes_at_entry(linux: Sess
     assert {key[1:]: n for key, n in ours.items() if key[0] == "raw"} == {
         key[1:]: n for key, n in theirs.items() if key[0] == "function"}  # fmt: skip
     assert rips == {vfs_read}  # the handler sees the registers as at the site
+    # The guest's own return probe hooked the return address first; qprobes
+    # names the caller behind its trampoline, as the guest does.
+    callers = set(re.findall(r" dd-\d+ .* lxr: \((\S+) <- vfs_read\)", trace_text))
+    assert len(callers) == 1 and next(iter(callers)).startswith("ksys_read+"), callers
+    assert ret_to == callers
     assert any(re.search(r"qpp: \(vfs_read\+0x0/0x[0-9a-f]+\) a=0x", t) for t in formatted)
     print(f"the guest and qprobes both counted {READS} vfs_read calls by dd: {dict(ours)}")
 
