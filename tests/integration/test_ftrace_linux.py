@@ -280,3 +280,28 @@ def test_what_the_guest_attached_at_the_site_is_read_at_arm_time(
         assert linux.engine.ftrace_site_changed(kp) is None
     finally:
         linux.unregister(kp)
+
+
+def test_return_probe_beside_the_function_graph_tracer(linux: Session) -> None:
+    # function_graph hooks vfs_read's return address (return_to_handler)
+    # from the site, before qprobes' entry probe at vfs_read+5 runs.
+    got: list[tuple[str, str | None]] = []
+    tracer = Tracer(linux, lambda e: got.append((e.comm or "", e.ret_to)))
+    tracer.add("r:qp/gr vfs_read ret=$retval")
+    try:
+        out = linux.command(f"echo vfs_read > {TR}/set_ftrace_filter && echo function_graph "
+                            f"> {TR}/current_tracer && echo configured")  # fmt: skip
+        assert "configured" in out and "error" not in out, out
+        linux.command("dd if=/dev/zero of=/dev/null bs=1 count=20")
+        linux.command(f"echo 0 > {TR}/tracing_on")
+        trace_text = linux.command(f"cat {TR}/trace", timeout=120)
+    finally:
+        linux.command(f"echo nop > {TR}/current_tracer; echo > {TR}/set_ftrace_filter; "
+                      f"echo 1 > {TR}/tracing_on")  # fmt: skip
+        for name in list(tracer.probes):
+            tracer.remove(name)
+    assert "vfs_read();" in trace_text and "FUNCTION TRACING IS CORRUPTED" not in trace_text
+    dd = [ret for comm, ret in got if comm == "dd"]
+    assert len(dd) == 20
+    assert all(ret is not None and ret.startswith("ksys_read+") for ret in dd), set(dd)
+    assert "WARNING" not in linux.command("dmesg")
