@@ -527,23 +527,29 @@ class KprobeEngine:
             raise ProbeError(f"{head}; but that is text the kernel patches: {reason}")
         found = self.symbols.resolve(addr) if self.symbols is not None else None
         if found is not None and found[0].size > MCOUNT_INSN_SIZE:
-            sym = found[0]
-            code = self._original_bytes(sym.addr, sym.size)
-            try:
-                insns = x86insn.decode_function(code, sym.addr)
-            except InstructionError as exc:
-                raise ProbeError(
-                    f"{head}; but {sym.name} does not decode ({exc}), so qprobes cannot tell "
-                    f"whether a branch goes to {there}: probe {there} explicitly"
-                ) from exc
-            sources = branches_to(insns, new)
-            if sources:
-                named = ", ".join(self._where(a) for a in sources)
-                raise ProbeError(
-                    f"{head}; but a branch in {sym.name} goes there too ({named}), whose hits "
-                    f"would look like calls: probe {there} explicitly (every pass through it) "
-                    "or another offset"
-                )
+            assert self.symbols is not None
+            # The function and its out-of-line part (GCC's SYM.cold), which
+            # jumps back into it.
+            parts = [found[0]]
+            if f"{found[0].name}.cold" in self.symbols:
+                parts.append(self.symbols.lookup(f"{found[0].name}.cold"))
+            for sym in parts:
+                code = self._original_bytes(sym.addr, sym.size)
+                try:
+                    insns = x86insn.decode_function(code, sym.addr)
+                except InstructionError as exc:
+                    raise ProbeError(
+                        f"{head}; but {sym.name} does not decode ({exc}), so qprobes cannot "
+                        f"tell whether a branch goes to {there}: probe {there} explicitly"
+                    ) from exc
+                sources = branches_to(insns, new)
+                if sources:
+                    named = ", ".join(self._where(a) for a in sources)
+                    raise ProbeError(
+                        f"{head}; but a branch in {sym.name} goes there too ({named}), whose "
+                        f"hits would look like calls: probe {there} explicitly (every pass "
+                        "through it) or another offset"
+                    )
         log.info("%s is an ftrace site (%s): armed at %s", where, site.describe(), there)
         return new
 

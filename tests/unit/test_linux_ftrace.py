@@ -187,6 +187,17 @@ def hit(rip: int) -> HitContext:
     return HitContext(1, regs, lambda a, n: bytes(n), 0x1000)
 
 
+def test_a_branch_back_from_the_cold_part_is_seen() -> None:
+    engine, _ = engine_with(BODY, plain())
+    cold = FUNC + 0x800
+    jmp = bytes([0xE9]) + struct.pack("<i", FUNC + 5 - (cold + 5))  # jmp f+5
+    engine.target.write(cold, jmp)
+    engine.symbols = SymbolTable([Symbol("f", FUNC, len(BODY), "func"),
+                                  Symbol("f.cold", cold, len(jmp), "func")])  # fmt: skip
+    with pytest.raises(ProbeError, match=r"a branch in f\.cold goes there too \(f\.cold\)"):
+        engine._check_ftrace_location(FUNC)
+
+
 def test_handlers_see_the_registers_as_at_the_site() -> None:
     engine, target = engine_with(BODY, plain())
     seen: list[tuple[str, int]] = []
