@@ -305,3 +305,19 @@ def test_return_probe_beside_the_function_graph_tracer(linux: Session) -> None:
     assert len(dd) == 20
     assert all(ret is not None and ret.startswith("ksys_read+") for ret in dd), set(dd)
     assert "WARNING" not in linux.command("dmesg")
+
+
+def test_jprobe_at_an_ftrace_site(linux: Session) -> None:
+    # The jprobe's entry code returns to the probe with the registers saved
+    # at the site; the engine then steps the instruction after the site
+    # (its int3 is there), not the site again.
+    seen: list[int] = []
+    jp = linux.jprobe("vfs_read", entry="jmp jprobe_return",
+                      handler=lambda jp, ctx: seen.append(ctx.regs.rip))  # fmt: skip
+    try:
+        assert jp.kp.on_ftrace
+        out = linux.command("dd if=/dev/zero of=/dev/null bs=1 count=7 2>&1; echo rc=$?")
+    finally:
+        linux.unregister(jp)
+    assert "7+0 records in" in out and "rc=0" in out, out
+    assert len(seen) >= 7 and set(seen) == {addr_of(linux, "vfs_read")}
