@@ -554,9 +554,10 @@ class KprobeEngine:
         return new
 
     def ftrace_site_changed(self, kp: Kprobe) -> str | None:
-        """What the guest attached since ``kp`` was armed after its ftrace site,
-        when that makes its hits unsound (checked again at arm time only:
-        callers report this at the end of a trace). None when all is well."""
+        """Read ``kp``'s ftrace record again: what the guest attached to the
+        site since it was armed, when that makes its hits unsound (the arm-time
+        refusals of :meth:`_check_ftrace_location`, found late). The Tracer
+        reports it at the end of a trace. None when all is well."""
         if not kp.on_ftrace or self.ftrace is None or kp.addr is None:
             return None
         where, there = self._where(kp.addr), self._where(kp.addr + MCOUNT_INSN_SIZE)
