@@ -218,15 +218,17 @@ class FtraceRecords:
 
     def site(self, addr: int) -> FtraceSite | None:
         """The live record at ``addr``, or None when ``addr`` is no ftrace site."""
-        rec = self.record(addr)
-        if rec is None:
-            return None
-        ((ip, flags),) = parse_records(self.read(rec, self.layout.rec_size), 1, self.layout)
-        if ip != addr:  # freed under us (a module went away): read again
-            self._pages = []
-            self.refresh()
-            return self.site(addr) if addr in self._ips else None
-        return self.layout.decode(ip, flags)
+        for _ in range(2):
+            rec = self.record(addr)
+            if rec is None:
+                return None
+            ((ip, flags),) = parse_records(self.read(rec, self.layout.rec_size), 1, self.layout)
+            if ip == addr:
+                return self.layout.decode(ip, flags)
+            # The page was freed and reused under the cache (a module went
+            # away and another came): read every page again.
+            self._pages, self._by_page = [], {}
+        raise SymbolError(f"the ftrace record for {addr:#x} changed while it was read")
 
     # --- jump labels ----------------------------------------------------------------
 

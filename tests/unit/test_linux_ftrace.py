@@ -87,6 +87,15 @@ def test_a_module_loaded_later_adds_a_page() -> None:
     assert records.site(0xFFFFFFFFC0001040) is None and len(records) == 3
 
 
+def test_a_reused_page_is_read_again() -> None:
+    mem = two_pages()
+    records = FtraceRecords(LAYOUT, START, mem.read)
+    # Same page and records addresses, other contents (freed and reused).
+    mem.page(PAGE2, 0, RECS2, [(0xFFFFFFFFC0002000, 0)])
+    assert records.site(0xFFFFFFFF81002000) is None
+    assert records.site(0xFFFFFFFFC0002000) is not None
+
+
 def test_parse_records_wants_every_byte() -> None:
     data = struct.pack("<QQQQ", 1, 2, 3, 4)
     assert parse_records(data, 2, LAYOUT) == [(1, 2), (3, 4)]
