@@ -259,7 +259,9 @@ export PS1='$GUEST_PROMPT'
 echo
 echo '$GUEST_READY'
 setsid cttyhack sh
-echo '$GUEST_HOSTNAME: shell exited, powering off'
+status=\$?
+# qprobes boot exits with this status.
+echo "$GUEST_HOSTNAME: shell exited with status \$status, powering off"
 sync
 poweroff -f
 EOF

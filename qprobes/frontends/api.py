@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from qprobes.errors import MachineError
 from qprobes.machine.guests import QTEST_EXIT_PASS, qtest_config
-from qprobes.machine.qemu import MachineConfig, QemuMachine, attach
+from qprobes.machine.qemu import QemuMachine, attach
 
 if TYPE_CHECKING:
     from qprobes.frontends.session import Session
@@ -77,28 +77,45 @@ def boot_interactive(
     """Boot a guest (the built-in Linux guest by default) and hand its serial
     console to the terminal until it exits. The gdbstub socket is printed so
     that ``qprobes attach`` or gdb can connect meanwhile."""
+    check_machine_args(kernel=kernel, initrd=initrd, smp=smp, memory_mib=memory_mib,
+                       accel=accel)  # fmt: skip
     if qtest:
         config = qtest_config(append=append, smp=smp, accel=accel, cpu=cpu)
-    elif kernel is None:
+    else:
         from qprobes.machine.linux import linux_config
 
-        config = linux_config(append=append, kaslr=kaslr, smp=smp, accel=accel, cpu=cpu)
-    else:
-        config = MachineConfig(
-            kernel=Path(kernel), initrd=Path(initrd) if initrd else None, append=append,
-            smp=smp, memory_mib=memory_mib, accel=accel, cpu=cpu,
-        )  # fmt: skip
+        # --kernel alone boots with the built-in busybox initramfs.
+        config = linux_config(append=append, kaslr=kaslr, smp=smp, accel=accel, cpu=cpu,
+                              memory_mib=memory_mib)  # fmt: skip
+        if kernel is not None:
+            config.kernel = Path(kernel)
+        if initrd is not None:
+            config.initrd = Path(initrd)
+    import re
+
+    seen = bytearray()
+
+    def keep_tail(data: bytes) -> None:
+        seen.extend(data)
+        del seen[:-4096]
+
     with QemuMachine(config) as machine:
         start, size = config.reserved
         print(
             f"qprobes: gdbstub at {machine.gdb_socket} (pid {machine.pid}); "
-            f"memory kept for qprobes: --reserve {start:#x}:{size:#x}",
+            f"memory kept for qprobes: --reserve {start:#x}:{size:#x}\r\n"
+            "qprobes: the guest's console follows; Ctrl-A x quits",
             file=sys.stderr,
         )
         machine.target.resume()
         machine.release_gdbstub()
-        machine.console.interactive()
-    return 0
+        how = machine.console.interact(sys.stdin.fileno(), sys.stdout.fileno(), keep_tail)
+    if how == "quit":
+        print("\r\nqprobes: quit (Ctrl-A x); the guest is shut down", file=sys.stderr)
+        return 0
+    # The built-in guest's init names the shell's exit status before powering off.
+    found = re.findall(rb"shell exited with status (\d+)", bytes(seen))
+    return int(found[-1]) if found else 0
 
 
 def attach_info(address: str, out: TextIO = sys.stdout) -> int:
@@ -235,6 +252,62 @@ def guest_digest(session: Session) -> str:
     return digest.hexdigest()
 
 
+def check_machine_args(
+    *,
+    kernel: str | None = None,
+    initrd: str | None = None,
+    smp: int = 1,
+    memory_mib: int | None = None,
+    accel: str = "tcg",
+    symbols_file: str | None = None,
+    attach_address: str | None = None,
+    reserve: str | None = None,
+    **_: Any,
+) -> None:
+    """Check what can be checked before anything boots: one clear error each."""
+    for what, path in (("--kernel", kernel), ("--initrd", initrd), ("--symbols", symbols_file)):
+        if path is not None and not Path(path).is_file():
+            raise MachineError(f"{what} {path}: no such file")
+    if smp < 1:
+        raise MachineError(f"--smp {smp}: a guest needs at least one vCPU")
+    if memory_mib is not None and memory_mib < 64:
+        raise MachineError(f"--memory {memory_mib}: give at least 64 MiB")
+    if attach_address is None and accel == "kvm":
+        _check_kvm()
+    if attach_address is not None:
+        if reserve is None:
+            raise MachineError(
+                "--attach needs --reserve START:SIZE: guest-physical memory the guest does "
+                "not use (boot it with memmap=SIZE$START)"
+            )
+        _parse_reserve(reserve)
+    elif reserve is not None:
+        raise MachineError("--reserve is for --attach (qprobes reserves memory itself otherwise)")
+
+
+def _parse_reserve(reserve: str) -> tuple[int, int]:
+    start, sep, size = reserve.partition(":")
+    try:
+        if not sep:
+            raise ValueError(reserve)
+        return int(start, 0), int(size, 0)
+    except ValueError:
+        raise MachineError(f"--reserve {reserve}: want START:SIZE, e.g. 0x1f800000:0x400000") \
+            from None
+
+
+def _check_kvm() -> None:
+    """KVM needs a /dev/kvm this process can open."""
+    import os
+
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MachineError(f"--accel kvm: cannot open /dev/kvm ({exc.strerror}); use --accel tcg") \
+            from None
+    os.close(fd)
+
+
 def _session_for(
     kernel: str | None,
     initrd: str | None,
@@ -246,30 +319,71 @@ def _session_for(
     accel: str,
     cpu: str | None,
     symbols_file: str | None = None,
+    memory_mib: int | None = None,
 ) -> Session:
     """The Linux session a trace or symbols command works on."""
     from qprobes.frontends.session import Session
-    from qprobes.machine.linux import LINUX_CMDLINE
 
+    check_machine_args(kernel=kernel, initrd=initrd, smp=smp, memory_mib=memory_mib,
+                       accel=accel, symbols_file=symbols_file, attach_address=attach_address,
+                       reserve=reserve)  # fmt: skip
     if attach_address is not None:
-        if reserve is None:
-            raise MachineError(
-                "--attach needs --reserve START:SIZE: guest-physical memory the guest does "
-                "not use (boot it with memmap=SIZE$START)"
-            )
-        start, _, size = reserve.partition(":")
-        return Session.attach(attach_address, reserve=(int(start, 0), int(size, 0)),
+        assert reserve is not None
+        return Session.attach(attach_address, reserve=_parse_reserve(reserve),
                               symbols=symbols_file, linux=True)  # fmt: skip
-    if kernel is not None:
-        parts = [LINUX_CMDLINE, append] if append else [LINUX_CMDLINE]
-        if not kaslr:
-            parts.append("nokaslr")
-        config = MachineConfig(
-            kernel=Path(kernel), initrd=Path(initrd) if initrd else None,
-            append=" ".join(parts), memory_mib=512, smp=smp, accel=accel, cpu=cpu,
-        )  # fmt: skip
-        return Session.linux(config, symbols_file=symbols_file)
-    return Session.linux(kaslr=kaslr, smp=smp, accel=accel, cpu=cpu, symbols_file=symbols_file)
+    # Every machine option applies to the built-in guest and to --kernel
+    # alike; --kernel without --initrd boots the built-in busybox userland.
+    overrides: dict[str, Any] = {"smp": smp, "accel": accel, "cpu": cpu}
+    if memory_mib is not None:
+        overrides["memory_mib"] = memory_mib
+    return Session.linux(kaslr=kaslr, append=append, kernel=kernel, initrd=initrd,
+                         symbols_file=symbols_file, **overrides)  # fmt: skip
+
+
+def guest_command_line(command: list[str]) -> str:
+    """The line typed into the guest shell for ``-- COMMAND...``.
+
+    One argument is a shell command line as it is; several are an argv,
+    each quoted for the shell (as after ``perf record --`` or ``timeout``).
+    """
+    import shlex
+
+    if len(command) == 1:
+        return command[0]
+    return shlex.join(command)
+
+
+#: Exit status when --duration ended a guest command (as timeout(1) does).
+EXIT_TIMEOUT = 124
+#: Exit status after a broken pipe on stdout (128 + SIGPIPE, as a shell shows it).
+EXIT_PIPE = 141
+
+
+def _filters_by_event(filters: list[str] | None, probes: list[str]) -> dict[str, str]:
+    """``--filter EVENT:EXPR`` options by event, checked against the probes;
+    several for one event are combined with ``&&``."""
+    from qprobes.probes.language import ProbeSpec, parse_filter, parse_probe
+
+    events: dict[str, str] = {}  # EVENT and GROUP/EVENT -> EVENT
+    for text in probes:
+        spec = parse_probe(text)
+        if isinstance(spec, ProbeSpec):
+            events[spec.event] = events[f"{spec.group}/{spec.event}"] = spec.event
+    by_event: dict[str, list[str]] = {}
+    for item in filters or []:
+        event, sep, expr = item.partition(":")
+        if not sep or not expr.strip():
+            raise MachineError(f"--filter wants EVENT:EXPRESSION, got {item!r}")
+        if event not in events:
+            known = ", ".join(sorted({e for e in events.values()})) or "none"
+            raise MachineError(f"--filter {item!r}: no probe defines event {event!r} "
+                               f"(events: {known})")  # fmt: skip
+        parse_filter(expr)  # syntax, before booting; fields are checked at arm time
+        by_event.setdefault(events[event], []).append(expr.strip())
+    return {
+        event: exprs[0] if len(exprs) == 1 else " && ".join(f"({e})" for e in exprs)
+        for event, exprs in by_event.items()
+    }
 
 
 def trace(
@@ -284,14 +398,18 @@ def trace(
     **machine: Any,
 ) -> int:
     """``qprobes trace``: arm kprobe_events-style probes, run a guest command,
-    print every hit, then a summary. Ctrl-C stops tracing and detaches."""
+    print every hit, then a summary. Ctrl-C stops tracing and detaches.
+
+    Returns the guest command's exit status (124 when ``duration`` ended
+    it), 0 after tracing with no command, 130 after Ctrl-C, 141 when stdout
+    was closed (``| head``)."""
     import json
     import signal
 
     from qprobes.frontends.trace import TraceEvent, Tracer
     from qprobes.probes.language import parse_probe
 
-    # Check every definition before booting anything.
+    # Check every definition, filter and machine option before booting anything.
     for text in probes:
         parse_probe(text)
     if command and machine.get("attach_address"):
@@ -299,24 +417,31 @@ def trace(
             "with --attach qprobes has no console to type GUEST_COMMAND into: run the "
             "workload in the guest yourself, and stop tracing with Ctrl-C or --duration"
         )
-    by_event: dict[str, str] = {}
-    for item in filters or []:
-        event, sep, expr = item.partition(":")
-        if not sep:
-            raise MachineError(f"--filter wants EVENT:EXPRESSION, got {item!r}")
-        by_event[event] = expr
+    if duration is not None and duration <= 0:
+        raise MachineError(f"--duration {duration}: give a positive number of seconds")
+    by_event = _filters_by_event(filters, probes)
+    check_machine_args(**machine)
+
+    state = {"asked": False, "pipe": False, "mute": False}
 
     def sink(event: TraceEvent) -> None:
-        out.write((event.to_json() if json_output else event.format()) + "\n")
-        out.flush()
-
-    stop = {"asked": False}
+        if state["pipe"] or state["mute"]:
+            return
+        try:
+            out.write((event.to_json() if json_output else event.format()) + "\n")
+            out.flush()
+        except BrokenPipeError:
+            state["pipe"] = True  # the reader went away: stop, as grep would
 
     def on_sigint(signum: int, frame: object) -> None:
-        stop["asked"] = True
+        state["asked"] = True
+
+    def stopping() -> bool:
+        return state["asked"] or state["pipe"]
 
     session = _session_for(**machine)
     previous = signal.signal(signal.SIGINT, on_sigint)
+    status = 0
     try:
         tracer = Tracer(session, sink)
         for text in probes:
@@ -324,17 +449,26 @@ def trace(
             tp = tracer.add(text, by_event.get(getattr(spec, "event", "")))
             print(f"qprobes: {tracer.describe(tp)}", file=err)
         if command:
-            line = " ".join(command)
-            output, _ = session.run_command(line, interrupted=lambda: stop["asked"])
+            line = guest_command_line(command)
+            output, finished = session.run_command(line, timeout=duration, interrupted=stopping)
             if output:
                 err.write(output if output.endswith("\n") else output + "\n")
+            summary = tracer.summary()
+            state["mute"] = True
+            if finished:
+                status = session.last_status()
+            elif not stopping():
+                print(f"qprobes: --duration {duration:g} s ended the guest command", file=err)
+                status = EXIT_TIMEOUT
         else:
             print("qprobes: tracing; Ctrl-C to stop", file=err)
-            session.run(until=lambda: stop["asked"], timeout=duration)
-        summary = tracer.summary()
+            session.run(until=stopping, timeout=duration)
+            summary = tracer.summary()
     finally:
         signal.signal(signal.SIGINT, previous)
         session.close()
+    if state["pipe"]:
+        return EXIT_PIPE
     for row in summary:
         if json_output:
             err.write(json.dumps({"summary": row}) + "\n")
@@ -345,7 +479,7 @@ def trace(
             )
             if row.get("note"):
                 err.write(f"qprobes: {row['event']}: warning: {row['note']}\n")
-    return 130 if stop["asked"] else 0
+    return 130 if state["asked"] else status
 
 
 def symbols(pattern: str, out: TextIO = sys.stdout, **machine: Any) -> int:
@@ -366,4 +500,7 @@ def symbols(pattern: str, out: TextIO = sys.stdout, **machine: Any) -> int:
             print(f"{s.addr:016x} {s.size:8d} {s.kind:<6} {s.name}", file=out)
     finally:
         session.close()
-    return 0 if rows else 1
+    if not rows:
+        print(f"qprobes: no kernel symbol matches {pattern!r}", file=sys.stderr)
+        return 1
+    return 0

@@ -38,6 +38,7 @@ def _machine_args(args: argparse.Namespace) -> dict[str, Any]:
         "kernel": args.kernel, "initrd": args.initrd, "append": args.append,
         "attach_address": args.attach, "reserve": args.reserve, "kaslr": args.kaslr,
         "smp": args.smp, "accel": args.accel, "cpu": args.cpu, "symbols_file": args.symbols,
+        "memory_mib": args.memory,
     }  # fmt: skip
 
 
@@ -64,6 +65,16 @@ def _cmd_attach(args: argparse.Namespace) -> int:
     return api.attach_info(args.address, out=sys.stdout)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qprobes",
@@ -73,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def machine_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--smp", type=int, default=1, help="number of vCPUs (default 1)")
+        p.add_argument("--smp", type=_positive_int, default=1,
+                       help="number of vCPUs (default 1)")  # fmt: skip
         p.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
                        help="QEMU accelerator (default tcg)")  # fmt: skip
         p.add_argument("--cpu", default=None, help="QEMU -cpu model (default: QEMU's)")
@@ -91,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def guest_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--kernel", help="kernel image (default: the built-in Linux guest)")
-        p.add_argument("--initrd", help="initial ramdisk for --kernel")
+        p.add_argument("--initrd", help="initial ramdisk (default: the built-in initramfs)")
         p.add_argument("--append", default="", help="extra kernel command line")
+        p.add_argument("--memory", type=_positive_int, default=None, metavar="MIB",
+                       help="guest RAM in MiB (default 512)")  # fmt: skip
         p.add_argument("--kaslr", action="store_true", help="boot with KASLR (default nokaslr)")
         p.add_argument(
             "--symbols",
@@ -136,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EVENT:EXPR",
         help="ftrace filter for one event, e.g. 'myopen:path ~ \"/etc/*\"'",
     )
-    p.add_argument("--duration", type=float, help="with no GUEST_COMMAND: trace this long")
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="trace this long; with GUEST_COMMAND, stop the command after it "
+                   "(exit status 124, as timeout(1))")  # fmt: skip
     guest_options(p)
     attach_options(p)
     p.set_defaults(func=_cmd_trace, guest_command=[])
@@ -153,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", help="kernel image (default: the built-in Linux guest)")
     p.add_argument("--append", default="", help="extra kernel command line")
     p.add_argument("--kaslr", action="store_true", help="boot with KASLR")
-    p.add_argument("--memory", type=int, default=512, help="guest RAM in MiB (default 512)")
+    p.add_argument("--memory", type=_positive_int, default=512,
+                   help="guest RAM in MiB (default 512)")  # fmt: skip
     machine_options(p)
     p.set_defaults(func=_cmd_boot)
 
@@ -180,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         status: int = args.func(args)
+    except BrokenPipeError:
+        return _broken_pipe()
     except ProbeSyntaxError as exc:
         # One line, then the definition with a caret under the column (as
         # Linux's tracing/error_log shows it).
@@ -194,6 +213,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("qprobes: interrupted", file=sys.stderr)
         return 130
     return status
+
+
+def _broken_pipe() -> int:
+    """stdout's reader went away (``| head``): exit quietly, as grep does."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # nothing more reaches the closed pipe
+    return 141
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import select
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,38 @@ F = TypeVar("F", bound=Callable[..., Any])
 CURSOR_QUERY = b"\x1b[6n"
 
 log = logging.getLogger(__name__)
+
+
+_ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|c)")
+
+#: Under KVM the default guest boots in about a second; where KVM is present
+#: but broken, QEMU hangs after the firmware with no error.
+KVM_BOOT_TIMEOUT = 30.0
+
+
+def _boot_to(machine: QemuMachine, until: bytes, timeout: float) -> None:
+    """Run the console until ``until``; a guest that dies or hangs first is
+    one error line with the tail of its console (a panic, say)."""
+    kvm = machine.config.accel == "kvm"
+    if kvm:
+        timeout = min(timeout, KVM_BOOT_TIMEOUT)
+    try:
+        data = machine.console.tube.recvuntil(until, timeout=timeout)
+        if data.endswith(until):
+            return
+        why = f"no guest prompt within {timeout:g} s"
+        if kvm:
+            why += " under --accel kvm: KVM does not work on this host; use --accel tcg"
+    except EOFError:  # QEMU closed the console: it is exiting
+        why = "QEMU closed the guest's console before its prompt"
+        with contextlib.suppress(MachineError):
+            machine.wait(5.0)
+    if not machine.alive():
+        why = f"QEMU exited (status {machine.wait(1.0)}) before the guest's prompt"
+    text = _ANSI.sub("", machine.console_text().replace("\r\n", "\n"))
+    tail = text.rstrip().splitlines()[-15:]
+    lines = "\n".join(f"    {line}" for line in tail) if tail else "    (no console output)"
+    raise MachineError(f"{why}; the last lines of its console:\n{lines}")
 
 
 class Session:
@@ -100,7 +133,7 @@ class Session:
         try:
             if boot_until is not None:
                 machine.target.resume()
-                machine.console.recvuntil(boot_until, timeout=boot_timeout)
+                _boot_to(machine, boot_until, boot_timeout)
                 machine.target.stop()
             if near is None:
                 if symbols is None:
@@ -128,15 +161,25 @@ class Session:
 
     @classmethod
     def linux(cls, config: MachineConfig | None = None, *, kaslr: bool = False, smp: int = 1,
-              boot_timeout: float = 120.0, symbols_file: str | None = None,
+              boot_timeout: float = 120.0, symbols_file: str | None = None, append: str = "",
+              kernel: str | Path | None = None, initrd: str | Path | None = None,
               **config_args: Any) -> Session:  # fmt: skip
         """Boot a Linux guest (default: the built-in one) to its shell prompt,
-        recover its symbols and types from memory, and attach."""
+        recover its symbols and types from memory, and attach.
+
+        ``append`` is added to the kernel command line; ``kernel`` and
+        ``initrd`` replace the built-in guest's (a kernel alone boots with
+        the built-in busybox initramfs)."""
         from qprobes.machine.linux import LINUX_PROMPT, linux_config
 
         if config is None:
             # Echo off: the console then carries only output and prompts.
-            config = linux_config(append="qprobes.echo=0", kaslr=kaslr, smp=smp, **config_args)
+            config = linux_config(append=f"qprobes.echo=0 {append}".strip(), kaslr=kaslr,
+                                  smp=smp, **config_args)  # fmt: skip
+            if kernel is not None:
+                config.kernel = Path(kernel)
+            if initrd is not None:
+                config.initrd = Path(initrd)
         session = cls.boot(config, near=0, prompt=LINUX_PROMPT, boot_until=LINUX_PROMPT,
                            boot_timeout=boot_timeout, attach=False)  # fmt: skip
         try:
@@ -335,6 +378,14 @@ class Session:
         text = raw.decode(errors="replace").replace("\r\n", "\n")
         first, _, rest = text.partition("\n")
         return (rest if first.strip() == line.strip() else text), finished
+
+    def last_status(self, timeout: float = 30.0) -> int:
+        """The exit status of the last command the guest shell ran (``$?``)."""
+        text = self.command("echo $?", timeout=timeout)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines or not lines[-1].isdigit():
+            raise MachineError(f"cannot read the guest command's exit status from {text!r}")
+        return int(lines[-1])
 
     # --- lifecycle ------------------------------------------------------------------
 

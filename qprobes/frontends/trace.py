@@ -28,6 +28,7 @@ from qprobes.probes.language import (
     ProbeSpec,
     RemoveSpec,
     Value,
+    common_values,
     compile_fetchargs,
     evaluate,
     evaluate_filter,
@@ -208,7 +209,9 @@ class Tracer:
         comm, pid = self._task(ctx)
         fctx = HitFetchContext(ctx, lambda: comm or "")
         values = evaluate(tp.args, fctx)
-        if tp.filter is not None and not evaluate_filter(tp.filter, values):
+        if tp.filter is not None and not evaluate_filter(
+            tp.filter, {**common_values(pid, comm, ctx.vcpu - 1), **values}
+        ):
             tp.filtered += 1
             return
         tp.emitted += 1

@@ -8,6 +8,7 @@ it costs about a second. The tube gives the expect-style calls users know:
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 
@@ -63,6 +64,69 @@ class Console:
     def interactive(self) -> None:
         """Hand the console to the user's terminal (pwntools ``interactive``)."""
         self._tube.interactive(prompt="")
+
+    def interact(self, stdin: int, stdout: int, on_output: Callable[[bytes], None] | None = None
+                 ) -> str:  # fmt: skip
+        """Connect the terminal on ``stdin``/``stdout`` to the console until the
+        guest closes it (returns ``"closed"``) or the user types QEMU's own
+        escape, ``Ctrl-A x`` (returns ``"quit"``; ``Ctrl-A Ctrl-A`` sends one
+        ``Ctrl-A``).
+
+        A terminal is put in raw mode meanwhile, so that every key (Ctrl-C,
+        Ctrl-D, arrows) reaches the guest and only the guest echoes; the
+        terminal's own answers (the cursor position that busybox's line
+        editor asks for) reach the guest too, instead of the screen.
+        ``on_output`` sees everything the guest prints.
+        """
+        import os
+        import select
+        import termios
+        import tty
+
+        sock = self._tube.sock
+        saved = None
+        if os.isatty(stdin):
+            saved = termios.tcgetattr(stdin)
+            tty.setraw(stdin)
+        escape = False  # a Ctrl-A waits for its second key
+        inputs = [sock, stdin]
+        try:
+            # What the tube already buffered (the boot) comes first.
+            early = self._tube.recv(1 << 20, timeout=0) if len(self._tube.buffer) else b""
+            if early:
+                os.write(stdout, early)
+                if on_output is not None:
+                    on_output(early)
+            while True:
+                ready, _, _ = select.select(inputs, [], [])
+                if sock in ready:
+                    data = sock.recv(4096)
+                    if not data:
+                        return "closed"
+                    os.write(stdout, data)
+                    if on_output is not None:
+                        on_output(data)
+                if stdin in ready:
+                    keys = os.read(stdin, 4096)
+                    if not keys:  # stdin closed: the guest's output still flows
+                        inputs = [sock]
+                        continue
+                    out = bytearray()
+                    for key in keys:
+                        if escape:
+                            escape = False
+                            if key in (ord("x"), ord("X")):
+                                return "quit"
+                            out += b"\x01" if key == 1 else bytes([1, key])
+                        elif key == 1:
+                            escape = True
+                        else:
+                            out.append(key)
+                    if out:
+                        sock.sendall(bytes(out))
+        finally:
+            if saved is not None:
+                termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
 
     def close(self) -> None:
         self._tube.close()

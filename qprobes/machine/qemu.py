@@ -183,9 +183,12 @@ class QemuMachine:
         cmdline = self.command_line()
         output = self._path("qemu.out").open("wb")
         try:
+            # A session of its own: a Ctrl-C at qprobes' terminal goes to
+            # qprobes' process group, which detaches first; QEMU must not get
+            # it too. It still dies with qprobes (_die_with_parent).
             self._proc = subprocess.Popen(
                 cmdline, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent, start_new_session=True,
             )  # fmt: skip
         except OSError as exc:
             output.close()

@@ -48,6 +48,7 @@ from qprobes.probes.language import (
     SymbolRef,
     TpErr,
     TypeSpec,
+    common_values,
     compile_fetchargs,
     evaluate,
     evaluate_filter,
@@ -885,3 +886,23 @@ GLOBS = [
 )
 def test_glob_match(pattern: str, text: str, expected: bool) -> None:
     assert glob_match(pattern, text) is expected
+
+
+def test_common_fields_are_known_to_every_event() -> None:
+    """ftrace's generic and common fields (common_pid, comm/COMM, cpu/CPU)
+    pass the field check and take their kinds; an event's own field of the
+    same name shadows them."""
+    args = compile_fetchargs(parse_ok("p vfs_read len=%ax:s32"))
+    fields = [arg.filter_field for arg in args]
+    expr = parse_filter('common_pid == 42 && COMM ~ "ca*" && CPU == 1 && len > 0', fields)
+    values = {**common_values(42, "cat", 1), "len": 5}
+    assert evaluate_filter(expr, values)
+    assert not evaluate_filter(expr, {**common_values(43, "cat", 1), "len": 5})
+    assert not evaluate_filter(parse_filter("common_pid == -1", fields),
+                               common_values(7, "cat", 0))  # fmt: skip
+    assert evaluate_filter(parse_filter('comm == "<...>"', fields), common_values(None, None, 0))
+    with pytest.raises(ProbeSyntaxError):
+        parse_filter("comm == 1", fields)  # comm is a string
+    own = compile_fetchargs(parse_ok("p vfs_read comm=%ax:u32"))
+    shadowed = parse_filter("comm == 3", [arg.filter_field for arg in own])
+    assert evaluate_filter(shadowed, {**common_values(1, "cat", 0), "comm": 3})

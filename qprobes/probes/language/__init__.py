@@ -48,12 +48,14 @@ from qprobes.probes.language.fetch import (
     format_value,
 )
 from qprobes.probes.language.filter import (
+    COMMON_FIELDS,
     And,
     FilterExpr,
     FilterOp,
     Not,
     Or,
     Predicate,
+    common_values,
     evaluate_filter,
     glob_match,
     parse_filter,
@@ -62,6 +64,7 @@ from qprobes.probes.language.parser import TpErr, parse_probe
 from qprobes.probes.language.types import Bitfield, CKind, CType, Member, TypeResolver
 
 __all__ = [
+    "COMMON_FIELDS",
     "FAULT",
     "AllArgs",
     "And",
@@ -100,6 +103,7 @@ __all__ = [
     "TypeResolver",
     "TypeSpec",
     "Value",
+    "common_values",
     "compile_fetchargs",
     "evaluate",
     "evaluate_filter",

@@ -245,13 +245,36 @@ class _Parser:
         return Predicate(name, op, value, start)
 
 
+#: Fields every event has (``trace_events.c``: the generic ``CPU``/``cpu`` and
+#: ``COMM``/``comm`` fields, and the common ``common_pid``). An event's own
+#: field of the same name wins, as in ``trace_find_event_field``.
+COMMON_FIELDS = (
+    FilterField("common_pid", size=4, signed=True),
+    FilterField("comm", is_string=True),
+    FilterField("COMM", is_string=True),
+    FilterField("cpu", size=4),
+    FilterField("CPU", size=4),
+)
+
+
+def common_values(pid: int | None, comm: str | None, cpu: int) -> dict[str, Value]:
+    """The values of :data:`COMMON_FIELDS` for one event (a task that cannot
+    be read has pid -1 and comm ``"<...>"``, as ftrace prints it)."""
+    name = comm if comm is not None else "<...>"
+    return {"common_pid": -1 if pid is None else pid, "comm": name, "COMM": name,
+            "cpu": cpu, "CPU": cpu}  # fmt: skip
+
+
 def parse_filter(text: str, fields: Iterable[FilterField] | None = None) -> FilterExpr:
     """Parse a filter expression. With ``fields`` (e.g. each
     :attr:`CompiledArg.filter_field <qprobes.probes.language.fetch.CompiledArg.filter_field>`),
     field names and value kinds are checked as Linux checks them against an
     event's format; without, any field name is taken. Raises
     :class:`~qprobes.errors.ProbeSyntaxError`."""
-    known = None if fields is None else {f.name: f for f in fields}
+    known = None
+    if fields is not None:
+        known = {f.name: f for f in COMMON_FIELDS}
+        known.update((f.name, f) for f in fields)
     return _Parser(text, known).parse()
 
 
