@@ -452,7 +452,7 @@ def trace(
                 print(f"qprobes: removed {name}", file=err)
                 continue
             tp = tracer.add(text, by_event.get(spec.event))
-            print(f"qprobes: {tp.name} at {tracer._location(tp.addr)}", file=err)
+            print(f"qprobes: {tracer.describe(tp)}", file=err)
         if command:
             line = guest_command_line(command)
             output, finished = session.run_command(line, timeout=duration, interrupted=stopping)
@@ -482,6 +482,8 @@ def trace(
                 f"qprobes: {row['event']}: {row['hits']} hits, {row['emitted']} printed, "
                 f"{row['filtered']} filtered out, {row['missed']} missed\n"
             )
+            if row.get("note"):
+                err.write(f"qprobes: {row['event']}: warning: {row['note']}\n")
     return 130 if state["asked"] else status
 
 

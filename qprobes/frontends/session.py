@@ -211,6 +211,28 @@ class Session:
         self.engine.attach()
         for start, end, why in kernel.blacklist(self.engine.read_data):
             self.engine.blacklist(start, end, why)
+        self._use_ftrace(kernel)
+
+    def _use_ftrace(self, kernel: LinuxKernel) -> None:
+        """Give the engine the guest's ftrace records: probes at an ftrace
+        site then go on the next instruction instead of breaking ftrace."""
+        from qprobes.linux.ftrace import FtraceRecords
+
+        if "ftrace_pages_start" not in kernel.symbols:
+            return  # no dynamic ftrace: nothing patches function entries
+        if kernel.btf is None:
+            log.warning("no BTF: qprobes cannot read the guest's ftrace records, and a probe "
+                        "at an ftrace site (SYM+0) breaks the guest's ftrace")  # fmt: skip
+            return
+        from qprobes.linux.retaddr import GuestReturnHooks
+
+        self.kretprobes.see_through = GuestReturnHooks(kernel)
+        try:
+            self.engine.ftrace = FtraceRecords.from_kernel(
+                kernel.symbols, kernel.btf, self.engine.read_data
+            )
+        except QprobesError as exc:
+            raise ProbeError(f"cannot read the guest's ftrace records: {exc}") from exc
 
     @classmethod
     def attach(cls, address: str, *, reserve: tuple[int, int], near: int | None = None,

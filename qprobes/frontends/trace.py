@@ -114,6 +114,13 @@ class TraceProbe:
     def nmissed(self) -> int:
         return self.probe.nmissed if self.probe is not None else 0
 
+    @property
+    def kprobe(self) -> Kprobe | None:
+        """The kprobe that holds the int3 (a return probe's entry probe)."""
+        if isinstance(self.probe, Kretprobe):
+            return self.probe.kp
+        return self.probe
+
 
 class Tracer:
     """Probes from kprobe_events definitions on a :class:`Session`."""
@@ -135,6 +142,16 @@ class Tracer:
             return f"{addr:#x}"
         sym, off = found
         return f"{sym.name}+{off:#x}/{sym.size:#x}"
+
+    def describe(self, tp: TraceProbe) -> str:
+        """Where ``tp`` is, and where its int3 went when that is elsewhere: a
+        probe at an ftrace site is armed on the next instruction (its hits
+        are still reported at the site)."""
+        text = f"{tp.name} at {self._location(tp.addr)}"
+        kp = tp.kprobe
+        if kp is not None and kp.on_ftrace and kp.arm_addr is not None:
+            text += f" (an ftrace site: int3 at {self._location(kp.arm_addr)})"
+        return text
 
     def _resolver(self) -> Any:
         kernel = self.session.kernel
@@ -231,8 +248,10 @@ class Tracer:
 
     def summary(self) -> list[dict[str, Any]]:
         """Hits and misses per probe."""
+        engine = self.session.engine
         return [
             {"event": name, "location": tp.spec.location, "hits": tp.nhit,
-             "emitted": tp.emitted, "filtered": tp.filtered, "missed": tp.nmissed}
+             "emitted": tp.emitted, "filtered": tp.filtered, "missed": tp.nmissed,
+             "note": engine.ftrace_site_changed(tp.kprobe) if tp.kprobe is not None else None}
             for name, tp in self.probes.items()
         ]  # fmt: skip

@@ -40,6 +40,7 @@ from qprobes.errors import (
 )
 from qprobes.probes.area import PAGE_SIZE, GuestArea
 from qprobes.probes.context import HitContext, PtRegs
+from qprobes.probes.ftrace_site import MCOUNT_INSN_SIZE, FtraceRecords, branches_to
 from qprobes.probes.kprobe import (
     Kprobe,
     KprobeCtlblk,
@@ -171,6 +172,9 @@ class KprobeEngine:
         self._user_code = 0
         self._vars_phys = 0
         self._blacklist: list[tuple[int, int, str]] = []
+        # The guest's ftrace sites (set by Session.use_linux): a probe at one
+        # is armed on the next instruction (see _check_ftrace_location).
+        self.ftrace: FtraceRecords | None = None
         self._frame_phys: int | None = None  # the current frame's guest-physical address
         self._spurious = False
         # Kernel page tables (the kernel half is the same in every address
@@ -478,14 +482,112 @@ class KprobeEngine:
             return a == b
         return fa[0] == fb[0]
 
+    def _where(self, addr: int) -> str:
+        return self.symbols.format(addr) if self.symbols is not None else f"{addr:#x}"
+
+    def _check_ftrace_location(self, addr: int) -> int:
+        """Where to put the int3 of a probe at ``addr`` (``check_ftrace_location``).
+
+        ``addr`` itself, unless it is one of the guest's ftrace sites: an int3
+        there would break ftrace, so the probe goes on the instruction right
+        after the site (:mod:`qprobes.probes.ftrace_site`). Refused, before
+        anything is written, where that instruction does not see every call
+        and only calls: a branch in the function goes to it, the kernel
+        reserves it for patching, or what the guest attached to the site
+        (a direct trampoline, an IPMODIFY ops such as livepatch) may call it
+        itself or skip it.
+        """
+        if self.ftrace is None:
+            return addr
+        site = self.ftrace.site(addr)
+        if site is None:
+            return addr
+        new = addr + MCOUNT_INSN_SIZE
+        where, there = self._where(addr), self._where(new)
+        head = f"{where} is an ftrace site, where qprobes probes the next instruction, {there}"
+        if site.direct:
+            raise ProbeError(
+                f"{head}; but the guest attached a direct trampoline to it (a BPF fentry/fexit "
+                f"program: FTRACE_FL_DIRECT, {site.describe()}), which calls {there} with its "
+                "own return address or skips the function: not probing it"
+            )
+        if site.ipmodify:
+            raise ProbeError(
+                f"{head}; but an ftrace_ops that changes the ip (FTRACE_FL_IPMODIFY: "
+                f"livepatch or the like, {site.describe()}) is attached, so {there} may never "
+                "run: not probing it"
+            )
+        self.can_probe(addr)  # the blacklist names the function itself
+        try:
+            next_insn = x86insn.decode(self._original_bytes(new, x86insn.MAX_INSN_SIZE), new)
+        except InstructionError as exc:
+            raise ProbeError(f"{head}; but {there} does not decode ({exc})") from exc
+        reason = self.ftrace.text_reserved(new, new + next_insn.length)
+        if reason is not None:
+            raise ProbeError(f"{head}; but that is text the kernel patches: {reason}")
+        found = self.symbols.resolve(addr) if self.symbols is not None else None
+        if found is not None and found[0].size > MCOUNT_INSN_SIZE:
+            assert self.symbols is not None
+            # The function and its out-of-line part (GCC's SYM.cold), which
+            # jumps back into it.
+            parts = [found[0]]
+            if f"{found[0].name}.cold" in self.symbols:
+                parts.append(self.symbols.lookup(f"{found[0].name}.cold"))
+            for sym in parts:
+                code = self._original_bytes(sym.addr, sym.size)
+                try:
+                    insns = x86insn.decode_function(code, sym.addr)
+                except InstructionError as exc:
+                    raise ProbeError(
+                        f"{head}; but {sym.name} does not decode ({exc}), so qprobes cannot "
+                        f"tell whether a branch goes to {there}: probe {there} explicitly"
+                    ) from exc
+                sources = branches_to(insns, new)
+                if sources:
+                    named = ", ".join(self._where(a) for a in sources)
+                    raise ProbeError(
+                        f"{head}; but a branch in {sym.name} goes there too ({named}), whose "
+                        f"hits would look like calls: probe {there} explicitly (every pass "
+                        "through it) or another offset"
+                    )
+        log.info("%s is an ftrace site (%s): armed at %s", where, site.describe(), there)
+        return new
+
+    def ftrace_site_changed(self, kp: Kprobe) -> str | None:
+        """Read ``kp``'s ftrace record again: what the guest attached to the
+        site since it was armed, when that makes its hits unsound (the arm-time
+        refusals of :meth:`_check_ftrace_location`, found late). The Tracer
+        reports it at the end of a trace. None when all is well."""
+        if not kp.on_ftrace or self.ftrace is None or kp.addr is None:
+            return None
+        where, there = self._where(kp.addr), self._where(kp.addr + MCOUNT_INSN_SIZE)
+        site = self.ftrace.site(kp.addr)
+        if site is None:
+            return f"{where} is no longer one of the guest's ftrace sites"
+        if site.direct:
+            return (
+                f"the guest attached a direct trampoline (BPF) to {where} while qprobes probed "
+                f"{there} for it: calls it skipped were missed, and its own calls to {there} "
+                "were counted"
+            )
+        if site.ipmodify:
+            return (
+                f"the guest attached an IPMODIFY ftrace_ops (livepatch?) to {where} while "
+                f"qprobes probed {there} for it: calls it redirected were missed"
+            )
+        return None
+
     def register_kprobe(self, kp: Kprobe) -> Kprobe:
         """Register and arm ``kp`` (``register_kprobe``)."""
         if not self.attached:
             raise ProbeError("attach the engine before registering probes")
         if kp.registered:
             raise ProbeError(f"{kp!r} is already registered")
-        addr = self.resolve(kp)
-        kp.addr = addr  # as register_kprobe() fills in p->addr; symbol_name stays
+        site = self.resolve(kp)
+        kp.on_ftrace = False
+        addr = self._check_ftrace_location(site)
+        kp.addr = site  # as register_kprobe() fills in p->addr; symbol_name stays
+        kp.on_ftrace = addr != site
         point = self.points.get(addr)
         if point is not None:
             # An aggregate probe: one int3, one slot, several handlers.
@@ -534,9 +636,10 @@ class KprobeEngine:
 
     def unregister_kprobe(self, kp: Kprobe) -> None:
         """Disarm and forget ``kp`` (``unregister_kprobe``)."""
-        if not kp.registered or kp.addr is None:
+        arm_addr = kp.arm_addr
+        if not kp.registered or arm_addr is None:
             raise ProbeError(f"{kp!r} is not registered")
-        point = self.points[kp.addr]
+        point = self.points[arm_addr]
         point.kprobes.remove(kp)
         kp.registered = False
         if point.kprobes:
@@ -550,15 +653,15 @@ class KprobeEngine:
 
     def enable_kprobe(self, kp: Kprobe) -> None:
         kp.disabled = False
-        if kp.addr is not None and kp.addr in self.points:
-            point = self.points[kp.addr]
+        if kp.arm_addr is not None and kp.arm_addr in self.points:
+            point = self.points[kp.arm_addr]
             if not point.armed:
                 self._arm(point)
 
     def disable_kprobe(self, kp: Kprobe) -> None:
         kp.disabled = True
-        if kp.addr is not None and kp.addr in self.points:
-            point = self.points[kp.addr]
+        if kp.arm_addr is not None and kp.arm_addr in self.points:
+            point = self.points[kp.arm_addr]
             if point.armed and not point.enabled:
                 self._disarm(point)
 
@@ -802,6 +905,10 @@ class KprobeEngine:
             if kp.disabled:
                 continue
             kp.nhit += 1
+            if kp.on_ftrace:
+                # kprobe_ftrace_handler: registers as at the site.
+                assert kp.addr is not None
+                regs.rip = kp.addr
             if kp.pre_handler is not None:
                 ctx.probe = kp
                 if kp.pre_handler(kp, ctx):
@@ -809,6 +916,14 @@ class KprobeEngine:
                     kcb.status = KprobeStatus.NONE
                     kcb.current = None
                     return
+            if kp.on_ftrace:
+                if kp.post_handler is not None:
+                    # "Emulate singlestep" of the site's nop, as Linux does.
+                    assert kp.addr is not None
+                    regs.rip = kp.addr + MCOUNT_INSN_SIZE
+                    ctx.probe = kp
+                    kp.post_handler(kp, ctx, 0)
+                regs.rip = addr
         self._prepare_singlestep(kcb, point, ctx, KprobeStatus.HIT_SS)
 
     def _prepare_singlestep(self, kcb: KprobeCtlblk, point: ProbePoint, ctx: HitContext,
@@ -878,7 +993,7 @@ class KprobeEngine:
         reenter = kcb.status is KprobeStatus.REENTER
         if not reenter:
             for kp in point.kprobes:
-                if kp.post_handler is not None and not kp.disabled:
+                if kp.post_handler is not None and not kp.disabled and not kp.on_ftrace:
                     ctx.probe = kp
                     kp.post_handler(kp, ctx, 0)
         self._end_step(kcb, ctx.cr3)
@@ -914,7 +1029,7 @@ class KprobeEngine:
         if self.jprobes is None:
             raise ProbeError("jprobe_return reached with no jprobes")
         saved, _values = self.jprobes.longjmp(ctx.vcpu)
-        addr = saved.jp.kp.addr
+        addr = saved.jp.kp.arm_addr
         point = self.points.get(addr) if addr is not None else None
         view = PtRegs(list(saved.words))
         if point is not None and point.armed:

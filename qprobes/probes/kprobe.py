@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qprobes.probes.ftrace_site import MCOUNT_INSN_SIZE
+
 if TYPE_CHECKING:
     from qprobes.probes.context import HitContext
 
@@ -26,6 +28,11 @@ class Kprobe:
     instruction faults in its slot; returning true means it handled the
     fault. ``boost=False`` forces a TF single-step even where the
     instruction could run boosted (copy + jmp back).
+
+    ``on_ftrace`` (Linux's ``KPROBE_FLAG_FTRACE``) is set at registration
+    when ``addr`` is an ftrace site: the int3 then sits at ``arm_addr``, the
+    instruction after the site, while the handlers see ``rip == addr`` (see
+    :mod:`qprobes.probes.ftrace_site`).
     """
 
     addr: int | None = None
@@ -42,6 +49,14 @@ class Kprobe:
     nmissed: int = 0
     disabled: bool = False
     registered: bool = field(default=False, init=False)
+    on_ftrace: bool = field(default=False, init=False)
+
+    @property
+    def arm_addr(self) -> int | None:
+        """Where this probe's int3 is: ``addr``, or just after its ftrace site."""
+        if self.addr is None:
+            return None
+        return self.addr + MCOUNT_INSN_SIZE if self.on_ftrace else self.addr
 
     def __repr__(self) -> str:
         where = f"{self.addr:#x}" if self.addr is not None else f"{self.symbol_name}+{self.offset}"
@@ -103,4 +118,7 @@ class ProbePoint:
         return any(not kp.disabled for kp in self.kprobes)
 
     def has_post_handler(self) -> bool:
-        return any(kp.post_handler is not None and not kp.disabled for kp in self.kprobes)
+        """A probe here wants a post_handler after the instruction (probes on an
+        ftrace site run theirs at the hit, after the site's "nop")."""
+        return any(kp.post_handler is not None and not kp.disabled and not kp.on_ftrace
+                   for kp in self.kprobes)  # fmt: skip

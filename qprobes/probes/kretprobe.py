@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RetHandler = Callable[["Kretprobe", HitContext], None]
+# (ctx at the return, stack slot, address found there) -> the real caller,
+# behind the guest's own return hooks (set by Session.use_linux).
+SeeThrough = Callable[[HitContext, int, int], int]
 EntryHandler = Callable[["Kretprobe", HitContext], "bool | None"]
 
 # Trampoline frame at the doorbell (see stubs.py): action, vector, 15 GPRs,
@@ -170,6 +173,7 @@ class KretprobeManager:
         # (task, slot) -> (real return address, probe) of instances gone.
         self.retired: OrderedDict[tuple[int, int], tuple[int, Kretprobe]] = OrderedDict()
         self.stats = KretprobeStats()
+        self.see_through: SeeThrough | None = None
         engine.kretprobes = self
 
     @property
@@ -408,6 +412,11 @@ class KretprobeManager:
         fake[_IDX["rsp"]] = slot + 8
         fake[_IDX["ss"]] = 0
         view = PtRegs(fake)
+        ret_to = real
+        if self.see_through is not None:
+            # A probe armed after an ftrace site can find the guest's own
+            # return trampoline there: report the caller behind it.
+            ret_to = self.see_through(ctx, slot, real)
         for inst in mine:
             self._unlink(inst, real)
             rp = inst.rp
@@ -416,7 +425,7 @@ class KretprobeManager:
                 continue
             inst.ret_addr = real  # as Linux sets ri->ret_addr before the handler
             rctx = HitContext(ctx.vcpu, view, ctx.read_virt, ctx.cr3, kind="kretprobe",
-                              probe=rp.kp, retval=words[_IDX["rax"]], ret_addr=real,
+                              probe=rp.kp, retval=words[_IDX["rax"]], ret_addr=ret_to,
                               entry_data=inst.data, frame_addr=ctx.frame_addr,
                               gs_base=ctx.gs_base, read_current=ctx.read_current)  # fmt: skip
             rctx.entry_regs = inst.entry_regs

@@ -393,6 +393,19 @@ class Btf:
         complete = [t for t in found if t.kind is not BtfKind.FWD]
         return (complete or found)[0]
 
+    def enumerators(self, prefix: str) -> dict[str, int]:
+        """Every enumerator whose name starts with ``prefix``, from any ENUM or
+        ENUM64 (anonymous ones too: ``enum { FTRACE_FL_ENABLED = ... }``)."""
+        data = self.data
+        out: dict[str, int] = {}
+        for type_id in range(1, len(self._offsets)):
+            (info,) = struct.unpack_from("<I", data, self._offsets[type_id] + 4)
+            if (info >> 24) & 0x1F in (BtfKind.ENUM, BtfKind.ENUM64):
+                for value in self.type(type_id).values:
+                    if value.name.startswith(prefix):
+                        out.setdefault(value.name, value.value)
+        return out
+
     def find_struct(self, name: str) -> BtfType:
         """The struct or union ``name`` (a typedef of one is followed too)."""
         name = name.removeprefix("struct ").removeprefix("union ").strip()
