@@ -51,6 +51,9 @@ ReadMem = Callable[[int, int], bytes]
 
 # include/linux/kprobes.h
 KPROBE_FLAG_OPTIMIZED = 4
+# kernel/kprobes.c: KPROBE_TABLE_SIZE (1 << KPROBE_HASH_BITS); kprobe_table is
+# static, so BTF has no variable for it (its kallsyms size is checked).
+KPROBE_TABLE_SIZE = 64
 # kernel/locking/mutex.h: the low bits of mutex.owner are flags, not the owner.
 MUTEX_FLAGS = 0x07
 # include/linux/jump_label.h (JUMP_TYPE_MASK) and
@@ -489,13 +492,13 @@ class KernelText:
 
     def _refuse(self, addr: int, length: int, site: Site, size: int) -> None:
         where = self._where(addr)
-        at = "is" if site.addr == addr and length <= size else "overlaps"
-        key = f", key {self.kernel.symbols.format(site.key)}" if site.key else ""
-        whose = "" if at == "is" else f" at {self.kernel.symbols.format(site.addr)}"
-        noun = "" if at == "is" else f"its {length}-byte instruction "
+        key = f" (key {self.kernel.symbols.format(site.key)})" if site.key else ""
+        if site.addr == addr:
+            raise ProbeError(f"{where} is a {size}-byte {site.what}{key}, which the kernel "
+                             "rewrites at run time")  # fmt: skip
         raise ProbeError(
-            f"{where}: {noun}{at} a {size}-byte {site.what}{whose}{key}, which the kernel "
-            "rewrites at run time"
+            f"{where}: its {length}-byte instruction overlaps the {size}-byte {site.what} at "
+            f"{self.kernel.symbols.format(site.addr)}{key}, which the kernel rewrites at run time"
         )
 
     def check_optimized(self, start: int, end: int) -> None:
@@ -512,14 +515,13 @@ class KernelText:
     def optimized_kprobes(self) -> list[tuple[int, int]]:
         """(addr, optinsn.size) of each optimized kprobe in ``kprobe_table``."""
         btf = self.kernel.btf
-        head = self._sym("kprobe_table")
-        if btf is None or head is None:
+        if btf is None or "kprobe_table" not in self.kernel.symbols:
             return []
-        var = btf.find("kprobe_table", BtfKind.VAR)
-        arr = btf.resolve(var.type_id)
-        if arr.array is None:
-            raise SymbolError("BTF's kprobe_table is not an array")
-        buckets = arr.array.nelems
+        table = self.kernel.symbols.lookup("kprobe_table")
+        head, buckets = table.addr, KPROBE_TABLE_SIZE
+        if table.size and table.size < 8 * buckets:
+            raise SymbolError(f"kprobe_table is {table.size} bytes, not {8 * buckets}: "
+                              "a kernel with another KPROBE_HASH_BITS")  # fmt: skip
         hlist, _ = btf.struct_member_offset("kprobe", "hlist")
         addr_off, _ = btf.struct_member_offset("kprobe", "addr")
         flags_off, _ = btf.struct_member_offset("kprobe", "flags")

@@ -457,7 +457,6 @@ class KprobeEngine:
         """Raise unless ``addr`` may be probed (``can_probe``/``check_kprobe_address_safe``)."""
         if self.attached and self.area.contains(addr):
             raise ProbeError(f"{addr:#x} is inside qprobes' own guest area")
-        self._check_text(addr)
         for start, end, reason in self._blacklist:
             if start <= addr < end:
                 where = self.symbols.format(addr) if self.symbols is not None else f"{addr:#x}"
@@ -468,6 +467,7 @@ class KprobeEngine:
                     f"{addr:#x} is in the guest's handler for vector {vector}, "
                     "which qprobes' stubs chain to"
                 )
+        self._check_text(addr)
         if self.symbols is None:
             return
         found = self.symbols.resolve(addr)
