@@ -438,10 +438,13 @@ class KernelText:
                 raise ProbeError(f"{where} is in the kernel's init memory, not text")
             if self.module_at(addr) is None:
                 raise ProbeError(f"{where} is not kernel text{self._kind(addr)}")
+            self.check_optimized(addr, addr + 1)
             return  # module symbols are not read: any of its text is allowed
         found = self.kernel.symbols.resolve(addr)
         if found is None or found[0].kind != "func":
             raise ProbeError(f"{where} is in kernel text but not in a function's code")
+        # Before the instruction-boundary walk, which reads the guest's jump there.
+        self.check_optimized(addr, addr + 1)
         tramp = self._range("__static_call_text_start", "__static_call_text_end")
         if tramp is not None and tramp[0] <= addr < tramp[1]:
             raise ProbeError(

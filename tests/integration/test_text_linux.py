@@ -35,6 +35,7 @@ from qprobes.linux.text import (
     parse_static_call_sites,
     static_call_layout,
 )
+from qprobes.probes.kprobe import Kprobe
 from tests.conftest import require_vm
 
 pytestmark = pytest.mark.vm
@@ -113,6 +114,12 @@ def writes(linux: Session, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
+def probe(s: Session, where: str | int) -> Kprobe:
+    """Register a kprobe with a pre_handler that does nothing."""
+    kp: Kprobe = s.kprobe(where, lambda kp, ctx: False)
+    return kp
+
+
 def refused(action: Callable[[], object]) -> str:
     with pytest.raises(ProbeError) as info:
         action()
@@ -183,23 +190,24 @@ def test_refusals_are_one_line_and_write_nothing(linux: Session, writes: list[st
     trampoline = next(s.addr for s in symbols.all_symbols()
                       if s.addr >= trampoline and s.name.startswith("__SCT__"))  # fmt: skip
     cases: list[tuple[str, Callable[[], object], str]] = [
-        ("user address", lambda: linux.kprobe(0x401000), "0x401000 is a user-space address"),
-        ("data", lambda: linux.kprobe("jiffies_64"), "jiffies_64 .*is not kernel text"),
-        ("blacklist", lambda: linux.kprobe("kprobe_int3_handler"),
+        ("user address", lambda: probe(linux, 0x401000), "0x401000 is a user-space address"),
+        ("data", lambda: probe(linux, "jiffies_64"), "jiffies_64 .*is not kernel text"),
+        ("blacklist", lambda: probe(linux, "kprobe_int3_handler"),
          "kprobe_int3_handler is blacklisted"),
-        ("blacklist", lambda: linux.kprobe("do_int3"), "do_int3 is blacklisted"),
-        ("static key", lambda: linux.kprobe(jump.code),
+        ("blacklist", lambda: probe(linux, "do_int3"), "do_int3 is blacklisted"),
+        ("static key", lambda: probe(linux, jump.code),
          rf"{re.escape(symbols.format(jump.code))} .*static-key jump site .*sched_schedstats"),
-        ("static call", lambda: linux.kprobe(call.addr),
+        ("static call", lambda: probe(linux, call.addr),
          rf"{re.escape(symbols.format(call.addr))} .*static call site"),
-        ("BUG site", lambda: linux.kprobe(bug), r"BUG\(\)/WARN\(\) site"),
-        ("trampoline", lambda: linux.kprobe(trampoline), "static call trampoline"),
-        ("past the end", lambda: linux.kprobe(f"update_curr+{update_curr.size:#x}"),
+        ("BUG site", lambda: probe(linux, bug), r"BUG\(\)/WARN\(\) site"),
+        ("trampoline", lambda: probe(linux, trampoline), "static call trampoline"),
+        ("past the end", lambda: probe(linux, f"update_curr+{update_curr.size:#x}"),
          rf"update_curr\+{update_curr.size:#x} is outside update_curr, which is "
          rf"{update_curr.size:#x} bytes long"),
-        ("freed init", lambda: linux.kprobe("console_init"),
+        ("freed init", lambda: probe(linux, "console_init"),
          r"\.init\.text, which the kernel freed"),
-        ("kretprobe entry", lambda: linux.kretprobe(sym(linux, "do_sys_openat2") + 5),
+        ("kretprobe entry",
+         lambda: linux.kretprobe(sym(linux, "do_sys_openat2") + 5, lambda rp, ctx: None),
          r"return probe must be at a function's entry: .* do_sys_openat2\+0x5"),
     ]  # fmt: skip
     before = text_digest(linux)
@@ -217,7 +225,7 @@ def test_refusals_are_one_line_and_write_nothing(linux: Session, writes: list[st
 
 def test_a_probe_on_plain_code_still_arms_and_hits(linux: Session) -> None:
     addr = sym(linux, "do_sys_openat2") + boundaries(linux, "do_sys_openat2")[1]
-    kp = linux.kprobe(addr, lambda kp, ctx: False)
+    kp = probe(linux, addr)
     try:
         linux.command("cat /etc/hostname")
         assert kp.nhit >= 1
@@ -244,16 +252,50 @@ def test_inside_the_guests_own_optimized_kprobe(linux: Session, writes: list[str
         before = text_digest(linux)
         writes.clear()
         for off in inside:
-            message = refused(lambda off=off: linux.kprobe(base + off))  # type: ignore[misc]
+            message = refused(lambda off=off: probe(linux, base + off))  # type: ignore[misc]
             print(f"\nvfs_read+{off:#x}: {message}")
             assert "optimized kprobe at vfs_read+" in message
         assert writes == [] and text_digest(linux) == before
         after = next(o for o in offsets if o >= at + size)
-        kp = linux.kprobe(base + after)  # just past the guest's jump: fine
+        kp = probe(linux, base + after)  # just past the guest's jump: fine
         linux.unregister(kp)
     finally:
         linux.command(f"echo 0 > {tracing}/events/kprobes/inner/enable; "
                       f"echo > {tracing}/kprobe_events")  # fmt: skip
+
+
+def test_waits_while_the_guest_patches_its_text(linux: Session,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest's kprobe optimizer holds text_mutex while it unoptimizes a
+    probe (across a synchronize_rcu_tasks()): a qprobes probe registered
+    then waits for it, running the guest, and arms once it is free."""
+    text = kernel_text(linux)
+    offsets = boundaries(linux, "vfs_read")
+    tracing = "/sys/kernel/tracing"
+    linux.command(f"echo 'p:patch vfs_read+{offsets[3]:#x}' > {tracing}/kprobe_events && "
+                  f"echo 1 > {tracing}/events/kprobes/patch/enable")  # fmt: skip
+    linux.run(timeout=1.0)
+    assert "[OPTIMIZED]" in linux.command("cat /sys/kernel/debug/kprobes/list")
+    linux.command(f"echo 0 > {tracing}/events/kprobes/patch/enable; echo > {tracing}/kprobe_events")
+    linux.run(until=text.text_mutex_held, timeout=5.0)
+    assert text.text_mutex_held(), "the guest's optimizer never took text_mutex"
+    seen: list[bool] = []
+
+    def held() -> bool:
+        seen.append(text.text_mutex_held())
+        return seen[-1]
+
+    monkeypatch.setattr(linux.engine, "text_lock_held", held)
+    addr = sym(linux, "do_sys_openat2") + boundaries(linux, "do_sys_openat2")[1]
+    kp = probe(linux, addr)
+    try:
+        print(f"\ntext_mutex seen held {seen.count(True)} times before arming")
+        assert seen[0] and not seen[-1]
+        assert linux.engine.read_data(addr, 1) == b"\xcc"
+        linux.command("cat /etc/hostname")
+        assert kp.nhit >= 1
+    finally:
+        linux.unregister(kp)
 
 
 def test_text_mutex_held_delays_then_refuses(linux: Session, writes: list[str]) -> None:
@@ -263,6 +305,8 @@ def test_text_mutex_held_delays_then_refuses(linux: Session, writes: list[str]) 
     assert linux.kernel is not None and linux.kernel.btf is not None
     owner_off, _ = linux.kernel.btf.struct_member_offset("mutex", "owner")
     owner = sym(linux, "text_mutex") + owner_off
+    text = kernel_text(linux)
+    linux.run(until=lambda: not text.text_mutex_held(), timeout=30)
     assert struct.unpack("<Q", linux.engine.read_data(owner, 8)) == (0,)
     addr = sym(linux, "do_sys_openat2") + boundaries(linux, "do_sys_openat2")[1]
     byte = linux.engine.read_data(addr, 1)
@@ -272,7 +316,7 @@ def test_text_mutex_held_delays_then_refuses(linux: Session, writes: list[str]) 
     try:
         assert kernel_text(linux).text_mutex_held()
         writes.clear()
-        message = refused(lambda: linux.kprobe(addr))
+        message = refused(lambda: probe(linux, addr))
         print(f"\ntext_mutex: {message}")
         assert "text_mutex held" in message
         assert writes == [] and not linux.engine.points
@@ -280,7 +324,7 @@ def test_text_mutex_held_delays_then_refuses(linux: Session, writes: list[str]) 
     finally:
         linux.engine.write_data(owner, struct.pack("<Q", 0))
         linux.engine.text_lock_timeout = old_timeout
-    kp = linux.kprobe(addr)
+    kp = probe(linux, addr)
     assert linux.engine.read_data(addr, 1) == b"\xcc"
     linux.unregister(kp)
     assert linux.engine.read_data(addr, 1) == byte
