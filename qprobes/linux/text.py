@@ -188,15 +188,20 @@ def parse_rel32_sites(data: bytes, base: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Site:
-    """A span of text the kernel rewrites. ``size`` is exact, or the largest
-    the site can be when ``exact`` is false (a jump label site, whose length
-    is read from the text when it matters)."""
+    """A span of text the kernel owns: ``what`` names it, ``why`` says why it
+    may not be probed. ``size`` is exact, or the largest the site can be when
+    ``exact`` is false (a jump label site, whose length is read from the text
+    when it matters)."""
 
     addr: int
     size: int
     what: str
+    why: str
     key: int = 0
     exact: bool = True
+
+
+REWRITTEN = "which the kernel rewrites at run time"
 
 
 class SiteIndex:
@@ -223,15 +228,29 @@ def overlaps(start: int, end: int, site_start: int, site_end: int) -> bool:
     return start < site_end and site_start < end
 
 
-# --- reading the guest ------------------------------------------------------------
+def jump_sites(entries: list[JumpEntry]) -> list[Site]:
+    return [Site(e.code, JUMP_SITE_MAX, "static-key jump site (__jump_table)", REWRITTEN,
+                 e.key, exact=False) for e in entries]  # fmt: skip
 
 
-def _u64(read: ReadMem, addr: int) -> int:
-    return int(struct.unpack("<Q", read(addr, 8))[0])
+def static_call_sites(calls: list[StaticCallSite]) -> list[Site]:
+    return [Site(c.addr, CALL_INSN_SIZE, "static call site (static_call_sites)", REWRITTEN, c.key)
+            for c in calls]  # fmt: skip
 
 
-def _s32(read: ReadMem, addr: int) -> int:
-    return int(struct.unpack("<i", read(addr, 4))[0])
+def bug_sites(addrs: list[int]) -> list[Site]:
+    return [Site(a, BUG_INSN_SIZE, "BUG()/WARN() site (__bug_table)",
+                 "which the kernel's #UD handler looks up by address (find_bug)")
+            for a in addrs]  # fmt: skip
+
+
+def lock_sites(addrs: list[int]) -> list[Site]:
+    return [Site(a, LOCK_PREFIX_SIZE, "SMP lock prefix (.smp_locks)",
+                 "which the kernel rewrites when CPUs come and go (alternatives_smp_switch)")
+            for a in addrs]  # fmt: skip
+
+
+# --- layouts from BTF ------------------------------------------------------------------
 
 
 def enum_value(btf: Btf, enum: str, name: str) -> int:
@@ -243,21 +262,36 @@ def enum_value(btf: Btf, enum: str, name: str) -> int:
     raise SymbolError(f"BTF enum {enum} has no {name}")
 
 
-def list_nodes(read: ReadMem, head: int, what: str) -> Iterator[int]:
-    """The nodes of a ``list_head`` list (``list_for_each``)."""
-    node = _u64(read, head)
-    for _ in range(_LIST_LIMIT):
-        if node == head:
-            return
-        yield node
-        node = _u64(read, node)
-    raise ProbeError(f"the guest's {what} list does not end (torn, or not a list)")
+def jump_layout(btf: Btf) -> JumpEntryLayout:
+    t = btf.find_struct("jump_entry")
+    return JumpEntryLayout(btf.sizeof(t.id), btf.struct_member_offset("jump_entry", "code")[0],
+                           btf.struct_member_offset("jump_entry", "target")[0],
+                           btf.struct_member_offset("jump_entry", "key")[0])  # fmt: skip
+
+
+def static_call_layout(btf: Btf) -> StaticCallSiteLayout:
+    t = btf.find_struct("static_call_site")
+    return StaticCallSiteLayout(btf.sizeof(t.id),
+                                btf.struct_member_offset("static_call_site", "addr")[0],
+                                btf.struct_member_offset("static_call_site", "key")[0])  # fmt: skip
+
+
+def bug_entry_layout(btf: Btf) -> BugEntryLayout:
+    t = btf.find_struct("bug_entry")
+    try:
+        off, _ = btf.struct_member_offset("bug_entry", "bug_addr_disp")
+        relative = True
+    except SymbolError:
+        off, _ = btf.struct_member_offset("bug_entry", "bug_addr")
+        relative = False
+    return BugEntryLayout(btf.sizeof(t.id), off, relative)
 
 
 @dataclass(frozen=True)
 class ModuleLayout:
     """Offsets into ``struct module`` from BTF: its text is
-    ``mem[MOD_TEXT]`` (6.4 and later) or ``core_layout`` (before)."""
+    ``mem[MOD_TEXT]`` (6.4 and later) or ``core_layout`` (before); each
+    table is a pointer and a count (None: not in this kernel's config)."""
 
     list: int
     state: int
@@ -266,13 +300,10 @@ class ModuleLayout:
     text_base: int
     text_size: int
     text_size_width: int
-    jump_entries: int | None
-    num_jump_entries: int | None
-    static_call_sites: int | None
-    num_static_call_sites: int | None
-    bug_table: int | None
-    num_bugs: int | None
     unformed: int
+    jump_entries: tuple[int, int] | None = None
+    static_call_sites: tuple[int, int] | None = None
+    bug_table: tuple[int, int] | None = None
 
     @classmethod
     def from_btf(cls, btf: Btf) -> ModuleLayout:
@@ -281,6 +312,10 @@ class ModuleLayout:
                 return btf.struct_member_offset("module", path)[0]
             except SymbolError:
                 return None
+
+        def table(ptr: str, count: str) -> tuple[int, int] | None:
+            a, b = member(ptr), member(count)
+            return (a, b) if a is not None and b is not None else None
 
         lst, _ = btf.struct_member_offset("module", "list")
         state, _ = btf.struct_member_offset("module", "state")
@@ -294,11 +329,99 @@ class ModuleLayout:
             size, width = btf.struct_member_offset("module", "core_layout.text_size")
         return cls(
             lst, state, name, name_size, base, size, width,
-            member("jump_entries"), member("num_jump_entries"),
-            member("static_call_sites"), member("num_static_call_sites"),
-            member("bug_table"), member("num_bugs"),
             enum_value(btf, "module_state", "MODULE_STATE_UNFORMED"),
+            table("jump_entries", "num_jump_entries"),
+            table("static_call_sites", "num_static_call_sites"),
+            table("bug_table", "num_bugs"),
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class KprobeLayout:
+    """Offsets for walking the guest's ``kprobe_table``."""
+
+    hlist: int
+    addr: int
+    flags: int
+    op_kp: int  # struct optimized_kprobe: kp
+    op_size: int  # struct optimized_kprobe: optinsn.size
+
+    @classmethod
+    def from_btf(cls, btf: Btf) -> KprobeLayout:
+        return cls(btf.struct_member_offset("kprobe", "hlist")[0],
+                   btf.struct_member_offset("kprobe", "addr")[0],
+                   btf.struct_member_offset("kprobe", "flags")[0],
+                   btf.struct_member_offset("optimized_kprobe", "kp")[0],
+                   btf.struct_member_offset("optimized_kprobe", "optinsn.size")[0])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TextLayouts:
+    """Every layout :class:`KernelText` reads with (None: not in this kernel)."""
+
+    jump: JumpEntryLayout | None = None
+    static_call: StaticCallSiteLayout | None = None
+    bug: BugEntryLayout | None = None
+    module: ModuleLayout | None = None
+    kprobe: KprobeLayout | None = None
+    mutex_owner: int | None = None
+    freeing_initmem: int | None = None  # SYSTEM_FREEING_INITMEM
+
+    @classmethod
+    def from_btf(cls, btf: Btf, has: Callable[[str], bool]) -> TextLayouts:
+        return cls(
+            jump_layout(btf) if has("__start___jump_table") else None,
+            static_call_layout(btf) if has("__start_static_call_sites") else None,
+            bug_entry_layout(btf) if has("__start___bug_table") else None,
+            ModuleLayout.from_btf(btf) if has("modules") else None,
+            KprobeLayout.from_btf(btf) if has("kprobe_table") else None,
+            btf.struct_member_offset("mutex", "owner")[0] if has("text_mutex") else None,
+            enum_value(btf, "system_states", "SYSTEM_FREEING_INITMEM")
+            if has("system_state") else None,
+        )  # fmt: skip
+
+
+# --- reading the guest ------------------------------------------------------------
+
+
+def _u64(read: ReadMem, addr: int) -> int:
+    return int(struct.unpack("<Q", read(addr, 8))[0])
+
+
+def _u32(read: ReadMem, addr: int) -> int:
+    return int(struct.unpack("<I", read(addr, 4))[0])
+
+
+def _s32(read: ReadMem, addr: int) -> int:
+    return int(struct.unpack("<i", read(addr, 4))[0])
+
+
+def list_nodes(read: ReadMem, head: int, what: str) -> Iterator[int]:
+    """The nodes of a ``list_head`` list (``list_for_each``)."""
+    node = _u64(read, head)
+    for _ in range(_LIST_LIMIT):
+        if node == head:
+            return
+        yield node
+        node = _u64(read, node)
+    raise ProbeError(f"the guest's {what} list does not end (torn, or not a list)")
+
+
+def smp_lock_sites(btf: Btf, read: ReadMem, head: int) -> list[Site]:
+    """The lock prefixes ``alternatives_text_reserved()`` protects: those of
+    each ``smp_alt_modules`` entry. The list is filled only on a kernel
+    patched for one CPU that may still bring up others (otherwise
+    ``.smp_locks`` is freed at boot and the list stays empty)."""
+    nxt, _ = btf.struct_member_offset("smp_alt_module", "next")
+    locks, _ = btf.struct_member_offset("smp_alt_module", "locks")
+    locks_end, _ = btf.struct_member_offset("smp_alt_module", "locks_end")
+    out = []
+    for node in list_nodes(read, head, "smp_alt_modules"):
+        mod = node - nxt
+        start, stop = _u64(read, mod + locks), _u64(read, mod + locks_end)
+        if start and stop > start:
+            out += lock_sites(parse_rel32_sites(read(start, stop - start), start))
+    return out
 
 
 @dataclass
@@ -338,8 +461,8 @@ class KernelText:
     read: ReadMem
     blacklist: list[tuple[int, int, str]]
     sites: SiteIndex
-    stats: TextStats
-    module_layout: ModuleLayout | None = None
+    layouts: TextLayouts = field(default_factory=TextLayouts)
+    stats: TextStats = field(default_factory=TextStats)
     _modules: dict[tuple[int, int], Module] = field(default_factory=dict)
 
     # --- loading -------------------------------------------------------------
@@ -354,34 +477,36 @@ class KernelText:
         if btf is None:
             raise SymbolError("the kernel has no BTF: its text tables cannot be read")
         started = time.monotonic()
+        sym = kernel.symbols
+        layouts = TextLayouts.from_btf(btf, sym.__contains__)
         stats = TextStats(blacklist=len(blacklist))
         sites: list[Site] = []
-        sym = kernel.symbols
-        if "__start___jump_table" in sym:
-            layout = jump_layout(btf)
-            start, stop = sym.address("__start___jump_table"), sym.address("__stop___jump_table")
-            entries = parse_jump_entries(read(start, stop - start), start, layout)
+
+        def table(first: str, last: str) -> tuple[int, bytes]:
+            start, stop = sym.address(first), sym.address(last)
+            return start, read(start, stop - start)
+
+        if layouts.jump is not None:
+            start, data = table("__start___jump_table", "__stop___jump_table")
+            entries = parse_jump_entries(data, start, layouts.jump)
             stats.jump_entries = len(entries)
             sites += jump_sites(entries)
-        if "__start_static_call_sites" in sym:
-            sc_layout = static_call_layout(btf)
-            start = sym.address("__start_static_call_sites")
-            stop = sym.address("__stop_static_call_sites")
-            calls = parse_static_call_sites(read(start, stop - start), start, sc_layout)
+        if layouts.static_call is not None:
+            start, data = table("__start_static_call_sites", "__stop_static_call_sites")
+            calls = parse_static_call_sites(data, start, layouts.static_call)
             stats.static_call_sites = len(calls)
             sites += static_call_sites(calls)
-        if "__start___bug_table" in sym:
-            bug_layout = bug_entry_layout(btf)
-            start, stop = sym.address("__start___bug_table"), sym.address("__stop___bug_table")
-            bugs = parse_bug_entries(read(start, stop - start), start, bug_layout)
+        if layouts.bug is not None:
+            start, data = table("__start___bug_table", "__stop___bug_table")
+            bugs = parse_bug_entries(data, start, layouts.bug)
             stats.bug_entries = len(bugs)
-            sites += [Site(a, BUG_INSN_SIZE, "BUG()/WARN() site (find_bug)") for a in bugs]
+            sites += bug_sites(bugs)
         if "smp_alt_modules" in sym:
             locks = smp_lock_sites(btf, read, sym.address("smp_alt_modules"))
             stats.smp_lock_sites = len(locks)
             sites += locks
-        module_layout = ModuleLayout.from_btf(btf) if "modules" in sym else None
-        text = cls(kernel, read, blacklist, SiteIndex(sites), stats, module_layout)
+        text = cls(kernel, read, blacklist, SiteIndex(sites), layouts, stats)
+        text.modules()  # the module list must be readable too
         stats.seconds = time.monotonic() - started
         log.info("kernel text: %d jump entries, %d static call sites, %d bug sites, "
                  "%d SMP lock sites, %d blacklist ranges read in %.3f s",
@@ -402,19 +527,12 @@ class KernelText:
         a, b = self._sym(first), self._sym(last)
         return (a, b) if a is not None and b is not None else None
 
-    def system_state(self) -> int | None:
-        """The guest's ``system_state`` (``enum system_states``)."""
-        addr = self._sym("system_state")
-        if addr is None:
-            return None
-        return _s32(self.read, addr)
-
     def init_text_freed(self) -> bool:
-        """Whether ``free_initmem()`` has run (or is running)."""
-        state = self.system_state()
-        if state is None or self.kernel.btf is None:
+        """Whether ``free_initmem()`` has run or is running (``system_state``)."""
+        addr = self._sym("system_state")
+        if addr is None or self.layouts.freeing_initmem is None:
             return True
-        return state >= enum_value(self.kernel.btf, "system_states", "SYSTEM_FREEING_INITMEM")
+        return _s32(self.read, addr) >= self.layouts.freeing_initmem
 
     def check_text(self, addr: int) -> None:
         """Raise unless ``addr`` is in a function's code in kernel or module
@@ -449,7 +567,7 @@ class KernelText:
         if tramp is not None and tramp[0] <= addr < tramp[1]:
             raise ProbeError(
                 f"{where} is a static call trampoline (.static_call.text), which the kernel "
-                "rewrites (arch_static_call_transform)"
+                "rewrites and checks (arch_static_call_transform)"
             )
         name = found[0].name
         if "." in name:
@@ -463,28 +581,24 @@ class KernelText:
 
     def _kind(self, addr: int) -> str:
         found = self.kernel.symbols.resolve(addr)
-        if found is None:
+        if found is None or found[0].kind == "func":
             return ""
         letter = getattr(found[0], "type", "")
-        if found[0].kind != "func":
-            return f": {found[0].name} is data (kallsyms type {letter!r})" if letter \
-                else f": {found[0].name} is data"  # fmt: skip
-        return ""
+        kind = f" (kallsyms type {letter!r})" if letter else ""
+        return f": {found[0].name} is data{kind}"
 
     def check_insn(self, addr: int, length: int) -> None:
         """Raise if the instruction ``[addr, addr + length)`` overlaps text the
-        kernel rewrites (``jump_label_text_reserved()``,
+        kernel owns (``jump_label_text_reserved()``,
         ``static_call_text_reserved()``, ``alternatives_text_reserved()``,
         ``find_bug()``) or lies inside one of its optimized kprobes."""
         end = addr + length
         sites = self.sites
-        module = None
-        if self.module_layout is not None:
-            text = self._range("_stext", "_etext")
-            if text is None or not text[0] <= addr < text[1]:
-                module = self.module_at(addr)
-                if module is not None:
-                    sites = module.sites
+        text = self._range("_stext", "_etext")
+        if text is None or not text[0] <= addr < text[1]:
+            module = self.module_at(addr)
+            if module is not None:
+                sites = module.sites
         for site in sites.near(addr, end):
             size = site.size
             if not site.exact:
@@ -495,13 +609,14 @@ class KernelText:
 
     def _refuse(self, addr: int, length: int, site: Site, size: int) -> None:
         where = self._where(addr)
-        key = f" (key {self.kernel.symbols.format(site.key)})" if site.key else ""
+        what = site.what
+        if site.key and what.endswith(")"):  # "... (__jump_table, key sched_schedstats)"
+            what = f"{what[:-1]}, key {self.kernel.symbols.format(site.key)})"
         if site.addr == addr:
-            raise ProbeError(f"{where} is a {size}-byte {site.what}{key}, which the kernel "
-                             "rewrites at run time")  # fmt: skip
+            raise ProbeError(f"{where} is a {size}-byte {what}, {site.why}")
         raise ProbeError(
-            f"{where}: its {length}-byte instruction overlaps the {size}-byte {site.what} at "
-            f"{self.kernel.symbols.format(site.addr)}{key}, which the kernel rewrites at run time"
+            f"{where}: its {length}-byte instruction overlaps the {size}-byte {what} at "
+            f"{self.kernel.symbols.format(site.addr)}, {site.why}"
         )
 
     def check_optimized(self, start: int, end: int) -> None:
@@ -517,31 +632,24 @@ class KernelText:
 
     def optimized_kprobes(self) -> list[tuple[int, int]]:
         """(addr, optinsn.size) of each optimized kprobe in ``kprobe_table``."""
-        btf = self.kernel.btf
-        if btf is None or "kprobe_table" not in self.kernel.symbols:
+        layout = self.layouts.kprobe
+        if layout is None:
             return []
         table = self.kernel.symbols.lookup("kprobe_table")
-        head, buckets = table.addr, KPROBE_TABLE_SIZE
+        buckets = KPROBE_TABLE_SIZE
         if table.size and table.size < 8 * buckets:
             raise SymbolError(f"kprobe_table is {table.size} bytes, not {8 * buckets}: "
                               "a kernel with another KPROBE_HASH_BITS")  # fmt: skip
-        hlist, _ = btf.struct_member_offset("kprobe", "hlist")
-        addr_off, _ = btf.struct_member_offset("kprobe", "addr")
-        flags_off, _ = btf.struct_member_offset("kprobe", "flags")
         out = []
-        heads = struct.unpack(f"<{buckets}Q", self.read(head, 8 * buckets))
-        for first in heads:
-            node = first
+        for node in struct.unpack(f"<{buckets}Q", self.read(table.addr, 8 * buckets)):
             for _ in range(_LIST_LIMIT):
                 if not node:
                     break
-                kp = node - hlist
-                (flags,) = struct.unpack("<I", self.read(kp + flags_off, 4))
-                if flags & KPROBE_FLAG_OPTIMIZED:
-                    kp_off, _ = btf.struct_member_offset("optimized_kprobe", "kp")
-                    size_off, _ = btf.struct_member_offset("optimized_kprobe", "optinsn.size")
-                    op = kp - kp_off
-                    out.append((_u64(self.read, kp + addr_off), _u64(self.read, op + size_off)))
+                kp = node - layout.hlist
+                if _u32(self.read, kp + layout.flags) & KPROBE_FLAG_OPTIMIZED:
+                    op = kp - layout.op_kp
+                    out.append((_u64(self.read, kp + layout.addr),
+                                _u64(self.read, op + layout.op_size)))  # fmt: skip
                 node = _u64(self.read, node)
             else:
                 raise ProbeError("the guest's kprobe_table has a bucket that does not end")
@@ -549,18 +657,18 @@ class KernelText:
 
     def text_mutex_held(self) -> bool:
         """Whether the guest's ``text_mutex`` has an owner (it is patching its
-        text: ``text_poke_bp()``, jump labels, static calls, ftrace)."""
+        text: ``text_poke_bp()``, jump labels, static calls, ftrace, its
+        kprobe optimizer)."""
         addr = self._sym("text_mutex")
-        if addr is None or self.kernel.btf is None:
+        if addr is None or self.layouts.mutex_owner is None:
             return False
-        owner, _ = self.kernel.btf.struct_member_offset("mutex", "owner")
-        return bool(_u64(self.read, addr + owner) & ~MUTEX_FLAGS)
+        return bool(_u64(self.read, addr + self.layouts.mutex_owner) & ~MUTEX_FLAGS)
 
     # --- modules -------------------------------------------------------------------
 
     def modules(self) -> list[Module]:
         """The guest's loaded modules (``modules`` list), their text and sites."""
-        layout = self.module_layout
+        layout = self.layouts.module
         head = self._sym("modules")
         if layout is None or head is None:
             return []
@@ -570,13 +678,13 @@ class KernelText:
             if _s32(self.read, mod + layout.state) == layout.unformed:
                 continue
             base = _u64(self.read, mod + layout.text_base)
-            width = layout.text_size_width
-            size = int.from_bytes(self.read(mod + layout.text_size, width), "little")
             cached = self._modules.get((mod, base))
             if cached is None:
+                width = layout.text_size_width
+                size = int.from_bytes(self.read(mod + layout.text_size, width), "little")
                 raw = self.read(mod + layout.name, layout.name_size)
                 name = raw.split(b"\0", 1)[0].decode(errors="replace")
-                cached = Module(mod, name, base, size, self._module_sites(mod))
+                cached = Module(mod, name, base, size, self._module_sites(mod, layout))
                 self._modules[(mod, base)] = cached
             out.append(cached)
         return out
@@ -588,87 +696,23 @@ class KernelText:
                 return module
         return None
 
-    def _module_sites(self, mod: int) -> SiteIndex:
-        layout, btf = self.module_layout, self.kernel.btf
-        assert layout is not None and btf is not None
+    def _module_sites(self, mod: int, layout: ModuleLayout) -> SiteIndex:
+        """A module's own jump entries, static call sites and bug table."""
         sites: list[Site] = []
 
-        def table(ptr: int | None, count: int | None, entry: int) -> tuple[int, bytes] | None:
-            if ptr is None or count is None:
+        def table(where: tuple[int, int] | None, entry: int) -> tuple[int, bytes] | None:
+            if where is None:
                 return None
-            start = _u64(self.read, mod + ptr)
-            (n,) = struct.unpack("<I", self.read(mod + count, 4))
+            start, n = _u64(self.read, mod + where[0]), _u32(self.read, mod + where[1])
             if not start or not n:
                 return None
             return start, self.read(start, n * entry)
 
-        jl = jump_layout(btf)
-        got = table(layout.jump_entries, layout.num_jump_entries, jl.size)
-        if got is not None:
+        jl, sl, bl = self.layouts.jump, self.layouts.static_call, self.layouts.bug
+        if jl is not None and (got := table(layout.jump_entries, jl.size)) is not None:
             sites += jump_sites(parse_jump_entries(got[1], got[0], jl))
-        sl = static_call_layout(btf)
-        got = table(layout.static_call_sites, layout.num_static_call_sites, sl.size)
-        if got is not None:
+        if sl is not None and (got := table(layout.static_call_sites, sl.size)) is not None:
             sites += static_call_sites(parse_static_call_sites(got[1], got[0], sl))
-        bl = bug_entry_layout(btf)
-        got = table(layout.bug_table, layout.num_bugs, bl.size)
-        if got is not None:
-            sites += [Site(a, BUG_INSN_SIZE, "BUG()/WARN() site (find_bug)")
-                      for a in parse_bug_entries(got[1], got[0], bl)]  # fmt: skip
+        if bl is not None and (got := table(layout.bug_table, bl.size)) is not None:
+            sites += bug_sites(parse_bug_entries(got[1], got[0], bl))
         return SiteIndex(sites)
-
-
-# --- layouts and site lists -------------------------------------------------------------
-
-
-def jump_layout(btf: Btf) -> JumpEntryLayout:
-    t = btf.find_struct("jump_entry")
-    return JumpEntryLayout(btf.sizeof(t.id), btf.struct_member_offset("jump_entry", "code")[0],
-                           btf.struct_member_offset("jump_entry", "target")[0],
-                           btf.struct_member_offset("jump_entry", "key")[0])  # fmt: skip
-
-
-def static_call_layout(btf: Btf) -> StaticCallSiteLayout:
-    t = btf.find_struct("static_call_site")
-    return StaticCallSiteLayout(btf.sizeof(t.id),
-                                btf.struct_member_offset("static_call_site", "addr")[0],
-                                btf.struct_member_offset("static_call_site", "key")[0])  # fmt: skip
-
-
-def bug_entry_layout(btf: Btf) -> BugEntryLayout:
-    t = btf.find_struct("bug_entry")
-    try:
-        off, _ = btf.struct_member_offset("bug_entry", "bug_addr_disp")
-        relative = True
-    except SymbolError:
-        off, _ = btf.struct_member_offset("bug_entry", "bug_addr")
-        relative = False
-    return BugEntryLayout(btf.sizeof(t.id), off, relative)
-
-
-def jump_sites(entries: list[JumpEntry]) -> list[Site]:
-    return [Site(e.code, JUMP_SITE_MAX, "static-key jump site (__jump_table)", e.key, exact=False)
-            for e in entries]  # fmt: skip
-
-
-def static_call_sites(calls: list[StaticCallSite]) -> list[Site]:
-    return [Site(c.addr, CALL_INSN_SIZE, "static call site (static_call_sites)", c.key)
-            for c in calls]  # fmt: skip
-
-
-def smp_lock_sites(btf: Btf, read: ReadMem, head: int) -> list[Site]:
-    """The lock prefixes ``alternatives_text_reserved()`` protects: those of
-    each ``smp_alt_modules`` entry. The list is filled only on a kernel
-    patched for one CPU that may still bring up others (otherwise
-    ``.smp_locks`` is freed at boot and the list stays empty)."""
-    nxt, _ = btf.struct_member_offset("smp_alt_module", "next")
-    locks, _ = btf.struct_member_offset("smp_alt_module", "locks")
-    locks_end, _ = btf.struct_member_offset("smp_alt_module", "locks_end")
-    out = []
-    for node in list_nodes(read, head, "smp_alt_modules"):
-        mod = node - nxt
-        start, stop = _u64(read, mod + locks), _u64(read, mod + locks_end)
-        if start and stop > start:
-            out += [Site(a, LOCK_PREFIX_SIZE, "SMP lock prefix (alternatives_text_reserved)")
-                    for a in parse_rel32_sites(read(start, stop - start), start)]  # fmt: skip
-    return out

@@ -15,10 +15,12 @@ from qprobes.linux.text import (
     BugEntryLayout,
     JumpEntryLayout,
     KernelText,
+    KprobeLayout,
+    ModuleLayout,
     Site,
     SiteIndex,
     StaticCallSiteLayout,
-    TextStats,
+    TextLayouts,
     jump_entry_size,
     jump_sites,
     parse_bug_entries,
@@ -107,7 +109,8 @@ def test_rel32_sites() -> None:
 
 
 def test_site_index_finds_overlap_with_an_instruction() -> None:
-    index = SiteIndex([Site(0x1000, 5, "call"), Site(0x2000, 2, "nop2"), Site(0x3000, 1, "lock")])
+    index = SiteIndex([Site(0x1000, 5, "call", ""), Site(0x2000, 2, "nop2", ""),
+                       Site(0x3000, 1, "lock", "")])  # fmt: skip
     assert [s.addr for s in index.near(0x1000, 0x1001)] == [0x1000]
     assert [s.addr for s in index.near(0x1004, 0x1006)] == [0x1000]  # inside the site
     assert list(index.near(0x1005, 0x1008)) == []  # just after it
@@ -137,8 +140,15 @@ TEXT, ETEXT = 0xFFFFFFFF81000000, 0xFFFFFFFF81E00000
 FUNC = 0xFFFFFFFF81001000
 
 
+MODULES, MOD, MOD_TEXT = 0xFFFFFFFF82B27160, 0xFFFFFFFFC0010000, 0xFFFFFFFFC0000000
+KPROBE_TABLE, TEXT_MUTEX = 0xFFFFFFFF833441A0, 0xFFFFFFFF82A59540
+
+
 def fake_kernel() -> LinuxKernel:
     syms = [
+        Symbol("modules", MODULES, 16, "object"),
+        Symbol("kprobe_table", KPROBE_TABLE, 512, "object"),
+        Symbol("text_mutex", TEXT_MUTEX, 32, "object"),
         Symbol("_stext", TEXT, 0x1000, "func"),
         Symbol("_etext", ETEXT, 0, "func"),
         Symbol("f", FUNC, 0x40, "func"),
@@ -153,7 +163,19 @@ def fake_kernel() -> LinuxKernel:
 def fake_text(sites: list[Site], blacklist: list[tuple[int, int, str]] | None = None,
               mem: FakeMemory | None = None) -> KernelText:  # fmt: skip
     memory = mem if mem is not None else FakeMemory()
-    return KernelText(fake_kernel(), memory.read, blacklist or [], SiteIndex(sites), TextStats())
+    if not memory.mem:
+        memory.write(MODULES, struct.pack("<Q", MODULES))  # an empty list
+    return KernelText(fake_kernel(), memory.read, blacklist or [], SiteIndex(sites), LAYOUTS)
+
+
+# The default guest's offsets (6.1), as BTF gives them.
+LAYOUTS = TextLayouts(
+    jump=JUMP,
+    module=ModuleLayout(list=8, state=0, name=24, name_size=56, text_base=320, text_size=332,
+                        text_size_width=4, unformed=3, jump_entries=(696, 704)),
+    kprobe=KprobeLayout(hlist=0, addr=40, flags=120, op_kp=0, op_size=160),
+    mutex_owner=0,
+)
 
 
 def test_check_text_refuses_what_is_not_a_functions_code() -> None:
@@ -180,7 +202,8 @@ def test_check_insn_refuses_an_instruction_over_a_jump_site() -> None:
                                   JUMP)  # fmt: skip
     text = fake_text(jump_sites([entry]), mem=mem)
     with pytest.raises(ProbeError, match=r"f\+0x10 .* is a 2-byte static-key jump site "
-                                         r"\(__jump_table\) \(key a_key\)"):  # fmt: skip
+                                         r"\(__jump_table, key a_key\), which the kernel "
+                                         r"rewrites at run time"):  # fmt: skip
         text.check_insn(site, 2)
     with pytest.raises(ProbeError, match=r"f\+0xe .*: its 3-byte instruction overlaps the 2-byte"):
         text.check_insn(site - 2, 3)
@@ -189,6 +212,65 @@ def test_check_insn_refuses_an_instruction_over_a_jump_site() -> None:
     mem.write(site, bytes.fromhex("0f1f440000"))  # now a 5-byte site
     with pytest.raises(ProbeError, match="overlaps the 5-byte"):
         text.check_insn(site + 2, 1)  # (not a boundary; the overlap alone refuses it)
+
+
+def test_module_text_and_its_own_jump_sites() -> None:
+    mem = FakeMemory()
+    node = MOD + 8
+    mem.write(MODULES, struct.pack("<Q", node))
+    mem.write(node, struct.pack("<Q", MODULES))
+    mem.write(MOD + 24, b"qp_mod\0")
+    mem.write(MOD + 320, struct.pack("<Q", MOD_TEXT))
+    mem.write(MOD + 332, struct.pack("<I", 0x1000))
+    entries = MOD + 0x800
+    site = MOD_TEXT + 0x10
+    mem.write(entries, jump_entry(entries, site, MOD_TEXT + 0x40, 0xFFFFFFFFC0020000))
+    mem.write(MOD + 696, struct.pack("<Q", entries))
+    mem.write(MOD + 704, struct.pack("<I", 1))
+    mem.write(site, bytes.fromhex("0f1f440000"))
+    text = fake_text([], mem=mem)
+    (module,) = text.modules()
+    assert (module.name, module.text, module.text_size, len(module.sites)) == (
+        "qp_mod", MOD_TEXT, 0x1000, 1)
+    text.check_text(MOD_TEXT + 0x20)
+    with pytest.raises(ProbeError, match="0xffffffffc0001000 is not kernel text"):
+        text.check_text(MOD_TEXT + 0x1000)
+    with pytest.raises(ProbeError, match="5-byte static-key jump site"):
+        text.check_insn(site + 1, 1)
+    text.check_insn(site + 5, 3)
+    mem.write(MOD, struct.pack("<i", 3))  # MODULE_STATE_UNFORMED: not text yet
+    with pytest.raises(ProbeError, match="not kernel text"):
+        fake_text([], mem=mem).check_text(MOD_TEXT + 0x20)
+
+
+def test_inside_an_optimized_kprobe_of_the_guest() -> None:
+    mem = FakeMemory()
+    mem.write(MODULES, struct.pack("<Q", MODULES))
+    kp = 0xFFFF888003E70000
+    mem.write(KPROBE_TABLE + 8 * 5, struct.pack("<Q", kp))  # bucket 5 -> kp.hlist
+    mem.write(kp + 40, struct.pack("<Q", FUNC + 0x20))
+    mem.write(kp + 120, struct.pack("<I", 4))  # KPROBE_FLAG_OPTIMIZED
+    mem.write(kp + 160, struct.pack("<Q", 13))
+    text = fake_text([], mem=mem)
+    assert text.optimized_kprobes() == [(FUNC + 0x20, 13)]
+    with pytest.raises(ProbeError, match=r"inside the guest's own optimized kprobe at f\+0x20 "
+                                         r"\(a jump over 13 bytes\)"):  # fmt: skip
+        text.check_text(FUNC + 0x24)
+    with pytest.raises(ProbeError, match="optimized kprobe"):
+        text.check_insn(FUNC + 0x1E, 3)  # an instruction running into it
+    text.check_insn(FUNC + 0x2D, 2)
+    mem.write(kp + 120, struct.pack("<I", 0))  # a plain (int3) kprobe: nothing to refuse
+    text.check_text(FUNC + 0x24)
+
+
+def test_text_mutex_owner_ignores_the_flag_bits() -> None:
+    mem = FakeMemory()
+    text = fake_text([], mem=mem)
+    assert not text.text_mutex_held()
+    mem.write(TEXT_MUTEX, struct.pack("<Q", 0x1))  # MUTEX_FLAG_WAITERS alone
+    assert not text.text_mutex_held()
+    mem.write(TEXT_MUTEX, struct.pack("<Q", 0xFFFF888003E00000))
+    assert text.text_mutex_held()
 
 
 def test_blacklist_failure_is_never_swallowed() -> None:
