@@ -161,7 +161,7 @@ class LinuxKernel:
                 (end,) = struct.unpack("<Q", read(entry_addr + end_off, 8))
                 found = self.symbols.resolve(start)
                 name = found[0].name if found else f"{start:#x}"
-                ranges.append((start, end, f"{name} is on Linux's kprobe blacklist"))
+                ranges.append((start, end, f"Linux's kprobe blacklist lists {name}"))
                 (node,) = struct.unpack("<Q", read(node, 8))
         except QprobesError as exc:
             if isinstance(exc, ProbeError):
