@@ -180,6 +180,7 @@ class Session:
         self.engine.text_check = text.check_text
         self.engine.address_check = text.check_insn
         self.engine.text_lock_held = text.text_mutex_held
+        self.engine.recover_text = text.recover
 
     @classmethod
     def attach(cls, address: str, *, reserve: tuple[int, int], near: int | None = None,

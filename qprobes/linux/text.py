@@ -345,14 +345,22 @@ class KprobeLayout:
     flags: int
     op_kp: int  # struct optimized_kprobe: kp
     op_size: int  # struct optimized_kprobe: optinsn.size
+    opcode: int = 0  # struct kprobe: opcode (the byte under the first one of the jump)
+    op_copied: int = 0  # struct optimized_kprobe: optinsn.copied_insn (the rest)
+    copied_size: int = 0
 
     @classmethod
     def from_btf(cls, btf: Btf) -> KprobeLayout:
-        return cls(btf.struct_member_offset("kprobe", "hlist")[0],
-                   btf.struct_member_offset("kprobe", "addr")[0],
-                   btf.struct_member_offset("kprobe", "flags")[0],
-                   btf.struct_member_offset("optimized_kprobe", "kp")[0],
-                   btf.struct_member_offset("optimized_kprobe", "optinsn.size")[0])  # fmt: skip
+        def kprobe(path: str) -> int:
+            return btf.struct_member_offset("kprobe", path)[0]
+
+        def op(path: str) -> tuple[int, int]:
+            return btf.struct_member_offset("optimized_kprobe", path)
+
+        # copied_insn: the DISP32_SIZE bytes after the first, which the jump's
+        # rel32 covers (arch_prepare_optimized_kprobe()).
+        return cls(kprobe("hlist"), kprobe("addr"), kprobe("flags"), op("kp")[0],
+                   op("optinsn.size")[0], kprobe("opcode"), *op("optinsn.copied_insn"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -632,6 +640,22 @@ class KernelText:
 
     def optimized_kprobes(self) -> list[tuple[int, int]]:
         """(addr, optinsn.size) of each optimized kprobe in ``kprobe_table``."""
+        return [(addr, size) for addr, size, _ in self._optimized()]
+
+    def recover(self, addr: int, data: bytes) -> bytes:
+        """``data`` read at ``addr`` with the guest's jumps over its optimized
+        kprobes replaced by the bytes they hide (``__recover_optprobed_insn()``:
+        ``kp.opcode`` then ``optinsn.copied_insn``)."""
+        out = bytearray(data)
+        for kp_addr, _, original in self._optimized():
+            for i, byte in enumerate(original):
+                if addr <= kp_addr + i < addr + len(out):
+                    out[kp_addr + i - addr] = byte
+        return bytes(out)
+
+    def _optimized(self) -> list[tuple[int, int, bytes]]:
+        """(addr, optinsn.size, original bytes under the jump) of each
+        optimized kprobe in ``kprobe_table``."""
         layout = self.layouts.kprobe
         if layout is None:
             return []
@@ -648,8 +672,10 @@ class KernelText:
                 kp = node - layout.hlist
                 if _u32(self.read, kp + layout.flags) & KPROBE_FLAG_OPTIMIZED:
                     op = kp - layout.op_kp
+                    original = self.read(kp + layout.opcode, 1)
+                    original += self.read(op + layout.op_copied, layout.copied_size)
                     out.append((_u64(self.read, kp + layout.addr),
-                                _u64(self.read, op + layout.op_size)))  # fmt: skip
+                                _u64(self.read, op + layout.op_size), original))  # fmt: skip
                 node = _u64(self.read, node)
             else:
                 raise ProbeError("the guest's kprobe_table has a bucket that does not end")

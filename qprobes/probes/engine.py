@@ -190,6 +190,9 @@ class KprobeEngine:
         self.text_check: Callable[[int], None] | None = None
         self.address_check: Callable[[int, int], None] | None = None
         self.text_lock_held: Callable[[], bool] | None = None
+        # recover_text(addr, data) gives the original bytes of data read at
+        # addr where the guest's own patches hide them (its optimized kprobes).
+        self.recover_text: Callable[[int, bytes], bytes] | None = None
         self.text_lock_timeout = 10.0
 
     # --- attach / detach ----------------------------------------------------
@@ -442,11 +445,15 @@ class KprobeEngine:
         return sym.addr + kp.offset
 
     def _original_bytes(self, addr: int, length: int) -> bytes:
-        """Guest text with qprobes' own int3 bytes replaced by the originals."""
+        """Guest text with qprobes' own int3 bytes replaced by the originals
+        (and, through ``recover_text``, the guest's own jumps over its
+        optimized kprobes: Linux's ``recover_probed_instruction()``)."""
         data = bytearray(self.kread(addr, length))
         for point in self.points.values():
             if point.armed and addr <= point.addr < addr + length:
                 data[point.addr - addr] = point.opcode
+        if self.recover_text is not None:
+            return self.recover_text(addr, bytes(data))
         return bytes(data)
 
     def blacklist(self, start: int, end: int, reason: str) -> None:

@@ -236,6 +236,9 @@ def test_a_probe_on_plain_code_still_arms_and_hits(linux: Session) -> None:
 def test_inside_the_guests_own_optimized_kprobe(linux: Session, writes: list[str]) -> None:
     offsets = boundaries(linux, "vfs_read")
     at = offsets[3]  # past the ftrace site and the frame setup: optimizable
+    assert linux.symbols is not None
+    vfs_read = linux.symbols.lookup("vfs_read")
+    original = linux.engine.read_data(vfs_read.addr, vfs_read.size)
     tracing = "/sys/kernel/tracing"
     linux.command(f"echo 'p:inner vfs_read+{at:#x}' > {tracing}/kprobe_events && "
                   f"echo 1 > {tracing}/events/kprobes/inner/enable")  # fmt: skip
@@ -248,6 +251,9 @@ def test_inside_the_guests_own_optimized_kprobe(linux: Session, writes: list[str
         assert [a for a, _ in optimized] == [base + at]
         size = optimized[0][1]
         assert 5 <= size <= 5 + 15
+        # The guest's jump is in its text; qprobes decodes what it hides.
+        assert linux.engine.read_data(base + at, 1) == b"\xe9"
+        assert linux.engine._original_bytes(vfs_read.addr, vfs_read.size) == original
         inside = [o for o in offsets if at <= o < at + size]
         before = text_digest(linux)
         writes.clear()

@@ -173,7 +173,8 @@ LAYOUTS = TextLayouts(
     jump=JUMP,
     module=ModuleLayout(list=8, state=0, name=24, name_size=56, text_base=320, text_size=332,
                         text_size_width=4, unformed=3, jump_entries=(696, 704)),
-    kprobe=KprobeLayout(hlist=0, addr=40, flags=120, op_kp=0, op_size=160),
+    kprobe=KprobeLayout(hlist=0, addr=40, flags=120, op_kp=0, op_size=160, opcode=96,
+                        op_copied=152, copied_size=4),
     mutex_owner=0,
 )
 
@@ -251,8 +252,14 @@ def test_inside_an_optimized_kprobe_of_the_guest() -> None:
     mem.write(kp + 40, struct.pack("<Q", FUNC + 0x20))
     mem.write(kp + 120, struct.pack("<I", 4))  # KPROBE_FLAG_OPTIMIZED
     mem.write(kp + 160, struct.pack("<Q", 13))
+    mem.write(kp + 96, b"\x48")  # kp.opcode
+    mem.write(kp + 152, bytes.fromhex("8b042528"))  # optinsn.copied_insn
+    mem.write(FUNC + 0x20, bytes.fromhex("e9aabbccdd"))  # the guest's jump
     text = fake_text([], mem=mem)
     assert text.optimized_kprobes() == [(FUNC + 0x20, 13)]
+    live = mem.read(FUNC + 0x1E, 8)
+    assert text.recover(FUNC + 0x1E, live) == live[:2] + bytes.fromhex("488b042528") + live[7:]
+    assert text.recover(FUNC + 0x22, mem.read(FUNC + 0x22, 2)) == bytes.fromhex("0425")
     with pytest.raises(ProbeError, match=r"inside the guest's own optimized kprobe at f\+0x20 "
                                          r"\(a jump over 13 bytes\)"):  # fmt: skip
         text.check_text(FUNC + 0x24)
