@@ -45,6 +45,7 @@ from qprobes.target.hostmem import HostMemory
 from qprobes.target.target import Target
 
 if TYPE_CHECKING:
+    from qprobes.linux.text import KernelText
     from qprobes.symbols.linux import LinuxKernel
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -115,6 +116,7 @@ class Session:
         self.hostmem = hostmem
         self.engine = KprobeEngine(target, reserve, near, symbols=symbols, hostmem=hostmem)
         self.kernel: LinuxKernel | None = None
+        self.text: KernelText | None = None  # a Linux guest's text rules
         self.kretprobes = KretprobeManager(self.engine)
         self.jprobes = JprobeManager(self.engine)
         self._closed = False
@@ -193,6 +195,7 @@ class Session:
         """Load the guest kernel's symbols (its kallsyms, or ``symbols_file``:
         a System.map or vmlinux) and BTF (guest stopped), then attach with
         Linux's kprobe blacklist."""
+        from qprobes.linux.text import KernelText
         from qprobes.symbols.linux import LinuxKernel
 
         read_phys = self.hostmem.read_phys if self.hostmem is not None else None
@@ -209,8 +212,22 @@ class Session:
         # Return probes chain their instances per task (Linux's current).
         self.kretprobes.tasks = LinuxTasks(kernel, self.engine.read_data)
         self.engine.attach()
-        for start, end, why in kernel.blacklist(self.engine.read_data):
+        try:
+            # Linux's blacklist and the text the kernel rewrites, read through
+            # the kernel's page tables (known once attached); without them no
+            # probe is safe, so a failure detaches again.
+            blacklist = kernel.blacklist(self.engine.read_data)
+            text = KernelText.load(kernel, self.engine.read_data, blacklist)
+        except BaseException:
+            self.engine.detach()
+            raise
+        for start, end, why in blacklist:
             self.engine.blacklist(start, end, why)
+        self.text = text
+        self.engine.text_check = text.check_text
+        self.engine.address_check = text.check_insn
+        self.engine.text_lock_held = text.text_mutex_held
+        self.engine.recover_text = text.recover
         self._use_ftrace(kernel)
 
     def _use_ftrace(self, kernel: LinuxKernel) -> None:

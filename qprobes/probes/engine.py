@@ -181,6 +181,23 @@ class KprobeEngine:
         # space): frames and kernel data are read through them.
         self._kcr3 = 0
         self._la57 = False
+        # Hooks a front end sets for a guest it knows (Session.use_linux plugs
+        # in qprobes.linux.text.KernelText), all called with the guest stopped:
+        # text_check(addr) raises ProbeError unless addr is the code of a
+        # function in the guest's text (called first in can_probe);
+        # address_check(addr, length) raises ProbeError if the instruction
+        # there overlaps text the guest rewrites (called in register_kprobe
+        # before anything is written); text_lock_held() is true while the
+        # guest patches its own text (its text_mutex is held): qprobes then
+        # runs the guest briefly and retries before writing kernel text,
+        # for up to text_lock_timeout seconds.
+        self.text_check: Callable[[int], None] | None = None
+        self.address_check: Callable[[int, int], None] | None = None
+        self.text_lock_held: Callable[[], bool] | None = None
+        # recover_text(addr, data) gives the original bytes of data read at
+        # addr where the guest's own patches hide them (its optimized kprobes).
+        self.recover_text: Callable[[int, bytes], bytes] | None = None
+        self.text_lock_timeout = 10.0
 
     # --- attach / detach ----------------------------------------------------
 
@@ -423,14 +440,24 @@ class KprobeEngine:
             raise ProbeError("a kprobe needs an address or a symbol name")
         if self.symbols is None:
             raise SymbolError(f"no symbol table to resolve {kp.symbol_name!r}")
-        return self.symbols.address(kp.symbol_name) + kp.offset
+        sym = self.symbols.lookup(kp.symbol_name)
+        if kp.offset < 0 or (sym.size and kp.offset >= sym.size):
+            raise ProbeError(
+                f"{kp.symbol_name}+{kp.offset:#x} is outside {kp.symbol_name}, "
+                f"which is {sym.size:#x} bytes long"
+            )
+        return sym.addr + kp.offset
 
     def _original_bytes(self, addr: int, length: int) -> bytes:
-        """Guest text with qprobes' own int3 bytes replaced by the originals."""
+        """Guest text with qprobes' own int3 bytes replaced by the originals
+        (and, through ``recover_text``, the guest's own jumps over its
+        optimized kprobes: Linux's ``recover_probed_instruction()``)."""
         data = bytearray(self.kread(addr, length))
         for point in self.points.values():
             if point.armed and addr <= point.addr < addr + length:
                 data[point.addr - addr] = point.opcode
+        if self.recover_text is not None:
+            return self.recover_text(addr, bytes(data))
         return bytes(data)
 
     def blacklist(self, start: int, end: int, reason: str) -> None:
@@ -451,6 +478,7 @@ class KprobeEngine:
                     f"{addr:#x} is in the guest's handler for vector {vector}, "
                     "which qprobes' stubs chain to"
                 )
+        self._check_text(addr)
         if self.symbols is None:
             return
         found = self.symbols.resolve(addr)
@@ -473,6 +501,35 @@ class KprobeEngine:
                 f"{addr:#x} ({sym.name}+{off:#x}) is not an instruction boundary: "
                 f"the instruction at {sym.name}+{last:#x} spans it"
             )
+
+    def _check_text(self, addr: int) -> None:
+        """Only a function's code may be probed: the front end's rule for its
+        guest (``text_check``), else a function symbol must hold ``addr``."""
+        if self.text_check is not None:
+            self.text_check(addr)
+            return
+        if self.symbols is None:
+            return
+        found = self.symbols.resolve(addr)
+        if found is None or found[0].kind != "func":
+            what = f" ({found[0].name} is not a function)" if found is not None else ""
+            raise ProbeError(f"{addr:#x} is not inside a function symbol{what}")
+
+    def wait_text_unlocked(self) -> None:
+        """Return once the guest is not patching its own text (``text_lock_held``),
+        running it a few milliseconds at a time; :class:`ProbeError` after
+        ``text_lock_timeout`` seconds. Writing kernel text meanwhile could race
+        a ``text_poke_bp()`` (and take its transient int3 for the original byte)."""
+        if self.text_lock_held is None or not self.text_lock_held():
+            return
+        deadline = time.monotonic() + self.text_lock_timeout
+        while self.text_lock_held():
+            if time.monotonic() > deadline:
+                raise ProbeError(
+                    f"the guest has been patching its own text (text_mutex held) for "
+                    f"{self.text_lock_timeout:g} s: not writing kernel text meanwhile"
+                )
+            self.run(timeout=0.005)
 
     def _same_function(self, a: int, b: int) -> bool:
         if self.symbols is None:
@@ -598,11 +655,14 @@ class KprobeEngine:
             point.kprobes.append(kp)
             kp.registered = True
             return kp
+        self.wait_text_unlocked()
         self.can_probe(addr)
         if len(self.points) >= PTABLE_MAX_LOAD:
             raise ProbeError(f"at most {PTABLE_MAX_LOAD} probe addresses at once")
         code = self._original_bytes(addr, x86insn.MAX_INSN_SIZE)
         insn = x86insn.decode(code, addr)
+        if self.address_check is not None:
+            self.address_check(addr, insn.length)
         analysis = x86insn.analyze(insn)
         if analysis.rejected is not None:
             raise InstructionError(addr, f"cannot probe {insn.mnemonic}: {analysis.rejected}")
@@ -703,6 +763,7 @@ class KprobeEngine:
         """``arch_arm_kprobe``: table entry first, then the int3."""
         if point.armed:
             return
+        self.wait_text_unlocked()
         self._ptable_insert(point.addr)
         current = self.kread(point.addr, 1)[0]
         if current != point.opcode:
@@ -720,6 +781,7 @@ class KprobeEngine:
         if not point.armed:
             return
         if point.opcode != INT3:
+            self.wait_text_unlocked()
             current = self.kread(point.addr, 1)[0]
             if current == INT3:
                 self.kwrite_code(point.addr, bytes([point.opcode]))

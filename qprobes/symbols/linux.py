@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qprobes.errors import QprobesError, SymbolError
+from qprobes.errors import ProbeError, QprobesError, SymbolError
 from qprobes.symbols.btf import Btf, read_guest_btf
 from qprobes.symbols.elf import SymbolTable
 from qprobes.symbols.kallsyms import read_guest_kallsyms
@@ -112,44 +112,63 @@ class LinuxKernel:
         return int(getattr(self.symbols, "slide", self.text - 0xFFFF_FFFF_8100_0000))
 
     def blacklist(self, read: Callable[[int, int], bytes]) -> list[tuple[int, int, str]]:
-        """Address ranges kprobes refuses: the sections above and every function
-        listed with ``NOKPROBE_SYMBOL`` (``__start_kprobe_blacklist``)."""
+        """Address ranges kprobes refuses: the sections above and every entry
+        of the kernel's runtime blacklist (:meth:`nokprobe_list`).
+
+        Raises :class:`ProbeError` when the kernel's list cannot be read:
+        probing without it would let an int3 into the int3 handler's path.
+        """
         ranges = []
         for first, last, why in BLACKLIST_SECTIONS:
             if first in self.symbols and last in self.symbols:
                 ranges.append((self.symbols.address(first), self.symbols.address(last), why))
-        ranges += self._nokprobe_list(read)
+        ranges += self.nokprobe_list(read)
         return ranges
 
-    def _nokprobe_list(self, read: Callable[[int, int], bytes]) -> list[tuple[int, int, str]]:
-        """The kernel's runtime ``kprobe_blacklist`` list (NOKPROBE_SYMBOL
-        entries; the ``_kprobe_blacklist`` section itself is init data, freed
-        after boot), walked with BTF's ``struct kprobe_blacklist`` layout."""
-        if self.btf is None or "kprobe_blacklist" not in self.symbols:
-            return []
+    def nokprobe_list(self, read: Callable[[int, int], bytes]) -> list[tuple[int, int, str]]:
+        """The kernel's ``kprobe_blacklist`` list (kernel/kprobes.c: one
+        ``struct kprobe_blacklist_entry`` per ``NOKPROBE_SYMBOL`` function and
+        per function of the ``.kprobes.text``, ``.noinstr.text`` and
+        ``.entry.text`` areas, filled by ``populate_kprobe_blacklist()``; the
+        ``_kprobe_blacklist`` section it comes from is init data, freed after
+        boot), walked with BTF's layout. What ``/sys/kernel/debug/kprobes/blacklist``
+        lists, in the same order."""
+        head_name, entry = "kprobe_blacklist", "kprobe_blacklist_entry"
+
+        def refuse(reason: str) -> ProbeError:
+            return ProbeError(f"cannot read Linux's kprobe blacklist ({reason}): "
+                              "refusing to probe this kernel")  # fmt: skip
+
+        if head_name not in self.symbols:
+            raise refuse(f"no {head_name} symbol: a kernel built without CONFIG_KPROBES?")
+        if self.btf is None:
+            raise refuse(f"the kernel has no BTF to give struct {entry}")
         try:
-            link, _ = self.btf.struct_member_offset("kprobe_blacklist", "list")
-            start_off, _ = self.btf.struct_member_offset("kprobe_blacklist", "start_addr")
-            end_off, _ = self.btf.struct_member_offset("kprobe_blacklist", "end_addr")
-        except SymbolError:
-            return []
-        head = self.symbols.address("kprobe_blacklist")
-        ranges = []
+            link, _ = self.btf.struct_member_offset(entry, "list")
+            start_off, _ = self.btf.struct_member_offset(entry, "start_addr")
+            end_off, _ = self.btf.struct_member_offset(entry, "end_addr")
+        except SymbolError as exc:
+            raise refuse(str(exc)) from exc
+        head = self.symbols.address(head_name)
+        ranges: list[tuple[int, int, str]] = []
         try:
             (node,) = struct.unpack("<Q", read(head, 8))
-            for _ in range(1 << 16):
-                if node == head:
-                    break
-                entry = node - link
-                start, end = struct.unpack(
-                    "<QQ", read(entry + start_off, 8) + read(entry + end_off, 8)
-                )
+            while node != head:
+                if len(ranges) >= 1 << 20:
+                    raise refuse(f"{head_name} does not end")
+                entry_addr = node - link
+                (start,) = struct.unpack("<Q", read(entry_addr + start_off, 8))
+                (end,) = struct.unpack("<Q", read(entry_addr + end_off, 8))
                 found = self.symbols.resolve(start)
                 name = found[0].name if found else f"{start:#x}"
-                ranges.append((start, end, f"{name} is marked NOKPROBE_SYMBOL"))
+                ranges.append((start, end, f"Linux's kprobe blacklist lists {name}"))
                 (node,) = struct.unpack("<Q", read(node, 8))
-        except QprobesError:
-            pass  # a torn list: keep what was read
+        except QprobesError as exc:
+            if isinstance(exc, ProbeError):
+                raise
+            raise refuse(f"{head_name} could not be walked: {exc}") from exc
+        if not ranges:
+            raise refuse(f"{head_name} is empty (kprobes not initialised yet?)")
         return ranges
 
     def current(self, gs_base: int, read: Callable[[int, int], bytes]) -> int | None:
