@@ -457,17 +457,18 @@ class KprobeEngine:
             return
         code = self._original_bytes(sym.addr, off + x86insn.MAX_INSN_SIZE)
         # Decode from the symbol's start up to addr (Linux's can_probe()).
-        pos, last = 0, 0
-        while pos < off:
-            try:
-                insn = x86insn.decode(code[pos:], sym.addr + pos)
-            except InstructionError:
-                return  # data or padding: the boundary cannot be proven either way
-            last, pos = pos, pos + insn.length
-        if pos != off:
+        try:
+            spanning = x86insn.spanning_instruction(code, sym.addr, addr)
+        except InstructionError as exc:
+            raise ProbeError(
+                f"cannot probe {addr:#x} ({sym.name}+{off:#x}): its instruction boundary is "
+                f"unknown, {sym.name}+{exc.addr - sym.addr:#x} cannot be decoded with "
+                f"certainty ({exc.reason})"
+            ) from exc
+        if spanning is not None:
             raise ProbeError(
                 f"{addr:#x} ({sym.name}+{off:#x}) is not an instruction boundary: "
-                f"the instruction at {sym.name}+{last:#x} spans it"
+                f"the instruction at {sym.name}+{spanning.addr - sym.addr:#x} spans it"
             )
 
     def _same_function(self, a: int, b: int) -> bool:

@@ -36,6 +36,7 @@ from qprobes.arch.x86_64.insn import (
     decode_function,
     instruction_boundaries,
     skip_prefixes,
+    spanning_instruction,
     synthesize_reljump,
 )
 
@@ -67,5 +68,6 @@ __all__ = [
     "set_current_kprobe",
     "singlestep_rip",
     "skip_prefixes",
+    "spanning_instruction",
     "synthesize_reljump",
 ]
