@@ -109,8 +109,8 @@ def _is_sti(insn: x86insn.Insn) -> bool:
 
 
 def _loads_flags(insn: x86insn.Insn) -> bool:
-    """popf and iret: instructions that load TF from memory."""
-    return insn.mnemonic in ("popf", "popfq", "popfw", "iret", "iretd", "iretq")
+    """popf and iretq: instructions that load TF from memory."""
+    return x86insn.flags_image(insn) is not None
 
 
 @dataclass
@@ -826,8 +826,7 @@ class KprobeEngine:
         kcb.popped_tf = 0
         if _loads_flags(point.insn):
             # The flags image popf/iret will load: its TF is the guest's own.
-            offset = 16 if point.insn.mnemonic.startswith("iret") else 0
-            size = 2 if point.insn.mnemonic == "popfw" else 8
+            offset, size = x86insn.flags_image(point.insn) or (0, 8)
             image = int.from_bytes(ctx.read(regs.rsp + offset, size), "little")
             kcb.popped_tf = image & TF
         kcb.current = point

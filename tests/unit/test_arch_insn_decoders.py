@@ -21,6 +21,7 @@ from qprobes.arch.x86_64.insn import (
     can_probe,
     decode,
     decode_function,
+    flags_image,
     spanning_instruction,
 )
 from qprobes.errors import DecoderDisagreementError, InstructionError, ProbeError
@@ -71,6 +72,8 @@ DECISIONS = [
     Dec("65ff0545230100", 7, "inc"),
     Dec("0f0b", 2, "ud2"),
     Dec("0f0b78656e4889e5", 8, "mov"),  # Xen forced-emulation prefix + mov
+    # REX.W beats 66 (SDM Vol. 2, 2.2.1.2): popfq, which capstone reads as popf.
+    Dec("66489d", None, r"capstone reads popf \(3 bytes\), iced-x86 reads popfq"),
     # Neither decodes it.
     Dec("06", None, "cannot decode 06 .*invalid in 64-bit mode"),
     Dec("0f01", None, "cannot decode 0f 01 .*truncated"),
@@ -208,3 +211,24 @@ def test_engine_can_probe(code: bytes, offset: int, refusal: str | None) -> None
     else:
         with pytest.raises(ProbeError, match=refusal):
             engine.can_probe(A + offset)
+
+
+# --- the rflags image popf and iret load ---------------------------------------
+
+FLAGS_IMAGES = [
+    ("9d", (0, 8)),  # popfq
+    ("489d", (0, 8)),
+    ("669d", (0, 2)),  # popfw: capstone calls it "popf"
+    ("48cf", (16, 8)),  # iretq: RIP, CS, then RFLAGS
+    ("6648cf", (16, 8)),
+    ("cf", (8, 4)),  # iretd: EIP, CS, EFLAGS in 4-byte words (refused anyway)
+    ("66cf", (4, 2)),  # iretw (refused anyway)
+    ("9c", None),  # pushf stores flags, it does not load them
+    ("c3", None),
+    ("fa", None),
+]
+
+
+@pytest.mark.parametrize(("hexbytes", "image"), FLAGS_IMAGES)
+def test_flags_image(hexbytes: str, image: tuple[int, int] | None) -> None:
+    assert flags_image(decode(bytes.fromhex(hexbytes), A)) == image

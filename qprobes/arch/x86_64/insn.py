@@ -53,6 +53,16 @@ hlt, mwait, mwaitx             f4, 0f 01 c9,  stepped with IF clear the vCPU sle
                                0f 01 fb       ``sti; hlt`` also loses sti's interrupt shadow
 xbegin                         c7 f8 rel32    its abort address is rip-relative and a step
                                               inside a transaction aborts it
+far indirect call / jmp        ff /3, ff /5   ``prepare_emulation`` refuses both. Without
+                               (e.g. ff 1d,   REX.W the operand is m16:32 or m16:16: the call
+                               66 ff 1d,      pushes a 4- or 2-byte CS and return address, which
+                               48 ff 2d)      an 8-byte return-address fixup corrupts, and the
+                                              target is truncated below 4 GiB; with REX.W
+                                              (m16:64) Intel loads 64 bits and AMD ignores
+                                              REX.W, so the result depends on the CPU
+iretd, iretw                   cf, 66 cf      the 32-/16-bit frame (EIP/IP, CS, EFLAGS/FLAGS
+                                              in 4-/2-byte words) truncates a kernel rip;
+                                              ``prepare_emulation`` refuses every iret
 0x66 on a near branch          e.g. 66 eb,    Intel ignores the prefix in 64-bit mode, AMD
                                66 ff d0       truncates rip (or the stack slot) to 16 bits: the
                                               result (and for 66 0f 8x / 66 e8 / 66 e9 even the
@@ -60,11 +70,12 @@ xbegin                         c7 f8 rel32    its abort address is rip-relative 
 =============================  =============  ================================================
 
 Not rejected, although one might expect it: an original ``int3`` (stepped in
-place, as 2.6's ``prepare_singlestep`` does; ``is_int3``), ``iret`` and
-``popf``/``cli``/``sti`` (IF modifiers, single-stepped with the IF fixup),
-``lock``/``rep`` prefixes, ``enter``, ``cpuid``, ``wrmsr``/``rdmsr``,
-``in``/``out``, ``mov`` to control/debug registers, far indirect call/jmp
-(``ff /3``, ``ff /5``), ``lret``. Undecodable bytes raise
+place, as 2.6's ``prepare_singlestep`` does; ``is_int3``), ``iretq`` (48 cf:
+one 64-bit frame on every CPU, single-stepped, "rip is right"; Linux refuses
+it because its int3 emulation cannot run it) and ``popf``/``cli``/``sti`` (IF
+modifiers, single-stepped with the IF fixup), ``lock``/``rep`` prefixes,
+``enter``, ``cpuid``, ``wrmsr``/``rdmsr``, ``in``/``out``, ``mov`` to
+control/debug registers, ``lret``. Undecodable bytes raise
 :class:`~qprobes.errors.InstructionError` from :func:`decode`; that covers
 what is invalid in 64-bit mode: ``pop ss`` (17), ``into`` (ce), far
 ``jmp``/``call`` with a segment immediate (ea, 9a), ``bound``, ``salc``...
@@ -138,6 +149,7 @@ __all__ = [
     "copy_instruction",
     "decode",
     "decode_function",
+    "flags_image",
     "instruction_boundaries",
     "skip_prefixes",
     "spanning_instruction",
@@ -345,7 +357,7 @@ def _decode_one(code: bytes, addr: int) -> Insn:
     """
     window = bytes(code[:MAX_INSN_SIZE])
     try:
-        ci = next(_capstone().disasm(window, addr, 1), None)
+        ci: Any = next(_capstone().disasm(window, addr, 1), None)
     except capstone.CsError as exc:  # pragma: no cover - failures normally yield nothing
         raise InstructionError(addr, f"capstone failed: {exc}") from exc
     iced = _iced_decode(window, addr)
@@ -353,6 +365,7 @@ def _decode_one(code: bytes, addr: int) -> Insn:
         shown = window.hex(" ") or "no bytes"
         raise InstructionError(addr, f"cannot decode {shown} (invalid in 64-bit mode or truncated)")
     if iced is None:
+        assert ci is not None
         raise DecoderDisagreementError(
             addr,
             f"decoders disagree on {window[: ci.size].hex(' ')}: capstone reads "
@@ -713,15 +726,17 @@ class Fixup(enum.Enum):
     copy, so rip needs case 0 like any relative branch, and the return address
     is fixed: ``*tos = orig + (*tos - copy)``."""
     CALL_INDIRECT = "call_indirect"
-    """Case 2 only: ``ff /2`` and ``ff /3`` (near and far indirect call).
-    The target is absolute: rip is right."""
+    """Case 2 only: ``ff /2`` (near indirect call; the far ``ff /3`` is
+    rejected). The target is absolute: rip is right."""
     JMP_INDIRECT = "jmp_indirect"
-    """No fixup: ``ff /4`` and ``ff /5`` (near and far indirect jmp): rip is right."""
+    """No fixup: ``ff /4`` (near indirect jmp; the far ``ff /5`` is
+    rejected): rip is right."""
     RET = "ret"
     """No fixup: ret (c3), ret imm16 (c2), lret (cb, ca): rip is right."""
     IRET = "iret"
-    """No fixup: iret/iretq (cf, 48 cf): rip is right (the unified kernel's
-    case 0xcf; 2.6 x86_64 lacked it and relocated rip wrongly)."""
+    """No fixup: iretq (48 cf; the 32-/16-bit forms are rejected): rip is
+    right (the unified kernel's case 0xcf; 2.6 x86_64 lacked it and relocated
+    rip wrongly)."""
     INT3 = "int3"
     """The original instruction is int3: it is stepped in place (2.6
     ``prepare_singlestep``), traps as #BP and goes on to the guest; there is
@@ -831,8 +846,48 @@ def _rejection(insn: Insn) -> str | None:
         return "hlt would sleep with IF clear while stepped"
     if op == 0xC7 and insn.modrm == 0xF8:
         return "xbegin: rip-relative abort address, and stepping aborts the transaction"
+    if op == 0xFF and insn.modrm_reg in (3, 5):
+        what = "call" if insn.modrm_reg == 3 else "jmp"
+        if _rex_w(insn):
+            return f"far indirect {what} (ff /{insn.modrm_reg}, m16:64): AMD ignores REX.W here"
+        return (
+            f"far indirect {what} (ff /{insn.modrm_reg}) with a {_operand_bits(insn)}-bit "
+            "operand: its CS and return address are not 8-byte words"
+        )
+    if op == 0xCF and not _rex_w(insn):
+        return f"{_operand_bits(insn)}-bit iret: its frame cannot hold a kernel rip"
     if 0x66 in insn.prefixes and _is_near_branch(insn):
         return "operand-size prefix on a near branch: Intel and AMD disagree on its effect"
+    return None
+
+
+def _rex_w(insn: Insn) -> bool:
+    return insn.rex is not None and bool(insn.rex & 0x08)
+
+
+def _operand_bits(insn: Insn) -> int:
+    """The operand size of a legacy instruction whose default is 32 bits."""
+    if _rex_w(insn):
+        return 64
+    return 16 if 0x66 in insn.prefixes else 32
+
+
+def flags_image(insn: Insn) -> tuple[int, int] | None:
+    """Where the rflags image that ``insn`` loads sits: (offset from rsp, size).
+
+    popf loads TF from the word at the top of the stack (``popfq`` 8 bytes,
+    ``66 9d`` 2), iret from the frame's third word (``iretq`` at rsp + 16,
+    8 bytes; ``iretd`` at + 8, 4 bytes; ``66 cf`` at + 4, 2 bytes). None for
+    any other instruction. The single-step then sees the TF the guest itself
+    asked for.
+    """
+    op = _legacy_opcode(insn)
+    if op == 0x9D:  # popf: 64-bit by default in 64-bit mode
+        size = 2 if 0x66 in insn.prefixes and not _rex_w(insn) else 8
+        return 0, size
+    if op == 0xCF:
+        size = _operand_bits(insn) // 8
+        return 2 * size, size
     return None
 
 
