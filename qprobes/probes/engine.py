@@ -414,12 +414,22 @@ class KprobeEngine:
                     "give a kprobe an address or a symbol, not both (to register a probe "
                     "again after unregistering it, set its addr back to None)"
                 )
-            return kp.addr + kp.offset
+            return self._adjust_kprobe_addr(kp.addr + kp.offset)
         if kp.symbol_name is None:
             raise ProbeError("a kprobe needs an address or a symbol name")
         if self.symbols is None:
             raise SymbolError(f"no symbol table to resolve {kp.symbol_name!r}")
-        return self.symbols.address(kp.symbol_name) + kp.offset
+        return self._adjust_kprobe_addr(self.symbols.address(kp.symbol_name) + kp.offset)
+
+    def _adjust_kprobe_addr(self, addr: int) -> int:
+        """A probe on a function's leading endbr64 goes 4 bytes on, past it
+        (``arch_adjust_kprobe_addr``: an int3 there faults under IBT)."""
+        found = self.symbols.resolve(addr) if self.symbols is not None else None
+        if found is None or found[0].kind != "func":
+            return addr
+        sym, off = found
+        new_off, _ = x86insn.adjust_kprobe_offset(self._original_bytes(sym.addr, 4), off)
+        return sym.addr + new_off
 
     def _original_bytes(self, addr: int, length: int) -> bytes:
         """Guest text with qprobes' own int3 bytes replaced by the originals."""

@@ -443,20 +443,6 @@ def test_analyze(a: An) -> None:
     assert result.is_int3 is (a.fixup is Fixup.INT3)
 
 
-def test_analyze_exception_fixup_forbids_boost() -> None:
-    # e.g. a user access: "mov eax, [rcx]" with an exception-table entry.
-    assert analyze(insn("8b01")).boostable
-    result = analyze(insn("8b01"), has_exception_fixup=True)
-    assert not result.boostable
-    assert "exception" in result.boost_reason
-    assert result.rejected is None
-
-
-def test_analyze_endbr() -> None:
-    assert analyze(insn("f30f1efa")).is_endbr
-    assert not analyze(insn("0f1f440000")).is_endbr
-
-
 def test_fixup_properties() -> None:
     assert {f for f in Fixup if f.rip_is_right} == {CI, J, RET, IRET}
     assert {f for f in Fixup if f.reads_tos} == {P, CR, CI}
@@ -660,11 +646,6 @@ def test_boosted_copy_rejected() -> None:
     with pytest.raises(InstructionError) as exc:
         boosted_copy(insn("f4"), SLOT)
     assert "hlt" in str(exc.value)
-
-
-def test_boosted_copy_exception_fixup() -> None:
-    with pytest.raises(InstructionError):
-        boosted_copy(insn("8b01"), SLOT, has_exception_fixup=True)
 
 
 def test_boosted_copy_out_of_reach() -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from qprobes.arch.x86_64.insn import (
+    adjust_kprobe_offset,
     analyze,
     can_probe,
     decode,
@@ -26,6 +27,7 @@ from qprobes.arch.x86_64.insn import (
 )
 from qprobes.errors import DecoderDisagreementError, InstructionError, ProbeError
 from qprobes.probes.engine import KprobeEngine
+from qprobes.probes.kprobe import Kprobe
 from qprobes.symbols.elf import Symbol, SymbolTable
 
 A = 0xFFFF_FFFF_8123_4560
@@ -126,7 +128,7 @@ def test_ud_layout(
 
 
 # A function with UBSAN's trap: ud1 (5 bytes), nop, ret.
-UBSAN_FUNC = bytes.fromhex("670fb9401290c3")
+UBSAN_FUNC = bytes.fromhex("670fb94012 90 c3")
 
 
 @pytest.mark.parametrize(
@@ -142,9 +144,9 @@ def test_boundaries_after_a_ud1() -> None:
 
 
 # nop; serialize; nop; ret: past serialize nothing is certain.
-SERIALIZE_FUNC = bytes.fromhex("900f01e890c3")
+SERIALIZE_FUNC = bytes.fromhex("90 0f01e8 90 c3")
 # erets (capstone: clac, 4 bytes too) then nop: right length, wrong instruction.
-ERETS_FUNC = bytes.fromhex("f20f01ca90c3")
+ERETS_FUNC = bytes.fromhex("f20f01ca 90 c3")
 
 
 @pytest.mark.parametrize(
@@ -232,3 +234,43 @@ FLAGS_IMAGES = [
 @pytest.mark.parametrize(("hexbytes", "image"), FLAGS_IMAGES)
 def test_flags_image(hexbytes: str, image: tuple[int, int] | None) -> None:
     assert flags_image(decode(bytes.fromhex(hexbytes), A)) == image
+
+
+# --- endbr64 at a function's entry (arch_adjust_kprobe_addr) -----------------------
+
+ENDBR_FUNC = bytes.fromhex("f30f1efa 0f1f440000 55 c3")  # endbr64; nop5; push; ret
+
+ADJUST = [
+    # (function's first bytes, offset asked) -> (offset probed, on the entry)
+    ("f30f1efa", 0, 4, True),  # endbr64: past it
+    ("f30f1efb", 0, 4, True),  # endbr32
+    ("f30f1efa", 4, 4, True),  # +4 is the entry too
+    ("f30f1efa", 9, 9, False),
+    ("0f1f440000", 0, 0, True),  # no endbr: unchanged
+    ("0f1f440000", 4, 4, False),
+    ("f30f1e", 0, 0, True),  # cut short: not an endbr
+]
+
+
+@pytest.mark.parametrize(("entry", "offset", "probed", "on_entry"), ADJUST)
+def test_adjust_kprobe_offset(entry: str, offset: int, probed: int, on_entry: bool) -> None:
+    assert adjust_kprobe_offset(bytes.fromhex(entry), offset) == (probed, on_entry)
+
+
+@pytest.mark.parametrize(
+    ("kprobe", "addr"),
+    [
+        (Kprobe(symbol_name="f"), A + 4),
+        (Kprobe(symbol_name="f", offset=4), A + 4),
+        (Kprobe(symbol_name="f", offset=9), A + 9),
+        (Kprobe(addr=A), A + 4),  # an address is taken back to its symbol, as Linux does
+        (Kprobe(addr=A + 10), A + 10),
+    ],
+)
+def test_engine_probes_past_a_leading_endbr(kprobe: Kprobe, addr: int) -> None:
+    assert engine_with(ENDBR_FUNC).resolve(kprobe) == addr
+
+
+def test_engine_leaves_other_entries_alone() -> None:
+    engine = engine_with(bytes.fromhex("0f1f440000 55 c3"))
+    assert engine.resolve(Kprobe(symbol_name="f")) == A

@@ -20,6 +20,8 @@ from qprobes.arch.x86_64.fixups import (
     singlestep_rip,
 )
 from qprobes.arch.x86_64.insn import (
+    ENDBR32,
+    ENDBR64,
     INT3,
     JMP_REL32,
     JMP_REL32_SIZE,
@@ -28,6 +30,7 @@ from qprobes.arch.x86_64.insn import (
     Fixup,
     Insn,
     InsnAnalysis,
+    adjust_kprobe_offset,
     analyze,
     boosted_copy,
     can_probe,
@@ -36,12 +39,15 @@ from qprobes.arch.x86_64.insn import (
     decode_function,
     flags_image,
     instruction_boundaries,
+    is_endbr,
     skip_prefixes,
     spanning_instruction,
     synthesize_reljump,
 )
 
 __all__ = [
+    "ENDBR32",
+    "ENDBR64",
     "INT3",
     "JMP_REL32",
     "JMP_REL32_SIZE",
@@ -55,6 +61,7 @@ __all__ = [
     "InsnAnalysis",
     "KprobeFlags",
     "ResumeResult",
+    "adjust_kprobe_offset",
     "analyze",
     "boosted_copy",
     "can_probe",
@@ -65,6 +72,7 @@ __all__ = [
     "flags_image",
     "instruction_boundaries",
     "int3_passthrough",
+    "is_endbr",
     "prepare_singlestep",
     "resume_execution",
     "set_current_kprobe",

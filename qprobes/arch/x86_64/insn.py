@@ -92,8 +92,11 @@ original in place. The rules mirror modern kprobes' ``can_boost``
 (arch/x86/kernel/kprobes/core.c), conservative where noted:
 
 * rejected instructions and an original int3: no.
-* an instruction with an exception-table entry (the caller says so): no, a
-  fault in the slot would not find the fixup (``search_exception_tables``).
+* an instruction with an exception-table entry (a user access, ``rdmsr``
+  under ``_safe``): yes, where ``can_boost`` says no. In Linux a fault in a
+  boosted slot would reach the exception-table search with a slot rip; in
+  qprobes the #GP/#PF stub moves rip from the slot back to the probe address
+  first, so the guest's handler finds the original's entry.
 * VEX/EVEX/XOP and three-byte (0f 38, 0f 3a) opcodes: no; ``can_boost`` only
   judges one- and two-byte legacy opcodes.
 * two-byte opcodes: the kernel's ``twobyte_is_boostable`` table, except the
@@ -135,6 +138,8 @@ from capstone import x86_const
 from qprobes.errors import DecoderDisagreementError, InstructionError, SlotRangeError
 
 __all__ = [
+    "ENDBR32",
+    "ENDBR64",
     "INT3",
     "JMP_REL32",
     "JMP_REL32_SIZE",
@@ -143,6 +148,7 @@ __all__ = [
     "Fixup",
     "Insn",
     "InsnAnalysis",
+    "adjust_kprobe_offset",
     "analyze",
     "boosted_copy",
     "can_probe",
@@ -151,6 +157,7 @@ __all__ = [
     "decode_function",
     "flags_image",
     "instruction_boundaries",
+    "is_endbr",
     "skip_prefixes",
     "spanning_instruction",
     "synthesize_reljump",
@@ -191,6 +198,33 @@ _JCC32 = range(0x80, 0x90)  # second byte of 0f 8x
 # Absolute memory offset forms (moffs): a0..a3 carry an 8-byte address
 # (4 bytes with 0x67) and no ModRM.
 _MOFFS = range(0xA0, 0xA4)
+
+
+ENDBR64 = bytes((0xF3, 0x0F, 0x1E, 0xFA))
+ENDBR32 = bytes((0xF3, 0x0F, 0x1E, 0xFB))
+
+
+def is_endbr(code: bytes) -> bool:
+    """``code`` starts with endbr64 or endbr32 (Linux's ``is_endbr``)."""
+    return code[:4] in (ENDBR64, ENDBR32)
+
+
+def adjust_kprobe_offset(entry: bytes, offset: int) -> tuple[int, bool]:
+    """Where a probe at ``offset`` into a function goes, and whether that is
+    the function's entry: Linux's ``arch_adjust_kprobe_addr``.
+
+    ``entry`` is the function's first bytes. When it starts with an ENDBR, a
+    probe at ``+0`` moves to ``+4``, past it: under IBT every indirect call
+    or jmp must land on an ENDBR, and one that lands on the int3 instead
+    raises #CP (control protection). ``+0`` and ``+4`` then both count as
+    the entry (``kprobe_on_func_entry``, which return probes need).
+    """
+    if offset < 0:
+        raise ValueError(f"negative offset {offset}")
+    if is_endbr(entry):
+        on_entry = offset in (0, 4)
+        return (4 if on_entry else offset), on_entry
+    return offset, offset == 0
 
 
 def skip_prefixes(code: bytes) -> int:
@@ -771,10 +805,6 @@ class InsnAnalysis:
     boostable: bool
     boost_reason: str
     """Why it is, or is not, boostable."""
-    is_endbr: bool
-    """endbr64/endbr32: with IBT enforced an indirect branch must land on it,
-    so an int3 there faults; Linux's ``arch_adjust_kprobe_addr`` moves a
-    function-entry probe 4 bytes on."""
 
     @property
     def relocated_branch(self) -> bool:
@@ -965,13 +995,11 @@ _GROUPS_BOOSTABLE_REG: dict[int, tuple[str, frozenset[int]]] = {
 }
 
 
-def _can_boost(insn: Insn, has_exception_fixup: bool) -> tuple[bool, str]:
+def _can_boost(insn: Insn) -> tuple[bool, str]:
     """can_boost() from arch/x86/kernel/kprobes/core.c, with the changes the
     module docstring lists."""
     if insn.raw[0] == INT3:
         return False, "int3 is stepped in place"
-    if has_exception_fixup:
-        return False, "has an exception-table fixup, which a fault in the slot would miss"
     if insn.vex:
         return False, "VEX/EVEX/XOP encoding (can_boost judges legacy opcodes only)"
     op = insn.opcode
@@ -1007,17 +1035,13 @@ def _can_boost(insn: Insn, has_exception_fixup: bool) -> tuple[bool, str]:
     return True, f"one-byte opcode {first:02x} runs unchanged from the slot"
 
 
-def analyze(insn: Insn, *, has_exception_fixup: bool = False) -> InsnAnalysis:
-    """Analyse ``insn`` for probing (``arch_prepare_kprobe``/``arch_copy_kprobe``).
-
-    ``has_exception_fixup`` tells that the guest kernel's exception table has
-    an entry for ``insn.addr`` (e.g. a user access), which forbids boosting.
-    """
+def analyze(insn: Insn) -> InsnAnalysis:
+    """Analyse ``insn`` for probing (``arch_prepare_kprobe``/``arch_copy_kprobe``)."""
     rejected = _rejection(insn)
     if rejected is not None:
         boostable, reason = False, f"rejected: {rejected}"
     else:
-        boostable, reason = _can_boost(insn, has_exception_fixup)
+        boostable, reason = _can_boost(insn)
     return InsnAnalysis(
         insn=insn,
         fixup=_fixup(insn),
@@ -1026,7 +1050,6 @@ def analyze(insn: Insn, *, has_exception_fixup: bool = False) -> InsnAnalysis:
         rejected=rejected,
         boostable=boostable,
         boost_reason=reason,
-        is_endbr=insn.mnemonic in ("endbr64", "endbr32"),
     )
 
 
@@ -1095,7 +1118,7 @@ def copy_instruction(insn: Insn, slot_addr: int) -> bytes:
     return insn.raw[:at] + encoded + insn.raw[at + 4 :]
 
 
-def boosted_copy(insn: Insn, slot_addr: int, *, has_exception_fixup: bool = False) -> bytes:
+def boosted_copy(insn: Insn, slot_addr: int) -> bytes:
     """The bytes to run ``insn`` at ``slot_addr`` without single-stepping.
 
     Mirrors ``prepare_boost()``: the copy (:func:`copy_instruction`) followed
@@ -1106,7 +1129,7 @@ def boosted_copy(insn: Insn, slot_addr: int, *, has_exception_fixup: bool = Fals
     or not boostable, :class:`~qprobes.errors.SlotRangeError` when the slot is
     out of rel32 reach.
     """
-    analysis = analyze(insn, has_exception_fixup=has_exception_fixup)
+    analysis = analyze(insn)
     if analysis.rejected is not None:
         raise InstructionError(insn.addr, analysis.rejected)
     if not analysis.boostable:
