@@ -62,6 +62,13 @@ DECISIONS = [
     Dec("48ff1d00100000", 7, "lcall"),
     Dec("48ff2d00100000", 7, "ljmp"),
     Dec("48cb", 2, "retfq"),
+    Dec("dfe9", 2, "fucompi"),  # fucomip st(1)
+    Dec("dff1", 2, "fcompi"),  # fcomip st(1)
+    Dec("dbe4", 2, "fsetpm"),
+    Dec("dec0", 2, "faddp"),  # capstone's id says fadd, its mnemonic faddp
+    # Random bytes where the names differ for real: refused.
+    Dec("0f183f", None, r"capstone reads nop \(3 bytes\), iced-x86 reads prefetchit0"),
+    Dec("6748e3cf", None, r"capstone reads jrcxz \(4 bytes\), iced-x86 reads jecxz"),
     # UD0/UD1 take a ModRM (capstone 5 says 3, 2, 2 and 2 bytes).
     Dec("670fb94012", 5, "ud1"),  # UBSAN: ud1 0x12(%eax),%eax
     Dec("0fb9cc", 3, "ud1"),  # static-call trampoline signature

@@ -366,10 +366,22 @@ def _iced_mnemonics() -> dict[int, str]:
 
 
 # Capstone's instruction names that iced-x86 spells differently for the same
-# instruction (AT&T-flavoured names in capstone's Intel syntax). Every other
-# name must be equal. Measured on every function of the default Linux guest
-# (8.9 million instructions): these four are the only naming differences.
-_CAPSTONE_NAMES = {"movabs": "mov", "lcall": "call", "ljmp": "jmp", "retfq": "retf"}
+# instruction (AT&T-flavoured names in capstone's Intel syntax, x87 names
+# with the letters in another order). Every other name must be equal. On
+# every function of the default Linux guest (8.9 million instructions) the
+# first four are the only naming differences; the x87 ones came out of
+# random bytes.
+_CAPSTONE_NAMES = {
+    "movabs": "mov",
+    "lcall": "call",
+    "ljmp": "jmp",
+    "retfq": "retf",
+    "fucompi": "fucomip",
+    "fcompi": "fcomip",
+    "fsetpm": "fnsetpm",
+    "fdisi8087_nop": "fndisi",
+    "feni8087_nop": "fneni",
+}
 
 # UD0 (0f ff /r) and UD1 (0f b9 /r) take a ModRM byte (SDM Vol. 2B, "UD"),
 # which capstone 5 leaves out: ``67 0f b9 40 12`` (UBSAN's trap) is 5 bytes,
@@ -412,14 +424,18 @@ def _decode_one(code: bytes, addr: int) -> Insn:
             f"{iced[1]}, capstone cannot decode it",
         )
     iced_length, iced_name = iced
-    name = _CAPSTONE_NAMES.get(ci.insn_name(), ci.insn_name())
-    if name != iced_name:
+    # Capstone's instruction id (``insn_name``) or its printed mnemonic
+    # without prefixes ("rep movsb"): one of them must name iced's.
+    printed = (ci.mnemonic.split() or [""])[-1]
+    cs_names = {_CAPSTONE_NAMES.get(n, n) for n in (ci.insn_name(), printed)}
+    if iced_name not in cs_names:
         shown = window[: max(ci.size, iced_length)].hex(" ")
         raise DecoderDisagreementError(
             addr,
             f"decoders disagree on {shown}: capstone reads {ci.mnemonic} "
             f"({ci.size} bytes), iced-x86 reads {iced_name} ({iced_length} bytes)",
         )
+    name = iced_name
     ud_modrm = False
     length: int = ci.size
     if iced_length != length:
