@@ -131,6 +131,17 @@ class InstructionError(QprobesError):
         super().__init__(f"{addr:#x}: {reason}")
 
 
+class DecoderDisagreementError(InstructionError):
+    """The two decoders (capstone and iced-x86) read the bytes differently.
+
+    Raised when one of them cannot decode an instruction the other can, when
+    they disagree on its length or on what instruction it is, or when
+    capstone's layout detail contradicts the bytes. Neither reading can be
+    trusted, so neither the instruction nor anything after it in its
+    function can be probed.
+    """
+
+
 class SlotRangeError(InstructionError):
     """An instruction slot is more than ±2 GiB from an address its copy must name.
 

@@ -178,7 +178,7 @@ def qtest_probe_all(
                     kp = session.kprobe(insn.addr, lambda kp, ctx: None,
                                         boost=len(engine.points) % 2 == 0)  # fmt: skip
                 except InstructionError:
-                    refused += 1  # ud2 guards that never run
+                    refused += 1  # ud2 guards that never run; far indirect call/jmp
                     continue
                 per_target.setdefault(t.name, []).append(kp)
         points = list(engine.points.values())

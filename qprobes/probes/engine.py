@@ -110,8 +110,8 @@ def _is_sti(insn: x86insn.Insn) -> bool:
 
 
 def _loads_flags(insn: x86insn.Insn) -> bool:
-    """popf and iret: instructions that load TF from memory."""
-    return insn.mnemonic in ("popf", "popfq", "popfw", "iret", "iretd", "iretq")
+    """popf and iretq: instructions that load TF from memory."""
+    return x86insn.flags_image(insn) is not None
 
 
 @dataclass
@@ -435,7 +435,7 @@ class KprobeEngine:
                     "give a kprobe an address or a symbol, not both (to register a probe "
                     "again after unregistering it, set its addr back to None)"
                 )
-            return kp.addr + kp.offset
+            return self._adjust_kprobe_addr(kp.addr + kp.offset)
         if kp.symbol_name is None:
             raise ProbeError("a kprobe needs an address or a symbol name")
         if self.symbols is None:
@@ -446,7 +446,17 @@ class KprobeEngine:
                 f"{kp.symbol_name}+{kp.offset:#x} is outside {kp.symbol_name}, "
                 f"which is {sym.size:#x} bytes long"
             )
-        return sym.addr + kp.offset
+        return self._adjust_kprobe_addr(sym.addr + kp.offset)
+
+    def _adjust_kprobe_addr(self, addr: int) -> int:
+        """A probe on a function's leading endbr64 goes 4 bytes on, past it
+        (``arch_adjust_kprobe_addr``: an int3 there faults under IBT)."""
+        found = self.symbols.resolve(addr) if self.symbols is not None else None
+        if found is None or found[0].kind != "func":
+            return addr
+        sym, off = found
+        new_off, _ = x86insn.adjust_kprobe_offset(self._original_bytes(sym.addr, 4), off)
+        return sym.addr + new_off
 
     def _original_bytes(self, addr: int, length: int) -> bytes:
         """Guest text with qprobes' own int3 bytes replaced by the originals
@@ -489,17 +499,18 @@ class KprobeEngine:
             return
         code = self._original_bytes(sym.addr, off + x86insn.MAX_INSN_SIZE)
         # Decode from the symbol's start up to addr (Linux's can_probe()).
-        pos, last = 0, 0
-        while pos < off:
-            try:
-                insn = x86insn.decode(code[pos:], sym.addr + pos)
-            except InstructionError:
-                return  # data or padding: the boundary cannot be proven either way
-            last, pos = pos, pos + insn.length
-        if pos != off:
+        try:
+            spanning = x86insn.spanning_instruction(code, sym.addr, addr)
+        except InstructionError as exc:
+            raise ProbeError(
+                f"cannot probe {addr:#x} ({sym.name}+{off:#x}): its instruction boundary is "
+                f"unknown, {sym.name}+{exc.addr - sym.addr:#x} cannot be decoded with "
+                f"certainty ({exc.reason})"
+            ) from exc
+        if spanning is not None:
             raise ProbeError(
                 f"{addr:#x} ({sym.name}+{off:#x}) is not an instruction boundary: "
-                f"the instruction at {sym.name}+{last:#x} spans it"
+                f"the instruction at {sym.name}+{spanning.addr - sym.addr:#x} spans it"
             )
 
     def _check_text(self, addr: int) -> None:
@@ -1007,8 +1018,7 @@ class KprobeEngine:
         kcb.popped_tf = 0
         if _loads_flags(point.insn):
             # The flags image popf/iret will load: its TF is the guest's own.
-            offset = 16 if point.insn.mnemonic.startswith("iret") else 0
-            size = 2 if point.insn.mnemonic == "popfw" else 8
+            offset, size = x86insn.flags_image(point.insn) or (0, 8)
             image = int.from_bytes(ctx.read(regs.rsp + offset, size), "little")
             kcb.popped_tf = image & TF
         kcb.current = point

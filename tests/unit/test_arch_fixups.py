@@ -191,23 +191,31 @@ def test_resume_execution(c: Case) -> None:
 
 
 def test_resume_execution_26_ff_trap() -> None:
-    # 2.6 classed "call *%rax" as relative: rip = orig + (rip - copy), and the
-    # return address left pointing after the copy. Concretely:
-    analysis = analyze(decode(b"\xff\xd0", ORIG))
-    wrong_rip_26 = (ORIG + (FUNC - COPY)) & ((1 << 64) - 1)
-    assert wrong_rip_26 == 0xFFFF_FFFF_6323_3460  # not code at all
+    # "call *%rax" (ff d0) probed at 0xffffffff81234560, its copy stepped at
+    # 0xffffffffa0001000 with rax = 0xffffffff81ffff00. After the step rip is
+    # rax and the word at rsp is the copy's return address 0xffffffffa0001002.
+    # The guest must get rip 0xffffffff81ffff00 unchanged (2.6 classed the
+    # call as relative and "relocated" it to 0xffffffff63233460, which is not
+    # code) and the return address 0xffffffff81234562, the byte after the
+    # original's two. The numbers are written out, not derived.
     result = resume_execution(
-        analysis,
-        orig_addr=ORIG,
-        copy_addr=COPY,
-        rip=FUNC,
-        rsp=RSP,
-        tos=COPY + 2,
-        old_rflags=IF,
-        rflags=STEPPED,
+        analyze(decode(b"\xff\xd0", 0xFFFF_FFFF_8123_4560)),
+        orig_addr=0xFFFF_FFFF_8123_4560,
+        copy_addr=0xFFFF_FFFF_A000_1000,
+        rip=0xFFFF_FFFF_81FF_FF00,
+        rsp=0xFFFF_C900_0012_3F00,
+        tos=0xFFFF_FFFF_A000_1002,
+        old_rflags=0x200,
+        rflags=0x146,
     )
-    assert result.rip == FUNC != wrong_rip_26
-    assert result.tos_write == ORIG + 2 != COPY + 2
+    assert result == ResumeResult(
+        rip=0xFFFF_FFFF_81FF_FF00,
+        rflags=0x246,
+        tos_addr=0xFFFF_C900_0012_3F00,
+        tos_write=0xFFFF_FFFF_8123_4562,
+        pass_to_guest=False,
+    )
+    assert result.rip != 0xFFFF_FFFF_6323_3460
 
 
 def test_resume_execution_wraps() -> None:

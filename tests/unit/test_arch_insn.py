@@ -339,8 +339,8 @@ ANALYSIS_TABLE = [
     An("c21000", RET, True),
     An("48cb", RET, True),
     An("cb", RET, True),
-    An("cf", IRET, False, if_modifier=True),
     An("48cf", IRET, False, if_modifier=True),
+    An("6648cf", IRET, False, if_modifier=True),  # REX.W wins over 66: iretq
     # calls
     An("e800010000", CR, False),
     An("2ee800010000", CR, False),  # cs call to a retpoline thunk
@@ -348,13 +348,11 @@ ANALYSIS_TABLE = [
     An("41ffd3", CI, False),
     An("ff14250000ff81", CI, False),
     An("ff1500100000", CI, False),  # rip-relative AND indirect call
-    An("ff18", CI, False),  # lcall *(%rax), ff /3
     # jumps
     An("ffe0", J, True),
     An("41ffe3", J, True),
     An("3effe0", J, True),  # notrack
     An("ff2500100000", J, True),  # rip-relative indirect jmp
-    An("ff28", J, False),  # ljmp *(%rax), ff /5
     An("7410", R, True),  # jcc rel8: relocated
     An("0f8400100000", R, True),  # jcc rel32: relocated
     An("3e7410", R, True),  # branch hint dropped
@@ -416,6 +414,18 @@ ANALYSIS_TABLE = [
     An("66eb10", R, False, rejected="operand-size"),
     An("66c3", RET, False, rejected="operand-size"),
     An("66ffd0", CI, False, rejected="operand-size"),
+    # far indirect call/jmp (ff /3, ff /5): refused whatever the operand size
+    An("ff18", CI, False, rejected="far indirect call (ff /3) with a 32-bit operand"),
+    An("ff1d00100000", CI, False, rejected="far indirect call (ff /3) with a 32-bit"),
+    An("66ff1d00100000", CI, False, rejected="far indirect call (ff /3) with a 16-bit"),
+    An("4866ff1d00100000", CI, False, rejected="with a 16-bit"),  # REX before 66: ignored
+    An("48ff1d00100000", CI, False, rejected="far indirect call (ff /3, m16:64): AMD"),
+    An("ff28", J, False, rejected="far indirect jmp (ff /5) with a 32-bit operand"),
+    An("66ff2d00100000", J, False, rejected="far indirect jmp (ff /5) with a 16-bit"),
+    An("48ff2d00100000", J, False, rejected="far indirect jmp (ff /5, m16:64): AMD"),
+    # 32- and 16-bit iret; iretq (above) is stepped
+    An("cf", IRET, False, if_modifier=True, rejected="32-bit iret"),
+    An("66cf", IRET, False, if_modifier=True, rejected="16-bit iret"),
 ]
 
 
@@ -431,20 +441,6 @@ def test_analyze(a: An) -> None:
         assert result.rejected is not None
         assert a.rejected in result.rejected
     assert result.is_int3 is (a.fixup is Fixup.INT3)
-
-
-def test_analyze_exception_fixup_forbids_boost() -> None:
-    # e.g. a user access: "mov eax, [rcx]" with an exception-table entry.
-    assert analyze(insn("8b01")).boostable
-    result = analyze(insn("8b01"), has_exception_fixup=True)
-    assert not result.boostable
-    assert "exception" in result.boost_reason
-    assert result.rejected is None
-
-
-def test_analyze_endbr() -> None:
-    assert analyze(insn("f30f1efa")).is_endbr
-    assert not analyze(insn("0f1f440000")).is_endbr
 
 
 def test_fixup_properties() -> None:
@@ -639,7 +635,7 @@ def test_boosted_copy_known_bytes() -> None:
     assert boosted_copy(insn("0f1f440000"), SLOT).hex() == "0f1f440000e95b3523e1"
 
 
-@pytest.mark.parametrize("hexbytes", ["e800010000", "ffd0", "fb", "cf", "cc", "e210", "0fa2"])
+@pytest.mark.parametrize("hexbytes", ["e800010000", "ffd0", "fb", "48cf", "cc", "e210", "0fa2"])
 def test_boosted_copy_not_boostable(hexbytes: str) -> None:
     with pytest.raises(InstructionError) as exc:
         boosted_copy(insn(hexbytes), SLOT)
@@ -650,11 +646,6 @@ def test_boosted_copy_rejected() -> None:
     with pytest.raises(InstructionError) as exc:
         boosted_copy(insn("f4"), SLOT)
     assert "hlt" in str(exc.value)
-
-
-def test_boosted_copy_exception_fixup() -> None:
-    with pytest.raises(InstructionError):
-        boosted_copy(insn("8b01"), SLOT, has_exception_fixup=True)
 
 
 def test_boosted_copy_out_of_reach() -> None:

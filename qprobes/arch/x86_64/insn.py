@@ -53,6 +53,16 @@ hlt, mwait, mwaitx             f4, 0f 01 c9,  stepped with IF clear the vCPU sle
                                0f 01 fb       ``sti; hlt`` also loses sti's interrupt shadow
 xbegin                         c7 f8 rel32    its abort address is rip-relative and a step
                                               inside a transaction aborts it
+far indirect call / jmp        ff /3, ff /5   ``prepare_emulation`` refuses both. Without
+                               (e.g. ff 1d,   REX.W the operand is m16:32 or m16:16: the call
+                               66 ff 1d,      pushes a 4- or 2-byte CS and return address, which
+                               48 ff 2d)      an 8-byte return-address fixup corrupts, and the
+                                              target is truncated below 4 GiB; with REX.W
+                                              (m16:64) Intel loads 64 bits and AMD ignores
+                                              REX.W, so the result depends on the CPU
+iretd, iretw                   cf, 66 cf      the 32-/16-bit frame (EIP/IP, CS, EFLAGS/FLAGS
+                                              in 4-/2-byte words) truncates a kernel rip;
+                                              ``prepare_emulation`` refuses every iret
 0x66 on a near branch          e.g. 66 eb,    Intel ignores the prefix in 64-bit mode, AMD
                                66 ff d0       truncates rip (or the stack slot) to 16 bits: the
                                               result (and for 66 0f 8x / 66 e8 / 66 e9 even the
@@ -60,11 +70,12 @@ xbegin                         c7 f8 rel32    its abort address is rip-relative 
 =============================  =============  ================================================
 
 Not rejected, although one might expect it: an original ``int3`` (stepped in
-place, as 2.6's ``prepare_singlestep`` does; ``is_int3``), ``iret`` and
-``popf``/``cli``/``sti`` (IF modifiers, single-stepped with the IF fixup),
-``lock``/``rep`` prefixes, ``enter``, ``cpuid``, ``wrmsr``/``rdmsr``,
-``in``/``out``, ``mov`` to control/debug registers, far indirect call/jmp
-(``ff /3``, ``ff /5``), ``lret``. Undecodable bytes raise
+place, as 2.6's ``prepare_singlestep`` does; ``is_int3``), ``iretq`` (48 cf:
+one 64-bit frame on every CPU, single-stepped, "rip is right"; Linux refuses
+it because its int3 emulation cannot run it) and ``popf``/``cli``/``sti`` (IF
+modifiers, single-stepped with the IF fixup), ``lock``/``rep`` prefixes,
+``enter``, ``cpuid``, ``wrmsr``/``rdmsr``, ``in``/``out``, ``mov`` to
+control/debug registers, ``lret``. Undecodable bytes raise
 :class:`~qprobes.errors.InstructionError` from :func:`decode`; that covers
 what is invalid in 64-bit mode: ``pop ss`` (17), ``into`` (ce), far
 ``jmp``/``call`` with a segment immediate (ea, 9a), ``bound``, ``salc``...
@@ -81,8 +92,11 @@ original in place. The rules mirror modern kprobes' ``can_boost``
 (arch/x86/kernel/kprobes/core.c), conservative where noted:
 
 * rejected instructions and an original int3: no.
-* an instruction with an exception-table entry (the caller says so): no, a
-  fault in the slot would not find the fixup (``search_exception_tables``).
+* an instruction with an exception-table entry (a user access, ``rdmsr``
+  under ``_safe``): yes, where ``can_boost`` says no. In Linux a fault in a
+  boosted slot would reach the exception-table search with a slot rip; in
+  qprobes the #GP/#PF stub moves rip from the slot back to the probe address
+  first, so the guest's handler finds the original's entry.
 * VEX/EVEX/XOP and three-byte (0f 38, 0f 3a) opcodes: no; ``can_boost`` only
   judges one- and two-byte legacy opcodes.
 * two-byte opcodes: the kernel's ``twobyte_is_boostable`` table, except the
@@ -118,11 +132,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import capstone
+import iced_x86
 from capstone import x86_const
 
-from qprobes.errors import InstructionError, SlotRangeError
+from qprobes.errors import DecoderDisagreementError, InstructionError, SlotRangeError
 
 __all__ = [
+    "ENDBR32",
+    "ENDBR64",
     "INT3",
     "JMP_REL32",
     "JMP_REL32_SIZE",
@@ -131,14 +148,18 @@ __all__ = [
     "Fixup",
     "Insn",
     "InsnAnalysis",
+    "adjust_kprobe_offset",
     "analyze",
     "boosted_copy",
     "can_probe",
     "copy_instruction",
     "decode",
     "decode_function",
+    "flags_image",
     "instruction_boundaries",
+    "is_endbr",
     "skip_prefixes",
+    "spanning_instruction",
     "synthesize_reljump",
 ]
 
@@ -177,6 +198,33 @@ _JCC32 = range(0x80, 0x90)  # second byte of 0f 8x
 # Absolute memory offset forms (moffs): a0..a3 carry an 8-byte address
 # (4 bytes with 0x67) and no ModRM.
 _MOFFS = range(0xA0, 0xA4)
+
+
+ENDBR64 = bytes((0xF3, 0x0F, 0x1E, 0xFA))
+ENDBR32 = bytes((0xF3, 0x0F, 0x1E, 0xFB))
+
+
+def is_endbr(code: bytes) -> bool:
+    """``code`` starts with endbr64 or endbr32 (Linux's ``is_endbr``)."""
+    return code[:4] in (ENDBR64, ENDBR32)
+
+
+def adjust_kprobe_offset(entry: bytes, offset: int) -> tuple[int, bool]:
+    """Where a probe at ``offset`` into a function goes, and whether that is
+    the function's entry: Linux's ``arch_adjust_kprobe_addr``.
+
+    ``entry`` is the function's first bytes. When it starts with an ENDBR, a
+    probe at ``+0`` moves to ``+4``, past it: under IBT every indirect call
+    or jmp must land on an ENDBR, and one that lands on the int3 instead
+    raises #CP (control protection). ``+0`` and ``+4`` then both count as
+    the entry (``kprobe_on_func_entry``, which return probes need).
+    """
+    if offset < 0:
+        raise ValueError(f"negative offset {offset}")
+    if is_endbr(entry):
+        on_entry = offset in (0, 4)
+        return (4 if on_entry else offset), on_entry
+    return offset, offset == 0
 
 
 def skip_prefixes(code: bytes) -> int:
@@ -292,27 +340,119 @@ def decode(code: bytes, addr: int) -> Insn:
         if code.startswith(prefix):
             try:
                 inner = _decode_one(code[len(prefix) :], (addr + len(prefix)) & _MASK64)
+            except DecoderDisagreementError:
+                raise
             except InstructionError:
                 break  # no instruction follows: a plain ud2 and data
             return _with_emulate_prefix(inner, prefix, addr)
     return _decode_one(code, addr)
 
 
+def _iced_decode(window: bytes, addr: int) -> tuple[int, str] | None:
+    """iced-x86's length and mnemonic for the instruction at ``window[0]``."""
+    instr = iced_x86.Decoder(64, window, ip=addr).decode()
+    if instr.is_invalid:
+        return None
+    return instr.len, _iced_mnemonics()[instr.mnemonic]
+
+
+@functools.cache
+def _iced_mnemonics() -> dict[int, str]:
+    return {
+        value: name.lower()
+        for name, value in vars(iced_x86.Mnemonic).items()
+        if name.isupper() and isinstance(value, int)
+    }
+
+
+# Capstone's instruction names that iced-x86 spells differently for the same
+# instruction (AT&T-flavoured names in capstone's Intel syntax, x87 names
+# with the letters in another order). Every other name must be equal. On
+# every function of the default Linux guest (8.9 million instructions) the
+# first four are the only naming differences; the x87 ones came out of
+# random bytes.
+_CAPSTONE_NAMES = {
+    "movabs": "mov",
+    "lcall": "call",
+    "ljmp": "jmp",
+    "retfq": "retf",
+    "fucompi": "fucomip",
+    "fcompi": "fcomip",
+    "fsetpm": "fnsetpm",
+    "fdisi8087_nop": "fndisi",
+    "feni8087_nop": "fneni",
+}
+
+# UD0 (0f ff /r) and UD1 (0f b9 /r) take a ModRM byte (SDM Vol. 2B, "UD"),
+# which capstone 5 leaves out: ``67 0f b9 40 12`` (UBSAN's trap) is 5 bytes,
+# capstone says 3; the static-call trampolines' ``0f b9 cc`` is 3, capstone
+# says 2. For them iced-x86's length is taken and the ModRM parsed here.
+_UD_WITH_MODRM = frozenset({"ud0", "ud1"})
+
+
 def _decode_one(code: bytes, addr: int) -> Insn:
+    """Decode one instruction with capstone, cross-checked with iced-x86.
+
+    Both must decode it, to the same length and the same instruction (the
+    mnemonic, modulo :data:`_CAPSTONE_NAMES`): capstone 5 does not know
+    ``serialize``, ``wrmsrns``, ``lkgs``, ``enqcmds``, ``tdcall``, reads
+    FRED's ``erets``/``eretu`` as ``clac``, ``seamcall`` as ``encls`` and
+    ``vmgexit`` as ``vmmcall`` (same length, other instruction), and
+    shortens ``ud0``/``ud1``. Anything else raises
+    :class:`~qprobes.errors.DecoderDisagreementError`.
+    """
+    window = bytes(code[:MAX_INSN_SIZE])
     try:
-        ci = next(_capstone().disasm(code[:MAX_INSN_SIZE], addr, 1), None)
+        ci: Any = next(_capstone().disasm(window, addr, 1), None)
     except capstone.CsError as exc:  # pragma: no cover - failures normally yield nothing
         raise InstructionError(addr, f"capstone failed: {exc}") from exc
-    if ci is None:
-        shown = code[:MAX_INSN_SIZE].hex(" ") or "no bytes"
+    iced = _iced_decode(window, addr)
+    if ci is None and iced is None:
+        shown = window.hex(" ") or "no bytes"
         raise InstructionError(addr, f"cannot decode {shown} (invalid in 64-bit mode or truncated)")
-
+    if iced is None:
+        assert ci is not None
+        raise DecoderDisagreementError(
+            addr,
+            f"decoders disagree on {window[: ci.size].hex(' ')}: capstone reads "
+            f"{ci.mnemonic}, iced-x86 cannot decode it",
+        )
+    if ci is None:
+        raise DecoderDisagreementError(
+            addr,
+            f"decoders disagree on {window[: iced[0]].hex(' ')}: iced-x86 reads "
+            f"{iced[1]}, capstone cannot decode it",
+        )
+    iced_length, iced_name = iced
+    # Capstone's instruction id (``insn_name``) or its printed mnemonic
+    # without prefixes ("rep movsb"): one of them must name iced's.
+    printed = (ci.mnemonic.split() or [""])[-1]
+    cs_names = {_CAPSTONE_NAMES.get(n, n) for n in (ci.insn_name(), printed)}
+    if iced_name not in cs_names:
+        shown = window[: max(ci.size, iced_length)].hex(" ")
+        raise DecoderDisagreementError(
+            addr,
+            f"decoders disagree on {shown}: capstone reads {ci.mnemonic} "
+            f"({ci.size} bytes), iced-x86 reads {iced_name} ({iced_length} bytes)",
+        )
+    name = iced_name
+    ud_modrm = False
     length: int = ci.size
-    raw = bytes(code[:length])
+    if iced_length != length:
+        if name in _UD_WITH_MODRM and iced_length > length:
+            length, ud_modrm = iced_length, True
+        else:
+            shown = window[: max(ci.size, iced_length)].hex(" ")
+            raise DecoderDisagreementError(
+                addr,
+                f"decoders disagree on the length of {name} at {shown}: "
+                f"capstone {ci.size} bytes, iced-x86 {iced_length}",
+            )
+    raw = window[:length]
     enc = ci.encoding
 
     def disagree(what: str) -> InstructionError:
-        return InstructionError(addr, f"decoder disagreement on {raw.hex(' ')}: {what}")
+        return DecoderDisagreementError(addr, f"decoder disagreement on {raw.hex(' ')}: {what}")
 
     # Prefixes and REX, walked as the CPU does (SDM Vol. 2, 2.2.1: a REX
     # prefix not immediately before the opcode is ignored).
@@ -363,7 +503,7 @@ def _decode_one(code: bytes, addr: int) -> Insn:
 
     # ModRM, located by capstone (zero means none) and checked against our
     # opcode parse.
-    modrm_offset: int | None = enc.modrm_offset or None
+    modrm_offset: int | None = end_of_opcode if ud_modrm else enc.modrm_offset or None
     modrm: int | None = None
     if modrm_offset is not None:
         if modrm_offset != end_of_opcode or modrm_offset >= length:
@@ -374,6 +514,8 @@ def _decode_one(code: bytes, addr: int) -> Insn:
 
     # Displacement: where from capstone, how long from ModRM/SIB.
     disp_offset: int | None = enc.disp_offset or None
+    if ud_modrm and modrm is not None and modrm_offset is not None:
+        disp_offset = _modrm_disp_offset(raw, modrm_offset)
     disp_size = 0
     disp = 0
     if disp_offset is not None:
@@ -400,7 +542,7 @@ def _decode_one(code: bytes, addr: int) -> Insn:
             raise disagree(f"displacement at {disp_offset}+{disp_size}, expected {expected_offset}")
         disp = _signed(raw[disp_offset : disp_offset + disp_size])
 
-    imm_offset: int | None = enc.imm_offset or None
+    imm_offset: int | None = None if ud_modrm else enc.imm_offset or None
     imm_size: int = enc.imm_size if imm_offset is not None else 0
     if imm_offset is not None and imm_offset + imm_size > length:
         raise disagree("immediate runs past the instruction")
@@ -413,6 +555,8 @@ def _decode_one(code: bytes, addr: int) -> Insn:
         and op.mem.base in (x86_const.X86_REG_RIP, x86_const.X86_REG_EIP)
         for op in ci.operands
     )
+    if ud_modrm:
+        cs_riprel = modrm is not None and (modrm & 0xC7) == 0x05
     is_riprel = disp_offset is not None and modrm is not None and (modrm & 0xC7) == 0x05
     if cs_riprel != is_riprel:
         raise disagree("rip-relative operand")
@@ -460,6 +604,21 @@ def _decode_one(code: bytes, addr: int) -> Insn:
         riprel_target=riprel_target,
         branch_target=branch_target,
     )
+
+
+def _modrm_disp_offset(raw: bytes, modrm_offset: int) -> int | None:
+    """Where the displacement after the ModRM at ``modrm_offset`` starts, or
+    None when that ModRM has none (SDM Vol. 2, tables 2-2 and 2-3)."""
+    modrm = raw[modrm_offset]
+    mod, rm = modrm >> 6, modrm & 7
+    if mod == 3:
+        return None
+    has_sib = rm == 4
+    at = modrm_offset + 1 + int(has_sib)
+    if mod in (1, 2):
+        return at
+    no_base = rm == 5 or (has_sib and at - 1 < len(raw) and (raw[at - 1] & 7) == 5)
+    return at if no_base else None
 
 
 def _with_emulate_prefix(inner: Insn, prefix: bytes, addr: int) -> Insn:
@@ -547,22 +706,43 @@ def can_probe(
 
     Mirrors ``can_probe()`` in arch/x86/kernel/kprobes/core.c: decode from the
     symbol start up to ``addr``. ``code`` must cover ``start`` up to at least
-    the end of the instruction before ``addr``. An int3 met on the way is
-    taken as a one-byte instruction (Linux pads after ``ret``/``jmp`` with
-    int3 for straight-line speculation); one that covers a longer instruction
-    (another debugger's breakpoint) cannot be recovered and makes the answer
-    unreliable, as in the kernel. Decoding errors propagate.
+    the end of the instruction before ``addr``. Decoding errors propagate
+    (see :func:`spanning_instruction`).
+    """
+    _check_addr("start", start)
+    _check_addr("address", addr)
+    if (addr - start) & _MASK64 >= len(code):
+        return False
+    return spanning_instruction(code, start, addr, patches=patches) is None
+
+
+def spanning_instruction(
+    code: bytes, start: int, addr: int, *, patches: Mapping[int, bytes] | None = None
+) -> Insn | None:
+    """The instruction of the function at ``start`` that ``addr`` falls inside.
+
+    None when ``addr`` is an instruction boundary. The walk decodes from
+    ``start`` (``code`` must cover the function up to at least the end of the
+    instruction before ``addr``) with the cross-checked :func:`decode`; an
+    instruction that cannot be decoded with certainty on the way raises
+    :class:`~qprobes.errors.InstructionError` (Linux's ``can_probe`` returns
+    false when ``insn_decode_kernel`` fails): past it, no boundary is known.
+    An int3 met on the way is taken as a one-byte instruction (Linux pads
+    after ``ret``/``jmp`` with int3 for straight-line speculation); one that
+    covers a longer instruction (another debugger's breakpoint) cannot be
+    recovered and makes the answer unreliable, as in the kernel.
     """
     _check_addr("start", start)
     _check_addr("address", addr)
     target = (addr - start) & _MASK64
-    if target >= len(code):
-        return False
     buf = _patched(code, start, patches)
     offset = 0
     while offset < target:
-        offset += decode(buf[offset:], (start + offset) & _MASK64).length
-    return offset == target
+        insn = decode(buf[offset:], (start + offset) & _MASK64)
+        if offset + insn.length > target:
+            return insn
+        offset += insn.length
+    return None
 
 
 # --- analysis ---------------------------------------------------------------------
@@ -596,15 +776,17 @@ class Fixup(enum.Enum):
     copy, so rip needs case 0 like any relative branch, and the return address
     is fixed: ``*tos = orig + (*tos - copy)``."""
     CALL_INDIRECT = "call_indirect"
-    """Case 2 only: ``ff /2`` and ``ff /3`` (near and far indirect call).
-    The target is absolute: rip is right."""
+    """Case 2 only: ``ff /2`` (near indirect call; the far ``ff /3`` is
+    rejected). The target is absolute: rip is right."""
     JMP_INDIRECT = "jmp_indirect"
-    """No fixup: ``ff /4`` and ``ff /5`` (near and far indirect jmp): rip is right."""
+    """No fixup: ``ff /4`` (near indirect jmp; the far ``ff /5`` is
+    rejected): rip is right."""
     RET = "ret"
     """No fixup: ret (c3), ret imm16 (c2), lret (cb, ca): rip is right."""
     IRET = "iret"
-    """No fixup: iret/iretq (cf, 48 cf): rip is right (the unified kernel's
-    case 0xcf; 2.6 x86_64 lacked it and relocated rip wrongly)."""
+    """No fixup: iretq (48 cf; the 32-/16-bit forms are rejected): rip is
+    right (the unified kernel's case 0xcf; 2.6 x86_64 lacked it and relocated
+    rip wrongly)."""
     INT3 = "int3"
     """The original instruction is int3: it is stepped in place (2.6
     ``prepare_singlestep``), traps as #BP and goes on to the guest; there is
@@ -639,10 +821,6 @@ class InsnAnalysis:
     boostable: bool
     boost_reason: str
     """Why it is, or is not, boostable."""
-    is_endbr: bool
-    """endbr64/endbr32: with IBT enforced an indirect branch must land on it,
-    so an int3 there faults; Linux's ``arch_adjust_kprobe_addr`` moves a
-    function-entry probe 4 bytes on."""
 
     @property
     def relocated_branch(self) -> bool:
@@ -714,8 +892,48 @@ def _rejection(insn: Insn) -> str | None:
         return "hlt would sleep with IF clear while stepped"
     if op == 0xC7 and insn.modrm == 0xF8:
         return "xbegin: rip-relative abort address, and stepping aborts the transaction"
+    if op == 0xFF and insn.modrm_reg in (3, 5):
+        what = "call" if insn.modrm_reg == 3 else "jmp"
+        if _rex_w(insn):
+            return f"far indirect {what} (ff /{insn.modrm_reg}, m16:64): AMD ignores REX.W here"
+        return (
+            f"far indirect {what} (ff /{insn.modrm_reg}) with a {_operand_bits(insn)}-bit "
+            "operand: its CS and return address are not 8-byte words"
+        )
+    if op == 0xCF and not _rex_w(insn):
+        return f"{_operand_bits(insn)}-bit iret: its frame cannot hold a kernel rip"
     if 0x66 in insn.prefixes and _is_near_branch(insn):
         return "operand-size prefix on a near branch: Intel and AMD disagree on its effect"
+    return None
+
+
+def _rex_w(insn: Insn) -> bool:
+    return insn.rex is not None and bool(insn.rex & 0x08)
+
+
+def _operand_bits(insn: Insn) -> int:
+    """The operand size of a legacy instruction whose default is 32 bits."""
+    if _rex_w(insn):
+        return 64
+    return 16 if 0x66 in insn.prefixes else 32
+
+
+def flags_image(insn: Insn) -> tuple[int, int] | None:
+    """Where the rflags image that ``insn`` loads sits: (offset from rsp, size).
+
+    popf loads TF from the word at the top of the stack (``popfq`` 8 bytes,
+    ``66 9d`` 2), iret from the frame's third word (``iretq`` at rsp + 16,
+    8 bytes; ``iretd`` at + 8, 4 bytes; ``66 cf`` at + 4, 2 bytes). None for
+    any other instruction. The single-step then sees the TF the guest itself
+    asked for.
+    """
+    op = _legacy_opcode(insn)
+    if op == 0x9D:  # popf: 64-bit by default in 64-bit mode
+        size = 2 if 0x66 in insn.prefixes and not _rex_w(insn) else 8
+        return 0, size
+    if op == 0xCF:
+        size = _operand_bits(insn) // 8
+        return 2 * size, size
     return None
 
 
@@ -793,13 +1011,11 @@ _GROUPS_BOOSTABLE_REG: dict[int, tuple[str, frozenset[int]]] = {
 }
 
 
-def _can_boost(insn: Insn, has_exception_fixup: bool) -> tuple[bool, str]:
+def _can_boost(insn: Insn) -> tuple[bool, str]:
     """can_boost() from arch/x86/kernel/kprobes/core.c, with the changes the
     module docstring lists."""
     if insn.raw[0] == INT3:
         return False, "int3 is stepped in place"
-    if has_exception_fixup:
-        return False, "has an exception-table fixup, which a fault in the slot would miss"
     if insn.vex:
         return False, "VEX/EVEX/XOP encoding (can_boost judges legacy opcodes only)"
     op = insn.opcode
@@ -835,17 +1051,13 @@ def _can_boost(insn: Insn, has_exception_fixup: bool) -> tuple[bool, str]:
     return True, f"one-byte opcode {first:02x} runs unchanged from the slot"
 
 
-def analyze(insn: Insn, *, has_exception_fixup: bool = False) -> InsnAnalysis:
-    """Analyse ``insn`` for probing (``arch_prepare_kprobe``/``arch_copy_kprobe``).
-
-    ``has_exception_fixup`` tells that the guest kernel's exception table has
-    an entry for ``insn.addr`` (e.g. a user access), which forbids boosting.
-    """
+def analyze(insn: Insn) -> InsnAnalysis:
+    """Analyse ``insn`` for probing (``arch_prepare_kprobe``/``arch_copy_kprobe``)."""
     rejected = _rejection(insn)
     if rejected is not None:
         boostable, reason = False, f"rejected: {rejected}"
     else:
-        boostable, reason = _can_boost(insn, has_exception_fixup)
+        boostable, reason = _can_boost(insn)
     return InsnAnalysis(
         insn=insn,
         fixup=_fixup(insn),
@@ -854,7 +1066,6 @@ def analyze(insn: Insn, *, has_exception_fixup: bool = False) -> InsnAnalysis:
         rejected=rejected,
         boostable=boostable,
         boost_reason=reason,
-        is_endbr=insn.mnemonic in ("endbr64", "endbr32"),
     )
 
 
@@ -923,7 +1134,7 @@ def copy_instruction(insn: Insn, slot_addr: int) -> bytes:
     return insn.raw[:at] + encoded + insn.raw[at + 4 :]
 
 
-def boosted_copy(insn: Insn, slot_addr: int, *, has_exception_fixup: bool = False) -> bytes:
+def boosted_copy(insn: Insn, slot_addr: int) -> bytes:
     """The bytes to run ``insn`` at ``slot_addr`` without single-stepping.
 
     Mirrors ``prepare_boost()``: the copy (:func:`copy_instruction`) followed
@@ -934,7 +1145,7 @@ def boosted_copy(insn: Insn, slot_addr: int, *, has_exception_fixup: bool = Fals
     or not boostable, :class:`~qprobes.errors.SlotRangeError` when the slot is
     out of rel32 reach.
     """
-    analysis = analyze(insn, has_exception_fixup=has_exception_fixup)
+    analysis = analyze(insn)
     if analysis.rejected is not None:
         raise InstructionError(insn.addr, analysis.rejected)
     if not analysis.boostable:

@@ -1,0 +1,283 @@
+"""Two decoders on every instruction: capstone cross-checked with iced-x86.
+
+Tables of raw bytes and the decision taken on them: decoded (length and
+mnemonic) or refused (the reason). The encodings are from the Intel SDM
+Vol. 2 (``serialize`` 0f 01 e8, ``wrmsrns`` 0f 01 c6, ``lkgs`` f2 0f 00 /6,
+``enqcmds`` f3 0f 38 f8 /r, ``tdcall`` 66 0f 01 cc, ``seamcall`` 66 0f 01 cf,
+FRED's ``erets`` f2 0f 01 ca and ``eretu`` f3 0f 01 ca, UD0 0f ff /r, UD1
+0f b9 /r) and the AMD APM Vol. 3 (``vmgexit`` f3 0f 01 d9); the Linux forms
+from the kernel's own text (UBSAN's ``ud1 0x12(%eax),%eax``, the static-call
+trampolines' ``ud1 %esp,%ecx`` signature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from qprobes.arch.x86_64.insn import (
+    adjust_kprobe_offset,
+    analyze,
+    can_probe,
+    decode,
+    decode_function,
+    flags_image,
+    spanning_instruction,
+)
+from qprobes.errors import DecoderDisagreementError, InstructionError, ProbeError
+from qprobes.probes.engine import KprobeEngine
+from qprobes.probes.kprobe import Kprobe
+from qprobes.symbols.elf import Symbol, SymbolTable
+
+A = 0xFFFF_FFFF_8123_4560
+
+
+@dataclass(frozen=True)
+class Dec:
+    hexbytes: str
+    length: int | None  # None: refused
+    what: str  # the mnemonic, or a regex the refusal must match
+
+
+DECISIONS = [
+    # capstone 5 cannot decode these; iced-x86 can.
+    Dec("0f01e8", None, "iced-x86 reads serialize, capstone cannot decode it"),
+    Dec("0f01c6", None, "iced-x86 reads wrmsrns, capstone cannot decode it"),
+    Dec("f20f00f0", None, "iced-x86 reads lkgs, capstone cannot decode it"),
+    Dec("f30f38f80f", None, "iced-x86 reads enqcmds, capstone cannot decode it"),
+    Dec("660f01cc", None, "iced-x86 reads tdcall, capstone cannot decode it"),
+    # Same length, another instruction: capstone ignores the mandatory prefix.
+    Dec("f20f01ca", None, r"capstone reads clac \(4 bytes\), iced-x86 reads erets \(4 bytes\)"),
+    Dec("f30f01ca", None, r"capstone reads clac \(4 bytes\), iced-x86 reads eretu \(4 bytes\)"),
+    Dec("660f01cf", None, r"capstone reads encls \(4 bytes\), iced-x86 reads seamcall"),
+    Dec("f30f01d9", None, r"capstone reads vmmcall \(4 bytes\), iced-x86 reads vmgexit"),
+    # Without the prefix both agree: decoded.
+    Dec("0f01ca", 3, "clac"),
+    Dec("0f01cf", 3, "encls"),
+    Dec("0f01d9", 3, "vmmcall"),
+    # Names that differ only in spelling are the same instruction.
+    Dec("48bb00000000000011ff", 10, "movabs"),
+    Dec("a10000000000000000", 9, "movabs"),
+    Dec("48ff1d00100000", 7, "lcall"),
+    Dec("48ff2d00100000", 7, "ljmp"),
+    Dec("48cb", 2, "retfq"),
+    Dec("dfe9", 2, "fucompi"),  # fucomip st(1)
+    Dec("dff1", 2, "fcompi"),  # fcomip st(1)
+    Dec("dbe4", 2, "fsetpm"),
+    Dec("dec0", 2, "faddp"),  # capstone's id says fadd, its mnemonic faddp
+    # Random bytes where the names differ for real: refused.
+    Dec("0f183f", None, r"capstone reads nop \(3 bytes\), iced-x86 reads prefetchit0"),
+    Dec("6748e3cf", None, r"capstone reads jrcxz \(4 bytes\), iced-x86 reads jecxz"),
+    # UD0/UD1 take a ModRM (capstone 5 says 3, 2, 2 and 2 bytes).
+    Dec("670fb94012", 5, "ud1"),  # UBSAN: ud1 0x12(%eax),%eax
+    Dec("0fb9cc", 3, "ud1"),  # static-call trampoline signature
+    Dec("0fff00", 3, "ud0"),
+    Dec("0fb90500100000", 7, "ud1"),  # rip-relative ModRM, disp32
+    # Ordinary kernel instructions.
+    Dec("0f1f440000", 5, "nop"),
+    Dec("f30f1efa", 4, "endbr64"),
+    Dec("f3a4", 2, "rep movsb"),
+    Dec("65ff0545230100", 7, "inc"),
+    Dec("0f0b", 2, "ud2"),
+    Dec("0f0b78656e4889e5", 8, "mov"),  # Xen forced-emulation prefix + mov
+    # REX.W beats 66 (SDM Vol. 2, 2.2.1.2): popfq, which capstone reads as popf.
+    Dec("66489d", None, r"capstone reads popf \(3 bytes\), iced-x86 reads popfq"),
+    # Neither decodes it.
+    Dec("06", None, "cannot decode 06 .*invalid in 64-bit mode"),
+    Dec("0f01", None, "cannot decode 0f 01 .*truncated"),
+]
+
+
+@pytest.mark.parametrize("d", DECISIONS, ids=lambda d: d.hexbytes)
+def test_decode_decision(d: Dec) -> None:
+    code = bytes.fromhex(d.hexbytes)
+    if d.length is None:
+        with pytest.raises(InstructionError, match=d.what) as info:
+            decode(code, A)
+        assert info.value.addr == A
+        return
+    got = decode(code + bytes.fromhex("cc" * 15), A)
+    assert (got.length, got.mnemonic) == (d.length, d.what)
+
+
+@pytest.mark.parametrize("hexbytes", [d.hexbytes for d in DECISIONS if "reads" in d.what])
+def test_disagreement_has_its_own_error(hexbytes: str) -> None:
+    with pytest.raises(DecoderDisagreementError):
+        decode(bytes.fromhex(hexbytes), A)
+
+
+def test_emulate_prefix_before_a_disagreement_is_not_a_plain_ud2() -> None:
+    # "ud2; .ascii xen" then erets: refused, not read as ud2 followed by data.
+    with pytest.raises(DecoderDisagreementError, match="erets"):
+        decode(bytes.fromhex("0f0b78656e f20f01ca"), A)
+
+
+@pytest.mark.parametrize(
+    ("hexbytes", "modrm", "disp", "riprel_target"),
+    [
+        ("670fb94012", 0x40, (4, 1), None),
+        ("0fb9cc", 0xCC, None, None),
+        ("0fff00", 0x00, None, None),
+        ("0fb90500100000", 0x05, (3, 4), A + 7 + 0x1000),
+        ("0fb9442410", 0x44, (4, 1), None),  # SIB, disp8
+    ],
+)
+def test_ud_layout(
+    hexbytes: str, modrm: int, disp: tuple[int, int] | None, riprel_target: int | None
+) -> None:
+    got = decode(bytes.fromhex(hexbytes), A)
+    assert got.modrm == modrm and got.modrm_offset == got.opcode_offset + 2
+    offset_size = None if got.disp_offset is None else (got.disp_offset, got.disp_size)
+    assert offset_size == disp
+    assert got.riprel_target == riprel_target and got.imm_offset is None
+    assert analyze(got).rejected is not None  # BUG/WARN traps are never probed
+
+
+# A function with UBSAN's trap: ud1 (5 bytes), nop, ret.
+UBSAN_FUNC = bytes.fromhex("670fb94012 90 c3")
+
+
+@pytest.mark.parametrize(
+    ("offset", "expected"), [(0, True), (1, False), (3, False), (4, False), (5, True), (6, True)]
+)
+def test_can_probe_after_a_ud1(offset: int, expected: bool) -> None:
+    assert can_probe(UBSAN_FUNC, A, A + offset) is expected
+
+
+def test_boundaries_after_a_ud1() -> None:
+    insns = decode_function(UBSAN_FUNC, A)
+    assert [(i.addr - A, i.mnemonic) for i in insns] == [(0, "ud1"), (5, "nop"), (6, "ret")]
+
+
+# nop; serialize; nop; ret: past serialize nothing is certain.
+SERIALIZE_FUNC = bytes.fromhex("90 0f01e8 90 c3")
+# erets (capstone: clac, 4 bytes too) then nop: right length, wrong instruction.
+ERETS_FUNC = bytes.fromhex("f20f01ca 90 c3")
+
+
+@pytest.mark.parametrize(
+    ("code", "offset", "reason", "before"),
+    [
+        (SERIALIZE_FUNC, 4, "serialize", 1),
+        (SERIALIZE_FUNC, 5, "serialize", 1),
+        (ERETS_FUNC, 4, "erets", 0),
+        (bytes.fromhex("90 06 90 c3"), 2, "cannot decode 06", 1),
+    ],
+)
+def test_walk_refuses_past_an_uncertain_instruction(
+    code: bytes, offset: int, reason: str, before: int
+) -> None:
+    with pytest.raises(InstructionError, match=reason):
+        spanning_instruction(code, A, A + offset)
+    with pytest.raises(InstructionError, match=reason):
+        can_probe(code, A, A + offset)
+    assert spanning_instruction(code, A, A + before) is None  # up to it: fine
+
+
+def test_spanning_instruction_names_the_instruction() -> None:
+    got = spanning_instruction(UBSAN_FUNC, A, A + 3)
+    assert got is not None and (got.addr, got.length) == (A, 5)
+
+
+# --- the engine's can_probe (check_kprobe_address_safe) ---------------------------
+
+
+class FakeText:
+    def __init__(self, code: bytes) -> None:
+        self.code = code
+        self.client = None
+
+    def read(self, addr: int, length: int) -> bytes:
+        out = bytearray(length)
+        for i in range(length):
+            if 0 <= addr + i - A < len(self.code):
+                out[i] = self.code[addr + i - A]
+        return bytes(out)
+
+
+def engine_with(code: bytes) -> KprobeEngine:
+    engine = KprobeEngine(FakeText(code), (0x7C00000, 4 << 20), A)  # type: ignore[arg-type]
+    engine.symbols = SymbolTable([Symbol("f", A, len(code), "func")])
+    return engine
+
+
+@pytest.mark.parametrize(
+    ("code", "offset", "refusal"),
+    [
+        (SERIALIZE_FUNC, 4, r"cannot probe 0x\S+ \(f\+0x4\): .* f\+0x1 cannot be .*serialize"),
+        (ERETS_FUNC, 4, r"cannot probe 0x\S+ \(f\+0x4\): .* f\+0x0 cannot be .*erets"),
+        (UBSAN_FUNC, 3, r"\(f\+0x3\) is not an instruction boundary: .* f\+0x0 spans it"),
+        (UBSAN_FUNC, 5, None),
+        (UBSAN_FUNC, 0, None),
+        (SERIALIZE_FUNC, 1, None),  # the serialize itself: refused later, by decode
+    ],
+)
+def test_engine_can_probe(code: bytes, offset: int, refusal: str | None) -> None:
+    engine = engine_with(code)
+    if refusal is None:
+        engine.can_probe(A + offset)
+    else:
+        with pytest.raises(ProbeError, match=refusal):
+            engine.can_probe(A + offset)
+
+
+# --- the rflags image popf and iret load ---------------------------------------
+
+FLAGS_IMAGES = [
+    ("9d", (0, 8)),  # popfq
+    ("489d", (0, 8)),
+    ("669d", (0, 2)),  # popfw: capstone calls it "popf"
+    ("48cf", (16, 8)),  # iretq: RIP, CS, then RFLAGS
+    ("6648cf", (16, 8)),
+    ("cf", (8, 4)),  # iretd: EIP, CS, EFLAGS in 4-byte words (refused anyway)
+    ("66cf", (4, 2)),  # iretw (refused anyway)
+    ("9c", None),  # pushf stores flags, it does not load them
+    ("c3", None),
+    ("fa", None),
+]
+
+
+@pytest.mark.parametrize(("hexbytes", "image"), FLAGS_IMAGES)
+def test_flags_image(hexbytes: str, image: tuple[int, int] | None) -> None:
+    assert flags_image(decode(bytes.fromhex(hexbytes), A)) == image
+
+
+# --- endbr64 at a function's entry (arch_adjust_kprobe_addr) -----------------------
+
+ENDBR_FUNC = bytes.fromhex("f30f1efa 0f1f440000 55 c3")  # endbr64; nop5; push; ret
+
+ADJUST = [
+    # (function's first bytes, offset asked) -> (offset probed, on the entry)
+    ("f30f1efa", 0, 4, True),  # endbr64: past it
+    ("f30f1efb", 0, 4, True),  # endbr32
+    ("f30f1efa", 4, 4, True),  # +4 is the entry too
+    ("f30f1efa", 9, 9, False),
+    ("0f1f440000", 0, 0, True),  # no endbr: unchanged
+    ("0f1f440000", 4, 4, False),
+    ("f30f1e", 0, 0, True),  # cut short: not an endbr
+]
+
+
+@pytest.mark.parametrize(("entry", "offset", "probed", "on_entry"), ADJUST)
+def test_adjust_kprobe_offset(entry: str, offset: int, probed: int, on_entry: bool) -> None:
+    assert adjust_kprobe_offset(bytes.fromhex(entry), offset) == (probed, on_entry)
+
+
+@pytest.mark.parametrize(
+    ("kprobe", "addr"),
+    [
+        (Kprobe(symbol_name="f"), A + 4),
+        (Kprobe(symbol_name="f", offset=4), A + 4),
+        (Kprobe(symbol_name="f", offset=9), A + 9),
+        (Kprobe(addr=A), A + 4),  # an address is taken back to its symbol, as Linux does
+        (Kprobe(addr=A + 10), A + 10),
+    ],
+)
+def test_engine_probes_past_a_leading_endbr(kprobe: Kprobe, addr: int) -> None:
+    assert engine_with(ENDBR_FUNC).resolve(kprobe) == addr
+
+
+def test_engine_leaves_other_entries_alone() -> None:
+    engine = engine_with(bytes.fromhex("0f1f440000 55 c3"))
+    assert engine.resolve(Kprobe(symbol_name="f")) == A
