@@ -150,29 +150,45 @@ def test_boundaries_after_a_ud1() -> None:
     assert [(i.addr - A, i.mnemonic) for i in insns] == [(0, "ud1"), (5, "nop"), (6, "ret")]
 
 
-# nop; serialize; nop; ret: past serialize nothing is certain.
+# nop; serialize; nop; ret: capstone cannot decode serialize, iced-x86 can.
 SERIALIZE_FUNC = bytes.fromhex("90 0f01e8 90 c3")
 # erets (capstone: clac, 4 bytes too) then nop: right length, wrong instruction.
 ERETS_FUNC = bytes.fromhex("f20f01ca 90 c3")
+# nop; a byte that is no instruction in 64-bit mode; nop; ret.
+INVALID_FUNC = bytes.fromhex("90 06 90 c3")
 
 
 @pytest.mark.parametrize(
-    ("code", "offset", "reason", "before"),
-    [
-        (SERIALIZE_FUNC, 4, "serialize", 1),
-        (SERIALIZE_FUNC, 5, "serialize", 1),
-        (ERETS_FUNC, 4, "erets", 0),
-        (bytes.fromhex("90 06 90 c3"), 2, "cannot decode 06", 1),
-    ],
+    ("code", "offset"),
+    [(SERIALIZE_FUNC, 4), (SERIALIZE_FUNC, 5), (ERETS_FUNC, 4), (ERETS_FUNC, 5)],
 )
-def test_walk_refuses_past_an_uncertain_instruction(
-    code: bytes, offset: int, reason: str, before: int
-) -> None:
+def test_walk_takes_the_length_both_decoders_allow(code: bytes, offset: int) -> None:
+    """Only lengths matter on the way to an address: where capstone cannot
+    decode an instruction iced-x86 reads (or reads it as another instruction
+    of the same length), the boundary after it is still certain."""
+    assert spanning_instruction(code, A, A + offset) is None
+    assert can_probe(code, A, A + offset)
+
+
+@pytest.mark.parametrize(("code", "offset", "reason"),
+                         [(SERIALIZE_FUNC, 1, "serialize"), (ERETS_FUNC, 0, "erets")])  # fmt: skip
+def test_the_uncertain_instruction_itself_is_refused(code: bytes, offset: int, reason: str) -> None:
     with pytest.raises(InstructionError, match=reason):
-        spanning_instruction(code, A, A + offset)
-    with pytest.raises(InstructionError, match=reason):
-        can_probe(code, A, A + offset)
-    assert spanning_instruction(code, A, A + before) is None  # up to it: fine
+        decode(code[offset:], A + offset)
+
+
+def test_inside_an_instruction_only_iced_reads_is_still_inside() -> None:
+    got = spanning_instruction(SERIALIZE_FUNC, A, A + 2)
+    assert got is not None and (got.addr, got.length) == (A + 1, 3)
+
+
+@pytest.mark.parametrize("offset", [2, 3])
+def test_walk_refuses_past_bytes_neither_decoder_reads(offset: int) -> None:
+    with pytest.raises(InstructionError, match="cannot decode 06"):
+        spanning_instruction(INVALID_FUNC, A, A + offset)
+    with pytest.raises(InstructionError, match="cannot decode 06"):
+        can_probe(INVALID_FUNC, A, A + offset)
+    assert spanning_instruction(INVALID_FUNC, A, A + 1) is None  # up to it: fine
 
 
 def test_spanning_instruction_names_the_instruction() -> None:
@@ -205,8 +221,10 @@ def engine_with(code: bytes) -> KprobeEngine:
 @pytest.mark.parametrize(
     ("code", "offset", "refusal"),
     [
-        (SERIALIZE_FUNC, 4, r"cannot probe 0x\S+ \(f\+0x4\): .* f\+0x1 cannot be .*serialize"),
-        (ERETS_FUNC, 4, r"cannot probe 0x\S+ \(f\+0x4\): .* f\+0x0 cannot be .*erets"),
+        (SERIALIZE_FUNC, 4, None),  # iced-x86's length after serialize: a known boundary
+        (ERETS_FUNC, 4, None),
+        (SERIALIZE_FUNC, 2, r"\(f\+0x2\) is not an instruction boundary: .* f\+0x1 spans it"),
+        (INVALID_FUNC, 2, r"cannot probe 0x\S+ \(f\+0x2\): .* f\+0x1 cannot be .*cannot decode 06"),
         (UBSAN_FUNC, 3, r"\(f\+0x3\) is not an instruction boundary: .* f\+0x0 spans it"),
         (UBSAN_FUNC, 5, None),
         (UBSAN_FUNC, 0, None),

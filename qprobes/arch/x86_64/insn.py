@@ -738,11 +738,50 @@ def spanning_instruction(
     buf = _patched(code, start, patches)
     offset = 0
     while offset < target:
-        insn = decode(buf[offset:], (start + offset) & _MASK64)
+        here = (start + offset) & _MASK64
+        try:
+            insn = decode(buf[offset:], here)
+        except DecoderDisagreementError:
+            # Only the length matters on the way: where the decoders agree on
+            # it, or capstone alone cannot decode (it lacks serialize, ...),
+            # iced-x86's length is the boundary. The probed instruction itself
+            # still needs both to agree.
+            length = _walk_length(buf[offset:], here)
+            if offset + length > target:
+                return decode_unchecked(buf[offset : offset + length], here)
+            offset += length
+            continue
         if offset + insn.length > target:
             return insn
         offset += insn.length
     return None
+
+
+def _walk_length(code: bytes, addr: int) -> int:
+    """An instruction's length for the boundary walk: iced-x86's, when capstone
+    agrees on it or cannot decode the instruction at all."""
+    window = bytes(code[:MAX_INSN_SIZE])
+    iced = _iced_decode(window, addr)
+    ci: Any = next(_capstone().disasm(window, addr, 1), None)
+    if iced is None or (ci is not None and ci.size != iced[0]):
+        raise DecoderDisagreementError(
+            addr, f"the decoders disagree on the length of {window.hex(' ')}"
+        )
+    return iced[0]
+
+
+def decode_unchecked(code: bytes, addr: int) -> Insn:
+    """A bare :class:`Insn` (length and bytes only) for an instruction qprobes
+    will not probe, named in an error message."""
+    iced = _iced_decode(bytes(code[:MAX_INSN_SIZE]), addr)
+    length = iced[0] if iced is not None else len(code)
+    name = iced[1] if iced is not None else "(bad)"
+    raw = bytes(code[:length])
+    return Insn(addr=addr, length=length, raw=raw, mnemonic=name, op_str="", prefixes=b"",
+                rex=None, vex=b"", opcode=raw[:1], opcode_offset=0, modrm=None,
+                modrm_offset=None, disp_offset=None, disp_size=0, disp=0, imm_offset=None,
+                imm_size=0, address_size=8, is_riprel=False, riprel_target=None,
+                branch_target=None)  # fmt: skip
 
 
 # --- analysis ---------------------------------------------------------------------
