@@ -36,12 +36,14 @@ def answer_cursor_queries(session: PtySession, seen: int) -> int:
 
 def test_raw_terminal_echoes_once_and_exit_status_is_the_guests(guest: object) -> None:
     session = boot()
+    session.read_until(PROMPT + CURSOR_QUERY, timeout=60)
     queries = answer_cursor_queries(session, 0)
     mark = len(session.output)
     session.send(b"echo hi-$((6*7))\r")
     session.read_until(b"hi-42", timeout=60, start=mark)
     mark = session.output.index(b"hi-42", mark)
-    session.read_until(PROMPT, timeout=60, start=mark)
+    # The line editor asks for the cursor position right after each prompt.
+    session.read_until(PROMPT + CURSOR_QUERY, timeout=60, start=mark)
     queries = answer_cursor_queries(session, queries)
     assert queries >= 2  # the line editor asked at each prompt
     # Only the guest echoes: the typed line shows once; the terminal's

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from qprobes.arch.x86_64 import insn as x86insn
 from qprobes.frontends.qtest import TFLAG_SMP, TFLAG_TRAPS, QtestDriver
 from qprobes.frontends.session import Session
 from qprobes.probes.kprobe import Kprobe
@@ -51,11 +52,14 @@ def entry_block(session: Session, q: QtestDriver, name: str) -> list[int]:
     target = q.by_name[name]
     block = []
     for insn in instructions(session, target):
+        # Far indirect calls and jumps are refused (as Linux refuses them).
+        probeable = x86insn.analyze(insn).rejected is None
         if insn.mnemonic.startswith(BRANCHES):
             # A target that traps may leave through its exception fixup.
-            if not target.flags & TFLAG_TRAPS:
+            if not target.flags & TFLAG_TRAPS and probeable:
                 block.append(insn.addr)
             break
+        assert probeable, insn
         block.append(insn.addr)
     return block
 
