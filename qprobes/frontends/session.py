@@ -164,6 +164,23 @@ class Session:
         self.engine.attach()
         for start, end, why in kernel.blacklist(self.engine.read_data):
             self.engine.blacklist(start, end, why)
+        self._use_linux_stacks(kernel)
+
+    def _use_linux_stacks(self, kernel: LinuxKernel) -> None:
+        """Let the engine look at the guest's task and interrupt stacks, so that
+        freed slots and the area are released only when nothing points in."""
+        from qprobes.linux.tasks import LinuxStacks, TaskError
+
+        if kernel.btf is None:
+            log.warning("the guest kernel has no BTF: detach checks only the vCPUs' rips, "
+                        "and a task interrupted inside a slot may crash after detach")  # fmt: skip
+            return
+        try:
+            self.engine.stack_scanner = LinuxStacks(
+                kernel.symbols, kernel.btf, self.engine.read_data, len(self.target.vcpus)
+            )
+        except TaskError as exc:
+            log.warning("%s: detach checks only the vCPUs' rips", exc)
 
     @classmethod
     def attach(cls, address: str, *, reserve: tuple[int, int], near: int | None = None,

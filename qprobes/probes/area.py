@@ -212,14 +212,15 @@ class GuestArea:
 
     # --- pages --------------------------------------------------------------
 
-    def map_page(self, index: int, *, writable: bool, executable: bool) -> Page:
-        """Map page ``index`` of the region to a fresh physical page (zeroed)."""
+    def map_page(self, index: int, *, writable: bool, executable: bool, fill: int = 0) -> Page:
+        """Map page ``index`` of the region to a fresh physical page, every
+        byte ``fill`` (0; int3 for code)."""
         if not 0 <= index < REGION_SIZE // PAGE_SIZE:
             raise ProbeError(f"area page index {index} out of range")
         if index in self._pages:
             raise ProbeError(f"area page {index} is already mapped")
         paddr = self.phys.alloc()
-        self.target.write_phys(paddr, bytes(PAGE_SIZE))
+        self.target.write_phys(paddr, bytes([fill]) * PAGE_SIZE)
         entry = make_entry(paddr, writable=writable, executable=executable or not self._nx)
         self._write_entry(self._pt + 8 * index, entry)
         page = Page(self.vbase + index * PAGE_SIZE, paddr, writable, executable)
