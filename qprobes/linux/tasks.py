@@ -9,7 +9,9 @@ Everything is found through kallsyms and BTF, never fixed offsets:
 * a task's stack: ``task->stack`` up to ``THREAD_SIZE``
   (``__end_init_task - __start_init_task``: ``INIT_TASK_DATA`` in
   ``vmlinux.lds.h`` sizes the init stack so), its saved stack pointer
-  ``task->thread.sp`` (written by ``__switch_to_asm``), ``task->nvcsw``;
+  ``task->thread.sp`` (written by ``__switch_to_asm``), ``task->nvcsw`` and
+  ``task->on_rq`` (0 for a task that went to sleep: ``__schedule`` dequeues
+  only on a voluntary switch, the test ``rcu_tasks_pertask`` makes);
 * per CPU (``__per_cpu_offset[cpu] + var``): ``current_task``, the hardirq
   stack (``hardirq_stack_ptr`` points 8 bytes below its top, where
   ``call_on_irqstack`` saves the interrupted rsp; ``IRQ_STACK_SIZE`` equals
@@ -57,6 +59,7 @@ class TaskFields:
     signal: int
     thread_head: int  # in signal_struct
     nvcsw: int
+    on_rq: int
     thread_sp: int
     pid: int
     comm: int
@@ -81,6 +84,7 @@ class TaskFields:
             signal=off("task_struct", "signal"),
             thread_head=off("signal_struct", "thread_head"),
             nvcsw=off("task_struct", "nvcsw"),
+            on_rq=off("task_struct", "on_rq"),
             thread_sp=off("task_struct", "thread.sp"),
             pid=off("task_struct", "pid"),
             comm=comm,
@@ -91,7 +95,7 @@ class TaskFields:
     def span(self) -> tuple[int, int]:
         """The smallest byte range of a task_struct holding every field."""
         offs = (self.state, self.stack, self.tasks, self.thread_node, self.signal, self.nvcsw,
-                self.thread_sp, self.pid)  # fmt: skip
+                self.on_rq, self.thread_sp, self.pid)  # fmt: skip
         return min(offs), max(max(offs) + 8, self.comm + self.comm_size)
 
 
@@ -105,6 +109,7 @@ class Task:
     stack: int  # the stack's lowest address; 0 once freed
     sp: int  # thread.sp
     nvcsw: int
+    on_rq: int  # 0: asleep, dequeued by a voluntary switch
 
     def __str__(self) -> str:
         return f"task {self.pid} ({self.comm})"
@@ -180,9 +185,10 @@ class LinuxStacks:
             return int(struct.unpack_from("<Q", data, off - lo)[0])
 
         (pid,) = struct.unpack_from("<i", data, f.pid - lo)
+        (on_rq,) = struct.unpack_from("<i", data, f.on_rq - lo)
         comm = data[f.comm - lo : f.comm - lo + f.comm_size].split(b"\0", 1)[0]
         return Task(addr, int(pid), comm.decode(errors="replace"), u64(f.stack),
-                    u64(f.thread_sp), u64(f.nvcsw))  # fmt: skip
+                    u64(f.thread_sp), u64(f.nvcsw), int(on_rq))  # fmt: skip
 
     def _list(self, head: int) -> Iterator[int]:
         """The nodes of the circular ``list_head`` at ``head`` (not the head)."""
@@ -296,6 +302,8 @@ class LinuxStacks:
                 why = f"its thread.sp {task.sp:#x} is off its stack"
                 out.undecided.append(Undecided(task.addr, str(task), why))
             else:
+                if not task.on_rq:
+                    out.quiescent.add(task.addr)
                 self._scan_range(out, lo, hi, stack, task.sp)
         return out
 

@@ -18,11 +18,16 @@ it are not evidence) and reports each word that points into a range. Where
 it cannot find a task's live stack (a vCPU whose rsp is on no stack it
 knows), the task is *undecided*. :func:`pending` turns a scan into what
 still blocks: a reference, unless it is into a slot and its task has since
-passed a voluntary context switch (its ``nvcsw`` moved: a boosted slot never
-calls, and a fault in a slot is rerouted by the host before the guest's
-handler runs, so a task cannot sleep with a slot frame on its stack); an
-undecided task, until its ``nvcsw`` moves (as ``synchronize_rcu_tasks()``
-waits).
+passed a voluntary context switch since the wait began (its ``nvcsw``
+moved) or is asleep off the run queue (``on_rq`` 0: it last left the CPU
+voluntarily); an undecided task, until the same holds (as
+``synchronize_rcu_tasks()`` waits). A boosted slot never calls, and a fault
+in a slot is rerouted by the host before the guest's handler runs, so no
+task goes to sleep with a slot frame live on its stack: a slot address found
+on such a task's stack is a stale word inside a later frame (measured: the
+int3 frames a hit leaves below rsp are often inside the live part of a
+stack later). The trampoline is different: a sleeping task keeps it as a
+return address, so only a clean scan clears it.
 """
 
 from __future__ import annotations
@@ -78,6 +83,9 @@ class StackScan:
     refs: list[StackRef] = field(default_factory=list)
     undecided: list[Undecided] = field(default_factory=list)
     nvcsw: dict[int, int] = field(default_factory=dict)  # task -> voluntary switches
+    # Tasks asleep since a voluntary switch (off the run queue, not running):
+    # no interrupt frame of theirs can be live.
+    quiescent: set[int] = field(default_factory=set)
     tasks: int = 0  # how many tasks were looked at
 
 
@@ -99,7 +107,11 @@ def pending(scan: StackScan, baseline: Mapping[int, int] | None,
     """
 
     def switched(task: int | None) -> bool:
-        if task is None or baseline is None or task not in baseline:
+        if task is None:
+            return False
+        if task in scan.quiescent:
+            return True
+        if baseline is None or task not in baseline:
             return False
         return scan.nvcsw.get(task, baseline[task]) != baseline[task]
 
