@@ -161,6 +161,11 @@ class Session:
         self.symbols = kernel.symbols
         self.engine.symbols = kernel.symbols
         self.engine.area.near = kernel.text
+        if "_end" in kernel.symbols:
+            # The unused tail of the kernel image mapping: no allocator of the
+            # guest hands it out (a module or BPF program could land in the
+            # module area).
+            self.engine.area.image = (kernel.text, kernel.symbols.address("_end"))
         self.engine.attach()
         for start, end, why in kernel.blacklist(self.engine.read_data):
             self.engine.blacklist(start, end, why)
