@@ -407,10 +407,11 @@ class KprobeEngine:
                 return
             if time.monotonic() >= deadline:
                 shown = "; ".join(blocking[:3]) + (" ..." if len(blocking) > 3 else "")
+                what = "reference" if len(blocking) == 1 else "references"
                 raise QuiesceError(
-                    f"{len(blocking)} references into qprobes' area at {lo:#x} remain after "
+                    f"{len(blocking)} {what} into qprobes' area at {lo:#x} still there after "
                     f"{timeout:g} s ({shown}); the area stays mapped in the guest (its reserved "
-                    "memory stays in use) rather than be unmapped under them",
+                    "memory stays in use) rather than be unmapped under it",
                     blocking,
                 )
             log.debug("waiting for the area to be quiet: %s", blocking[:3])
