@@ -35,7 +35,7 @@ BAD = re.compile(
     r"BUG:|Oops|WARNING:|general protection|unable to handle|page fault|Kernel panic|"
     r"double fault|invalid opcode|qprobes-guest: ready"
 )
-CYCLES = 4
+CYCLES = 3
 
 
 def boot(append: str = "") -> Session:
@@ -104,11 +104,11 @@ def detach_cycles(session: Session, cycles: int) -> list[int]:
         assert engine.stack_scanner is not None
         kp = session.kprobe(PROBE, lambda kp, ctx: False)
         assert engine.points[kp.addr].boosted
-        session.run(timeout=3)
+        session.run(timeout=2)
         hits.append(kp.nhit)
         engine.detach()
         assert not engine.attached
-        text = console_after(session, 3)
+        text = console_after(session, 2)
         assert not bad_lines(text), (cycle, bad_lines(text)[:5])
         assert snapshot(session) == before, f"cycle {cycle}: what qprobes wrote is not undone"
     return hits
@@ -125,14 +125,14 @@ def voluntary() -> Iterator[Session]:
 
 def test_detach_under_load_leaves_the_guest_running(voluntary: Session) -> None:
     hits = detach_cycles(voluntary, CYCLES)
-    assert all(n > 100 for n in hits), hits  # the probe was hot in every cycle
+    assert all(n > 50 for n in hits), hits  # the probe was hot in every cycle
 
 
 def test_detach_under_load_with_full_preemption() -> None:
     session = boot("preempt=full")
     try:
         hits = detach_cycles(session, CYCLES)
-        assert all(n > 100 for n in hits), hits
+        assert all(n > 50 for n in hits), hits
     finally:
         session.close()
 
@@ -183,12 +183,12 @@ def test_detach_in_attach_mode_leaves_the_guest_running() -> None:
             try:
                 assert session.engine.stack_scanner is not None
                 kp = session.kprobe(PROBE, lambda kp, ctx: False)
-                session.run(timeout=4)
+                session.run(timeout=3)
                 assert kp.nhit > 50
             finally:
                 mark = len(machine.console_text())
                 session.close()
-            time.sleep(3)
+            time.sleep(2)
             machine.console.sendline("echo qp-dmesg-start; dmesg; echo qp-dmesg-end")
             dmesg = machine.console.recvuntil(b"qp-dmesg-end\r\n", timeout=60).decode(
                 errors="replace"
