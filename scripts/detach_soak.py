@@ -51,6 +51,7 @@ class Outcome:
     refused: bool
     hits: int
     detail: str
+    error: bool = False  # the run failed before the detach (not an oops)
 
 
 def _bad_lines(text: bytes) -> list[str]:
@@ -91,8 +92,8 @@ def _verdict(machine: QemuMachine, mark: int, refused: str, hits: int,
         return Outcome(True, bool(refused), hits, (bad[:1] or [error or "QEMU died"])[0])
     try:
         dmesg = _dmesg(machine.console)
-    except QprobesError as exc:
-        return Outcome(True, bool(refused), hits, (bad[:1] or [f"no answer: {exc}"])[0])
+    except (QprobesError, EOFError, OSError) as exc:  # EOF: QEMU died (-no-reboot)
+        return Outcome(True, bool(refused), hits, (bad[:1] or [f"no answer: {exc!r}"])[0])
     bad += _bad_lines(dmesg)
     return Outcome(bool(bad), bool(refused), hits, (bad[:1] or [refused])[0])
 
@@ -179,19 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", type=float, default=8.0, help="seconds run on after detach")
     parser.add_argument("--preempt", default="", help="preempt= on the guest command line")
     args = parser.parse_args(argv)
-    oopsed = refused = 0
+    oopsed = refused = errors = 0
     for run in range(1, args.runs + 1):
         start = time.monotonic()
         try:
             out = (run_api if args.mode == "api" else run_attach)(args)
-        except QprobesError as exc:
-            out = Outcome(True, False, 0, f"run failed: {exc}")
+        except (QprobesError, EOFError, OSError) as exc:
+            out = Outcome(False, False, 0, f"run failed before detach: {exc!r}", error=True)
         oopsed += out.oops
         refused += out.refused
-        verdict = "OOPS" if out.oops else ("refused" if out.refused else "ok")
+        errors += out.error
+        verdict = "OOPS" if out.oops else ("refused" if out.refused else
+                                           "error" if out.error else "ok")  # fmt: skip
         print(f"run {run}: {verdict:7} hits={out.hits} {time.monotonic() - start:.0f}s "
               f"{out.detail[:160]}", flush=True)  # fmt: skip
-    print(f"{oopsed} of {args.runs} runs oopsed ({refused} detaches refused); mode={args.mode} "
+    print(f"{oopsed} of {args.runs} runs oopsed ({refused} detaches refused, {errors} runs "
+          f"failed before detaching); mode={args.mode} "
           f"smp={args.smp} preempt={args.preempt or 'voluntary'} probe={args.probe}")  # fmt: skip
     return 1 if oopsed else 0
 

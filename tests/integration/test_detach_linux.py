@@ -83,6 +83,7 @@ def console_after(session: Session, seconds: float) -> str:
         out += console.tube.recv(4096, timeout=max(0.05, end - time.monotonic()))
     console.sendline("echo qp-dmesg-start; dmesg; echo qp-dmesg-end")
     out += console.recvuntil(b"qp-dmesg-end\r\n", timeout=60)
+    console.recvuntil(LINUX_PROMPT, timeout=60)
     session.engine._stop_quietly()
     return out.decode(errors="replace")
 
@@ -161,6 +162,28 @@ def test_area_is_released_only_when_no_stack_points_in(voluntary: Session) -> No
     # Unmapped: the slot page is gone from the guest's page tables.
     with pytest.raises(QprobesError):
         engine._kphys(lo + 32 * 4096)
+
+
+def test_kretprobe_detach_with_a_task_asleep_in_the_function(voluntary: Session) -> None:
+    """A task asleep in a return-probed function holds the trampoline as its
+    return address: the scan sees it; detach writes the real one back and
+    checks that nothing points at the trampoline before unmapping it."""
+    engine = voluntary.engine
+    engine.attach()
+    returns = []
+    voluntary.kretprobe("do_nanosleep", lambda rp, ctx: returns.append(ctx.retval))
+    # Not a job of the interactive shell: busybox ash on this console exits
+    # when a background job of its own ends while the guest runs unattended.
+    voluntary.command("sh -c '(sleep 3; echo slept >/tmp/slept) &'")
+    voluntary.run(timeout=0.5)
+    lo = engine.area.vbase
+    blocking, _ = engine.area_references(lo, lo + REGION_SIZE)
+    tramp = voluntary.kretprobes.trampoline
+    assert any(f"holds {tramp:#x}" in b for b in blocking), blocking
+    engine.detach()
+    out = console_after(voluntary, 4)
+    assert not bad_lines(out), bad_lines(out)[:5]
+    assert "slept" in voluntary.command("cat /tmp/slept")
 
 
 def test_detach_in_attach_mode_leaves_the_guest_running() -> None:
