@@ -165,6 +165,18 @@ class ProbeError(QprobesError):
     """A probe could not be registered, armed or removed."""
 
 
+class QuiesceError(ProbeError):
+    """Something in the guest can still return into qprobes' area.
+
+    ``references`` describes each vCPU rip, stack word or undecided task that
+    still pointed in when the wait ended.
+    """
+
+    def __init__(self, message: str, references: list[str]) -> None:
+        self.references = references
+        super().__init__(message)
+
+
 class ProbeSyntaxError(QprobesError):
     """A probe definition or event filter is malformed (or names what cannot be resolved).
 

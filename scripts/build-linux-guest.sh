@@ -9,7 +9,9 @@
 #   vmlinuz             the kernel (bzImage) from the Debian package
 #   config              its build configuration (the package's System.map is a
 #                       dummy: symbols come from the guest's kallsyms or BTF)
-#   initramfs.cpio.gz   busybox, /init and the qp-* workload helpers
+#   initramfs.cpio.gz   busybox, /init, the qp-* workload helpers and one small
+#                       module of the kernel package (crc7.ko, no dependencies)
+#   crc7.ko             that module, kept with the kernel it belongs to
 #   guest.json          manifest: package, version, checksums, build date
 #
 # Needs Debian 12 with apt and network access to Debian's mirrors; run as root
@@ -25,6 +27,10 @@ PIN_PACKAGE=linux-image-6.1.0-56-cloud-amd64
 PIN_VERSION=6.1.192-2
 PIN_SHA256=e7d02b943971edcb8790e256c02cfab3bca6c3d37c1bf25392a57c71300615ee
 META_PACKAGE=linux-image-cloud-amd64
+# A module of the kernel package with no dependencies, put in the initramfs
+# so that tests can load a module while probes are armed.
+TEST_MODULE=crc7
+TEST_MODULE_PATH=kernel/lib/crc7.ko
 
 GUEST_HOSTNAME=qprobes-guest
 GUEST_PROMPT='qprobes-guest# '
@@ -116,6 +122,7 @@ kernel_reusable() {
     pinned_for=$(sed -n 's/^pin=//p' "$info")
     vsha=$(sed -n 's/^vmlinuz_sha256=//p' "$info")
     [ "$vsha" = "$(sha256 "$cache/vmlinuz")" ] || return 1
+    [ -f "$cache/$TEST_MODULE.ko" ] || return 1
     [ "$pkg=$ver" = "$PIN_PACKAGE=$PIN_VERSION" ] || [ "$pinned_for" = "$PIN_PACKAGE=$PIN_VERSION" ]
 }
 
@@ -166,6 +173,15 @@ fetch_kernel() {
         CONFIG_BLK_DEV_INITRD CONFIG_RD_GZIP; do
         grep -qx "$opt=y" "$config" || die "$release lacks $opt=y"
     done
+    # The package has no modules.dep (depmod writes it at install time): the
+    # module's own .modinfo must list no dependencies.
+    local ko=$work/kpkg/lib/modules/$release/$TEST_MODULE_PATH
+    [ -f "$ko" ] || die "$(basename "$deb") has no lib/modules/$release/$TEST_MODULE_PATH"
+    tr '\0' '\n' <"$ko" | grep -qx 'depends=' ||
+        die "$TEST_MODULE_PATH depends on other modules: $(tr '\0' '\n' <"$ko" | grep -a '^depends=')"
+    tr '\0' '\n' <"$ko" | grep -aq "^vermagic=$release " ||
+        die "$TEST_MODULE_PATH was not built for $release"
+    install -m 0644 "$ko" "$cache/$TEST_MODULE.ko"
     install -m 0644 "$vmlinuz" "$cache/vmlinuz.new"
     install -m 0644 "$config" "$cache/config.new"
     mv -f "$cache/config.new" "$cache/config"
@@ -300,6 +316,11 @@ echo "qp-work: $n rounds"
 EOF
 chmod 0755 "$root/usr/bin/qp-open" "$root/usr/bin/qp-work"
 
+release=$(sed -n 's/^release=//p' "$cache/kernel.info")
+moddir=$root/lib/modules/$release/$(dirname "$TEST_MODULE_PATH")
+mkdir -p "$moddir"
+install -m 0644 "$cache/$TEST_MODULE.ko" "$moddir/"
+
 echo "hello from the qprobes guest" >"$root/usr/share/qprobes/hello.txt"
 seq 1 1000 >"$root/usr/share/qprobes/numbers.txt"
 head -c 65536 /dev/zero >"$root/usr/share/qprobes/zero-64k.bin"
@@ -339,6 +360,7 @@ cat >"$cache/guest.json.new" <<EOF
   "vmlinuz_sha256": "$(sha256 "$cache/vmlinuz")",
   "initramfs_sha256": "$(sha256 "$cache/initramfs.cpio.gz")",
   "busybox_version": "$busybox_version",
+  "test_module": "/lib/modules/$(kinfo release)/$TEST_MODULE_PATH",
   "hostname": "$GUEST_HOSTNAME",
   "prompt": "$GUEST_PROMPT",
   "ready": "$GUEST_READY",

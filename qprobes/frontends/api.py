@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -228,7 +229,7 @@ def guest_digest(session: Session) -> str:
     import hashlib
 
     from qprobes.errors import TranslationError
-    from qprobes.probes.area import MODULES_END
+    from qprobes.probes.area import MODULES_END, image_candidates
     from qprobes.target.paging import walk
 
     target = session.target
@@ -242,11 +243,13 @@ def guest_digest(session: Session) -> str:
         idt = target.idt(vcpu)
         digest.update(target.read(idt.base, idt.limit + 1))
     regs = target.registers()
-    try:
-        steps = walk(target.read_phys_u64, regs.cr3, MODULES_END - 1).steps
-    except TranslationError:
-        steps = ()
-    tables = {regs.cr3 & ~0xFFF} | {step.table for step in steps}
+    where = [MODULES_END - 1]
+    if session.engine.area.image is not None:
+        where += image_candidates(*session.engine.area.image)[:1]
+    tables = {regs.cr3 & ~0xFFF}
+    for vaddr in where:
+        with contextlib.suppress(TranslationError):  # nothing mapped there: no tables
+            tables |= {step.table for step in walk(target.read_phys_u64, regs.cr3, vaddr).steps}
     for table in sorted(tables):
         digest.update(target.read_phys(table, 4096))
     return digest.hexdigest()

@@ -211,6 +211,11 @@ class Session:
 
         # Return probes chain their instances per task (Linux's current).
         self.kretprobes.tasks = LinuxTasks(kernel, self.engine.read_data)
+        if "_end" in kernel.symbols:
+            # The unused tail of the kernel image mapping: no allocator of the
+            # guest hands it out (a module or BPF program could land in the
+            # module area).
+            self.engine.area.image = (kernel.text, kernel.symbols.address("_end"))
         self.engine.attach()
         try:
             # Linux's blacklist and the text the kernel rewrites, read through
@@ -229,6 +234,7 @@ class Session:
         self.engine.text_lock_held = text.text_mutex_held
         self.engine.recover_text = text.recover
         self._use_ftrace(kernel)
+        self._use_linux_stacks(kernel)
 
     def _use_ftrace(self, kernel: LinuxKernel) -> None:
         """Give the engine the guest's ftrace records: probes at an ftrace
@@ -250,6 +256,22 @@ class Session:
             )
         except QprobesError as exc:
             raise ProbeError(f"cannot read the guest's ftrace records: {exc}") from exc
+
+    def _use_linux_stacks(self, kernel: LinuxKernel) -> None:
+        """Let the engine look at the guest's task and interrupt stacks, so that
+        freed slots and the area are released only when nothing points in."""
+        from qprobes.linux.tasks import LinuxStacks, TaskError
+
+        if kernel.btf is None:
+            log.warning("the guest kernel has no BTF: detach checks only the vCPUs' rips, "
+                        "and a task interrupted inside a slot may crash after detach")  # fmt: skip
+            return
+        try:
+            self.engine.stack_scanner = LinuxStacks(
+                kernel.symbols, kernel.btf, self.engine.read_data, len(self.target.vcpus)
+            )
+        except TaskError as exc:
+            log.warning("%s: detach checks only the vCPUs' rips", exc)
 
     @classmethod
     def attach(cls, address: str, *, reserve: tuple[int, int], near: int | None = None,

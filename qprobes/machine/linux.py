@@ -3,8 +3,9 @@
 ``scripts/build-linux-guest.sh`` downloads the kernel package (pinned, with its
 checksum; falling back to the current ``linux-image-cloud-amd64`` dependency
 when the pin has left Debian's archive), extracts ``vmlinuz`` and builds a
-tiny initramfs whose ``/init`` mounts proc, sys, devtmpfs, tracefs and
-debugfs, prints :data:`LINUX_READY` and runs a root shell on the serial
+tiny initramfs (with one small module of the kernel package, see
+:attr:`LinuxGuest.test_module`) whose ``/init`` mounts proc, sys, devtmpfs,
+tracefs and debugfs, prints :data:`LINUX_READY` and runs a root shell on the serial
 console with the prompt :data:`LINUX_PROMPT`. The result is cached (by
 default in ``~/.cache/qprobes/linux``) and built on first use.
 
@@ -84,6 +85,12 @@ class LinuxGuest:
     @property
     def package(self) -> str:
         return str(self.manifest.get("package", ""))
+
+    @property
+    def test_module(self) -> str:
+        """Path in the guest of a small module of the kernel package with no
+        dependencies (``crc7.ko``), for tests that load a module."""
+        return str(self.manifest.get("test_module", ""))
 
     @property
     def version(self) -> str:

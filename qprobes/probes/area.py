@@ -2,10 +2,21 @@
 
 Guest-physical pages come from memory the guest never uses (the machine puts
 ``memmap=`` on the kernel command line; qtest stays below 32 MiB). They are
-mapped into a free 2 MiB region of the module area (Linux: between
-0xffffffffa0000000 and 0xffffffffff000000) by writing page-table entries, so
-copies of kernel instructions keep their rip-relative reach (±2 GiB) and the
-trap stubs can be the target of IDT gates.
+mapped into a free 2 MiB region by writing page-table entries, so copies of
+kernel instructions keep their rip-relative reach (±2 GiB) and the trap stubs
+can be the target of IDT gates.
+
+Where: a region that is free only in the page tables is not enough, since
+the guest's own allocators do not know about it. The module area (Linux:
+``MODULES_VADDR`` up to 0xffffffffff000000) is handed out by vmalloc to
+modules, BPF programs and Linux's own kprobe slots, so one loaded later
+could land on qprobes' area. With :attr:`GuestArea.image` set (the Linux
+kernel image's ``_text`` and ``_end``) the area goes where no allocator
+looks: the unused part of the kernel image mapping, after ``_end`` (or
+before ``_text``), inside ``__START_KERNEL_map`` + ``KERNEL_IMAGE_SIZE``.
+``cleanup_highmap()`` clears those PMDs at boot and nothing maps them again,
+and every address there is within ±2 GiB of kernel and module text. Without
+it (a kernel that is not Linux), the top of the module area is used.
 
 Every entry qprobes writes is recorded with the value it replaced and put
 back by :meth:`GuestArea.teardown`.
@@ -32,8 +43,32 @@ PAGE_SIZE = 4096
 REGION_SIZE = 2 * 1024 * 1024  # one page table's worth of 4 KiB pages
 MODULES_VADDR = 0xFFFF_FFFF_A000_0000
 MODULES_END = 0xFFFF_FFFF_FF00_0000
+START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map
+# KERNEL_IMAGE_SIZE: 1 GiB with CONFIG_RANDOMIZE_BASE, else 512 MiB (then
+# MODULES_VADDR starts right above it).
+KERNEL_IMAGE_SIZE_MIN = 512 << 20
+KERNEL_IMAGE_SIZE_KASLR = 1 << 30
 REL32_REACH = 1 << 31
 EFER_NXE = 1 << 11
+
+
+def image_candidates(text: int, end: int) -> list[int]:
+    """2 MiB regions of the kernel image mapping no allocator hands out, best
+    first: after ``_end`` upward, then below ``_text`` downward.
+
+    The mapping spans ``KERNEL_IMAGE_SIZE`` from ``__START_KERNEL_map``. It
+    is 1 GiB when the kernel can be randomized, which is certain once the
+    image reaches past 512 MiB; otherwise only the first 512 MiB are sure
+    not to be the module area.
+    """
+    size = KERNEL_IMAGE_SIZE_KASLR if end > START_KERNEL_MAP + KERNEL_IMAGE_SIZE_MIN \
+        else KERNEL_IMAGE_SIZE_MIN  # fmt: skip
+    top = START_KERNEL_MAP + size
+    first = (end + REGION_SIZE - 1) & ~(REGION_SIZE - 1)
+    after = list(range(first, top - REGION_SIZE + 1, REGION_SIZE))
+    below = list(range((text & ~(REGION_SIZE - 1)) - REGION_SIZE, START_KERNEL_MAP - 1,
+                       -REGION_SIZE))  # fmt: skip
+    return after + below
 
 
 @dataclass(frozen=True)
@@ -92,6 +127,8 @@ class GuestArea:
         self._la57 = False
         self._nx = False
         self._user: int | None = None  # PTI user page-table root
+        # (_text, _end) of a Linux kernel image: the area goes in its unused tail.
+        self.image: tuple[int, int] | None = None
 
     # --- set-up -------------------------------------------------------------
 
@@ -118,11 +155,12 @@ class GuestArea:
         self._user = self._user_root()
         if self._user is not None:
             self._cr3 &= ~0x1FFF  # the kernel half of the pair
-        candidates = (
-            [self._requested_vbase]
-            if self._requested_vbase is not None
-            else list(range(MODULES_END - REGION_SIZE, MODULES_VADDR - 1, -REGION_SIZE))
-        )
+        if self._requested_vbase is not None:
+            candidates = [self._requested_vbase]
+        elif self.image is not None:
+            candidates = image_candidates(*self.image)
+        else:
+            candidates = list(range(MODULES_END - REGION_SIZE, MODULES_VADDR - 1, -REGION_SIZE))
         for vbase in candidates:
             if vbase % REGION_SIZE:
                 raise ProbeError(f"area base {vbase:#x} is not 2 MiB aligned")
@@ -134,9 +172,8 @@ class GuestArea:
                 return
             if self._requested_vbase is not None:
                 raise ProbeError(f"the requested area {vbase:#x} is already in use")
-        raise ProbeError(
-            f"no free 2 MiB region in the module area within rel32 reach of {self.near:#x}"
-        )
+        where = "the kernel image mapping" if self.image is not None else "the module area"
+        raise ProbeError(f"no free 2 MiB region in {where} within rel32 reach of {self.near:#x}")
 
     def _pmd_entry(self, root: int, vbase: int) -> int | None:
         """Address of the PMD entry for ``vbase`` under ``root``, creating the
@@ -212,14 +249,15 @@ class GuestArea:
 
     # --- pages --------------------------------------------------------------
 
-    def map_page(self, index: int, *, writable: bool, executable: bool) -> Page:
-        """Map page ``index`` of the region to a fresh physical page (zeroed)."""
+    def map_page(self, index: int, *, writable: bool, executable: bool, fill: int = 0) -> Page:
+        """Map page ``index`` of the region to a fresh physical page, every
+        byte ``fill`` (0; int3 for code)."""
         if not 0 <= index < REGION_SIZE // PAGE_SIZE:
             raise ProbeError(f"area page index {index} out of range")
         if index in self._pages:
             raise ProbeError(f"area page {index} is already mapped")
         paddr = self.phys.alloc()
-        self.target.write_phys(paddr, bytes(PAGE_SIZE))
+        self.target.write_phys(paddr, bytes([fill]) * PAGE_SIZE)
         entry = make_entry(paddr, writable=writable, executable=executable or not self._nx)
         self._write_entry(self._pt + 8 * index, entry)
         page = Page(self.vbase + index * PAGE_SIZE, paddr, writable, executable)

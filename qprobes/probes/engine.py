@@ -35,10 +35,11 @@ from qprobes.errors import (
     InstructionError,
     ProbeError,
     QprobesError,
+    QuiesceError,
     StubTimeoutError,
     SymbolError,
 )
-from qprobes.probes.area import PAGE_SIZE, GuestArea
+from qprobes.probes.area import PAGE_SIZE, REGION_SIZE, GuestArea
 from qprobes.probes.context import HitContext, PtRegs
 from qprobes.probes.ftrace_site import MCOUNT_INSN_SIZE, FtraceRecords, branches_to
 from qprobes.probes.kprobe import (
@@ -48,6 +49,7 @@ from qprobes.probes.kprobe import (
     PrevKprobe,
     ProbePoint,
 )
+from qprobes.probes.quiesce import CpuState, StackScan, StackScanner, pending
 from qprobes.probes.slots import SlotAllocator
 from qprobes.probes.stubs import (
     ACTION_CHAIN,
@@ -169,6 +171,9 @@ class KprobeEngine:
         self._extra_stop: Callable[[StopReply], bool] | None = None
         self.kretprobes: KretprobeManager | None = None  # set by KretprobeManager
         self.jprobes: JprobeManager | None = None  # set by JprobeManager
+        # Finds references into the area on the guest's stacks (set by the
+        # Linux session: qprobes.linux.tasks.LinuxStacks).
+        self.stack_scanner: StackScanner | None = None
         self._user_code = 0
         self._vars_phys = 0
         self._blacklist: list[tuple[int, int, str]] = []
@@ -233,10 +238,12 @@ class KprobeEngine:
                                    ("qp_jprobe", JPROBE_VECTOR)):  # fmt: skip
                 self._ret_kind[stubs[f"{prefix}_doorbell_ret"]] = vector
                 self._ret_kind[stubs[f"{prefix}_ring"]] = vector
+            # Slot pages start as int3 everywhere: each slot's unused tail traps.
             self._slots = SlotAllocator(
                 x86insn.SLOT_SIZE, PAGE_SLOTS_FIRST, PAGE_SLOTS_LAST,
-                lambda i: area.map_page(i, writable=False, executable=True).vaddr,
-                area.unmap_page,
+                lambda i: area.map_page(i, writable=False, executable=True, fill=INT3).vaddr,
+                area.unmap_page, collect=self._collect_garbage_slots,
+                fill=lambda slot: self.kwrite_code(slot, bytes([INT3]) * x86insn.SLOT_SIZE),
             )  # fmt: skip
             area.check_mapping(code.vaddr)
             self._install_gates()
@@ -303,11 +310,29 @@ class KprobeEngine:
         """The guest's own handler of each trapped vector."""
         return dict(self._orig_handler)
 
-    def detach(self, drain_timeout: float = 10.0) -> None:
+    def detach(self, drain_timeout: float = 10.0, quiesce_timeout: float = 30.0) -> None:
         """Disarm every probe and restore every byte qprobes wrote.
 
-        vCPUs in the middle of a single-step are run to its end first
-        (detaching mid-step leaves TF set and rip in a slot).
+        The order matters because the guest keeps running while qprobes
+        leaves (Linux frees kprobe slots only after ``synchronize_rcu_tasks()``):
+
+        1. vCPUs in the middle of a single-step are run to its end (detaching
+           mid-step leaves TF set and rip in a slot);
+        2. every int3 is taken out: nothing new enters a slot;
+        3. :meth:`synchronize_area`: the guest runs until no vCPU rip and no
+           live stack word points into the area, except the trampoline
+           return addresses of known kretprobe instances; the stubs stay in
+           the IDT meanwhile (a copy that faults in a slot is still rerouted);
+        4. the kretprobe manager writes those return addresses back, and the
+           area is synchronized again;
+        5. the IDT gates go back, vCPUs still inside a stub are stepped out,
+           a last synchronization covers frames inside the stubs;
+        6. the doorbell watchpoint and the area's page tables go.
+
+        If something still points in after ``quiesce_timeout`` seconds (a
+        wait step), :class:`~qprobes.errors.QuiesceError` says what; the
+        gates are restored but the area stays mapped in the guest rather
+        than pulled from under a task.
         """
         if not self.attached:
             return
@@ -317,22 +342,128 @@ class KprobeEngine:
             for point in list(self.points.values()):
                 self._disarm(point)
             self.points.clear()
+        tramp = self.kretprobes.trampoline if self.kretprobes is not None else None
+        try:
+            self.synchronize_area(quiesce_timeout, allow=frozenset({tramp} if tramp else ()))
+            if self.kretprobes is not None:
+                self.kretprobes.detach()
+            if self.jprobes is not None:
+                self.jprobes.detach()
+            self.synchronize_area(quiesce_timeout)
             # No new entries into the stubs from here on; then no vCPU may be
             # left inside the area when its pages go away.
             self._restore_gates()
-            try:
-                self._step_out_of_area()
-            finally:
-                if self.kretprobes is not None:
-                    self.kretprobes.detach()
-                if self.jprobes is not None:
-                    self.jprobes.detach()
-                try:
-                    self.target.remove_watchpoint(self._doorbell, 1, "write")
-                except QprobesError as exc:
-                    log.warning("could not remove the doorbell watchpoint: %s", exc)
-                self.area.teardown()
-                self.attached = False
+            self._step_out_of_area()
+            self.synchronize_area(quiesce_timeout)
+        except QuiesceError:
+            self._abandon_area()
+            raise
+        try:
+            self.target.remove_watchpoint(self._doorbell, 1, "write")
+        except QprobesError as exc:
+            log.warning("could not remove the doorbell watchpoint: %s", exc)
+        self.area.teardown()
+        self.attached = False
+
+    def _abandon_area(self) -> None:
+        """Leave without unmapping: gates back, no vCPU in a stub, area kept."""
+        try:
+            self._restore_gates()
+            self._step_out_of_area()
+        finally:
+            with contextlib.suppress(QprobesError):
+                self.target.remove_watchpoint(self._doorbell, 1, "write")
+            self.attached = False
+
+    # --- synchronize_rcu_tasks(), from the host --------------------------------
+
+    def _in_slots(self, addr: int) -> bool:
+        lo = self.area.vbase + PAGE_SLOTS_FIRST * PAGE_SIZE
+        return lo <= addr < self.area.vbase + (PAGE_SLOTS_LAST + 1) * PAGE_SIZE
+
+    def area_references(self, lo: int, hi: int, *, allow: frozenset[int] = frozenset(),
+                        baseline: dict[int, int] | None = None,
+                        ) -> tuple[list[str], StackScan | None]:  # fmt: skip
+        """What can still return into ``[lo, hi)`` (guest stopped): vCPU rips
+        there, and, with a :attr:`stack_scanner`, live stack words and tasks
+        the scanner could not decide (see :func:`qprobes.probes.quiesce.pending`).
+        Words equal to a value in ``allow`` are not counted."""
+        out: list[str] = []
+        cpus: list[CpuState] = []
+        for vcpu in self.target.vcpus:
+            regs = self.target.registers(vcpu)
+            if lo <= regs.rip < hi:
+                out.append(f"vCPU {vcpu} is at {regs.rip:#x}")
+            cpus.append(CpuState(vcpu - 1, regs.rip, regs.rsp, regs.cs))
+        if self.stack_scanner is None:
+            return out, None
+        scan = self.stack_scanner.scan(lo, hi, cpus)
+        scan.refs = [r for r in scan.refs if r.value not in allow]
+        return out + pending(scan, baseline, self._in_slots), scan
+
+    def synchronize_area(self, timeout: float = 30.0, *,
+                         allow: frozenset[int] = frozenset()) -> None:  # fmt: skip
+        """Run the guest until nothing can return into qprobes' area.
+
+        The host's ``synchronize_rcu_tasks()``: between looks the guest runs
+        (stops are serviced as usual) for a growing slice; a task the scan
+        cannot decide must pass a voluntary context switch. Raises
+        :class:`~qprobes.errors.QuiesceError` after ``timeout`` seconds. With
+        no :attr:`stack_scanner` (a guest that is not Linux) only the vCPUs'
+        rips are checked.
+        """
+        lo, hi = self.area.vbase, self.area.vbase + REGION_SIZE
+        deadline = time.monotonic() + timeout
+        baseline: dict[int, int] | None = None
+        pause = 0.005
+        looks = 0
+        while True:
+            blocking, scan = self.area_references(lo, hi, allow=allow, baseline=baseline)
+            looks += 1
+            if baseline is None and scan is not None:
+                baseline = dict(scan.nvcsw)
+            if not blocking:
+                if looks > 1:
+                    log.info("qprobes' area is quiet after %d looks", looks)
+                return
+            if time.monotonic() >= deadline:
+                shown = "; ".join(blocking[:3]) + (" ..." if len(blocking) > 3 else "")
+                what = "reference" if len(blocking) == 1 else "references"
+                raise QuiesceError(
+                    f"{len(blocking)} {what} into qprobes' area at {lo:#x} still there after "
+                    f"{timeout:g} s ({shown}); the area stays mapped in the guest (its reserved "
+                    "memory stays in use) rather than be unmapped under it",
+                    blocking,
+                )
+            log.debug("waiting for the area to be quiet: %s", blocking[:3])
+            self.run(timeout=pause)
+            pause = min(2 * pause, 0.2)
+
+    def _collect_garbage_slots(self, slots: list[int]) -> list[int]:
+        """The dirty slots nothing points into now (one look, guest stopped).
+
+        Any task the scan cannot decide keeps every slot dirty. Without a
+        :attr:`stack_scanner` only vCPU rips are checked.
+        """
+        if not slots or self.client.running:
+            return []
+        size = x86insn.SLOT_SIZE
+        lo, hi = min(slots), max(slots) + size
+        try:
+            cpus = []
+            for vcpu in self.target.vcpus:
+                regs = self.target.registers(vcpu)
+                cpus.append(CpuState(vcpu - 1, regs.rip, regs.rsp, regs.cs))
+            busy = {c.rip - (c.rip - lo) % size for c in cpus if lo <= c.rip < hi}
+            if self.stack_scanner is not None:
+                scan = self.stack_scanner.scan(lo, hi, cpus)
+                if scan.undecided:
+                    return []
+                busy |= {r.value - (r.value - lo) % size for r in scan.refs}
+        except QprobesError as exc:
+            log.warning("cannot look for references into freed slots: %s", exc)
+            return []
+        return [slot for slot in slots if slot not in busy]
 
     def _step_out_of_area(self, max_steps: int = 10_000) -> None:
         """Single-step every vCPU whose rip is in the area (a stub, a slot, the

@@ -6,17 +6,23 @@ becomes empty is freed unless it is the last one (keeping one page avoids
 mapping and unmapping on every register/unregister pair).
 
 Boosted slots are freed *dirty*, as modern kprobes does: a task preempted
-between the copied instruction and the jump back still has its rip in the
-slot, so the slot keeps its bytes and is handed out again only when no clean
-slot is left, and its page stays mapped. (Linux collects dirty slots after
-``synchronize_rcu_tasks()``; from outside the guest there is no such
-guarantee.) Single-stepped slots run with interrupts off and are clean again
-at once.
+(or interrupted) in the slot, before the copied instruction or the jump
+back, still has its rip there, so the slot keeps its bytes and its page
+stays mapped. Linux collects dirty slots after ``synchronize_rcu_tasks()``
+(``collect_garbage_slots``); here the engine's ``collect`` callback looks at
+the guest's stacks (:mod:`qprobes.probes.quiesce`) and names the dirty
+slots nothing points into, and only those are handed out again, when no
+clean slot and no new page is left. Single-stepped slots run with
+interrupts off and are clean again at once.
+
+A slot handed out again is first filled with int3 (``fill``), like a fresh
+page, so a stray jump into the unused tail of a slot traps rather than runs
+what an older copy left there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from qprobes.errors import ProbeError
@@ -48,6 +54,8 @@ class SlotAllocator:
         last_page: int,
         map_page: Callable[[int], int],
         unmap_page: Callable[[int], None],
+        collect: Callable[[list[int]], Iterable[int]] | None = None,
+        fill: Callable[[int], None] | None = None,
     ) -> None:
         if PAGE_SIZE % slot_size:
             raise ValueError("slot size must divide the page size")
@@ -57,6 +65,8 @@ class SlotAllocator:
         self._last = last_page
         self._map_page = map_page
         self._unmap_page = unmap_page
+        self._collect = collect
+        self._fill = fill
         self.pages: list[InsnPage] = []
 
     def get_insn_slot(self) -> int:
@@ -69,18 +79,47 @@ class SlotAllocator:
         taken = {p.index for p in self.pages}
         free = next((i for i in range(self._first, self._last + 1) if i not in taken), None)
         if free is None:
-            for page in self.pages:  # last resort: reuse a dirty slot
+            ndirty = self.collect_garbage_slots()
+            for page in self.pages:
                 for i, used in enumerate(page.used):
-                    if not used:
+                    if not used and not page.dirty[i]:
                         page.used[i] = True
-                        page.dirty[i] = False
-                        return page.vaddr + i * self.slot_size
+                        slot = page.vaddr + i * self.slot_size
+                        if self._fill is not None:
+                            self._fill(slot)
+                        return slot
+            if ndirty:
+                raise ProbeError(
+                    f"out of instruction slots: {ndirty} freed slots may still be in use "
+                    "by guest tasks (try again after the guest has run a little)"
+                )
             raise ProbeError("out of instruction slots")
         vaddr = self._map_page(free)
         page = InsnPage(free, vaddr, [False] * self.insns_per_page, [False] * self.insns_per_page)
         page.used[0] = True
         self.pages.append(page)
         return vaddr
+
+    def dirty_slots(self) -> list[int]:
+        """Addresses of the freed slots a guest task may still be in."""
+        return [p.vaddr + i * self.slot_size for p in self.pages
+                for i, d in enumerate(p.dirty) if d]  # fmt: skip
+
+    def collect_garbage_slots(self) -> int:
+        """Mark clean the dirty slots ``collect`` proves unused; how many stay dirty.
+
+        Without a ``collect`` callback every dirty slot is taken as clean
+        (nothing can be proven either way).
+        """
+        dirty = self.dirty_slots()
+        if not dirty:
+            return 0
+        safe = set(dirty if self._collect is None else self._collect(dirty))
+        for page in self.pages:
+            for i in range(self.insns_per_page):
+                if page.dirty[i] and page.vaddr + i * self.slot_size in safe:
+                    page.dirty[i] = False
+        return len(dirty) - len(safe & set(dirty))
 
     def free_insn_slot(self, slot: int, dirty: bool = False) -> None:
         """Return ``slot``; free its page if it became empty (and clean) and is

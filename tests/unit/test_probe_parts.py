@@ -136,3 +136,84 @@ def test_dirty_slots_are_reused_last_and_keep_their_page() -> None:
     e, f = alloc.get_insn_slot(), alloc.get_insn_slot()  # then a third page
     assert len({a, b, c, d, e, f}) == 6
     assert alloc.get_insn_slot() == c  # no clean slot, no page left: the dirty one
+
+
+def test_dirty_slots_are_reused_only_when_nothing_points_in() -> None:
+    events: list[str] = []
+    busy: set[int] = set()
+
+    def collect(slots: list[int]) -> list[int]:
+        events.append(f"collect {len(slots)}")
+        return [s for s in slots if s not in busy]
+
+    alloc = SlotAllocator(2048, 32, 32, lambda i: 0xFFFFFFFFFE000000 + i * 4096,
+                          lambda i: None, collect=collect,
+                          fill=lambda slot: events.append(f"fill {slot:#x}"))  # fmt: skip
+    a, b = alloc.get_insn_slot(), alloc.get_insn_slot()  # the only page, full
+    alloc.free_insn_slot(a, dirty=True)
+    alloc.free_insn_slot(b, dirty=True)
+    busy |= {a, b}  # a task still sits in both
+    with pytest.raises(ProbeError, match="2 freed slots may still be in use"):
+        alloc.get_insn_slot()
+    busy.discard(b)  # that task left
+    assert alloc.get_insn_slot() == b
+    assert f"fill {b:#x}" in events  # handed out again: int3 over the old copy
+    assert alloc.dirty_slots() == [a]
+    busy.clear()
+    assert alloc.get_insn_slot() == a
+    assert alloc.dirty_slots() == []
+
+
+@pytest.mark.parametrize(
+    ("text", "end", "first", "last_after"),
+    [
+        # nokaslr: after _end up to 512 MiB (the module area may start there).
+        (0xFFFFFFFF81000000, 0xFFFFFFFF83830000, 0xFFFFFFFF83A00000, 0xFFFFFFFF9FE00000),
+        # _end already 2 MiB aligned.
+        (0xFFFFFFFF81000000, 0xFFFFFFFF83800000, 0xFFFFFFFF83800000, 0xFFFFFFFF9FE00000),
+        # A randomized image past 512 MiB: KERNEL_IMAGE_SIZE is 1 GiB.
+        (0xFFFFFFFFA9000000, 0xFFFFFFFFAB830000, 0xFFFFFFFFABA00000, 0xFFFFFFFFBFE00000),
+    ],
+)
+def test_area_candidates_are_in_the_unused_kernel_image_mapping(
+    text: int, end: int, first: int, last_after: int
+) -> None:
+    from qprobes.probes.area import START_KERNEL_MAP, image_candidates
+
+    got = image_candidates(text, end)
+    assert got[0] == first
+    after = [c for c in got if c > text]
+    assert after[-1] == last_after
+    below = [c for c in got if c < text]
+    assert below[0] == (text & ~0x1FFFFF) - 0x200000 and below[-1] == START_KERNEL_MAP
+    assert all(not text - 0x200000 < c < end for c in got)  # never over the image
+
+
+def test_pending_keeps_what_a_switch_cannot_prove_stale() -> None:
+    from qprobes.probes.quiesce import StackRef, StackScan, Undecided, pending
+
+    slot, tramp = 0xFFFFFFFF83A20000, 0xFFFFFFFF83A00100
+    def in_slots(v: int) -> bool:
+        return v >= 0xFFFFFFFF83A20000
+
+    scan = StackScan(
+        refs=[StackRef(0x1000, slot, "task 1 (a)", task=1),  # switched since: stale word
+              StackRef(0x2000, tramp, "task 1 (a)", task=1),  # trampoline: stays
+              StackRef(0x3000, slot, "task 2 (b)", task=2),  # preempted, no switch
+              StackRef(0x4000, slot, "CPU 0 IRQ stack"),  # an interrupt frame
+              StackRef(0x5000, slot, "task 3 (c)", task=3)],  # asleep off the run queue
+        undecided=[Undecided(4, "task 4 (d)", "on no known stack"),
+                   Undecided(5, "task 5 (e)", "on no known stack")],
+        nvcsw={1: 11, 2: 20, 3: 30, 4: 41, 5: 50},
+        quiescent={3},
+    )  # fmt: skip
+    baseline = {1: 10, 2: 20, 3: 30, 4: 40, 5: 50}
+    got = pending(scan, baseline, in_slots)
+    assert got == [
+        f"task 1 (a) holds {tramp:#x} at 0x2000",
+        f"task 2 (b) holds {slot:#x} at 0x3000",
+        f"CPU 0 IRQ stack holds {slot:#x} at 0x4000",
+        "task 5 (e): on no known stack",
+    ]
+    # The first look (no baseline yet): only the quiescent task is cleared.
+    assert len(pending(scan, None, in_slots)) == 6
