@@ -56,6 +56,7 @@ TARGETS = [
     "t_cli_sti", "t_iretq", "t_ret", "t_ret_imm", "t_lret", "t_call_rel", "t_call_reg",
     "t_call_mem", "t_lcall_mem", "t_jmp_reg", "t_jmp_mem", "t_ljmp_mem", "t_jmp_rel8",
     "t_jmp_rel32", "t_jcc", "t_loop", "t_int3", "t_fault", "t_self_step", "t_hot", "t_mixed",
+    "t_div",
 ]  # fmt: skip
 
 
@@ -337,7 +338,7 @@ def test_detach_restores_text_idt_and_page_tables(qtest_image: object, smp: int)
     out = io.StringIO()
     assert api.qtest_probe_all(smp=smp, out=out) == 0, out.getvalue()
     text = out.getvalue()
-    assert "qtest: selfcheck 27 passed, 0 failed" in text
+    assert "qtest: selfcheck 28 passed, 0 failed" in text
     assert "identical to before attaching" in text
     hits = re.search(r"(\d+) probes armed: (\d+) hits", text)
     assert hits and int(hits.group(1)) > 400 and int(hits.group(2)) > 2000
@@ -356,7 +357,7 @@ def test_everything_through_the_gdbstub_alone(qtest_image: object) -> None:
         rets: list[int] = []
         session.kretprobe("t_hot", lambda rp, ctx: rets.append(ctx.retval))
         out = session.command("selfcheck 2")
-        assert "qtest: selfcheck 27 passed, 0 failed" in out, out
+        assert "qtest: selfcheck 28 passed, 0 failed" in out, out
         entries = {q.by_name[n].addr for n in ("t_hot", "t_call_rel", "t_pushf", "t_fault")}
         assert all(kp.nhit >= 2 for kp in probes if kp.addr in entries)
         assert sum(kp.nhit for kp in probes) > 50
@@ -378,7 +379,7 @@ def test_detach_while_a_vcpu_is_inside_a_stub(qtest_image: object, stop_at: str)
         assert not area <= session.target.read_register("rip", vcpu) < area + (2 << 20)
         assert kp.nhit in (0, 1)
         out = session.command("selfcheck")
-        assert "qtest: selfcheck 27 passed, 0 failed" in out
+        assert "qtest: selfcheck 28 passed, 0 failed" in out
 
 
 def test_dropped_connection_is_an_error_then_reconnect_restores(qtest_image: object) -> None:
@@ -400,4 +401,4 @@ def test_dropped_connection_is_an_error_then_reconnect_restores(qtest_image: obj
         session.reconnect()
         session.engine.detach()
         assert guest_digest(session) == pristine
-        assert "qtest: selfcheck 27 passed, 0 failed" in session.command("selfcheck")
+        assert "qtest: selfcheck 28 passed, 0 failed" in session.command("selfcheck")
