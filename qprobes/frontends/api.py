@@ -341,7 +341,9 @@ def trace(
         else:
             err.write(
                 f"qprobes: {row['event']}: {row['hits']} hits, {row['emitted']} printed, "
-                f"{row['filtered']} filtered out, {row['missed']} missed\n"
+                f"{row['filtered']} filtered out, {row['missed']} missed"
+                + (", lost (the guest rewrote the probed text)" if row["lost"] else "")
+                + "\n"
             )
     return 130 if stop["asked"] else 0
 

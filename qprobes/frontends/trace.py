@@ -113,6 +113,13 @@ class TraceProbe:
     def nmissed(self) -> int:
         return self.probe.nmissed if self.probe is not None else 0
 
+    @property
+    def lost(self) -> bool:
+        """The guest rewrote the probed byte: the probe stopped firing."""
+        if isinstance(self.probe, Kprobe):
+            return self.probe.lost
+        return self.probe is not None and self.probe.kp.lost
+
 
 class Tracer:
     """Probes from kprobe_events definitions on a :class:`Session`."""
@@ -230,6 +237,7 @@ class Tracer:
         """Hits and misses per probe."""
         return [
             {"event": name, "location": tp.spec.location, "hits": tp.nhit,
-             "emitted": tp.emitted, "filtered": tp.filtered, "missed": tp.nmissed}
+             "emitted": tp.emitted, "filtered": tp.filtered, "missed": tp.nmissed,
+             "lost": tp.lost}
             for name, tp in self.probes.items()
         ]  # fmt: skip

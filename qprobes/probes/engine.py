@@ -948,6 +948,8 @@ class KprobeEngine:
     @staticmethod
     def _step_ends(point: ProbePoint, rip: int) -> bool:
         """Whether a #DB at ``rip`` is where the step of ``point``'s copy ends."""
+        if point.is_int3:
+            return False  # stepped in place: it ends with a #BP, never a #DB
         pad = len(STI_PAD) if _is_sti(point.insn) else 0
         ends = x86fix.step_end_rips(point.analysis, point.addr, point.slot, pad)
         return ends is None or rip in ends
