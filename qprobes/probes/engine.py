@@ -6,7 +6,8 @@ This is Linux's kprobes flow (2.6 ``arch/x86_64/kernel/kprobes.c``:
 probes, ``get_insn_slot``), run from outside the guest:
 
 * arming writes ``int3`` at the probe address through the gdbstub;
-* the guest's #BP, #DB, #GP and #PF gates point at qprobes' stubs
+* the guest's #BP and #DB gates, and those of the faults an instruction
+  can raise in a slot, point at qprobes' stubs
   (:mod:`qprobes.probes.stubs`), which save ``pt_regs`` and ring a watched
   doorbell for exceptions that are qprobes' own;
 * at the doorbell stop the host reads the frame, runs the handlers, edits

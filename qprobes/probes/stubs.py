@@ -5,10 +5,10 @@ in a slot can raise (:data:`SLOT_FAULT_VECTORS`: #DE, #UD, #NM, #TS, #NP,
 #SS, #GP, #PF, #MF, #AC, #XM), at these stubs. Each stub saves the
 interrupted registers in Linux's ``pt_regs`` layout (so the host reads and
 edits them in one memory access), decides whether the exception is qprobes'
-own, and if it is, stores to a *doorbell*
-byte that the host watches with a write watchpoint (Z2). A watchpoint stop
-does not flush QEMU's translation cache, where a breakpoint stop does
-(FIELD-NOTES, "The cost that decides the design").
+own, and if it is, stores to a *doorbell* byte that the host watches with a
+write watchpoint (Z2). A watchpoint stop does not flush QEMU's translation
+cache, where a breakpoint stop does (FIELD-NOTES, "The cost that decides the
+design").
 
 At the doorbell the stack holds, from ``rsp`` upward::
 
