@@ -533,13 +533,12 @@ class KprobeEngine:
             # An aggregate probe: one int3, one slot, several handlers. Its
             # slot holds a copy to single-step in any case; whether a hit
             # runs boosted is decided per hit (ProbePoint.boost_now).
-            if point.lost:
-                raise ProbeError(f"{self._where(addr)}: the probe there was lost "
-                                 "(the guest rewrote its text)")  # fmt: skip
             self.check_lost([point])
+            if point.lost:
+                raise ProbeError(f"{self._where(addr)}: the probe there was lost (the guest "
+                                 "rewrote its text); unregister its kprobes first")  # fmt: skip
             point.kprobes.append(kp)
             kp.registered = True
-            kp.lost = False
             return kp
         self.can_probe(addr)
         if len(self.points) >= PTABLE_MAX_LOAD:
@@ -594,6 +593,9 @@ class KprobeEngine:
         kp.disabled = False
         if kp.addr is not None and kp.addr in self.points:
             point = self.points[kp.addr]
+            if point.lost:
+                raise ProbeError(f"{self._where(point.addr)}: the probe there was lost "
+                                 "(the guest rewrote its text)")  # fmt: skip
             if not point.armed:
                 self._arm(point)
 
@@ -674,10 +676,20 @@ class KprobeEngine:
     def _where(self, addr: int) -> str:
         return self.symbols.format(addr) if self.symbols is not None else f"{addr:#x}"
 
-    def _code_byte(self, addr: int) -> int:
-        if self.hostmem is not None and self._kcr3:
-            return self.hostmem.read_phys(self._kphys(addr), 1)[0]
-        return self.kread(addr, 1)[0]
+    def _code_bytes(self, addrs: list[int]) -> dict[int, int]:
+        """The byte at each address: one page walk and one read per page."""
+        pages: dict[int, list[int]] = {}
+        for addr in addrs:
+            pages.setdefault(addr - addr % PAGE_SIZE, []).append(addr)
+        out: dict[int, int] = {}
+        for group in pages.values():
+            lo, hi = min(group), max(group) + 1
+            if self.hostmem is not None and self._kcr3:
+                data = self.hostmem.read_phys(self._kphys(lo), hi - lo)
+            else:
+                data = self.kread(lo, hi - lo)
+            out.update((a, data[a - lo]) for a in group)
+        return out
 
     def check_lost(self, points: list[ProbePoint] | None = None) -> list[ProbePoint]:
         """Find armed probes whose int3 the guest rewrote (the guest is stopped).
@@ -689,11 +701,11 @@ class KprobeEngine:
         unregister and detach, and every :attr:`lost_check_interval` seconds
         while :meth:`run` has the guest stopped. Returns the probes lost now.
         """
-        lost = []
-        for point in list(self.points.values()) if points is None else points:
-            if point.armed and self._code_byte(point.addr) != INT3:
-                self._lose(point)
-                lost.append(point)
+        armed = [p for p in (self.points.values() if points is None else points) if p.armed]
+        current = self._code_bytes([p.addr for p in armed])
+        lost = [p for p in armed if current[p.addr] != INT3]
+        for point in lost:
+            self._lose(point)
         self._last_lost_check = time.monotonic()
         return lost
 

@@ -313,6 +313,8 @@ def test_probe_lost_when_the_guest_rewrites_its_int3(
             assert not engine.points[target.addr].armed
             assert target.addr not in engine._ptable
             assert q.run_target("t_hot", 1) == 0
+            with pytest.raises(ProbeError, match="t_hot: the probe there was lost"):
+                session.kprobe("t_hot", lambda kp, ctx: None)
             session.unregister(kp)
         lost = [r.getMessage() for r in caplog.records if "probe lost" in r.getMessage()]
         assert lost == ["probe lost: the guest rewrote t_hot"]

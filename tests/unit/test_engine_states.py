@@ -380,3 +380,17 @@ def test_a_probe_whose_int3_the_guest_rewrote_is_lost(caplog: pytest.LogCaptureF
     assert A not in engine._ptable
     engine._disarm(pa)
     assert target.read(A, 1) == b"\xe8"  # the saved byte never goes back
+
+
+def test_guest_breakpoint_hit_by_a_boosted_copy_is_seen_after_the_original() -> None:
+    """A boosted copy that hits a guest data breakpoint traps at the jmp back:
+    the guest sees the #DB right after the original instruction instead."""
+    engine, target = make_engine()
+    insn = x86insn.decode(bytes.fromhex("48891f"), A)  # mov [rdi], rbx
+    code, _ = slot_code(insn, x86insn.analyze(insn), SLOT_A, True)
+    target.write(SLOT_A, code)
+    engine.points[A] = ProbePoint(A, 0x48, insn, x86insn.analyze(insn), SLOT_A, True,
+                                  [Kprobe(addr=A)], armed=True)  # fmt: skip
+    ctx = frame(SLOT_A + 3)
+    assert engine._post_kprobe_handler(KprobeCtlblk(), ctx, B0) == B0
+    assert ctx.regs.rip == A + 3 and ctx.regs.action == ACTION_CHAIN
