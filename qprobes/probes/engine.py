@@ -974,15 +974,18 @@ class KprobeEngine:
 
         Only a single-step trap (DR6.BS) with rip where this step must end is
         the step's end. Anything else (a #DB in an NMI handler that ran
-        mid-step, a guest debug-register hit elsewhere) goes to the guest
-        with the control block untouched. A guest breakpoint (B0-B3) hit by
-        the stepped instruction itself goes to the guest after the step is
-        finished, with qprobes' BS taken out of DR6.
+        mid-step, a guest debug-register hit elsewhere, a #DB with neither BS
+        nor B0-B3) goes to the guest with the control block untouched. A guest
+        breakpoint (B0-B3) hit by the stepped instruction itself goes to the
+        guest after the step is finished, with qprobes' BS taken out of DR6;
+        it may come with BS or, if the CPU reports the two traps apart, alone
+        (at a step-end rip nothing else can raise it).
         """
         regs = ctx.regs
         point = kcb.current
         if kcb.status not in (KprobeStatus.HIT_SS, KprobeStatus.REENTER) or point is None \
-                or not dr6 & x86fix.DR6_BS or not self._step_ends(point, regs.rip):  # fmt: skip
+                or not dr6 & (x86fix.DR6_BS | x86fix.DR6_TRAP_BITS) \
+                or not self._step_ends(point, regs.rip):  # fmt: skip
             self._foreign_debug(ctx)
             return dr6
         if _is_sti(point.insn) and regs.rip == point.slot + point.insn.length + len(STI_PAD):

@@ -303,8 +303,12 @@ def stepping_a() -> tuple[KprobeEngine, KprobeCtlblk, ProbePoint]:
 def test_debug_trap_without_bs_does_not_end_the_step() -> None:
     engine, kcb, pa = stepping_a()
     ctx = frame(SLOT_A + 3, eflags=0x2 | TF)
-    assert engine._post_kprobe_handler(kcb, ctx, B0) == B0  # a guest breakpoint alone
+    assert engine._post_kprobe_handler(kcb, ctx, 0) == 0  # neither BS nor B0-B3
     assert ctx.regs.action == ACTION_CHAIN and ctx.regs.rip == SLOT_A + 3
+    assert kcb.status is KprobeStatus.HIT_SS and kcb.current is pa and engine._ss_active == 1
+    elsewhere = frame(0xFFFFFFFF81005555, eflags=0x2)  # a guest breakpoint elsewhere
+    assert engine._post_kprobe_handler(kcb, elsewhere, B0) == B0
+    assert elsewhere.regs.action == ACTION_CHAIN and elsewhere.regs.rip == 0xFFFFFFFF81005555
     assert kcb.status is KprobeStatus.HIT_SS and kcb.current is pa and engine._ss_active == 1
 
 
@@ -321,10 +325,11 @@ def test_debug_trap_elsewhere_is_not_the_end_of_the_step() -> None:
     assert end.regs.rip == A + 3 and kcb.status is KprobeStatus.NONE
 
 
-def test_guest_breakpoint_hit_by_the_stepped_instruction_goes_to_the_guest() -> None:
+@pytest.mark.parametrize("dr6", [BS | B0, B0], ids=["with-bs", "reported-apart"])
+def test_guest_breakpoint_hit_by_the_stepped_instruction_goes_to_the_guest(dr6: int) -> None:
     engine, kcb, _ = stepping_a()
     ctx = frame(SLOT_A + 3, eflags=0x2 | TF)
-    guest_dr6 = engine._post_kprobe_handler(kcb, ctx, BS | B0)
+    guest_dr6 = engine._post_kprobe_handler(kcb, ctx, dr6)
     assert ctx.regs.rip == A + 3 and ctx.regs.eflags & IF and not ctx.regs.eflags & TF
     assert ctx.regs.action == ACTION_CHAIN and guest_dr6 == B0  # without qprobes' BS
     assert kcb.status is KprobeStatus.NONE and engine._ss_active == 0
