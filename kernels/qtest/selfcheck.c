@@ -434,6 +434,7 @@ static int chk_self_step(struct ctx *c, u64 i)
 	}
 	EXPECT(me->step_count, 7);
 	EXPECT(me->step_rip, qtest_step_range[1]);
+	EXPECT(me->dr6 & 0x400f, 0x4000);	/* the last #DB: BS, no B0-B3 */
 	EXPECT_RESULT(a0 + a1 + 2);	/* the last +1 is TF as pushf saw it */
 	return 0;
 }
