@@ -162,6 +162,7 @@ class EngineStats:
     chained: int = 0
     foreign: int = 0  # stops not caused by qprobes
     spurious: int = 0  # bare SIGTRAP stops that were not doorbells
+    lost: int = 0  # probes lost because the guest rewrote their int3
 
 
 class KprobeEngine:
@@ -711,6 +712,7 @@ class KprobeEngine:
 
     def _lose(self, point: ProbePoint) -> None:
         log.warning("probe lost: the guest rewrote %s", self._where(point.addr))
+        self.stats.lost += 1
         self._ptable_remove(point.addr)
         point.armed = False
         point.lost = True

@@ -381,7 +381,7 @@ def test_a_probe_whose_int3_the_guest_rewrote_is_lost(caplog: pytest.LogCaptureF
         assert engine.check_lost() == [pa]
         assert engine.check_lost() == []  # reported once
     assert [r.getMessage() for r in caplog.records] == [f"probe lost: the guest rewrote {A:#x}"]
-    assert pa.lost and ka.lost and not pa.armed
+    assert pa.lost and ka.lost and not pa.armed and engine.stats.lost == 1
     assert A not in engine._ptable
     engine._disarm(pa)
     assert target.read(A, 1) == b"\xe8"  # the saved byte never goes back
