@@ -249,7 +249,8 @@ class KprobeEngine:
             # A doorbell stop normally reports rip after the store; when an
             # interrupt races with it, QEMU can report the store itself.
             self._ret_kind = {}
-            for prefix, vector in (*((p, v) for v, p in _STUB_PREFIX.items()),
+            # (The slot fault stubs share one doorbell; the frame names the vector.)
+            for prefix, vector in (("qp_bp", 3), ("qp_db", 1), ("qp_fault", 13),
                                    ("qp_kret", KRETPROBE_VECTOR),
                                    ("qp_jprobe", JPROBE_VECTOR)):  # fmt: skip
                 self._ret_kind[stubs[f"{prefix}_doorbell_ret"]] = vector

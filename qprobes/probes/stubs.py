@@ -187,16 +187,57 @@ def fault_label(vector: int) -> str:
 
 
 def _slot_fault(vector: int, error_code: bool) -> str:
-    """A fault stub: ours when rip is in a slot, else straight to the guest."""
+    """A fault stub: ours when rip is in a slot (then the shared doorbell of
+    ``qp_fault_ours``), else straight to the guest's handler."""
     label = fault_label(vector)
     push = "" if error_code else "    push -1"
+    drop = "" if error_code else "    add rsp, 8"
     return f"""
 .globl {label}_entry
 {label}_entry:
 {push}
 {_SAVE}
 {_in_slots(label)}
-{_ring(vector, label, error_code=error_code)}
+{label}_ours:
+    push {vector:#x}
+    jmp qp_fault_ours
+{label}_chain:
+{_RESTORE}
+{drop}
+    jmp qword ptr [rip + VARS + {VAR_ORIG + 8 * vector:#x}]
+"""
+
+
+def _fault_doorbell() -> str:
+    """The doorbell shared by the slot fault stubs (the vector is pushed).
+
+    Returning pops orig_rax whichever it holds (an error code, or the -1 the
+    stub pushed); passing the fault on goes through the vector's own chain
+    code, which knows whether to drop that word.
+    """
+    *rest, last = SLOT_FAULT_VECTORS
+    dispatch = "\n".join(f"    cmp rcx, {v:#x}\n    je {fault_label(v)}_chain" for v in rest)
+    return f"""
+qp_fault_ours:
+    push 0
+{_RECORD}
+qp_fault_ring:
+    mov byte ptr [rip + DOORBELL], 1
+.globl qp_fault_doorbell_ret
+qp_fault_doorbell_ret:
+    mov rax, [rsp]
+    test rax, rax
+    jz qp_fault_ring
+    mov rcx, [rsp + 8]
+    add rsp, 16
+    cmp rax, {ACTION_CHAIN}
+    je qp_fault_chain
+{_RESTORE}
+    add rsp, 8
+    iretq
+qp_fault_chain:
+{dispatch}
+    jmp {fault_label(last)}_chain
 """
 
 
@@ -262,6 +303,7 @@ qp_db_entry:
 
 /* the faults an instruction in a slot can raise: ours when rip is in a slot. */
 {"".join(_slot_fault(v, e) for v, e in SLOT_FAULT_VECTORS.items())}
+{_fault_doorbell()}
 /* kretprobe trampoline: a hijacked return lands here. The host writes the
    real return address into the slot pushed first, then the stub returns
    there with every register and flag as the function left them. */
