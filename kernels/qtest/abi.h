@@ -66,7 +66,8 @@
 #define T_SELF_STEP      24
 #define T_HOT            25
 #define T_MIXED          26
-#define QTEST_NTARGETS   27
+#define T_DIV            27
+#define QTEST_NTARGETS   28
 
 /* qtest_targets[].flags */
 #define TFLAG_SMP        1  /* safe to run on several CPUs at once (smp command) */

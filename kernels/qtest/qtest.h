@@ -104,6 +104,8 @@ struct qtest_cpu {
 	u64 bp_stale;		/* int3 hits whose int3 was gone when handled */
 	u64 online;
 	u64 job_seen;
+	u64 de_count;		/* #DE fixed up through the exception table */
+	u64 de_rip;		/* faulting rip of the last fixed-up #DE */
 	struct tss tss __attribute__((aligned(16)));
 } __attribute__((aligned(64)));
 

@@ -434,6 +434,7 @@ static int chk_self_step(struct ctx *c, u64 i)
 	}
 	EXPECT(me->step_count, 7);
 	EXPECT(me->step_rip, qtest_step_range[1]);
+	EXPECT(me->dr6 & 0x400f, 0x4000);	/* the last #DB: BS, no B0-B3 */
 	EXPECT_RESULT(a0 + a1 + 2);	/* the last +1 is TF as pushf saw it */
 	return 0;
 }
@@ -471,6 +472,25 @@ static int chk_mixed(struct ctx *c, u64 i)
 	return 0;
 }
 
+/* t_div: a / b; b = 0 raises #DE at the divq, fixed up to -8 */
+static int chk_div(struct ctx *c, u64 i)
+{
+	struct trec r;
+	struct qtest_cpu *me = this_cpu();
+	u64 a0 = V(i) + 0x1000, a1 = i % 2 ? 0 : V(i + 5) | 1;
+	u64 before = me->de_count;
+	CALL(T_DIV, a0, a1, 0, 0);
+	if (a1) {
+		EXPECT_RESULT(a0 / a1);
+		EXPECT(me->de_count, before);
+	} else {
+		EXPECT_RESULT((u64)-8);
+		EXPECT(me->de_count, before + 1);
+		EXPECT(me->de_rip, qtest_extable[1].insn);
+	}
+	return 0;
+}
+
 struct tdesc {
 	int (*chk)(struct ctx *c, u64 iter);
 	u32 ncases;	/* calls per target in one self-check round */
@@ -504,6 +524,7 @@ static const struct tdesc tdescs[QTEST_NTARGETS] = {
 	[T_SELF_STEP] = { chk_self_step, 2 },
 	[T_HOT] = { chk_hot, 2 },
 	[T_MIXED] = { chk_mixed, 6 },
+	[T_DIV] = { chk_div, 4 },
 };
 
 int target_index(const char *name)

@@ -615,6 +615,25 @@ TARGET t_mixed, T_MIXED, TFLAG_SMP
 ENDTARGET t_mixed
 
 /* ------------------------------------------------------------------ */
+/* a fault that is not a #PF                                           */
+/* ------------------------------------------------------------------ */
+
+/* a / b with divq: b = 0 raises #DE, exception-table fixup -> -8 */
+TARGET t_div, T_DIV, TFLAG_SMP | TFLAG_TRAPS
+	movq	%rdi, %rax
+	xorl	%edx, %edx
+.Ldiv_insn:
+	divq	%rsi			/* 48 f7 f6: #DE when b = 0 */
+	ret
+.Ldiv_fixup:
+	movq	$-8, %rax
+	ret
+	.pushsection .rodata.qtest_extable, "a"
+	.quad .Ldiv_insn, .Ldiv_fixup
+	.popsection
+ENDTARGET t_div
+
+/* ------------------------------------------------------------------ */
 	.pushsection .rodata.qtest_targets, "a"
 	.size qtest_targets, . - qtest_targets
 	.popsection

@@ -147,6 +147,21 @@ static int handle_pf(struct trap_frame *f)
 	return 0;
 }
 
+/* #DE: exception table, as for #PF (t_div) */
+static int handle_de(struct trap_frame *f)
+{
+	for (const struct extable_entry *e = qtest_extable; e < qtest_extable_end; e++) {
+		if (f->rip == e->insn) {
+			struct qtest_cpu *c = this_cpu();
+			c->de_rip = f->rip;
+			c->de_count++;
+			f->rip = e->fixup;
+			return 1;
+		}
+	}
+	return 0;
+}
+
 /* #DB: single steps the guest asked for itself (t_self_step) */
 static int handle_db(struct trap_frame *f)
 {
@@ -171,6 +186,10 @@ static int handle_db(struct trap_frame *f)
 void qtest_trap(struct trap_frame *f)
 {
 	switch (f->vector) {
+	case 0:
+		if (handle_de(f))
+			return;
+		break;
 	case 1:
 		if (handle_db(f))
 			return;

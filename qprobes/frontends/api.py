@@ -483,7 +483,9 @@ def trace(
         else:
             err.write(
                 f"qprobes: {row['event']}: {row['hits']} hits, {row['emitted']} printed, "
-                f"{row['filtered']} filtered out, {row['missed']} missed\n"
+                f"{row['filtered']} filtered out, {row['missed']} missed"
+                + (", lost (the guest rewrote the probed text)" if row["lost"] else "")
+                + "\n"
             )
             if row.get("note"):
                 err.write(f"qprobes: {row['event']}: warning: {row['note']}\n")

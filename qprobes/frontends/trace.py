@@ -121,6 +121,13 @@ class TraceProbe:
             return self.probe.kp
         return self.probe
 
+    @property
+    def lost(self) -> bool:
+        """The guest rewrote the probed byte: the probe stopped firing."""
+        if isinstance(self.probe, Kprobe):
+            return self.probe.lost
+        return self.probe is not None and self.probe.kp.lost
+
 
 class Tracer:
     """Probes from kprobe_events definitions on a :class:`Session`."""
@@ -252,6 +259,7 @@ class Tracer:
         return [
             {"event": name, "location": tp.spec.location, "hits": tp.nhit,
              "emitted": tp.emitted, "filtered": tp.filtered, "missed": tp.nmissed,
-             "note": engine.ftrace_site_changed(tp.kprobe) if tp.kprobe is not None else None}
+             "note": engine.ftrace_site_changed(tp.kprobe) if tp.kprobe is not None else None,
+             "lost": tp.lost}
             for name, tp in self.probes.items()
         ]  # fmt: skip

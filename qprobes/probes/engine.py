@@ -6,7 +6,8 @@ This is Linux's kprobes flow (2.6 ``arch/x86_64/kernel/kprobes.c``:
 probes, ``get_insn_slot``), run from outside the guest:
 
 * arming writes ``int3`` at the probe address through the gdbstub;
-* the guest's #BP, #DB, #GP and #PF gates point at qprobes' stubs
+* the guest's #BP and #DB gates, and those of the faults an instruction
+  can raise in a slot, point at qprobes' stubs
   (:mod:`qprobes.probes.stubs`), which save ``pt_regs`` and ring a watched
   doorbell for exceptions that are qprobes' own;
 * at the doorbell stop the host reads the frame, runs the handlers, edits
@@ -60,8 +61,10 @@ from qprobes.probes.stubs import (
     KRETPROBE_VECTOR,
     MAX_CPUS,
     PERCPU_STRIDE,
+    PT_REGS_NAMES,
     PTABLE_ENTRIES,
     PTABLE_MAX_LOAD,
+    SLOT_FAULT_VECTORS,
     VAR_ORIG,
     VAR_PERCPU,
     VAR_SS_ACTIVE,
@@ -69,6 +72,7 @@ from qprobes.probes.stubs import (
     Stubs,
     assemble_at,
     assemble_stubs,
+    fault_label,
     probe_hash,
 )
 from qprobes.symbols.elf import SymbolTable
@@ -97,8 +101,16 @@ PAGE_USER_CODE = 20  # jprobe handlers and other guest code from users: 20..31
 PAGE_SLOTS_FIRST = 32
 PAGE_SLOTS_LAST = 511
 
-TRAPPED_VECTORS = (1, 3, 13, 14)
+TRAPPED_VECTORS = (1, 3, *SLOT_FAULT_VECTORS)
 _VECTORS = frozenset((*TRAPPED_VECTORS, KRETPROBE_VECTOR, JPROBE_VECTOR))
+_STUB_PREFIX = {1: "qp_db", 3: "qp_bp", **{v: fault_label(v) for v in SLOT_FAULT_VECTORS}}
+
+# A boosted relative branch keeps two copies in its slot: the plain copy at
+# the start (single-stepped, then relocated by resume_execution) and the
+# re-encoded rel32 copy with the jmp back here (run boosted).
+BOOST_OFFSET = 16
+
+_ORIG_RAX = 2 + PT_REGS_NAMES.index("orig_rax")  # its word in a doorbell frame
 
 
 # A nop after a single-stepped sti: QEMU's TCG raises the single-step trap
@@ -116,6 +128,31 @@ def _loads_flags(insn: x86insn.Insn) -> bool:
     return x86insn.flags_image(insn) is not None
 
 
+def slot_code(insn: x86insn.Insn, analysis: x86insn.InsnAnalysis, slot: int,
+              boosted: bool) -> tuple[bytes, int | None]:  # fmt: skip
+    """The bytes of a probe's slot and where its boosted copy starts (None: at
+    the slot itself).
+
+    The slot starts with the plain copy, which is what a single-step runs
+    and what resume_execution's fixups assume; the boosted copy of an
+    ordinary instruction is that same copy with a jmp back after it. A
+    boosted relative branch is re-encoded with a rel32 to its absolute
+    target, which a single-step cannot run, so that copy sits at
+    ``BOOST_OFFSET`` and the plain one stays at the start for hits that are
+    stepped (a post_handler, a reentrant hit, a guest single-stepping itself).
+    """
+    copy = x86insn.copy_instruction(insn, slot)
+    if _is_sti(insn):
+        copy += STI_PAD
+    if boosted and analysis.relocated_branch:
+        boost_slot = slot + BOOST_OFFSET
+        copy = copy.ljust(BOOST_OFFSET, bytes([INT3]))
+        return copy + x86insn.boosted_copy(insn, boost_slot), boost_slot
+    if boosted:
+        return x86insn.boosted_copy(insn, slot), None
+    return copy, None
+
+
 @dataclass
 class EngineStats:
     """Counts of stops by kind, for benchmarks and tests."""
@@ -128,6 +165,7 @@ class EngineStats:
     chained: int = 0
     foreign: int = 0  # stops not caused by qprobes
     spurious: int = 0  # bare SIGTRAP stops that were not doorbells
+    lost: int = 0  # probes lost because the guest rewrote their int3
 
 
 class KprobeEngine:
@@ -203,6 +241,10 @@ class KprobeEngine:
         # addr where the guest's own patches hide them (its optimized kprobes).
         self.recover_text: Callable[[int, bytes], bytes] | None = None
         self.text_lock_timeout = 10.0
+        # Lost probes are looked for at most this often while run() has the
+        # guest stopped anyway (each check reads every armed probe's byte).
+        self.lost_check_interval = 1.0
+        self._last_lost_check = 0.0
 
     # --- attach / detach ----------------------------------------------------
 
@@ -233,7 +275,8 @@ class KprobeEngine:
             # A doorbell stop normally reports rip after the store; when an
             # interrupt races with it, QEMU can report the store itself.
             self._ret_kind = {}
-            for prefix, vector in (("qp_bp", 3), ("qp_db", 1), ("qp_gp", 13), ("qp_pf", 14),
+            # (The slot fault stubs share one doorbell; the frame names the vector.)
+            for prefix, vector in (("qp_bp", 3), ("qp_db", 1), ("qp_fault", 13),
                                    ("qp_kret", KRETPROBE_VECTOR),
                                    ("qp_jprobe", JPROBE_VECTOR)):  # fmt: skip
                 self._ret_kind[stubs[f"{prefix}_doorbell_ret"]] = vector
@@ -272,7 +315,7 @@ class KprobeEngine:
 
     def _install_gates(self) -> None:
         assert self._stubs is not None
-        entries = {1: "qp_db_entry", 3: "qp_bp_entry", 13: "qp_gp_entry", 14: "qp_pf_entry"}
+        entries = {v: f"{p}_entry" for v, p in _STUB_PREFIX.items()}
         idts = self._idts()
         for paddr, (limit, _vcpu) in idts.items():
             for vector in TRAPPED_VECTORS:
@@ -338,6 +381,7 @@ class KprobeEngine:
             return
         try:
             self.drain(drain_timeout)
+            self.check_lost()
         finally:
             for point in list(self.points.values()):
                 self._disarm(point)
@@ -789,11 +833,13 @@ class KprobeEngine:
         kp.on_ftrace = addr != site
         point = self.points.get(addr)
         if point is not None:
-            # An aggregate probe: one int3, one slot, several handlers.
-            if kp.boost is False and point.boosted:
-                raise ProbeError(
-                    f"{addr:#x} is already probed boosted; register the single-stepped probe first"
-                )
+            # An aggregate probe: one int3, one slot, several handlers. Its
+            # slot holds a copy to single-step in any case; whether a hit
+            # runs boosted is decided per hit (ProbePoint.boost_now).
+            self.check_lost([point])
+            if point.lost:
+                raise ProbeError(f"{self._where(addr)}: the probe there was lost (the guest "
+                                 "rewrote its text); unregister its kprobes first")  # fmt: skip
             point.kprobes.append(kp)
             kp.registered = True
             return kp
@@ -814,17 +860,13 @@ class KprobeEngine:
             # popf and iret can load TF: a boosted copy would let the guest's
             # own single-step trap land in the slot.
             boosted = kp.boost and analysis.boostable and not _loads_flags(insn)
-            if boosted:
-                copy = x86insn.boosted_copy(insn, slot)
-            else:
-                copy = x86insn.copy_instruction(insn, slot)
-                if _is_sti(insn):
-                    copy += STI_PAD
+            copy, boost_slot = slot_code(insn, analysis, slot, boosted)
             self.kwrite_code(slot, copy)
         except BaseException:
             self._slots.free_insn_slot(slot)
             raise
-        point = ProbePoint(addr, code[0], insn, analysis, slot, boosted, [kp])
+        point = ProbePoint(addr, code[0], insn, analysis, slot, boosted, [kp],
+                           boost_slot=boost_slot)  # fmt: skip
         self.points[addr] = point
         kp.registered = True
         try:
@@ -842,6 +884,7 @@ class KprobeEngine:
         if not kp.registered or arm_addr is None:
             raise ProbeError(f"{kp!r} is not registered")
         point = self.points[arm_addr]
+        self.check_lost([point])
         point.kprobes.remove(kp)
         kp.registered = False
         if point.kprobes:
@@ -857,6 +900,9 @@ class KprobeEngine:
         kp.disabled = False
         if kp.arm_addr is not None and kp.arm_addr in self.points:
             point = self.points[kp.arm_addr]
+            if point.lost:
+                raise ProbeError(f"{self._where(point.addr)}: the probe there was lost "
+                                 "(the guest rewrote its text)")  # fmt: skip
             if not point.armed:
                 self._arm(point)
 
@@ -925,15 +971,58 @@ class KprobeEngine:
         if point.opcode != INT3:
             self.wait_text_unlocked()
             current = self.kread(point.addr, 1)[0]
-            if current == INT3:
-                self.kwrite_code(point.addr, bytes([point.opcode]))
-            else:
+            if current != INT3:
                 # The guest rewrote its own text (ftrace, static keys): the
                 # saved byte is stale, so leave the new one alone.
-                log.warning("%#x no longer holds qprobes' int3 (%#04x); not restored",
-                            point.addr, current)  # fmt: skip
+                self._lose(point)
+                return
+            self.kwrite_code(point.addr, bytes([point.opcode]))
         self._ptable_remove(point.addr)
         point.armed = False
+
+    # --- lost probes ------------------------------------------------------------
+
+    def _code_bytes(self, addrs: list[int]) -> dict[int, int]:
+        """The byte at each address: one page walk and one read per page."""
+        pages: dict[int, list[int]] = {}
+        for addr in addrs:
+            pages.setdefault(addr - addr % PAGE_SIZE, []).append(addr)
+        out: dict[int, int] = {}
+        for group in pages.values():
+            lo, hi = min(group), max(group) + 1
+            if self.hostmem is not None and self._kcr3:
+                data = self.hostmem.read_phys(self._kphys(lo), hi - lo)
+            else:
+                data = self.kread(lo, hi - lo)
+            out.update((a, data[a - lo]) for a in group)
+        return out
+
+    def check_lost(self, points: list[ProbePoint] | None = None) -> list[ProbePoint]:
+        """Find armed probes whose int3 the guest rewrote (the guest is stopped).
+
+        Linux patches its own text (ftrace, static keys, alternatives, text
+        pokes); a probe whose byte is no longer qprobes' int3 is *lost*: it
+        is reported once, taken out of the probe table, and its saved byte is
+        never written back over the guest's new code. Checked at register,
+        unregister and detach, and every :attr:`lost_check_interval` seconds
+        while :meth:`run` has the guest stopped. Returns the probes lost now.
+        """
+        armed = [p for p in (self.points.values() if points is None else points) if p.armed]
+        current = self._code_bytes([p.addr for p in armed])
+        lost = [p for p in armed if current[p.addr] != INT3]
+        for point in lost:
+            self._lose(point)
+        self._last_lost_check = time.monotonic()
+        return lost
+
+    def _lose(self, point: ProbePoint) -> None:
+        log.warning("probe lost: the guest rewrote %s", self._where(point.addr))
+        self.stats.lost += 1
+        self._ptable_remove(point.addr)
+        point.armed = False
+        point.lost = True
+        for kp in point.kprobes:
+            kp.lost = True
 
     # --- the trap path ----------------------------------------------------------
 
@@ -975,8 +1064,15 @@ class KprobeEngine:
             self._kprobe_handler(kcb, ctx)
         elif vector == 1:
             self.stats.db += 1
-            self._post_kprobe_handler(kcb, ctx)
-        elif vector in (13, 14):
+            # The #DB stub put DR6 where orig_rax goes (Linux's is -1).
+            dr6 = frame.orig_rax
+            frame.words[_ORIG_RAX] = 2**64 - 1
+            guest_dr6 = self._post_kprobe_handler(kcb, ctx, dr6)
+            # The stub loads the word back into DR6 when it chains.
+            frame.words[_ORIG_RAX] = guest_dr6
+            if guest_dr6 != dr6:
+                frame.dirty.add(_ORIG_RAX)
+        elif vector in SLOT_FAULT_VECTORS:
             self.stats.faults += 1
             self._kprobe_fault_handler(kcb, ctx, vector)
         elif vector == KRETPROBE_VECTOR:
@@ -1087,13 +1183,7 @@ class KprobeEngine:
                 regs.action = ACTION_CHAIN
                 return
             if point is not None and point.armed:
-                # A probe hit while this vCPU handles another (kprobe_reenter):
-                # count it missed and step it without handlers.
-                for kp in point.kprobes:
-                    kp.nmissed += 1
-                kcb.prev = PrevKprobe(kcb.current, kcb.status, kcb.old_rflags, kcb.saved_rflags)
-                regs.rip = addr
-                self._prepare_singlestep(kcb, point, ctx, KprobeStatus.REENTER)
+                self._reenter_kprobe(kcb, point, ctx)
                 return
         if point is None or not point.armed:
             if self.kread(addr, 1)[0] != INT3:
@@ -1130,15 +1220,38 @@ class KprobeEngine:
                 regs.rip = addr
         self._prepare_singlestep(kcb, point, ctx, KprobeStatus.HIT_SS)
 
+    # reenter_kprobe
+    def _reenter_kprobe(self, kcb: KprobeCtlblk, point: ProbePoint, ctx: HitContext) -> None:
+        """A probe hit while this vCPU steps another: count it missed and run
+        its instruction out of line without handlers.
+
+        Linux saves the interrupted step once (``save_previous_kprobe``) and
+        BUG()s on a hit while already in KPROBE_REENTER. Here each level is
+        saved on a stack, so a nested reentry is refused the same way (missed,
+        stepped, no handlers) and unwinding restores every level in turn:
+        no step is forgotten, so no TF or slot rip is left to the guest.
+        """
+        regs = ctx.regs
+        for kp in point.kprobes:
+            kp.nmissed += 1
+        if kcb.status is KprobeStatus.REENTER:
+            log.warning("nested kprobe reentry at %s on vCPU %d (depth %d): counted missed",
+                        self._where(point.addr), ctx.vcpu, len(kcb.prev) + 1)  # fmt: skip
+        kcb.prev.append(PrevKprobe(kcb.current, kcb.status, kcb.old_rflags, kcb.saved_rflags,
+                                   kcb.popped_tf))  # fmt: skip
+        regs.rip = point.addr
+        self._prepare_singlestep(kcb, point, ctx, KprobeStatus.REENTER)
+
     def _prepare_singlestep(self, kcb: KprobeCtlblk, point: ProbePoint, ctx: HitContext,
                             status: KprobeStatus) -> None:  # fmt: skip
         regs = ctx.regs
-        if (point.boosted and not point.has_post_handler() and status is KprobeStatus.HIT_SS
-                and not regs.eflags & TF):  # fmt: skip
-            # (A guest single-stepping itself must trap after the original
-            # instruction, not after the copy: those hits are stepped.)
+        if status is KprobeStatus.HIT_SS and point.boost_now() and not regs.eflags & TF:
             # Boosted: copy + jmp back, no single-step, one stop per hit.
-            regs.rip = point.slot
+            # Decided per hit from what will run: a post_handler needs the
+            # step (Linux never boosts then), and a guest single-stepping
+            # itself must trap after the original instruction, not after
+            # the copy. Reentrant hits are always stepped.
+            regs.rip = point.boost_entry
             kcb.status = KprobeStatus.NONE
             kcb.current = None
             return
@@ -1158,22 +1271,46 @@ class KprobeEngine:
 
     def _end_step(self, kcb: KprobeCtlblk, cr3: int) -> None:
         self._set_ss_active(-1, cr3)
-        if kcb.status is KprobeStatus.REENTER and kcb.prev is not None:
-            prev = kcb.prev
+        if kcb.status is KprobeStatus.REENTER and kcb.prev:
+            prev = kcb.prev.pop()  # restore_previous_kprobe
             kcb.current, kcb.status = prev.current, prev.status
             kcb.old_rflags, kcb.saved_rflags = prev.old_rflags, prev.saved_rflags
-            kcb.prev = None
+            kcb.popped_tf = prev.popped_tf
         else:
             kcb.status = KprobeStatus.NONE
             kcb.current = None
+            kcb.prev.clear()
+
+    @staticmethod
+    def _step_ends(point: ProbePoint, rip: int) -> bool:
+        """Whether a #DB at ``rip`` is where the step of ``point``'s copy ends."""
+        if point.is_int3:
+            return False  # stepped in place: it ends with a #BP, never a #DB
+        pad = len(STI_PAD) if _is_sti(point.insn) else 0
+        ends = x86fix.step_end_rips(point.analysis, point.addr, point.slot, pad)
+        return ends is None or rip in ends
 
     # 2.6 post_kprobe_handler + resume_execution
-    def _post_kprobe_handler(self, kcb: KprobeCtlblk, ctx: HitContext) -> None:
+    def _post_kprobe_handler(self, kcb: KprobeCtlblk, ctx: HitContext, dr6: int) -> int:
+        """The #DB that may end a step. ``dr6`` is what the #DB stub read;
+        returns the DR6 the guest's handler is to see if the #DB goes on.
+
+        Only a single-step trap (DR6.BS) with rip where this step must end is
+        the step's end. Anything else (a #DB in an NMI handler that ran
+        mid-step, a guest debug-register hit elsewhere, a #DB with neither BS
+        nor B0-B3) goes to the guest with the control block untouched. A guest
+        breakpoint (B0-B3) hit by the stepped instruction itself goes to the
+        guest after the step is finished, with qprobes' BS taken out of DR6;
+        it may come with BS or, if the CPU reports the two traps apart, alone
+        (at a step-end rip nothing else can raise it).
+        """
         regs = ctx.regs
         point = kcb.current
-        if kcb.status not in (KprobeStatus.HIT_SS, KprobeStatus.REENTER) or point is None:
-            regs.action = ACTION_CHAIN  # a #DB of the guest's own
-            return
+        if kcb.status not in (KprobeStatus.HIT_SS, KprobeStatus.REENTER) or point is None \
+                or not dr6 & (x86fix.DR6_BS | x86fix.DR6_TRAP_BITS) \
+                or not self._step_ends(point, regs.rip):  # fmt: skip
+            self._foreign_debug(ctx)
+            return dr6
         if _is_sti(point.insn) and regs.rip == point.slot + point.insn.length + len(STI_PAD):
             # TCG delays the single-step trap after sti past the next
             # instruction (the interrupt shadow): the pad nop ran too.
@@ -1203,9 +1340,46 @@ class KprobeEngine:
         if pass_to_guest:
             # The guest single-steps itself: its debugger gets this #DB.
             regs.action = ACTION_CHAIN
+        elif dr6 & x86fix.DR6_TRAP_BITS:
+            # The stepped instruction hit a breakpoint of the guest's own:
+            # the guest gets the #DB, as if the original had hit it, and
+            # sees only its own bits (Linux warns at a stray BS).
+            regs.action = ACTION_CHAIN
+            return dr6 & ~x86fix.DR6_BS
+        return dr6
+
+    def _foreign_debug(self, ctx: HitContext) -> None:
+        """A #DB that does not end a step of this vCPU: the guest's own.
+
+        A boosted copy that hit a guest breakpoint traps with rip right after
+        the copy, at the jmp back: the guest sees it after the original
+        instruction instead (where the jmp goes).
+        """
+        regs = ctx.regs
+        owner = self._slot_owner(regs.rip)
+        if owner is not None and owner.boosted:
+            entry = owner.boost_entry
+            if owner.boost_slot is None and regs.rip == entry + owner.insn.length:
+                regs.rip = owner.insn.next_addr
+        regs.action = ACTION_CHAIN
+
+    def _slot_owner(self, rip: int) -> ProbePoint | None:
+        """The probe whose slot holds ``rip``."""
+        slot = rip - rip % x86insn.SLOT_SIZE
+        for point in self.points.values():
+            if point.slot == slot:
+                return point
+        return None
 
     # 2.6 kprobe_fault_handler
     def _kprobe_fault_handler(self, kcb: KprobeCtlblk, ctx: HitContext, trapnr: int) -> None:
+        """A fault raised in a slot (the stubs ring only for those).
+
+        The guest sees it at the probe address, as if the original
+        instruction had faulted: rip moved back, the flags qprobes changed
+        restored, the control block cleared. Then the guest's own handler
+        runs (it finds its exception-table entry by rip).
+        """
         regs = ctx.regs
         point = kcb.current
         if point is not None and kcb.status in (KprobeStatus.HIT_SS, KprobeStatus.REENTER) \
@@ -1220,11 +1394,14 @@ class KprobeEngine:
             self._end_step(kcb, ctx.cr3)
             regs.action = ACTION_CHAIN
             return
-        # A boosted copy faulted: no TF to undo, only rip.
-        for p in self.points.values():
-            if p.boosted and p.slot <= regs.rip < p.slot + x86insn.SLOT_SIZE:
-                regs.rip = p.addr + (regs.rip - p.slot)
-                break
+        # A boosted copy faulted: no TF to undo, only rip. Only the copy can
+        # fault (the jmp back cannot), so its address is the probe's.
+        owner = self._slot_owner(regs.rip)
+        if owner is not None:
+            regs.rip = owner.addr
+        else:
+            log.warning("fault %d at %#x in an unused slot on vCPU %d", trapnr, regs.rip,
+                        ctx.vcpu)  # fmt: skip
         regs.action = ACTION_CHAIN
 
     def _jprobe_return(self, kcb: KprobeCtlblk, ctx: HitContext, regs: Registers) -> None:
@@ -1299,10 +1476,14 @@ class KprobeEngine:
                 except StubTimeoutError:
                     if done():
                         self._stop_quietly()
+                        if time.monotonic() - self._last_lost_check >= self.lost_check_interval:
+                            self.check_lost()
                         return
                     continue
                 if not self.handle_stop(stop):
                     raise ProbeError(f"unexpected stop: {stop}")
+                if time.monotonic() - self._last_lost_check >= self.lost_check_interval:
+                    self.check_lost()
                 if done():
                     return
                 self.target.resume()

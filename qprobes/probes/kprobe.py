@@ -49,6 +49,9 @@ class Kprobe:
     nmissed: int = 0
     disabled: bool = False
     registered: bool = field(default=False, init=False)
+    lost: bool = False
+    """The guest rewrote the byte qprobes armed (``probe lost``): the probe
+    no longer fires."""
     on_ftrace: bool = field(default=False, init=False)
 
     @property
@@ -61,7 +64,8 @@ class Kprobe:
     def __repr__(self) -> str:
         where = f"{self.addr:#x}" if self.addr is not None else f"{self.symbol_name}+{self.offset}"
         label = f" {self.name}" if self.name else ""
-        return f"<Kprobe{label} at {where} nhit={self.nhit} nmissed={self.nmissed}>"
+        lost = " lost" if self.lost else ""
+        return f"<Kprobe{label} at {where} nhit={self.nhit} nmissed={self.nmissed}{lost}>"
 
 
 class KprobeStatus(enum.Enum):
@@ -81,6 +85,7 @@ class PrevKprobe:
     status: KprobeStatus
     old_rflags: int
     saved_rflags: int
+    popped_tf: int = 0
 
 
 @dataclass
@@ -92,7 +97,10 @@ class KprobeCtlblk:
     old_rflags: int = 0  # TF|IF of the interrupted code (kprobe_old_rflags)
     saved_rflags: int = 0  # TF|IF to OR back after the step (kprobe_saved_rflags)
     popped_tf: int = 0  # popf/iret: the TF bit the instruction loads
-    prev: PrevKprobe | None = None
+    # Saved states of the steps a reentrant hit interrupted, innermost last.
+    # Linux keeps one (``prev_kprobe``) and BUG()s on a second reentry; here
+    # a nested reentry is stepped too and each level unwinds in turn.
+    prev: list[PrevKprobe] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -103,11 +111,28 @@ class ProbePoint:
     opcode: int  # the original first byte
     insn: Any  # qprobes.arch.x86_64.insn.Insn
     analysis: Any  # its kprobes analysis
-    slot: int  # address of the instruction slot
-    boosted: bool  # the slot holds copy + jmp back
+    slot: int  # address of the instruction slot: the copy that is single-stepped
+    boosted: bool  # the slot holds a copy + jmp back too (at boost_slot)
     kprobes: list[Kprobe] = field(default_factory=list)
     armed: bool = False
     nhit: int = 0
+    boost_slot: int | None = None  # where the boosted copy starts, if not at slot
+    lost: bool = False  # the guest rewrote the int3 (see KprobeEngine.check_lost)
+
+    @property
+    def boost_entry(self) -> int:
+        """Where a boosted hit enters the slot."""
+        return self.slot if self.boost_slot is None else self.boost_slot
+
+    def boost_now(self) -> bool:
+        """Whether a hit may run boosted now (Linux never boosts with a
+        post_handler, which needs the single-step; a ``boost=False`` kprobe
+        on the same address asks for the step too)."""
+        if not self.boosted:
+            return False
+        active = [kp for kp in self.kprobes if not kp.disabled]
+        # (A probe on an ftrace site runs its post_handler at the hit.)
+        return all(kp.boost and (kp.post_handler is None or kp.on_ftrace) for kp in active)
 
     @property
     def is_int3(self) -> bool:

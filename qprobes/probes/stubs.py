@@ -1,20 +1,24 @@
 """The guest-side trap stubs, assembled for the area's address.
 
-qprobes points IDT vectors 1 (#DB), 3 (#BP), 13 (#GP) and 14 (#PF) at these
-stubs. Each stub saves the interrupted registers in Linux's ``pt_regs``
-layout (so the host reads and edits them in one memory access), decides
-whether the exception is qprobes' own, and if it is, stores to a *doorbell*
-byte that the host watches with a write watchpoint (Z2). A watchpoint stop
-does not flush QEMU's translation cache, where a breakpoint stop does
-(FIELD-NOTES, "The cost that decides the design").
+qprobes points IDT vectors 1 (#DB) and 3 (#BP), and the faults an instruction
+in a slot can raise (:data:`SLOT_FAULT_VECTORS`: #DE, #UD, #NM, #TS, #NP,
+#SS, #GP, #PF, #MF, #AC, #XM), at these stubs. Each stub saves the
+interrupted registers in Linux's ``pt_regs`` layout (so the host reads and
+edits them in one memory access), decides whether the exception is qprobes'
+own, and if it is, stores to a *doorbell* byte that the host watches with a
+write watchpoint (Z2). A watchpoint stop does not flush QEMU's translation
+cache, where a breakpoint stop does (FIELD-NOTES, "The cost that decides the
+design").
 
 At the doorbell the stack holds, from ``rsp`` upward::
 
     action   0 until the host answers; 1 = return (iretq), 2 = pass the
              exception on to the guest's own handler
-    vector   1, 3, 13, 14; or KRETPROBE_VECTOR / JPROBE_VECTOR
+    vector   1, 3, a slot fault vector; or KRETPROBE_VECTOR / JPROBE_VECTOR
     pt_regs  r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi
-             orig_rax (error code, or -1) rip cs rflags rsp ss
+             orig_rax (error code, or -1; for #DB the DR6 the stub read,
+             which it loads back into DR6 before passing the #DB on)
+             rip cs rflags rsp ss
 
 If the host never saw a doorbell store (in all-stop mode two vCPUs can ring
 at once and QEMU reports one), ``action`` stays 0 and the stub rings again.
@@ -23,7 +27,8 @@ Exceptions that are not qprobes' go straight to the guest's handler with no
 stop: a user-mode int3; an int3 whose address is not in the probe table
 (an int3 whose byte qprobes already removed resumes at its address, as
 Linux's ``kprobe_int3_handler`` does); a #DB while no vCPU single-steps a
-slot; a #GP/#PF whose rip is outside the slot pages.
+slot and whose rip is outside the slot pages; a fault whose rip is outside the
+slot pages.
 """
 
 from __future__ import annotations
@@ -50,6 +55,23 @@ PTABLE_MAX_LOAD = PTABLE_ENTRIES // 2
 HASH_MULT = 0x9E3779B97F4A7C15
 
 DR6_RESET = 0xFFFF0FF0
+
+# Faults an instruction running in a slot can raise, and whether the CPU
+# pushes an error code for them (SDM Vol. 3A, table 6-1). #DB and #BP have
+# stubs of their own; #DF, NMI and #MC are never redirected.
+SLOT_FAULT_VECTORS: dict[int, bool] = {
+    0: False,  # #DE: div, idiv
+    6: False,  # #UD
+    7: False,  # #NM
+    10: True,  # #TS: iret, lret
+    11: True,  # #NP: segment loads, iret, lret
+    12: True,  # #SS
+    13: True,  # #GP
+    14: True,  # #PF
+    16: False,  # #MF: x87
+    17: True,  # #AC
+    19: False,  # #XM: SSE
+}
 
 
 def probe_hash(addr: int) -> int:
@@ -103,13 +125,20 @@ _RESTORE = "\n".join(f"    pop {r}" for r in PT_REGS_NAMES[:15])
 
 # Offsets from rsp after SAVE (pt_regs at rsp).
 _RIP = 8 * PT_REGS_NAMES.index("rip")
+_ORIG_RAX = 8 * PT_REGS_NAMES.index("orig_rax")
 _CS = 8 * PT_REGS_NAMES.index("cs")
 
 
-def _ring(vector: int, label: str, error_code: bool, clear_dr6: bool = False) -> str:
-    """Ring the doorbell, then return or chain to the guest's handler."""
+def _ring(vector: int, label: str, error_code: bool, debug: bool = False) -> str:
+    """Ring the doorbell, then return or chain to the guest's handler.
+
+    ``debug`` (#DB): returning resets DR6; chaining loads DR6 from the
+    frame's orig_rax word, where the host may have cleared the bits that
+    were qprobes' own (BS of its single-step).
+    """
     drop = "" if error_code else "    add rsp, 8"
-    dr6 = f"    mov rax, {DR6_RESET:#x}\n    mov dr6, rax" if clear_dr6 else ""
+    dr6 = f"    mov rax, {DR6_RESET:#x}\n    mov dr6, rax" if debug else ""
+    dr6_chain = f"    mov rax, [rsp + {_ORIG_RAX}]\n    mov dr6, rax" if debug else ""
     return f"""
 {label}_ours:
     push {vector:#x}
@@ -130,18 +159,17 @@ def _ring(vector: int, label: str, error_code: bool, clear_dr6: bool = False) ->
     add rsp, 8
     iretq
 {label}_chain:
+{dr6_chain}
 {_RESTORE}
 {drop}
     jmp qword ptr [rip + VARS + {VAR_ORIG + 8 * vector:#x}]
 """
 
 
-def _slot_fault(vector: int, label: str) -> str:
-    """A fault stub (#GP, #PF: with an error code): ours when rip is in a slot."""
+def _in_slots(label: str) -> str:
+    """Jump to ``{label}_ours`` if the frame's rip is in the slot pages, else
+    to ``{label}_chain``. Clobbers rax, rcx."""
     return f"""
-.globl {label}_entry
-{label}_entry:
-{_SAVE}
     mov rax, [rsp + {_RIP}]
     lea rcx, [rip + SLOT_LO]
     cmp rax, rcx
@@ -150,7 +178,66 @@ def _slot_fault(vector: int, label: str) -> str:
     cmp rax, rcx
     jae {label}_chain
     jmp {label}_ours
-{_ring(vector, label, error_code=True)}
+"""
+
+
+def fault_label(vector: int) -> str:
+    """The label prefix of the stub for a slot fault vector."""
+    return {13: "qp_gp", 14: "qp_pf"}.get(vector, f"qp_fault{vector}")
+
+
+def _slot_fault(vector: int, error_code: bool) -> str:
+    """A fault stub: ours when rip is in a slot (then the shared doorbell of
+    ``qp_fault_ours``), else straight to the guest's handler."""
+    label = fault_label(vector)
+    push = "" if error_code else "    push -1"
+    drop = "" if error_code else "    add rsp, 8"
+    return f"""
+.globl {label}_entry
+{label}_entry:
+{push}
+{_SAVE}
+{_in_slots(label)}
+{label}_ours:
+    push {vector:#x}
+    jmp qp_fault_ours
+{label}_chain:
+{_RESTORE}
+{drop}
+    jmp qword ptr [rip + VARS + {VAR_ORIG + 8 * vector:#x}]
+"""
+
+
+def _fault_doorbell() -> str:
+    """The doorbell shared by the slot fault stubs (the vector is pushed).
+
+    Returning pops orig_rax whichever it holds (an error code, or the -1 the
+    stub pushed); passing the fault on goes through the vector's own chain
+    code, which knows whether to drop that word.
+    """
+    *rest, last = SLOT_FAULT_VECTORS
+    dispatch = "\n".join(f"    cmp rcx, {v:#x}\n    je {fault_label(v)}_chain" for v in rest)
+    return f"""
+qp_fault_ours:
+    push 0
+{_RECORD}
+qp_fault_ring:
+    mov byte ptr [rip + DOORBELL], 1
+.globl qp_fault_doorbell_ret
+qp_fault_doorbell_ret:
+    mov rax, [rsp]
+    test rax, rax
+    jz qp_fault_ring
+    mov rcx, [rsp + 8]
+    add rsp, 16
+    cmp rax, {ACTION_CHAIN}
+    je qp_fault_chain
+{_RESTORE}
+    add rsp, 8
+    iretq
+qp_fault_chain:
+{dispatch}
+    jmp {fault_label(last)}_chain
 """
 
 
@@ -200,19 +287,23 @@ qp_bp_foreign:
     iretq
 {_ring(3, "qp_bp", error_code=False)}
 
-/* vector 1, #DB: ours while some vCPU single-steps a slot. */
+/* vector 1, #DB: ours while some vCPU single-steps a slot, or when rip is in
+   a slot (a guest data breakpoint hit by a boosted copy). DR6 goes into
+   orig_rax for the host. */
 .globl qp_db_entry
 qp_db_entry:
     push -1
 {_SAVE}
+    mov rax, dr6
+    mov [rsp + {_ORIG_RAX}], rax
     cmp qword ptr [rip + VARS + {VAR_SS_ACTIVE:#x}], 0
     jne qp_db_ours
-    jmp qp_db_chain
-{_ring(1, "qp_db", error_code=False, clear_dr6=True)}
+{_in_slots("qp_db")}
+{_ring(1, "qp_db", error_code=False, debug=True)}
 
-/* vectors 13 (#GP) and 14 (#PF): ours when rip is in a slot. */
-{_slot_fault(13, "qp_gp")}
-{_slot_fault(14, "qp_pf")}
+/* the faults an instruction in a slot can raise: ours when rip is in a slot. */
+{"".join(_slot_fault(v, e) for v, e in SLOT_FAULT_VECTORS.items())}
+{_fault_doorbell()}
 /* kretprobe trampoline: a hijacked return lands here. The slot the return
    address was popped from is taken back with the trampoline's address still
    in it (so the host can tell a call that is still returning from a dead

@@ -53,7 +53,7 @@ def test_selfcheck_through_the_api() -> None:
     out = io.StringIO()
     assert api.qtest_selfcheck(out=out) == 0
     text = out.getvalue()
-    assert "qtest: selfcheck 27 passed, 0 failed" in text
+    assert "qtest: selfcheck 28 passed, 0 failed" in text
     assert "self-check passed" in text
 
 

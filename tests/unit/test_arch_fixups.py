@@ -25,6 +25,7 @@ from qprobes.arch.x86_64.fixups import (
     resume_execution,
     set_current_kprobe,
     singlestep_rip,
+    step_end_rips,
 )
 from qprobes.arch.x86_64.insn import analyze, decode
 
@@ -306,3 +307,31 @@ def test_full_hit_pushfq() -> None:
     assert result == ResumeResult(
         rip=ORIG + 1, rflags=GUEST, tos_addr=RSP - 8, tos_write=GUEST, pass_to_guest=False
     )
+
+
+# Where a step may end: (bytes at ORIG, pad, rips relative to COPY or None).
+STEP_ENDS = [
+    ("4889d8", 0, {0, 3}),  # mov rax, rbx: after the copy (or an unfinished rep: at it)
+    ("f3a4", 0, {0, 2}),  # rep movsb
+    ("7410", 0, {0, 2, 0x12}),  # je +0x10: not taken, taken
+    ("0f8410000000", 0, {0, 6, 0x16}),  # je rel32
+    ("ebfe", 0, {0, 2}),  # jmp . (its target is the copy itself)
+    ("e800010000", 0, {0, 5, 0x105}),  # call rel32
+    ("e2fe", 0, {0, 2}),  # loop .
+    ("fb", 1, {0, 1, 2}),  # sti with its pad nop (TCG traps after the nop)
+    ("c3", 0, None),  # ret: rip is right, anywhere
+    ("ffd0", 0, None),  # call rax
+    ("48cf", 0, None),  # iretq
+]
+
+
+@pytest.mark.parametrize(("code", "pad", "ends"), STEP_ENDS, ids=[c[0] for c in STEP_ENDS])
+def test_step_end_rips(code: str, pad: int, ends: set[int] | None) -> None:
+    analysis = analyze(decode(bytes.fromhex(code), ORIG))
+    got = step_end_rips(analysis, ORIG, COPY, pad)
+    assert got == (None if ends is None else frozenset(COPY + e for e in ends))
+
+
+def test_step_end_rips_int3() -> None:
+    with pytest.raises(ValueError, match="in place"):
+        step_end_rips(analyze(decode(b"\xcc", ORIG)), ORIG, COPY)

@@ -16,8 +16,10 @@ from qprobes.probes.stubs import (
     FRAME_WORDS,
     PT_REGS_NAMES,
     PTABLE_BITS,
+    SLOT_FAULT_VECTORS,
     StubLayout,
     assemble_stubs,
+    fault_label,
     probe_hash,
 )
 
@@ -118,6 +120,14 @@ def test_stubs_assemble_into_one_page() -> None:
         "qp_jprobe_return",
     ):
         assert base < stubs[name] < base + len(stubs.code)
+    # One stub per slot fault vector, with or without an error code pushed.
+    for vector in SLOT_FAULT_VECTORS:
+        assert base < stubs[f"{fault_label(vector)}_entry"] < base + len(stubs.code)
+    # The #DB stub reads DR6 (mov rax, dr6) for the host, and loads it back
+    # before it chains (mov dr6, rax).
+    db = stubs["qp_db_entry"] - base
+    assert b"\x0f\x21\xf0" in stubs.code[db : db + 64]
+    assert b"\x0f\x23\xf0" in stubs.code[db:]
     # The doorbell store is the instruction right before each *_doorbell_ret.
     ret = stubs["qp_bp_doorbell_ret"] - base
     assert stubs.code[ret - 7 : ret - 5] == b"\xc6\x05"  # movb $1, disp32(%rip)

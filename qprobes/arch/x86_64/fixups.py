@@ -29,6 +29,8 @@ from typing import NamedTuple
 from qprobes.arch.x86_64.insn import Fixup, InsnAnalysis
 
 __all__ = [
+    "DR6_BS",
+    "DR6_TRAP_BITS",
     "X86_EFLAGS_AC",
     "X86_EFLAGS_AF",
     "X86_EFLAGS_CF",
@@ -51,6 +53,7 @@ __all__ = [
     "resume_execution",
     "set_current_kprobe",
     "singlestep_rip",
+    "step_end_rips",
 ]
 
 # RFLAGS bits (SDM Vol. 1, 3.4.3), with the kernel's names
@@ -68,6 +71,11 @@ X86_EFLAGS_NT = 0x0000_4000
 X86_EFLAGS_RF = 0x0001_0000
 X86_EFLAGS_VM = 0x0002_0000
 X86_EFLAGS_AC = 0x0004_0000
+
+# DR6 (SDM Vol. 3B, 17.2.3): B0-B3, a debug-register breakpoint matched;
+# BS, the single-step trap (TF). Linux: DR_TRAP_BITS, DR_STEP.
+DR6_TRAP_BITS = 0x0000_000F
+DR6_BS = 0x0000_4000
 
 _TF_IF = X86_EFLAGS_TF | X86_EFLAGS_IF
 _MASK64 = (1 << 64) - 1
@@ -196,6 +204,33 @@ def resume_execution(
         tos_write=tos_write,
         pass_to_guest=bool(new_rflags & X86_EFLAGS_TF),
     )
+
+
+def step_end_rips(
+    analysis: InsnAnalysis, orig_addr: int, copy_addr: int, pad: int = 0
+) -> frozenset[int] | None:
+    """Where rip may be at the #DB that ends a single-step of the copy.
+
+    None when the instruction sets rip absolutely (ret, iret, indirect
+    jmp/call: :attr:`Fixup.rip_is_right`) and any rip can follow. Otherwise:
+    the copy's start (an unfinished ``rep`` iteration, as in
+    :func:`resume_execution`), right after the copy (and after ``pad`` more
+    bytes: TCG traps after the nop that follows a stepped sti), and for a
+    relative branch or call its target, as the copy reaches it
+    (``copy + (target - orig)``). A #DB anywhere else did not end this step.
+    """
+    fixup = analysis.fixup
+    if fixup is Fixup.INT3:
+        raise ValueError("an int3 original is stepped in place: there is no step end")
+    if fixup.rip_is_right:
+        return None
+    insn = analysis.insn
+    ends = {copy_addr, (copy_addr + insn.length) & _MASK64}
+    if pad:
+        ends.add((copy_addr + insn.length + pad) & _MASK64)
+    if insn.is_relative_branch and insn.branch_target is not None:
+        ends.add((copy_addr + insn.branch_target - orig_addr) & _MASK64)
+    return frozenset(ends)
 
 
 class FaultFixup(NamedTuple):
