@@ -231,6 +231,6 @@ def test_handlers_see_the_registers_as_at_the_site() -> None:
     assert site_kp.nhit == 1 and next_kp.nhit == 1
     step = hit(p.slot + 1)
     step.regs.eflags |= 0x100
-    engine._post_kprobe_handler(kcb, step)
+    engine._post_kprobe_handler(kcb, step, 0x4000)  # DR6.BS: the step's own trap
     assert step.regs.rip == FUNC + 6  # push rbp is one byte
     assert [s for s, _ in seen].count("post") == 1  # not again after the step
