@@ -279,8 +279,16 @@ class KprobeEngine:
             for prefix, vector in (("qp_bp", 3), ("qp_db", 1), ("qp_fault", 13),
                                    ("qp_kret", KRETPROBE_VECTOR),
                                    ("qp_jprobe", JPROBE_VECTOR)):  # fmt: skip
-                self._ret_kind[stubs[f"{prefix}_doorbell_ret"]] = vector
+                ret = stubs[f"{prefix}_doorbell_ret"]
+                self._ret_kind[ret] = vector
                 self._ret_kind[stubs[f"{prefix}_ring"]] = vector
+                if prefix != "qp_jprobe":
+                    # A stop reported an instruction or two late (seen while
+                    # single-stepping a vCPU out of the area): still before
+                    # the stub reads the answer, with rsp at the frame
+                    # (mov rax, [rsp]: 4 bytes; test rax, rax: 3).
+                    self._ret_kind[ret + 4] = vector
+                    self._ret_kind[ret + 7] = vector
             # Slot pages start as int3 everywhere: each slot's unused tail traps.
             self._slots = SlotAllocator(
                 x86insn.SLOT_SIZE, PAGE_SLOTS_FIRST, PAGE_SLOTS_LAST,

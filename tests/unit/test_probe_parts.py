@@ -227,3 +227,20 @@ def test_pending_keeps_what_a_switch_cannot_prove_stale() -> None:
     ]
     # The first look (no baseline yet): only the quiescent task is cleared.
     assert len(pending(scan, None, in_slots)) == 6
+
+
+def test_late_doorbell_stops_land_before_the_answer_is_read() -> None:
+    """The engine takes a stop at doorbell_ret+4 and +7 for a doorbell stop
+    (QEMU can report one late): those offsets must be the stub's test and
+    jz, before anything moves rsp off the frame."""
+    from qprobes.probes.stubs import StubLayout, assemble_stubs
+
+    base = 0xFFFFFFFFC0000000
+    stubs = assemble_stubs(StubLayout(base, base + 0x1000, base + 0x2000, base + 0x3000,
+                                      base + 0x20000, base + 0x200000))  # fmt: skip
+    for prefix in ("qp_bp", "qp_db", "qp_fault", "qp_kret"):
+        ret = stubs[f"{prefix}_doorbell_ret"] - base
+        code = stubs.code
+        assert code[ret : ret + 4] == bytes.fromhex("488b0424"), prefix  # mov rax, [rsp]
+        assert code[ret + 4 : ret + 7] == bytes.fromhex("4885c0"), prefix  # test rax, rax
+        assert code[ret + 7] in (0x74, 0x0F), prefix  # jz
