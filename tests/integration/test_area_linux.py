@@ -74,7 +74,7 @@ def test_area_is_after_the_kernel_image_not_in_the_module_area(linux: Session) -
 def test_slot_tails_are_int3(linux: Session) -> None:
     kp = linux.kprobe("vfs_read", lambda kp, ctx: False)
     try:
-        point = linux.engine.points[kp.addr]  # type: ignore[index]
+        point = linux.engine.points[kp.arm_addr]  # type: ignore[index]
         data = linux.engine.kread(point.slot, x86insn.SLOT_SIZE)
         used = len(x86insn.boosted_copy(point.insn, point.slot)) if point.boosted \
             else point.insn.length  # fmt: skip

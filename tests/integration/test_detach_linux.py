@@ -104,7 +104,7 @@ def detach_cycles(session: Session, cycles: int) -> list[int]:
         engine.attach()
         assert engine.stack_scanner is not None
         kp = session.kprobe(PROBE, lambda kp, ctx: False)
-        assert engine.points[kp.addr].boosted
+        assert engine.points[kp.arm_addr].boosted  # type: ignore[index]
         session.run(timeout=2)
         hits.append(kp.nhit)
         engine.detach()
