@@ -294,6 +294,12 @@ class GuestArea:
         except TranslationError as exc:
             raise ProbeError(f"area page {vaddr:#x} is not visible to the guest") from exc
 
+    def forget(self) -> None:
+        """Give up the area without unmapping it: its entries stay in the
+        guest's page tables and its physical pages stay taken."""
+        self._written.clear()
+        self._pages.clear()
+
     def teardown(self) -> None:
         """Put back every page-table entry written, newest first."""
         for paddr, old in reversed(self._written):

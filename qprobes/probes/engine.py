@@ -33,6 +33,7 @@ from qprobes.arch.x86_64 import fixups as x86fix
 from qprobes.arch.x86_64 import insn as x86insn
 from qprobes.arch.x86_64.idt import gate_offset, gate_with_offset
 from qprobes.errors import (
+    ConnectionClosedError,
     InstructionError,
     ProbeError,
     QprobesError,
@@ -388,27 +389,35 @@ class KprobeEngine:
         if not self.attached:
             return
         try:
-            self.drain(drain_timeout)
-            self.check_lost()
-        finally:
-            for point in list(self.points.values()):
-                self._disarm(point)
-            self.points.clear()
-        tramp = self.kretprobes.trampoline if self.kretprobes is not None else None
-        try:
+            try:
+                self.drain(drain_timeout)
+                self.check_lost()
+            finally:
+                # One at a time: a point whose disarm failed (a dropped
+                # connection) stays known, for a detach after a reconnect.
+                for addr, point in list(self.points.items()):
+                    self._disarm(point)
+                    del self.points[addr]
+            tramp = self.kretprobes.trampoline if self.kretprobes is not None else None
             self.synchronize_area(quiesce_timeout, allow=frozenset({tramp} if tramp else ()))
-            if self.kretprobes is not None:
-                self.kretprobes.detach()
-            if self.jprobes is not None:
-                self.jprobes.detach()
+            self._release_returns()
             self.synchronize_area(quiesce_timeout)
             # No new entries into the stubs from here on; then no vCPU may be
             # left inside the area when its pages go away.
             self._restore_gates()
             self._step_out_of_area()
             self.synchronize_area(quiesce_timeout)
-        except QuiesceError:
-            self._abandon_area()
+        except ConnectionClosedError:
+            raise  # nothing can be done now; Session.close reconnects and detaches again
+        except BaseException:
+            # Whatever failed (a drain, a quiesce timeout, an unexpected
+            # stop), leave no way into qprobes' stubs that nobody services:
+            # return addresses and gates back, vCPUs out of the stubs. The
+            # area stays mapped, since something may still point into it.
+            try:
+                self._release_returns()
+            finally:
+                self._abandon_area()
             raise
         try:
             self.target.remove_watchpoint(self._doorbell, 1, "write")
@@ -417,14 +426,26 @@ class KprobeEngine:
         self.area.teardown()
         self.attached = False
 
+    def _release_returns(self) -> None:
+        """Put back the return addresses kretprobes and jprobes replaced."""
+        if self.kretprobes is not None:
+            self.kretprobes.detach()
+        if self.jprobes is not None:
+            self.jprobes.detach()
+
     def _abandon_area(self) -> None:
-        """Leave without unmapping: gates back, no vCPU in a stub, area kept."""
+        """Leave without unmapping: gates back, no vCPU in a stub, area kept.
+
+        The area forgets its page-table entries without writing them back (a
+        later attach maps a new area elsewhere, from the rest of the
+        reservation, and never unmaps this one)."""
         try:
             self._restore_gates()
             self._step_out_of_area()
         finally:
             with contextlib.suppress(QprobesError):
                 self.target.remove_watchpoint(self._doorbell, 1, "write")
+            self.area.forget()
             self.attached = False
 
     # --- synchronize_rcu_tasks(), from the host --------------------------------
@@ -869,7 +890,8 @@ class KprobeEngine:
             # own single-step trap land in the slot.
             boosted = kp.boost and analysis.boostable and not _loads_flags(insn)
             copy, boost_slot = slot_code(insn, analysis, slot, boosted)
-            self.kwrite_code(slot, copy)
+            # The unused tail traps, whatever the slot held before.
+            self.kwrite_code(slot, copy.ljust(x86insn.SLOT_SIZE, bytes([INT3])))
         except BaseException:
             self._slots.free_insn_slot(slot)
             raise
@@ -1064,7 +1086,7 @@ class KprobeEngine:
         vector = frame.vector
         la57 = self._la57
         # The interrupted task's page tables: they map the kernel too.
-        ctx = HitContext(vcpu, frame, self._reader(cr3, la57), cr3, frame_addr=frame_addr,
+        ctx = HitContext(vcpu, frame, self._reader(cr3, la57, vcpu), cr3, frame_addr=frame_addr,
                          gs_base=gs_base, read_current=self.target.read)  # fmt: skip
         kcb = self.kcb.setdefault(vcpu, KprobeCtlblk())
         if vector == 3:
@@ -1099,7 +1121,7 @@ class KprobeEngine:
             self.stats.chained += 1
         if not frame.action:
             frame.action = ACTION_RETURN
-        self._write_frame(frame_addr, frame, cr3, la57)
+        self._write_frame(frame_addr, frame, cr3, la57, vcpu)
         return True
 
     def _bare_trap_stop(self, stop: StopReply, vcpu: int) -> bool:
@@ -1153,18 +1175,22 @@ class KprobeEngine:
         self._frame_phys = phys
         return rsp, gs_base, cr3, PtRegs(words)
 
-    def _reader(self, cr3: int, la57: bool) -> Callable[[int, int], bytes]:
+    def _reader(self, cr3: int, la57: bool, vcpu: int) -> Callable[[int, int], bytes]:
         if self.hostmem is not None:
             hm = self.hostmem
             return lambda addr, n: hm.read_virt(cr3, addr, n, la57)
-        return self.target.read
+        # Through the hit's own vCPU: a handler may have read another vCPU's
+        # registers meanwhile, which moves the stub's thread selection.
+        target = self.target
+        return lambda addr, n: target.read(addr, n, vcpu)
 
     def _read_frame(self, rsp: int, cr3: int, la57: bool) -> bytes:
         if self.hostmem is not None:
             return self.hostmem.read_virt(cr3, rsp, FRAME_SIZE, la57)
         return self.target.read(rsp, FRAME_SIZE)
 
-    def _write_frame(self, rsp: int, frame: PtRegs, cr3: int, la57: bool) -> None:
+    def _write_frame(self, rsp: int, frame: PtRegs, cr3: int, la57: bool,
+                     vcpu: int | None = None) -> None:  # fmt: skip
         dirty = sorted(frame.dirty)
         if not dirty:
             return
@@ -1175,7 +1201,7 @@ class KprobeEngine:
         elif self.hostmem is not None:
             self.hostmem.write_virt(cr3, rsp + 8 * lo, data, la57)
         else:
-            self.target.write(rsp + 8 * lo, data)
+            self.target.write(rsp + 8 * lo, data, vcpu)
 
     # 2.6 kprobe_handler
     def _kprobe_handler(self, kcb: KprobeCtlblk, ctx: HitContext) -> None:
@@ -1425,6 +1451,10 @@ class KprobeEngine:
             self._prepare_singlestep(kcb, point, sctx, KprobeStatus.HIT_SS)
         else:
             kcb.status, kcb.current = KprobeStatus.NONE, None
+            if addr is not None:
+                # Resume where the int3 was: for a probe on an ftrace site the
+                # saved rip is the site, which must not run twice.
+                view.rip = addr
         new = Registers(**regs.as_dict())
         for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9",
                      "r10", "r11", "r12", "r13", "r14", "r15", "rip"):  # fmt: skip

@@ -113,3 +113,57 @@ def test_dirty_slots_are_collected_only_when_unreferenced() -> None:
     engine, _, runs = make([StackScan(refs=[ref(SLOT + 5)])])
     assert engine._collect_garbage_slots([SLOT, other]) == [other]
     assert not runs  # one look, the guest is not run
+
+
+class Recorder:
+    trampoline = TRAMP
+
+    def __init__(self, calls: list[str], name: str) -> None:
+        self.calls, self.name = calls, name
+
+    def detach(self) -> None:
+        self.calls.append(self.name)
+
+
+def detach_failing(failure: BaseException) -> tuple[KprobeEngine, list[str]]:
+    """An attached engine whose first area synchronization raises ``failure``."""
+    engine, _, _ = make([StackScan()])
+    calls: list[str] = []
+    engine.attached = True
+    engine.drain = lambda timeout=10.0: None  # type: ignore[method-assign,assignment]
+    engine.kretprobes = Recorder(calls, "kretprobes")  # type: ignore[assignment]
+    engine.jprobes = Recorder(calls, "jprobes")  # type: ignore[assignment]
+
+    def sync(timeout: float = 30.0, *, allow: frozenset[int] = frozenset()) -> None:
+        raise failure
+
+    engine.synchronize_area = sync  # type: ignore[method-assign,assignment]
+    engine._restore_gates = lambda: calls.append("gates")  # type: ignore[method-assign]
+    engine._step_out_of_area = lambda max_steps=10_000: calls.append("step out")  # type: ignore[method-assign,assignment]
+    engine.target.remove_watchpoint = lambda *a: calls.append("watchpoint")  # type: ignore[attr-defined]
+    engine.area._written.append((0x1000, 0))  # an entry of the area, in the guest
+    engine.area.teardown = lambda: calls.append("unmapped")  # type: ignore[method-assign]
+    return engine, calls
+
+
+@pytest.mark.parametrize("failure", [QuiesceError("still in use", ["task 7"]),
+                                     RuntimeError("unexpected stop")])  # fmt: skip
+def test_a_failed_detach_leaves_no_way_into_the_stubs(failure: BaseException) -> None:
+    """Whatever fails after the int3s are out: the return addresses and the
+    gates go back and no vCPU stays in a stub, but the area stays mapped and
+    forgotten (a later attach never unmaps it under whatever points in)."""
+    engine, calls = detach_failing(failure)
+    with pytest.raises(type(failure)):
+        engine.detach()
+    assert calls == ["kretprobes", "jprobes", "gates", "step out", "watchpoint"], calls
+    assert not engine.attached
+    assert engine.area._written == []  # forgotten, not written back
+
+
+def test_a_dropped_connection_keeps_the_engine_attached_for_a_retry() -> None:
+    from qprobes.errors import ConnectionClosedError
+
+    engine, calls = detach_failing(ConnectionClosedError("gone"))
+    with pytest.raises(ConnectionClosedError):
+        engine.detach()
+    assert engine.attached and calls == []
