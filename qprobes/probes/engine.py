@@ -1125,17 +1125,23 @@ class KprobeEngine:
         return True
 
     def _bare_trap_stop(self, stop: StopReply, vcpu: int) -> bool:
-        """A SIGTRAP stop with no ``watch`` field: qprobes' to deal with?
+        """A SIGTRAP stop with no ``watch`` field, or one naming an address
+        qprobes watches not: qprobes' to deal with?
 
         With several vCPUs, QEMU can report a doorbell hit without its
         watchpoint (two vCPUs hit at once; the second report loses the
-        field). If the vCPU sits on a doorbell store, it is a doorbell stop;
-        otherwise it is spurious and the guest just resumes. Sets
-        ``_spurious`` accordingly.
+        field), and, rarely, with a user-space address in the field that no
+        watchpoint covers (seen on 2 vCPUs under load). qprobes inserts no
+        watchpoint but the doorbell, so either way: if the vCPU sits on a
+        doorbell store, it is a doorbell stop; otherwise it is spurious and
+        the guest just resumes. Sets ``_spurious`` accordingly.
         """
         self._spurious = False
-        if stop.signal != 5 or stop.watch_addr is not None or stop.thread is None:
+        if stop.signal != 5 or stop.thread is None:
             return False
+        if stop.watch_addr is not None:
+            log.debug("a watchpoint stop at %#x, which qprobes does not watch",
+                      stop.watch_addr)  # fmt: skip
         self.client.note_stop_thread(vcpu)
         rip = self.target.read_register("rip", vcpu)
         if rip not in self._ret_kind:

@@ -82,3 +82,38 @@ def test_a_stale_record_does_not_take_the_answer() -> None:
     assert hostmem.phys_writes == []
     stale_now = struct.unpack("<Q", hostmem.read_phys(STALE_BP_FRAME & 0xFFFFFFFF, 8))[0]
     assert stale_now == ACTION_RETURN
+
+
+class StopClient:
+    def __init__(self) -> None:
+        self.noted: list[int] = []
+
+    def note_stop_thread(self, vcpu: int) -> None:
+        self.noted.append(vcpu)
+
+
+class RipTarget:
+    def __init__(self, rip: int) -> None:
+        self.rip = rip
+        self.vcpus = [1, 2]
+        self.client = StopClient()
+
+    def read_register(self, name: str, vcpu: int) -> int:
+        assert name == "rip"
+        return self.rip
+
+
+def test_a_watch_stop_at_an_address_nobody_watches_is_not_foreign() -> None:
+    """QEMU once reported ``watch:<user address>`` with only the doorbell
+    watched: it is taken like a stop with no watch field (spurious, or a
+    doorbell if the vCPU sits on a doorbell store), never an unexpected stop."""
+    from qprobes.wire.stop import parse_stop_reply
+
+    engine = KprobeEngine(RipTarget(0xFFFFFFFF81000000), (0x7C00000, 4 << 20), A)  # type: ignore[arg-type]
+    engine._doorbell = 0xFFFFFFFFFEE01000
+    stop = parse_stop_reply(b"T05thread:p01.02;watch:000055fa8e93b53f;")
+    assert stop.watch_addr == 0x55FA8E93B53F
+    assert engine._bare_trap_stop(stop, 2) and engine._spurious
+    assert engine.stats.spurious == 1
+    engine._ret_kind = {0xFFFFFFFF81000000: 3}  # the vCPU is on a doorbell store
+    assert engine._bare_trap_stop(stop, 2) and not engine._spurious
