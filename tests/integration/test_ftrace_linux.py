@@ -14,38 +14,23 @@ import re
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 
 from qprobes.arch.x86_64 import insn as x86insn
-from qprobes.errors import ProbeError, QprobesError
+from qprobes.errors import ProbeError
 from qprobes.frontends.session import Session
 from qprobes.frontends.trace import TraceEvent, Tracer
 from qprobes.linux.ftrace import FtraceRecords
 from qprobes.probes.context import HitContext
 from qprobes.probes.ftrace_site import branches_to
 from qprobes.probes.kprobe import Kprobe
-from tests.conftest import require_vm
 
 pytestmark = pytest.mark.vm
 
 TR = "/sys/kernel/tracing"
 NOP5 = bytes.fromhex("0f1f440000")
 READS = 200  # dd bs=1 count=READS: that many vfs_read calls by dd
-
-
-@pytest.fixture(scope="module")
-def linux() -> Iterator[Session]:
-    try:
-        session = Session.linux()
-    except QprobesError as exc:
-        require_vm(f"the default Linux guest cannot be booted: {exc}")
-        raise
-    try:
-        yield session
-    finally:
-        session.close()
 
 
 def records(s: Session) -> FtraceRecords:

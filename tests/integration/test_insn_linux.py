@@ -9,15 +9,12 @@ still finds the right boundaries, before writing anything.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import iced_x86
 import pytest
 
 from qprobes.arch.x86_64 import insn as x86insn
-from qprobes.errors import InstructionError, ProbeError, QprobesError
+from qprobes.errors import InstructionError, ProbeError
 from qprobes.frontends.session import Session
-from tests.conftest import require_vm
 
 pytestmark = pytest.mark.vm
 
@@ -29,19 +26,6 @@ HOT = (
     "strncpy_from_user", "_copy_to_user", "__fdget_pos", "handle_mm_fault", "do_user_addr_fault",
     "try_to_wake_up", "update_curr", "enqueue_task_fair", "ktime_get", "rcu_note_context_switch",
 )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def linux() -> Iterator[Session]:
-    try:
-        session = Session.linux()
-    except QprobesError as exc:
-        require_vm(f"the default Linux guest cannot be booted: {exc}")
-        raise
-    try:
-        yield session
-    finally:
-        session.close()
 
 
 def text(session: Session, name: str) -> tuple[int, bytes]:

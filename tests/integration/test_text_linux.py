@@ -18,13 +18,13 @@ import re
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from qprobes.arch.x86_64 import insn as x86insn
-from qprobes.errors import ProbeError, QprobesError
+from qprobes.errors import ProbeError
 from qprobes.frontends.session import Session
 from qprobes.linux.text import (
     KernelText,
@@ -36,24 +36,10 @@ from qprobes.linux.text import (
     static_call_layout,
 )
 from qprobes.probes.kprobe import Kprobe
-from tests.conftest import require_vm
 
 pytestmark = pytest.mark.vm
 
 NOP5 = bytes.fromhex("0f1f440000")
-
-
-@pytest.fixture(scope="module")
-def linux() -> Iterator[Session]:
-    try:
-        session = Session.linux()
-    except QprobesError as exc:
-        require_vm(f"the default Linux guest cannot be booted: {exc}")
-        raise
-    try:
-        yield session
-    finally:
-        session.close()
 
 
 def kernel_text(s: Session) -> KernelText:

@@ -14,15 +14,12 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from qprobes.arch.x86_64 import insn as x86insn
-from qprobes.errors import QprobesError
 from qprobes.frontends.session import Session
 from qprobes.frontends.trace import TraceEvent, Tracer
-from tests.conftest import require_vm
 
 pytestmark = pytest.mark.vm
 
@@ -42,19 +39,6 @@ FUNCTIONS = {
 WORKLOAD = "qp-work 2; echo piped | cat; qp-open 5 /etc/hostname"
 FTRACE_NOP = bytes.fromhex("0f1f440000")
 ENDBR64 = bytes.fromhex("f30f1efa")
-
-
-@pytest.fixture(scope="module")
-def linux() -> Iterator[Session]:
-    try:
-        session = Session.linux()
-    except QprobesError as exc:
-        require_vm(f"the default Linux guest cannot be booted: {exc}")
-        raise
-    try:
-        yield session
-    finally:
-        session.close()
 
 
 def first_real_instruction(session: Session, name: str) -> tuple[int, x86insn.Insn]:
