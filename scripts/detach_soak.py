@@ -42,7 +42,7 @@ BAD = re.compile(
     rb"Kernel panic|double fault|invalid opcode|RIP: 0010:0x|qprobes-guest: ready"
 )
 #: Busy loops that take spin locks with interrupts off on every vCPU.
-LOOP = "(while :; do cat /etc/hostname >/dev/null; ls /proc >/dev/null; done) &"
+LOOP = "(while :; do cat /etc/hostname >/dev/null; ls /proc >/dev/null 2>&1; done) &"
 
 
 @dataclass

@@ -30,7 +30,7 @@ from tests.conftest import require_vm
 pytestmark = pytest.mark.vm
 
 PROBE = "_raw_spin_lock_irqsave"
-LOOP = "(while :; do cat /etc/hostname >/dev/null; ls /proc >/dev/null; done) &"
+LOOP = "(while :; do cat /etc/hostname >/dev/null; ls /proc >/dev/null 2>&1; done) &"
 BAD = re.compile(
     r"BUG:|Oops|WARNING:|general protection|unable to handle|page fault|Kernel panic|"
     r"double fault|invalid opcode|qprobes-guest: ready"
