@@ -26,7 +26,7 @@ qprobes (one Session; the host services the stops while the command runs):
    Linux it sits at ``do_sys_openat2+5``, after the 5-byte ftrace nop
    the function starts with (checked before probing);
 4. a kretprobe (boosted entry probe + trampoline stop);
-5. Linux only: the full trace path, a :class:`~qprobes.frontends.trace.Tracer`
+5. Linux only: the full trace path, a :class:`~qprobes.tracing.tracer.Tracer`
    with ``p:myopen do_sys_openat2 path=+0(%si):string``: per hit it
    fetches the path string, looks up comm and pid of the current task and
    hands a formatted event to a sink that counts it.
@@ -401,7 +401,7 @@ def singlestep_offset(session: Session, addr: int) -> tuple[int, str | None]:
 
 
 def bench_linux_qprobes(args: argparse.Namespace) -> tuple[list[Case], str | None]:
-    from qprobes.frontends.trace import TraceEvent, Tracer
+    from qprobes.tracing import TraceEvent, Tracer
 
     log("linux/qprobes: booting Linux")
     session = Session.linux()

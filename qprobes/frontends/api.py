@@ -365,7 +365,7 @@ EXIT_PIPE = 141
 def _filters_by_event(filters: list[str] | None, probes: list[str]) -> dict[str, str]:
     """``--filter EVENT:EXPR`` options by event, checked against the probes;
     several for one event are combined with ``&&``."""
-    from qprobes.probes.language import ProbeSpec, parse_filter, parse_probe
+    from qprobes.tracing import ProbeSpec, parse_filter, parse_probe
 
     events: dict[str, str] = {}  # EVENT and GROUP/EVENT -> EVENT
     for text in probes:
@@ -409,8 +409,7 @@ def trace(
     import json
     import signal
 
-    from qprobes.frontends.trace import TraceEvent, Tracer
-    from qprobes.probes.language import RemoveSpec, parse_probe
+    from qprobes.tracing import RemoveSpec, TraceEvent, Tracer, parse_probe
 
     # Check every definition, filter and machine option before booting anything.
     for text in probes:

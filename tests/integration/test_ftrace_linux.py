@@ -20,11 +20,11 @@ import pytest
 from qprobes.arch.x86_64 import insn as x86insn
 from qprobes.errors import ProbeError
 from qprobes.frontends.session import Session
-from qprobes.frontends.trace import TraceEvent, Tracer
 from qprobes.linux.ftrace import FtraceRecords
 from qprobes.probes.context import HitContext
 from qprobes.probes.ftrace_site import branches_to
 from qprobes.probes.kprobe import Kprobe
+from qprobes.tracing import TraceEvent, Tracer
 
 pytestmark = pytest.mark.vm
 

@@ -19,7 +19,7 @@ import pytest
 
 from qprobes.arch.x86_64 import insn as x86insn
 from qprobes.frontends.session import Session
-from qprobes.frontends.trace import TraceEvent, Tracer
+from qprobes.tracing import TraceEvent, Tracer
 
 pytestmark = pytest.mark.vm
 

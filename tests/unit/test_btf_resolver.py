@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from qprobes.errors import ProbeSyntaxError
-from qprobes.probes.language import ProbeSpec, compile_fetchargs, evaluate, parse_probe
-from qprobes.probes.language.parser import TpErr
-from qprobes.probes.language.program import FetchInsn, FetchOp
-from qprobes.probes.language.types import VOID, CKind, CType, Member, TypeResolver
 from qprobes.symbols.btf import BTF_INT_CHAR, BTF_INT_SIGNED, BtfKind, parse_btf
-from qprobes.symbols.btf_resolver import BtfTypeResolver
+from qprobes.tracing import ProbeSpec, compile_fetchargs, evaluate, parse_probe
+from qprobes.tracing.btf_resolver import BtfTypeResolver
+from qprobes.tracing.parser import TpErr
+from qprobes.tracing.program import FetchInsn, FetchOp
+from qprobes.tracing.types import VOID, CKind, CType, Member, TypeResolver
 from tests.unit.test_probe_language import FakeContext, make_regs, q
 from tests.unit.test_symbols_btf import BtfBuilder
 

@@ -17,7 +17,9 @@ import pytest
 
 from qprobes.errors import ProbeError, ProbeSyntaxError, TranslationError
 from qprobes.probes.context import HitContext, PtRegs
-from qprobes.probes.language import (
+from qprobes.probes.stubs import FRAME_WORDS, PT_REGS_NAMES
+from qprobes.symbols.elf import Symbol, SymbolTable
+from qprobes.tracing import (
     FAULT,
     AllArgs,
     And,
@@ -58,10 +60,8 @@ from qprobes.probes.language import (
     parse_filter,
     parse_probe,
 )
-from qprobes.probes.language.filter import FiltErr
-from qprobes.probes.language.types import VOID
-from qprobes.probes.stubs import FRAME_WORDS, PT_REGS_NAMES
-from qprobes.symbols.elf import Symbol, SymbolTable
+from qprobes.tracing.filter import FiltErr
+from qprobes.tracing.types import VOID
 
 
 def caret(marked: str) -> tuple[str, int]:

@@ -9,83 +9,47 @@ ftrace's ``trace`` file does, or as JSON objects.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qprobes.errors import ProbeError
-from qprobes.frontends.session import Session
 from qprobes.probes.context import HitContext
 from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe
-from qprobes.probes.language import (
-    FAULT,
+from qprobes.tracing.ast import ProbeSpec, RemoveSpec
+from qprobes.tracing.events import TraceEvent
+from qprobes.tracing.fetch import (
     CompiledArg,
-    FilterExpr,
     HitFetchContext,
-    ProbeSpec,
-    RemoveSpec,
-    Value,
-    common_values,
     compile_fetchargs,
     evaluate,
-    evaluate_filter,
     format_args,
-    parse_filter,
-    parse_probe,
 )
+from qprobes.tracing.filter import FilterExpr, common_values, evaluate_filter, parse_filter
+from qprobes.tracing.parser import parse_probe
+
+if TYPE_CHECKING:
+    from qprobes.probes.engine import KprobeEngine
+    from qprobes.probes.kretprobe import KretprobeManager
+    from qprobes.symbols.linux import LinuxKernel
 
 
-@dataclass(frozen=True)
-class TraceEvent:
-    """One probe hit, with its fetched fields."""
+class ProbeHost(Protocol):
+    """What a :class:`Tracer` needs of the session it traces (a
+    :class:`qprobes.frontends.session.Session` is one): the engine, the
+    return-probe manager, the symbols and, on Linux, the kernel."""
 
-    group: str
-    event: str
-    kind: str  # "p" (kprobe) or "r" (return probe)
-    addr: int  # the probed address
-    location: str  # SYM+0xOFF/0xSIZE of the probe
-    ret_to: str | None  # return probes: where the function returned to
-    cpu: int  # 0-based vCPU
-    pid: int | None
-    comm: str | None
-    timestamp: float  # seconds since the trace started
-    fields: dict[str, Value]
-    text: str  # the fields as ftrace prints them
-
-    def format(self) -> str:
-        """The line ftrace's ``trace`` file would show."""
-        comm = self.comm if self.comm is not None else "<unknown>"
-        pid = self.pid if self.pid is not None else -1
-        where = f"{self.ret_to} <- {self.location.split('+')[0]}" if self.ret_to else self.location
-        tail = f" {self.text}" if self.text else ""
-        return (
-            f"{comm:>16}-{pid:<7} [{self.cpu:03d}] {self.timestamp:12.6f}: "
-            f"{self.event}: ({where}){tail}"
-        )
-
-    def as_json(self) -> dict[str, Any]:
-        sym, _, off = self.location.partition("+")
-        fields = {k: (None if v is FAULT else v) for k, v in self.fields.items()}
-        return {
-            "event": self.event,
-            "group": self.group,
-            "type": self.kind,
-            "symbol": sym,
-            "offset": int(off.split("/")[0], 16) if off else 0,
-            "addr": f"{self.addr:#x}",
-            "ret_to": self.ret_to,
-            "cpu": self.cpu,
-            "pid": self.pid,
-            "comm": self.comm,
-            "timestamp": round(self.timestamp, 6),
-            "fields": fields,
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.as_json(), default=str)
+    @property
+    def engine(self) -> KprobeEngine: ...
+    @property
+    def kretprobes(self) -> KretprobeManager: ...
+    @property
+    def symbols(self) -> Any: ...
+    @property
+    def kernel(self) -> LinuxKernel | None: ...
+    def unregister(self, probe: Kprobe | Kretprobe) -> None: ...
 
 
 @dataclass
@@ -130,9 +94,9 @@ class TraceProbe:
 
 
 class Tracer:
-    """Probes from kprobe_events definitions on a :class:`Session`."""
+    """Probes from kprobe_events definitions on a session (a :class:`ProbeHost`)."""
 
-    def __init__(self, session: Session, sink: Callable[[TraceEvent], None]) -> None:
+    def __init__(self, session: ProbeHost, sink: Callable[[TraceEvent], None]) -> None:
         self.session = session
         self.sink = sink
         self.probes: dict[str, TraceProbe] = {}
@@ -164,7 +128,7 @@ class Tracer:
         kernel = self.session.kernel
         if kernel is None or kernel.btf is None:
             return None
-        from qprobes.symbols.btf_resolver import BtfTypeResolver
+        from qprobes.tracing.btf_resolver import BtfTypeResolver
 
         return BtfTypeResolver(kernel.btf)
 

@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass
 
 from qprobes.errors import QprobesError
-from qprobes.probes.language.types import Bitfield, FetchType
+from qprobes.tracing.types import Bitfield, FetchType
 
 __all__ = ["LOAD_OPS", "FetchInsn", "FetchOp", "StoreError", "plan_store"]
 

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from qprobes.errors import ProbeError, ProbeSyntaxError
-from qprobes.probes.language.fetch import FAULT, FilterField, Value
-from qprobes.probes.language.numbers import kstrtol, kstrtoul, to_signed, truncate
+from qprobes.tracing.fetch import FAULT, FilterField, Value
+from qprobes.tracing.numbers import kstrtol, kstrtoul, to_signed, truncate
 
 __all__ = [
     "MAX_FILTER_STR_VAL",
@@ -267,7 +267,7 @@ def common_values(pid: int | None, comm: str | None, cpu: int) -> dict[str, Valu
 
 def parse_filter(text: str, fields: Iterable[FilterField] | None = None) -> FilterExpr:
     """Parse a filter expression. With ``fields`` (e.g. each
-    :attr:`CompiledArg.filter_field <qprobes.probes.language.fetch.CompiledArg.filter_field>`),
+    :attr:`CompiledArg.filter_field <qprobes.tracing.fetch.CompiledArg.filter_field>`),
     field names and value kinds are checked as Linux checks them against an
     event's format; without, any field name is taken. Raises
     :class:`~qprobes.errors.ProbeSyntaxError`."""

@@ -1,9 +1,9 @@
-"""A :class:`~qprobes.probes.language.types.TypeResolver` over parsed BTF.
+"""A :class:`~qprobes.tracing.types.TypeResolver` over parsed BTF.
 
 :class:`BtfTypeResolver` answers the probe language's questions (a
 function's parameter names and types, its return type, where a member
 lies) from a :class:`~qprobes.symbols.btf.Btf`, turning BTF types into the
-language's :class:`~qprobes.probes.language.types.CType` the way Linux's
+language's :class:`~qprobes.tracing.types.CType` the way Linux's
 ``trace_probe.c`` reads them: typedefs, ``const``, ``volatile``,
 ``restrict`` and type tags are skipped (``btf_type_skip_modifiers``), the
 ``...`` of a varargs prototype is not a parameter (``get_btf_args``), and
@@ -11,7 +11,7 @@ member paths search anonymous structs and unions
 (``btf_find_struct_member``) but never cross a pointer (each ``->`` is a
 separate dereference, which the compiler does).
 
-Mapping of BTF kinds to :class:`~qprobes.probes.language.types.CKind`:
+Mapping of BTF kinds to :class:`~qprobes.tracing.types.CKind`:
 
 ==========================  ===================================================
 INT                         INT with its size; signed when BTF_INT_SIGNED
@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from qprobes.probes.language.types import VOID, CKind, CType, Member
 from qprobes.symbols.btf import (
     BTF_INT_SIGNED,
     Btf,
@@ -44,6 +43,7 @@ from qprobes.symbols.btf import (
     BtfParam,
     BtfType,
 )
+from qprobes.tracing.types import VOID, CKind, CType, Member
 
 __all__ = ["BtfTypeResolver"]
 
@@ -56,7 +56,7 @@ _MAX_DEPTH = 64  # modifier chains, pointer/array nesting, anonymous-member nest
 
 
 class BtfTypeResolver:
-    """The probe language's :class:`~qprobes.probes.language.types.TypeResolver`
+    """The probe language's :class:`~qprobes.tracing.types.TypeResolver`
     over a parsed BTF blob.
 
     Every method answers None where BTF does not know (no FUNC of that name,
@@ -83,7 +83,7 @@ class BtfTypeResolver:
         return self.ctype(proto[0][index].type_id)
 
     def return_type(self, func: str) -> CType | None:
-        """The return type of ``func``: :data:`~qprobes.probes.language.types.VOID`
+        """The return type of ``func``: :data:`~qprobes.tracing.types.VOID`
         for void, None when unknown (or, like ``double``, not in the model)."""
         proto = self._proto(func)
         return None if proto is None else self.ctype(proto[1])

@@ -3,7 +3,7 @@ print the values the way ftrace does.
 
 :func:`compile_fetchargs` resolves what parsing left open (``@SYM``
 through a symbol table, BTF-style parameters and members through a
-:class:`~qprobes.probes.language.types.TypeResolver`) and lowers each
+:class:`~qprobes.tracing.types.TypeResolver`) and lowers each
 argument to Linux's ``fetch_insn`` stages. :func:`evaluate` is
 ``process_fetch_insn``/``process_fetch_insn_bottom`` (``kernel/trace/
 trace_kprobe.c``, ``trace_probe_tmpl.h``) over a :class:`FetchContext`, a
@@ -27,7 +27,7 @@ from qprobes.errors import (
     TargetError,
 )
 from qprobes.probes.context import HitContext
-from qprobes.probes.language.ast import (
+from qprobes.tracing.ast import (
     AllArgs,
     Arg,
     BtfVar,
@@ -46,14 +46,14 @@ from qprobes.probes.language.ast import (
     StackPointer,
     SymbolRef,
 )
-from qprobes.probes.language.numbers import to_signed, truncate
-from qprobes.probes.language.parser import (
+from qprobes.tracing.numbers import to_signed, truncate
+from qprobes.tracing.parser import (
     REGISTERS,
     RESERVED_FIELD_NAMES,
     TpErr,
 )
-from qprobes.probes.language.program import FetchInsn, FetchOp, StoreError, plan_store
-from qprobes.probes.language.types import (
+from qprobes.tracing.program import FetchInsn, FetchOp, StoreError, plan_store
+from qprobes.tracing.types import (
     DEFAULT_FETCH_TYPE,
     FAULT_STRING,
     FETCH_TYPES,

@@ -1,7 +1,7 @@
 """Parse probe definitions written in Linux's ``kprobe_events`` syntax.
 
-Pure code: text in, :class:`~qprobes.probes.language.ast.ProbeSpec` (or
-:class:`~qprobes.probes.language.ast.RemoveSpec`) out, nothing looked up.
+Pure code: text in, :class:`~qprobes.tracing.ast.ProbeSpec` (or
+:class:`~qprobes.tracing.ast.RemoveSpec`) out, nothing looked up.
 The grammar is ``Documentation/trace/kprobetrace.rst``::
 
     p[:[GRP/][EVENT]] [MOD:]SYM[+offs]|MEMADDR [FETCHARGS]
@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from qprobes.errors import ProbeSyntaxError
-from qprobes.probes.language.ast import (
+from qprobes.tracing.ast import (
     AllArgs,
     Arg,
     BtfVar,
@@ -44,9 +44,9 @@ from qprobes.probes.language.ast import (
     SymbolRef,
     TypeSpec,
 )
-from qprobes.probes.language.numbers import kstrtol, kstrtoul, simple_strtoul
-from qprobes.probes.language.program import FetchInsn, FetchOp, StoreError, plan_store
-from qprobes.probes.language.types import (
+from qprobes.tracing.numbers import kstrtol, kstrtoul, simple_strtoul
+from qprobes.tracing.program import FetchInsn, FetchOp, StoreError, plan_store
+from qprobes.tracing.types import (
     DEFAULT_FETCH_TYPE,
     FETCH_INSN_MAX,
     FETCH_TYPES,
@@ -734,7 +734,7 @@ def parse_probe(spec: str) -> ProbeSpec | RemoveSpec:
     """Parse one ``kprobe_events`` line: a ``p``/``r`` definition or a ``-:`` removal.
 
     Pure: symbols and types are not looked up (see
-    :func:`~qprobes.probes.language.fetch.compile_fetchargs`). Raises
+    :func:`~qprobes.tracing.fetch.compile_fetchargs`). Raises
     :class:`~qprobes.errors.ProbeSyntaxError` with Linux's message and the
     column of the fault.
     """

@@ -1,4 +1,4 @@
-"""What :func:`~qprobes.probes.language.parser.parse_probe` returns: plain frozen data.
+"""What :func:`~qprobes.tracing.parser.parse_probe` returns: plain frozen data.
 
 Positions (``pos``) are 0-based columns in the definition text; they are
 left out of comparisons so tests can write expected trees without them.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qprobes.probes.language.types import Bitfield
+from qprobes.tracing.types import Bitfield
 
 __all__ = [
     "AllArgs",

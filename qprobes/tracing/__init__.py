@@ -1,11 +1,19 @@
-"""The probe-definition language: Linux's ``kprobe_events`` syntax and ftrace filters.
+"""Tracing: kprobe_events definitions in, typed event records out.
 
-Layers, each importing only those before it: ``types`` (fetch types, limits,
+Above :mod:`qprobes.probes` (the engine that arms and runs probes) and
+:mod:`qprobes.symbols` (kallsyms and BTF that resolve names and types); the
+front ends are thin code on top of it.
+
+The probe-definition language is Linux's ``kprobe_events`` syntax with
+ftrace filters. Its modules, each importing only those before it:
+``types`` (fetch types, limits,
 the C-type model) → ``ast`` (what parsing returns) → ``numbers`` (the
 kernel's number parsers) → ``program`` (fetch instructions and store rules)
 → ``parser`` (:func:`parse_probe`, pure) → ``fetch`` (:func:`compile_fetchargs`,
 :func:`evaluate`, :func:`format_value`) → ``filter`` (:func:`parse_filter`,
-:func:`evaluate_filter`).
+:func:`evaluate_filter`); ``btf_resolver`` gives the language BTF types.
+On the language: ``events`` (:class:`TraceEvent`, printed as ftrace prints
+it) and ``tracer`` (:class:`Tracer`: definitions to probes, hits to events).
 
 References: ``Documentation/trace/kprobetrace.rst`` and
 ``Documentation/trace/events.rst`` for the syntax; ``kernel/trace/
@@ -13,7 +21,7 @@ trace_kprobe.c``, ``trace_probe.c``, ``trace_probe.h``, ``trace_probe_tmpl.h``
 and ``trace_events_filter.c`` for the behaviour mirrored here.
 """
 
-from qprobes.probes.language.ast import (
+from qprobes.tracing.ast import (
     AllArgs,
     Arg,
     BtfVar,
@@ -34,7 +42,10 @@ from qprobes.probes.language.ast import (
     SymbolRef,
     TypeSpec,
 )
-from qprobes.probes.language.fetch import (
+
+# The Tracer and its records sit on the language (imported last: they import it).
+from qprobes.tracing.events import TraceEvent
+from qprobes.tracing.fetch import (
     FAULT,
     CompiledArg,
     FetchContext,
@@ -47,7 +58,7 @@ from qprobes.probes.language.fetch import (
     format_args,
     format_value,
 )
-from qprobes.probes.language.filter import (
+from qprobes.tracing.filter import (
     COMMON_FIELDS,
     And,
     FilterExpr,
@@ -60,8 +71,9 @@ from qprobes.probes.language.filter import (
     glob_match,
     parse_filter,
 )
-from qprobes.probes.language.parser import TpErr, parse_probe
-from qprobes.probes.language.types import Bitfield, CKind, CType, Member, TypeResolver
+from qprobes.tracing.parser import TpErr, parse_probe
+from qprobes.tracing.tracer import ProbeHost, TraceProbe, Tracer
+from qprobes.tracing.types import Bitfield, CKind, CType, Member, TypeResolver
 
 __all__ = [
     "COMMON_FIELDS",
@@ -91,6 +103,7 @@ __all__ = [
     "Or",
     "Predicate",
     "ProbeArg",
+    "ProbeHost",
     "ProbeSpec",
     "Register",
     "RemoveSpec",
@@ -100,6 +113,9 @@ __all__ = [
     "SymbolRef",
     "SymbolSource",
     "TpErr",
+    "TraceEvent",
+    "TraceProbe",
+    "Tracer",
     "TypeResolver",
     "TypeSpec",
     "Value",

@@ -1,0 +1,59 @@
+"""Trace event records and the ways they are printed: ftrace's ``trace`` text and JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from qprobes.tracing.fetch import FAULT, Value
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One probe hit, with its fetched fields."""
+
+    group: str
+    event: str
+    kind: str  # "p" (kprobe) or "r" (return probe)
+    addr: int  # the probed address
+    location: str  # SYM+0xOFF/0xSIZE of the probe
+    ret_to: str | None  # return probes: where the function returned to
+    cpu: int  # 0-based vCPU
+    pid: int | None
+    comm: str | None
+    timestamp: float  # seconds since the trace started
+    fields: dict[str, Value]
+    text: str  # the fields as ftrace prints them
+
+    def format(self) -> str:
+        """The line ftrace's ``trace`` file would show."""
+        comm = self.comm if self.comm is not None else "<unknown>"
+        pid = self.pid if self.pid is not None else -1
+        where = f"{self.ret_to} <- {self.location.split('+')[0]}" if self.ret_to else self.location
+        tail = f" {self.text}" if self.text else ""
+        return (
+            f"{comm:>16}-{pid:<7} [{self.cpu:03d}] {self.timestamp:12.6f}: "
+            f"{self.event}: ({where}){tail}"
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        sym, _, off = self.location.partition("+")
+        fields = {k: (None if v is FAULT else v) for k, v in self.fields.items()}
+        return {
+            "event": self.event,
+            "group": self.group,
+            "type": self.kind,
+            "symbol": sym,
+            "offset": int(off.split("/")[0], 16) if off else 0,
+            "addr": f"{self.addr:#x}",
+            "ret_to": self.ret_to,
+            "cpu": self.cpu,
+            "pid": self.pid,
+            "comm": self.comm,
+            "timestamp": round(self.timestamp, 6),
+            "fields": fields,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_json(), default=str)
