@@ -389,12 +389,65 @@ def _filters_by_event(filters: list[str] | None, probes: list[str]) -> dict[str,
     }
 
 
+def _triggers_by_event(triggers: list[str] | None, probes: list[str]) -> dict[str, list[str]]:
+    """``--trigger EVENT:TRIGGER`` options by event, checked (syntax, and
+    that the event exists) before booting; field names are checked when the
+    event's fetch args are compiled, still before its probe is armed."""
+    from qprobes.tracing import Comm, FilterField, ProbeSpec, parse_probe
+    from qprobes.tracing.hist import parse_hist
+
+    events: dict[str, str] = {}
+    fields: dict[str, list[FilterField]] = {}
+    for text in probes:
+        spec = parse_probe(text)
+        if isinstance(spec, ProbeSpec):
+            events[spec.event] = events[f"{spec.group}/{spec.event}"] = spec.event
+            # Only ":string"/":ustring" (and an untyped $comm) are strings;
+            # an untyped argument is a number (kprobe_events' default types).
+            fields[spec.event] = [
+                FilterField(
+                    a.name,
+                    is_string=a.type.name in ("string", "ustring")
+                    or (a.type.name is None and isinstance(a.fetch, Comm)),
+                    is_array=a.type.count > 0,
+                )
+                for a in spec.args
+            ]
+    by_event: dict[str, list[str]] = {}
+    for item in triggers or []:
+        event, sep, trigger = item.partition(":")
+        trigger = trigger.strip()
+        if not sep or not trigger:
+            raise MachineError(f"--trigger wants EVENT:TRIGGER, got {item!r}")
+        if event not in events:
+            known = ", ".join(sorted(set(events.values()))) or "none"
+            raise MachineError(
+                f"--trigger {item!r}: no probe defines event {event!r} (events: {known})"
+            )
+        name = trigger.split(":", 1)[0].split(" ", 1)[0]
+        if name == "stacktrace":
+            raise MachineError(
+                f"--trigger {item!r}: stacktrace triggers need kernel stack traces "
+                "(not available yet)"
+            )
+        if name != "hist":
+            raise MachineError(
+                f"--trigger {item!r}: qprobes runs hist triggers "
+                f"(hist:keys=...), not {name!r}"
+            )
+        parse_hist(trigger, fields[events[event]])
+        by_event.setdefault(events[event], []).append(trigger)
+    return by_event
+
+
 def trace(
     probes: list[str],
     command: list[str],
     *,
     json_output: bool = False,
     filters: list[str] | None = None,
+    triggers: list[str] | None = None,
+    quiet: bool = False,
     duration: float | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
@@ -402,6 +455,10 @@ def trace(
 ) -> int:
     """``qprobes trace``: arm kprobe_events-style probes, run a guest command,
     print every hit, then a summary. Ctrl-C stops tracing and detaches.
+
+    ``triggers`` are ``EVENT:hist:...`` triggers, whose histograms print on
+    stdout at the end (ftrace's ``hist`` file, or one JSON object each);
+    ``quiet`` prints no event lines.
 
     Returns the guest command's exit status (124 when ``duration`` ended
     it), 0 after tracing with no command, 130 after Ctrl-C, 141 when stdout
@@ -422,12 +479,13 @@ def trace(
     if duration is not None and duration <= 0:
         raise MachineError(f"--duration {duration}: give a positive number of seconds")
     by_event = _filters_by_event(filters, probes)
+    triggers_by_event = _triggers_by_event(triggers, probes)
     check_machine_args(**machine)
 
     state = {"asked": False, "pipe": False, "mute": False}
 
     def sink(event: TraceEvent) -> None:
-        if state["pipe"] or state["mute"]:
+        if state["pipe"] or state["mute"] or quiet:
             return
         try:
             out.write((event.to_json() if json_output else event.format()) + "\n")
@@ -453,7 +511,7 @@ def trace(
                 tracer.remove(name)
                 print(f"qprobes: removed {name}", file=err)
                 continue
-            tp = tracer.add(text, by_event.get(spec.event))
+            tp = tracer.add(text, by_event.get(spec.event), triggers_by_event.get(spec.event, ()))
             print(f"qprobes: {tracer.describe(tp)}", file=err)
         if command:
             line = guest_command_line(command)
@@ -476,6 +534,8 @@ def trace(
         session.close()
     if state["pipe"]:
         return EXIT_PIPE
+    if not _print_histograms(tracer, json_output, out):
+        return EXIT_PIPE
     for row in summary:
         if json_output:
             err.write(json.dumps({"summary": row}) + "\n")
@@ -489,6 +549,26 @@ def trace(
             if row.get("note"):
                 err.write(f"qprobes: {row['event']}: warning: {row['note']}\n")
     return 130 if state["asked"] else status
+
+
+def _print_histograms(tracer: Any, json_output: bool, out: TextIO) -> bool:
+    """Every hist trigger's table, in the order given; False on a broken pipe."""
+    import json
+
+    hists = [h for tp in tracer.probes.values() for h in tp.hists]
+    try:
+        for n, hist in enumerate(hists):
+            if json_output:
+                out.write(json.dumps({"hist": hist.as_json()}, default=str) + "\n")
+                continue
+            out.write(("\n\n" if n else "") + hist.format())
+            chart = hist.log2_chart()
+            if chart:
+                out.write("\n" + chart)
+        out.flush()
+    except BrokenPipeError:
+        return False
+    return True
 
 
 def symbols(pattern: str, out: TextIO = sys.stdout, **machine: Any) -> int:

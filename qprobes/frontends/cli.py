@@ -49,7 +49,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         raise SystemExit("qprobes trace: give at least one probe definition")
     return api.trace(
         args.probes, args.guest_command, json_output=args.json, filters=args.filter,
-        duration=args.duration, **_machine_args(args),
+        triggers=args.trigger, quiet=args.quiet, duration=args.duration, **_machine_args(args),
     )  # fmt: skip
 
 
@@ -99,8 +99,17 @@ exit status:
   130  Ctrl-C (qprobes detaches and prints the summary first)
   141  stdout was closed (| head)
 
+hist triggers (Linux's Documentation/trace/histogram.rst), --trigger EVENT:TRIGGER:
+  hist:keys=KEY[.MOD][,KEY...][:vals=VAL[.hex],...][:sort=FIELD[.descending],...]
+      [:size=N] [if FILTER]
+  KEY: a fetch arg, common_pid, common_cpu (cpu), comm; MOD: hex, sym, sym-offset,
+  execname (common_pid), syscall, log2, buckets=N. Printed at the end (and after
+  Ctrl-C) as the kernel's hist file; --json gives one {"hist": ...} object each.
+
 examples:
   qprobes trace 'p:myopen do_sys_openat2 path=+0(%si):string' -- cat /etc/hostname
+  qprobes trace -q 'p:myopen do_sys_openat2 path=+0(%si):string' \
+      --trigger 'myopen:hist:keys=common_pid.execname,path:sort=hitcount.descending' -- ls /
   qprobes trace 'r:ret do_sys_openat2 $retval' --filter 'ret:comm == "cat"' -- cat /etc/hostname
   qprobes trace --smp 2 --duration 10 'p:alloc kmem_cache_alloc size=+24(%di):u32'
 """
@@ -199,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EVENT:EXPR",
         help="ftrace filter for one event, e.g. 'myopen:path ~ \"/etc/*\"'",
     )
+    p.add_argument(
+        "--trigger",
+        action="append",
+        metavar="EVENT:TRIGGER",
+        help="an ftrace hist trigger on one event, printed at the end as the kernel's "
+        "hist file, e.g. 'myopen:hist:keys=common_pid.execname,path:sort=hitcount.descending'",
+    )
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print no event lines (triggers' tables and the summary only)")  # fmt: skip
     p.add_argument("--duration", type=float, metavar="SECONDS",
                    help="trace this long; with GUEST_COMMAND, stop the command after it "
                    "(exit status 124, as timeout(1))")  # fmt: skip

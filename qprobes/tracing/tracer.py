@@ -10,11 +10,11 @@ ftrace's ``trace`` file does, or as JSON objects.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from qprobes.errors import ProbeError
+from qprobes.errors import ProbeError, SymbolError
 from qprobes.probes.context import HitContext
 from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe
@@ -28,6 +28,7 @@ from qprobes.tracing.fetch import (
     format_args,
 )
 from qprobes.tracing.filter import FilterExpr, common_values, evaluate_filter, parse_filter
+from qprobes.tracing.hist import Histogram, KeyMod, parse_hist
 from qprobes.tracing.parser import parse_probe
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class TraceProbe:
     emitted: int = 0
     filtered: int = 0
     probe: Kprobe | Kretprobe | None = field(default=None, repr=False)
+    hists: list[Histogram] = field(default_factory=list, repr=False)
 
     @property
     def name(self) -> str:
@@ -132,8 +134,15 @@ class Tracer:
 
         return BtfTypeResolver(kernel.btf)
 
-    def add(self, definition: str, filter_text: str | None = None) -> TraceProbe:
-        """Register the probe ``definition`` (kprobe_events syntax)."""
+    def add(
+        self,
+        definition: str,
+        filter_text: str | None = None,
+        triggers: Sequence[str] = (),
+    ) -> TraceProbe:
+        """Register the probe ``definition`` (kprobe_events syntax), with an
+        ftrace filter and ``hist:`` triggers (their histograms are
+        ``tp.hists``). Everything is checked before the probe is armed."""
         spec = parse_probe(definition)
         if isinstance(spec, RemoveSpec):
             self.remove(f"{spec.group or 'kprobes'}/{spec.event}")
@@ -152,6 +161,8 @@ class Tracer:
         tp = TraceProbe(spec, args, addr, filter_text=filter_text, location=self._location(addr))
         if filter_text:
             tp.filter = parse_filter(filter_text, [a.filter_field for a in args])
+        hists = [self._histogram(tp, text) for text in triggers]
+        tp.hists.extend(hists)
         if spec.is_return:
             rp = Kretprobe(addr=addr, handler=self._ret_handler(tp), maxactive=spec.maxactive,
                            name=name)  # fmt: skip
@@ -180,28 +191,35 @@ class Tracer:
         comm, pid = self._task(ctx)
         fctx = HitFetchContext(ctx, lambda: comm or "")
         values = evaluate(tp.args, fctx)
-        if tp.filter is not None and not evaluate_filter(
-            tp.filter, {**common_values(pid, comm, ctx.vcpu - 1), **values}
-        ):
+        cpu = ctx.vcpu - 1
+        seen = {**common_values(pid, comm, cpu), "common_cpu": cpu, **values}
+        passed = tp.filter is None or evaluate_filter(tp.filter, seen)
+        if not passed and not tp.hists:
+            tp.filtered += 1
+            return
+        event = TraceEvent(
+            group=tp.spec.group,
+            event=tp.spec.event,
+            kind="r" if tp.spec.is_return else "p",
+            addr=tp.addr,
+            location=tp.location,
+            ret_to=ret_to,
+            cpu=cpu,
+            pid=pid,
+            comm=comm,
+            timestamp=time.monotonic() - self.started,
+            fields=values,
+            text=format_args(tp.args, values),
+        )
+        # As in the kernel, triggers see every hit; the event's filter only
+        # chooses what is printed (a trigger has its own ``if``).
+        for hist in tp.hists:
+            hist.update(event, seen)
+        if not passed:
             tp.filtered += 1
             return
         tp.emitted += 1
-        self.sink(
-            TraceEvent(
-                group=tp.spec.group,
-                event=tp.spec.event,
-                kind="r" if tp.spec.is_return else "p",
-                addr=tp.addr,
-                location=self._location(tp.addr),
-                ret_to=ret_to,
-                cpu=ctx.vcpu - 1,
-                pid=pid,
-                comm=comm,
-                timestamp=time.monotonic() - self.started,
-                fields=values,
-                text=format_args(tp.args, values),
-            )
-        )
+        self.sink(event)
 
     def _pre_handler(self, tp: TraceProbe) -> Callable[[Kprobe, HitContext], bool]:
         def handler(kp: Kprobe, ctx: HitContext) -> bool:
@@ -216,6 +234,63 @@ class Tracer:
             self._emit(tp, ctx, self._location(ret) if ret is not None else None)
 
         return handler
+
+    def hist(self, event: str, trigger: str) -> Histogram:
+        """Add ftrace's ``hist`` trigger ``trigger`` (``hist:keys=...``) to
+        ``event`` (``EVENT`` or ``GROUP/EVENT``) and return the
+        :class:`~qprobes.tracing.hist.Histogram` it fills as hits come in."""
+        tp = self._probe_named(event)
+        hist = self._histogram(tp, trigger)
+        tp.hists.append(hist)
+        return hist
+
+    def _histogram(self, tp: TraceProbe, trigger: str) -> Histogram:
+        spec = parse_hist(trigger, [a.filter_field for a in tp.args])
+        symbols = self._symbols
+
+        def resolve(addr: int) -> tuple[str, int, int, str | None] | None:
+            found = symbols.resolve(addr) if symbols is not None else None
+            if found is None:
+                return None
+            sym, off = found
+            return sym.name, off, sym.size, None
+
+        syscalls = self._syscall_names() if any(k.mod is KeyMod.SYSCALL for k in spec.keys) else {}
+        return Histogram(tp.spec.event, spec, resolve=resolve, syscall_name=syscalls.get)
+
+    def _probe_named(self, event: str) -> TraceProbe:
+        if event in self.probes:
+            return self.probes[event]
+        found = [tp for tp in self.probes.values() if tp.spec.event == event]
+        if len(found) == 1:
+            return found[0]
+        known = ", ".join(sorted(tp.spec.event for tp in self.probes.values())) or "none"
+        raise ProbeError(f"no event {event!r} to add a trigger to (events: {known})")
+
+    def _syscall_names(self) -> dict[int, str]:
+        """System call numbers to names (``sys_read``), from the guest's
+        ``sys_call_table``, as ``get_syscall_name`` gives them; a number whose
+        entry is ``sys_ni_syscall`` has no name."""
+        symbols = self._symbols
+        if symbols is None:
+            return {}
+        try:
+            table = symbols.lookup("sys_call_table")
+        except SymbolError:  # no table: every number prints as unknown_syscall
+            return {}
+        if not table.size:
+            return {}
+        raw = self.session.engine.read_data(table.addr, table.size)
+        names: dict[int, str] = {}
+        for nr in range(len(raw) // 8):
+            found = symbols.resolve(int.from_bytes(raw[nr * 8 : nr * 8 + 8], "little"))
+            if found is None or found[1] != 0:
+                continue
+            name = found[0].name.removeprefix("__x64_")
+            if name.endswith("ni_syscall"):
+                continue
+            names[nr] = name
+        return names
 
     def summary(self) -> list[dict[str, Any]]:
         """Hits and misses per probe."""
