@@ -394,7 +394,7 @@ def _triggers_by_event(triggers: list[str] | None, probes: list[str]) -> dict[st
     that the event exists) before booting; field names are checked when the
     event's fetch args are compiled, still before its probe is armed."""
     from qprobes.tracing import Comm, FilterField, ProbeSpec, parse_probe
-    from qprobes.tracing.hist import parse_hist
+    from qprobes.tracing.hist import parse_hist, parse_stacktrace
 
     events: dict[str, str] = {}
     fields: dict[str, list[FilterField]] = {}
@@ -426,16 +426,13 @@ def _triggers_by_event(triggers: list[str] | None, probes: list[str]) -> dict[st
             )
         name = trigger.split(":", 1)[0].split(" ", 1)[0]
         if name == "stacktrace":
+            parse_stacktrace(trigger, fields[events[event]])
+        elif name == "hist":
+            parse_hist(trigger, fields[events[event]], stacktrace=True)
+        else:
             raise MachineError(
-                f"--trigger {item!r}: stacktrace triggers need kernel stack traces "
-                "(not available yet)"
+                f"--trigger {item!r}: qprobes runs hist and stacktrace triggers, not {name!r}"
             )
-        if name != "hist":
-            raise MachineError(
-                f"--trigger {item!r}: qprobes runs hist triggers "
-                f"(hist:keys=...), not {name!r}"
-            )
-        parse_hist(trigger, fields[events[event]])
         by_event.setdefault(events[event], []).append(trigger)
     return by_event
 
@@ -457,7 +454,8 @@ def trace(
     print every hit, then a summary. Ctrl-C stops tracing and detaches.
 
     ``triggers`` are ``EVENT:hist:...`` triggers, whose histograms print on
-    stdout at the end (ftrace's ``hist`` file, or one JSON object each);
+    stdout at the end (ftrace's ``hist`` file, or one JSON object each), and
+    ``EVENT:stacktrace`` triggers, whose events print the kernel stack;
     ``quiet`` prints no event lines.
 
     Returns the guest command's exit status (124 when ``duration`` ended

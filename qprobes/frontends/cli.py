@@ -105,6 +105,9 @@ hist triggers (Linux's Documentation/trace/histogram.rst), --trigger EVENT:TRIGG
   KEY: a fetch arg, common_pid, common_cpu (cpu), comm; MOD: hex, sym, sym-offset,
   execname (common_pid), syscall, log2, buckets=N. Printed at the end (and after
   Ctrl-C) as the kernel's hist file; --json gives one {"hist": ...} object each.
+  stacktrace as a key: the kernel stack (unwound from the guest's ORC tables).
+stacktrace triggers, --trigger EVENT:stacktrace[:COUNT] [if FILTER]:
+  each event is followed by the kernel's <stack trace> block (--json: "stack").
 
 examples:
   qprobes trace 'p:myopen do_sys_openat2 path=+0(%si):string' -- cat /etc/hostname
@@ -212,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--trigger",
         action="append",
         metavar="EVENT:TRIGGER",
-        help="an ftrace hist trigger on one event, printed at the end as the kernel's "
-        "hist file, e.g. 'myopen:hist:keys=common_pid.execname,path:sort=hitcount.descending'",
+        help="an ftrace hist or stacktrace trigger on one event (hist tables print at the "
+        "end as the kernel's hist file), e.g. "
+        "'myopen:hist:keys=common_pid.execname,path:sort=hitcount.descending'",
     )
     p.add_argument("-q", "--quiet", action="store_true",
                    help="print no event lines (triggers' tables and the summary only)")  # fmt: skip

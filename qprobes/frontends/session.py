@@ -46,6 +46,7 @@ from qprobes.target.target import Target
 
 if TYPE_CHECKING:
     from qprobes.linux.text import KernelText
+    from qprobes.probes.context import HitContext
     from qprobes.symbols.linux import LinuxKernel
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -235,6 +236,35 @@ class Session:
         self.engine.recover_text = text.recover
         self._use_ftrace(kernel)
         self._use_linux_stacks(kernel)
+        self._use_orc(kernel)
+
+    def _use_orc(self, kernel: LinuxKernel) -> None:
+        """Kernel stack traces for ``ctx.stack()``, from the guest's ORC
+        tables; return addresses qprobes' and the guest's own trampolines
+        replaced are shown as the real ones."""
+        from qprobes.linux.orc import OrcError, OrcUnwinder
+
+        if kernel.btf is None:
+            return
+        try:
+            unwinder = OrcUnwinder.for_kernel(kernel.symbols, kernel.btf, self.engine.read_data)
+        except OrcError as exc:
+            log.info("no kernel stack traces: %s", exc)
+            return
+        kretprobes = self.kretprobes
+
+        def stack(ctx: HitContext) -> list[int]:
+            def recover(slot: int, ret: int) -> int:
+                if ret == kretprobes.trampoline:
+                    ret = kretprobes.find_ret_addr(slot) or ret
+                see = kretprobes.see_through
+                return see(ctx, slot, ret) if see is not None else ret
+
+            return unwinder.unwind(
+                ctx.regs.as_dict(), ctx.read, recover, return_address=ctx.kind == "kretprobe"
+            )
+
+        self.engine.stack_unwinder = stack
 
     def _use_ftrace(self, kernel: LinuxKernel) -> None:
         """Give the engine the guest's ftrace records: probes at an ftrace

@@ -99,6 +99,15 @@ class HitContext:
     # Reads through the vCPU's *current* page tables (user memory of the
     # interrupted task), by the gdbstub; ``read`` uses the kernel's.
     read_current: Callable[[int, int], bytes] | None = None
+    # The session's kernel stack unwinder (Linux: ORC), if it has one.
+    unwinder: Callable[[HitContext], list[int]] | None = None
+
+    def stack(self) -> list[int]:
+        """The kernel stack trace at this hit, innermost first: the probed
+        address (a return probe's: the address returned to), then each
+        caller's return address, across interrupt and exception frames down
+        to the syscall entry. Empty when the session cannot unwind."""
+        return self.unwinder(self) if self.unwinder is not None else []
 
     def read(self, addr: int, length: int) -> bytes:
         """Read guest-virtual memory through this vCPU's page tables."""

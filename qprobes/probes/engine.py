@@ -213,6 +213,8 @@ class KprobeEngine:
         # Finds references into the area on the guest's stacks (set by the
         # Linux session: qprobes.linux.tasks.LinuxStacks).
         self.stack_scanner: StackScanner | None = None
+        # Kernel stack traces for HitContext.stack() (Linux: the ORC unwinder).
+        self.stack_unwinder: Callable[[HitContext], list[int]] | None = None
         self._user_code = 0
         self._vars_phys = 0
         self._blacklist: list[tuple[int, int, str]] = []
@@ -1087,7 +1089,8 @@ class KprobeEngine:
         la57 = self._la57
         # The interrupted task's page tables: they map the kernel too.
         ctx = HitContext(vcpu, frame, self._reader(cr3, la57, vcpu), cr3, frame_addr=frame_addr,
-                         gs_base=gs_base, read_current=self.target.read)  # fmt: skip
+                         gs_base=gs_base, read_current=self.target.read,
+                         unwinder=self.stack_unwinder)  # fmt: skip
         kcb = self.kcb.setdefault(vcpu, KprobeCtlblk())
         if vector == 3:
             self.stats.bp += 1
@@ -1453,7 +1456,7 @@ class KprobeEngine:
         point = self.points.get(addr) if addr is not None else None
         view = PtRegs(list(saved.words))
         if point is not None and point.armed:
-            sctx = HitContext(ctx.vcpu, view, ctx.read_virt, ctx.cr3)
+            sctx = HitContext(ctx.vcpu, view, ctx.read_virt, ctx.cr3, unwinder=ctx.unwinder)
             self._prepare_singlestep(kcb, point, sctx, KprobeStatus.HIT_SS)
         else:
             kcb.status, kcb.current = KprobeStatus.NONE, None

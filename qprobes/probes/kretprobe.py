@@ -257,6 +257,12 @@ class KretprobeManager:
                 return inst.ret_addr
         return None
 
+    def find_ret_addr(self, slot: int) -> int | None:
+        """``kretprobe_find_ret_addr``: the real return address of the live
+        call whose return address at stack ``slot`` is the trampoline (for
+        unwinders), or None."""
+        return self._real_ret_addr(self.live.get(slot, []))
+
     def _read_u64(self, addr: int) -> int | None:
         """A word of a kernel stack, through the kernel's page tables (the
         address space an instance was created in may be gone)."""
@@ -435,7 +441,8 @@ class KretprobeManager:
             rctx = HitContext(ctx.vcpu, view, ctx.read_virt, ctx.cr3, kind="kretprobe",
                               probe=rp.kp, retval=words[_IDX["rax"]], ret_addr=ret_to,
                               entry_data=inst.data, frame_addr=ctx.frame_addr,
-                              gs_base=ctx.gs_base, read_current=ctx.read_current)  # fmt: skip
+                              gs_base=ctx.gs_base, read_current=ctx.read_current,
+                              unwinder=ctx.unwinder)  # fmt: skip
             rctx.entry_regs = inst.entry_regs
             rctx.duration = time.monotonic() - inst.entry_time
             rp.handler(rp, rctx)

@@ -25,17 +25,29 @@ class TraceEvent:
     timestamp: float  # seconds since the trace started
     fields: dict[str, Value]
     text: str  # the fields as ftrace prints them
+    # The kernel stack at the hit, when a trigger asked for it: addresses
+    # innermost first, and each as ``%pS`` (``name+0xoff/0xsize``).
+    stack: tuple[int, ...] | None = None
+    stack_syms: tuple[str, ...] = ()
+    show_stack: bool = False  # a stacktrace trigger: print the <stack trace> block
 
-    def format(self) -> str:
-        """The line ftrace's ``trace`` file would show."""
+    def _prefix(self) -> str:
         comm = self.comm if self.comm is not None else "<unknown>"
         pid = self.pid if self.pid is not None else -1
+        return f"{comm:>16}-{pid:<7} [{self.cpu:03d}] {self.timestamp:12.6f}: "
+
+    def format(self) -> str:
+        """The line ftrace's ``trace`` file would show; after it, for a
+        ``stacktrace`` trigger, the ``<stack trace>`` entry as
+        ``trace_stack_print`` prints it (one `` => SYMBOL`` line a frame)."""
         where = f"{self.ret_to} <- {self.location.split('+')[0]}" if self.ret_to else self.location
         tail = f" {self.text}" if self.text else ""
-        return (
-            f"{comm:>16}-{pid:<7} [{self.cpu:03d}] {self.timestamp:12.6f}: "
-            f"{self.event}: ({where}){tail}"
-        )
+        prefix = self._prefix()
+        line = f"{prefix}{self.event}: ({where}){tail}"
+        if self.show_stack and self.stack_syms:
+            frames = "".join(f"\n => {sym.split('+')[0]}" for sym in self.stack_syms)
+            line += f"\n{prefix}<stack trace>{frames}"
+        return line
 
     def as_json(self) -> dict[str, Any]:
         sym, _, off = self.location.partition("+")
@@ -53,6 +65,7 @@ class TraceEvent:
             "comm": self.comm,
             "timestamp": round(self.timestamp, 6),
             "fields": fields,
+            **({"stack": list(self.stack_syms)} if self.stack is not None else {}),
         }
 
     def to_json(self) -> str:

@@ -244,6 +244,8 @@ def _parse_key(
             )
         return HistKey("stacktrace")
     name, dot, mod_text = item.partition(".")
+    if name in ("stacktrace", "common_stacktrace"):
+        raise _error(text, item, "Invalid field modifier")
     if name == "cpu":
         name = "common_cpu"
     info = _field(text, name, known)
@@ -312,6 +314,47 @@ def _field(text: str, name: str, known: Mapping[str, FilterField] | None) -> Fil
     return info
 
 
+@dataclass
+class StackTrigger:
+    """ftrace's ``stacktrace[:COUNT] [if FILTER]`` trigger: the events it
+    fires on print the kernel stack; ``count`` (None: no limit) counts down."""
+
+    text: str
+    count: int | None = None
+    filter: FilterExpr | None = None
+
+    def fires(self, values: Mapping[str, Value]) -> bool:
+        if self.filter is not None and not evaluate_filter(self.filter, dict(values)):
+            return False
+        if self.count is not None:
+            if self.count <= 0:
+                return False
+            self.count -= 1
+        return True
+
+
+def parse_stacktrace(text: str, fields: Iterable[FilterField] | None = None) -> StackTrigger:
+    """Parse ``stacktrace[:COUNT] [if FILTER]`` (``event_trigger_parse``)."""
+    body, sep, filter_text = text.partition(" if ")
+    name, colon, count_text = body.strip().partition(":")
+    if name != "stacktrace":
+        raise _error(text, "", "not a stacktrace trigger")
+    count = None
+    if colon:
+        try:
+            count = int(count_text, 10)
+        except ValueError:
+            raise _error(text, count_text, f"stacktrace:{count_text}: not a count") from None
+        if count < 1:
+            raise _error(text, count_text, "stacktrace:COUNT wants a positive count")
+    filt = None
+    if sep:
+        if not filter_text.strip():
+            raise _error(text, " if ", "an empty filter after 'if'")
+        filt = parse_filter(filter_text.strip(), fields)
+    return StackTrigger(text.strip(), count, filt)
+
+
 def log2_bucket(value: int) -> int:
     """``ilog2(roundup_pow_of_two(val))`` as the 6.1 kernel computes it for
     a u64: ``fls64(val - 1)`` (so 0 and anything above 2^63 land in 2^64)."""
@@ -358,6 +401,10 @@ class Histogram:
         self.entries: dict[tuple[Any, ...], HistEntry] = {}
         self.hits = 0
         self.dropped = 0
+
+    @property
+    def wants_stack(self) -> bool:
+        return any(k.name == "stacktrace" for k in self.spec.keys)
 
     # -- counting ---------------------------------------------------------
 

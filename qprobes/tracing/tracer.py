@@ -28,7 +28,7 @@ from qprobes.tracing.fetch import (
     format_args,
 )
 from qprobes.tracing.filter import FilterExpr, common_values, evaluate_filter, parse_filter
-from qprobes.tracing.hist import Histogram, KeyMod, parse_hist
+from qprobes.tracing.hist import Histogram, KeyMod, StackTrigger, parse_hist, parse_stacktrace
 from qprobes.tracing.parser import parse_probe
 
 if TYPE_CHECKING:
@@ -67,6 +67,11 @@ class TraceProbe:
     filtered: int = 0
     probe: Kprobe | Kretprobe | None = field(default=None, repr=False)
     hists: list[Histogram] = field(default_factory=list, repr=False)
+    stacktrace: StackTrigger | None = None
+
+    @property
+    def want_stack(self) -> bool:
+        return self.stacktrace is not None or any(h.wants_stack for h in self.hists)
 
     @property
     def name(self) -> str:
@@ -107,6 +112,15 @@ class Tracer:
     @property
     def _symbols(self) -> Any:
         return self.session.symbols
+
+    def _symbol(self, addr: int) -> str:
+        """``%pS``: ``name+0xoff/0xsize``, or ``0x...`` for what kallsyms does not know."""
+        symbols = self._symbols
+        found = symbols.resolve(addr) if symbols is not None else None
+        if found is None:
+            return f"{addr:#x}"
+        sym, off = found
+        return f"{sym.name}+{off:#x}/{sym.size:#x}"
 
     def _location(self, addr: int) -> str:
         symbols = self._symbols
@@ -161,8 +175,8 @@ class Tracer:
         tp = TraceProbe(spec, args, addr, filter_text=filter_text, location=self._location(addr))
         if filter_text:
             tp.filter = parse_filter(filter_text, [a.filter_field for a in args])
-        hists = [self._histogram(tp, text) for text in triggers]
-        tp.hists.extend(hists)
+        for text in triggers:
+            self._add_trigger(tp, text)
         if spec.is_return:
             rp = Kretprobe(addr=addr, handler=self._ret_handler(tp), maxactive=spec.maxactive,
                            name=name)  # fmt: skip
@@ -197,6 +211,13 @@ class Tracer:
         if not passed and not tp.hists:
             tp.filtered += 1
             return
+        stack: tuple[int, ...] | None = None
+        syms: tuple[str, ...] = ()
+        show = False
+        if tp.want_stack:
+            stack = tuple(ctx.stack())
+            syms = tuple(self._symbol(a) for a in stack)
+            show = tp.stacktrace is not None and passed and tp.stacktrace.fires(seen)
         event = TraceEvent(
             group=tp.spec.group,
             event=tp.spec.event,
@@ -210,6 +231,9 @@ class Tracer:
             timestamp=time.monotonic() - self.started,
             fields=values,
             text=format_args(tp.args, values),
+            stack=stack,
+            stack_syms=syms,
+            show_stack=show,
         )
         # As in the kernel, triggers see every hit; the event's filter only
         # chooses what is printed (a trigger has its own ``if``).
@@ -244,8 +268,31 @@ class Tracer:
         tp.hists.append(hist)
         return hist
 
+    def stacktrace(self, event: str, trigger: str = "stacktrace") -> None:
+        """Add ftrace's ``stacktrace[:COUNT] [if FILTER]`` trigger to
+        ``event``: its events carry the kernel stack and print it."""
+        self._add_trigger(self._probe_named(event), trigger)
+
+    @property
+    def can_unwind(self) -> bool:
+        return self.session.engine.stack_unwinder is not None
+
+    def _add_trigger(self, tp: TraceProbe, text: str) -> None:
+        name = text.split(":", 1)[0].split(" ", 1)[0].strip()
+        if name == "hist":
+            tp.hists.append(self._histogram(tp, text))
+        elif name == "stacktrace":
+            if not self.can_unwind:
+                raise ProbeError("stacktrace: this session cannot unwind kernel stacks "
+                                 "(no ORC tables or BTF)")  # fmt: skip
+            if tp.stacktrace is not None:
+                raise ProbeError(f"{tp.name} already has a stacktrace trigger")
+            tp.stacktrace = parse_stacktrace(text, [a.filter_field for a in tp.args])
+        else:
+            raise ProbeError(f"qprobes runs hist and stacktrace triggers, not {name!r}")
+
     def _histogram(self, tp: TraceProbe, trigger: str) -> Histogram:
-        spec = parse_hist(trigger, [a.filter_field for a in tp.args])
+        spec = parse_hist(trigger, [a.filter_field for a in tp.args], stacktrace=self.can_unwind)
         symbols = self._symbols
 
         def resolve(addr: int) -> tuple[str, int, int, str | None] | None:
@@ -256,7 +303,10 @@ class Tracer:
             return sym.name, off, sym.size, None
 
         syscalls = self._syscall_names() if any(k.mod is KeyMod.SYSCALL for k in spec.keys) else {}
-        return Histogram(tp.spec.event, spec, resolve=resolve, syscall_name=syscalls.get)
+        return Histogram(
+            tp.spec.event, spec, resolve=resolve, syscall_name=syscalls.get,
+            stack=lambda event: event.stack or (),
+        )  # fmt: skip
 
     def _probe_named(self, event: str) -> TraceProbe:
         if event in self.probes:

@@ -138,8 +138,9 @@ def test_cli_refuses_a_bad_trigger_before_booting() -> None:
     cases = [
         (["--trigger", "nosuch:hist:keys=path"], "no probe defines event 'nosuch'"),
         (["--trigger", "myopen:hist:keys=path.hex"], "Invalid field modifier"),
-        (["--trigger", "myopen:traceoff"], "qprobes runs hist triggers"),
-        (["--trigger", "myopen:stacktrace"], "stacktrace triggers need kernel stack traces"),
+        (["--trigger", "myopen:traceoff"], "qprobes runs hist and stacktrace triggers"),
+        (["--trigger", "myopen:stacktrace:0"], "stacktrace:COUNT wants a positive count"),
+        (["--trigger", "myopen:hist:keys=stacktrace.hex"], "Invalid field modifier"),
     ]
     for extra, message in cases:
         proc = subprocess.run(
