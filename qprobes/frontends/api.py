@@ -445,6 +445,9 @@ def trace(
     filters: list[str] | None = None,
     triggers: list[str] | None = None,
     quiet: bool = False,
+    latency: list[str] | None = None,
+    output: str | None = None,
+    output_format: str | None = None,
     duration: float | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
@@ -456,7 +459,11 @@ def trace(
     ``triggers`` are ``EVENT:hist:...`` triggers, whose histograms print on
     stdout at the end (ftrace's ``hist`` file, or one JSON object each), and
     ``EVENT:stacktrace`` triggers, whose events print the kernel stack;
-    ``quiet`` prints no event lines.
+    ``quiet`` prints no event lines. ``latency`` names functions whose
+    entry-to-return times print as a histogram at the end (per call only in
+    JSON). ``output`` writes the events to a file instead of stdout, in
+    ``output_format`` (``txt``, ``ndjson``, ``chrome``; by default chosen by
+    the file's name).
 
     Returns the guest command's exit status (124 when ``duration`` ended
     it), 0 after tracing with no command, 130 after Ctrl-C, 141 when stdout
@@ -480,10 +487,24 @@ def trace(
     triggers_by_event = _triggers_by_event(triggers, probes)
     check_machine_args(**machine)
 
+    from qprobes.tracing.output import TraceWriter, format_for
+
+    if not probes and not latency:
+        raise MachineError("give at least one probe definition or --latency FUNCTION")
+    if output is not None:
+        format_for(output, output_format)  # before booting: a name we cannot place
     state = {"asked": False, "pipe": False, "mute": False}
+    writer: TraceWriter | None = None
+    latency_events = {f"lat_{''.join(c if c.isalnum() or c == '_' else '_' for c in f)}"
+                      for f in latency or []}  # fmt: skip
 
     def sink(event: TraceEvent) -> None:
-        if state["pipe"] or state["mute"] or quiet:
+        if state["mute"]:
+            return
+        if writer is not None:
+            writer.write(event)
+            return
+        if state["pipe"] or quiet or (event.event in latency_events and not json_output):
             return
         try:
             out.write((event.to_json() if json_output else event.format()) + "\n")
@@ -501,7 +522,12 @@ def trace(
     previous = signal.signal(signal.SIGINT, on_sigint)
     status = 0
     try:
+        if output is not None:
+            writer = TraceWriter(output, output_format)
         tracer = Tracer(session, sink)
+        for function in latency or []:
+            tp = tracer.latency(function)
+            print(f"qprobes: latency of {tracer.describe(tp)}", file=err)
         for text in probes:
             spec = parse_probe(text)
             if isinstance(spec, RemoveSpec):
@@ -530,10 +556,15 @@ def trace(
     finally:
         signal.signal(signal.SIGINT, previous)
         session.close()
+        if writer is not None:
+            writer.close()
     if state["pipe"]:
         return EXIT_PIPE
     if not _print_histograms(tracer, json_output, out):
         return EXIT_PIPE
+    if writer is not None:
+        print(f"qprobes: wrote {writer.count} events to {writer.path} ({writer.format})",
+              file=err)  # fmt: skip
     for row in summary:
         if json_output:
             err.write(json.dumps({"summary": row}) + "\n")
@@ -554,7 +585,13 @@ def _print_histograms(tracer: Any, json_output: bool, out: TextIO) -> bool:
     import json
 
     hists = [h for tp in tracer.probes.values() for h in tp.hists]
+    latencies = [tp.latency for tp in tracer.probes.values() if tp.latency is not None]
     try:
+        for lat in latencies:
+            if json_output:
+                out.write(json.dumps({"latency": lat.as_json()}) + "\n")
+            else:
+                out.write(lat.format())
         for n, hist in enumerate(hists):
             if json_output:
                 out.write(json.dumps({"hist": hist.as_json()}, default=str) + "\n")

@@ -45,11 +45,12 @@ def _machine_args(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_trace(args: argparse.Namespace) -> int:
     from qprobes.frontends import api
 
-    if not args.probes:
-        raise SystemExit("qprobes trace: give at least one probe definition")
+    if not args.probes and not args.latency:
+        raise SystemExit("qprobes trace: give at least one probe definition or --latency FUNCTION")
     return api.trace(
         args.probes, args.guest_command, json_output=args.json, filters=args.filter,
-        triggers=args.trigger, quiet=args.quiet, duration=args.duration, **_machine_args(args),
+        triggers=args.trigger, quiet=args.quiet, latency=args.latency, output=args.output,
+        output_format=args.format, duration=args.duration, **_machine_args(args),
     )  # fmt: skip
 
 
@@ -219,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
         "end as the kernel's hist file), e.g. "
         "'myopen:hist:keys=common_pid.execname,path:sort=hitcount.descending'",
     )
+    p.add_argument("--latency", action="append", metavar="FUNCTION",
+                   help="time each call of FUNCTION from entry to return; print a log2 "
+                   "histogram with count, min, mean, max and percentiles at the end")  # fmt: skip
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write the events to FILE instead of stdout: ftrace text (.txt), "
+                   "NDJSON (.ndjson) or Chrome/Perfetto trace JSON (.chrome.json)")  # fmt: skip
+    p.add_argument("--format", choices=("txt", "ndjson", "chrome"),
+                   help="the format of -o FILE (default: by its name)")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true",
                    help="print no event lines (triggers' tables and the summary only)")  # fmt: skip
     p.add_argument("--duration", type=float, metavar="SECONDS",

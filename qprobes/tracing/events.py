@@ -30,6 +30,7 @@ class TraceEvent:
     stack: tuple[int, ...] | None = None
     stack_syms: tuple[str, ...] = ()
     show_stack: bool = False  # a stacktrace trigger: print the <stack trace> block
+    duration: float | None = None  # return probes: seconds from the call's entry
 
     def _prefix(self) -> str:
         comm = self.comm if self.comm is not None else "<unknown>"
@@ -66,6 +67,7 @@ class TraceEvent:
             "timestamp": round(self.timestamp, 6),
             "fields": fields,
             **({"stack": list(self.stack_syms)} if self.stack is not None else {}),
+            **({"duration_ns": round(self.duration * 1e9)} if self.duration is not None else {}),
         }
 
     def to_json(self) -> str:

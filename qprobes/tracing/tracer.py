@@ -29,6 +29,7 @@ from qprobes.tracing.fetch import (
 )
 from qprobes.tracing.filter import FilterExpr, common_values, evaluate_filter, parse_filter
 from qprobes.tracing.hist import Histogram, KeyMod, StackTrigger, parse_hist, parse_stacktrace
+from qprobes.tracing.latency import Latency
 from qprobes.tracing.parser import parse_probe
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class TraceProbe:
     probe: Kprobe | Kretprobe | None = field(default=None, repr=False)
     hists: list[Histogram] = field(default_factory=list, repr=False)
     stacktrace: StackTrigger | None = None
+    latency: Latency | None = None
 
     @property
     def want_stack(self) -> bool:
@@ -179,7 +181,7 @@ class Tracer:
             self._add_trigger(tp, text)
         if spec.is_return:
             rp = Kretprobe(addr=addr, handler=self._ret_handler(tp), maxactive=spec.maxactive,
-                           name=name)  # fmt: skip
+                           name=name, entry_handler=self._entry_handler)  # fmt: skip
             tp.probe = self.session.kretprobes.register(rp)
         else:
             kp = Kprobe(addr=addr, pre_handler=self._pre_handler(tp), name=name)
@@ -201,8 +203,22 @@ class Tracer:
         found = kernel.comm_pid(ctx.gs_base, ctx.read)
         return found if found is not None else (None, None)
 
+    def _now(self, ctx: HitContext) -> float:
+        """The trace clock at this hit, in seconds."""
+        return time.monotonic() - self.started
+
+    def _entry_handler(self, rp: Kretprobe, ctx: HitContext) -> bool:
+        ctx.entry_data = self._now(ctx)  # paired with the return by the instance
+        return False
+
     def _emit(self, tp: TraceProbe, ctx: HitContext, ret_to: str | None) -> None:
         comm, pid = self._task(ctx)
+        now = self._now(ctx)
+        duration = None
+        if ctx.kind == "kretprobe" and isinstance(ctx.entry_data, float):
+            duration = max(0.0, now - ctx.entry_data)
+            if tp.latency is not None:
+                tp.latency.add(duration)
         fctx = HitFetchContext(ctx, lambda: comm or "")
         values = evaluate(tp.args, fctx)
         cpu = ctx.vcpu - 1
@@ -228,7 +244,8 @@ class Tracer:
             cpu=cpu,
             pid=pid,
             comm=comm,
-            timestamp=time.monotonic() - self.started,
+            timestamp=now,
+            duration=duration,
             fields=values,
             text=format_args(tp.args, values),
             stack=stack,
@@ -258,6 +275,16 @@ class Tracer:
             self._emit(tp, ctx, self._location(ret) if ret is not None else None)
 
         return handler
+
+    def latency(self, function: str, unit: str = "us") -> TraceProbe:
+        """Measure ``function``'s latency: a return probe ``lat_FUNCTION``
+        whose every call's entry-to-return time goes to ``tp.latency``
+        (a :class:`~qprobes.tracing.latency.Latency`); its events carry
+        ``duration``."""
+        event = "lat_" + "".join(c if c.isalnum() or c == "_" else "_" for c in function)
+        tp = self.add(f"r:qprobes/{event} {function}")
+        tp.latency = Latency(function, unit)
+        return tp
 
     def hist(self, event: str, trigger: str) -> Histogram:
         """Add ftrace's ``hist`` trigger ``trigger`` (``hist:keys=...``) to
