@@ -9,9 +9,10 @@
 #   vmlinuz             the kernel (bzImage) from the Debian package
 #   config              its build configuration (the package's System.map is a
 #                       dummy: symbols come from the guest's kallsyms or BTF)
-#   initramfs.cpio.gz   busybox, /init, the qp-* workload helpers and one small
-#                       module of the kernel package (crc7.ko, no dependencies)
-#   crc7.ko             that module, kept with the kernel it belongs to
+#   initramfs.cpio.gz   busybox, /init, the qp-* workload helpers and two small
+#                       modules of the kernel package with no dependencies
+#                       (crc7.ko; binfmt_misc.ko, whose code user space can run)
+#   crc7.ko, binfmt_misc.ko  those modules, kept with the kernel they belong to
 #   guest.json          manifest: package, version, checksums, build date
 #
 # Needs Debian 12 with apt and network access to Debian's mirrors; run as root
@@ -27,10 +28,12 @@ PIN_PACKAGE=linux-image-6.1.0-56-cloud-amd64
 PIN_VERSION=6.1.192-2
 PIN_SHA256=e7d02b943971edcb8790e256c02cfab3bca6c3d37c1bf25392a57c71300615ee
 META_PACKAGE=linux-image-cloud-amd64
-# A module of the kernel package with no dependencies, put in the initramfs
-# so that tests can load a module while probes are armed.
+# Modules of the kernel package with no dependencies, put in the initramfs
+# so that tests can load a module while probes are armed (crc7) and probe a
+# module's own code (binfmt_misc: mount it, read its status file).
 TEST_MODULE=crc7
 TEST_MODULE_PATH=kernel/lib/crc7.ko
+TEST_MODULE_PATHS="kernel/lib/crc7.ko kernel/fs/binfmt_misc.ko"
 
 GUEST_HOSTNAME=qprobes-guest
 GUEST_PROMPT='qprobes-guest# '
@@ -122,7 +125,10 @@ kernel_reusable() {
     pinned_for=$(sed -n 's/^pin=//p' "$info")
     vsha=$(sed -n 's/^vmlinuz_sha256=//p' "$info")
     [ "$vsha" = "$(sha256 "$cache/vmlinuz")" ] || return 1
-    [ -f "$cache/$TEST_MODULE.ko" ] || return 1
+    local path
+    for path in $TEST_MODULE_PATHS; do
+        [ -f "$cache/$(basename "$path")" ] || return 1
+    done
     [ "$pkg=$ver" = "$PIN_PACKAGE=$PIN_VERSION" ] || [ "$pinned_for" = "$PIN_PACKAGE=$PIN_VERSION" ]
 }
 
@@ -175,13 +181,16 @@ fetch_kernel() {
     done
     # The package has no modules.dep (depmod writes it at install time): the
     # module's own .modinfo must list no dependencies.
-    local ko=$work/kpkg/lib/modules/$release/$TEST_MODULE_PATH
-    [ -f "$ko" ] || die "$(basename "$deb") has no lib/modules/$release/$TEST_MODULE_PATH"
-    tr '\0' '\n' <"$ko" | grep -qx 'depends=' ||
-        die "$TEST_MODULE_PATH depends on other modules: $(tr '\0' '\n' <"$ko" | grep -a '^depends=')"
-    tr '\0' '\n' <"$ko" | grep -aq "^vermagic=$release " ||
-        die "$TEST_MODULE_PATH was not built for $release"
-    install -m 0644 "$ko" "$cache/$TEST_MODULE.ko"
+    local ko path
+    for path in $TEST_MODULE_PATHS; do
+        ko=$work/kpkg/lib/modules/$release/$path
+        [ -f "$ko" ] || die "$(basename "$deb") has no lib/modules/$release/$path"
+        tr '\0' '\n' <"$ko" | grep -qx 'depends=' ||
+            die "$path depends on other modules: $(tr '\0' '\n' <"$ko" | grep -a '^depends=')"
+        tr '\0' '\n' <"$ko" | grep -aq "^vermagic=$release " ||
+            die "$path was not built for $release"
+        install -m 0644 "$ko" "$cache/$(basename "$path")"
+    done
     install -m 0644 "$vmlinuz" "$cache/vmlinuz.new"
     install -m 0644 "$config" "$cache/config.new"
     mv -f "$cache/config.new" "$cache/config"
@@ -317,9 +326,11 @@ EOF
 chmod 0755 "$root/usr/bin/qp-open" "$root/usr/bin/qp-work"
 
 release=$(sed -n 's/^release=//p' "$cache/kernel.info")
-moddir=$root/lib/modules/$release/$(dirname "$TEST_MODULE_PATH")
-mkdir -p "$moddir"
-install -m 0644 "$cache/$TEST_MODULE.ko" "$moddir/"
+for path in $TEST_MODULE_PATHS; do
+    moddir=$root/lib/modules/$release/$(dirname "$path")
+    mkdir -p "$moddir"
+    install -m 0644 "$cache/$(basename "$path")" "$moddir/"
+done
 
 echo "hello from the qprobes guest" >"$root/usr/share/qprobes/hello.txt"
 seq 1 1000 >"$root/usr/share/qprobes/numbers.txt"
@@ -361,6 +372,7 @@ cat >"$cache/guest.json.new" <<EOF
   "initramfs_sha256": "$(sha256 "$cache/initramfs.cpio.gz")",
   "busybox_version": "$busybox_version",
   "test_module": "/lib/modules/$(kinfo release)/$TEST_MODULE_PATH",
+  "test_modules": [$(for path in $TEST_MODULE_PATHS; do printf '%s"/lib/modules/%s/%s"' "${sep:-}" "$(kinfo release)" "$path"; sep=", "; done)],
   "hostname": "$GUEST_HOSTNAME",
   "prompt": "$GUEST_PROMPT",
   "ready": "$GUEST_READY",

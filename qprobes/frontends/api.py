@@ -572,7 +572,8 @@ def trace(
             err.write(
                 f"qprobes: {row['event']}: {row['hits']} hits, {row['emitted']} printed, "
                 f"{row['filtered']} filtered out, {row['missed']} missed"
-                + (", lost (the guest rewrote the probed text)" if row["lost"] else "")
+                + (f", lost ({row.get('lost_why') or 'the guest rewrote the probed text'})"
+                   if row["lost"] else "")
                 + "\n"
             )
             if row.get("note"):

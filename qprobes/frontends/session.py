@@ -40,11 +40,12 @@ from qprobes.probes.jprobe import Jprobe, JprobeManager
 from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe, KretprobeManager
 from qprobes.remote.client import GdbClient
-from qprobes.symbols.elf import SymbolTable, load_elf_symbols
+from qprobes.symbols.elf import Symbol, SymbolTable, load_elf_symbols
 from qprobes.target.hostmem import HostMemory
 from qprobes.target.target import Target
 
 if TYPE_CHECKING:
+    from qprobes.linux.modules import LinuxModules
     from qprobes.linux.text import KernelText
     from qprobes.probes.context import HitContext
     from qprobes.symbols.linux import LinuxKernel
@@ -118,6 +119,8 @@ class Session:
         self.engine = KprobeEngine(target, reserve, near, symbols=symbols, hostmem=hostmem)
         self.kernel: LinuxKernel | None = None
         self.text: KernelText | None = None  # a Linux guest's text rules
+        self.modules: LinuxModules | None = None  # a Linux guest's loaded modules
+        self._module_watch: Kprobe | None = None
         self.kretprobes = KretprobeManager(self.engine)
         self.jprobes = JprobeManager(self.engine)
         self._closed = False
@@ -236,7 +239,61 @@ class Session:
         self.engine.recover_text = text.recover
         self._use_ftrace(kernel)
         self._use_linux_stacks(kernel)
+        self._use_modules(kernel)
         self._use_orc(kernel)
+
+    def _use_modules(self, kernel: LinuxKernel) -> None:
+        """The guest's module list, for ``MOD:SYM`` probes, module symbols,
+        module BTF and module stack frames."""
+        from qprobes.linux.modules import LinuxModules, ModuleError
+
+        if kernel.btf is None:
+            return
+        try:
+            self.modules = LinuxModules(kernel.symbols, kernel.btf, self.engine.read_data)
+        except ModuleError as exc:
+            log.info("no module support: %s", exc)
+            return
+        modules = self.modules
+
+        def resolve(addr: int) -> tuple[Symbol, int] | None:
+            try:
+                found = modules.resolve(addr)
+            except QprobesError:
+                return None
+            return (found[0], found[1]) if found is not None else None
+
+        self.engine.resolve_more = resolve
+
+    def watch_modules(self) -> None:
+        """Drop the probes of a module when it unloads, before its memory is
+        freed (Linux's ``kprobes_module_callback``): a probe on the guest's
+        ``free_module`` kills every probe in the module's core mapping and
+        reports it; their saved bytes are never written into freed memory.
+        Armed the first time a probe goes into a module."""
+        if self._module_watch is not None or self.modules is None or self.kernel is None:
+            return
+        if "free_module" not in self.kernel.symbols:
+            log.warning("the guest has no free_module: probes in a module that unloads "
+                        "are not dropped")  # fmt: skip
+            return
+        modules, engine = self.modules, self.engine
+
+        def going(kp: Kprobe, ctx: HitContext) -> bool:
+            mod_addr = ctx.regs.rdi
+            gone = next((m for m in modules.modules() if m.addr == mod_addr), None)
+            if gone is None:
+                return False
+            killed = engine.kill_range(gone.text, gone.text + gone.size,
+                                       f"its module {gone.name} was unloaded")  # fmt: skip
+            for probe in killed:
+                log.warning("probe dropped: %s (module %s unloaded)", probe.name or probe,
+                            gone.name)  # fmt: skip
+            return False
+
+        self._module_watch = self.engine.register_kprobe(
+            Kprobe(symbol_name="free_module", pre_handler=going, name="qprobes/module-watch")
+        )
 
     def _use_orc(self, kernel: LinuxKernel) -> None:
         """Kernel stack traces for ``ctx.stack()``, from the guest's ORC
@@ -247,7 +304,9 @@ class Session:
         if kernel.btf is None:
             return
         try:
-            unwinder = OrcUnwinder.for_kernel(kernel.symbols, kernel.btf, self.engine.read_data)
+            unwinder = OrcUnwinder.for_kernel(
+                kernel.symbols, kernel.btf, self.engine.read_data, modules=self.modules
+            )
         except OrcError as exc:
             log.info("no kernel stack traces: %s", exc)
             return

@@ -26,8 +26,10 @@ memory and follows the same rules, from a hit's ``pt_regs``:
   the stack are replaced by the real ones (``unwind_recover_ret_addr``),
   through the ``recover`` callback.
 
-Modules' own ORC tables are not read yet: an ip in a module ends the trace
-there (after that frame) unless the frame-pointer fallback finds a caller.
+A module's frames use the module's own tables (``mod->arch``), found
+through the module list. ftrace and BPF trampolines have no ORC data: the
+frame-pointer guess is tried there, as the kernel does for an ip it has
+no entry for.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from qprobes.errors import QprobesError, SymbolError
+from qprobes.linux.modules import LinuxModules, Module
 from qprobes.symbols.btf import Btf
 from qprobes.symbols.elf import SymbolTable
 
@@ -141,7 +144,11 @@ class OrcLayout:
 class OrcTable:
     """``orc_find`` over the guest's vmlinux ORC tables (read on demand)."""
 
-    def __init__(self, symbols: SymbolTable, btf: Btf, read: Read) -> None:
+    def __init__(
+        self, symbols: SymbolTable, btf: Btf, read: Read, modules: LinuxModules | None = None
+    ) -> None:
+        self.modules = modules
+        self._module_tables: dict[int, tuple[Module, list[int]]] = {}
         try:
             self.ip_start = symbols.address("__start_orc_unwind_ip")
             self.ip_stop = symbols.address("__stop_orc_unwind_ip")
@@ -203,7 +210,28 @@ class OrcTable:
                 self._all_ips = self._ips(0, self.count)
             i = bisect.bisect_right(self._all_ips, ip) - 1
             return self._entry(max(i, 0))
-        return None  # modules, ftrace and BPF trampolines: not read yet
+        return self._module_find(ip)
+
+    def _module_find(self, ip: int) -> OrcEntry | None:
+        """``orc_module_find``: the module's own table."""
+        if self.modules is None:
+            return None
+        module = self.modules.module_at(ip)
+        if module is None or not module.num_orcs or not module.in_text(ip):
+            return None
+        cached = self._module_tables.get(module.addr)
+        if cached is None or cached[0].text != module.text:
+            raw = self.read(module.orc_ip, 4 * module.num_orcs)
+            offs = struct.unpack(f"<{module.num_orcs}i", raw)
+            ips = [module.orc_ip + 4 * i + off for i, off in enumerate(offs)]
+            cached = (module, ips)
+            self._module_tables[module.addr] = cached
+        ips = cached[1]
+        i = bisect.bisect_right(ips, ip) - 1
+        if i < 0:
+            return None
+        size = self.layout.size
+        return self.layout.decode(self.read(module.orc + size * i, size))
 
 
 @dataclass
@@ -232,8 +260,10 @@ class OrcUnwinder:
         self.is_text = is_text
 
     @classmethod
-    def for_kernel(cls, symbols: SymbolTable, btf: Btf, read: Read) -> OrcUnwinder:
-        table = OrcTable(symbols, btf, read)
+    def for_kernel(
+        cls, symbols: SymbolTable, btf: Btf, read: Read, modules: LinuxModules | None = None
+    ) -> OrcUnwinder:
+        table = OrcTable(symbols, btf, read, modules)
         names = ("r13", "bp", "r10", "dx", "di", "ip", "cs", "sp")
         try:
             offsets = {n: btf.struct_member_offset("pt_regs", n)[0] for n in names}
@@ -243,7 +273,9 @@ class OrcUnwinder:
         init = table.init
 
         def is_text(addr: int) -> bool:
-            return stext <= addr < etext or (init is not None and init[0] <= addr < init[1])
+            if stext <= addr < etext or (init is not None and init[0] <= addr < init[1]):
+                return True
+            return _maybe_module(addr)  # module text, ftrace and BPF trampolines
 
         return cls(table, offsets, is_text)
 
@@ -285,7 +317,7 @@ class OrcUnwinder:
             if not self._next(state, read, recover):
                 return frames
             while len(frames) < max_frames:
-                if not self.is_text(state.ip) and not _maybe_module(state.ip):
+                if not self.is_text(state.ip):
                     break
                 frames.append(state.ip)
                 if not self._next(state, read, recover):

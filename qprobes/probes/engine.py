@@ -76,7 +76,7 @@ from qprobes.probes.stubs import (
     fault_label,
     probe_hash,
 )
-from qprobes.symbols.elf import SymbolTable
+from qprobes.symbols.elf import Symbol, SymbolTable
 from qprobes.target.hostmem import HostMemory
 from qprobes.target.paging import walk
 from qprobes.target.registers import Registers
@@ -215,6 +215,8 @@ class KprobeEngine:
         self.stack_scanner: StackScanner | None = None
         # Kernel stack traces for HitContext.stack() (Linux: the ORC unwinder).
         self.stack_unwinder: Callable[[HitContext], list[int]] | None = None
+        # Symbols beyond self.symbols (Linux: loaded modules'), for checks and messages.
+        self.resolve_more: Callable[[int], tuple[Symbol, int] | None] | None = None
         self._user_code = 0
         self._vars_phys = 0
         self._blacklist: list[tuple[int, int, str]] = []
@@ -756,8 +758,21 @@ class KprobeEngine:
             return a == b
         return fa[0] == fb[0]
 
+    def resolve_addr(self, addr: int) -> tuple[Symbol, int] | None:
+        """The symbol holding ``addr`` and the offset into it: vmlinux's, or
+        :attr:`resolve_more`'s (a module's)."""
+        found = self.symbols.resolve(addr) if self.symbols is not None else None
+        if found is None and self.resolve_more is not None:
+            found = self.resolve_more(addr)
+        return found
+
     def _where(self, addr: int) -> str:
-        return self.symbols.format(addr) if self.symbols is not None else f"{addr:#x}"
+        if self.symbols is not None and self.symbols.resolve(addr) is not None:
+            return self.symbols.format(addr)
+        found = self.resolve_addr(addr)
+        if found is not None:
+            return f"{found[0].name}+{found[1]:#x}"
+        return f"{addr:#x}"
 
     def _check_ftrace_location(self, addr: int) -> int:
         """Where to put the int3 of a probe at ``addr`` (``check_ftrace_location``).
@@ -1047,14 +1062,35 @@ class KprobeEngine:
         self._last_lost_check = time.monotonic()
         return lost
 
-    def _lose(self, point: ProbePoint) -> None:
-        log.warning("probe lost: the guest rewrote %s", self._where(point.addr))
+    def _lose(self, point: ProbePoint, why: str = "the guest rewrote the probed text") -> None:
+        log.warning("probe lost: %s (%s)", self._where(point.addr), why)
         self.stats.lost += 1
         self._ptable_remove(point.addr)
         point.armed = False
         point.lost = True
         for kp in point.kprobes:
             kp.lost = True
+            kp.lost_why = why
+
+    def kill_range(self, lo: int, hi: int, why: str) -> list[Kprobe]:
+        """``kill_kprobe`` for code that is going away (a module unloading):
+        every probe in ``[lo, hi)`` stops, its table entry goes, and nothing
+        is written there, neither now nor at unregister or detach (its saved
+        byte would land in freed memory). The guest must be stopped before
+        the code is freed (Linux: the module notifier's GOING state; qprobes:
+        a probe on ``free_module``). Returns the probes killed."""
+        killed: list[Kprobe] = []
+        for point in [p for p in self.points.values() if lo <= p.addr < hi]:
+            if point.lost:
+                continue
+            if point.armed:
+                self._lose(point, why)
+            else:
+                point.lost = True
+                for kp in point.kprobes:
+                    kp.lost, kp.lost_why = True, why
+            killed.extend(point.kprobes)
+        return killed
 
     # --- the trap path ----------------------------------------------------------
 

@@ -50,8 +50,9 @@ class Kprobe:
     disabled: bool = False
     registered: bool = field(default=False, init=False)
     lost: bool = False
-    """The guest rewrote the byte qprobes armed (``probe lost``): the probe
-    no longer fires."""
+    """The guest rewrote the byte qprobes armed (``probe lost``), or the code
+    went away (its module unloaded): the probe no longer fires."""
+    lost_why: str | None = None  # what happened, for reports
     on_ftrace: bool = field(default=False, init=False)
 
     @property

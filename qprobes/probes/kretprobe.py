@@ -194,9 +194,9 @@ class KretprobeManager:
                 raise ProbeError(f"{rp.symbol_name} is not a function")
         if self.engine.symbols is not None and rp.addr is not None:
             # kprobe_on_func_entry(): an address must be a function's first byte.
-            found = self.engine.symbols.resolve(rp.addr)
+            found = self.engine.resolve_addr(rp.addr)
             if found is None or found[0].kind != "func" or found[1] != 0:
-                where = self.engine.symbols.format(rp.addr)
+                where = self.engine._where(rp.addr)
                 raise ProbeError(
                     f"a return probe must be at a function's entry: {rp.addr:#x} is {where}"
                 )

@@ -228,9 +228,15 @@ def _parse_path(path: str) -> list[tuple[str, str, list[int]]]:
 
 
 class Btf:
-    """A parsed BTF blob: types by id and by name, and C-level lookups."""
+    """A parsed BTF blob: types by id and by name, and C-level lookups.
 
-    def __init__(self, data: bytes) -> None:
+    With ``base``, the blob is *split* BTF (a module's, ``btf_data``, built
+    against vmlinux): its type ids continue after the base's and its string
+    offsets after the base's string section (``btf_parse_module``); lookups
+    see the base's types too.
+    """
+
+    def __init__(self, data: bytes, base: Btf | None = None) -> None:
         if len(data) < _HEADER.size:
             raise BtfError(f"BTF blob of {len(data)} bytes is shorter than its header")
         magic, version, _flags, hdr_len, type_off, type_len, str_off, str_len = _HEADER.unpack_from(
@@ -245,8 +251,13 @@ class Btf:
         if types_start + type_len > len(data) or strs_start + str_len > len(data):
             raise BtfError("BTF sections run past the end of the blob")
         self.data = bytes(data)
+        self.base = base
         self._strings = self.data[strs_start : strs_start + str_len]
-        self._offsets: list[int] = [0]  # type id -> offset of its btf_type (id 0: void)
+        self._str_base: int = len(base._strings) + base._str_base if base is not None else 0
+        # The first type id of this blob (1, or after the base's types).
+        self._first = len(base._offsets) if base is not None else 1
+        # type id -> offset of its btf_type (id 0: void; a split blob's base ids unused).
+        self._offsets: list[int] = [0] * self._first
         self._cache: dict[int, BtfType] = {0: VOID}
         self._names: dict[str, list[int]] | None = None
         self._scan(types_start, types_start + type_len)
@@ -276,6 +287,10 @@ class Btf:
 
     def string(self, offset: int) -> str:
         """The string at ``offset`` in the string section."""
+        if self.base is not None:
+            if offset < self._str_base:
+                return self.base.string(offset)
+            offset -= self._str_base
         end = self._strings.find(b"\0", offset)
         if offset < 0 or end < 0:
             raise BtfError(f"string offset {offset:#x} is outside the string section")
@@ -288,6 +303,8 @@ class Btf:
         cached = self._cache.get(type_id)
         if cached is not None:
             return cached
+        if self.base is not None and 0 < type_id < self._first:
+            return self.base.type(type_id)
         if not 0 < type_id < len(self._offsets):
             raise BtfError(f"no BTF type id {type_id} (the blob has {len(self)})")
         decoded = self._decode(type_id)
@@ -365,14 +382,13 @@ class Btf:
     def _name_index(self) -> dict[str, list[int]]:
         if self._names is None:
             names: dict[str, list[int]] = {}
+            if self.base is not None:
+                names = {k: list(v) for k, v in self.base._name_index().items()}
             data = self.data
-            strings = self._strings
-            for type_id in range(1, len(self._offsets)):
+            for type_id in range(self._first, len(self._offsets)):
                 (name_off,) = struct.unpack_from("<I", data, self._offsets[type_id])
                 if name_off:
-                    end = strings.find(b"\0", name_off)
-                    name = strings[name_off:end].decode("utf-8", "replace")
-                    names.setdefault(name, []).append(type_id)
+                    names.setdefault(self.string(name_off), []).append(type_id)
             self._names = names
         return self._names
 
@@ -397,8 +413,8 @@ class Btf:
         """Every enumerator whose name starts with ``prefix``, from any ENUM or
         ENUM64 (anonymous ones too: ``enum { FTRACE_FL_ENABLED = ... }``)."""
         data = self.data
-        out: dict[str, int] = {}
-        for type_id in range(1, len(self._offsets)):
+        out: dict[str, int] = self.base.enumerators(prefix) if self.base is not None else {}
+        for type_id in range(self._first, len(self._offsets)):
             (info,) = struct.unpack_from("<I", data, self._offsets[type_id] + 4)
             if (info >> 24) & 0x1F in (BtfKind.ENUM, BtfKind.ENUM64):
                 for value in self.type(type_id).values:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from qprobes.errors import ProbeError, SymbolError
+from qprobes.errors import ProbeError, QprobesError, SymbolError
 from qprobes.probes.context import HitContext
 from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe
@@ -32,7 +32,12 @@ from qprobes.tracing.hist import Histogram, KeyMod, StackTrigger, parse_hist, pa
 from qprobes.tracing.latency import Latency
 from qprobes.tracing.parser import parse_probe
 
+#: Where x86-64 modules (and ftrace/BPF trampolines) live: MODULES_VADDR up.
+MODULES_START = 0xFFFFFFFFA0000000
+MODULES_END = 0xFFFFFFFFFF000000
+
 if TYPE_CHECKING:
+    from qprobes.linux.modules import LinuxModules
     from qprobes.probes.engine import KprobeEngine
     from qprobes.probes.kretprobe import KretprobeManager
     from qprobes.symbols.linux import LinuxKernel
@@ -51,7 +56,10 @@ class ProbeHost(Protocol):
     def symbols(self) -> Any: ...
     @property
     def kernel(self) -> LinuxKernel | None: ...
+    @property
+    def modules(self) -> LinuxModules | None: ...
     def unregister(self, probe: Kprobe | Kretprobe) -> None: ...
+    def watch_modules(self) -> None: ...
 
 
 @dataclass
@@ -95,6 +103,11 @@ class TraceProbe:
         return self.probe
 
     @property
+    def lost_why(self) -> str | None:
+        kp = self.kprobe
+        return kp.lost_why if kp is not None and kp.lost else None
+
+    @property
     def lost(self) -> bool:
         """The guest rewrote the probed byte: the probe stopped firing."""
         if isinstance(self.probe, Kprobe):
@@ -115,22 +128,37 @@ class Tracer:
     def _symbols(self) -> Any:
         return self.session.symbols
 
-    def _symbol(self, addr: int) -> str:
-        """``%pS``: ``name+0xoff/0xsize``, or ``0x...`` for what kallsyms does not know."""
+    def _resolve(self, addr: int) -> tuple[str, int, int, str | None] | None:
+        """``addr`` as (symbol, offset, size, module or None), from vmlinux's
+        symbols or a loaded module's."""
         symbols = self._symbols
         found = symbols.resolve(addr) if symbols is not None else None
+        if found is not None:
+            return found[0].name, found[1], found[0].size, None
+        modules = self.session.modules
+        if modules is None or not MODULES_START <= addr < MODULES_END:
+            return None
+        try:
+            in_module = modules.resolve(addr)
+        except QprobesError:
+            return None
+        if in_module is None:
+            return None
+        sym, off, module = in_module
+        return sym.name, off, sym.size, module.name
+
+    def _symbol(self, addr: int) -> str:
+        """``%pS``: ``name+0xoff/0xsize [module]``, or ``0x...`` for what
+        kallsyms does not know."""
+        found = self._resolve(addr)
         if found is None:
             return f"{addr:#x}"
-        sym, off = found
-        return f"{sym.name}+{off:#x}/{sym.size:#x}"
+        name, off, size, module = found
+        text = f"{name}+{off:#x}/{size:#x}"
+        return f"{text} [{module}]" if module else text
 
     def _location(self, addr: int) -> str:
-        symbols = self._symbols
-        found = symbols.resolve(addr) if symbols is not None else None
-        if found is None:
-            return f"{addr:#x}"
-        sym, off = found
-        return f"{sym.name}+{off:#x}/{sym.size:#x}"
+        return self._symbol(addr)
 
     def describe(self, tp: TraceProbe) -> str:
         """Where ``tp`` is, and where its int3 went when that is elsewhere: a
@@ -142,13 +170,33 @@ class Tracer:
             text += f" (an ftrace site: int3 at {self._location(kp.arm_addr)})"
         return text
 
-    def _resolver(self) -> Any:
+    def _resolver(self, btf: Any = None) -> Any:
         kernel = self.session.kernel
-        if kernel is None or kernel.btf is None:
+        btf = btf if btf is not None else (kernel.btf if kernel is not None else None)
+        if btf is None:
             return None
         from qprobes.tracing.btf_resolver import BtfTypeResolver
 
-        return BtfTypeResolver(kernel.btf)
+        return BtfTypeResolver(btf)
+
+    def _module_address(self, spec: ProbeSpec) -> tuple[int, Any]:
+        """``MOD:SYM[+offs]`` (or a ``SYM`` only a module has): its address and
+        the module's BTF (None without). The module must be loaded."""
+        assert spec.symbol is not None
+        modules = self.session.modules
+        where = f"{spec.module}:{spec.symbol}" if spec.module else spec.symbol
+        if modules is None:
+            raise ProbeError(f"{where}: this session cannot read the guest's modules")
+        try:
+            sym, module = modules.lookup(spec.symbol, spec.module)
+            btf = modules.btf(module)
+        except QprobesError as exc:
+            raise ProbeError(f"{where}: {exc}") from None
+        if spec.offset and sym.size and spec.offset >= sym.size:
+            raise ProbeError(f"{where}+{spec.offset:#x} is past the end of {spec.symbol} "
+                             f"({sym.size:#x} bytes)")  # fmt: skip
+        self.session.watch_modules()
+        return sym.addr + spec.offset, btf
 
     def add(
         self,
@@ -166,14 +214,18 @@ class Tracer:
         name = f"{spec.group}/{spec.event}"
         if name in self.probes:
             raise ProbeError(f"event {name} already exists")
+        module_btf = None
         if spec.address is not None:
             addr = spec.address
         else:
             if self._symbols is None:
                 raise ProbeError(f"no symbols to resolve {spec.symbol}")
             assert spec.symbol is not None
-            addr = self._symbols.address(spec.symbol) + spec.offset
-        args = compile_fetchargs(spec, self._symbols, self._resolver())
+            if spec.module is not None or spec.symbol not in self._symbols:
+                addr, module_btf = self._module_address(spec)
+            else:
+                addr = self._symbols.address(spec.symbol) + spec.offset
+        args = compile_fetchargs(spec, self._symbols, self._resolver(module_btf))
         tp = TraceProbe(spec, args, addr, filter_text=filter_text, location=self._location(addr))
         if filter_text:
             tp.filter = parse_filter(filter_text, [a.filter_field for a in args])
@@ -320,18 +372,9 @@ class Tracer:
 
     def _histogram(self, tp: TraceProbe, trigger: str) -> Histogram:
         spec = parse_hist(trigger, [a.filter_field for a in tp.args], stacktrace=self.can_unwind)
-        symbols = self._symbols
-
-        def resolve(addr: int) -> tuple[str, int, int, str | None] | None:
-            found = symbols.resolve(addr) if symbols is not None else None
-            if found is None:
-                return None
-            sym, off = found
-            return sym.name, off, sym.size, None
-
         syscalls = self._syscall_names() if any(k.mod is KeyMod.SYSCALL for k in spec.keys) else {}
         return Histogram(
-            tp.spec.event, spec, resolve=resolve, syscall_name=syscalls.get,
+            tp.spec.event, spec, resolve=self._resolve, syscall_name=syscalls.get,
             stack=lambda event: event.stack or (),
         )  # fmt: skip
 
@@ -375,7 +418,8 @@ class Tracer:
         return [
             {"event": name, "location": tp.spec.location, "hits": tp.nhit,
              "emitted": tp.emitted, "filtered": tp.filtered, "missed": tp.nmissed,
-             "note": engine.ftrace_site_changed(tp.kprobe) if tp.kprobe is not None else None,
-             "lost": tp.lost}
+             "note": engine.ftrace_site_changed(tp.kprobe)
+                     if tp.kprobe is not None and not tp.lost else None,
+             "lost": tp.lost, "lost_why": tp.lost_why}
             for name, tp in self.probes.items()
         ]  # fmt: skip
