@@ -169,6 +169,10 @@ class EngineStats:
     lost: int = 0  # probes lost because the guest rewrote their int3
 
 
+#: Why a probe is lost when the guest patched the byte it armed.
+REWRITTEN = "the guest rewrote the probed text"
+
+
 class KprobeEngine:
     """Registers, arms and services kprobes in one guest.
 
@@ -1062,8 +1066,11 @@ class KprobeEngine:
         self._last_lost_check = time.monotonic()
         return lost
 
-    def _lose(self, point: ProbePoint, why: str = "the guest rewrote the probed text") -> None:
-        log.warning("probe lost: %s (%s)", self._where(point.addr), why)
+    def _lose(self, point: ProbePoint, why: str = REWRITTEN) -> None:
+        if why == REWRITTEN:
+            log.warning("probe lost: the guest rewrote %s", self._where(point.addr))
+        else:
+            log.warning("probe lost: %s (%s)", self._where(point.addr), why)
         self.stats.lost += 1
         self._ptable_remove(point.addr)
         point.armed = False
