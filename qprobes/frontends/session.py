@@ -130,13 +130,22 @@ class Session:
              boot_until: bytes | None = None, boot_timeout: float = 60.0,
              attach: bool = True, host_memory: bool = True) -> Session:  # fmt: skip
         """Boot ``config`` and attach; with ``boot_until``, run until the console shows it."""
+        from qprobes.progress import progress
+
         machine = QemuMachine(config)
-        machine.launch()
+        vcpus = f"{config.smp} vCPU" + ("s" if config.smp > 1 else "")
+        title = f"booting {Path(config.kernel).name} ({config.accel.upper()}, {vcpus})"
+        with progress.step(title):
+            machine.launch()
+            try:
+                if boot_until is not None:
+                    machine.target.resume()
+                    _boot_to(machine, boot_until, boot_timeout)
+                    machine.target.stop()
+            except BaseException:
+                machine.shutdown()
+                raise
         try:
-            if boot_until is not None:
-                machine.target.resume()
-                _boot_to(machine, boot_until, boot_timeout)
-                machine.target.stop()
             if near is None:
                 if symbols is None:
                     raise ProbeError("give a kernel text address (near=) or symbols")
@@ -216,16 +225,19 @@ class Session:
             # guest hands it out (a module or BPF program could land in the
             # module area).
             self.engine.area.image = (kernel.text, kernel.symbols.address("_end"))
-        self.engine.attach()
-        try:
-            # Linux's blacklist and the text the kernel rewrites, read through
-            # the kernel's page tables (known once attached); without them no
-            # probe is safe, so a failure detaches again.
-            blacklist = kernel.blacklist(self.engine.read_data)
-            text = KernelText.load(kernel, self.engine.read_data, blacklist)
-        except BaseException:
-            self.engine.detach()
-            raise
+        from qprobes.progress import progress
+
+        with progress.step("attaching (kprobe blacklist, the text the kernel rewrites)"):
+            self.engine.attach()
+            try:
+                # Linux's blacklist and the text the kernel rewrites, read through
+                # the kernel's page tables (known once attached); without them no
+                # probe is safe, so a failure detaches again.
+                blacklist = kernel.blacklist(self.engine.read_data)
+                text = KernelText.load(kernel, self.engine.read_data, blacklist)
+            except BaseException:
+                self.engine.detach()
+                raise
         for start, end, why in blacklist:
             self.engine.blacklist(start, end, why)
         self.text = text

@@ -133,36 +133,73 @@ def _load(directory: Path, *, check_builder: bool) -> LinuxGuest | None:
     return LinuxGuest(kernel=kernel, initrd=initrd, manifest=manifest)
 
 
-def build_linux_guest(directory: Path | None = None, timeout: float = BUILD_TIMEOUT) -> str:
+def build_linux_guest(
+    directory: Path | None = None,
+    timeout: float = BUILD_TIMEOUT,
+    env: dict[str, str] | None = None,
+) -> str:
     """Run ``scripts/build-linux-guest.sh`` and return its output.
 
-    Raises :class:`MachineError` with the script's output when it fails.
+    On a terminal, a progress line shows the script's latest step. ``env``
+    adds variables to the script's environment. Raises :class:`MachineError`
+    with the script's output when it fails.
     """
+    import select
+    import time
+
+    from qprobes.progress import progress
+
     directory = directory or linux_cache_dir()
     if not BUILD_SCRIPT.is_file():
         raise MachineError(f"{BUILD_SCRIPT} is missing: cannot build the Linux guest")
     cmd = ["bash", str(BUILD_SCRIPT), str(directory)]
-    try:
-        result = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode()
-        raise MachineError(f"building the Linux guest timed out after {timeout} s:\n{out}") from exc
-    except OSError as exc:
-        raise MachineError(f"cannot run {BUILD_SCRIPT}: {exc}") from exc
-    if result.returncode != 0:
-        raise MachineError(
-            f"building the Linux guest failed ({' '.join(cmd)} exited with status "
-            f"{result.returncode}):\n{result.stdout.rstrip()}"
-        )
-    return result.stdout
+    lines: list[str] = []
+    with progress.step("building the default Linux guest") as step:
+        try:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            )  # fmt: skip
+        except OSError as exc:
+            raise MachineError(f"cannot run {BUILD_SCRIPT}: {exc}") from exc
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        pending = b""
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MachineError(
+                        f"building the Linux guest timed out after {timeout} s:\n"
+                        + "\n".join(lines)
+                    )
+                if not select.select([proc.stdout], [], [], min(left, 1.0))[0]:
+                    continue
+                data = os.read(proc.stdout.fileno(), 65536)
+                if not data:
+                    break
+                pending += data
+                *done, pending = pending.split(b"\n")
+                for raw in done:
+                    line = raw.decode(errors="replace").rstrip()
+                    lines.append(line)
+                    if line.startswith("build-linux-guest: "):
+                        step.update(line.removeprefix("build-linux-guest: "), force=True)
+            if pending:
+                lines.append(pending.decode(errors="replace").rstrip())
+            status = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        output = "\n".join(lines) + ("\n" if lines else "")
+        if status != 0:
+            raise MachineError(
+                f"building the Linux guest failed ({' '.join(cmd)} exited with status "
+                f"{status}):\n{output.rstrip()}"
+            )
+    return output
 
 
 def linux_guest(build: bool = True) -> LinuxGuest:
