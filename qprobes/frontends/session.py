@@ -87,6 +87,12 @@ def _boot_to(machine: QemuMachine, until: bytes, timeout: float) -> None:
     raise MachineError(f"{why}; the last lines of its console:\n{lines}")
 
 
+def kaslr_off(cmdline: str) -> bool:
+    """Whether a kernel command line turns KASLR off (``nokaslr`` anywhere
+    in it: the decompressor's ``cmdline_find_option_bool``)."""
+    return "nokaslr" in cmdline.split()
+
+
 class Session:
     """A guest, its symbols, and a :class:`KprobeEngine` attached to it."""
 
@@ -212,6 +218,7 @@ class Session:
             kernel = LinuxKernel.from_file(self.target, symbols_file, read_phys=read_phys)
         else:
             kernel = LinuxKernel.load(self.target, read_phys=read_phys)
+            self._remember_boot(kernel)
         self.kernel = kernel
         self.symbols = kernel.symbols
         self.engine.symbols = kernel.symbols
@@ -247,6 +254,20 @@ class Session:
         self.engine.recover_text = text.recover
         self._use_ftrace(kernel)
         self._use_linux_stacks(kernel)
+
+    def _remember_boot(self, kernel: LinuxKernel) -> None:
+        """A guest of ours booted with KASLR off: record its kallsyms under the
+        kernel image's sha256, so that ``qprobes symbols`` of the same image
+        needs no boot next time."""
+        from qprobes.machine.linux import sha256_file
+        from qprobes.symbols.kallsyms import KallsymsTable, remember_boot
+
+        if self.machine is None or not isinstance(kernel.symbols, KallsymsTable):
+            return
+        if not kaslr_off(self.machine.config.kernel_cmdline()):
+            return
+        with contextlib.suppress(OSError):
+            remember_boot(sha256_file(Path(self.machine.config.kernel)), kernel.symbols)
 
     def _use_ftrace(self, kernel: LinuxKernel) -> None:
         """Give the engine the guest's ftrace records: probes at an ftrace

@@ -98,7 +98,8 @@ class LinuxGuest:
         return str(self.manifest.get("version", ""))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, in hex."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -119,15 +120,15 @@ def _load(directory: Path, *, check_builder: bool) -> LinuxGuest | None:
         return None
     if not isinstance(manifest, dict):
         return None
-    if manifest.get("vmlinuz_sha256") != _sha256(kernel):
+    if manifest.get("vmlinuz_sha256") != sha256_file(kernel):
         return None
-    if manifest.get("initramfs_sha256") != _sha256(initrd):
+    if manifest.get("initramfs_sha256") != sha256_file(initrd):
         return None
     # A changed build script (new pin, new /init) means a rebuild.
     if (
         check_builder
         and BUILD_SCRIPT.is_file()
-        and manifest.get("builder_sha256") != _sha256(BUILD_SCRIPT)
+        and manifest.get("builder_sha256") != sha256_file(BUILD_SCRIPT)
     ):
         return None
     return LinuxGuest(kernel=kernel, initrd=initrd, manifest=manifest)
