@@ -72,11 +72,21 @@ class Progress:
     def _line(self, text: str, end: str = "") -> None:
         if not self.enabled:
             return
+        line = f"qprobes: {text}"
+        width = self._width()
+        if len(line) >= width:  # a wrapped line could not be rewritten in place
+            line = line[: max(width - 4, 10)] + "..."
         try:
-            self.stream.write(f"\rqprobes: {text}{_CLEAR_TO_EOL}{end}")
+            self.stream.write(f"\r{line}{_CLEAR_TO_EOL}{end}")
             self.stream.flush()
         except (OSError, ValueError):
             pass  # progress is never worth an error
+
+    def _width(self) -> int:
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            return 80
 
     @contextmanager
     def step(self, title: str) -> Iterator[Step]:

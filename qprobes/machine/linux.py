@@ -24,12 +24,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import struct
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qprobes.errors import MachineError
+from qprobes.machine.debfetch import DebPin, fetch, read_pins, unpack_deb
 from qprobes.machine.qemu import MachineConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -134,25 +137,118 @@ def _load(directory: Path, *, check_builder: bool) -> LinuxGuest | None:
     return LinuxGuest(kernel=kernel, initrd=initrd, manifest=manifest)
 
 
-def build_linux_guest(
-    directory: Path | None = None,
-    timeout: float = BUILD_TIMEOUT,
-    env: dict[str, str] | None = None,
-) -> str:
+def build_linux_guest(directory: Path | None = None, timeout: float = BUILD_TIMEOUT) -> str:
     """Run ``scripts/build-linux-guest.sh`` and return its output.
 
-    On a terminal, a progress line shows the script's latest step. ``env``
-    adds variables to the script's environment. Raises :class:`MachineError`
-    with the script's output when it fails.
+    Where apt is missing (Fedora, Arch), or the script's apt download failed,
+    the pinned packages come from Debian's archive over HTTPS instead
+    (:mod:`qprobes.machine.debfetch`, checksums checked). On a terminal,
+    progress lines show the download and the script's latest step. Raises
+    :class:`MachineError` with the script's output when it fails.
     """
+    import re
+    import tempfile
+
+    directory = directory or linux_cache_dir()
+    if not BUILD_SCRIPT.is_file():
+        raise MachineError(f"{BUILD_SCRIPT} is missing: cannot build the Linux guest")
+    directory.mkdir(parents=True, exist_ok=True)
+    if not _apt_usable():
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch.") as work:
+            env = packages_without_apt(directory, Path(work))
+            return _run_builder(directory, timeout, env)
+    try:
+        return _run_builder(directory, timeout, {})
+    except MachineError as exc:
+        if not re.search(r"apt|download|archive", str(exc)):
+            raise
+        first = exc
+    # apt could not get the packages (no root for apt-get update, a mirror
+    # that fails): the same pins, from Debian's archive over HTTPS.
+    try:
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch.") as work:
+            env = packages_without_apt(directory, Path(work))
+            return _run_builder(directory, timeout, env)
+    except MachineError as exc:
+        raise MachineError(f"{first}\nand without apt: {exc}") from exc
+
+
+def _apt_usable() -> bool:
+    return shutil.which("apt-get") is not None and shutil.which("dpkg-deb") is not None
+
+
+def _static_busybox() -> bool:
+    """Is there a statically linked busybox on PATH (no ELF interpreter)?"""
+    path = shutil.which("busybox")
+    if path is None:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2:  # ELF64 only
+                return False
+            phoff, = struct.unpack_from("<Q", head, 32)
+            phentsize, phnum = struct.unpack_from("<HH", head, 54)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except (OSError, struct.error):
+        return False
+    types = [struct.unpack_from("<I", table, i * phentsize)[0] for i in range(phnum)
+             if (i + 1) * phentsize <= len(table)]  # fmt: skip
+    return PT_INTERP not in types
+
+
+PT_INTERP = 3
+
+
+def _kernel_cached(directory: Path, pin: DebPin, module: str) -> bool:
+    """Will the builder reuse the cached kernel (its ``kernel_reusable``)?"""
+    try:
+        info = dict(
+            line.split("=", 1)
+            for line in (directory / "kernel.info").read_text().splitlines()
+            if "=" in line
+        )
+    except OSError:
+        return False
+    kernel, config = directory / "vmlinuz", directory / "config"
+    ko = directory / Path(module).name
+    if not (kernel.is_file() and config.is_file() and ko.is_file()):
+        return False
+    if info.get("vmlinuz_sha256") != sha256_file(kernel):
+        return False
+    wanted = f"{pin.package}={pin.version}"
+    return f"{info.get('package')}={info.get('version')}" == wanted or info.get("pin") == wanted
+
+
+def packages_without_apt(directory: Path, work: Path) -> dict[str, str]:
+    """Download (or take from ``directory/packages``) and unpack the builder's
+    pinned packages the build needs, into ``work``; the environment that
+    hands them to the builder (no busybox when the host has a static one)."""
+    from qprobes.progress import progress
+
+    kernel, busybox, module = read_pins(BUILD_SCRIPT)
+    store = directory / "packages"
+    env: dict[str, str] = {}
+    if not _kernel_cached(directory, kernel, module):
+        deb = fetch(kernel, store)
+        with progress.step(f"unpacking {deb.name}"):
+            unpack_deb(deb, work / "kernel", ["boot/*", f"lib/modules/*/{module}"])
+        env["QPROBES_KERNEL_PACKAGE"] = str(work / "kernel")
+    if not _static_busybox():
+        deb = fetch(busybox, store)
+        unpack_deb(deb, work / "busybox", ["bin/busybox"])
+        env["QPROBES_BUSYBOX"] = str(work / "busybox" / "bin" / "busybox")
+    return env
+
+
+def _run_builder(directory: Path, timeout: float, env: dict[str, str]) -> str:
+    """Run the builder script with ``env`` added to its environment."""
     import select
     import time
 
     from qprobes.progress import progress
 
-    directory = directory or linux_cache_dir()
-    if not BUILD_SCRIPT.is_file():
-        raise MachineError(f"{BUILD_SCRIPT} is missing: cannot build the Linux guest")
     cmd = ["bash", str(BUILD_SCRIPT), str(directory)]
     lines: list[str] = []
     with progress.step("building the default Linux guest") as step:
