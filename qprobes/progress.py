@@ -74,7 +74,7 @@ class Progress:
             return
         line = f"qprobes: {text}"
         width = self._width()
-        if len(line) >= width:  # a wrapped line could not be rewritten in place
+        if 0 < width <= len(line):  # a wrapped line could not be rewritten in place
             line = line[: max(width - 4, 10)] + "..."
         try:
             self.stream.write(f"\r{line}{_CLEAR_TO_EOL}{end}")
@@ -83,10 +83,11 @@ class Progress:
             pass  # progress is never worth an error
 
     def _width(self) -> int:
+        """The terminal's width (0: unknown, as on a new pseudo-terminal)."""
         try:
             return os.get_terminal_size(self.stream.fileno()).columns
         except (AttributeError, OSError, ValueError):
-            return 80
+            return 0
 
     @contextmanager
     def step(self, title: str) -> Iterator[Step]:
