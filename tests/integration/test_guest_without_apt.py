@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -164,3 +165,28 @@ def test_a_wrong_checksum_is_refused_in_one_line(
     assert kernel.sha256 in lines[0] and f"refusing {kernel.package} {kernel.version}" in lines[0]
     assert not (tmp_path / "linux" / "vmlinuz").exists()
     assert not list((tmp_path / "linux" / "packages").glob("*"))
+
+
+def test_an_apt_that_fails_falls_back_to_the_archive(
+    mirror: Mirror, no_apt_path: str, pins: tuple[DebPin, DebPin], tmp_path: Path
+) -> None:
+    """apt is there but cannot download (no network to its mirror, a broken
+    list): the build gets the same pins over HTTPS instead."""
+    broken = tmp_path / "broken-apt"
+    broken.mkdir()
+    for tool in ("apt-get", "apt-cache"):
+        script = broken / tool
+        script.write_text(f"#!/bin/sh\necho '{tool}: cannot reach the mirror' >&2\nexit 100\n")
+        script.chmod(0o755)
+    dpkg_deb = shutil.which("dpkg-deb")
+    if dpkg_deb is not None:  # apt's own unpacker works; only downloads fail
+        (broken / "dpkg-deb").symlink_to(dpkg_deb)
+    before = len(mirror.requests)
+    env = environment(mirror, f"{broken}{os.pathsep}{no_apt_path}", tmp_path / "cache")
+    result = subprocess.run([*CLI, "symbols", "do_sys_open*"], capture_output=True, text=True,
+                            timeout=600, check=False, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "do_sys_openat2" in result.stdout
+    assert sorted(mirror.requests[before:]) == sorted("/" + p.pool for p in pins)
+    built = json.loads((tmp_path / "cache" / "linux" / "guest.json").read_text())
+    assert built["sha256"] == pins[0].sha256 and built["pinned"] is True
