@@ -850,8 +850,13 @@ def remember_boot(
     cache = cache_dir if cache_dir is not None else default_cache_dir()
     if table.banner is None:
         return False
-    header = _read_cache_header(_cache_path(cache, table.banner))
+    entry = _cache_path(cache, table.banner)
+    header = _read_cache_header(entry)
     if header is None or header.get("banner") != table.banner:
+        return False
+    try:
+        digest = hashlib.sha256(entry.read_bytes()).hexdigest()
+    except OSError:
         return False
     record = {
         "format": _BOOT_FORMAT,
@@ -860,6 +865,8 @@ def remember_boot(
         "banner": table.banner,
         "slide": table.slide,
         "count": header.get("count"),
+        # Another kernel with the same banner could rewrite the entry later.
+        "entry_sha256": digest,
     }
     path = _boot_record_path(cache, image_sha256)
     try:
@@ -888,10 +895,10 @@ def cached_kallsyms(image_sha256: str, *, cache_dir: Path | None = None) -> Kall
     if not isinstance(banner, str) or not isinstance(slide, int):
         return None
     path = _cache_path(cache, banner)
-    header = _read_cache_header(path)
-    if header is None or header.get("banner") != banner or header.get("count") != record.get(
-        "count"
-    ):
+    try:
+        if hashlib.sha256(path.read_bytes()).hexdigest() != record.get("entry_sha256"):
+            return None
+    except OSError:
         return None
     raw = _load_cache(path, slide)
     if raw is None:
