@@ -182,7 +182,7 @@ fetch_kernel() {
         say "WARNING: the pinned kernel $PIN_PACKAGE $PIN_VERSION is not available"
         say "WARNING: (gone from Debian's archive, or its download failed);"
         say "WARNING: falling back to $pkg $ver (the current dependency of $META_PACKAGE)."
-        say "WARNING: update PIN_PACKAGE/PIN_VERSION/PIN_SHA256 in $self."
+        say "WARNING: update PIN_PACKAGE/PIN_VERSION/PIN_SHA256/PIN_POOL in $self."
         deb=$(apt_download "$pkg" "$ver") || die "apt-get download $pkg=$ver failed"
     fi
     got=$(sha256 "$deb")
