@@ -15,8 +15,14 @@
 #   crc7.ko, binfmt_misc.ko  those modules, kept with the kernel they belong to
 #   guest.json          manifest: package, version, checksums, build date
 #
-# Needs Debian 12 with apt and network access to Debian's mirrors; run as root
-# (apt-get update runs only when the package lists are empty or lack the pin).
+# On Debian it gets the packages with apt (run as root: apt-get update runs
+# only when the package lists are empty or lack the pin). Elsewhere (Fedora,
+# Arch) qprobes downloads the pinned packages from Debian's archive over HTTPS,
+# checks the checksums below, unpacks them in Python
+# (qprobes/machine/debfetch.py) and hands them over:
+#   QPROBES_KERNEL_PACKAGE=DIR  DIR holds the pinned kernel package's files
+#   QPROBES_BUSYBOX=FILE        a static busybox (the pinned busybox-static's)
+# Verified packages are kept in CACHE_DIR/packages (a rebuild downloads nothing).
 # Idempotent: a cache that matches this script and its checksums is reused.
 set -euo pipefail
 
@@ -27,6 +33,15 @@ set -euo pipefail
 PIN_PACKAGE=linux-image-6.1.0-56-cloud-amd64
 PIN_VERSION=6.1.192-2
 PIN_SHA256=e7d02b943971edcb8790e256c02cfab3bca6c3d37c1bf25392a57c71300615ee
+# Where the pin is, under a Debian mirror's root (https://deb.debian.org/ or a
+# snapshot.debian.org archive at PIN_SNAPSHOT), for hosts without apt.
+PIN_POOL=debian-security/pool/updates/main/l/linux-signed-amd64/linux-image-6.1.0-56-cloud-amd64_6.1.192-2_amd64.deb
+PIN_SNAPSHOT=20261201T000000Z
+# busybox-static for hosts with neither apt nor a static busybox.
+BUSYBOX_PIN_PACKAGE=busybox-static
+BUSYBOX_PIN_VERSION=1:1.35.0-4+deb12u1+b1
+BUSYBOX_PIN_SHA256=3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744
+BUSYBOX_PIN_POOL=debian/pool/main/b/busybox/busybox-static_1.35.0-4+deb12u1+b1_amd64.deb
 META_PACKAGE=linux-image-cloud-amd64
 # Modules of the kernel package with no dependencies, put in the initramfs
 # so that tests can load a module while probes are armed (crc7) and probe a
@@ -106,11 +121,18 @@ apt_download() {
     echo "$deb"
 }
 
-command -v apt-get >/dev/null || die "apt-get not found: this script needs Debian 12"
-command -v dpkg-deb >/dev/null || die "dpkg-deb not found: this script needs Debian 12"
-if lists_empty; then
-    apt_update || die "apt's package lists are empty and apt-get update failed"
-fi
+kernel_package=${QPROBES_KERNEL_PACKAGE:-}
+given_busybox=${QPROBES_BUSYBOX:-}
+need_apt() {
+    command -v apt-get >/dev/null ||
+        die "apt-get not found: $1 (qprobes downloads the pinned packages itself where apt is missing)"
+    command -v dpkg-deb >/dev/null || die "dpkg-deb not found: $1"
+    if lists_empty; then
+        apt_update || die "apt's package lists are empty and apt-get update failed"
+    fi
+}
+# Keep a verified package for the next build.
+keep_package() { mkdir -p "$cache/packages" && mv -f "$1" "$cache/packages/"; }
 
 # --- the kernel -------------------------------------------------------------------
 
@@ -133,7 +155,16 @@ kernel_reusable() {
 }
 
 fetch_kernel() {
-    local pkg=$PIN_PACKAGE ver=$PIN_VERSION expect=$PIN_SHA256 pinned=true deb=""
+    local pkg=$PIN_PACKAGE ver=$PIN_VERSION expect=$PIN_SHA256 pinned=true deb="" got
+    if [ -n "$kernel_package" ]; then
+        # Downloaded and checked against PIN_SHA256 by qprobes, and unpacked.
+        [ -d "$kernel_package/boot" ] || die "QPROBES_KERNEL_PACKAGE=$kernel_package has no boot/"
+        say "using $pkg $ver unpacked by qprobes (sha256 $expect checked)"
+        got=$expect
+        install_kernel "$kernel_package"
+        return
+    fi
+    need_apt "cannot download the kernel package"
     if ! apt_has "$pkg" "$ver"; then
         # Maybe the lists are older than the pin.
         apt_update || say "warning: could not refresh apt's package lists"
@@ -157,10 +188,9 @@ fetch_kernel() {
         say "WARNING: the pinned kernel $PIN_PACKAGE $PIN_VERSION is not available"
         say "WARNING: (gone from Debian's archive, or its download failed);"
         say "WARNING: falling back to $pkg $ver (the current dependency of $META_PACKAGE)."
-        say "WARNING: update PIN_PACKAGE/PIN_VERSION/PIN_SHA256 in $self."
+        say "WARNING: update PIN_PACKAGE/PIN_VERSION/PIN_SHA256/PIN_POOL in $self."
         deb=$(apt_download "$pkg" "$ver") || die "apt-get download $pkg=$ver failed"
     fi
-    local got
     got=$(sha256 "$deb")
     if [ -n "$expect" ] && [ "$got" != "$expect" ]; then
         die "checksum mismatch for $(basename "$deb"): expected $expect, got $got"
@@ -168,11 +198,19 @@ fetch_kernel() {
     say "$(basename "$deb"): sha256 $got ok"
 
     dpkg-deb -x "$deb" "$work/kpkg"
-    local vmlinuz config release
-    vmlinuz=$(find "$work/kpkg/boot" -maxdepth 1 -name 'vmlinuz-*' -print -quit)
-    config=$(find "$work/kpkg/boot" -maxdepth 1 -name 'config-*' -print -quit)
+    keep_package "$deb"
+    install_kernel "$work/kpkg"
+    rm -rf "$work/kpkg"
+}
+
+# Install the kernel package unpacked in $1 into the cache ($pkg, $ver,
+# $pinned and $got describe it).
+install_kernel() {
+    local kpkg=$1 vmlinuz config release
+    vmlinuz=$(find "$kpkg/boot" -maxdepth 1 -name 'vmlinuz-*' -print -quit)
+    config=$(find "$kpkg/boot" -maxdepth 1 -name 'config-*' -print -quit)
     if [ -z "$vmlinuz" ] || [ -z "$config" ]; then
-        die "$(basename "$deb") has no boot/vmlinuz-* or boot/config-*"
+        die "$pkg $ver has no boot/vmlinuz-* or boot/config-*"
     fi
     release=${vmlinuz##*/vmlinuz-}
     for opt in CONFIG_KPROBES CONFIG_KPROBE_EVENTS CONFIG_SERIAL_8250_CONSOLE CONFIG_DEVTMPFS \
@@ -183,8 +221,8 @@ fetch_kernel() {
     # module's own .modinfo must list no dependencies.
     local ko path
     for path in $TEST_MODULE_PATHS; do
-        ko=$work/kpkg/lib/modules/$release/$path
-        [ -f "$ko" ] || die "$(basename "$deb") has no lib/modules/$release/$path"
+        ko=$kpkg/lib/modules/$release/$path
+        [ -f "$ko" ] || die "$pkg $ver has no lib/modules/$release/$path"
         tr '\0' '\n' <"$ko" | grep -qx 'depends=' ||
             die "$path depends on other modules: $(tr '\0' '\n' <"$ko" | grep -a '^depends=')"
         tr '\0' '\n' <"$ko" | grep -aq "^vermagic=$release " ||
@@ -195,7 +233,6 @@ fetch_kernel() {
     install -m 0644 "$config" "$cache/config.new"
     mv -f "$cache/config.new" "$cache/config"
     mv -f "$cache/vmlinuz.new" "$cache/vmlinuz"
-    rm -rf "$work/kpkg" "$deb"
     cat >"$cache/kernel.info" <<EOF
 package=$pkg
 version=$ver
@@ -221,11 +258,16 @@ is_static() {
     out=$(LC_ALL=C ldd "$1" 2>&1 || true) # ldd fails on a static binary
     grep -Eq 'not a dynamic executable|statically linked' <<<"$out"
 }
-busybox=/bin/busybox
+busybox=$(command -v busybox || echo /bin/busybox)
 busybox_version=""
-if [ -x "$busybox" ] && is_static "$busybox"; then
+if [ -n "$given_busybox" ]; then
+    busybox=$given_busybox
+    busybox_version=$BUSYBOX_PIN_VERSION
+    is_static "$busybox" || die "QPROBES_BUSYBOX=$busybox is not statically linked"
+elif [ -x "$busybox" ] && is_static "$busybox"; then
     busybox_version=$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || true)
 else
+    need_apt "no static busybox on this host"
     # No static busybox on the host (or the dynamic "busybox" package): take
     # the busybox-static package's binary without installing it.
     ver=$(apt-cache policy busybox-static | sed -n 's/^ *Candidate: //p')
@@ -236,6 +278,7 @@ else
     say "downloading busybox-static $ver"
     deb=$(apt_download busybox-static "$ver") || die "apt-get download busybox-static failed"
     dpkg-deb -x "$deb" "$work/bbpkg"
+    keep_package "$deb"
     busybox=$work/bbpkg/bin/busybox
     busybox_version=$ver
     is_static "$busybox" || die "$busybox is not statically linked"

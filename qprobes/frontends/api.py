@@ -14,6 +14,8 @@ from qprobes.machine.qemu import QemuMachine, attach
 
 if TYPE_CHECKING:
     from qprobes.frontends.session import Session
+    from qprobes.symbols.elf import SymbolTable
+    from qprobes.symbols.kallsyms import KallsymsTable
 
 
 def qtest_selfcheck(
@@ -608,24 +610,62 @@ def _print_histograms(tracer: Any, json_output: bool, out: TextIO) -> bool:
 
 
 def symbols(pattern: str, out: TextIO = sys.stdout, **machine: Any) -> int:
-    """``qprobes symbols``: kernel symbols matching a glob, with addresses and sizes."""
+    """``qprobes symbols``: kernel symbols matching a glob, with addresses and sizes.
+
+    A kernel image booted earlier with KASLR off is answered from the
+    kallsyms that boot read (the same image has the same symbols at the same
+    addresses), with no guest; otherwise a guest boots."""
     import fnmatch
 
-    session = _session_for(**machine)
+    check_machine_args(**machine)
+    cached = _cached_symbols(**machine)
+    session = None
+    table: SymbolTable
+    if cached is not None:
+        table, slide, how = cached, cached.slide, " (from an earlier boot of this kernel)"
+    else:
+        session = _session_for(**machine)
     try:
-        table = session.symbols
-        assert table is not None
+        if session is not None:
+            assert session.symbols is not None and session.kernel is not None
+            table, slide, how = session.symbols, session.kernel.slide, ""
         rows = sorted(
             (s for s in table if fnmatch.fnmatchcase(s.name, pattern)), key=lambda s: s.addr
         )
-        kernel = session.kernel
-        if kernel is not None:
-            print(f"# KASLR slide {kernel.slide:#x}; {len(table)} symbols", file=sys.stderr)
+        print(f"# KASLR slide {slide:#x}; {len(table)} symbols{how}", file=sys.stderr)
         for s in rows:
             print(f"{s.addr:016x} {s.size:8d} {s.kind:<6} {s.name}", file=out)
     finally:
-        session.close()
+        if session is not None:
+            session.close()
     if not rows:
         print(f"qprobes: no kernel symbol matches {pattern!r}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cached_symbols(
+    *,
+    kernel: str | None = None,
+    append: str = "",
+    attach_address: str | None = None,
+    kaslr: bool = False,
+    symbols_file: str | None = None,
+    **_: Any,
+) -> KallsymsTable | None:
+    """The kallsyms an earlier boot of the same kernel image read, when this
+    boot would have KASLR off too (with KASLR each boot has its own slide)."""
+    from qprobes.frontends.session import kaslr_off
+    from qprobes.machine.linux import linux_config, sha256_file
+    from qprobes.symbols.kallsyms import cached_kallsyms
+
+    if attach_address is not None or symbols_file is not None:
+        return None
+    config = linux_config(append=append, kaslr=kaslr)  # the command line Session.linux boots
+    if not kaslr_off(config.kernel_cmdline()):
+        return None
+    image = Path(kernel) if kernel is not None else Path(config.kernel)
+    try:
+        return cached_kallsyms(sha256_file(image))
+    except OSError:
+        return None

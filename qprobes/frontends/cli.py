@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         "symbols", help="list kernel symbols matching a glob",
         description="Boot the Linux guest (or --attach to one), read its symbols from its own "
         "kallsyms (or --symbols FILE), and print each symbol matching PATTERN: address, size, "
-        "kind and name. Exit status 1 when nothing matches.",
+        "kind and name. A kernel image booted before with KASLR off is answered from what "
+        "that boot read, with no guest. Exit status 1 when nothing matches.",
     )  # fmt: skip
     p.add_argument("pattern", help="glob, e.g. 'vfs_*'")
     guest_options(p)

@@ -89,6 +89,12 @@ def _boot_to(machine: QemuMachine, until: bytes, timeout: float) -> None:
     raise MachineError(f"{why}; the last lines of its console:\n{lines}")
 
 
+def kaslr_off(cmdline: str) -> bool:
+    """Whether a kernel command line turns KASLR off (``nokaslr`` anywhere
+    in it: the decompressor's ``cmdline_find_option_bool``)."""
+    return "nokaslr" in cmdline.split()
+
+
 class Session:
     """A guest, its symbols, and a :class:`KprobeEngine` attached to it."""
 
@@ -134,13 +140,22 @@ class Session:
              boot_until: bytes | None = None, boot_timeout: float = 60.0,
              attach: bool = True, host_memory: bool = True) -> Session:  # fmt: skip
         """Boot ``config`` and attach; with ``boot_until``, run until the console shows it."""
+        from qprobes.progress import progress
+
         machine = QemuMachine(config)
-        machine.launch()
+        vcpus = f"{config.smp} vCPU" + ("s" if config.smp > 1 else "")
+        title = f"booting {Path(config.kernel).name} ({config.accel.upper()}, {vcpus})"
+        with progress.step(title):
+            machine.launch()
+            try:
+                if boot_until is not None:
+                    machine.target.resume()
+                    _boot_to(machine, boot_until, boot_timeout)
+                    machine.target.stop()
+            except BaseException:
+                machine.shutdown()
+                raise
         try:
-            if boot_until is not None:
-                machine.target.resume()
-                _boot_to(machine, boot_until, boot_timeout)
-                machine.target.stop()
             if near is None:
                 if symbols is None:
                     raise ProbeError("give a kernel text address (near=) or symbols")
@@ -207,6 +222,7 @@ class Session:
             kernel = LinuxKernel.from_file(self.target, symbols_file, read_phys=read_phys)
         else:
             kernel = LinuxKernel.load(self.target, read_phys=read_phys)
+            self._remember_boot(kernel)
         self.kernel = kernel
         self.symbols = kernel.symbols
         self.engine.symbols = kernel.symbols
@@ -220,16 +236,19 @@ class Session:
             # guest hands it out (a module or BPF program could land in the
             # module area).
             self.engine.area.image = (kernel.text, kernel.symbols.address("_end"))
-        self.engine.attach()
-        try:
-            # Linux's blacklist and the text the kernel rewrites, read through
-            # the kernel's page tables (known once attached); without them no
-            # probe is safe, so a failure detaches again.
-            blacklist = kernel.blacklist(self.engine.read_data)
-            text = KernelText.load(kernel, self.engine.read_data, blacklist)
-        except BaseException:
-            self.engine.detach()
-            raise
+        from qprobes.progress import progress
+
+        with progress.step("attaching (kprobe blacklist, the text the kernel rewrites)"):
+            self.engine.attach()
+            try:
+                # Linux's blacklist and the text the kernel rewrites, read through
+                # the kernel's page tables (known once attached); without them no
+                # probe is safe, so a failure detaches again.
+                blacklist = kernel.blacklist(self.engine.read_data)
+                text = KernelText.load(kernel, self.engine.read_data, blacklist)
+            except BaseException:
+                self.engine.detach()
+                raise
         for start, end, why in blacklist:
             self.engine.blacklist(start, end, why)
         self.text = text
@@ -324,6 +343,20 @@ class Session:
             )
 
         self.engine.stack_unwinder = stack
+
+    def _remember_boot(self, kernel: LinuxKernel) -> None:
+        """A guest of ours booted with KASLR off: record its kallsyms under the
+        kernel image's sha256, so that ``qprobes symbols`` of the same image
+        needs no boot next time."""
+        from qprobes.machine.linux import sha256_file
+        from qprobes.symbols.kallsyms import KallsymsTable, remember_boot
+
+        if self.machine is None or not isinstance(kernel.symbols, KallsymsTable):
+            return
+        if not kaslr_off(self.machine.config.kernel_cmdline()):
+            return
+        with contextlib.suppress(OSError):
+            remember_boot(sha256_file(Path(self.machine.config.kernel)), kernel.symbols)
 
     def _use_ftrace(self, kernel: LinuxKernel) -> None:
         """Give the engine the guest's ftrace records: probes at an ftrace

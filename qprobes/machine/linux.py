@@ -24,12 +24,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import struct
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qprobes.errors import MachineError
+from qprobes.machine.debfetch import DebPin, fetch, read_pins, unpack_deb
 from qprobes.machine.qemu import MachineConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -98,7 +101,8 @@ class LinuxGuest:
         return str(self.manifest.get("version", ""))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, in hex."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -119,15 +123,15 @@ def _load(directory: Path, *, check_builder: bool) -> LinuxGuest | None:
         return None
     if not isinstance(manifest, dict):
         return None
-    if manifest.get("vmlinuz_sha256") != _sha256(kernel):
+    if manifest.get("vmlinuz_sha256") != sha256_file(kernel):
         return None
-    if manifest.get("initramfs_sha256") != _sha256(initrd):
+    if manifest.get("initramfs_sha256") != sha256_file(initrd):
         return None
     # A changed build script (new pin, new /init) means a rebuild.
     if (
         check_builder
         and BUILD_SCRIPT.is_file()
-        and manifest.get("builder_sha256") != _sha256(BUILD_SCRIPT)
+        and manifest.get("builder_sha256") != sha256_file(BUILD_SCRIPT)
     ):
         return None
     return LinuxGuest(kernel=kernel, initrd=initrd, manifest=manifest)
@@ -136,33 +140,163 @@ def _load(directory: Path, *, check_builder: bool) -> LinuxGuest | None:
 def build_linux_guest(directory: Path | None = None, timeout: float = BUILD_TIMEOUT) -> str:
     """Run ``scripts/build-linux-guest.sh`` and return its output.
 
-    Raises :class:`MachineError` with the script's output when it fails.
+    Where apt is missing (Fedora, Arch), or the script's apt download failed,
+    the pinned packages come from Debian's archive over HTTPS instead
+    (:mod:`qprobes.machine.debfetch`, checksums checked). On a terminal,
+    progress lines show the download and the script's latest step. Raises
+    :class:`MachineError` with the script's output when it fails.
     """
+    import re
+    import tempfile
+
     directory = directory or linux_cache_dir()
     if not BUILD_SCRIPT.is_file():
         raise MachineError(f"{BUILD_SCRIPT} is missing: cannot build the Linux guest")
-    cmd = ["bash", str(BUILD_SCRIPT), str(directory)]
+    directory.mkdir(parents=True, exist_ok=True)
+    if not _apt_usable():
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch.") as work:
+            env = packages_without_apt(directory, Path(work))
+            return _run_builder(directory, timeout, env)
     try:
-        result = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            check=False,
+        return _run_builder(directory, timeout, {})
+    except MachineError as exc:
+        if not re.search(r"apt|download|archive", str(exc)):
+            raise
+        first = exc
+    # apt could not get the packages (no root for apt-get update, a mirror
+    # that fails): the same pins, from Debian's archive over HTTPS.
+    try:
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch.") as work:
+            env = packages_without_apt(directory, Path(work))
+            return _run_builder(directory, timeout, env)
+    except MachineError as exc:
+        raise MachineError(f"{first}\nand without apt: {exc}") from exc
+
+
+def _apt_usable() -> bool:
+    return shutil.which("apt-get") is not None and shutil.which("dpkg-deb") is not None
+
+
+def _static_busybox() -> bool:
+    """Is there a statically linked busybox on PATH (no ELF interpreter)?"""
+    path = shutil.which("busybox")
+    if path is None:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2:  # ELF64 only
+                return False
+            (phoff,) = struct.unpack_from("<Q", head, 32)
+            phentsize, phnum = struct.unpack_from("<HH", head, 54)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except (OSError, struct.error):
+        return False
+    types = [struct.unpack_from("<I", table, i * phentsize)[0] for i in range(phnum)
+             if (i + 1) * phentsize <= len(table)]  # fmt: skip
+    return PT_INTERP not in types
+
+
+PT_INTERP = 3
+
+
+def _kernel_cached(directory: Path, pin: DebPin, modules: list[str]) -> bool:
+    """Will the builder reuse the cached kernel (its ``kernel_reusable``)?"""
+    try:
+        info = dict(
+            line.split("=", 1)
+            for line in (directory / "kernel.info").read_text().splitlines()
+            if "=" in line
         )
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode()
-        raise MachineError(f"building the Linux guest timed out after {timeout} s:\n{out}") from exc
-    except OSError as exc:
-        raise MachineError(f"cannot run {BUILD_SCRIPT}: {exc}") from exc
-    if result.returncode != 0:
-        raise MachineError(
-            f"building the Linux guest failed ({' '.join(cmd)} exited with status "
-            f"{result.returncode}):\n{result.stdout.rstrip()}"
-        )
-    return result.stdout
+    except OSError:
+        return False
+    kernel, config = directory / "vmlinuz", directory / "config"
+    kos = [directory / Path(module).name for module in modules]
+    if not (kernel.is_file() and config.is_file() and all(ko.is_file() for ko in kos)):
+        return False
+    if info.get("vmlinuz_sha256") != sha256_file(kernel):
+        return False
+    wanted = f"{pin.package}={pin.version}"
+    return f"{info.get('package')}={info.get('version')}" == wanted or info.get("pin") == wanted
+
+
+def packages_without_apt(directory: Path, work: Path) -> dict[str, str]:
+    """Download (or take from ``directory/packages``) and unpack the builder's
+    pinned packages the build needs, into ``work``; the environment that
+    hands them to the builder (no busybox when the host has a static one)."""
+    from qprobes.progress import progress
+
+    kernel, busybox, modules = read_pins(BUILD_SCRIPT)
+    store = directory / "packages"
+    env: dict[str, str] = {}
+    if not _kernel_cached(directory, kernel, modules):
+        deb = fetch(kernel, store)
+        with progress.step(f"unpacking {deb.name}"):
+            unpack_deb(deb, work / "kernel", ["boot/*", *(f"lib/modules/*/{m}" for m in modules)])
+        env["QPROBES_KERNEL_PACKAGE"] = str(work / "kernel")
+    if not _static_busybox():
+        deb = fetch(busybox, store)
+        unpack_deb(deb, work / "busybox", ["bin/busybox"])
+        env["QPROBES_BUSYBOX"] = str(work / "busybox" / "bin" / "busybox")
+    return env
+
+
+def _run_builder(directory: Path, timeout: float, env: dict[str, str]) -> str:
+    """Run the builder script with ``env`` added to its environment."""
+    import select
+    import time
+
+    from qprobes.progress import progress
+
+    cmd = ["bash", str(BUILD_SCRIPT), str(directory)]
+    lines: list[str] = []
+    with progress.step("building the default Linux guest") as step:
+        try:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            )  # fmt: skip
+        except OSError as exc:
+            raise MachineError(f"cannot run {BUILD_SCRIPT}: {exc}") from exc
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        pending = b""
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MachineError(
+                        f"building the Linux guest timed out after {timeout} s:\n"
+                        + "\n".join(lines)
+                    )
+                if not select.select([proc.stdout], [], [], min(left, 1.0))[0]:
+                    continue
+                data = os.read(proc.stdout.fileno(), 65536)
+                if not data:
+                    break
+                pending += data
+                *done, pending = pending.split(b"\n")
+                for raw in done:
+                    line = raw.decode(errors="replace").rstrip()
+                    lines.append(line)
+                    if line.startswith("build-linux-guest: "):
+                        step.update(line.removeprefix("build-linux-guest: "), force=True)
+            if pending:
+                lines.append(pending.decode(errors="replace").rstrip())
+            status = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        output = "\n".join(lines) + ("\n" if lines else "")
+        if status != 0:
+            raise MachineError(
+                f"building the Linux guest failed ({' '.join(cmd)} exited with status "
+                f"{status}):\n{output.rstrip()}"
+            )
+    return output
 
 
 def linux_guest(build: bool = True) -> LinuxGuest:

@@ -825,6 +825,87 @@ def _try_cache(image: KernelImage, cache_dir: Path, texts: list[int]) -> Kallsym
     return None
 
 
+# --- kallsyms without a guest ---------------------------------------------------
+#
+# The kallsyms tables are part of the kernel image: the same image has the
+# same symbols, and without KASLR (``nokaslr``) they sit at the same
+# addresses on every boot. A boot record, keyed by the image file's sha256,
+# names the banner-keyed cache entry above and the slide that boot had, so a
+# later ``qprobes symbols`` of the same image with KASLR off is answered with
+# no guest at all. With KASLR each boot has its own slide: no record is used.
+
+_BOOT_FORMAT = 1
+
+
+def _boot_record_path(cache_dir: Path, image_sha256: str) -> Path:
+    return cache_dir / f"boot-{image_sha256[:32]}-nokaslr.json"
+
+
+def remember_boot(
+    image_sha256: str, table: KallsymsTable, *, cache_dir: Path | None = None
+) -> bool:
+    """Record that the kernel image with this sha256, booted with KASLR off,
+    has ``table`` (read from its memory). Returns whether a record was written
+    (not when the table's cache entry is missing or is another kernel's)."""
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    if table.banner is None:
+        return False
+    entry = _cache_path(cache, table.banner)
+    header = _read_cache_header(entry)
+    if header is None or header.get("banner") != table.banner:
+        return False
+    try:
+        digest = hashlib.sha256(entry.read_bytes()).hexdigest()
+    except OSError:
+        return False
+    record = {
+        "format": _BOOT_FORMAT,
+        "image_sha256": image_sha256,
+        "kaslr": False,
+        "banner": table.banner,
+        "slide": table.slide,
+        "count": header.get("count"),
+        # Another kernel with the same banner could rewrite the entry later.
+        "entry_sha256": digest,
+    }
+    path = _boot_record_path(cache, image_sha256)
+    try:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        return False  # only costs a boot next time
+    return True
+
+
+def cached_kallsyms(image_sha256: str, *, cache_dir: Path | None = None) -> KallsymsTable | None:
+    """The kallsyms of the kernel image with this sha256 as an earlier boot
+    with KASLR off read them (:func:`remember_boot`), or None when no boot of
+    that image was recorded. Only valid for a boot with KASLR off."""
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    try:
+        record = json.loads(_boot_record_path(cache, image_sha256).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != _BOOT_FORMAT:
+        return None
+    banner, slide = record.get("banner"), record.get("slide")
+    if record.get("image_sha256") != image_sha256 or record.get("kaslr") is not False:
+        return None
+    if not isinstance(banner, str) or not isinstance(slide, int):
+        return None
+    path = _cache_path(cache, banner)
+    try:
+        if hashlib.sha256(path.read_bytes()).hexdigest() != record.get("entry_sha256"):
+            return None
+    except OSError:
+        return None
+    raw = _load_cache(path, slide)
+    if raw is None:
+        return None
+    return KallsymsTable(list(raw.symbols()), slide=slide, banner=banner, from_cache=True)
+
+
 def _is_symbol_start(table: SymbolTable, addr: int) -> bool:
     found = table.resolve(addr)
     return found is not None and found[1] == 0

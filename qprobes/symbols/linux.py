@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qprobes.errors import ProbeError, QprobesError, SymbolError
+from qprobes.progress import progress
 from qprobes.symbols.btf import Btf, read_guest_btf
 from qprobes.symbols.elf import SymbolTable
 from qprobes.symbols.kallsyms import read_guest_kallsyms
@@ -31,6 +32,15 @@ BLACKLIST_SECTIONS = (
     ("__noinstr_text_start", "__noinstr_text_end", "noinstr code (.noinstr.text)"),
     ("__kprobes_text_start", "__kprobes_text_end", "NOKPROBE code (.kprobes.text)"),
 )
+
+
+def _read_btf(target: Target, symbols: SymbolTable, read_phys: ReadPhys | None) -> Btf | None:
+    """The kernel's BTF from guest memory, or None when it has none."""
+    with progress.step("reading the kernel's types (BTF) from guest memory"):
+        try:
+            return read_guest_btf(target, symbols, read_phys=read_phys)
+        except SymbolError:
+            return None
 
 
 @dataclass
@@ -63,12 +73,9 @@ class LinuxKernel:
     @classmethod
     def load(cls, target: Target, read_phys: ReadPhys | None = None) -> LinuxKernel:
         """Read kallsyms and BTF from a stopped guest."""
-        symbols = read_guest_kallsyms(target, read_phys=read_phys)
-        try:
-            btf: Btf | None = read_guest_btf(target, symbols, read_phys=read_phys)
-        except SymbolError:
-            btf = None
-        return cls(symbols, btf)
+        with progress.step("reading the kernel's symbols (kallsyms) from guest memory"):
+            symbols = read_guest_kallsyms(target, read_phys=read_phys)
+        return cls(symbols, _read_btf(target, symbols, read_phys))
 
     @classmethod
     def from_file(cls, target: Target, path: str, read_phys: ReadPhys | None = None) -> LinuxKernel:
@@ -79,7 +86,8 @@ class LinuxKernel:
 
         with open(path, "rb") as f:
             is_elf = f.read(4) == b"\x7fELF"
-        table = load_vmlinux_symbols(path) if is_elf else load_system_map(path)
+        with progress.step(f"reading the kernel's symbols from {path}"):
+            table = load_vmlinux_symbols(path) if is_elf else load_system_map(path)
         idt = target.idt()
         handler = gate_offset(target.read_phys(target.translate(idt.base).paddr, 16))
         anchor = "asm_exc_divide_error"
@@ -92,11 +100,7 @@ class LinuxKernel:
                 f"{handler:#x}, {anchor} at {table.address(anchor):#x} in the file)"
             )
         table = apply_slide(table, slide) if slide else table
-        try:
-            btf: Btf | None = read_guest_btf(target, table, read_phys=read_phys)
-        except SymbolError:
-            btf = None
-        kernel = cls(table, btf)
+        kernel = cls(table, _read_btf(target, table, read_phys))
         kernel._slide = slide
         return kernel
 

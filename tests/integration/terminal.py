@@ -15,11 +15,12 @@ CLI = [sys.executable, "-m", "qprobes.frontends.cli"]
 class PtySession:
     """The CLI on a new pseudo-terminal as its controlling terminal."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: stdin/stdout/stderr are the terminal
             try:
-                os.execv(sys.executable, [sys.executable, *CLI[1:], *args])
+                argv = [sys.executable, *CLI[1:], *args]
+                os.execve(sys.executable, argv, env if env is not None else os.environ)
             finally:
                 os._exit(127)
         self.output = b""

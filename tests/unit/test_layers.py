@@ -10,9 +10,11 @@ import pytest
 
 import qprobes
 
-# Bottom to top. ``errors`` is the root every layer may use.
+# Bottom to top. ``errors`` is the root every layer may use; ``progress``
+# (the terminal's progress lines) sits just above it.
 LAYERS = [
     "errors",
+    "progress",
     "wire",
     "remote",
     "target",

@@ -22,10 +22,12 @@ from qprobes.symbols.kallsyms import (
     KallsymsNotFound,
     KallsymsTable,
     KernelImage,
+    cached_kallsyms,
     find_banner,
     find_kallsyms,
     parse_kallsyms,
     read_guest_kallsyms,
+    remember_boot,
 )
 from qprobes.symbols.sysmap import DEFAULT_TEXT, KernelSymbol
 from qprobes.target.paging import PTE_NX, PTE_PRESENT, PTE_PS, PTE_RW, walk
@@ -477,3 +479,44 @@ def test_alignment_is_taken_from_base() -> None:
     raw = find_kallsyms(image, base=3)
     assert raw.layout.token_table == built.labels["kallsyms_token_table"]
     assert raw.names[4] == "_text"
+
+
+# --- kallsyms without a guest: boot records ------------------------------------------
+
+IMAGE = "ab" * 32  # a kernel image's sha256
+
+
+def test_a_boot_record_gives_the_same_table_with_no_guest(tmp_path: Path) -> None:
+    table = read(FakeTarget(slide=0), tmp_path)
+    assert cached_kallsyms(IMAGE, cache_dir=tmp_path) is None  # nothing recorded yet
+    assert remember_boot(IMAGE, table, cache_dir=tmp_path)
+    again = cached_kallsyms(IMAGE, cache_dir=tmp_path)
+    assert again is not None and again.from_cache and again.slide == 0
+    assert [(s.name, s.addr, s.size, s.kind) for s in again] == [
+        (s.name, s.addr, s.size, s.kind) for s in table
+    ]
+    assert cached_kallsyms("cd" * 32, cache_dir=tmp_path) is None  # another image
+
+
+def test_a_boot_record_keeps_the_slide_it_saw(tmp_path: Path) -> None:
+    slide = 0x2000000  # a kernel linked elsewhere, booted nokaslr: same place each boot
+    table = read(FakeTarget(slide=slide), tmp_path)
+    assert remember_boot(IMAGE, table, cache_dir=tmp_path)
+    again = cached_kallsyms(IMAGE, cache_dir=tmp_path)
+    assert again is not None and again.address("vfs_read") == table.address("vfs_read")
+    assert again.address("cpu_number") == 0x1000
+
+
+def test_a_rewritten_cache_entry_voids_the_record(tmp_path: Path) -> None:
+    """Another kernel with the same banner rewrote the entry: boot again."""
+    table = read(FakeTarget(slide=0), tmp_path)
+    assert remember_boot(IMAGE, table, cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("kallsyms-*.bin")
+    entry.write_bytes(entry.read_bytes() + b"x")
+    assert cached_kallsyms(IMAGE, cache_dir=tmp_path) is None
+
+
+def test_no_record_without_a_cache_entry(tmp_path: Path) -> None:
+    table = read(FakeTarget(slide=0), tmp_path, write_cache=False)
+    assert not remember_boot(IMAGE, table, cache_dir=tmp_path)
+    assert cached_kallsyms(IMAGE, cache_dir=tmp_path) is None
