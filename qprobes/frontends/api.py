@@ -635,6 +635,18 @@ def symbols(pattern: str, out: TextIO = sys.stdout, **machine: Any) -> int:
         print(f"# KASLR slide {slide:#x}; {len(table)} symbols{how}", file=sys.stderr)
         for s in rows:
             print(f"{s.addr:016x} {s.size:8d} {s.kind:<6} {s.name}", file=out)
+        if session is not None and session.modules is not None:
+            # Loaded modules' symbols, named as /proc/kallsyms names them.
+            for module in session.modules.modules():
+                found = sorted(
+                    (s for s in session.modules.symbols(module)
+                     if fnmatch.fnmatchcase(s.name, pattern)),
+                    key=lambda s: s.addr,
+                )  # fmt: skip
+                for s in found:
+                    print(f"{s.addr:016x} {s.size:8d} {s.kind:<6} {s.name} [{module.name}]",
+                          file=out)  # fmt: skip
+                rows += found
     finally:
         if session is not None:
             session.close()

@@ -84,3 +84,40 @@ def test_module_probes_against_the_guests_kprobe_events(linux: Session) -> None:
         linux.command(UNLOAD)
     dmesg = linux.command("dmesg")
     assert not re.search(r"BUG|Oops|WARNING|general protection", dmesg), dmesg[-2000:]
+
+
+def test_symbols_lists_a_loaded_modules_symbols() -> None:
+    """``qprobes symbols`` attached to a guest with a module loaded lists the
+    module's symbols as /proc/kallsyms does, with the same addresses."""
+    import subprocess
+    import sys
+
+    from qprobes.machine.linux import LINUX_PROMPT, linux_config
+    from qprobes.machine.qemu import QemuMachine
+
+    machine = QemuMachine(linux_config(append="qprobes.echo=0"))
+    machine.launch()
+    try:
+        machine.target.resume()
+        machine.console.recvuntil(LINUX_PROMPT, timeout=120)
+        machine.console.sendline(LOAD + "; grep bm_status /proc/kallsyms")
+        theirs = machine.console.recvuntil(LINUX_PROMPT, timeout=60).decode()
+        machine.release_gdbstub()
+        start, size = machine.config.reserved
+        proc = subprocess.run(
+            [sys.executable, "-m", "qprobes.frontends.cli", "symbols", "--attach",
+             str(machine.gdb_socket), "--reserve", f"{start:#x}:{size:#x}", "bm_status*"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        ours = {line.split()[3]: line.split()[0] for line in proc.stdout.splitlines()
+                if line.endswith("[binfmt_misc]")}  # fmt: skip
+        kallsyms = dict(
+            (m.group(2), m.group(1))
+            for m in re.finditer(
+                r"^([0-9a-f]{16}) \w (bm_status\S*)\s+\[binfmt_misc\]", theirs, re.M
+            )
+        )
+        assert kallsyms and ours == kallsyms, (ours, theirs)
+    finally:
+        machine.shutdown()
