@@ -27,9 +27,10 @@ memory and follows the same rules, from a hit's ``pt_regs``:
   through the ``recover`` callback.
 
 A module's frames use the module's own tables (``mod->arch``), found
-through the module list. ftrace and BPF trampolines have no ORC data: the
-frame-pointer guess is tried there, as the kernel does for an ip it has
-no entry for.
+through the module list; an ftrace trampoline's, the entry of the code it
+was copied from (``ftrace_regs_caller`` or ``ftrace_caller``, as
+``orc_ftrace_find`` does). BPF has no ORC data: the frame-pointer guess is
+tried there, as the kernel does for an ip it has no entry for.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ class OrcTable:
         self.count = (self.ip_stop - self.ip_start) // 4
         self.num_blocks = int.from_bytes(read(num_blocks, 4), "little")
         self.init = self._range(symbols, "_sinittext", "_einittext")
+        self.ftrace = _FtraceTrampolines.from_kernel(symbols, btf, read)
         self._cache: dict[int, OrcEntry | None] = {}
         self._all_ips: list[int] | None = None
 
@@ -210,7 +212,13 @@ class OrcTable:
                 self._all_ips = self._ips(0, self.count)
             i = bisect.bisect_right(self._all_ips, ip) - 1
             return self._entry(max(i, 0))
-        return self._module_find(ip)
+        found = self._module_find(ip)
+        if found is None and self.ftrace is not None:
+            # orc_ftrace_find: a trampoline is a copy of ftrace_(regs_)caller.
+            twin = self.ftrace.twin(ip)
+            if twin is not None and twin != ip:
+                return self.find(twin)
+        return found
 
     def _module_find(self, ip: int) -> OrcEntry | None:
         """``orc_module_find``: the module's own table."""
@@ -232,6 +240,60 @@ class OrcTable:
             return None
         size = self.layout.size
         return self.layout.decode(self.read(module.orc + size * i, size))
+
+
+@dataclass
+class _FtraceTrampolines:
+    """``ftrace_ops_trampoline``: the ``ftrace_ops`` whose allocated
+    trampoline holds an ip, found on ``ftrace_ops_list``."""
+
+    read: Read
+    head: int  # &ftrace_ops_list
+    end: int  # &ftrace_list_end
+    o_next: int
+    o_flags: int
+    o_tramp: int
+    o_tramp_size: int
+    save_regs: int  # FTRACE_OPS_FL_SAVE_REGS
+    regs_caller: int
+    caller: int
+
+    @classmethod
+    def from_kernel(cls, symbols: SymbolTable, btf: Btf, read: Read) -> _FtraceTrampolines | None:
+        names = ("ftrace_ops_list", "ftrace_list_end", "ftrace_regs_caller", "ftrace_caller")
+        if not all(n in symbols for n in names):
+            return None
+        try:
+            off = btf.struct_member_offset
+            flag = btf.enumerators("FTRACE_OPS_FL_SAVE_REGS").get("FTRACE_OPS_FL_SAVE_REGS")
+            if flag is None:
+                return None
+            return cls(
+                read, symbols.address("ftrace_ops_list"), symbols.address("ftrace_list_end"),
+                off("ftrace_ops", "next")[0], off("ftrace_ops", "flags")[0],
+                off("ftrace_ops", "trampoline")[0], off("ftrace_ops", "trampoline_size")[0],
+                flag, symbols.address("ftrace_regs_caller"), symbols.address("ftrace_caller"),
+            )  # fmt: skip
+        except SymbolError:
+            return None
+
+    def twin(self, ip: int) -> int | None:
+        """The address in ``ftrace_(regs_)caller`` that trampoline code at
+        ``ip`` was copied from, or None."""
+
+        def u64(addr: int) -> int:
+            return int.from_bytes(self.read(addr, 8), "little")
+
+        ops = u64(self.head)
+        for _ in range(256):
+            if not ops or ops == self.end:
+                return None
+            tramp, size = u64(ops + self.o_tramp), u64(ops + self.o_tramp_size)
+            if tramp and tramp <= ip < tramp + size:
+                base = self.regs_caller if u64(ops + self.o_flags) & self.save_regs else self.caller
+                return base + (ip - tramp)
+            ops = u64(ops + self.o_next)
+        return None
 
 
 @dataclass

@@ -108,3 +108,29 @@ def test_return_addresses_behind_trampolines_are_the_real_ones(linux: Session) -
     text = hist.format()
     assert "{ stacktrace:\n" in text and "         do_sys_openat2+0x0/" in text, text
     assert f"{frames[0]:#x}" not in text  # symbolised
+
+
+def test_unwinding_through_an_ftrace_trampoline(linux: Session) -> None:
+    """The guest's own kprobe on vfs_read runs from an ftrace trampoline
+    (allocated code with no ORC data); a qprobes probe in the ring buffer
+    below it unwinds through the trampoline (as the code it was copied
+    from) to vfs_read and the syscall entry."""
+    events: list[TraceEvent] = []
+    tracer = Tracer(linux, events.append)
+    try:
+        out = linux.command(f"echo 'p:qpt/vr vfs_read' >> {TR}/kprobe_events && "
+                            f"echo 1 > {TR}/events/qpt/vr/enable && echo ok")  # fmt: skip
+        assert "ok" in out
+        tracer.add("p:qp/rb ring_buffer_lock_reserve", triggers=['stacktrace if comm == "head"'])
+        linux.command("head -c 5 /etc/hostname > /dev/null")
+    finally:
+        for name in list(tracer.probes):
+            tracer.remove(name)
+        linux.command(f"echo 0 > {TR}/events/qpt/vr/enable; echo > {TR}/kprobe_events")
+    shown = [e for e in events if e.show_stack]
+    assert shown
+    names = [s.split("+")[0] for s in shown[0].stack_syms]
+    assert "kprobe_ftrace_handler" in names, names
+    after = names[names.index("kprobe_ftrace_handler") + 1 :]
+    assert after[0].startswith("0x")  # the trampoline: not a kallsyms symbol
+    assert after[1:] == ["vfs_read", "ksys_read", "do_syscall_64", "entry_SYSCALL_64_after_hwframe"]
