@@ -426,14 +426,17 @@ def trace(
 
     state = {"asked": False, "pipe": False, "mute": False}
 
-    def sink(event: TraceEvent) -> None:
+    def write(text: str) -> None:
         if state["pipe"] or state["mute"]:
             return
         try:
-            out.write((event.to_json() if json_output else event.format()) + "\n")
+            out.write(text)
             out.flush()
         except BrokenPipeError:
             state["pipe"] = True  # the reader went away: stop, as grep would
+
+    def sink(event: TraceEvent) -> None:
+        write((event.to_json() if json_output else event.format()) + "\n")
 
     def on_sigint(signum: int, frame: object) -> None:
         state["asked"] = True
@@ -455,6 +458,8 @@ def trace(
                 continue
             tp = tracer.add(text, by_event.get(spec.event))
             print(f"qprobes: {tracer.describe(tp)}", file=err)
+        if not json_output:
+            write(tracer.header())  # as the guest's trace file begins
         if command:
             line = guest_command_line(command)
             output, finished = session.run_command(line, timeout=duration, interrupted=stopping)

@@ -45,6 +45,8 @@ from qprobes.target.hostmem import HostMemory
 from qprobes.target.target import Target
 
 if TYPE_CHECKING:
+    from qprobes.linux.clock import SchedClock
+    from qprobes.linux.preempt import PreemptState
     from qprobes.linux.text import KernelText
     from qprobes.symbols.linux import LinuxKernel
 
@@ -117,6 +119,10 @@ class Session:
         self.engine = KprobeEngine(target, reserve, near, symbols=symbols, hostmem=hostmem)
         self.kernel: LinuxKernel | None = None
         self.text: KernelText | None = None  # a Linux guest's text rules
+        # A Linux guest's trace clock and context reader (set by use_linux):
+        # trace events then carry the guest's own timestamps and flags.
+        self.trace_clock: SchedClock | None = None
+        self.trace_state: PreemptState | None = None
         self.kretprobes = KretprobeManager(self.engine)
         self.jprobes = JprobeManager(self.engine)
         self._closed = False
@@ -235,6 +241,22 @@ class Session:
         self.engine.recover_text = text.recover
         self._use_ftrace(kernel)
         self._use_linux_stacks(kernel)
+        self._use_linux_clock(kernel)
+
+    def _use_linux_clock(self, kernel: LinuxKernel) -> None:
+        """The guest's sched_clock() (ftrace's local clock) and the state of
+        an interrupted context (preempt count, need-resched) for trace events."""
+        from qprobes.linux.clock import ClockError, SchedClock
+        from qprobes.linux.preempt import PreemptState
+
+        try:
+            self.trace_clock = SchedClock(kernel, self.engine.read_data)
+        except (ClockError, QprobesError) as exc:
+            log.warning("%s: trace timestamps are host time since the trace began", exc)
+        try:
+            self.trace_state = PreemptState(kernel, self.engine.read_data)
+        except QprobesError as exc:
+            log.warning("%s: trace events show only the interrupt flag", exc)
 
     def _use_ftrace(self, kernel: LinuxKernel) -> None:
         """Give the engine the guest's ftrace records: probes at an ftrace

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qprobes.errors import ProbeError
+from qprobes.linux.preempt import PREEMPT_NEED_RESCHED, TraceCtx, tracing_gen_ctx
 from qprobes.probes.context import HitContext
 from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe
 from qprobes.tracing.ast import ProbeSpec, RemoveSpec
-from qprobes.tracing.events import TraceEvent
+from qprobes.tracing.events import TraceEvent, trace_header
 from qprobes.tracing.fetch import (
     CompiledArg,
     HitFetchContext,
@@ -36,10 +37,28 @@ if TYPE_CHECKING:
     from qprobes.symbols.linux import LinuxKernel
 
 
+class HitClock(Protocol):
+    """The guest's trace clock at a hit, in ns (on Linux:
+    :class:`qprobes.linux.clock.SchedClock`); None when it cannot be read."""
+
+    name: str
+
+    def __call__(self, ctx: HitContext) -> int | None: ...
+
+
+class HitState(Protocol):
+    """The interrupted context of a hit as ftrace records it (on Linux:
+    :class:`qprobes.linux.preempt.PreemptState`)."""
+
+    def cpu(self, ctx: HitContext) -> int: ...
+    def trace_ctx(self, ctx: HitContext) -> TraceCtx | None: ...
+
+
 class ProbeHost(Protocol):
     """What a :class:`Tracer` needs of the session it traces (a
     :class:`qprobes.frontends.session.Session` is one): the engine, the
-    return-probe manager, the symbols and, on Linux, the kernel."""
+    return-probe manager, the symbols and, on Linux, the kernel, its trace
+    clock and the state of the interrupted context."""
 
     @property
     def engine(self) -> KprobeEngine: ...
@@ -49,6 +68,10 @@ class ProbeHost(Protocol):
     def symbols(self) -> Any: ...
     @property
     def kernel(self) -> LinuxKernel | None: ...
+    @property
+    def trace_clock(self) -> HitClock | None: ...
+    @property
+    def trace_state(self) -> HitState | None: ...
     def unregister(self, probe: Kprobe | Kretprobe) -> None: ...
 
 
@@ -100,7 +123,22 @@ class Tracer:
         self.session = session
         self.sink = sink
         self.probes: dict[str, TraceProbe] = {}
-        self.started = time.monotonic()
+        self.started = time.monotonic_ns()
+
+    def header(self) -> str:
+        """The header of the guest's ``trace`` file, printed once above the events."""
+        kernel = self.session.kernel
+        bh_off = True
+        if kernel is not None and kernel.btf is not None:
+            bh_off = "TRACE_FLAG_BH_OFF" in kernel.btf.enumerators("TRACE_FLAG_")
+        return trace_header(bh_off)
+
+    def _btf_defaults(self) -> bool:
+        """Does the guest's own kprobe_events type a bare ``$retval``/``$argN``
+        from BTF? Linux does since 6.6 (with traceprobe_expand_meta_args);
+        before, they are ``x64``."""
+        kernel = self.session.kernel
+        return kernel is None or "traceprobe_expand_meta_args" in kernel.symbols
 
     @property
     def _symbols(self) -> Any:
@@ -148,7 +186,7 @@ class Tracer:
                 raise ProbeError(f"no symbols to resolve {spec.symbol}")
             assert spec.symbol is not None
             addr = self._symbols.address(spec.symbol) + spec.offset
-        args = compile_fetchargs(spec, self._symbols, self._resolver())
+        args = compile_fetchargs(spec, self._symbols, self._resolver(), self._btf_defaults())
         tp = TraceProbe(spec, args, addr, filter_text=filter_text, location=self._location(addr))
         if filter_text:
             tp.filter = parse_filter(filter_text, [a.filter_field for a in args])
@@ -176,16 +214,35 @@ class Tracer:
         found = kernel.comm_pid(ctx.gs_base, ctx.read)
         return found if found is not None else (None, None)
 
+    def _timestamp(self, ctx: HitContext) -> tuple[int, str]:
+        clock = self.session.trace_clock
+        if clock is not None:
+            ns = clock(ctx)
+            if ns is not None:
+                return ns, clock.name
+        return time.monotonic_ns() - self.started, "host"
+
+    def _context(self, ctx: HitContext) -> tuple[int, TraceCtx]:
+        state = self.session.trace_state
+        if state is not None:
+            found = state.trace_ctx(ctx)
+            if found is not None:
+                return state.cpu(ctx), found
+        # Only the interrupt flag is known.
+        return ctx.vcpu, tracing_gen_ctx(ctx.regs.eflags, PREEMPT_NEED_RESCHED, 0)
+
     def _emit(self, tp: TraceProbe, ctx: HitContext, ret_to: str | None) -> None:
         comm, pid = self._task(ctx)
+        cpu, tctx = self._context(ctx)
         fctx = HitFetchContext(ctx, lambda: comm or "")
         values = evaluate(tp.args, fctx)
         if tp.filter is not None and not evaluate_filter(
-            tp.filter, {**common_values(pid, comm, ctx.vcpu - 1), **values}
+            tp.filter, {**common_values(pid, comm, cpu), **values}
         ):
             tp.filtered += 1
             return
         tp.emitted += 1
+        ts, clock = self._timestamp(ctx)
         self.sink(
             TraceEvent(
                 group=tp.spec.group,
@@ -194,12 +251,15 @@ class Tracer:
                 addr=tp.addr,
                 location=self._location(tp.addr),
                 ret_to=ret_to,
-                cpu=ctx.vcpu - 1,
+                cpu=cpu,
                 pid=pid,
                 comm=comm,
-                timestamp=time.monotonic() - self.started,
+                timestamp_ns=ts,
                 fields=values,
                 text=format_args(tp.args, values),
+                clock=clock,
+                trace_flags=tctx.flags,
+                preempt_count=tctx.preempt_count,
             )
         )
 

@@ -531,7 +531,7 @@ def test_hit_context_adapter() -> None:
     words[2 + PT_REGS_NAMES.index("rdi")] = 0x2000
     words[2 + PT_REGS_NAMES.index("rax")] = 3
     mem = memory()
-    hit = HitContext(vcpu=0, regs=PtRegs(words), read_virt=mem.read, cr3=0x1000)
+    hit = HitContext(thread=1, regs=PtRegs(words), read_virt=mem.read, cr3=0x1000)
     ctx = HitFetchContext(hit, lambda: "systemd-journald")
     args = compile_fetchargs(parse_ok("p f +0(%di):string %ax:u8 $comm"))
     # TASK_COMM_LEN is 16: the name keeps 15 characters.
