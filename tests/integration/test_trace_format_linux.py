@@ -1,0 +1,118 @@
+"""qprobes' trace text against the guest's own ``trace`` file, in one run.
+
+The same definitions (an entry probe with a string and a register, a return
+probe with a bare ``$retval``) go into the guest's kprobe_events and into a
+qprobes :class:`Tracer`, both active while the guest runs the same
+workload. qprobes' header, columns and field formatting must be the guest's
+byte for byte (the timestamp aside), and its timestamps, on the guest's own
+sched_clock(), must sort among the guest's: per call the guest's probe on
+the ftrace site fires first, then qprobes' int3 after it, then qprobes'
+return trampoline, then the guest's (qprobes hijacked the return address
+after the guest's rethook did).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+import pytest
+
+from qprobes.frontends.session import Session
+from qprobes.tracing import TraceEvent, Tracer
+
+pytestmark = pytest.mark.vm
+
+TR = "/sys/kernel/tracing"
+DEFINITIONS = [
+    "p:kopen do_sys_openat2 path=+0(%si):string dfd=%di",
+    "r:kret do_sys_openat2 $retval",
+]
+CALLS = 10
+LINE = re.compile(r"^(\s*(\S+)-(\d+)\s+\[\d+\] )(\S{5})( +\d+\.\d{6})(: (\w+): .*)$")
+
+
+def parse(lines: list[str]) -> list[tuple[str, str, str, str, str]]:
+    """(comm, prefix, flags, timestamp, tail) of each event line of cat."""
+    out = []
+    for line in lines:
+        m = LINE.match(line)
+        if m and m.group(2) == "cat":
+            out.append((m.group(2), m.group(1), m.group(4), m.group(5), m.group(6)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def both(linux: Session) -> tuple[str, Tracer, list[TraceEvent]]:
+    """The guest's trace file and qprobes' events for CALLS runs of cat."""
+    events: list[TraceEvent] = []
+    tracer = Tracer(linux, events.append)
+    setup = " && ".join(f"echo '{d}' >> {TR}/kprobe_events" for d in DEFINITIONS)
+    linux.command(f"echo > {TR}/trace; {setup} && echo 1 > {TR}/events/kprobes/enable")
+    try:
+        for definition in DEFINITIONS:
+            tracer.add(definition)
+        linux.command(f"for i in $(seq {CALLS}); do cat /etc/hostname; done >/dev/null")
+        linux.command(f"echo 0 > {TR}/events/kprobes/enable")
+    finally:
+        for name in list(tracer.probes):
+            tracer.remove(name)
+    text = linux.command(f"cat {TR}/trace")
+    linux.command(f"echo > {TR}/kprobe_events")
+    return text, tracer, events
+
+
+def test_the_header_is_the_guests(both: tuple[str, Tracer, list[TraceEvent]]) -> None:
+    text, tracer, _ = both
+    guest = [line for line in text.splitlines() if line.startswith("#")]
+    # qprobes leaves out the entries-in-buffer line (and the "#" after it).
+    assert guest[2].startswith("# entries-in-buffer/entries-written:"), guest
+    assert tracer.header().splitlines() == guest[:2] + guest[4:]
+
+
+def test_lines_are_the_guests_and_timestamps_sort_among_them(
+    both: tuple[str, Tracer, list[TraceEvent]],
+) -> None:
+    text, _, events = both
+    guest = parse(text.splitlines())
+    ours = parse([e.format() for e in events])
+    assert len(guest) == len(ours) == 2 * CALLS, (text, [e.format() for e in events])
+    deltas = []
+    resched_differs = 0
+    for g, q in zip(guest, ours, strict=True):
+        # Same comm-pid and CPU columns, same widths, same event text.
+        assert (q[1], q[4]) == (g[1], g[4]), (g, q)
+        assert len(q[3]) == len(g[3])
+        # The context column: need-resched can change between the two
+        # probes (an interrupt in between); the rest is the same context.
+        assert q[2][0] + q[2][2:] == g[2][0] + g[2][2:], (g, q)
+        resched_differs += q[2][1] != g[2][1]
+        deltas.append(float(q[3]) - float(g[3]))
+    assert resched_differs <= CALLS // 4, (guest, ours)
+    # The kprobe/return-probe field formatting: hex register, hex $retval.
+    assert all("dfd=0xffffff9c" in q[4] for q in ours[0::2]), ours
+    assert all(q[4].endswith("arg1=0x3") for q in ours[1::2]), ours
+    # On one clock: per call, guest entry <= ours <= our return <= guest return.
+    for i in range(CALLS):
+        g_open, g_ret = float(guest[2 * i][3]), float(guest[2 * i + 1][3])
+        q_open, q_ret = float(ours[2 * i][3]), float(ours[2 * i + 1][3])
+        pair = (guest[2 * i : 2 * i + 2], ours[2 * i : 2 * i + 2])
+        assert g_open <= q_open <= q_ret <= g_ret, pair
+    gaps = [abs(d) * 1e6 for d in deltas]
+    print(
+        f"qprobes - guest timestamps (us): median {statistics.median(gaps):.0f}, "
+        f"min {min(gaps):.0f}, max {max(gaps):.0f}; need-resched differed {resched_differs}x"
+    )
+    assert statistics.median(gaps) < 1000 and max(gaps) < 20_000
+
+
+def test_json_carries_the_same_timestamp_and_flags(
+    both: tuple[str, Tracer, list[TraceEvent]],
+) -> None:
+    _, _, events = both
+    for e in events:
+        row = e.as_json()
+        line = e.format()
+        assert f"{row['timestamp']:.6f}: {e.event}:" in line
+        assert f"] {row['flags']} " in line
+        assert row["clock"] == "local" and row["cpu"] == 0
