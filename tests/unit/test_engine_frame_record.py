@@ -140,3 +140,17 @@ def test_the_record_carries_the_tsc_of_the_hit() -> None:
     assert f"rdtsc\n    shl rdx, 32\n    or rax, rdx\n    mov [rbx + {RECORD_TSC}], rax" in (
         stub_source(layout)
     )
+
+
+def test_without_host_memory_the_tsc_comes_from_the_record_by_the_gdbstub() -> None:
+    class VcpuTarget(FakeTarget):
+        def read(self, addr: int, length: int, vcpu: int | None = None) -> bytes:
+            return super().read(addr, length)
+
+    target = VcpuTarget()
+    engine = KprobeEngine(target, (0x7C00000, 4 << 20), A)  # type: ignore[arg-type]
+    engine._vars = 0xFFFFFFFFFEE02000
+    record = engine._vars + VAR_PERCPU + PERCPU_STRIDE * 0
+    target.write(record, struct.pack("<QQQQ", TRAMP_FRAME, 0, CR3, 777))
+    assert engine._record_tsc(1, TRAMP_FRAME) == 777
+    assert engine._record_tsc(1, STALE_BP_FRAME) is None  # the record is another frame's
