@@ -148,16 +148,17 @@ class SchedClock:
             raise ClockError(f"the guest's sched_clock() is {name}, not native_sched_clock")
 
     def cyc2ns(self, gs_base: int) -> Cyc2nsData:
-        """The CPU's current ``cyc2ns_data`` (``cyc2ns_read_begin``)."""
+        """The CPU's current ``cyc2ns_data`` (``cyc2ns_read_begin``: the copy
+        the latch's sequence names). The guest is stopped (all-stop) while
+        the host reads, so one read of the whole struct is consistent."""
         lay = self.layout
-        base = gs_base + lay.cyc2ns
-        for _ in range(8):
-            (seq,) = struct.unpack("<I", self.read(base + lay.seq, 4))
-            raw = self.read(base + lay.data + (seq & 1) * lay.data_size, lay.data_size)
-            (again,) = struct.unpack("<I", self.read(base + lay.seq, 4))
-            if seq == again:
-                break
-        return Cyc2nsData(_field(raw, lay.mul), _field(raw, lay.shift), _field(raw, lay.offset))
+        start = min(lay.data, lay.seq)
+        end = max(lay.data + 2 * lay.data_size, lay.seq + 4)
+        raw = self.read(gs_base + lay.cyc2ns + start, end - start)
+        (seq,) = struct.unpack_from("<I", raw, lay.seq - start)
+        at = lay.data - start + (seq & 1) * lay.data_size
+        data = raw[at : at + lay.data_size]
+        return Cyc2nsData(_field(data, lay.mul), _field(data, lay.shift), _field(data, lay.offset))
 
     def sched_clock(self, ctx: HitContext) -> int | None:
         """``sched_clock()`` in ns at the hit, or None (no TSC, no per-CPU base)."""
