@@ -45,7 +45,7 @@ from qprobes.target.hostmem import HostMemory
 from qprobes.target.target import Target
 
 if TYPE_CHECKING:
-    from qprobes.linux.clock import SchedClock
+    from qprobes.linux.clock import GuestClock
     from qprobes.linux.preempt import PreemptState
     from qprobes.linux.text import KernelText
     from qprobes.symbols.linux import LinuxKernel
@@ -121,7 +121,7 @@ class Session:
         self.text: KernelText | None = None  # a Linux guest's text rules
         # A Linux guest's trace clock and context reader (set by use_linux):
         # trace events then carry the guest's own timestamps and flags.
-        self.trace_clock: SchedClock | None = None
+        self.trace_clock: GuestClock | None = None
         self.trace_state: PreemptState | None = None
         self.kretprobes = KretprobeManager(self.engine)
         self.jprobes = JprobeManager(self.engine)
@@ -244,13 +244,14 @@ class Session:
         self._use_linux_clock(kernel)
 
     def _use_linux_clock(self, kernel: LinuxKernel) -> None:
-        """The guest's sched_clock() (ftrace's local clock) and the state of
-        an interrupted context (preempt count, need-resched) for trace events."""
-        from qprobes.linux.clock import ClockError, SchedClock
+        """The guest's clocks (its sched_clock() and ftrace's current trace
+        clock) and the state of an interrupted context (preempt count,
+        need-resched) for trace events."""
+        from qprobes.linux.clock import ClockError, GuestClock
         from qprobes.linux.preempt import PreemptState
 
         try:
-            self.trace_clock = SchedClock(kernel, self.engine.read_data)
+            self.trace_clock = GuestClock(kernel, self.engine.read_data)
         except (ClockError, QprobesError) as exc:
             log.warning("%s: trace timestamps are host time since the trace began", exc)
         try:

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from qprobes.linux.clock import COUNTER_CLOCKS
 from qprobes.linux.preempt import (
     TRACE_FLAG_BH_OFF,
     TRACE_FLAG_HARDIRQ,
@@ -77,9 +78,12 @@ def ns2usecs(ns: int) -> int:
     return (ns + NSEC_PER_USEC // 2) // NSEC_PER_USEC
 
 
-def trace_print_time(ns: int) -> str:
+def trace_print_time(ns: int, in_ns: bool = True) -> str:
     """The timestamp column (``trace_print_time``, no latency format):
-    ``%5lu.%06lu`` seconds and microseconds."""
+    ``%5lu.%06lu`` seconds and microseconds, or ``%12llu`` on a clock that
+    does not count nanoseconds (``x86-tsc``, ``counter``)."""
+    if not in_ns:
+        return f"{ns:12d}"
     secs, usec = divmod(ns2usecs(ns), USEC_PER_SEC)
     return f"{secs:5d}.{usec:06d}"
 
@@ -117,10 +121,12 @@ class TraceEvent:
     cpu: int  # 0-based, the kernel's CPU number
     pid: int | None
     comm: str | None
-    timestamp_ns: int  # on ``clock``
+    timestamp_ns: int  # on ``clock`` (ns, or counts on a COUNTER_CLOCKS clock)
     fields: dict[str, Value]
     text: str  # the fields as ftrace prints them
-    clock: str = "local"  # "local": the guest's sched_clock(); "host": since the trace began
+    # The guest's trace clock ("local": sched_clock(), "global", "perf",
+    # "x86-tsc"); "host": host time since the trace began.
+    clock: str = "local"
     trace_flags: int = 0  # struct trace_entry's flags (TRACE_FLAG_*)
     preempt_count: int = 0  # and its preempt_count (migrate-disable depth << 4)
 
@@ -145,7 +151,8 @@ class TraceEvent:
         tail = f" {self.text}" if self.text else ""
         return (
             f"{comm:>16}-{pid:<7} [{self.cpu:03d}] {self.lat_fmt} "
-            f"{trace_print_time(self.timestamp_ns)}: {self.event}: ({where}){tail}"
+            f"{trace_print_time(self.timestamp_ns, self.clock not in COUNTER_CLOCKS)}: "
+            f"{self.event}: ({where}){tail}"
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -162,7 +169,9 @@ class TraceEvent:
             "cpu": self.cpu,
             "pid": self.pid,
             "comm": self.comm,
-            "timestamp": ns2usecs(self.timestamp_ns) / USEC_PER_SEC,
+            "timestamp": self.timestamp_ns
+            if self.clock in COUNTER_CLOCKS
+            else ns2usecs(self.timestamp_ns) / USEC_PER_SEC,
             "timestamp_ns": self.timestamp_ns,
             "clock": self.clock,
             "flags": self.lat_fmt,

@@ -38,12 +38,11 @@ if TYPE_CHECKING:
 
 
 class HitClock(Protocol):
-    """The guest's trace clock at a hit, in ns (on Linux:
-    :class:`qprobes.linux.clock.SchedClock`); None when it cannot be read."""
+    """The guest's trace clock at a hit: (timestamp, clock name), e.g. ns on
+    ftrace's ``local`` clock (on Linux: :class:`qprobes.linux.clock.GuestClock`);
+    None when it cannot be read."""
 
-    name: str
-
-    def __call__(self, ctx: HitContext) -> int | None: ...
+    def __call__(self, ctx: HitContext) -> tuple[int, str] | None: ...
 
 
 class HitState(Protocol):
@@ -217,9 +216,9 @@ class Tracer:
     def _timestamp(self, ctx: HitContext) -> tuple[int, str]:
         clock = self.session.trace_clock
         if clock is not None:
-            ns = clock(ctx)
-            if ns is not None:
-                return ns, clock.name
+            found = clock(ctx)
+            if found is not None:
+                return found
         return time.monotonic_ns() - self.started, "host"
 
     def _context(self, ctx: HitContext) -> tuple[int, TraceCtx]:

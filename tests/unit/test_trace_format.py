@@ -18,9 +18,14 @@ from qprobes.errors import QprobesError, SymbolError
 from qprobes.linux.clock import (
     ClockError,
     Cyc2nsData,
-    SchedClock,
+    GuestClock,
+    SchedClockData,
     cycles_2_ns,
     mul_u64_u32_shr,
+    sched_clock_local,
+    trace_clock_global,
+    wrap_max,
+    wrap_min,
 )
 from qprobes.linux.preempt import (
     PREEMPT_NEED_RESCHED,
@@ -158,11 +163,16 @@ def test_trace_print_time(ns: int, text: str) -> None:
     assert trace_print_time(ns) == text
 
 
+def test_a_counter_clock_prints_the_count() -> None:
+    assert trace_print_time(24463863480, in_ns=False) == " 24463863480"
+    assert trace_print_time(123, in_ns=False) == "         123"
+
+
 def test_ns2usecs() -> None:
     assert [ns2usecs(n) for n in (499, 500, 1499, 1500)] == [0, 1, 1, 2]
 
 
-# SchedClock on a fake kernel: per-CPU cyc2ns at GS + its offset, the latch.
+# GuestClock on a fake kernel: per-CPU cyc2ns at GS + its offset, the latch.
 
 GS = 0xFFFF88801F600000
 CYC2NS, USE_TSC = 0x311C0, 0xFFFFFFFF832BC5C0
@@ -196,6 +206,11 @@ class FakeBtf:
         ("static_key", "enabled"): (0, 4),
         ("task_struct", "thread_info.flags"): (0, 8),
         ("task_struct", "migration_disabled"): (2032, 2),
+        ("sched_clock_data", "tick_raw"): (0, 8),
+        ("sched_clock_data", "tick_gtod"): (8, 8),
+        ("sched_clock_data", "clock"): (16, 8),
+        ("trace_array", "array_buffer.buffer"): (32, 8),
+        ("trace_buffer", "clock"): (88, 8),
     }
 
     def struct_member_offset(self, struct_name: str, path: str) -> tuple[int, int]:
@@ -256,30 +271,114 @@ SYMS = {"cyc2ns": CYC2NS, "__use_tsc": USE_TSC, "__sched_clock_offset": OFFSET,
 @pytest.mark.parametrize("seq", [6, 7])
 def test_sched_clock_reads_the_latched_copy(seq: int) -> None:
     mem = clock_memory(seq)
-    clock = SchedClock(FakeKernel(SYMS), mem.read)  # type: ignore[arg-type]
+    clock = GuestClock(FakeKernel(SYMS), mem.read)  # type: ignore[arg-type]
     tsc = 2445379000 * 5
     expect = (tsc * 6860 >> 24) - 500
     assert clock.sched_clock(hit(tsc)) == expect
-    assert clock(hit(tsc)) == expect
-    assert clock.local_clock(hit(tsc)) == expect - 138010
+    assert clock(hit(tsc)) == (expect, "local")  # no global_trace: the default clock
+    assert clock.local_clock(hit(tsc)) == expect - 138010  # + __sched_clock_offset
     assert clock.sched_clock(hit(None)) is None  # no TSC recorded
     assert clock.sched_clock(hit(tsc, gs_base=0)) is None
 
 
-def test_local_clock_needs_a_stable_sched_clock() -> None:
+SCD, GTOD_OFFSET, TICK_NSEC, RUNNING = (
+    0x32640,
+    0xFFFFFFFF82C39DB0,
+    0xFFFFFFFF8333FFA0,
+    0xFFFFFFFF832F3C20,
+)
+UNSTABLE_SYMS = {**SYMS, "sched_clock_data": SCD, "__gtod_offset": GTOD_OFFSET,
+                 "tick_nsec": TICK_NSEC, "sched_clock_running": RUNNING}  # fmt: skip
+
+
+def unstable_memory(now_tsc: int) -> tuple[Memory, int]:
     mem = clock_memory(6, stable=False)
-    clock = SchedClock(FakeKernel(SYMS), mem.read)  # type: ignore[arg-type]
-    assert clock.sched_clock(hit(1000)) is not None
-    assert clock.local_clock(hit(1000)) is None
+    now = (now_tsc * 6860 >> 24) - 500
+    # The last tick: raw sched_clock 1 ms ago, at GTOD 7.0 s; -65 ms of offset.
+    mem.poke(GS + SCD, struct.pack("<QQQ", now - 1_000_000, 7_000_000_000, 6_935_000_000))
+    mem.poke(GTOD_OFFSET, struct.pack("<q", -65_133_730))
+    mem.poke(TICK_NSEC, struct.pack("<Q", 4_000_000))
+    mem.poke(RUNNING, struct.pack("<i", 1))
+    return mem, now
+
+
+def test_local_clock_on_an_unstable_sched_clock() -> None:
+    tsc = 2445379000 * 5
+    mem, _ = unstable_memory(tsc)
+    clock = GuestClock(FakeKernel(UNSTABLE_SYMS), mem.read)  # type: ignore[arg-type]
+    # sched_clock_local(): the tick's GTOD time + offset + 1 ms since the tick.
+    assert clock.local_clock(hit(tsc)) == 7_000_000_000 - 65_133_730 + 1_000_000
+    mem.poke(RUNNING, struct.pack("<i", 0))  # before sched_clock_init(): sched_clock()
+    assert clock.local_clock(hit(tsc)) == clock.sched_clock(hit(tsc))
+    without = GuestClock(FakeKernel(SYMS), clock_memory(6, stable=False).read)  # type: ignore[arg-type]
+    assert without.local_clock(hit(tsc)) is None  # no sched_clock_data to filter with
+
+
+GLOBAL_TRACE, BUFFER, CLOCK_STRUCT = 0xFFFFFFFF82B39D40, 0xFFFF888003C00000, 0xFFFFFFFF833448C0
+CLOCK_FUNCS = {"trace_clock_local": 0xFFFFFFFF8119D980, "trace_clock_global": 0xFFFFFFFF8119D9E0,
+               "trace_clock": 0xFFFFFFFF8119D9B0, "trace_clock_x86_tsc": 0xFFFFFFFF8106B9F0,
+               "trace_clock_counter": 0xFFFFFFFF8119DA80}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("func", "name", "prev_time", "expect"),
+    [
+        ("trace_clock_local", "local", 0, "sched"),
+        ("trace_clock_global", "global", 0, "local"),
+        ("trace_clock_global", "global", 9_000_000_000, 9_000_000_000),  # held monotonic
+        ("trace_clock", "perf", 0, "local"),
+        ("trace_clock_x86_tsc", "x86-tsc", 0, "tsc"),
+        ("trace_clock_counter", None, 0, None),  # not computed: host time
+    ],
+)
+def test_trace_clock_follows_the_guests_choice(
+    func: str, name: str | None, prev_time: int, expect: object
+) -> None:
+    tsc = 2445379000 * 5
+    mem, _ = unstable_memory(tsc)
+    mem.poke(GLOBAL_TRACE + 32, struct.pack("<Q", BUFFER))
+    mem.poke(BUFFER + 88, struct.pack("<Q", CLOCK_FUNCS[func]))
+    mem.poke(CLOCK_STRUCT, struct.pack("<Q", prev_time))
+    syms = {**UNSTABLE_SYMS, **CLOCK_FUNCS, "global_trace": GLOBAL_TRACE,
+            "trace_clock_struct": CLOCK_STRUCT}  # fmt: skip
+    clock = GuestClock(FakeKernel(syms), mem.read)  # type: ignore[arg-type]
+    assert clock.trace_clock_name() == name
+    values = {"sched": clock.sched_clock(hit(tsc)), "local": clock.local_clock(hit(tsc)),
+              "tsc": tsc}  # fmt: skip
+    want = values.get(expect, expect) if isinstance(expect, str) else expect
+    assert clock(hit(tsc)) == (None if name is None else (want, name))
+
+
+SCHED_CLOCK_LOCAL = [
+    # now, (tick_raw, tick_gtod, clock), gtod_offset -> clock
+    (11_000, (10_000, 10_000, 10_200), 0, 11_000),
+    (9_000, (10_000, 10_000, 10_200), 0, 10_200),  # raw went back: not before the last clock
+    (5_010_000, (10_000, 10_000, 10_200), 0, 4_010_000),  # at most one tick past the tick
+    (11_000, (10_000, 10_000, 10_200), -500, 10_500),
+    (5, (U64 - 4, U64 - 4, U64 - 4), 0, 5),  # across the wrap
+]
+
+
+@pytest.mark.parametrize(("now", "scd", "offset", "out"), SCHED_CLOCK_LOCAL)
+def test_sched_clock_local(now: int, scd: tuple[int, int, int], offset: int, out: int) -> None:
+    assert sched_clock_local(now, SchedClockData(*scd), offset & U64, 4_000_000) == out
+
+
+def test_wraps_and_the_global_clock() -> None:
+    assert (wrap_max(1, 2), wrap_min(1, 2)) == (2, 1)
+    assert (wrap_max(U64, 1), wrap_min(U64, 1)) == (1, U64)  # -1 is before 1
+    assert [trace_clock_global(n, p) for n, p in ((100, 50), (50, 100), (5, U64 - 4))] == [
+        100, 100, 5,
+    ]  # fmt: skip
 
 
 def test_sched_clock_refuses_a_kernel_without_the_tsc() -> None:
     mem = clock_memory(6)
     mem.poke(USE_TSC, struct.pack("<i", 0))
     with pytest.raises(ClockError, match="__use_tsc"):
-        SchedClock(FakeKernel(SYMS), mem.read)  # type: ignore[arg-type]
+        GuestClock(FakeKernel(SYMS), mem.read)  # type: ignore[arg-type]
     with pytest.raises(ClockError, match="cyc2ns"):
-        SchedClock(FakeKernel({"__use_tsc": USE_TSC}), mem.read)  # type: ignore[arg-type]
+        GuestClock(FakeKernel({"__use_tsc": USE_TSC}), mem.read)  # type: ignore[arg-type]
 
 
 def test_sched_clock_refuses_a_paravirt_clock() -> None:
@@ -289,10 +388,10 @@ def test_sched_clock_refuses_a_paravirt_clock() -> None:
         syms = {**SYMS, "__SCK__pv_sched_clock": 0xFFFFFFFF82A39BC0,
                 "native_sched_clock": 0xFFFFFFFF81040000}  # fmt: skip
         mem.poke(0xFFFFFFFF82A39BC0, struct.pack("<Q", 0xFFFFFFFF81040000))
-        SchedClock(FakeKernel(syms), mem.read)  # type: ignore[arg-type]
+        GuestClock(FakeKernel(syms), mem.read)  # type: ignore[arg-type]
         mem.poke(0xFFFFFFFF82A39BC0, struct.pack("<Q", 0xFFFFFFFF81070000))  # kvm_sched_clock_read
         with pytest.raises(ClockError, match="not native_sched_clock"):
-            SchedClock(FakeKernel(syms), mem.read)  # type: ignore[arg-type]
+            GuestClock(FakeKernel(syms), mem.read)  # type: ignore[arg-type]
     finally:
         del FakeBtf.members[("static_call_key", "func")]
 
@@ -371,6 +470,9 @@ def test_json_has_the_same_timestamp_and_flags() -> None:
     assert got["timestamp"] == 3.451831 and got["timestamp_ns"] == 3_451_831_200
     assert (got["flags"], got["clock"], got["cpu"]) == (".N.1.", "local", 1)
     assert (got["common_flags"], got["common_preempt_count"]) == (NEED | PREEMPT, 1)
+    tsc = event(clock="x86-tsc", timestamp_ns=24463863480)
+    assert "[000] .N...  24463863480: kopen:" in tsc.format()  # " %12llu"
+    assert tsc.as_json()["timestamp"] == 24463863480
 
 
 def test_hit_context_numbers_vcpus_from_zero() -> None:
