@@ -27,6 +27,7 @@ import pytest
 
 from qprobes.errors import QprobesError
 from qprobes.frontends.session import Session
+from qprobes.probes.context import HitContext
 from qprobes.tracing import TraceEvent, Tracer
 from tests.conftest import require_vm
 
@@ -151,3 +152,34 @@ def test_json_carries_the_same_timestamp_flags_and_clock(both: Traced) -> None:
         assert f"] {row['flags']} " in line
         assert f"[{row['cpu']:03d}]" in line
         assert row["clock"] == clock
+
+
+@pytest.mark.parametrize("guest", ["linux", "smp2"])
+def test_local_clock_is_dmesgs(guest: str, request: pytest.FixtureRequest) -> None:
+    """printk stamps a message with local_clock() at the start of
+    vprintk_store(): qprobes' local_clock() at that function's entry is the
+    same clock, a little earlier (on 2 vCPUs the unstable, filtered one)."""
+    linux: Session = request.getfixturevalue(guest)
+    clock = linux.trace_clock
+    assert clock is not None
+    seen: list[int] = []
+
+    def on_store(kp: object, ctx: HitContext) -> bool:
+        assert clock is not None
+        ns = clock.local_clock(ctx)
+        assert ns is not None
+        seen.append(ns)
+        return False
+
+    kp = linux.kprobe("vprintk_store", on_store)
+    try:
+        linux.command("echo qprobes-clock-mark > /dev/kmsg")
+    finally:
+        linux.unregister(kp)
+    m = re.search(r"\[\s*(\d+)\.(\d{6})\] qprobes-clock-mark", linux.command("dmesg"))
+    assert m is not None and seen
+    printed = int(m.group(1)) * 10**9 + int(m.group(2)) * 1000  # print_time truncates to us
+    gaps = [printed + 1000 - ns for ns in seen]
+    best = min(g for g in gaps if g >= 0)
+    print(f"{guest}: dmesg - qprobes' local_clock at vprintk_store: {best / 1000:.0f} us or less")
+    assert best < 2_000_000
