@@ -248,14 +248,18 @@ class Session:
         clock) and the state of an interrupted context (preempt count,
         need-resched) for trace events."""
         from qprobes.linux.clock import ClockError, GuestClock
+        from qprobes.linux.memory import KernelMemory
         from qprobes.linux.preempt import PreemptState
 
+        # Every event reads per-CPU data and its task: by __pa, not page walks.
+        read_phys = self.hostmem.read_phys if self.hostmem is not None else None
+        read = KernelMemory.from_kernel(kernel, self.engine.read_data, read_phys)
         try:
-            self.trace_clock = GuestClock(kernel, self.engine.read_data)
+            self.trace_clock = GuestClock(kernel, read)
         except (ClockError, QprobesError) as exc:
             log.warning("%s: trace timestamps are host time since the trace began", exc)
         try:
-            self.trace_state = PreemptState(kernel, self.engine.read_data)
+            self.trace_state = PreemptState(kernel, read)
         except QprobesError as exc:
             log.warning("%s: trace events show only the interrupt flag", exc)
 

@@ -201,6 +201,7 @@ class GuestClock:
         """Where ftrace's current clock function is: global_trace's ring buffer."""
         assert kernel.btf is not None
         self.trace_buffer: tuple[int, int] | None = None
+        self._trace_buffer_ptr: int | None = None
         self.trace_clock_struct: int | None = None
         self.clocks: dict[int, str] = {
             self.symbols.address(func): name
@@ -217,6 +218,13 @@ class GuestClock:
             return
         self.trace_buffer = (global_trace + buffer, clock)
         self.trace_clock_struct = self._addr("trace_clock_struct")
+
+    def _buffer(self) -> int:
+        """global_trace's ring buffer (allocated once, at boot)."""
+        if self._trace_buffer_ptr is None:
+            assert self.trace_buffer is not None
+            self._trace_buffer_ptr = self._u64(self.trace_buffer[0])
+        return self._trace_buffer_ptr
 
     def _u64(self, addr: int) -> int:
         return int(struct.unpack("<Q", self.read(addr, 8))[0])
@@ -304,9 +312,8 @@ class GuestClock:
         is one qprobes computes."""
         if self.trace_buffer is None:
             return "local"
-        where, clock = self.trace_buffer
         try:
-            func = self._u64(self._u64(where) + clock)
+            func = self._u64(self._buffer() + self.trace_buffer[1])
         except (QprobesError, struct.error):
             return None
         return self.clocks.get(func)

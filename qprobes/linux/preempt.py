@@ -126,6 +126,10 @@ class PreemptState:
                 pass
         return ctx.vcpu
 
+    def comm_pid(self, ctx: HitContext) -> tuple[str, int] | None:
+        """(comm, pid) of the task the hit interrupted."""
+        return self.kernel.comm_pid(ctx.gs_base, self.read)
+
     def trace_ctx(self, ctx: HitContext) -> TraceCtx | None:
         """The interrupted context's trace flags and preempt count, or None
         when the per-CPU data cannot be read."""

@@ -51,6 +51,7 @@ class HitState(Protocol):
 
     def cpu(self, ctx: HitContext) -> int: ...
     def trace_ctx(self, ctx: HitContext) -> TraceCtx | None: ...
+    def comm_pid(self, ctx: HitContext) -> tuple[str, int] | None: ...
 
 
 class ProbeHost(Protocol):
@@ -210,7 +211,8 @@ class Tracer:
         kernel = self.session.kernel
         if kernel is None:
             return None, None
-        found = kernel.comm_pid(ctx.gs_base, ctx.read)
+        state = self.session.trace_state  # reads by __pa where it can
+        found = state.comm_pid(ctx) if state else kernel.comm_pid(ctx.gs_base, ctx.read)
         return found if found is not None else (None, None)
 
     def _timestamp(self, ctx: HitContext) -> tuple[int, str]:

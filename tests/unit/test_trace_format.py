@@ -478,3 +478,53 @@ def test_json_has_the_same_timestamp_and_flags() -> None:
 def test_hit_context_numbers_vcpus_from_zero() -> None:
     ctx = HitContext(2, PtRegs([0] * FRAME_WORDS), lambda a, n: bytes(n), 0)
     assert (ctx.thread, ctx.vcpu) == (2, 1)
+
+
+# --- reads by __pa -------------------------------------------------------------------------
+
+PAGE_OFFSET, VMALLOC = 0xFFFF888000000000, 0xFFFFC90000000000
+TEXT, END, BANNER = 0xFFFFFFFF81000000, 0xFFFFFFFF83400000, 0xFFFFFFFF82000100
+
+
+def test_kernel_memory_reads_the_direct_map_and_the_image_by_arithmetic() -> None:
+    from qprobes.linux.memory import KernelMemory
+
+    walked: list[int] = []
+    def walk(vaddr: int, n: int) -> bytes:
+        walked.append(vaddr)
+        return b"v" * n
+
+    def phys(paddr: int, n: int) -> bytes:
+        return paddr.to_bytes(8, "little")[:n]
+
+    mem = KernelMemory(walk, phys, (PAGE_OFFSET, VMALLOC), (TEXT, END, 0x200000))
+    assert mem.paddr(PAGE_OFFSET + 0x1F61FB40, 4) == 0x1F61FB40  # __pa
+    assert mem.paddr(BANNER, 8) == BANNER - 0xFFFFFFFF80000000 + 0x200000  # __pa_symbol
+    assert mem.paddr(VMALLOC + 0x1000, 8) is None  # a vmalloc'ed stack: walk
+    assert mem.paddr(END - 4, 8) is None  # straddles the end of the image
+    assert mem(PAGE_OFFSET + 0x1234, 4) == (0x1234).to_bytes(8, "little")[:4]
+    assert mem(VMALLOC + 0x1000, 2) == b"vv" and walked == [VMALLOC + 0x1000]
+
+
+@pytest.mark.parametrize("phys_base", [0, 0x200000])
+def test_kernel_memory_checks_its_arithmetic_once(phys_base: int) -> None:
+    """from_kernel compares a read by __pa with the page-walking read, and
+    falls back to the walk when the guest does not agree."""
+    from qprobes.linux.memory import KernelMemory
+
+    ram = Memory()
+    banner_phys = BANNER - 0xFFFFFFFF80000000  # where the guest really has it (phys_base 0)
+    ram.poke(banner_phys, b"Linux version 6.1.0-56-cloud-amd64 ")
+    ram.poke(0x2398480, struct.pack("<Q", PAGE_OFFSET))  # page_offset_base
+    ram.poke(0x2A1A010, struct.pack("<Q", phys_base))
+    ram.poke(0x2398478, struct.pack("<Q", VMALLOC))
+
+    def walk(vaddr: int, n: int) -> bytes:  # the page tables: image at phys_base 0
+        return ram.read(vaddr - (0xFFFFFFFF80000000 if vaddr >= TEXT else PAGE_OFFSET), n)
+
+    syms = {"page_offset_base": 0xFFFFFFFF82398480, "phys_base": 0xFFFFFFFF82A1A010,
+            "vmalloc_base": 0xFFFFFFFF82398478, "_text": TEXT, "_end": END,
+            "linux_banner": BANNER}  # fmt: skip
+    mem = KernelMemory.from_kernel(FakeKernel(syms), walk, ram.read)  # type: ignore[arg-type]
+    assert (mem.read_phys is not None) is (phys_base == 0)
+    assert KernelMemory.from_kernel(FakeKernel(syms), walk, None).read_phys is None  # type: ignore[arg-type]
