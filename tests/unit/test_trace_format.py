@@ -490,6 +490,7 @@ def test_kernel_memory_reads_the_direct_map_and_the_image_by_arithmetic() -> Non
     from qprobes.linux.memory import KernelMemory
 
     walked: list[int] = []
+
     def walk(vaddr: int, n: int) -> bytes:
         walked.append(vaddr)
         return b"v" * n
