@@ -128,9 +128,11 @@ class Tracer:
     def header(self) -> str:
         """The header of the guest's ``trace`` file, printed once above the events."""
         kernel = self.session.kernel
-        bh_off = True
+        bh_off = True  # Linux 5.18 and later
         if kernel is not None and kernel.btf is not None:
-            bh_off = "TRACE_FLAG_BH_OFF" in kernel.btf.enumerators("TRACE_FLAG_")
+            # enum trace_flag_type (kernel/trace/trace.h), when BTF has it.
+            flags = kernel.btf.enumerators("TRACE_FLAG_")
+            bh_off = "TRACE_FLAG_BH_OFF" in flags or not flags
         return trace_header(bh_off)
 
     def _btf_defaults(self) -> bool:
