@@ -500,19 +500,24 @@ def trace(
     latency_events = {f"lat_{''.join(c if c.isalnum() or c == '_' else '_' for c in f)}"
                       for f in latency or []}  # fmt: skip
 
+    def write(text: str) -> None:
+        if state["pipe"] or state["mute"]:
+            return
+        try:
+            out.write(text)
+            out.flush()
+        except BrokenPipeError:
+            state["pipe"] = True  # the reader went away: stop, as grep would
+
     def sink(event: TraceEvent) -> None:
         if state["mute"]:
             return
         if writer is not None:
             writer.write(event)
             return
-        if state["pipe"] or quiet or (event.event in latency_events and not json_output):
+        if quiet or (event.event in latency_events and not json_output):
             return
-        try:
-            out.write((event.to_json() if json_output else event.format()) + "\n")
-            out.flush()
-        except BrokenPipeError:
-            state["pipe"] = True  # the reader went away: stop, as grep would
+        write((event.to_json() if json_output else event.format()) + "\n")
 
     def on_sigint(signum: int, frame: object) -> None:
         state["asked"] = True
@@ -524,9 +529,9 @@ def trace(
     previous = signal.signal(signal.SIGINT, on_sigint)
     status = 0
     try:
-        if output is not None:
-            writer = TraceWriter(output, output_format)
         tracer = Tracer(session, sink)
+        if output is not None:
+            writer = TraceWriter(output, output_format, header=tracer.header())
         for function in latency or []:
             tp = tracer.latency(function)
             print(f"qprobes: latency of {tracer.describe(tp)}", file=err)
@@ -539,6 +544,9 @@ def trace(
                 continue
             tp = tracer.add(text, by_event.get(spec.event), triggers_by_event.get(spec.event, ()))
             print(f"qprobes: {tracer.describe(tp)}", file=err)
+        printing = any(tp.latency is None for tp in tracer.probes.values())
+        if not json_output and not quiet and writer is None and printing:
+            write(tracer.header())  # as the guest's trace file begins
         if command:
             line = guest_command_line(command)
             output, finished = session.run_command(line, timeout=duration, interrupted=stopping)

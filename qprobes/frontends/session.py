@@ -45,7 +45,9 @@ from qprobes.target.hostmem import HostMemory
 from qprobes.target.target import Target
 
 if TYPE_CHECKING:
+    from qprobes.linux.clock import GuestClock
     from qprobes.linux.modules import LinuxModules
+    from qprobes.linux.preempt import PreemptState
     from qprobes.linux.text import KernelText
     from qprobes.probes.context import HitContext
     from qprobes.symbols.linux import LinuxKernel
@@ -127,6 +129,10 @@ class Session:
         self.text: KernelText | None = None  # a Linux guest's text rules
         self.modules: LinuxModules | None = None  # a Linux guest's loaded modules
         self._module_watch: Kprobe | None = None
+        # A Linux guest's trace clock and context reader (set by use_linux):
+        # trace events then carry the guest's own timestamps and flags.
+        self.trace_clock: GuestClock | None = None
+        self.trace_state: PreemptState | None = None
         self.kretprobes = KretprobeManager(self.engine)
         self.jprobes = JprobeManager(self.engine)
         self._closed = False
@@ -357,6 +363,27 @@ class Session:
             return
         with contextlib.suppress(OSError):
             remember_boot(sha256_file(Path(self.machine.config.kernel)), kernel.symbols)
+        self._use_linux_clock(kernel)
+
+    def _use_linux_clock(self, kernel: LinuxKernel) -> None:
+        """The guest's clocks (its sched_clock() and ftrace's current trace
+        clock) and the state of an interrupted context (preempt count,
+        need-resched) for trace events."""
+        from qprobes.linux.clock import ClockError, GuestClock
+        from qprobes.linux.memory import KernelMemory
+        from qprobes.linux.preempt import PreemptState
+
+        # Every event reads per-CPU data and its task: by __pa, not page walks.
+        read_phys = self.hostmem.read_phys if self.hostmem is not None else None
+        read = KernelMemory.from_kernel(kernel, self.engine.read_data, read_phys)
+        try:
+            self.trace_clock = GuestClock(kernel, read)
+        except (ClockError, QprobesError) as exc:
+            log.warning("%s: trace timestamps are host time since the trace began", exc)
+        try:
+            self.trace_state = PreemptState(kernel, read)
+        except QprobesError as exc:
+            log.warning("%s: trace events show only the interrupt flag", exc)
 
     def _use_ftrace(self, kernel: LinuxKernel) -> None:
         """Give the engine the guest's ftrace records: probes at an ftrace

@@ -81,9 +81,15 @@ class PtRegs:
 
 @dataclass
 class HitContext:
-    """Passed to every handler with the probe."""
+    """Passed to every handler with the probe.
 
-    vcpu: int
+    ``vcpu`` is the CPU that hit, 0-based as QEMU and the kernel number them
+    (``smp_processor_id()`` on a Linux guest); ``thread`` is the gdbstub's
+    thread id of that vCPU (``vcpu + 1``), which the engine uses to address
+    its registers.
+    """
+
+    thread: int
     regs: PtRegs
     read_virt: Callable[[int, int], bytes]
     cr3: int
@@ -99,8 +105,16 @@ class HitContext:
     # Reads through the vCPU's *current* page tables (user memory of the
     # interrupted task), by the gdbstub; ``read`` uses the kernel's.
     read_current: Callable[[int, int], bytes] | None = None
+    # The vCPU's time-stamp counter as the trap stub read it (``rdtsc``)
+    # just before the doorbell; None when unknown.
+    tsc: int | None = None
     # The session's kernel stack unwinder (Linux: ORC), if it has one.
     unwinder: Callable[[HitContext], list[int]] | None = None
+
+    @property
+    def vcpu(self) -> int:
+        """The CPU that hit, 0-based (the kernel's CPU number)."""
+        return self.thread - 1
 
     def stack(self) -> list[int]:
         """The kernel stack trace at this hit, innermost first: the probed

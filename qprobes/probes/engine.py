@@ -1124,15 +1124,16 @@ class KprobeEngine:
             frame_addr, gs_base, cr3 = regs.rsp, regs.gs_base, regs.cr3
             frame_bytes = self._read_frame(frame_addr, cr3, self._la57)
             frame = PtRegs(list(struct.unpack(f"<{FRAME_WORDS}Q", frame_bytes)))
+            tsc = self._record_tsc(vcpu, frame_addr)
         else:
-            frame_addr, gs_base, cr3, frame = located
+            frame_addr, gs_base, cr3, frame, tsc = located
         if frame.action:
             return True  # a stale stop: this doorbell was already answered
         vector = frame.vector
         la57 = self._la57
         # The interrupted task's page tables: they map the kernel too.
         ctx = HitContext(vcpu, frame, self._reader(cr3, la57, vcpu), cr3, frame_addr=frame_addr,
-                         gs_base=gs_base, read_current=self.target.read,
+                         gs_base=gs_base, read_current=self.target.read, tsc=tsc,
                          unwinder=self.stack_unwinder)  # fmt: skip
         kcb = self.kcb.setdefault(vcpu, KprobeCtlblk())
         if vector == 3:
@@ -1195,7 +1196,19 @@ class KprobeEngine:
             self._spurious = True
         return True
 
-    def _locate_frame_fast(self, vcpu: int) -> tuple[int, int, int, PtRegs] | None:
+    def _record_tsc(self, vcpu: int, frame_addr: int) -> int | None:
+        """The TSC in ``vcpu``'s per-CPU record (read by the gdbstub), if the
+        record is this frame's."""
+        if not 0 < vcpu <= MAX_CPUS or not self._vars:
+            return None
+        record = self._vars + VAR_PERCPU + PERCPU_STRIDE * (vcpu - 1)
+        try:
+            rsp, _gs, _cr3, tsc = struct.unpack("<QQQQ", self.target.read(record, 32, vcpu))
+        except QprobesError:
+            return None
+        return int(tsc) if rsp == frame_addr else None
+
+    def _locate_frame_fast(self, vcpu: int) -> tuple[int, int, int, PtRegs, int] | None:
         """The doorbell frame from the stub's per-CPU record, with no packet.
 
         The record is indexed by initial APIC ID, which QEMU numbers like its
@@ -1205,7 +1218,7 @@ class KprobeEngine:
         if self.hostmem is None or not 0 < vcpu <= MAX_CPUS:
             return None
         record = self._vars_phys + VAR_PERCPU + PERCPU_STRIDE * (vcpu - 1)
-        rsp, gs_base, cr3 = struct.unpack("<QQQ", self.hostmem.read_phys(record, 24))
+        rsp, gs_base, cr3, tsc = struct.unpack("<QQQQ", self.hostmem.read_phys(record, 32))
         if not rsp:
             return None
         phys: int | None = None
@@ -1225,7 +1238,7 @@ class KprobeEngine:
             # the answer must not go to *its* frame, so keep no address of it.
             return None
         self._frame_phys = phys
-        return rsp, gs_base, cr3, PtRegs(words)
+        return rsp, gs_base, cr3, PtRegs(words), tsc
 
     def _reader(self, cr3: int, la57: bool, vcpu: int) -> Callable[[int, int], bytes]:
         if self.hostmem is not None:
@@ -1494,12 +1507,13 @@ class KprobeEngine:
         """``longjmp_break_handler``, then step the probed instruction as usual."""
         if self.jprobes is None:
             raise ProbeError("jprobe_return reached with no jprobes")
-        saved, _values = self.jprobes.longjmp(ctx.vcpu)
+        saved, _values = self.jprobes.longjmp(ctx.thread)
         addr = saved.jp.kp.arm_addr
         point = self.points.get(addr) if addr is not None else None
         view = PtRegs(list(saved.words))
         if point is not None and point.armed:
-            sctx = HitContext(ctx.vcpu, view, ctx.read_virt, ctx.cr3, unwinder=ctx.unwinder)
+            sctx = HitContext(ctx.thread, view, ctx.read_virt, ctx.cr3, tsc=ctx.tsc,
+                              unwinder=ctx.unwinder)
             self._prepare_singlestep(kcb, point, sctx, KprobeStatus.HIT_SS)
         else:
             kcb.status, kcb.current = KprobeStatus.NONE, None
@@ -1512,7 +1526,7 @@ class KprobeEngine:
                      "r10", "r11", "r12", "r13", "r14", "r15", "rip"):  # fmt: skip
             setattr(new, name, getattr(view, name))
         new.eflags = view.eflags
-        self.target.set_registers(new, ctx.vcpu)
+        self.target.set_registers(new, ctx.thread)
 
     def place_code(self, source: str) -> int:
         """Assemble guest code into qprobes' area and return its address.

@@ -79,7 +79,7 @@ class JprobeManager:
 
     def __init__(self, engine: KprobeEngine) -> None:
         self.engine = engine
-        self.saved: dict[int, JprobeSaved] = {}  # vCPU -> saved state
+        self.saved: dict[int, JprobeSaved] = {}  # vCPU (gdbstub thread id) -> saved state
         engine.jprobes = self
 
     def register(self, jp: Jprobe) -> Jprobe:
@@ -108,11 +108,11 @@ class JprobeManager:
                 jp.handler(jp, ctx)
             if not jp.entry_addr:
                 return False
-            if ctx.vcpu in self.saved:
+            if ctx.thread in self.saved:
                 raise ProbeError(f"vCPU {ctx.vcpu} entered a jprobe inside another")
             regs = ctx.regs
             size = min_stack_size(regs.rsp)
-            self.saved[ctx.vcpu] = JprobeSaved(
+            self.saved[ctx.thread] = JprobeSaved(
                 jp, list(regs.words), regs.rsp, ctx.read(regs.rsp, size), ctx.cr3
             )
             regs.eflags = regs.eflags & ~IF
@@ -121,11 +121,12 @@ class JprobeManager:
 
         return setjmp_pre_handler
 
-    def longjmp(self, vcpu: int) -> tuple[JprobeSaved, dict[str, int]]:
-        """``longjmp_break_handler``: restore the stack, return the registers to set."""
-        saved = self.saved.pop(vcpu, None)
+    def longjmp(self, thread: int) -> tuple[JprobeSaved, dict[str, int]]:
+        """``longjmp_break_handler`` for the vCPU whose gdbstub thread id is
+        ``thread``: restore the stack, return the registers to set."""
+        saved = self.saved.pop(thread, None)
         if saved is None:
-            raise ProbeError(f"jprobe_return on vCPU {vcpu} with no jprobe active")
+            raise ProbeError(f"jprobe_return on vCPU {thread - 1} with no jprobe active")
         self.engine.write_data(saved.stack_addr, saved.stack, saved.cr3)
         regs = {name: saved.words[2 + i] for i, name in enumerate(PT_REGS_NAMES)}
         return saved, regs

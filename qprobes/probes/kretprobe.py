@@ -438,11 +438,11 @@ class KretprobeManager:
             if rp.handler is None or not rp.kp.registered:
                 continue
             inst.ret_addr = real  # as Linux sets ri->ret_addr before the handler
-            rctx = HitContext(ctx.vcpu, view, ctx.read_virt, ctx.cr3, kind="kretprobe",
+            rctx = HitContext(ctx.thread, view, ctx.read_virt, ctx.cr3, kind="kretprobe",
                               probe=rp.kp, retval=words[_IDX["rax"]], ret_addr=ret_to,
                               entry_data=inst.data, frame_addr=ctx.frame_addr,
                               gs_base=ctx.gs_base, read_current=ctx.read_current,
-                              unwinder=ctx.unwinder)  # fmt: skip
+                              tsc=ctx.tsc, unwinder=ctx.unwinder)  # fmt: skip
             rctx.entry_regs = inst.entry_regs
             rctx.duration = time.monotonic() - inst.entry_time
             rp.handler(rp, rctx)

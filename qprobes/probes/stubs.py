@@ -94,14 +94,16 @@ class StubLayout:
 # Offsets inside the vars page.
 VAR_ORIG = 0x00  # u64 orig handler per vector, indexed by vector (0..31)
 VAR_SS_ACTIVE = 0x100  # u64: vCPUs currently single-stepping a slot
-# Per-CPU records, indexed by initial APIC ID: the frame address, GS base and
-# CR3 at the last doorbell, so the host needs no register packet per hit.
+# Per-CPU records, indexed by initial APIC ID: the frame address, GS base,
+# CR3 and TSC at the last doorbell, so the host needs no register packet per
+# hit (and knows when, on the guest's own clock, the hit happened).
 VAR_PERCPU = 0x200
 PERCPU_STRIDE = 32
 MAX_CPUS = 64
+RECORD_FRAME, RECORD_GS_BASE, RECORD_CR3, RECORD_TSC = 0, 8, 16, 24
 
-# Stores rsp (the frame) and the GS base in this CPU's record. Clobbers
-# rax, rbx, rcx, rdx, which the frame already holds.
+# Stores rsp (the frame), the GS base, CR3 and the TSC in this CPU's record.
+# Clobbers rax, rbx, rcx, rdx, which the frame already holds.
 _RECORD = f"""
     mov eax, 1
     cpuid
@@ -118,6 +120,10 @@ _RECORD = f"""
     mov [rbx + 8], rax
     mov rax, cr3
     mov [rbx + 16], rax
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov [rbx + 24], rax
 """
 
 _SAVE = "\n".join(f"    push {r}" for r in reversed(PT_REGS_NAMES[:15]))

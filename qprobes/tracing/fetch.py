@@ -255,6 +255,7 @@ class _Compiler:
     spec: ProbeSpec
     symbols: SymbolSource | None
     resolver: TypeResolver | None
+    btf_defaults: bool = True
 
     def error(self, column: int, message: str) -> ProbeSyntaxError:
         return ProbeSyntaxError(self.spec.text, column, message)
@@ -282,7 +283,8 @@ class _Compiler:
                 out += [(self.arg(arg, BtfVar(n, arg.pos), n, n), arg.pos) for n in names]
                 continue
             fetch, name = arg.fetch, arg.name
-            if isinstance(fetch, Arg) and not arg.named and self.resolver is not None:
+            if (isinstance(fetch, Arg) and not arg.named and self.resolver is not None
+                    and self.btf_defaults):  # fmt: skip
                 # With BTF, Linux rewrites a bare "$argN" to the parameter's
                 # name, which then names and types the argument.
                 known = self.resolver.arg_names(self.func) if self.spec.symbol else None
@@ -303,6 +305,8 @@ class _Compiler:
 
     def arg(self, arg: ProbeArg, fetch: FetchArg, name: str, text: str) -> CompiledArg:
         code, ctype, bits = self.lower(fetch)
+        if isinstance(fetch, Retval) and not self.btf_defaults:
+            ctype = None  # a bare $retval is x64, as before Linux 6.6
         tspec = arg.type
         bitfield = tspec.bitfield
         if tspec.name is not None:
@@ -351,7 +355,7 @@ class _Compiler:
                 ctype = None
                 if self.resolver is not None and self.spec.symbol:
                     ctype = self.resolver.return_type(self.func)
-                    if ctype is not None and ctype.kind is CKind.VOID:
+                    if ctype is not None and ctype.kind is CKind.VOID and self.btf_defaults:
                         raise self.error(node.pos, TpErr.NO_RETVAL)
                 return [FetchInsn(FetchOp.RETVAL)], ctype, None
             case Comm():
@@ -425,16 +429,20 @@ def compile_fetchargs(
     spec: ProbeSpec,
     symbols: SymbolSource | None = None,
     resolver: TypeResolver | None = None,
+    btf_defaults: bool = True,
 ) -> list[CompiledArg]:
     """Compile the arguments of a parsed definition.
 
     ``symbols`` resolves ``@SYM`` and prints ``symbol``/``symstr`` values;
     ``resolver`` types ``$argN``, ``$retval`` and named parameters and
     resolves ``->member`` paths (without it those are refused, as on a
-    kernel without BTF). Raises :class:`~qprobes.errors.ProbeSyntaxError`
-    pointing into ``spec.text``.
+    kernel without BTF). ``btf_defaults=False`` leaves a bare ``$retval``
+    and ``$argN`` untyped (``x64``, named ``argN``) as kernels before
+    Linux 6.6 (BTF function arguments) do; BTF names and ``->`` still work.
+    Raises :class:`~qprobes.errors.ProbeSyntaxError` pointing into
+    ``spec.text``.
     """
-    return _Compiler(spec, symbols, resolver).compile()
+    return _Compiler(spec, symbols, resolver, btf_defaults).compile()
 
 
 # --- evaluation ------------------------------------------------------------------

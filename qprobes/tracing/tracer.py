@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qprobes.errors import ProbeError, QprobesError, SymbolError
+from qprobes.linux.preempt import PREEMPT_NEED_RESCHED, TraceCtx, tracing_gen_ctx
 from qprobes.probes.context import HitContext
 from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe
 from qprobes.tracing.ast import ProbeSpec, RemoveSpec
-from qprobes.tracing.events import TraceEvent
+from qprobes.tracing.events import TraceEvent, trace_header
 from qprobes.tracing.fetch import (
     CompiledArg,
     HitFetchContext,
@@ -43,10 +44,28 @@ if TYPE_CHECKING:
     from qprobes.symbols.linux import LinuxKernel
 
 
+class HitClock(Protocol):
+    """The guest's trace clock at a hit: (timestamp, clock name), e.g. ns on
+    ftrace's ``local`` clock (on Linux: :class:`qprobes.linux.clock.GuestClock`);
+    None when it cannot be read."""
+
+    def __call__(self, ctx: HitContext) -> tuple[int, str] | None: ...
+
+
+class HitState(Protocol):
+    """The interrupted context of a hit as ftrace records it (on Linux:
+    :class:`qprobes.linux.preempt.PreemptState`)."""
+
+    def cpu(self, ctx: HitContext) -> int: ...
+    def trace_ctx(self, ctx: HitContext) -> TraceCtx | None: ...
+    def comm_pid(self, ctx: HitContext) -> tuple[str, int] | None: ...
+
+
 class ProbeHost(Protocol):
     """What a :class:`Tracer` needs of the session it traces (a
     :class:`qprobes.frontends.session.Session` is one): the engine, the
-    return-probe manager, the symbols and, on Linux, the kernel."""
+    return-probe manager, the symbols and, on Linux, the kernel, its trace
+    clock and the state of the interrupted context."""
 
     @property
     def engine(self) -> KprobeEngine: ...
@@ -58,6 +77,10 @@ class ProbeHost(Protocol):
     def kernel(self) -> LinuxKernel | None: ...
     @property
     def modules(self) -> LinuxModules | None: ...
+    @property
+    def trace_clock(self) -> HitClock | None: ...
+    @property
+    def trace_state(self) -> HitState | None: ...
     def unregister(self, probe: Kprobe | Kretprobe) -> None: ...
     def watch_modules(self) -> None: ...
 
@@ -122,7 +145,24 @@ class Tracer:
         self.session = session
         self.sink = sink
         self.probes: dict[str, TraceProbe] = {}
-        self.started = time.monotonic()
+        self.started = time.monotonic_ns()
+
+    def header(self) -> str:
+        """The header of the guest's ``trace`` file, printed once above the events."""
+        kernel = self.session.kernel
+        bh_off = True  # Linux 5.18 and later
+        if kernel is not None and kernel.btf is not None:
+            # enum trace_flag_type (kernel/trace/trace.h), when BTF has it.
+            flags = kernel.btf.enumerators("TRACE_FLAG_")
+            bh_off = "TRACE_FLAG_BH_OFF" in flags or not flags
+        return trace_header(bh_off)
+
+    def _btf_defaults(self) -> bool:
+        """Does the guest's own kprobe_events type a bare ``$retval``/``$argN``
+        from BTF? Linux does since 6.6 (with traceprobe_expand_meta_args);
+        before, they are ``x64``."""
+        kernel = self.session.kernel
+        return kernel is None or "traceprobe_expand_meta_args" in kernel.symbols
 
     @property
     def _symbols(self) -> Any:
@@ -225,7 +265,9 @@ class Tracer:
                 addr, module_btf = self._module_address(spec)
             else:
                 addr = self._symbols.address(spec.symbol) + spec.offset
-        args = compile_fetchargs(spec, self._symbols, self._resolver(module_btf))
+        args = compile_fetchargs(
+            spec, self._symbols, self._resolver(module_btf), self._btf_defaults()
+        )
         tp = TraceProbe(spec, args, addr, filter_text=filter_text, location=self._location(addr))
         if filter_text:
             tp.filter = parse_filter(filter_text, [a.filter_field for a in args])
@@ -252,28 +294,44 @@ class Tracer:
         kernel = self.session.kernel
         if kernel is None:
             return None, None
-        found = kernel.comm_pid(ctx.gs_base, ctx.read)
+        state = self.session.trace_state  # reads by __pa where it can
+        found = state.comm_pid(ctx) if state else kernel.comm_pid(ctx.gs_base, ctx.read)
         return found if found is not None else (None, None)
 
-    def _now(self, ctx: HitContext) -> float:
-        """The trace clock at this hit, in seconds."""
-        return time.monotonic() - self.started
+    def _timestamp(self, ctx: HitContext) -> tuple[int, str]:
+        clock = self.session.trace_clock
+        if clock is not None:
+            found = clock(ctx)
+            if found is not None:
+                return found
+        return time.monotonic_ns() - self.started, "host"
+
+    def _context(self, ctx: HitContext) -> tuple[int, TraceCtx]:
+        state = self.session.trace_state
+        if state is not None:
+            found = state.trace_ctx(ctx)
+            if found is not None:
+                return state.cpu(ctx), found
+        # Only the interrupt flag is known.
+        return ctx.vcpu, tracing_gen_ctx(ctx.regs.eflags, PREEMPT_NEED_RESCHED, 0)
 
     def _entry_handler(self, rp: Kretprobe, ctx: HitContext) -> bool:
-        ctx.entry_data = self._now(ctx)  # paired with the return by the instance
+        # The entry's time on the trace clock, paired with the return by the instance.
+        ctx.entry_data = self._timestamp(ctx)
         return False
 
     def _emit(self, tp: TraceProbe, ctx: HitContext, ret_to: str | None) -> None:
         comm, pid = self._task(ctx)
-        now = self._now(ctx)
+        cpu, tctx = self._context(ctx)
+        ts, clock = self._timestamp(ctx)
         duration = None
-        if ctx.kind == "kretprobe" and isinstance(ctx.entry_data, float):
-            duration = max(0.0, now - ctx.entry_data)
+        entry = ctx.entry_data
+        if ctx.kind == "kretprobe" and isinstance(entry, tuple) and entry[1] == clock:
+            duration = max(0, ts - entry[0]) / 1e9
             if tp.latency is not None:
                 tp.latency.add(duration)
         fctx = HitFetchContext(ctx, lambda: comm or "")
         values = evaluate(tp.args, fctx)
-        cpu = ctx.vcpu - 1
         seen = {**common_values(pid, comm, cpu), "common_cpu": cpu, **values}
         passed = tp.filter is None or evaluate_filter(tp.filter, seen)
         if not passed and not tp.hists:
@@ -296,13 +354,16 @@ class Tracer:
             cpu=cpu,
             pid=pid,
             comm=comm,
-            timestamp=now,
-            duration=duration,
+            timestamp_ns=ts,
             fields=values,
             text=format_args(tp.args, values),
+            clock=clock,
+            trace_flags=tctx.flags,
+            preempt_count=tctx.preempt_count,
             stack=stack,
             stack_syms=syms,
             show_stack=show,
+            duration=duration,
         )
         # As in the kernel, triggers see every hit; the event's filter only
         # chooses what is printed (a trigger has its own ``if``).

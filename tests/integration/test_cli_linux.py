@@ -8,6 +8,7 @@ as at a user's terminal), not sent to one process.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -128,6 +129,13 @@ def test_two_filters_for_one_event_are_combined() -> None:
     assert result.returncode == 0, result.stderr
     paths = [line.split("path=")[1] for line in result.stdout.splitlines() if "path=" in line]
     assert paths == ['"/etc/hostname"'], result.stdout
+    # Text output starts with the header of the guest's own trace file, once.
+    from qprobes.tracing.events import trace_header
+
+    assert result.stdout.startswith(trace_header()), result.stdout
+    assert result.stdout.count("# tracer: nop") == 1
+    (line,) = [line for line in result.stdout.splitlines() if "path=" in line]
+    assert re.match(r"^ +cat-\d+ +\[000\] [.dDbXNnpHhsZz0-9]{5} +\d+\.\d{6}: myopen: ", line), line
 
 
 def test_a_closed_pipe_ends_quietly() -> None:

@@ -187,16 +187,18 @@ def test_cli_errors_are_one_clear_line() -> None:
 def test_filter_and_btf_arguments(linux: Session) -> None:
     events: list[TraceEvent] = []
     tracer = Tracer(linux, events.append)
-    # $arg2 takes its BTF name (filename); $arg3->flags reads
-    # struct open_how's member through the pointer.
-    tp = tracer.add("p:btfopen do_sys_openat2 $arg2:string flags=$arg3->flags:x64",
-                    filter_text='filename ~ "/etc/host*"')  # fmt: skip
+    # A parameter by its BTF name; $arg3->flags reads struct open_how's
+    # member through the pointer; +0($arg2):string is the same string as
+    # the guest's own (6.1) kprobe_events spells it (named by position).
+    tp = tracer.add("p:btfopen do_sys_openat2 filename:string flags=$arg3->flags:x64 "
+                    "+0($arg2):string", filter_text='filename ~ "/etc/host*"')  # fmt: skip
     try:
         linux.command("cat /etc/hostname; cat /proc/version > /dev/null")
     finally:
         tracer.remove("kprobes/btfopen")
     assert events, "no event passed the filter"
     assert all(e.fields["filename"] == "/etc/hostname" for e in events)
+    assert all(e.fields["arg3"] == "/etc/hostname" for e in events)
     assert tp.filtered > 0  # /proc/version and the shell's own opens were filtered out
     # O_RDONLY | O_LARGEFILE as the kernel builds it for a plain open(2).
     assert all(int(e.fields["flags"]) & 0o3 == 0 for e in events)  # type: ignore[call-overload]

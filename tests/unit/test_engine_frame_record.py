@@ -117,3 +117,40 @@ def test_a_watch_stop_at_an_address_nobody_watches_is_not_foreign() -> None:
     assert engine.stats.spurious == 1
     engine._ret_kind = {0xFFFFFFFF81000000: 3}  # the vCPU is on a doorbell store
     assert engine._bare_trap_stop(stop, 2) and not engine._spurious
+
+
+def test_the_record_carries_the_tsc_of_the_hit() -> None:
+    """The stubs store rdtsc in the record's fourth word; the hit's context
+    gets it (the guest's trace clock is computed from it)."""
+    from qprobes.probes.stubs import RECORD_TSC, StubLayout, stub_source
+
+    engine = KprobeEngine(FakeTarget(), (0x7C00000, 4 << 20), A)  # type: ignore[arg-type]
+    hostmem = FakeHostMem()
+    engine.hostmem = hostmem  # type: ignore[assignment]
+    engine._vars_phys = VARS_PHYS
+    record = VARS_PHYS + VAR_PERCPU + PERCPU_STRIDE * 1  # vCPU 2
+    tsc = 0x1234_5678_9ABC
+    hostmem.write_phys(record, struct.pack("<QQQQ", TRAMP_FRAME, 0xFFFF88801F600000, CR3, tsc))
+    words = [0, 3] + [0] * (FRAME_WORDS - 2)
+    hostmem.write_phys(TRAMP_FRAME & 0xFFFFFFFF, struct.pack(f"<{FRAME_WORDS}Q", *words))
+    located = engine._locate_frame_fast(2)
+    assert located is not None
+    assert located[0] == TRAMP_FRAME and located[-1] == tsc
+    layout = StubLayout(0x1000, 0x2000, 0x3000, 0x4000, 0x10000, 0x20000)
+    assert f"rdtsc\n    shl rdx, 32\n    or rax, rdx\n    mov [rbx + {RECORD_TSC}], rax" in (
+        stub_source(layout)
+    )
+
+
+def test_without_host_memory_the_tsc_comes_from_the_record_by_the_gdbstub() -> None:
+    class VcpuTarget(FakeTarget):
+        def read(self, addr: int, length: int, vcpu: int | None = None) -> bytes:
+            return super().read(addr, length)
+
+    target = VcpuTarget()
+    engine = KprobeEngine(target, (0x7C00000, 4 << 20), A)  # type: ignore[arg-type]
+    engine._vars = 0xFFFFFFFFFEE02000
+    record = engine._vars + VAR_PERCPU + PERCPU_STRIDE * 0
+    target.write(record, struct.pack("<QQQQ", TRAMP_FRAME, 0, CR3, 777))
+    assert engine._record_tsc(1, TRAMP_FRAME) == 777
+    assert engine._record_tsc(1, STALE_BP_FRAME) is None  # the record is another frame's

@@ -32,7 +32,7 @@ def _event(pid: int = 95, comm: str = "cat", cpu: int = 0, **fields: object) -> 
         cpu=cpu,
         pid=pid,
         comm=comm,
-        timestamp=0.0,
+        timestamp_ns=0,
         fields=dict(fields),
         text="",  # type: ignore[arg-type]
     )

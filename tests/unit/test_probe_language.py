@@ -531,7 +531,7 @@ def test_hit_context_adapter() -> None:
     words[2 + PT_REGS_NAMES.index("rdi")] = 0x2000
     words[2 + PT_REGS_NAMES.index("rax")] = 3
     mem = memory()
-    hit = HitContext(vcpu=0, regs=PtRegs(words), read_virt=mem.read, cr3=0x1000)
+    hit = HitContext(thread=1, regs=PtRegs(words), read_virt=mem.read, cr3=0x1000)
     ctx = HitFetchContext(hit, lambda: "systemd-journald")
     args = compile_fetchargs(parse_ok("p f +0(%di):string %ax:u8 $comm"))
     # TASK_COMM_LEN is 16: the name keeps 15 characters.
@@ -906,3 +906,22 @@ def test_common_fields_are_known_to_every_event() -> None:
     own = compile_fetchargs(parse_ok("p vfs_read comm=%ax:u32"))
     shadowed = parse_filter("comm == 3", [arg.filter_field for arg in own])
     assert evaluate_filter(shadowed, {**common_values(1, "cat", 0), "comm": 3})
+
+
+def test_bare_retval_and_argn_stay_x64_before_btf_args() -> None:
+    """A kernel before Linux 6.6 (the default guest's 6.1) types neither a bare
+    ``$retval`` nor ``$argN`` from BTF: both are x64, named ``argN`` by
+    position, and ``$retval`` on a void function is taken; BTF names and
+    ``->`` still work (qprobes reads BTF itself)."""
+    ctx = btf_memory()
+    ctx.retval = 3
+    ctx.entry_regs = {"rdi": 0x4000, "rdx": 9}
+    spec = "r vfs_read $retval $arg3 count file->f_flags"
+    args = compile_fetchargs(parse_ok(spec), SYMBOLS, FakeResolver(), btf_defaults=False)
+    assert [f"{a.name}:{a.type.name}" for a in args] == [
+        "arg1:x64", "arg2:x64", "count:u64", "arg4:u32",
+    ]  # fmt: skip
+    assert format_args(args, evaluate(args, ctx)) == "arg1=0x3 arg2=0x9 count=9 arg4=32770"
+    (void,) = compile_fetchargs(parse_ok("r kfree $retval"), SYMBOLS, FakeResolver(),
+                                btf_defaults=False)  # fmt: skip
+    assert void.type.name == "x64"

@@ -25,7 +25,7 @@ def _event(
         cpu=1,
         pid=93,
         comm="cat",
-        timestamp=ts,
+        timestamp_ns=round(ts * 1e9),
         fields=dict(fields),  # type: ignore[arg-type]
         text=" ".join(
             f'{k}="{v}"' if isinstance(v, str) else f"{k}={v:#x}" for k, v in fields.items()
