@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -14,6 +15,7 @@ from qprobes.machine.qemu import QemuMachine, attach
 
 if TYPE_CHECKING:
     from qprobes.frontends.session import Session
+    from qprobes.frontends.signals import SignalGuard
 
 
 def qtest_selfcheck(
@@ -389,6 +391,44 @@ def _filters_by_event(filters: list[str] | None, probes: list[str]) -> dict[str,
     }
 
 
+class _Stream:
+    """An output that may go away under qprobes: a closed pipe (``| head``)
+    or a hung-up terminal (EIO after SIGHUP). The first write that fails
+    points the stream's file descriptor at /dev/null, so that nothing later
+    (the interpreter's own flush at exit included) fails on it again."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.gone: OSError | None = None
+
+    def write(self, text: str) -> bool:
+        if self.gone is not None:
+            return False
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except OSError as exc:
+            self.gone = exc
+            silence(self.stream)
+            return False
+        return True
+
+
+def silence(stream: TextIO) -> None:
+    """Point ``stream``'s file descriptor at /dev/null (its reader is gone)."""
+    import os
+
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return  # not a file (a StringIO)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def trace(
     probes: list[str],
     command: list[str],
@@ -401,17 +441,23 @@ def trace(
     **machine: Any,
 ) -> int:
     """``qprobes trace``: arm kprobe_events-style probes, run a guest command,
-    print every hit, then a summary. Ctrl-C stops tracing and detaches.
+    print every hit, then a summary.
 
-    Returns the guest command's exit status (124 when ``duration`` ended
-    it), 0 after tracing with no command, 130 after Ctrl-C, 141 when stdout
-    was closed (``| head``)."""
-    import json
-    import signal
+    SIGINT (Ctrl-C), SIGTERM and SIGHUP stop tracing: qprobes detaches, prints
+    the summary and returns 130, 143 or 129 (128 + the signal); further
+    signals while it detaches are ignored (see
+    :mod:`qprobes.frontends.signals`). A guest that dies mid-trace (a panic,
+    QEMU killed) is one error line, the tail of its console and the summary
+    of what was counted until then; the return is 1.
 
-    from qprobes.tracing import RemoveSpec, TraceEvent, Tracer, parse_probe
+    Otherwise returns the guest command's exit status (124 when ``duration``
+    ended it), 0 after tracing with no command, 141 when stdout was closed
+    (``| head``)."""
+    from qprobes.frontends.signals import SignalGuard
 
     # Check every definition, filter and machine option before booting anything.
+    from qprobes.tracing import parse_probe
+
     for text in probes:
         parse_probe(text)
     if command and machine.get("attach_address"):
@@ -424,79 +470,132 @@ def trace(
     by_event = _filters_by_event(filters, probes)
     check_machine_args(**machine)
 
-    state = {"asked": False, "pipe": False, "mute": False}
+    errs = _Stream(err)
+
+    def say(text: str) -> None:
+        errs.write(text + "\n")
+
+    # Booting a guest of qprobes' own can be interrupted anywhere (QEMU dies
+    # with qprobes); attaching to someone else's QEMU is finished first, then
+    # detached again.
+    with SignalGuard(say, raising=not machine.get("attach_address")) as guard:
+        return _trace(probes, command, guard, say, errs, json_output=json_output,
+                      by_event=by_event, duration=duration, out=out, machine=machine)
+
+
+def _trace(probes: list[str], command: list[str], guard: SignalGuard,
+           say: Callable[[str], None], errs: _Stream, *, json_output: bool,
+           by_event: dict[str, str], duration: float | None, out: TextIO,
+           machine: dict[str, Any]) -> int:  # fmt: skip
+    import json
+
+    from qprobes.errors import GuestDiedError
+    from qprobes.tracing import RemoveSpec, TraceEvent, Tracer, parse_probe
+
+    stdout = _Stream(out)
+    state = {"mute": False}
 
     def sink(event: TraceEvent) -> None:
-        if state["pipe"] or state["mute"]:
+        if state["mute"]:
             return
-        try:
-            out.write((event.to_json() if json_output else event.format()) + "\n")
-            out.flush()
-        except BrokenPipeError:
-            state["pipe"] = True  # the reader went away: stop, as grep would
-
-    def on_sigint(signum: int, frame: object) -> None:
-        state["asked"] = True
+        # A closed pipe (| head) or a hung-up terminal stops the trace, as grep would.
+        stdout.write((event.to_json() if json_output else event.format()) + "\n")
 
     def stopping() -> bool:
-        return state["asked"] or state["pipe"]
+        return guard.received() or stdout.gone is not None
 
     session = _session_for(**machine)
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    guard.detaching()  # from here on a signal is noted, and qprobes detaches
     status = 0
+    fault: GuestDiedError | None = None
+    tracer: Tracer | None = None
+    summary: list[dict[str, Any]] = []
     try:
-        tracer = Tracer(session, sink)
-        for text in probes:
-            spec = parse_probe(text)
-            if isinstance(spec, RemoveSpec):
-                name = f"{spec.group or 'kprobes'}/{spec.event}"
-                tracer.remove(name)
-                print(f"qprobes: removed {name}", file=err)
-                continue
-            tp = tracer.add(text, by_event.get(spec.event))
-            print(f"qprobes: {tracer.describe(tp)}", file=err)
-        if command:
-            line = guest_command_line(command)
-            output, finished = session.run_command(line, timeout=duration, interrupted=stopping)
-            if output:
-                err.write(output if output.endswith("\n") else output + "\n")
+        try:
+            tracer = Tracer(session, sink)
+            for text in probes:
+                if stopping():
+                    break
+                spec = parse_probe(text)
+                if isinstance(spec, RemoveSpec):
+                    name = f"{spec.group or 'kprobes'}/{spec.event}"
+                    tracer.remove(name)
+                    say(f"qprobes: removed {name}")
+                    continue
+                tp = tracer.add(text, by_event.get(spec.event))
+                say(f"qprobes: {tracer.describe(tp)}")
+            if stopping():
+                pass  # a signal while arming: straight to the detach
+            elif command:
+                line = guest_command_line(command)
+                output, finished = session.run_command(line, timeout=duration,
+                                                       interrupted=stopping)  # fmt: skip
+                if output:
+                    errs.write(output if output.endswith("\n") else output + "\n")
+                state["mute"] = True
+                if finished and not stopping():
+                    status = session.last_status()
+                elif not stopping():
+                    say(f"qprobes: --duration {duration:g} s ended the guest command")
+                    status = EXIT_TIMEOUT
+            else:
+                say("qprobes: tracing; Ctrl-C to stop")
+                session.run(until=stopping, timeout=duration)
             summary = tracer.summary()
+        finally:
             state["mute"] = True
-            if finished:
-                status = session.last_status()
-            elif not stopping():
-                print(f"qprobes: --duration {duration:g} s ended the guest command", file=err)
-                status = EXIT_TIMEOUT
-        else:
-            print("qprobes: tracing; Ctrl-C to stop", file=err)
-            session.run(until=stopping, timeout=duration)
-            summary = tracer.summary()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        session.close()
-    if state["pipe"]:
+            session.close()
+    except GuestDiedError as exc:
+        fault = exc
+        if tracer is not None:
+            summary = tracer.summary(notes=False)  # the guest is gone: counts only
+    if fault is not None:
+        say(f"qprobes: error: {fault}")
+    if stdout.gone is not None and guard.signum is None and fault is None:
         return EXIT_PIPE
     for row in summary:
         if json_output:
-            err.write(json.dumps({"summary": row}) + "\n")
+            errs.write(json.dumps({"summary": row}) + "\n")
         else:
-            err.write(
+            errs.write(
                 f"qprobes: {row['event']}: {row['hits']} hits, {row['emitted']} printed, "
                 f"{row['filtered']} filtered out, {row['missed']} missed"
                 + (", lost (the guest rewrote the probed text)" if row["lost"] else "")
                 + "\n"
             )
             if row.get("note"):
-                err.write(f"qprobes: {row['event']}: warning: {row['note']}\n")
-    return 130 if state["asked"] else status
+                errs.write(f"qprobes: {row['event']}: warning: {row['note']}\n")
+    if fault is not None:
+        return 1
+    if guard.status is not None:
+        return guard.status
+    return status
 
 
 def symbols(pattern: str, out: TextIO = sys.stdout, **machine: Any) -> int:
-    """``qprobes symbols``: kernel symbols matching a glob, with addresses and sizes."""
+    """``qprobes symbols``: kernel symbols matching a glob, with addresses and sizes.
+
+    SIGINT, SIGTERM and SIGHUP end it as they end :func:`trace`: an attached
+    guest is detached from first."""
+    from qprobes.frontends.signals import SignalGuard
+
+    def say(text: str) -> None:
+        _Stream(sys.stderr).write(text + "\n")
+
+    with SignalGuard(say, raising=not machine.get("attach_address")) as guard:
+        status = _symbols(pattern, out, guard, **machine)
+        return guard.status if guard.status is not None else status
+
+
+def _symbols(pattern: str, out: TextIO, guard: SignalGuard, **machine: Any) -> int:
     import fnmatch
 
     session = _session_for(**machine)
+    guard.detaching()
+    rows: list[Any] = []
     try:
+        if guard.received():
+            return 0
         table = session.symbols
         assert table is not None
         rows = sorted(
