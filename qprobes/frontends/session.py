@@ -552,6 +552,7 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        connected = True  # whether the gdbstub connection still works
         try:
             if self.machine is not None and not self.machine.alive():
                 return  # nothing left to detach from
@@ -560,9 +561,9 @@ class Session:
                     self.engine._stop_quietly()
                 self.engine.detach()
             except ConnectionClosedError:
+                connected = False
                 if self.machine is not None and self.fault(self.EXIT_WAIT) is not None:
                     return  # it died while qprobes detached: nothing to restore
-                log.warning("the gdbstub connection dropped; reconnecting to detach")
                 try:
                     self.reconnect()
                 except ConnectionClosedError as again:
@@ -573,6 +574,8 @@ class Session:
                         f"the connection to QEMU's gdbstub at {where} dropped and it takes no "
                         "new one: QEMU exited or was killed"
                     ) from again
+                connected = True
+                log.warning("the gdbstub connection dropped; reconnected to detach")
                 self.engine.detach()
         finally:
             if self.hostmem is not None:
@@ -580,8 +583,8 @@ class Session:
             if self.machine is not None:
                 self.machine.shutdown()
             else:
-                with contextlib.suppress(ConnectionClosedError):  # gone already
-                    self.target.client.detach()
+                if connected:
+                    self.target.client.detach()  # the guest runs on, qprobes gone
                 self.target.client.close()
 
     def __enter__(self) -> Session:
