@@ -76,6 +76,8 @@ _REPORT_START = re.compile(
 #: Console lines shown when the guest died without a kernel report, and at most with one.
 CONSOLE_TAIL_LINES = 15
 CONSOLE_REPORT_LINES = 40
+#: Lines shown before a panic that ends no other report.
+CONSOLE_PANIC_CONTEXT = 5
 
 
 def console_tail(text: str) -> tuple[list[str], bool]:
@@ -89,11 +91,15 @@ def console_tail(text: str) -> tuple[list[str], bool]:
     panicked = any("Kernel panic - not syncing" in line for line in recent)
     if panicked:
         panic = max(i for i, line in enumerate(recent) if "Kernel panic - not syncing" in line)
-        start = panic
+        start = None
         # The report the panic ends (an oops, a BUG, sysrq) begins a little before it.
         for i in range(panic - 1, max(-1, panic - CONSOLE_REPORT_LINES), -1):
             if _REPORT_START.search(recent[i]):
                 start = i
+        if start is None:
+            # A panic of its own (no root file system, say): the lines before
+            # it say why.
+            start = max(0, panic - CONSOLE_PANIC_CONTEXT)
         return recent[start:][:CONSOLE_REPORT_LINES], True
     return lines[-CONSOLE_TAIL_LINES:], False
 

@@ -154,3 +154,17 @@ def test_a_guest_died_error_is_one_line_then_the_console() -> None:
     first, *rest = str(exc).splitlines()
     assert first == "the guest panicked (QEMU exited with status 0); the last lines of its console:"
     assert rest == ["    a", "    b"]
+
+
+def test_a_panic_of_its_own_shows_the_lines_before_it() -> None:
+    text = "".join(f"boot {i}\n" for i in range(30)) + (
+        "[ 2.9] /dev/root: Can't open blockdev\n"
+        "[ 2.9] Kernel panic - not syncing: VFS: Unable to mount root fs\n"
+        "[ 2.9] Call Trace:\n"
+    )
+    tail, panicked = console_tail(text)
+    assert panicked
+    assert tail[:4] == ["boot 26", "boot 27", "boot 28", "boot 29"]
+    assert tail[4:] == ["[ 2.9] /dev/root: Can't open blockdev",
+                        "[ 2.9] Kernel panic - not syncing: VFS: Unable to mount root fs",
+                        "[ 2.9] Call Trace:"]  # fmt: skip
