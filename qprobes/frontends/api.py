@@ -483,6 +483,20 @@ def trace(
                       by_event=by_event, duration=duration, out=out, machine=machine)
 
 
+def _session_for_guarded(guard: SignalGuard, machine: dict[str, Any]) -> Session:
+    """:func:`_session_for`, where a signal that stopped the boot halfway is
+    said as that signal, whatever error the half-done start then raised."""
+    from qprobes.errors import QprobesError
+    from qprobes.frontends.signals import Interrupted
+
+    try:
+        return _session_for(**machine)
+    except QprobesError:
+        if guard.signum is not None:
+            raise Interrupted(guard.signum) from None
+        raise
+
+
 def _trace(probes: list[str], command: list[str], guard: SignalGuard,
            say: Callable[[str], None], errs: _Stream, *, json_output: bool,
            by_event: dict[str, str], duration: float | None, out: TextIO,
@@ -504,7 +518,7 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
     def stopping() -> bool:
         return guard.received() or stdout.gone is not None
 
-    session = _session_for(**machine)
+    session = _session_for_guarded(guard, machine)
     guard.detaching()  # from here on a signal is noted, and qprobes detaches
     status = 0
     fault: GuestDiedError | None = None
@@ -544,6 +558,7 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
             summary = tracer.summary()
         finally:
             state["mute"] = True
+            guard.closing()
             session.close()
     except GuestDiedError as exc:
         fault = exc
@@ -590,7 +605,7 @@ def symbols(pattern: str, out: TextIO = sys.stdout, **machine: Any) -> int:
 def _symbols(pattern: str, out: TextIO, guard: SignalGuard, **machine: Any) -> int:
     import fnmatch
 
-    session = _session_for(**machine)
+    session = _session_for_guarded(guard, machine)
     guard.detaching()
     rows: list[Any] = []
     try:
@@ -607,6 +622,7 @@ def _symbols(pattern: str, out: TextIO, guard: SignalGuard, **machine: Any) -> i
         for s in rows:
             print(f"{s.addr:016x} {s.size:8d} {s.kind:<6} {s.name}", file=out)
     finally:
+        guard.closing()
         session.close()
     if not rows:
         print(f"qprobes: no kernel symbol matches {pattern!r}", file=sys.stderr)

@@ -70,6 +70,8 @@ class SignalGuard:
         self.signum: int | None = None
         #: Signals received after the first.
         self.repeats = 0
+        self._closing = False
+        self._told = False
         self._previous: dict[int, object] = {}
 
     def received(self) -> bool:
@@ -81,18 +83,27 @@ class SignalGuard:
         return None if self.signum is None else exit_status(self.signum)
 
     def detaching(self) -> None:
-        """From now on no signal raises: qprobes restores the guest."""
+        """From now on no signal raises: qprobes has written to a guest, and
+        a signal only ends what it is doing (it detaches next)."""
         self.raising = False
 
+    def closing(self) -> None:
+        """qprobes is restoring the guest: any signal from now on, the first
+        one included, says ``detaching, please wait`` (once)."""
+        self.raising = False
+        self._closing = True
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is None:
+        first = self.signum is None
+        if first:
             self.signum = signum
             if self.raising:
                 self.raising = False  # the clean-up that follows is not interrupted
                 raise Interrupted(signum)
-            return
-        self.repeats += 1
-        if self.repeats == 1:
+        else:
+            self.repeats += 1
+        if (self._closing or not first) and not self._told:
+            self._told = True
             self.say(PLEASE_WAIT)
 
     def __enter__(self) -> SignalGuard:

@@ -55,6 +55,15 @@ def test_a_signal_while_booting_raises_and_the_clean_up_is_not_interrupted() -> 
         assert guard.signum == signal.SIGTERM and said == [PLEASE_WAIT]
 
 
+def test_a_first_signal_while_restoring_the_guest_says_so() -> None:
+    said: list[str] = []
+    with SignalGuard(said.append, raising=True) as guard:
+        guard.closing()
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.status == 129 and said == [PLEASE_WAIT]
+
+
 def test_detaching_turns_raising_off() -> None:
     with SignalGuard(lambda _: None, raising=True) as guard:
         guard.detaching()
