@@ -41,6 +41,8 @@ MiB = 1024 * 1024
 WORKDIR_PREFIX = "qprobes-"
 #: The file in a scratch directory that names its owner processes.
 OWNER_FILE = "owner"
+#: A scratch directory kept on purpose (``QPROBES_KEEP_WORKDIR=1``) holds this file.
+KEPT_FILE = "kept"
 #: A scratch directory without an owner file (made by an older qprobes) is
 #: removed only when no process names it and it was left alone this long.
 LEGACY_STALE_AFTER = 3600.0
@@ -101,7 +103,8 @@ def clean_stale_workdirs(parent: Path | None = None, now: float | None = None) -
     """Remove the scratch directories qprobes processes left behind when they
     died without cleaning up (SIGKILL, a crash), and return them.
 
-    A directory goes only when every process its owner file names is gone;
+    A directory goes only when every process its owner file names is gone
+    (and not when it was kept on purpose, ``QPROBES_KEEP_WORKDIR=1``);
     one with no owner file (an older qprobes made it) only when no process
     names it in its command line and nothing in it changed for
     :data:`LEGACY_STALE_AFTER` seconds. Directories of live qprobes are left alone.
@@ -118,6 +121,8 @@ def clean_stale_workdirs(parent: Path | None = None, now: float | None = None) -
             if not path.is_dir() or path.is_symlink() or path.stat().st_uid != os.getuid():
                 continue
             owner = path / OWNER_FILE
+            if (path / KEPT_FILE).exists():
+                continue
             if owner.exists():
                 if owners_alive(owner.read_text(errors="replace")):
                     continue
@@ -485,8 +490,14 @@ class QemuMachine:
             self._console_sock = None
 
     def _cleanup(self) -> None:
-        if self._workdir is not None and not os.environ.get("QPROBES_KEEP_WORKDIR"):
-            shutil.rmtree(self._workdir, ignore_errors=True)
+        if self._workdir is None:
+            return
+        if os.environ.get("QPROBES_KEEP_WORKDIR"):
+            # Kept for a look at its logs: no later start removes it either.
+            with contextlib.suppress(OSError):
+                (self._workdir / KEPT_FILE).touch()
+            return
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
     def __enter__(self) -> QemuMachine:
         self.launch()

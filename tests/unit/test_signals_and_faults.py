@@ -16,6 +16,7 @@ from qprobes.errors import GuestDiedError
 from qprobes.frontends.session import console_tail
 from qprobes.frontends.signals import PLEASE_WAIT, Interrupted, SignalGuard, exit_status
 from qprobes.machine.qemu import (
+    KEPT_FILE,
     LEGACY_STALE_AFTER,
     OWNER_FILE,
     clean_stale_workdirs,
@@ -104,7 +105,9 @@ def test_stale_workdirs_go_and_live_ones_stay(tmp_path: Path) -> None:
         "legacy-old": workdir(tmp_path, "qprobes-legacy", None, age=LEGACY_STALE_AFTER + 60),
         "legacy-new": workdir(tmp_path, "qprobes-fresh", None, age=10),
         "other": workdir(tmp_path, "pwn-asm-x", gone),
+        "kept": workdir(tmp_path, "qprobes-kept", gone),
     }
+    (dirs["kept"] / KEPT_FILE).touch()  # QPROBES_KEEP_WORKDIR=1 kept it
     removed = clean_stale_workdirs(tmp_path)
     assert sorted(removed) == sorted([dirs["dead"], dirs["reused"], dirs["legacy-old"]])
     for name, path in dirs.items():
