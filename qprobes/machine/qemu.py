@@ -50,7 +50,8 @@ LEGACY_STALE_AFTER = 3600.0
 
 def process_start_time(pid: int) -> int | None:
     """The start time of process ``pid`` (clock ticks after boot, field 22 of
-    ``/proc/PID/stat``), or None when there is no such process. A pid and its
+    ``/proc/PID/stat``), or None when there is no such process (or only its
+    zombie). A pid and its
     start time name one process even after the pid is reused."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -58,6 +59,8 @@ def process_start_time(pid: int) -> int | None:
         return None
     # The command name (field 2) is in parentheses and may hold spaces.
     fields = stat.rpartition(")")[2].split()
+    if not fields or fields[0] in ("Z", "X"):
+        return None  # a zombie, its parent not yet told: it has ended
     try:
         return int(fields[19])
     except (IndexError, ValueError):

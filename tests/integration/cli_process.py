@@ -15,10 +15,11 @@ class CliProcess:
     """``qprobes ARGS`` with stdout and stderr in files under ``tmp`` and
     ``TMPDIR=tmp/scratch`` (where its QEMU's scratch directory goes)."""
 
-    def __init__(self, args: list[str], tmp: Path) -> None:
+    def __init__(self, args: list[str], tmp: Path, scratch: Path | None = None) -> None:
+        tmp.mkdir(exist_ok=True)
         self.out_path = tmp / "stdout"
         self.err_path = tmp / "stderr"
-        self.scratch = tmp / "scratch"
+        self.scratch = tmp / "scratch" if scratch is None else scratch
         self.scratch.mkdir(exist_ok=True)
         env = dict(os.environ, TMPDIR=str(self.scratch))
         with self.out_path.open("w") as out, self.err_path.open("w") as err:

@@ -26,7 +26,7 @@ import pytest
 
 from qprobes.errors import QprobesError
 from qprobes.machine.linux import LINUX_HOSTNAME, LINUX_PROMPT, linux_config
-from qprobes.machine.qemu import OWNER_FILE, QemuMachine, attach, owner_record
+from qprobes.machine.qemu import OWNER_FILE, QemuMachine, attach, owner_record, owners_alive
 from tests.conftest import require_vm
 from tests.integration.cli_process import CliProcess, left_behind, processes_naming
 from tests.integration.terminal import CLI
@@ -177,24 +177,41 @@ def test_a_signal_detaches_from_a_guest_of_its_own(tmp_path: Path, signum: int,
     assert left_behind(cli.scratch) == []
 
 
+def new_workdir(cli: CliProcess, known: list[Path]) -> Path:
+    """The scratch directory ``cli``'s QEMU works in, once it exists."""
+    deadline = time.monotonic() + 120
+    while True:
+        made = [p for p in cli.scratch.glob("qprobes-*") if p not in known]
+        if made:
+            return made[0]
+        assert time.monotonic() < deadline and cli.proc.poll() is None, cli.stderr
+        time.sleep(0.02)
+
+
 def test_a_signal_while_booting_stops_and_cleans_up(tmp_path: Path) -> None:
-    """SIGTERM while the guest boots: nothing to detach yet; QEMU and its
-    scratch directory go. The start also removed the scratch directory a
-    killed qprobes had left (its owners are gone), and kept a live one's."""
+    """A qprobes killed by SIGKILL leaves its scratch directory (its QEMU
+    dies with it); the next start removes it, and keeps a live qprobes' one.
+    SIGTERM while that next guest boots: nothing to detach yet; QEMU and its
+    scratch directory go, and the status is 143."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    dead = subprocess_pid_that_exited()
-    stale = scratch / "qprobes-stale"
-    stale.mkdir()
-    (stale / OWNER_FILE).write_text(f"qprobes {dead} 1\nqemu {dead} 2\n")
     live = scratch / "qprobes-live"
     live.mkdir()
     (live / OWNER_FILE).write_text(owner_record("qprobes", os.getpid()))
-    cli = CliProcess(["trace", PROBE], tmp_path)
-    deadline = time.monotonic() + 120
-    while not [p for p in scratch.glob("qprobes-*") if p not in (stale, live)]:
-        assert time.monotonic() < deadline and cli.proc.poll() is None, cli.stderr
-        time.sleep(0.02)
+    killed = CliProcess(["trace", PROBE], tmp_path / "killed", scratch)
+    stale = new_workdir(killed, [live])
+    killed.signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    deadline = time.monotonic() + 20
+    # Its QEMU follows it (PR_SET_PDEATHSIG).
+    while processes_naming(stale) or owners_alive((stale / OWNER_FILE).read_text()):
+        assert time.monotonic() < deadline, "QEMU outlived the qprobes that started it"
+        time.sleep(0.1)
+    assert (stale / OWNER_FILE).read_text().startswith("qprobes ")  # left behind
+
+    cli = CliProcess(["trace", PROBE], tmp_path / "next", scratch)
+    new_workdir(cli, [live, stale])
+    assert not stale.exists(), "the next start did not remove the stale scratch directory"
     time.sleep(0.5)  # QEMU is up, the guest boots
     assert "tracing" not in cli.stderr
     cli.signal(signal.SIGTERM)
@@ -203,14 +220,6 @@ def test_a_signal_while_booting_stops_and_cleans_up(tmp_path: Path) -> None:
     assert "qprobes: interrupted (SIGTERM)" in cli.stderr, cli.stderr
     no_traceback(cli.stderr)
     assert left_behind(scratch) == [live]
-
-
-def subprocess_pid_that_exited() -> int:
-    import subprocess
-
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 def test_the_terminal_closing_is_a_sighup(tmp_path: Path) -> None:

@@ -180,3 +180,22 @@ def test_a_panic_of_its_own_shows_the_lines_before_it() -> None:
     assert tail[4:] == ["[ 2.9] /dev/root: Can't open blockdev",
                         "[ 2.9] Kernel panic - not syncing: VFS: Unable to mount root fs",
                         "[ 2.9] Call Trace:"]  # fmt: skip
+
+
+def test_a_zombie_owner_is_dead() -> None:
+    """A QEMU that outlived its qprobes is reparented; where nothing reaps it
+    (a container's init), it stays a zombie, and must count as gone."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        record = owner_record("qemu", child.pid)
+        assert owners_alive(record)
+        assert child.stdin is not None
+        child.stdin.close()  # it exits; not reaped yet: a zombie
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not owners_alive(record)
+    finally:
+        child.wait()
