@@ -38,6 +38,7 @@ from qprobes.errors import (
     MachineError,
     ProbeError,
     QprobesError,
+    StubTimeoutError,
 )
 from qprobes.machine.guests import QTEST_PROMPT, qtest_config
 from qprobes.machine.qemu import MachineConfig, QemuMachine, attach
@@ -172,6 +173,7 @@ class Session:
         self.kretprobes = KretprobeManager(self.engine)
         self.jprobes = JprobeManager(self.engine)
         self._closed = False
+        self._fault_said = False  # a GuestDiedError was raised already
         self._address: str | None = None  # the gdbstub of an attached QEMU
 
     # --- construction -------------------------------------------------------
@@ -429,8 +431,9 @@ class Session:
             self.engine.run(until=until, timeout=timeout, poll=poll)
 
     #: How long QEMU may take to exit after its gdbstub connection dropped
-    #: (a panicking guest reboots, and -no-reboot then ends QEMU).
-    EXIT_WAIT = 5.0
+    #: (a panicking guest reboots, and -no-reboot then ends QEMU; after a panic
+    #: QEMU was gone 40 ms after the gdbstub's exit reply, measured).
+    EXIT_WAIT = 2.0
 
     def fault(self, wait: float = 0.0) -> GuestDiedError | None:
         """What ended the guest, if it died (its QEMU exited), waiting up to
@@ -463,6 +466,7 @@ class Session:
             closed = isinstance(exc, (ConnectionClosedError, EOFError))
             fault = self.fault(self.EXIT_WAIT if closed else 1.0)
             if fault is not None:
+                self._fault_said = True
                 raise fault from exc
             raise
 
@@ -552,8 +556,9 @@ class Session:
         If the gdbstub connection dropped, reconnect first, so that the guest
         is left running with nothing of qprobes' in it. A guest that is gone
         (its QEMU exited) has nothing left to restore: the machine is only
-        cleaned up; an attached QEMU whose gdbstub takes no new connection
-        raises :class:`~qprobes.errors.GuestDiedError`.
+        cleaned up, and :class:`~qprobes.errors.GuestDiedError` says what
+        happened (unless a run said it already); so it does for an attached
+        QEMU whose gdbstub takes no new connection.
         """
         if self._closed:
             return
@@ -561,19 +566,22 @@ class Session:
         connected = True  # whether the gdbstub connection still works
         try:
             if self.machine is not None and not self.machine.alive():
-                return  # nothing left to detach from
+                self._died()  # nothing left to detach from
+                return
             try:
                 if self.target.running:
                     self.engine._stop_quietly()
                 self.engine.detach()
             except ConnectionClosedError:
                 connected = False
-                if self.machine is not None and self.fault(self.EXIT_WAIT) is not None:
-                    return  # it died while qprobes detached: nothing to restore
+                if self.machine is not None and self.fault(0.2) is not None:
+                    self._died()  # it died while qprobes detached: nothing to restore
+                    return
                 try:
                     self.reconnect()
-                except ConnectionClosedError as again:
+                except (ConnectionClosedError, StubTimeoutError) as again:
                     if self.machine is not None and self.fault(self.EXIT_WAIT) is not None:
+                        self._died()
                         return
                     where = self._address if self.machine is None else self.machine.gdb_socket
                     raise GuestDiedError(
@@ -592,6 +600,14 @@ class Session:
                 if connected:
                     self.target.client.detach()  # the guest runs on, qprobes gone
                 self.target.client.close()
+
+    def _died(self) -> None:
+        """Our QEMU is gone: say so, unless a run already did."""
+        if not self._fault_said:
+            fault = self.fault()
+            if fault is not None:
+                self._fault_said = True
+                raise fault
 
     def __enter__(self) -> Session:
         return self
