@@ -51,8 +51,8 @@ LEGACY_STALE_AFTER = 3600.0
 def process_start_time(pid: int) -> int | None:
     """The start time of process ``pid`` (clock ticks after boot, field 22 of
     ``/proc/PID/stat``), or None when there is no such process (or only its
-    zombie). A pid and its
-    start time name one process even after the pid is reused."""
+    zombie). A pid and its start time name one process even after the pid
+    is reused."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
