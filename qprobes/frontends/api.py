@@ -479,8 +479,18 @@ def trace(
     # with qprobes); attaching to someone else's QEMU is finished first, then
     # detached again.
     with SignalGuard(say, raising=not machine.get("attach_address")) as guard:
-        return _trace(probes, command, guard, say, errs, json_output=json_output,
-                      by_event=by_event, duration=duration, out=out, machine=machine)
+        return _trace(
+            probes,
+            command,
+            guard,
+            say,
+            errs,
+            json_output=json_output,
+            by_event=by_event,
+            duration=duration,
+            out=out,
+            machine=machine,
+        )
 
 
 def _session_for_guarded(guard: SignalGuard, machine: dict[str, Any]) -> Session:

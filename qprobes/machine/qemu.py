@@ -322,8 +322,9 @@ class QemuMachine:
         except LaunchError:
             raise
         except QprobesError as exc:
-            raise LaunchError(f"cannot talk to QEMU's gdbstub: {exc}", cmdline, self.output()) \
-                from exc
+            raise LaunchError(
+                f"cannot talk to QEMU's gdbstub: {exc}", cmdline, self.output()
+            ) from exc
 
     def _wait_for_socket(self, path: Path, cmdline: list[str]) -> None:
         deadline = time.monotonic() + self.start_timeout

@@ -55,8 +55,9 @@ class CliProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"still running after {timeout} s:\n{self.stderr[-3000:]}") \
-                from None
+            raise AssertionError(
+                f"still running after {timeout} s:\n{self.stderr[-3000:]}"
+            ) from None
 
     def qemu_pid(self, timeout: float = 60) -> int:
         """The QEMU qprobes started (its child)."""

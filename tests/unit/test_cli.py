@@ -43,7 +43,7 @@ def test_the_exit_status_table_names_every_signal() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     text = sub.choices["trace"].format_help()  # type: ignore[attr-defined]
-    table = text[text.index("exit status:"):text.index("examples:")]
+    table = text[text.index("exit status:") : text.index("examples:")]
     for status, what in (("129", "SIGHUP"), ("130", "SIGINT"), ("143", "SIGTERM"),
                          ("141", "stdout was closed")):  # fmt: skip
         line = next((row for row in table.splitlines() if row.strip().startswith(status)), "")
