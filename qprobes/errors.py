@@ -107,6 +107,27 @@ class MachineError(QprobesError):
     """The QEMU process could not be started, or it died."""
 
 
+class GuestDiedError(MachineError):
+    """The guest went away under qprobes: it panicked, or its QEMU exited or
+    was killed (while booting, or mid-trace).
+
+    ``why`` is one line (``the guest panicked (QEMU exited with status 0)``,
+    ``QEMU was killed by signal 9 (SIGKILL)``); ``console`` holds the last
+    lines of the guest's console (a panic and its stack), empty when qprobes
+    has none (a QEMU it attached to). ``str()`` is ``why``, then the console
+    lines indented.
+    """
+
+    def __init__(self, why: str, console: list[str] | None = None) -> None:
+        self.why = why
+        self.console = list(console or [])
+        text = why
+        if self.console:
+            text += "; the last lines of its console:\n"
+            text += "\n".join(f"    {line}" for line in self.console)
+        super().__init__(text)
+
+
 class LaunchError(MachineError):
     """QEMU failed to start; carries the command line and QEMU's output."""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -14,6 +16,7 @@ from qprobes.machine.qemu import QemuMachine, attach
 
 if TYPE_CHECKING:
     from qprobes.frontends.session import Session
+    from qprobes.frontends.signals import SignalGuard
     from qprobes.symbols.elf import SymbolTable
     from qprobes.symbols.kallsyms import KallsymsTable
 
@@ -439,6 +442,44 @@ def _triggers_by_event(triggers: list[str] | None, probes: list[str]) -> dict[st
     return by_event
 
 
+class _Stream:
+    """An output that may go away under qprobes: a closed pipe (``| head``)
+    or a hung-up terminal (EIO after SIGHUP). The first write that fails
+    points the stream's file descriptor at /dev/null, so that nothing later
+    (the interpreter's own flush at exit included) fails on it again."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.gone: OSError | None = None
+
+    def write(self, text: str) -> bool:
+        if self.gone is not None:
+            return False
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except OSError as exc:
+            self.gone = exc
+            silence(self.stream)
+            return False
+        return True
+
+
+def silence(stream: TextIO) -> None:
+    """Point ``stream``'s file descriptor at /dev/null (its reader is gone)."""
+    import os
+
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return  # not a file (a StringIO)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def trace(
     probes: list[str],
     command: list[str],
@@ -456,7 +497,7 @@ def trace(
     **machine: Any,
 ) -> int:
     """``qprobes trace``: arm kprobe_events-style probes, run a guest command,
-    print every hit, then a summary. Ctrl-C stops tracing and detaches.
+    print every hit, then a summary.
 
     ``triggers`` are ``EVENT:hist:...`` triggers, whose histograms print on
     stdout at the end (ftrace's ``hist`` file, or one JSON object each), and
@@ -467,15 +508,23 @@ def trace(
     ``output_format`` (``txt``, ``ndjson``, ``chrome``; by default chosen by
     the file's name).
 
-    Returns the guest command's exit status (124 when ``duration`` ended
-    it), 0 after tracing with no command, 130 after Ctrl-C, 141 when stdout
-    was closed (``| head``)."""
-    import json
-    import signal
+    SIGINT (Ctrl-C), SIGTERM and SIGHUP stop tracing: qprobes detaches, prints
+    the summary and returns 130, 143 or 129 (128 + the signal); further
+    signals while it detaches are ignored (see
+    :mod:`qprobes.frontends.signals`). A guest that dies mid-trace (a panic,
+    QEMU killed) is one error line, the tail of its console and the summary
+    of what was counted until then; the return is 1.
 
-    from qprobes.tracing import RemoveSpec, TraceEvent, Tracer, parse_probe
+    Otherwise returns the guest command's exit status (124 when ``duration``
+    ended it), 0 after tracing with no command, 141 when stdout was closed
+    (``| head``)."""
+    from qprobes.frontends.signals import SignalGuard
+    from qprobes.tracing import parse_probe
+    from qprobes.tracing.output import format_for
 
-    # Check every definition, filter and machine option before booting anything.
+    # Check every definition, filter, trigger and option before booting anything.
+    if not probes and not latency:
+        raise MachineError("give at least one probe definition or --latency FUNCTION")
     for text in probes:
         parse_probe(text)
     if command and machine.get("attach_address"):
@@ -487,27 +536,65 @@ def trace(
         raise MachineError(f"--duration {duration}: give a positive number of seconds")
     by_event = _filters_by_event(filters, probes)
     triggers_by_event = _triggers_by_event(triggers, probes)
+    if output is not None:
+        format_for(output, output_format)  # a name we cannot place
     check_machine_args(**machine)
 
-    from qprobes.tracing.output import TraceWriter, format_for
+    errs = _Stream(err)
 
-    if not probes and not latency:
-        raise MachineError("give at least one probe definition or --latency FUNCTION")
-    if output is not None:
-        format_for(output, output_format)  # before booting: a name we cannot place
-    state = {"asked": False, "pipe": False, "mute": False}
+    def say(text: str) -> None:
+        errs.write(text + "\n")
+
+    options = _TraceOptions(json_output, by_event, triggers_by_event, quiet, latency or [],
+                            output, output_format, duration)  # fmt: skip
+    # Booting a guest of qprobes' own can be interrupted anywhere (QEMU dies
+    # with qprobes); attaching to someone else's QEMU is finished first, then
+    # detached again.
+    with SignalGuard(say, raising=not machine.get("attach_address")) as guard:
+        return _trace(probes, command, guard, say, errs, options, out=out, machine=machine)
+
+
+@dataclass(frozen=True)
+class _TraceOptions:
+    json_output: bool
+    by_event: dict[str, str]
+    triggers_by_event: dict[str, list[str]]
+    quiet: bool
+    latency: list[str]
+    output: str | None
+    output_format: str | None
+    duration: float | None
+
+
+def _session_for_guarded(guard: SignalGuard, machine: dict[str, Any]) -> Session:
+    """:func:`_session_for`, where a signal that stopped the boot halfway is
+    said as that signal, whatever error the half-done start then raised."""
+    from qprobes.errors import QprobesError
+    from qprobes.frontends.signals import Interrupted
+
+    try:
+        return _session_for(**machine)
+    except QprobesError:
+        if guard.signum is not None:
+            raise Interrupted(guard.signum) from None
+        raise
+
+
+def _trace(probes: list[str], command: list[str], guard: SignalGuard,
+           say: Callable[[str], None], errs: _Stream, opts: _TraceOptions, *, out: TextIO,
+           machine: dict[str, Any]) -> int:  # fmt: skip
+    import json
+
+    from qprobes.errors import GuestDiedError
+    from qprobes.tracing import RemoveSpec, TraceEvent, Tracer, parse_probe
+    from qprobes.tracing.output import TraceWriter
+
+    stdout = _Stream(out)
+    state = {"mute": False}
     writer: TraceWriter | None = None
     latency_events = {f"lat_{''.join(c if c.isalnum() or c == '_' else '_' for c in f)}"
-                      for f in latency or []}  # fmt: skip
-
-    def write(text: str) -> None:
-        if state["pipe"] or state["mute"]:
-            return
-        try:
-            out.write(text)
-            out.flush()
-        except BrokenPipeError:
-            state["pipe"] = True  # the reader went away: stop, as grep would
+                      for f in opts.latency}  # fmt: skip
+    duration = opts.duration
 
     def sink(event: TraceEvent) -> None:
         if state["mute"]:
@@ -515,71 +602,88 @@ def trace(
         if writer is not None:
             writer.write(event)
             return
-        if quiet or (event.event in latency_events and not json_output):
+        if opts.quiet or (event.event in latency_events and not opts.json_output):
             return
-        write((event.to_json() if json_output else event.format()) + "\n")
-
-    def on_sigint(signum: int, frame: object) -> None:
-        state["asked"] = True
+        # A closed pipe (| head) or a hung-up terminal stops the trace, as grep would.
+        stdout.write((event.to_json() if opts.json_output else event.format()) + "\n")
 
     def stopping() -> bool:
-        return state["asked"] or state["pipe"]
+        return guard.received() or stdout.gone is not None
 
-    session = _session_for(**machine)
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    session = _session_for_guarded(guard, machine)
+    guard.detaching()  # from here on a signal is noted, and qprobes detaches
     status = 0
+    fault: GuestDiedError | None = None
+    tracer: Tracer | None = None
+    summary: list[dict[str, Any]] = []
     try:
-        tracer = Tracer(session, sink)
-        if output is not None:
-            writer = TraceWriter(output, output_format, header=tracer.header())
-        for function in latency or []:
-            tp = tracer.latency(function)
-            print(f"qprobes: latency of {tracer.describe(tp)}", file=err)
-        for text in probes:
-            spec = parse_probe(text)
-            if isinstance(spec, RemoveSpec):
-                name = f"{spec.group or 'kprobes'}/{spec.event}"
-                tracer.remove(name)
-                print(f"qprobes: removed {name}", file=err)
-                continue
-            tp = tracer.add(text, by_event.get(spec.event), triggers_by_event.get(spec.event, ()))
-            print(f"qprobes: {tracer.describe(tp)}", file=err)
-        printing = any(tp.latency is None for tp in tracer.probes.values())
-        if not json_output and not quiet and writer is None and printing:
-            write(tracer.header())  # as the guest's trace file begins
-        if command:
-            line = guest_command_line(command)
-            output, finished = session.run_command(line, timeout=duration, interrupted=stopping)
-            if output:
-                err.write(output if output.endswith("\n") else output + "\n")
+        try:
+            tracer = Tracer(session, sink)
+            if opts.output is not None:
+                writer = TraceWriter(opts.output, opts.output_format, header=tracer.header())
+            for function in opts.latency:
+                if stopping():
+                    break
+                tp = tracer.latency(function)
+                say(f"qprobes: latency of {tracer.describe(tp)}")
+            for text in probes:
+                if stopping():
+                    break
+                spec = parse_probe(text)
+                if isinstance(spec, RemoveSpec):
+                    name = f"{spec.group or 'kprobes'}/{spec.event}"
+                    tracer.remove(name)
+                    say(f"qprobes: removed {name}")
+                    continue
+                tp = tracer.add(text, opts.by_event.get(spec.event),
+                                opts.triggers_by_event.get(spec.event, ()))  # fmt: skip
+                say(f"qprobes: {tracer.describe(tp)}")
+            printing = any(tp.latency is None for tp in tracer.probes.values())
+            if not opts.json_output and not opts.quiet and writer is None and printing:
+                stdout.write(tracer.header())  # as the guest's trace file begins
+            if stopping():
+                pass  # a signal while arming: straight to the detach
+            elif command:
+                line = guest_command_line(command)
+                output, finished = session.run_command(line, timeout=duration,
+                                                       interrupted=stopping)  # fmt: skip
+                if output:
+                    errs.write(output if output.endswith("\n") else output + "\n")
+                state["mute"] = True
+                if finished and not stopping():
+                    status = session.last_status()
+                elif not stopping():
+                    say(f"qprobes: --duration {duration:g} s ended the guest command")
+                    status = EXIT_TIMEOUT
+            else:
+                say("qprobes: tracing; Ctrl-C to stop")
+                session.run(until=stopping, timeout=duration)
             summary = tracer.summary()
+        finally:
             state["mute"] = True
-            if finished:
-                status = session.last_status()
-            elif not stopping():
-                print(f"qprobes: --duration {duration:g} s ended the guest command", file=err)
-                status = EXIT_TIMEOUT
-        else:
-            print("qprobes: tracing; Ctrl-C to stop", file=err)
-            session.run(until=stopping, timeout=duration)
-            summary = tracer.summary()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        session.close()
-        if writer is not None:
-            writer.close()
-    if state["pipe"]:
+            guard.closing()
+            try:
+                session.close()
+            finally:
+                if writer is not None:
+                    writer.close()
+    except GuestDiedError as exc:
+        fault = exc
+        if tracer is not None:
+            summary = tracer.summary(notes=False)  # the guest is gone: counts only
+    if fault is not None:
+        say(f"qprobes: error: {fault}")
+    if stdout.gone is not None and guard.signum is None and fault is None:
         return EXIT_PIPE
-    if not _print_histograms(tracer, json_output, out):
-        return EXIT_PIPE
+    if tracer is not None and not _print_histograms(tracer, opts.json_output, stdout):
+        return EXIT_PIPE if guard.signum is None and fault is None else 1
     if writer is not None:
-        print(f"qprobes: wrote {writer.count} events to {writer.path} ({writer.format})",
-              file=err)  # fmt: skip
+        say(f"qprobes: wrote {writer.count} events to {writer.path} ({writer.format})")
     for row in summary:
-        if json_output:
-            err.write(json.dumps({"summary": row}) + "\n")
+        if opts.json_output:
+            errs.write(json.dumps({"summary": row}) + "\n")
         else:
-            err.write(
+            errs.write(
                 f"qprobes: {row['event']}: {row['hits']} hits, {row['emitted']} printed, "
                 f"{row['filtered']} filtered out, {row['missed']} missed"
                 + (f", lost ({row.get('lost_why') or 'the guest rewrote the probed text'})"
@@ -587,34 +691,34 @@ def trace(
                 + "\n"
             )
             if row.get("note"):
-                err.write(f"qprobes: {row['event']}: warning: {row['note']}\n")
-    return 130 if state["asked"] else status
+                errs.write(f"qprobes: {row['event']}: warning: {row['note']}\n")
+    if fault is not None:
+        return 1
+    if guard.status is not None:
+        return guard.status
+    return status
 
 
-def _print_histograms(tracer: Any, json_output: bool, out: TextIO) -> bool:
-    """Every hist trigger's table, in the order given; False on a broken pipe."""
+def _print_histograms(tracer: Any, json_output: bool, out: _Stream) -> bool:
+    """Every latency histogram and hist trigger's table, in the order given;
+    False when the output went away."""
     import json
 
     hists = [h for tp in tracer.probes.values() for h in tp.hists]
     latencies = [tp.latency for tp in tracer.probes.values() if tp.latency is not None]
-    try:
-        for lat in latencies:
-            if json_output:
-                out.write(json.dumps({"latency": lat.as_json()}) + "\n")
-            else:
-                out.write(lat.format())
-        for n, hist in enumerate(hists):
-            if json_output:
-                out.write(json.dumps({"hist": hist.as_json()}, default=str) + "\n")
-                continue
-            out.write(("\n\n" if n else "") + hist.format())
-            chart = hist.log2_chart()
-            if chart:
-                out.write("\n" + chart)
-        out.flush()
-    except BrokenPipeError:
-        return False
-    return True
+    ok = True
+    for lat in latencies:
+        text = json.dumps({"latency": lat.as_json()}) + "\n" if json_output else lat.format()
+        ok = ok and out.write(text)
+    for n, hist in enumerate(hists):
+        if json_output:
+            ok = ok and out.write(json.dumps({"hist": hist.as_json()}, default=str) + "\n")
+            continue
+        ok = ok and out.write(("\n\n" if n else "") + hist.format())
+        chart = hist.log2_chart()
+        if chart:
+            ok = ok and out.write("\n" + chart)
+    return ok
 
 
 def symbols(pattern: str, out: TextIO = sys.stdout, **machine: Any) -> int:
@@ -622,18 +726,35 @@ def symbols(pattern: str, out: TextIO = sys.stdout, **machine: Any) -> int:
 
     A kernel image booted earlier with KASLR off is answered from the
     kallsyms that boot read (the same image has the same symbols at the same
-    addresses), with no guest; otherwise a guest boots."""
-    import fnmatch
+    addresses), with no guest; otherwise a guest boots. SIGINT, SIGTERM and
+    SIGHUP end it as they end :func:`trace`: an attached guest is detached
+    from first."""
+    from qprobes.frontends.signals import SignalGuard
+
+    def say(text: str) -> None:
+        _Stream(sys.stderr).write(text + "\n")
 
     check_machine_args(**machine)
+    with SignalGuard(say, raising=not machine.get("attach_address")) as guard:
+        status = _symbols(pattern, out, guard, **machine)
+        return guard.status if guard.status is not None else status
+
+
+def _symbols(pattern: str, out: TextIO, guard: SignalGuard, **machine: Any) -> int:
+    import fnmatch
+
     cached = _cached_symbols(**machine)
     session = None
     table: SymbolTable
+    rows: list[Any] = []
     if cached is not None:
         table, slide, how = cached, cached.slide, " (from an earlier boot of this kernel)"
     else:
-        session = _session_for(**machine)
+        session = _session_for_guarded(guard, machine)
+        guard.detaching()
     try:
+        if guard.received():
+            return 0
         if session is not None:
             assert session.symbols is not None and session.kernel is not None
             table, slide, how = session.symbols, session.kernel.slide, ""
@@ -657,6 +778,7 @@ def symbols(pattern: str, out: TextIO = sys.stdout, **machine: Any) -> int:
                 rows += found
     finally:
         if session is not None:
+            guard.closing()
             session.close()
     if not rows:
         print(f"qprobes: no kernel symbol matches {pattern!r}", file=sys.stderr)

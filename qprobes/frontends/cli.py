@@ -94,11 +94,17 @@ TYPE: u8..u64, s8..s64, x8..x64, string, ustring, symbol, b<bits>@<bit>/<size>,
 exit status:
   the guest command's own status, when -- GUEST_COMMAND ran to its end
   0    tracing ended with no guest command
-  1    an error (one "qprobes: error:" line)
+  1    an error (one "qprobes: error:" line), or the guest died mid-trace (a
+       panic, QEMU killed: that line, the end of its console, the summary)
   2    bad usage, or a bad probe definition or filter
   124  --duration ended the guest command
-  130  Ctrl-C (qprobes detaches and prints the summary first)
+  129  SIGHUP (the terminal closed), after detaching and printing the summary
+  130  SIGINT (Ctrl-C), after detaching and printing the summary
+  143  SIGTERM, after detaching and printing the summary
   141  stdout was closed (| head)
+  A second signal while qprobes detaches says "detaching, please wait" and, like
+  every later one, is ignored: the detach always finishes. Only SIGKILL ends
+  qprobes at once (it leaves qprobes' probes in a guest it attached to).
 
 hist triggers (Linux's Documentation/trace/histogram.rst), --trigger EVENT:TRIGGER:
   hist:keys=KEY[.MOD][,KEY...][:vals=VAL[.hex],...][:sort=FIELD[.descending],...]
@@ -354,12 +360,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"    {line}", file=sys.stderr)
         return 2
     except QprobesError as exc:
-        print(f"qprobes: error: {exc}", file=sys.stderr)
+        _say(f"qprobes: error: {exc}")
         return 1
-    except KeyboardInterrupt:
-        print("qprobes: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # Ctrl-C, or SIGTERM/SIGHUP while a guest of qprobes' own booted
+        # (nothing to restore): 128 + the signal, as a shell reports it.
+        from qprobes.frontends.signals import Interrupted, exit_status, signal_name
+
+        signum = exc.signum if isinstance(exc, Interrupted) else 2
+        _say(f"qprobes: interrupted ({signal_name(signum)})")
+        return exit_status(signum)
     return status
+
+
+def _say(line: str) -> None:
+    """One line on stderr, which may be a terminal that hung up (EIO)."""
+    from qprobes.frontends.api import silence
+
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        silence(sys.stderr)
 
 
 def _broken_pipe() -> int:

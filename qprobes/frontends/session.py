@@ -27,12 +27,19 @@ import contextlib
 import logging
 import re
 import select
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from qprobes.errors import ConnectionClosedError, MachineError, ProbeError, QprobesError
+from qprobes.errors import (
+    ConnectionClosedError,
+    GuestDiedError,
+    MachineError,
+    ProbeError,
+    QprobesError,
+    StubTimeoutError,
+)
 from qprobes.machine.guests import QTEST_PROMPT, qtest_config
 from qprobes.machine.qemu import MachineConfig, QemuMachine, attach
 from qprobes.probes.engine import KprobeEngine
@@ -66,6 +73,53 @@ _ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|c)")
 KVM_BOOT_TIMEOUT = 30.0
 
 
+#: Where a kernel's report of a crash begins (the first line shown of it).
+_REPORT_START = re.compile(
+    r"Kernel panic - not syncing|BUG:|Oops:|general protection fault|sysrq: Trigger a crash|"
+    r"unable to handle|double fault|invalid opcode:|WARNING:"
+)
+#: Console lines shown when the guest died without a kernel report, and at most with one.
+CONSOLE_TAIL_LINES = 15
+CONSOLE_REPORT_LINES = 40
+#: Lines shown before a panic that ends no other report.
+CONSOLE_PANIC_CONTEXT = 5
+
+
+def console_tail(text: str) -> tuple[list[str], bool]:
+    """The lines of a guest's console worth showing when it died, and whether
+    the guest panicked: from the start of the last kernel report (a panic or
+    oops and its stack) that ends in a panic, else the last lines."""
+    lines = [line.rstrip() for line in _ANSI.sub("", text.replace("\r\n", "\n")).splitlines()]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    recent = lines[-CONSOLE_REPORT_LINES * 2 :]
+    panicked = any("Kernel panic - not syncing" in line for line in recent)
+    if panicked:
+        panic = max(i for i, line in enumerate(recent) if "Kernel panic - not syncing" in line)
+        start = None
+        # The report the panic ends (an oops, a BUG, sysrq) begins a little before it.
+        for i in range(panic - 1, max(-1, panic - CONSOLE_REPORT_LINES), -1):
+            if _REPORT_START.search(recent[i]):
+                start = i
+        if start is None:
+            # A panic of its own (no root file system, say): the lines before
+            # it say why.
+            start = max(0, panic - CONSOLE_PANIC_CONTEXT)
+        return recent[start:][:CONSOLE_REPORT_LINES], True
+    return lines[-CONSOLE_TAIL_LINES:], False
+
+
+def guest_died(machine: QemuMachine, when: str = "") -> GuestDiedError:
+    """What to tell the user about a guest whose QEMU exited: one line (the
+    guest panicked, or how QEMU ended), ``when`` appended (``before its
+    prompt``), and the tail of its console."""
+    how = machine.exit_description() or "QEMU stopped answering"
+    tail, panicked = console_tail(machine.console_text())
+    suffix = f" {when}" if when else ""
+    why = f"the guest panicked{suffix} ({how})" if panicked else f"{how}{suffix}"
+    return GuestDiedError(why, tail or ["(no console output)"])
+
+
 def _boot_to(machine: QemuMachine, until: bytes, timeout: float) -> None:
     """Run the console until ``until``; a guest that dies or hangs first is
     one error line with the tail of its console (a panic, say)."""
@@ -84,9 +138,8 @@ def _boot_to(machine: QemuMachine, until: bytes, timeout: float) -> None:
         with contextlib.suppress(MachineError):
             machine.wait(5.0)
     if not machine.alive():
-        why = f"QEMU exited (status {machine.wait(1.0)}) before the guest's prompt"
-    text = _ANSI.sub("", machine.console_text().replace("\r\n", "\n"))
-    tail = text.rstrip().splitlines()[-15:]
+        raise guest_died(machine, "before its prompt")
+    tail, _ = console_tail(machine.console_text())
     lines = "\n".join(f"    {line}" for line in tail) if tail else "    (no console output)"
     raise MachineError(f"{why}; the last lines of its console:\n{lines}")
 
@@ -136,6 +189,7 @@ class Session:
         self.kretprobes = KretprobeManager(self.engine)
         self.jprobes = JprobeManager(self.engine)
         self._closed = False
+        self._fault_said = False  # a GuestDiedError was raised already
         self._address: str | None = None  # the gdbstub of an attached QEMU
 
     # --- construction -------------------------------------------------------
@@ -519,8 +573,51 @@ class Session:
             poll: float = 0.002) -> None:  # fmt: skip
         """Let the guest run, handling probe hits, until ``until()`` or ``timeout``.
 
-        ``until`` is checked after each stop and every ``poll`` seconds."""
-        self.engine.run(until=until, timeout=timeout, poll=poll)
+        ``until`` is checked after each stop and every ``poll`` seconds.
+        A guest that dies meanwhile (a panic, QEMU killed) raises
+        :class:`~qprobes.errors.GuestDiedError`."""
+        with self._faults():
+            self.engine.run(until=until, timeout=timeout, poll=poll)
+
+    #: How long QEMU may take to exit after its gdbstub connection dropped
+    #: (a panicking guest reboots, and -no-reboot then ends QEMU; after a panic
+    #: QEMU was gone 40 ms after the gdbstub's exit reply, measured).
+    EXIT_WAIT = 2.0
+
+    def fault(self, wait: float = 0.0) -> GuestDiedError | None:
+        """What ended the guest, if it died (its QEMU exited), waiting up to
+        ``wait`` seconds for QEMU to exit; None while it runs, and for an
+        attached QEMU (qprobes cannot see that process)."""
+        import time
+
+        machine = self.machine
+        if machine is None:
+            return None
+        deadline = time.monotonic() + wait
+        while machine.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if machine.alive():
+            return None
+        return guest_died(machine)
+
+    @contextlib.contextmanager
+    def _faults(self) -> Iterator[None]:
+        """Turn the errors a dead guest causes (a closed connection, failed
+        reads) into one :class:`GuestDiedError` that says what happened."""
+        try:
+            yield
+        except GuestDiedError:
+            raise
+        except Exception as exc:
+            # A closed connection or console means QEMU is on its way out;
+            # other errors may be its last words (the gdbstub's ``W`` exit
+            # reply, a read of memory that is gone): a moment for those.
+            closed = isinstance(exc, (ConnectionClosedError, EOFError))
+            fault = self.fault(self.EXIT_WAIT if closed else 1.0)
+            if fault is not None:
+                self._fault_said = True
+                raise fault from exc
+            raise
 
     @property
     def console(self) -> Any:
@@ -561,7 +658,8 @@ class Session:
                 buf.extend(data.replace(CURSOR_QUERY, b""))
             return buf.endswith(prompt) or (interrupted is not None and interrupted())
 
-        tube.sendline(line.encode())
+        with self._faults():
+            tube.sendline(line.encode())
         self.run(until=done, timeout=timeout)
         finished = buf.endswith(prompt)
         if not finished and interrupted is not None and interrupted():
@@ -605,21 +703,42 @@ class Session:
         """Detach (restoring every byte written) and shut the machine down, if ours.
 
         If the gdbstub connection dropped, reconnect first, so that the guest
-        is left running with nothing of qprobes' in it.
+        is left running with nothing of qprobes' in it. A guest that is gone
+        (its QEMU exited) has nothing left to restore: the machine is only
+        cleaned up, and :class:`~qprobes.errors.GuestDiedError` says what
+        happened (unless a run said it already); so it does for an attached
+        QEMU whose gdbstub takes no new connection.
         """
         if self._closed:
             return
         self._closed = True
+        connected = True  # whether the gdbstub connection still works
         try:
+            if self.machine is not None and not self.machine.alive():
+                self._died()  # nothing left to detach from
+                return
             try:
                 if self.target.running:
                     self.engine._stop_quietly()
                 self.engine.detach()
             except ConnectionClosedError:
-                if self.machine is not None and not self.machine.alive():
-                    raise
-                log.warning("the gdbstub connection dropped; reconnecting to detach")
-                self.reconnect()
+                connected = False
+                if self.machine is not None and self.fault(0.2) is not None:
+                    self._died()  # it died while qprobes detached: nothing to restore
+                    return
+                try:
+                    self.reconnect()
+                except (ConnectionClosedError, StubTimeoutError) as again:
+                    if self.machine is not None and self.fault(self.EXIT_WAIT) is not None:
+                        self._died()
+                        return
+                    where = self._address if self.machine is None else self.machine.gdb_socket
+                    raise GuestDiedError(
+                        f"the connection to QEMU's gdbstub at {where} dropped and it takes no "
+                        "new one: QEMU exited or was killed"
+                    ) from again
+                connected = True
+                log.warning("the gdbstub connection dropped; reconnected to detach")
                 self.engine.detach()
         finally:
             if self.hostmem is not None:
@@ -627,8 +746,17 @@ class Session:
             if self.machine is not None:
                 self.machine.shutdown()
             else:
-                self.target.client.detach()
+                if connected:
+                    self.target.client.detach()  # the guest runs on, qprobes gone
                 self.target.client.close()
+
+    def _died(self) -> None:
+        """Our QEMU is gone: say so, unless a run already did."""
+        if not self._fault_said:
+            fault = self.fault()
+            if fault is not None:
+                self._fault_said = True
+                raise fault
 
     def __enter__(self) -> Session:
         return self

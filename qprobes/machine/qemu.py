@@ -37,6 +37,109 @@ DEBUG_EXIT_PORT = 0xF4
 
 MiB = 1024 * 1024
 
+#: Scratch directories are ``$TMPDIR/qprobes-XXXXXXXX``.
+WORKDIR_PREFIX = "qprobes-"
+#: The file in a scratch directory that names its owner processes.
+OWNER_FILE = "owner"
+#: A scratch directory kept on purpose (``QPROBES_KEEP_WORKDIR=1``) holds this file.
+KEPT_FILE = "kept"
+#: A scratch directory without an owner file (made by an older qprobes) is
+#: removed only when no process names it and it was left alone this long.
+LEGACY_STALE_AFTER = 3600.0
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks after boot, field 22 of
+    ``/proc/PID/stat``), or None when there is no such process (or only its
+    zombie). A pid and its start time name one process even after the pid
+    is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces.
+    fields = stat.rpartition(")")[2].split()
+    if not fields or fields[0] in ("Z", "X"):
+        return None  # a zombie, its parent not yet told: it has ended
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def owner_record(role: str, pid: int) -> str:
+    """One line of an owner file: ``ROLE PID START``."""
+    return f"{role} {pid} {process_start_time(pid)}\n"
+
+
+def owners_alive(text: str) -> bool:
+    """Whether any process an owner file names still runs (same pid, same
+    start time). A file that cannot be read counts as alive: keep the directory."""
+    lines = [line.split() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return True  # written a moment ago, or by something else: not ours to judge
+    for fields in lines:
+        if len(fields) != 3 or not fields[1].isdigit():
+            return True
+        started = process_start_time(int(fields[1]))
+        if started is not None and str(started) == fields[2]:
+            return True
+    return False
+
+
+def _named_by_a_process(path: Path) -> bool:
+    """Whether a running process has ``path`` in its command line (a QEMU
+    started by an older qprobes names its sockets there)."""
+    needle = str(path).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def clean_stale_workdirs(parent: Path | None = None, now: float | None = None) -> list[Path]:
+    """Remove the scratch directories qprobes processes left behind when they
+    died without cleaning up (SIGKILL, a crash), and return them.
+
+    A directory goes only when every process its owner file names is gone
+    (and not when it was kept on purpose, ``QPROBES_KEEP_WORKDIR=1``);
+    one with no owner file (an older qprobes made it) only when no process
+    names it in its command line and nothing in it changed for
+    :data:`LEGACY_STALE_AFTER` seconds. Directories of live qprobes are left alone.
+    """
+    parent = Path(tempfile.gettempdir()) if parent is None else parent
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        candidates = sorted(parent.glob(WORKDIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            if not path.is_dir() or path.is_symlink() or path.stat().st_uid != os.getuid():
+                continue
+            owner = path / OWNER_FILE
+            if (path / KEPT_FILE).exists():
+                continue
+            if owner.exists():
+                if owners_alive(owner.read_text(errors="replace")):
+                    continue
+            else:
+                newest = max([path.stat().st_mtime]
+                             + [p.stat().st_mtime for p in path.iterdir()])  # fmt: skip
+                if now - newest < LEGACY_STALE_AFTER or _named_by_a_process(path):
+                    continue
+        except OSError:
+            continue  # vanished meanwhile, or not ours to read
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
 
 def _die_with_parent() -> None:
     """In the QEMU child: get SIGTERM when qprobes dies, even by SIGKILL, so no
@@ -179,7 +282,22 @@ class QemuMachine:
             raise LaunchError(f"{self.config.binary} not found on PATH", [self.config.binary], "")
         if not Path(self.config.kernel).is_file():
             raise LaunchError(f"kernel {self.config.kernel} does not exist", [], "")
-        self._workdir = Path(tempfile.mkdtemp(prefix="qprobes-"))
+        clean_stale_workdirs()
+        self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+        try:
+            self._start()
+        except BaseException:
+            # Whatever stopped the start (an error, a signal): no QEMU and no
+            # scratch directory outlive it.
+            self._close_connections()
+            self._kill()
+            self._cleanup()
+            self.state = MachineState.SHUT_DOWN
+            raise
+
+    def _start(self) -> None:
+        owner = self._path(OWNER_FILE)
+        owner.write_text(owner_record("qprobes", os.getpid()))
         cmdline = self.command_line()
         output = self._path("qemu.out").open("wb")
         try:
@@ -191,24 +309,22 @@ class QemuMachine:
                 preexec_fn=_die_with_parent, start_new_session=True,
             )  # fmt: skip
         except OSError as exc:
-            output.close()
-            self._cleanup()
             raise LaunchError(f"cannot run QEMU: {exc}", cmdline, "") from exc
-        output.close()
+        finally:
+            output.close()
+        with owner.open("a") as f:
+            f.write(owner_record("qemu", self._proc.pid))
         self.state = MachineState.RUNNING
         try:
             self._wait_for_socket(self.gdb_socket, cmdline)
             self._client = self._connect_gdb(cmdline)
             self._target = Target(self._client)
         except LaunchError:
-            self._kill()
-            self._cleanup()
             raise
         except QprobesError as exc:
-            text = self.output()
-            self._kill()
-            self._cleanup()
-            raise LaunchError(f"cannot talk to QEMU's gdbstub: {exc}", cmdline, text) from exc
+            raise LaunchError(
+                f"cannot talk to QEMU's gdbstub: {exc}", cmdline, self.output()
+            ) from exc
 
     def _wait_for_socket(self, path: Path, cmdline: list[str]) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -296,6 +412,27 @@ class QemuMachine:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def exit_description(self) -> str | None:
+        """How QEMU ended, in one phrase (``QEMU exited with status 1``,
+        ``QEMU was killed by signal 9 (SIGKILL)``), with the last line QEMU
+        printed, if any; None while it runs."""
+        if self._proc is None or self._proc.poll() is None:
+            return None
+        code = self._proc.returncode
+        self.exitcode = code
+        if code < 0:
+            try:
+                name = f" ({signal.Signals(-code).name})"
+            except ValueError:
+                name = ""
+            text = f"QEMU was killed by signal {-code}{name}"
+        else:
+            text = f"QEMU exited with status {code}"
+        said = [line.strip() for line in self.output().splitlines() if line.strip()]
+        if said:
+            text += f" ({said[-1]})"
+        return text
+
     def wait(self, timeout: float | None = None) -> int:
         """Wait for QEMU to exit (for example through isa-debug-exit)."""
         if self._proc is None:
@@ -357,8 +494,14 @@ class QemuMachine:
             self._console_sock = None
 
     def _cleanup(self) -> None:
-        if self._workdir is not None and not os.environ.get("QPROBES_KEEP_WORKDIR"):
-            shutil.rmtree(self._workdir, ignore_errors=True)
+        if self._workdir is None:
+            return
+        if os.environ.get("QPROBES_KEEP_WORKDIR"):
+            # Kept for a look at its logs: no later start removes it either.
+            with contextlib.suppress(OSError):
+                (self._workdir / KEPT_FILE).touch()
+            return
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
     def __enter__(self) -> QemuMachine:
         self.launch()

@@ -473,14 +473,15 @@ class Tracer:
             names[nr] = name
         return names
 
-    def summary(self) -> list[dict[str, Any]]:
-        """Hits and misses per probe."""
+    def summary(self, notes: bool = True) -> list[dict[str, Any]]:
+        """Hits and misses per probe. ``notes=False`` leaves out what needs the
+        guest (whether it changed a probed ftrace site): for a guest that died."""
         engine = self.session.engine
         return [
             {"event": name, "location": tp.spec.location, "hits": tp.nhit,
              "emitted": tp.emitted, "filtered": tp.filtered, "missed": tp.nmissed,
              "note": engine.ftrace_site_changed(tp.kprobe)
-                     if tp.kprobe is not None and not tp.lost else None,
+                     if notes and tp.kprobe is not None and not tp.lost else None,
              "lost": tp.lost, "lost_why": tp.lost_why}
             for name, tp in self.probes.items()
         ]  # fmt: skip

@@ -39,6 +39,21 @@ def test_every_command_has_a_description_and_trace_documents_its_language() -> N
         assert word in text, word
 
 
+def test_the_exit_status_table_names_every_signal() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    text = sub.choices["trace"].format_help()  # type: ignore[attr-defined]
+    table = text[text.index("exit status:") : text.index("examples:")]
+    for status, what in (("129", "SIGHUP"), ("130", "SIGINT"), ("143", "SIGTERM"),
+                         ("141", "stdout was closed")):  # fmt: skip
+        line = next((row for row in table.splitlines() if row.strip().startswith(status)), "")
+        assert what in line, (status, table)
+    assert "detaching, please wait" in table
+    readme = (REPO / "README.md").read_text()
+    for row in ("| 129 |", "| 143 |", "| 130 |"):
+        assert row in readme, row
+
+
 def test_docs_commands_md_is_up_to_date() -> None:
     assert (REPO / "docs" / "commands.md").read_text() == reference_markdown(), (
         "regenerate: python -m qprobes.frontends.cli --reference > docs/commands.md"
