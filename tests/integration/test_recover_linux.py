@@ -56,7 +56,8 @@ def snapshot(address: str, text_addrs: list[int]) -> dict[str, str]:
 
 def kallsyms(machine: QemuMachine, names: list[str]) -> list[int]:
     pattern = "|".join(names)
-    out = machine.console.command(f"grep -E ' ({pattern})$' /proc/kallsyms", LINUX_PROMPT)
+    out = machine.console.command(f"grep -E ' ({pattern})$' /proc/kallsyms", LINUX_PROMPT,
+                                  timeout=120)
     found = {m.group(2): int(m.group(1), 16)
              for m in re.finditer(r"([0-9a-f]{16}) \w (\w+)", str(out))}  # fmt: skip
     return [found[n] for n in names]
@@ -77,7 +78,7 @@ def test_recover_after_the_controller_was_killed() -> None:
         machine.target.resume()
         machine.console.recvuntil(LINUX_PROMPT, timeout=120)
         for _ in range(2):
-            machine.console.command(LOOP, LINUX_PROMPT)
+            machine.console.command(LOOP, LINUX_PROMPT, timeout=120)
         addrs = kallsyms(machine, ["_raw_spin_lock_irqsave", "do_sys_openat2", "vfs_read",
                                    "hrtimer_nanosleep"])  # fmt: skip
         machine.release_gdbstub()
