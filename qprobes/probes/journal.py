@@ -222,6 +222,13 @@ class Journal:
     def begin(self, previous: Header | None, phys_next: int, version: str) -> None:
         """Start this session's journal: clear the records, state active."""
         generation = previous.generation + 1 if previous is not None else 1
+        self._sites.clear()
+        self._free_sites.clear()
+        self._next_site = 0
+        self._rets.clear()
+        self._free_rets.clear()
+        self._next_ret = 0
+        self._gates = self._ptes = 0
         self.write(self.base + HEADER_SIZE, bytes(END - HEADER_SIZE))
         self.header = Header(
             JournalState.ACTIVE, generation, os.getpid(), time.time(), socket.gethostname(),
