@@ -124,6 +124,16 @@ def boot_interactive(
     return int(found[-1]) if found else 0
 
 
+def recover(address: str, reserve: tuple[int, int], out: TextIO = sys.stdout) -> int:
+    """``qprobes attach ADDRESS --recover``: put back what a qprobes session
+    that died attached left in the guest (0 also when there was nothing)."""
+    from qprobes.frontends.session import Session
+
+    report = Session.recover(address, reserve=reserve)
+    print(f"qprobes: {report.describe()}", file=out)
+    return 0
+
+
 def attach_info(address: str, out: TextIO = sys.stdout) -> int:
     """Connect to a running QEMU's gdbstub, describe the guest, and detach."""
     target = attach(address)

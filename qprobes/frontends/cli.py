@@ -70,6 +70,11 @@ def _cmd_completion(args: argparse.Namespace) -> int:
 def _cmd_attach(args: argparse.Namespace) -> int:
     from qprobes.frontends import api
 
+    if args.recover:
+        if args.reserve is None:
+            raise SystemExit("qprobes attach --recover needs --reserve START:SIZE, the memory "
+                             "the dead session used")  # fmt: skip
+        return api.recover(args.address, api._parse_reserve(args.reserve), out=sys.stdout)
     return api.attach_info(args.address, out=sys.stdout)
 
 
@@ -283,9 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "attach", help="connect to a running QEMU's gdbstub and describe it",
         description="Connect to the gdbstub of a QEMU started elsewhere (-gdb unix:PATH or "
-        "tcp::PORT), print each vCPU's rip, rsp, cr3 and IDT, and detach, leaving it running.",
+        "tcp::PORT), print each vCPU's rip, rsp, cr3 and IDT, and detach, leaving it running. "
+        "With --recover, undo what a qprobes session that was killed while attached left in "
+        "the guest (it keeps a journal of every change in its reserved memory).",
     )  # fmt: skip
     p.add_argument("address", help="HOST:PORT or the path of a unix socket")
+    p.add_argument("--recover", action="store_true",
+                   help="put back what a qprobes session that died attached left in the "
+                   "guest (int3s, return addresses, IDT gates, page tables), from its "
+                   "journal")  # fmt: skip
+    p.add_argument("--reserve", metavar="START:SIZE",
+                   help="with --recover: the memory the dead session was given")  # fmt: skip
     p.set_defaults(func=_cmd_attach)
     return parser
 

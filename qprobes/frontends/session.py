@@ -28,6 +28,7 @@ import logging
 import re
 import select
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,6 +44,7 @@ from qprobes.errors import (
 from qprobes.machine.guests import QTEST_PROMPT, qtest_config
 from qprobes.machine.qemu import MachineConfig, QemuMachine, attach
 from qprobes.probes.engine import KprobeEngine
+from qprobes.probes.journal import Contents
 from qprobes.probes.jprobe import Jprobe, JprobeManager
 from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe, KretprobeManager
@@ -60,6 +62,26 @@ if TYPE_CHECKING:
     from qprobes.symbols.linux import LinuxKernel
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What :meth:`Session.recover` found in the guest's journal."""
+
+    recovered: bool
+    contents: Contents | None
+
+    def describe(self) -> str:
+        c = self.contents
+        if c is None:
+            return "nothing to recover: the guest holds no qprobes journal"
+        if not self.recovered:
+            return (f"nothing to recover: the last qprobes session ({c.header.owner()}) "
+                    f"left as it should ({c.header.state.name.lower()})")  # fmt: skip
+        return (f"recovered the changes of {c.header.owner()}: {len(c.sites)} probe sites, "
+                f"{len(c.rets)} return addresses, {len(c.gates)} IDT gates and "
+                f"{len(c.ptes)} page-table entries put back; {len(c.steps)} vCPUs "
+                "were mid-step")  # fmt: skip
 
 CURSOR_QUERY = b"\x1b[6n"
 
@@ -181,6 +203,8 @@ class Session:
         self.kernel: LinuxKernel | None = None
         self.text: KernelText | None = None  # a Linux guest's text rules
         self.modules: LinuxModules | None = None  # a Linux guest's loaded modules
+        self._recovering = False
+        self.recovered: bool | None = None  # Session.recover: whether there was anything
         self._module_watch: Kprobe | None = None
         # A Linux guest's trace clock and context reader (set by use_linux):
         # trace events then carry the guest's own timestamps and flags.
@@ -299,7 +323,12 @@ class Session:
         from qprobes.progress import progress
 
         with progress.step("attaching (kprobe blacklist, the text the kernel rewrites)"):
-            self.engine.attach()
+            if self._recovering:
+                self.recovered = self.engine.adopt()
+                if not self.recovered:
+                    return  # nothing of a dead session's to put back
+            else:
+                self.engine.attach()
             try:
                 # Linux's blacklist and the text the kernel rewrites, read through
                 # the kernel's page tables (known once attached); without them no
@@ -501,6 +530,27 @@ class Session:
         session._address = address
         session.engine.attach()
         return session
+
+    @classmethod
+    def recover(cls, address: str, *, reserve: tuple[int, int]) -> RecoveryReport:
+        """Put back what a qprobes session that died attached left in a Linux
+        guest (``qprobes attach ADDRESS --recover``), from the journal it
+        kept in ``reserve``: its int3s, hijacked return addresses, IDT gates
+        and page-table entries, with vCPUs parked in its stubs answered and
+        the area released only once nothing points into it, as a normal
+        detach does. Returns what was found (``recovered`` False: nothing
+        to do)."""
+        target = attach(address)
+        session = cls(target, reserve=reserve, near=0)
+        session._address = address
+        session._recovering = True
+        try:
+            contents = session.engine.journal_contents()
+            session.use_linux()
+            report = RecoveryReport(bool(session.recovered), contents)
+        finally:
+            session.close()
+        return report
 
     # --- probes -----------------------------------------------------------------
 

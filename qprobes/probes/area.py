@@ -24,6 +24,7 @@ back by :meth:`GuestArea.teardown`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qprobes.errors import ProbeError, TranslationError
@@ -104,6 +105,16 @@ class PhysAllocator:
     def free(self, paddr: int) -> None:
         self._free.append(paddr)
 
+    @property
+    def next_free(self) -> int:
+        """The first page never handed out (pages below it may be in use)."""
+        return self._next
+
+    def skip_to(self, paddr: int) -> None:
+        """Never hand out pages below ``paddr`` (an abandoned area's)."""
+        if self.start <= paddr <= self.end:
+            self._next = max(self._next, paddr - paddr % PAGE_SIZE)
+
 
 class GuestArea:
     """A 2 MiB virtual region of 4 KiB pages that qprobes owns in the guest.
@@ -129,6 +140,10 @@ class GuestArea:
         self._user: int | None = None  # PTI user page-table root
         # (_text, _end) of a Linux kernel image: the area goes in its unused tail.
         self.image: tuple[int, int] | None = None
+        # Called with (entry paddr, old value) before an entry of the guest's
+        # own page tables is rewritten (the journal records it first).
+        self.on_guest_write: Callable[[int, int], None] | None = None
+        self._reserve = reserve
 
     # --- set-up -------------------------------------------------------------
 
@@ -137,6 +152,9 @@ class GuestArea:
 
     def _write_entry(self, paddr: int, value: int) -> None:
         old = self._read_entry(paddr)
+        start, size = self._reserve
+        if self.on_guest_write is not None and not start <= paddr < start + size:
+            self.on_guest_write(paddr, old)
         self._written.append((paddr, old))
         self.target.write_phys(paddr, value.to_bytes(8, "little"))
 
@@ -293,6 +311,13 @@ class GuestArea:
             return self.target.translate(vaddr).paddr
         except TranslationError as exc:
             raise ProbeError(f"area page {vaddr:#x} is not visible to the guest") from exc
+
+    def adopt(self, vbase: int, cr3: int, la57: bool, guest_entries: list[tuple[int, int]]) -> None:
+        """Take over the area a dead session mapped (from its journal): its
+        teardown then writes the guest's own entries back."""
+        self.vbase, self._cr3, self._la57 = vbase, cr3, la57
+        self._written = list(guest_entries)
+        self._pages.clear()
 
     def forget(self) -> None:
         """Give up the area without unmapping it: its entries stay in the

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qprobes import __version__
 from qprobes.arch.x86_64 import fixups as x86fix
 from qprobes.arch.x86_64 import insn as x86insn
 from qprobes.arch.x86_64.idt import gate_offset, gate_with_offset
@@ -44,6 +45,14 @@ from qprobes.errors import (
 from qprobes.probes.area import PAGE_SIZE, REGION_SIZE, GuestArea
 from qprobes.probes.context import HitContext, PtRegs
 from qprobes.probes.ftrace_site import MCOUNT_INSN_SIZE, FtraceRecords, branches_to
+from qprobes.probes.journal import (
+    JOURNAL_SIZE,
+    Contents,
+    Journal,
+    JournalError,
+    JournalState,
+    StepLevel,
+)
 from qprobes.probes.kprobe import (
     Kprobe,
     KprobeCtlblk,
@@ -98,6 +107,8 @@ PAGE_CODE = 0
 PAGE_DOORBELL = 1
 PAGE_VARS = 2
 PAGE_PTABLE = 3  # PTABLE_ENTRIES * 8 bytes = 16 pages
+#: The least reservation left for the area once the journal has its pages.
+MIN_AREA_RESERVE = 1 << 20
 PAGE_USER_CODE = 20  # jprobe handlers and other guest code from users: 20..31
 PAGE_SLOTS_FIRST = 32
 PAGE_SLOTS_LAST = 511
@@ -196,6 +207,13 @@ class KprobeEngine:
         self.client = target.client
         self.symbols = symbols
         self.hostmem = hostmem
+        # The journal takes the first pages of the reservation (see
+        # qprobes.probes.journal); a reservation too small for both keeps none.
+        start, size = reserve
+        self.journal: Journal | None = None
+        if size >= JOURNAL_SIZE + MIN_AREA_RESERVE:
+            self.journal = Journal(start, self._phys_read, self._phys_write)
+            reserve = (start + JOURNAL_SIZE, size - JOURNAL_SIZE)
         self.area = GuestArea(target, reserve, near, area_base)
         self.stats = EngineStats()
         self.points: dict[int, ProbePoint] = {}
@@ -257,11 +275,59 @@ class KprobeEngine:
 
     # --- attach / detach ----------------------------------------------------
 
+    def _phys_read(self, paddr: int, length: int) -> bytes:
+        if self.hostmem is not None:
+            return self.hostmem.read_phys(paddr, length)
+        return self.target.read_phys(paddr, length)
+
+    def _phys_write(self, paddr: int, data: bytes) -> None:
+        if self.hostmem is not None:
+            self.hostmem.write_phys(paddr, data)
+        else:
+            self.target.write_phys(paddr, data)
+
+    def journal_contents(self) -> Contents | None:
+        """What the guest's journal records (None: no journal there)."""
+        return self.journal.load() if self.journal is not None else None
+
+    def _check_journal(self) -> None:
+        """Refuse to attach over a dead session's changes (they would be taken
+        for the guest's own: its stubs as the guest's handlers)."""
+        if self.journal is None:
+            return
+        header = self.journal.read_header()
+        if header is not None and header.state is JournalState.ACTIVE:
+            raise JournalError(
+                f"the guest still holds the changes of a qprobes session that did not "
+                f"detach ({header.owner()}, generation {header.generation}): put them back "
+                "with `qprobes attach ADDRESS --recover` (Session.recover) first"
+            )
+        if header is not None and header.area:
+            for vector in TRAPPED_VECTORS:
+                for paddr, (limit, _vcpu) in self._idts().items():
+                    if 16 * vector + 15 > limit:
+                        continue
+                    handler = gate_offset(self.target.read_phys(paddr + 16 * vector, 16))
+                    if header.area <= handler < header.area + REGION_SIZE:
+                        raise JournalError(
+                            f"IDT vector {vector} still points into the area of an earlier "
+                            f"qprobes session ({header.owner()}): run "
+                            "`qprobes attach ADDRESS --recover` first"
+                        )
+
     def attach(self) -> None:
         """Map the area, install the stubs and redirect the IDT gates."""
         if self.attached:
             return
         area = self.area
+        self._check_journal()
+        if self.journal is not None:
+            previous = self.journal.read_header()
+            if previous is not None and previous.state is JournalState.ABANDONED:
+                # Its pages may still be pointed at: never reuse them.
+                area.phys.skip_to(previous.phys_next)
+            self.journal.begin(previous, area.phys.next_free, __version__)
+            area.on_guest_write = self.journal.pte
         area.setup()
         try:
             code = area.map_page(PAGE_CODE, writable=False, executable=True)
@@ -279,32 +345,14 @@ class KprobeEngine:
             slot_hi = area.vbase + (PAGE_SLOTS_LAST + 1) * PAGE_SIZE
             layout = StubLayout(code.vaddr, bell.vaddr, vars_.vaddr, ptable[0].vaddr,
                                 slot_lo, slot_hi)  # fmt: skip
-            self._stubs = stubs = assemble_stubs(layout)
+            if self.journal is not None:
+                self.journal.set_area(area=area.vbase, kcr3=area.cr3, la57=area.la57,
+                                      code=code.vaddr, doorbell=bell.vaddr, vars_=vars_.vaddr,
+                                      ptable=ptable[0].vaddr, slot_lo=slot_lo,
+                                      slot_hi=slot_hi)  # fmt: skip
+            stubs = self._use_stubs(layout)
             self.target.write_phys(code.paddr, stubs.code)
-            # A doorbell stop normally reports rip after the store; when an
-            # interrupt races with it, QEMU can report the store itself.
-            self._ret_kind = {}
-            # (The slot fault stubs share one doorbell; the frame names the vector.)
-            for prefix, vector in (("qp_bp", 3), ("qp_db", 1), ("qp_fault", 13),
-                                   ("qp_kret", KRETPROBE_VECTOR),
-                                   ("qp_jprobe", JPROBE_VECTOR)):  # fmt: skip
-                ret = stubs[f"{prefix}_doorbell_ret"]
-                self._ret_kind[ret] = vector
-                self._ret_kind[stubs[f"{prefix}_ring"]] = vector
-                if prefix != "qp_jprobe":
-                    # A stop reported an instruction or two late (seen while
-                    # single-stepping a vCPU out of the area): still before
-                    # the stub reads the answer, with rsp at the frame
-                    # (mov rax, [rsp]: 4 bytes; test rax, rax: 3).
-                    self._ret_kind[ret + 4] = vector
-                    self._ret_kind[ret + 7] = vector
-            # Slot pages start as int3 everywhere: each slot's unused tail traps.
-            self._slots = SlotAllocator(
-                x86insn.SLOT_SIZE, PAGE_SLOTS_FIRST, PAGE_SLOTS_LAST,
-                lambda i: area.map_page(i, writable=False, executable=True, fill=INT3).vaddr,
-                area.unmap_page, collect=self._collect_garbage_slots,
-                fill=lambda slot: self.kwrite_code(slot, bytes([INT3]) * x86insn.SLOT_SIZE),
-            )  # fmt: skip
+            self._slots = self._slot_allocator()
             area.check_mapping(code.vaddr)
             self._install_gates()
             self.target.add_watchpoint(self._doorbell, 1, "write")
@@ -313,6 +361,116 @@ class KprobeEngine:
             area.teardown()
             raise
         self.attached = True
+
+    def _use_stubs(self, layout: StubLayout) -> Stubs:
+        """Assemble the stubs for ``layout`` and learn where their doorbells are."""
+        self._stubs = stubs = assemble_stubs(layout)
+        # A doorbell stop normally reports rip after the store; when an
+        # interrupt races with it, QEMU can report the store itself.
+        self._ret_kind = {}
+        # (The slot fault stubs share one doorbell; the frame names the vector.)
+        for prefix, vector in (("qp_bp", 3), ("qp_db", 1), ("qp_fault", 13),
+                               ("qp_kret", KRETPROBE_VECTOR),
+                               ("qp_jprobe", JPROBE_VECTOR)):  # fmt: skip
+            ret = stubs[f"{prefix}_doorbell_ret"]
+            self._ret_kind[ret] = vector
+            self._ret_kind[stubs[f"{prefix}_ring"]] = vector
+            if prefix != "qp_jprobe":
+                # A stop reported an instruction or two late (seen while
+                # single-stepping a vCPU out of the area): still before
+                # the stub reads the answer, with rsp at the frame
+                # (mov rax, [rsp]: 4 bytes; test rax, rax: 3).
+                self._ret_kind[ret + 4] = vector
+                self._ret_kind[ret + 7] = vector
+        return stubs
+
+    def _slot_allocator(self) -> SlotAllocator:
+        area = self.area
+        # Slot pages start as int3 everywhere: each slot's unused tail traps.
+        return SlotAllocator(
+            x86insn.SLOT_SIZE, PAGE_SLOTS_FIRST, PAGE_SLOTS_LAST,
+            lambda i: area.map_page(i, writable=False, executable=True, fill=INT3).vaddr,
+            area.unmap_page, collect=self._collect_garbage_slots,
+            fill=lambda slot: self.kwrite_code(slot, bytes([INT3]) * x86insn.SLOT_SIZE),
+        )  # fmt: skip
+
+    def adopt(self) -> bool:
+        """Take over what a dead session left in the guest, from its journal,
+        so that :meth:`detach` puts it all back (``qprobes attach --recover``).
+
+        The guest is stopped. Its probe sites, gates, page-table entries,
+        hijacked return addresses and vCPUs in the middle of a step become
+        this engine's own, as if this session had made them; vCPUs parked in
+        a stub (the dead host never answered their doorbell) are answered
+        once the doorbell is watched again. Returns False when the journal
+        shows nothing to recover. Raises :class:`JournalError` when the
+        journal cannot be taken over (another format, other stubs)."""
+        if self.attached:
+            raise ProbeError("adopt() is for an engine that is not attached")
+        contents = self.journal_contents()
+        if contents is None or contents.header.state is not JournalState.ACTIVE:
+            return False
+        h = contents.header
+        assert self.journal is not None
+        layout = StubLayout(h.code, h.doorbell, h.vars, h.ptable, h.slot_lo, h.slot_hi)
+        self.area.adopt(h.area, h.kcr3, h.la57, contents.ptes)
+        self._kcr3, self._la57 = h.kcr3, h.la57
+        stubs = self._use_stubs(layout)
+        code_phys = self._kphys(h.code)
+        if self._phys_read(code_phys, len(stubs.code)) != stubs.code:
+            self._stubs = None
+            raise JournalError(
+                f"the stubs in the guest are not this qprobes build's (the journal was "
+                f"written by qprobes {h.qprobes_version or '?'}): recover with that version"
+            )
+        self._doorbell, self._vars, self._ptable_addr = h.doorbell, h.vars, h.ptable
+        self._vars_phys = self._kphys(h.vars)
+        self._user_code = h.area + PAGE_USER_CODE * PAGE_SIZE
+        self._slots = self._slot_allocator()
+        for idt, vector, gate in contents.gates:
+            self._orig_gates[(idt, vector)] = gate
+            self._orig_handler.setdefault(vector, gate_offset(gate))
+        for addr, slot, opcode, boosted in contents.sites:
+            code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
+            code[0] = opcode
+            insn = x86insn.decode(bytes(code), addr)
+            analysis = x86insn.analyze(insn)
+            _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
+            self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
+                                           armed=True, boost_slot=boost_slot)  # fmt: skip
+        # The probe table as the dead session left it (its linear-probing order).
+        raw = self.read_data(h.ptable, PTABLE_ENTRIES * 8)
+        self._ptable = list(struct.unpack(f"<{PTABLE_ENTRIES}Q", raw))
+        self._ss_active = 0
+        for vcpu, levels in contents.steps.items():
+            kcb = self.kcb.setdefault(vcpu, KprobeCtlblk(vcpu=vcpu))
+            *prev, top = levels
+            kcb.prev = [PrevKprobe(self.points.get(lv.point), KprobeStatus(lv.status),
+                                   lv.old_rflags, lv.saved_rflags, lv.popped_tf)
+                        for lv in prev]  # fmt: skip
+            kcb.current = self.points.get(top.point)
+            kcb.status = KprobeStatus(top.status)
+            kcb.old_rflags, kcb.saved_rflags = top.old_rflags, top.saved_rflags
+            kcb.popped_tf = top.popped_tf
+            self._ss_active += len(levels)
+        if self.kretprobes is not None:
+            self.kretprobes.adopt(contents.rets)
+        # From here on this session owns the journal (the records stay as they are).
+        self.journal.take_over(contents)
+        self.target.add_watchpoint(self._doorbell, 1, "write")
+        self.attached = True
+        log.warning("recovering the changes of %s", h.owner())
+        return True
+
+    def _journal_steps(self, kcb: KprobeCtlblk) -> None:
+        if self.journal is None:
+            return
+        levels = [StepLevel(p.status.value, p.current.addr if p.current else 0, p.old_rflags,
+                            p.saved_rflags, p.popped_tf) for p in kcb.prev]  # fmt: skip
+        if kcb.status is not KprobeStatus.NONE and kcb.current is not None:
+            levels.append(StepLevel(kcb.status.value, kcb.current.addr, kcb.old_rflags,
+                                    kcb.saved_rflags, kcb.popped_tf))  # fmt: skip
+        self.journal.steps(kcb.vcpu % 64, levels)
 
     def rearm_doorbell(self) -> None:
         """Insert the doorbell watchpoint again (after a reconnect: QEMU drops
@@ -351,6 +509,8 @@ class KprobeEngine:
         for vector, handler in self._orig_handler.items():
             self.write_data(self._vars + VAR_ORIG + 8 * vector, struct.pack("<Q", handler))
         for (paddr, vector), gate in self._orig_gates.items():
+            if self.journal is not None:
+                self.journal.gate(paddr, vector, gate)  # recorded before it changes
             new = gate_with_offset(gate, self._stubs[entries[vector]])
             self.target.write_phys(paddr + 16 * vector, new)
 
@@ -433,6 +593,8 @@ class KprobeEngine:
             log.warning("could not remove the doorbell watchpoint: %s", exc)
         self.area.teardown()
         self.attached = False
+        if self.journal is not None:
+            self.journal.end(JournalState.DETACHED)
 
     def _release_returns(self) -> None:
         """Put back the return addresses kretprobes and jprobes replaced."""
@@ -453,6 +615,11 @@ class KprobeEngine:
         finally:
             with contextlib.suppress(QprobesError):
                 self.target.remove_watchpoint(self._doorbell, 1, "write")
+            if self.journal is not None:
+                # Nothing leads into the area any more, but its pages stay
+                # mapped and taken: a later session must not reuse them.
+                with contextlib.suppress(QprobesError):
+                    self.journal.end(JournalState.ABANDONED, self.area.phys.next_free)
             self.area.forget()
             self.attached = False
 
@@ -1011,6 +1178,9 @@ class KprobeEngine:
                 f"{point.addr:#x} changed under qprobes (byte {current:#04x}, "
                 f"expected {point.opcode:#04x})"
             )
+        if self.journal is not None:
+            # Recorded before the int3 goes in: a later session can put it back.
+            self.journal.site(point.addr, point.slot, point.opcode, point.boosted)
         if point.opcode != INT3:
             self.kwrite_code(point.addr, bytes([INT3]))
         point.armed = True
@@ -1030,6 +1200,8 @@ class KprobeEngine:
             self.kwrite_code(point.addr, bytes([point.opcode]))
         self._ptable_remove(point.addr)
         point.armed = False
+        if self.journal is not None:
+            self.journal.unsite(point.addr)
 
     # --- lost probes ------------------------------------------------------------
 
@@ -1075,6 +1247,8 @@ class KprobeEngine:
         self._ptable_remove(point.addr)
         point.armed = False
         point.lost = True
+        if self.journal is not None:
+            self.journal.unsite(point.addr)  # never to be written back
         for kp in point.kprobes:
             kp.lost = True
             kp.lost_why = why
@@ -1135,7 +1309,7 @@ class KprobeEngine:
         ctx = HitContext(vcpu, frame, self._reader(cr3, la57, vcpu), cr3, frame_addr=frame_addr,
                          gs_base=gs_base, read_current=self.target.read, tsc=tsc,
                          unwinder=self.stack_unwinder)  # fmt: skip
-        kcb = self.kcb.setdefault(vcpu, KprobeCtlblk())
+        kcb = self.kcb.setdefault(vcpu, KprobeCtlblk(vcpu=vcpu))
         if vector == 3:
             self.stats.bp += 1
             self._kprobe_handler(kcb, ctx)
@@ -1366,6 +1540,7 @@ class KprobeEngine:
             kcb.popped_tf = image & TF
         kcb.current = point
         kcb.status = status
+        self._journal_steps(kcb)
         self._set_ss_active(+1, ctx.cr3)
 
     def _end_step(self, kcb: KprobeCtlblk, cr3: int) -> None:
@@ -1379,6 +1554,7 @@ class KprobeEngine:
             kcb.status = KprobeStatus.NONE
             kcb.current = None
             kcb.prev.clear()
+        self._journal_steps(kcb)
 
     @staticmethod
     def _step_ends(point: ProbePoint, rip: int) -> bool:

@@ -95,6 +95,7 @@ class KprobeCtlblk:
 
     status: KprobeStatus = KprobeStatus.NONE
     current: ProbePoint | None = None
+    vcpu: int = 0  # whose (the engine's vCPU id; the journal records the state by it)
     old_rflags: int = 0  # TF|IF of the interrupted code (kprobe_old_rflags)
     saved_rflags: int = 0  # TF|IF to OR back after the step (kprobe_saved_rflags)
     popped_tf: int = 0  # popf/iret: the TF bit the instruction loads

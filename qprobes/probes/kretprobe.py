@@ -232,6 +232,10 @@ class KretprobeManager:
                 chain.remove(inst)
                 if not chain:
                     del index[key]
+        journal = getattr(self.engine, "journal", None)
+        if inst.stack_slot not in self.live and journal is not None:
+            # No instance holds the slot: its real address is back or moot.
+            journal.unret(inst.stack_slot)
         if inst in inst.rp.instances:
             inst.rp.instances.remove(inst)
         ret = real_ret if real_ret is not None else inst.ret_addr
@@ -256,6 +260,17 @@ class KretprobeManager:
             if inst.ret_addr != tramp:
                 return inst.ret_addr
         return None
+
+    def adopt(self, rets: list[tuple[int, int, int]]) -> None:
+        """Take over a dead session's hijacked return addresses (from its
+        journal): each becomes an instance of a handler-less return probe, so
+        that a return through the trampoline is answered with the real
+        address and :meth:`detach` writes the rest back."""
+        rp = Kretprobe(name="qprobes/recovered")
+        rp.kp = Kprobe(addr=self.trampoline, name="qprobes/recovered")
+        for slot, real, cr3 in rets:
+            inst = KretprobeInstance(rp, real, slot, cr3, 0, time.monotonic(), {}, task=slot)
+            self._push(inst)
 
     def find_ret_addr(self, slot: int) -> int | None:
         """``kretprobe_find_ret_addr``: the real return address of the live
@@ -380,6 +395,9 @@ class KretprobeManager:
                 return None  # the entry handler declined this call
             inst.data = ctx.entry_data
         if ret_addr != tramp:
+            journal = getattr(self.engine, "journal", None)
+            if journal is not None:
+                journal.ret(slot, ret_addr, ctx.cr3)  # recorded before the slot changes
             self.engine.write_data(slot, struct.pack("<Q", tramp), ctx.cr3)
         else:
             self.stats.chained += 1

@@ -1,0 +1,378 @@
+"""The journal: qprobes' record, in the guest, of everything it changed there.
+
+A controller can die without detaching (SIGKILL, a crash, a lost host). Its
+int3s, its IDT gates, its page-table entries and its kretprobes' hijacked
+return addresses stay in the guest; a later session must be able to find
+them and put them back, with nothing but the guest's memory to go on. So
+every change is written to the journal *before* it is made in the guest,
+and taken out after it is undone:
+
+- the header: magic, format version, the owner (host name, pid, start
+  time), a generation number that grows with each session on this
+  reservation, and the state (active, detached, abandoned);
+- the area: its base, the kernel page-table root it was mapped under, the
+  stub layout, and the first physical page no session has used yet;
+- each IDT gate's original (IDT physical address, vector, 16 bytes);
+- each page-table entry of the guest's own tables that qprobes wrote, with
+  the value it replaced (the entries of qprobes' own page table live in
+  the reservation and need no record);
+- each armed probe site: address, original byte, slot, boosted;
+- each stack slot a kretprobe hijacked: the real return address and cr3;
+- each vCPU in the middle of a single-step: the point stepped and the
+  flags ``resume_execution`` restores (up to :data:`STEP_LEVELS` nested
+  levels).
+
+The journal sits in the first :data:`JOURNAL_PAGES` pages of the physical
+reservation, where a later session with the same reservation reads it. It
+is written through the host's view of guest memory when qprobes launched
+QEMU, and through the gdbstub otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from qprobes.errors import ProbeError
+
+PAGE_SIZE = 4096
+MAGIC = b"QPJRNL01"
+VERSION = 1
+
+#: Capacities: the journal's size follows from them.
+MAX_GATES = 64  # (IDT, vector) pairs
+MAX_PTES = 64  # entries of the guest's own page tables
+MAX_SITES = 4096  # armed probe addresses (the probe table's load limit)
+MAX_RETS = 2048  # hijacked return addresses
+MAX_VCPUS = 64
+STEP_LEVELS = 4  # a step and up to three reentries it interrupted
+
+_HEADER = struct.Struct("<8sIIQIIQ32s16sQQB7xQQQQQQQ")
+_GATE = struct.Struct("<QI4x16s")  # 32 bytes
+_PTE = struct.Struct("<QQ")  # 16
+_SITE = struct.Struct("<QQBB6x")  # 24 (addr, slot, opcode, flags)
+_RET = struct.Struct("<QQQ")  # 24 (slot, real return address, cr3)
+_STEP = struct.Struct("<BB6xQQQQ")  # 40 per level (status, used, point, old, saved, popped)
+
+HEADER_SIZE = 512
+GATES_OFF = HEADER_SIZE
+PTES_OFF = GATES_OFF + MAX_GATES * _GATE.size
+STEPS_OFF = PTES_OFF + MAX_PTES * _PTE.size
+SITES_OFF = STEPS_OFF + MAX_VCPUS * STEP_LEVELS * _STEP.size
+RETS_OFF = SITES_OFF + MAX_SITES * _SITE.size
+END = RETS_OFF + MAX_RETS * _RET.size
+JOURNAL_PAGES = (END + PAGE_SIZE - 1) // PAGE_SIZE
+JOURNAL_SIZE = JOURNAL_PAGES * PAGE_SIZE
+
+SITE_ARMED = 1
+SITE_BOOSTED = 2
+
+
+class JournalState(enum.IntEnum):
+    EMPTY = 0
+    ACTIVE = 1  # a session is attached (or died attached)
+    DETACHED = 2  # everything was put back
+    ABANDONED = 3  # put back but the area left mapped (something pointed in)
+
+
+class JournalError(ProbeError):
+    """The guest holds a journal this session cannot take over, or none."""
+
+
+@dataclass(frozen=True)
+class Header:
+    state: JournalState
+    generation: int
+    owner_pid: int
+    started: float
+    host: str
+    qprobes_version: str
+    area: int  # vbase
+    kcr3: int
+    la57: bool
+    code: int
+    doorbell: int
+    vars: int
+    ptable: int
+    slot_lo: int
+    slot_hi: int
+    phys_next: int  # the first reserved page no session has used
+    n_gates: int = 0
+    n_ptes: int = 0
+
+    def owner(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return f"pid {self.owner_pid} on {self.host}, started {when}"
+
+
+@dataclass(frozen=True)
+class StepLevel:
+    status: int
+    point: int
+    old_rflags: int
+    saved_rflags: int
+    popped_tf: int
+
+
+@dataclass
+class Contents:
+    """Everything a journal records (see :meth:`Journal.load`)."""
+
+    header: Header
+    gates: list[tuple[int, int, bytes]] = field(default_factory=list)  # (idt paddr, vector, gate)
+    ptes: list[tuple[int, int]] = field(default_factory=list)  # (entry paddr, original)
+    sites: list[tuple[int, int, int, bool]] = field(default_factory=list)  # addr, slot, op, boost
+    rets: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, real, cr3)
+    steps: dict[int, list[StepLevel]] = field(default_factory=dict)  # vcpu -> levels
+
+
+def _pack_header(h: Header, n_sites: int, n_rets: int) -> bytes:
+    return _HEADER.pack(
+        MAGIC, VERSION, int(h.state), h.generation, h.owner_pid, 0, int(h.started),
+        h.host.encode()[:32], h.qprobes_version.encode()[:16], h.area, h.kcr3, int(h.la57),
+        h.code, h.doorbell, h.vars, h.ptable, h.slot_lo, h.slot_hi, h.phys_next,
+    ) + struct.pack("<IIII", h.n_gates, h.n_ptes, n_sites, n_rets)  # fmt: skip
+
+
+def unpack_header(raw: bytes) -> Header | None:
+    """The header in ``raw`` (the journal's first bytes), or None when there
+    is no journal there. Raises :class:`JournalError` for a journal of
+    another format version."""
+    if raw[:8] != MAGIC:
+        return None
+    fields = _HEADER.unpack_from(raw)
+    version = fields[1]
+    if version != VERSION:
+        raise JournalError(f"the guest holds a qprobes journal of format {version}; this "
+                           f"qprobes reads format {VERSION}")  # fmt: skip
+    n_gates, n_ptes, _sites, _rets = struct.unpack_from("<IIII", raw, _HEADER.size)
+    (_m, _v, state, gen, pid, _pad, started, host, ver, area, kcr3, la57, code, bell, vars_,
+     ptable, slot_lo, slot_hi, phys_next) = fields  # fmt: skip
+    return Header(
+        JournalState(state) if state in JournalState._value2member_map_ else JournalState.EMPTY,
+        gen, pid, float(started), host.rstrip(b"\0").decode(errors="replace"),
+        ver.rstrip(b"\0").decode(errors="replace"), area, kcr3, bool(la57), code, bell, vars_,
+        ptable, slot_lo, slot_hi, phys_next, n_gates, n_ptes,
+    )  # fmt: skip
+
+
+class Journal:
+    """The journal at guest-physical ``base``, written with ``write`` and
+    read with ``read`` (physical addresses)."""
+
+    def __init__(self, base: int, read: Callable[[int, int], bytes],
+                 write: Callable[[int, bytes], None]) -> None:  # fmt: skip
+        self.base = base
+        self.read = read
+        self.write = write
+        self.header: Header | None = None
+        self._sites: dict[int, int] = {}  # addr -> index
+        self._free_sites: list[int] = []
+        self._next_site = 0
+        self._rets: dict[int, int] = {}  # slot -> index
+        self._free_rets: list[int] = []
+        self._next_ret = 0
+        self._gates = 0
+        self._ptes = 0
+
+    # --- reading ----------------------------------------------------------------
+
+    def read_header(self) -> Header | None:
+        return unpack_header(self.read(self.base, HEADER_SIZE))
+
+    def load(self) -> Contents | None:
+        """Every record of the journal in the guest, or None without one."""
+        header = self.read_header()
+        if header is None:
+            return None
+        raw = self.read(self.base, END)
+        out = Contents(header)
+        for i in range(min(header.n_gates, MAX_GATES)):
+            idt, vector, gate = _GATE.unpack_from(raw, GATES_OFF + i * _GATE.size)
+            out.gates.append((idt, vector, gate))
+        for i in range(min(header.n_ptes, MAX_PTES)):
+            out.ptes.append(_PTE.unpack_from(raw, PTES_OFF + i * _PTE.size))
+        for i in range(MAX_SITES):
+            addr, slot, opcode, flags = _SITE.unpack_from(raw, SITES_OFF + i * _SITE.size)
+            if flags & SITE_ARMED:
+                out.sites.append((addr, slot, opcode, bool(flags & SITE_BOOSTED)))
+        for i in range(MAX_RETS):
+            slot, real, cr3 = _RET.unpack_from(raw, RETS_OFF + i * _RET.size)
+            if slot:
+                out.rets.append((slot, real, cr3))
+        for vcpu in range(MAX_VCPUS):
+            levels = []
+            for lvl in range(STEP_LEVELS):
+                off = STEPS_OFF + (vcpu * STEP_LEVELS + lvl) * _STEP.size
+                status, used, point, old, saved, popped = _STEP.unpack_from(raw, off)
+                if used:
+                    levels.append(StepLevel(status, point, old, saved, popped))
+            if levels:
+                out.steps[vcpu] = levels
+        return out
+
+    # --- writing ----------------------------------------------------------------
+
+    def begin(self, previous: Header | None, phys_next: int, version: str) -> None:
+        """Start this session's journal: clear the records, state active."""
+        generation = previous.generation + 1 if previous is not None else 1
+        self._sites.clear()
+        self._free_sites.clear()
+        self._next_site = 0
+        self._rets.clear()
+        self._free_rets.clear()
+        self._next_ret = 0
+        self._gates = self._ptes = 0
+        self.write(self.base + HEADER_SIZE, bytes(END - HEADER_SIZE))
+        self.header = Header(
+            JournalState.ACTIVE, generation, os.getpid(), time.time(), socket.gethostname(),
+            version, 0, 0, False, 0, 0, 0, 0, 0, 0, phys_next,
+        )  # fmt: skip
+        self._flush()
+
+    def take_over(self, contents: Contents) -> None:
+        """Continue a dead session's journal (``--recover``): its records
+        stay, this process becomes the owner, the generation grows."""
+        raw = self.read(self.base, END)
+        self._sites.clear()
+        self._rets.clear()
+        used_sites = []
+        for i in range(MAX_SITES):
+            addr, _slot, _op, flags = _SITE.unpack_from(raw, SITES_OFF + i * _SITE.size)
+            if flags & SITE_ARMED:
+                self._sites[addr] = i
+                used_sites.append(i)
+        self._next_site = max(used_sites, default=-1) + 1
+        self._free_sites = [i for i in range(self._next_site) if i not in set(used_sites)]
+        used_rets = []
+        for i in range(MAX_RETS):
+            (slot,) = struct.unpack_from("<Q", raw, RETS_OFF + i * _RET.size)
+            if slot:
+                self._rets[slot] = i
+                used_rets.append(i)
+        self._next_ret = max(used_rets, default=-1) + 1
+        self._free_rets = [i for i in range(self._next_ret) if i not in set(used_rets)]
+        self._gates, self._ptes = len(contents.gates), len(contents.ptes)
+        self.header = dataclasses.replace(
+            contents.header, generation=contents.header.generation + 1, owner_pid=os.getpid(),
+            host=socket.gethostname(), started=time.time(),
+        )  # fmt: skip
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self.header is not None
+        self.write(self.base, _pack_header(self.header, len(self._sites), len(self._rets)))
+
+    def _update(self, **changes: object) -> None:
+        assert self.header is not None
+        self.header = dataclasses.replace(self.header, **changes)  # type: ignore[arg-type]
+        self._flush()
+
+    def set_area(self, *, area: int, kcr3: int, la57: bool, code: int, doorbell: int,
+                 vars_: int, ptable: int, slot_lo: int, slot_hi: int) -> None:  # fmt: skip
+        self._update(area=area, kcr3=kcr3, la57=la57, code=code, doorbell=doorbell,
+                     vars=vars_, ptable=ptable, slot_lo=slot_lo, slot_hi=slot_hi)  # fmt: skip
+
+    def set_phys_next(self, phys_next: int) -> None:
+        self._update(phys_next=phys_next)
+
+    def gate(self, idt: int, vector: int, gate: bytes) -> None:
+        """Record a gate's original, before it is rewritten."""
+        if self.header is None:
+            return  # not attached: nothing to record
+        if self._gates >= MAX_GATES:
+            raise JournalError(f"more than {MAX_GATES} IDT gates to record")
+        self.write(self.base + GATES_OFF + self._gates * _GATE.size, _GATE.pack(idt, vector, gate))
+        self._gates += 1
+        self._update(n_gates=self._gates)
+
+    def pte(self, paddr: int, old: int) -> None:
+        """Record a guest page-table entry's original, before it is rewritten."""
+        if self.header is None:
+            return  # not attached: nothing to record
+        if self._ptes >= MAX_PTES:
+            raise JournalError(f"more than {MAX_PTES} page-table entries to record")
+        self.write(self.base + PTES_OFF + self._ptes * _PTE.size, _PTE.pack(paddr, old))
+        self._ptes += 1
+        self._update(n_ptes=self._ptes)
+
+    def site(self, addr: int, slot: int, opcode: int, boosted: bool) -> None:
+        """Record a probe site before its int3 is written."""
+        if self.header is None:
+            return  # not attached: nothing to record
+        index = self._sites.get(addr)
+        if index is None:
+            if self._free_sites:
+                index = self._free_sites.pop()
+            elif self._next_site < MAX_SITES:
+                index, self._next_site = self._next_site, self._next_site + 1
+            else:
+                raise JournalError(f"more than {MAX_SITES} probe sites to record")
+            self._sites[addr] = index
+        flags = SITE_ARMED | (SITE_BOOSTED if boosted else 0)
+        self.write(self.base + SITES_OFF + index * _SITE.size,
+                   _SITE.pack(addr, slot, opcode, flags))  # fmt: skip
+
+    def unsite(self, addr: int) -> None:
+        """Forget a site whose original byte is back (or that the guest rewrote)."""
+        if self.header is None:
+            return  # not attached: nothing to record
+        index = self._sites.pop(addr, None)
+        if index is None:
+            return
+        self.write(self.base + SITES_OFF + index * _SITE.size, bytes(_SITE.size))
+        self._free_sites.append(index)
+
+    def ret(self, slot: int, real: int, cr3: int) -> None:
+        """Record a stack slot's real return address before the trampoline goes there."""
+        if self.header is None:
+            return  # not attached: nothing to record
+        index = self._rets.get(slot)
+        if index is None:
+            if self._free_rets:
+                index = self._free_rets.pop()
+            elif self._next_ret < MAX_RETS:
+                index, self._next_ret = self._next_ret, self._next_ret + 1
+            else:
+                raise JournalError(f"more than {MAX_RETS} return addresses to record")
+            self._rets[slot] = index
+        self.write(self.base + RETS_OFF + index * _RET.size, _RET.pack(slot, real, cr3))
+
+    def unret(self, slot: int) -> None:
+        index = self._rets.pop(slot, None)
+        if index is None:
+            return
+        self.write(self.base + RETS_OFF + index * _RET.size, bytes(_RET.size))
+        self._free_rets.append(index)
+
+    def steps(self, vcpu: int, levels: list[StepLevel]) -> None:
+        """Record vCPU ``vcpu``'s single-step state (empty: none)."""
+        if self.header is None:
+            return  # not attached: nothing to record
+        if self.header is None:
+            return  # not attached: nothing to record
+        if not 0 <= vcpu < MAX_VCPUS:
+            raise JournalError(f"vCPU {vcpu}: the journal records {MAX_VCPUS} vCPUs")
+        if len(levels) > STEP_LEVELS:
+            raise JournalError(f"a reentry {len(levels)} deep: the journal records "
+                               f"{STEP_LEVELS}")  # fmt: skip
+        data = b"".join(_STEP.pack(lv.status, 1, lv.point, lv.old_rflags, lv.saved_rflags,
+                                   lv.popped_tf) for lv in levels)  # fmt: skip
+        data = data.ljust(STEP_LEVELS * _STEP.size, b"\0")
+        self.write(self.base + STEPS_OFF + vcpu * STEP_LEVELS * _STEP.size, data)
+
+    def end(self, state: JournalState, phys_next: int | None = None) -> None:
+        """Close this session's journal: everything is back (DETACHED), or
+        back but the area is left mapped (ABANDONED)."""
+        if self.header is None:
+            return
+        changes: dict[str, object] = {"state": state}
+        if phys_next is not None:
+            changes["phys_next"] = phys_next
+        self._update(**changes)

@@ -1,0 +1,137 @@
+"""A qprobes session killed while attached, and ``qprobes attach --recover``.
+
+The guest is a QEMU started elsewhere, on 2 vCPUs with a busy loop; qprobes
+attaches with hot probes and a return probe that a sleeping task holds, and
+is SIGKILLed mid-run. The guest is then stuck (QEMU keeps the doorbell
+watchpoint with nobody to answer it); a normal attach must refuse to take
+qprobes' own stubs for the guest's handlers; ``--recover`` puts back every
+int3, return address, gate and page-table entry from the journal; the guest
+runs on clean, with its text and IDT as before, and a later attach works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qprobes.errors import QprobesError
+from qprobes.machine.linux import LINUX_PROMPT, linux_config
+from qprobes.machine.qemu import QemuMachine, attach
+from tests.conftest import require_vm
+
+pytestmark = pytest.mark.vm
+
+LOOP = "(while :; do cat /etc/hostname >/dev/null; ls /proc >/dev/null 2>&1; done) &"
+BAD = re.compile(r"BUG:|Oops|WARNING:|general protection|unable to handle|Kernel panic|"
+                 r"double fault|invalid opcode|soft lockup|rcu_sched detected")  # fmt: skip
+CLI = [sys.executable, "-m", "qprobes.frontends.cli"]
+HOT = ["p:lk _raw_spin_lock_irqsave", "p:op do_sys_openat2 path=+0(%si):string",
+       "r:ns hrtimer_nanosleep", "r:rd vfs_read"]  # fmt: skip
+
+
+def snapshot(address: str, text_addrs: list[int]) -> dict[str, str]:
+    """Hashes of each IDT and of the probed functions' text pages."""
+    target = attach(address)
+    try:
+        with target.stopped():
+            out = {}
+            for vcpu in target.vcpus:
+                idt = target.idt(vcpu)
+                paddr = target.translate(idt.base, vcpu).paddr
+                out[f"idt{vcpu}"] = hashlib.sha256(
+                    target.read_phys(paddr, idt.limit + 1)
+                ).hexdigest()
+            for addr in text_addrs:
+                out[f"{addr:#x}"] = hashlib.sha256(target.read(addr & ~0xFFF, 4096)).hexdigest()
+            return out
+    finally:
+        target.client.detach()
+        target.client.close()
+
+
+def kallsyms(machine: QemuMachine, names: list[str]) -> list[int]:
+    pattern = "|".join(names)
+    out = machine.console.command(f"grep -E ' ({pattern})$' /proc/kallsyms", LINUX_PROMPT,
+                                  timeout=120)
+    found = {m.group(2): int(m.group(1), 16)
+             for m in re.finditer(r"([0-9a-f]{16}) \w (\w+)", str(out))}  # fmt: skip
+    return [found[n] for n in names]
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          check=False)  # fmt: skip
+
+
+def test_recover_after_the_controller_was_killed() -> None:
+    machine = QemuMachine(linux_config(append="qprobes.echo=0", smp=2))
+    try:
+        machine.launch()
+    except QprobesError as exc:
+        require_vm(f"cannot launch QEMU: {exc}")
+    try:
+        machine.target.resume()
+        machine.console.recvuntil(LINUX_PROMPT, timeout=120)
+        for _ in range(2):
+            machine.console.command(LOOP, LINUX_PROMPT, timeout=120)
+        addrs = kallsyms(machine, ["_raw_spin_lock_irqsave", "do_sys_openat2", "vfs_read",
+                                   "hrtimer_nanosleep"])  # fmt: skip
+        machine.release_gdbstub()
+        address = str(machine.gdb_socket)
+        start, size = machine.config.reserved
+        reserve = f"{start:#x}:{size:#x}"
+        before = snapshot(address, addrs)
+
+        proc = subprocess.Popen([*CLI, "trace", "--attach", address, "--reserve", reserve, "-q",
+                                 *HOT], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                text=True)  # fmt: skip
+        assert proc.stderr is not None
+        seen, deadline = "", time.monotonic() + 120
+        while "Ctrl-C to stop" not in seen and time.monotonic() < deadline:
+            seen += proc.stderr.readline()
+        assert "Ctrl-C to stop" in seen, seen
+        # A task asleep in a return-probed function holds a hijacked return address.
+        machine.console.command("sleep 30 & echo started-sleep", LINUX_PROMPT, timeout=120)
+        time.sleep(4)
+        proc.kill()  # SIGKILL: no detach, no clean-up
+        proc.wait(timeout=30)
+
+        refused = run("trace", "--attach", address, "--reserve", reserve, "--duration", "2",
+                      "p:x vfs_read")  # fmt: skip
+        assert refused.returncode == 1, refused.stderr
+        assert "did not detach" in refused.stderr and "--recover" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+        recovered = run("attach", address, "--recover", "--reserve", reserve)
+        assert recovered.returncode == 0, recovered.stderr
+        match = re.search(r"recovered the changes of pid (\d+) .*: (\d+) probe sites, "
+                          r"(\d+) return addresses, (\d+) IDT gates", recovered.stdout)  # fmt: skip
+        assert match, recovered.stdout + recovered.stderr
+        assert int(match.group(1)) == proc.pid
+        assert int(match.group(2)) == len(HOT)  # every int3 was still armed
+        assert int(match.group(3)) >= 1  # the sleeping task's return address
+        assert int(match.group(4)) >= 2  # #DB and #BP at least
+
+        # The guest runs its workload again; the sleeper returns through its
+        # real return address; nothing went wrong in the guest.
+        mark = len(machine.console_text())
+        cmd = "kill %3 2>/dev/null; sleep 2; wait %3; echo qp-alive; dmesg"
+        out = machine.console.command(cmd, LINUX_PROMPT, timeout=120)
+        text = str(out) + machine.console_text()[mark:]
+        assert "qp-alive" in text
+        assert not [line for line in text.splitlines() if BAD.search(line)], text[-3000:]
+        assert snapshot(address, addrs) == before, "what qprobes wrote is not all undone"
+
+        again = run("attach", address, "--recover", "--reserve", reserve)
+        assert again.returncode == 0 and "nothing to recover" in again.stdout, again.stdout
+        later = run("trace", "--attach", address, "--reserve", reserve, "--duration", "3",
+                    "p:op do_sys_openat2 path=+0(%si):string")  # fmt: skip
+        assert later.returncode == 0, later.stderr
+        assert 'path="/etc/hostname"' in later.stdout
+    finally:
+        machine.shutdown()

@@ -1,0 +1,108 @@
+"""The journal's records: written before each change, read back whole."""
+
+from __future__ import annotations
+
+import pytest
+
+from qprobes.probes.journal import (
+    END,
+    MAX_GATES,
+    Journal,
+    JournalError,
+    JournalState,
+    StepLevel,
+    unpack_header,
+)
+
+
+class Memory:
+    def __init__(self) -> None:
+        self.data = bytearray(END + 4096)
+        self.writes = 0
+
+    def read(self, addr: int, n: int) -> bytes:
+        return bytes(self.data[addr - 0x1000 : addr - 0x1000 + n])
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.writes += 1
+        self.data[addr - 0x1000 : addr - 0x1000 + len(data)] = data
+
+
+def journal(mem: Memory) -> Journal:
+    return Journal(0x1000, mem.read, mem.write)
+
+
+def test_no_journal_and_nothing_recorded_before_begin() -> None:
+    mem = Memory()
+    j = journal(mem)
+    assert j.read_header() is None and j.load() is None
+    j.site(0xFFFF, 1, 0x55, True)  # not attached: nothing written
+    assert mem.writes == 0
+
+
+def test_records_round_trip() -> None:
+    mem = Memory()
+    j = journal(mem)
+    j.begin(None, 0x5000, "0.1.0")
+    j.set_area(area=0xFFFFFFFF83000000, kcr3=0x1000, la57=False, code=1, doorbell=2,
+               vars_=3, ptable=4, slot_lo=5, slot_hi=6)  # fmt: skip
+    j.gate(0x2000, 3, bytes(range(16)))
+    j.pte(0x3008, 0)
+    j.site(0xFFFFFFFF81000005, 0xFFFFFFFF83020000, 0x48, True)
+    j.site(0xFFFFFFFF81000105, 0xFFFFFFFF83020020, 0x55, False)
+    j.unsite(0xFFFFFFFF81000105)
+    j.ret(0xFFFFC90000123F58, 0xFFFFFFFF81234567, 0x1000)
+    j.steps(1, [StepLevel(2, 0xFFFFFFFF81000005, 0x200, 0x200, 0)])
+    got = journal(mem).load()
+    assert got is not None
+    h = got.header
+    assert h.state is JournalState.ACTIVE and h.generation == 1 and h.area == 0xFFFFFFFF83000000
+    assert got.gates == [(0x2000, 3, bytes(range(16)))]
+    assert got.ptes == [(0x3008, 0)]
+    assert got.sites == [(0xFFFFFFFF81000005, 0xFFFFFFFF83020000, 0x48, True)]
+    assert got.rets == [(0xFFFFC90000123F58, 0xFFFFFFFF81234567, 0x1000)]
+    assert got.steps == {1: [StepLevel(2, 0xFFFFFFFF81000005, 0x200, 0x200, 0)]}
+    j.steps(1, [])
+    j.unret(0xFFFFC90000123F58)
+    j.end(JournalState.DETACHED)
+    again = journal(mem).load()
+    assert again is not None and again.header.state is JournalState.DETACHED
+    assert not again.rets and not again.steps
+
+
+def test_a_new_session_starts_clean_with_a_higher_generation() -> None:
+    mem = Memory()
+    j = journal(mem)
+    j.begin(None, 0x5000, "0.1.0")
+    for i in range(MAX_GATES):
+        j.gate(0x2000, i, bytes(16))
+    with pytest.raises(JournalError, match="more than 64 IDT gates"):
+        j.gate(0x2000, 99, bytes(16))
+    j.end(JournalState.DETACHED)
+    j.begin(j.read_header(), 0x5000, "0.1.0")  # a second attach of the same engine
+    j.gate(0x2000, 3, bytes(16))
+    got = j.load()
+    assert got is not None and got.header.generation == 2 and len(got.gates) == 1
+
+
+def test_take_over_continues_the_records() -> None:
+    mem = Memory()
+    dead = journal(mem)
+    dead.begin(None, 0x5000, "0.1.0")
+    dead.site(0xA0, 0xB0, 0x90, False)
+    dead.ret(0xC0, 0xD0, 0x1000)
+    contents = journal(mem).load()
+    assert contents is not None
+    heir = journal(mem)
+    heir.take_over(contents)
+    heir.unsite(0xA0)
+    heir.unret(0xC0)
+    got = heir.load()
+    assert got is not None and not got.sites and not got.rets
+    assert got.header.generation == 2 and got.header.state is JournalState.ACTIVE
+
+
+def test_another_format_is_refused() -> None:
+    raw = bytearray(b"QPJRNL01" + (99).to_bytes(4, "little") + bytes(500))
+    with pytest.raises(JournalError, match="format 99"):
+        unpack_header(bytes(raw))
