@@ -570,8 +570,8 @@ class _Gen:
         a.emit(Instruction.create_mem(Code.INC_RM64, _mem("r8", RING_NESTED)))
         a.bare(Code.RETNQ)
         a.label("nocpu")
-        a.mov_imm("rcx", ring.header(ring.ncpus))
-        a.emit(Instruction.create_mem(Code.INC_RM64, _mem("rcx", RING_FULL)))
+        a.mov_imm("r8", ring.header(ring.ncpus))
+        a.emit(Instruction.create_mem(Code.INC_RM64, _mem("r8", RING_FULL)))
         a.bare(Code.RETNQ)
         return a
 
