@@ -14,10 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from qprobes.arch.x86_64.recorder_asm import RecorderSpec, TaskLayout, assemble_recorder
 from qprobes.errors import ProbeError
 from qprobes.probes.context import HitContext
 from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe
+from qprobes.probes.stubs import PT_REGS_NAMES
 from qprobes.tracing.ast import ProbeSpec, RemoveSpec
 from qprobes.tracing.events import TraceEvent
 from qprobes.tracing.fetch import (
@@ -29,6 +31,16 @@ from qprobes.tracing.fetch import (
 )
 from qprobes.tracing.filter import FilterExpr, common_values, evaluate_filter, parse_filter
 from qprobes.tracing.parser import parse_probe
+from qprobes.tracing.recorder import (
+    NotFastError,
+    RawRecord,
+    RecorderPlan,
+    decode_record,
+    drain_ring,
+    plan_recorder,
+    record_header,
+    ring_stats,
+)
 
 if TYPE_CHECKING:
     from qprobes.probes.engine import KprobeEngine
@@ -65,6 +77,12 @@ class TraceProbe:
     emitted: int = 0
     filtered: int = 0
     probe: Kprobe | Kretprobe | None = field(default=None, repr=False)
+    # The fast path: the recorder's plan and id, hits it recorded, and why a
+    # definition stays on the slow path.
+    plan: RecorderPlan | None = field(default=None, repr=False)
+    fast_id: int = 0
+    fast_hits: int = 0
+    slow_reason: str | None = None
 
     @property
     def name(self) -> str:
@@ -72,7 +90,7 @@ class TraceProbe:
 
     @property
     def nhit(self) -> int:
-        return self.probe.nhit if self.probe is not None else 0
+        return (self.probe.nhit if self.probe is not None else 0) + self.fast_hits
 
     @property
     def nmissed(self) -> int:
@@ -93,14 +111,39 @@ class TraceProbe:
         return self.probe is not None and self.probe.kp.lost
 
 
-class Tracer:
-    """Probes from kprobe_events definitions on a session (a :class:`ProbeHost`)."""
+# Linux's copy_from_kernel_nofault_allowed(): kernel reads below
+# TASK_SIZE_MAX + PAGE_SIZE (4-level paging) fault.
+LINUX_KERNEL_FLOOR = 0x0000_8000_0000_0000
+SP_OFFSET = 8 * PT_REGS_NAMES.index("rsp")
 
-    def __init__(self, session: ProbeHost, sink: Callable[[TraceEvent], None]) -> None:
+
+class Tracer:
+    """Probes from kprobe_events definitions on a session (a :class:`ProbeHost`).
+
+    With ``fast``, a kprobe whose definition the guest can fetch by itself
+    (:func:`~qprobes.tracing.recorder.plan_recorder`) records its hits in
+    the guest with no stop per hit; the Tracer drains the rings while the
+    guest runs (when qprobes launched QEMU, else whenever the guest stops)
+    and emits the same events as the slow path. Strings keep at most
+    ``string_cap`` bytes there. Other definitions, and hits the guest must
+    hand to the host (a vCPU single-stepping, an aggregate probe), take the
+    slow path.
+    """
+
+    def __init__(self, session: ProbeHost, sink: Callable[[TraceEvent], None], *,
+                 fast: bool = False, string_cap: int = 255) -> None:  # fmt: skip
         self.session = session
         self.sink = sink
         self.probes: dict[str, TraceProbe] = {}
         self.started = time.monotonic()
+        self.fast = fast
+        self.string_cap = string_cap
+        self._fast_ids: dict[int, TraceProbe] = {}
+        self._next_id = 1
+        self._hooked = False
+        self._tsc_hz: float | None = None
+        self._tsc_anchor: float | None = None  # seconds to subtract from tsc / hz
+        self.fast_dropped = 0  # records the guest dropped (nested hits, full rings)
 
     @property
     def _symbols(self) -> Any:
@@ -156,16 +199,131 @@ class Tracer:
             rp = Kretprobe(addr=addr, handler=self._ret_handler(tp), maxactive=spec.maxactive,
                            name=name)  # fmt: skip
             tp.probe = self.session.kretprobes.register(rp)
+            if self.fast:
+                tp.slow_reason = "return probes are not on the fast path yet"
         else:
             kp = Kprobe(addr=addr, pre_handler=self._pre_handler(tp), name=name)
             tp.probe = self.session.engine.register_kprobe(kp)
+            if self.fast:
+                try:
+                    self._make_fast(tp, kp)
+                except NotFastError as exc:
+                    tp.slow_reason = str(exc)
         self.probes[name] = tp
         return tp
 
+    # --- the fast path ------------------------------------------------------------
+
+    def _make_fast(self, tp: TraceProbe, kp: Kprobe) -> None:
+        engine = self.session.engine
+        plan = plan_recorder(tp.args, tp.addr)
+        ring = engine.enable_fast_path()
+        kernel = self.session.kernel
+        task = cpu_number = None
+        floor = 0
+        if kernel is not None:
+            floor = LINUX_KERNEL_FLOOR
+            if kernel.current_task is not None and kernel.task is not None:
+                task = TaskLayout(kernel.current_task, kernel.task.pid, kernel.task.comm)
+            if "cpu_number" in kernel.symbols:
+                cpu_number = kernel.symbols.address("cpu_number")
+            if self._tsc_hz is None and "tsc_khz" in kernel.symbols:
+                khz = int.from_bytes(engine.read_data(kernel.symbols.address("tsc_khz"), 4),
+                                     "little")  # fmt: skip
+                self._tsc_hz = khz * 1000.0 if khz else None
+        # On x86 Linux a kernel-form fetch of a user address reads user memory.
+        spec = RecorderSpec(self._next_id, plan.fetches, SP_OFFSET, ring, engine.cpu_features(),
+                            task, cpu_number, self.string_cap, floor,
+                            kernel_reads_user=kernel is not None)  # fmt: skip
+        try:
+            rec = engine.install_recorder(kp, lambda at: assemble_recorder(spec, at))
+        except ProbeError as exc:
+            raise NotFastError(f"{tp.name}: {exc}") from exc
+        if rec is None:
+            raise NotFastError(f"{tp.name}: the probed instruction cannot run boosted")
+        tp.plan, tp.fast_id = plan, self._next_id
+        self._fast_ids[self._next_id] = tp
+        self._next_id += 1
+        if not self._hooked:
+            engine.poll_hooks.append(self._poll)
+            self._hooked = True
+
+    def _poll(self, running: bool) -> None:
+        fast = self.session.engine.fast
+        if fast is None or fast.ring is None or (running and not fast.live):
+            return
+        self.drain()
+
+    def drain(self) -> int:
+        """Emit the events the guest recorded so far (CPUs merged in TSC
+        order); the number emitted or filtered."""
+        fast = self.session.engine.fast
+        if fast is None or fast.ring is None:
+            return 0
+        ring = fast.ring
+        got: list[tuple[int, int, TraceProbe, RawRecord]] = []
+        for cpu in range(ring.ncpus):
+            for n, data in enumerate(drain_ring(fast, ring, cpu)):
+                tp = self._fast_ids.get(record_header(data)[1])
+                if tp is None or tp.plan is None:
+                    continue  # a probe removed since
+                raw = decode_record(data, tp.plan.strings)
+                got.append((raw.tsc, cpu * 2**32 + n, tp, raw))
+        got.sort(key=lambda item: item[:2])
+        for _, _, tp, raw in got:
+            tp.fast_hits += 1
+            self._emit_record(tp, raw)
+        self.fast_dropped = sum(
+            stats.nested + stats.full
+            for stats in (ring_stats(fast, ring, cpu) for cpu in range(ring.ncpus + 1))
+        )
+        return len(got)
+
+    def _timestamp(self, tsc: int) -> float:
+        """Seconds since the trace started, from the guest's TSC: anchored to
+        the host's clock at the first record (the guest's own sched_clock
+        conversion is not used yet)."""
+        if self._tsc_hz is None:
+            return time.monotonic() - self.started
+        seconds = tsc / self._tsc_hz
+        if self._tsc_anchor is None:
+            self._tsc_anchor = seconds - (time.monotonic() - self.started)
+        return seconds - self._tsc_anchor
+
+    def _emit_record(self, tp: TraceProbe, raw: RawRecord) -> None:
+        assert tp.plan is not None
+        values = tp.plan.values(raw)
+        if tp.filter is not None and not evaluate_filter(
+            tp.filter, {**common_values(raw.pid, raw.comm, raw.cpu), **values}
+        ):
+            tp.filtered += 1
+            return
+        tp.emitted += 1
+        self.sink(
+            TraceEvent(
+                group=tp.spec.group,
+                event=tp.spec.event,
+                kind="p",
+                addr=tp.addr,
+                location=tp.location,
+                ret_to=None,
+                cpu=raw.cpu,
+                pid=raw.pid,
+                comm=raw.comm,
+                timestamp=self._timestamp(raw.tsc),
+                fields=values,
+                text=format_args(tp.args, values),
+            )
+        )
+
     def remove(self, name: str) -> None:
-        tp = self.probes.pop(name, None)
+        tp = self.probes.get(name)
         if tp is None:
             raise ProbeError(f"no event {name}")
+        if tp.fast_id:
+            self.drain()  # what it recorded before it goes
+            del self._fast_ids[tp.fast_id]
+        del self.probes[name]
         if tp.probe is not None:
             self.session.unregister(tp.probe)
 
@@ -224,6 +382,6 @@ class Tracer:
             {"event": name, "location": tp.spec.location, "hits": tp.nhit,
              "emitted": tp.emitted, "filtered": tp.filtered, "missed": tp.nmissed,
              "note": engine.ftrace_site_changed(tp.kprobe) if tp.kprobe is not None else None,
-             "lost": tp.lost}
+             "lost": tp.lost, "fast": tp.fast_id != 0, "slow_reason": tp.slow_reason}
             for name, tp in self.probes.items()
         ]  # fmt: skip

@@ -108,6 +108,7 @@ REGS = dict.fromkeys(PT_REGS_NAMES, 0) | {
     "rbx": KDATA2 + PAGE - 3,
     "rbp": 0xFFFF_FFFF_8100_0010,
     "r12": -5 % 2**64,
+    "r13": USER_LIMIT + 0x800,  # between user space and the kernel's lowest address
     "orig_rax": 2**64 - 1,
     "rip": PROBE_IP + 1,  # after the int3
     "cs": 0x10,
@@ -249,9 +250,12 @@ class Regs:
 @dataclass
 class Oracle:
     """The slow path's FetchContext over the same pages, with Linux's rules:
-    kernel reads of user addresses and user reads of kernel ones fault."""
+    user reads of kernel addresses fault, and so do kernel reads below the
+    kernel's lowest address, except (``reads_user``, as on x86) of user
+    addresses."""
 
     guest: Guest
+    reads_user: bool = True
     regs: Regs = field(default_factory=lambda: Regs(REGS | {"rip": PROBE_IP}))
     retval: int | None = None
     entry_regs: dict[str, int] | None = None
@@ -260,7 +264,11 @@ class Oracle:
     def _read(self, addr: int, length: int, user: bool) -> bytes:
         for at in range(addr, addr + length):
             page = self.guest.pages.get(at & ~(PAGE - 1))
-            allowed = at < USER_LIMIT if user else at >= KERNEL_FLOOR
+            allowed = (
+                at < USER_LIMIT
+                if user
+                else (at >= KERNEL_FLOOR or (self.reads_user and at < USER_LIMIT))
+            )
             if page is None or not allowed:
                 raise TranslationError(at, "PTE")
         return self.guest.read(addr, length)
@@ -323,11 +331,13 @@ class Run:
 
 def record(args: str, *, btf: bool = False, cap: int = 4095, guest: Guest | None = None,
            features: CpuFeatures = QEMU64, cpu_number: int | None = CPU_NUMBER,
-           kernel_floor: int = KERNEL_FLOOR, cpu: int = 2) -> Run:  # fmt: skip
+           kernel_floor: int = KERNEL_FLOOR, cpu: int = 2,
+           reads_user: bool = True) -> Run:  # fmt: skip
     compiled = compile_fetchargs(spec_for(args), SYMBOLS, FakeResolver() if btf else None)
     plan = plan_recorder(compiled, PROBE_IP)
     rspec = RecorderSpec(5, plan.fetches, 8 * PT_REGS_NAMES.index("rsp"), RING, features,
-                         TASK_LAYOUT, cpu_number, cap, kernel_floor, USER_LIMIT)  # fmt: skip
+                         TASK_LAYOUT, cpu_number, cap, kernel_floor, USER_LIMIT,
+                         reads_user)  # fmt: skip
     rec = assemble_recorder(rspec, CODE)
     g = guest or make_guest(cpu=cpu)
     g.write(CODE, rec.code)
@@ -360,8 +370,10 @@ DEFINITIONS = [
     # faults: NULL, non-canonical (#GP), an unmapped page (#PF), a string cut by an
     # unmapped page, a kernel read of a user address, a user read of a kernel one
     "+0(%r8) +0(%r9) +0(%r10) +0(%r8):string +0(%r9):string +0(%r10):string +0(+0(%r8)) "
-    "+12288(%di):u32 +8192(%di) +0(%bx):string +0(%cx) +0(%cx):string +u0(%di) "
-    "+0(%di):ustring +0(+0(%r9)):string",
+    "+12288(%di):u32 +8192(%di) +0(%bx):string +0(%r13) +0(%r13):string +u0(%di) "
+    "+0(%di):ustring +0(+0(%r9)):string +u0(%r13)",
+    # kernel-form fetches of user addresses read user memory, as on x86 Linux
+    "+0(%cx):string +0(%cx):u32 +8(%cx):x64 +0(+8(%cx)) +u0(%cx):u8",
     # @ADDR and @SYM, symbols as raw addresses
     "@jiffies @jiffies+8:u32 @0xffff888001000008:x32 @jiffies:symbol +16(%di):symbol "
     "@jiffies+8:s8 @0xffff888001002000",
@@ -436,6 +448,16 @@ def test_no_task_gives_no_pid() -> None:
     raw = decode_record(run.records[0], run.plan.strings)
     assert (raw.pid, raw.comm) == (None, None)
     assert run.plan.values(raw)["arg2"] == ""
+
+
+def test_kernel_fetches_of_user_addresses_can_fault_instead() -> None:
+    """Without kernel_reads_user, a kernel fetch below the kernel's lowest
+    address faults without a load (copy_from_kernel_nofault_allowed)."""
+    run = record("+0(%cx) +0(%cx):string +u0(%cx):u8", reads_user=False)
+    raw = decode_record(run.records[0], run.plan.strings)
+    assert list(run.plan.values(raw).values()) == [FAULT, FAULT, ord("U")]
+    compiled = compile_fetchargs(spec_for("+0(%cx) +0(%cx):string +u0(%cx):u8"), SYMBOLS)
+    assert dict(run.plan.values(raw)) == dict(evaluate(compiled, Oracle(run.guest, False)))
 
 
 def test_wild_current_is_caught() -> None:
@@ -533,7 +555,7 @@ def test_code_only_for_what_the_cpu_has() -> None:
     with pytest.raises(unicorn.UcError):
         record("+0(%cx):ustring", features=smap)  # qemu64 model: stac is #UD
     # Kernel-only fetches never open user access.
-    kernel_only = record("+0(%si):string", features=smap, guest=make_guest(
+    kernel_only = record("+0(%si):string", features=smap, reads_user=False, guest=make_guest(
         X.UC_CPU_X86_BROADWELL, smap=True)).recorder  # fmt: skip
     assert not _mnemonics(kernel_only) & {Mnemonic.STAC, Mnemonic.CLAC}
     notsc = record("%di", features=CpuFeatures(tsc=False))
@@ -543,13 +565,25 @@ def test_code_only_for_what_the_cpu_has() -> None:
 
 def test_smap_user_access_opened_only_for_user_loads() -> None:
     """With CR4.SMAP on a CPU that has it, user fetches work (stac/clac
-    around them) and a kernel-mode read of a user page faults."""
-    guest = make_guest(X.UC_CPU_X86_BROADWELL, smap=True)
-    run = record("+0(%cx):ustring +u8(%cx):x64 +0(%cx):x64 +0(%si):string +u0(%r10):u8",
-                 guest=guest, features=CpuFeatures(smap=True), kernel_floor=0)  # fmt: skip
-    raw = decode_record(run.records[0], run.plan.strings)
-    assert list(run.plan.values(raw).values()) == ["USER", 0xCAFE, FAULT, "/etc/passwd", FAULT]
-    assert {Mnemonic.STAC, Mnemonic.CLAC} <= _mnemonics(run.recorder)
+    around them); a kernel-form fetch of a user address opens user access
+    only where kernel fetches read user memory (x86 Linux), else SMAP
+    faults it."""
+    args = "+0(%cx):ustring +u8(%cx):x64 +0(%cx):x64 +0(%si):string +u0(%r10):u8 +0(%cx):string"
+    smap = CpuFeatures(smap=True)
+    for reads_user, expected in ((False, FAULT), (True, 0x52455355)):
+        guest = make_guest(X.UC_CPU_X86_BROADWELL, smap=True)
+        run = record(args, guest=guest, features=smap, kernel_floor=0, reads_user=reads_user)
+        raw = decode_record(run.records[0], run.plan.strings)
+        string = "USER" if reads_user else FAULT
+        assert list(run.plan.values(raw).values()) == [
+            "USER",
+            0xCAFE,
+            expected,
+            "/etc/passwd",
+            FAULT,
+            string,
+        ]
+        assert {Mnemonic.STAC, Mnemonic.CLAC} <= _mnemonics(run.recorder)
 
 
 def test_every_load_through_a_fetched_pointer_is_in_the_extable() -> None:

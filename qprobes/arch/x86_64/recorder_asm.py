@@ -266,6 +266,10 @@ class RecorderSpec:
     loads below it fault without being tried (Linux's
     ``copy_from_kernel_nofault_allowed``: TASK_SIZE_MAX + PAGE_SIZE); 0 for
     none. ``user_limit``: user loads at or above it fault (``access_ok``).
+    ``kernel_reads_user``: a kernel load of an address below ``user_limit``
+    reads user memory, as Linux's kprobe_events do on x86
+    (``CONFIG_ARCH_HAS_NON_OVERLAPPING_ADDRESS_SPACE``: ``probe_mem_read``
+    and ``fetch_store_string`` go to their ``_user`` versions there).
     """
 
     probe_id: int
@@ -278,6 +282,7 @@ class RecorderSpec:
     string_cap: int = 255
     kernel_floor: int = 0
     user_limit: int = 0x0000_7FFF_FFFF_F000
+    kernel_reads_user: bool = False
 
 
 @dataclass(frozen=True)
@@ -476,6 +481,7 @@ class _Gen:
     def __init__(self, spec: RecorderSpec) -> None:
         self.spec = spec
         self.a = _Asm()
+        self.labels = 0
         size = spec.ring.size
         if size < 64 or size & (size - 1) or size >= 2**31:
             raise ProbeError(f"ring size {size:#x} is not a power of two in [64, 2 GiB)")
@@ -637,6 +643,37 @@ class _Gen:
         if user and self.spec.features.smap:
             self.a.bare(Code.STAC if on else Code.CLAC)
 
+    def may_be_user(self, user: bool) -> bool:
+        return user or self.spec.kernel_reads_user
+
+    def open_access(self, user: bool, fault: str) -> None:
+        """Check rax before a load (jump to ``fault`` where it may not be
+        read) and open user access where it is a user address on a CPU
+        with SMAP."""
+        a, s = self.a, self.spec
+        if user or not s.kernel_reads_user:
+            self.check(user, fault)
+            self.user_access(user, True)
+            return
+        smap = s.features.smap
+        if not (smap or s.kernel_floor):
+            return
+        self.labels += 1
+        kernel, ok = f"kernel{self.labels}", f"open{self.labels}"
+        a.mov_imm("rcx", s.user_limit)
+        a.rr(Code.CMP_R64_RM64, "rax", "rcx")
+        a.jmp(Code.JAE_REL32_64, kernel)
+        self.user_access(True, True)
+        a.jmp(Code.JMP_REL32_64, ok)
+        a.label(kernel)
+        self.check(False, fault)
+        a.label(ok)
+
+    def close_access(self, user: bool) -> None:
+        """clac after a load that may have opened user access (harmless when
+        it did not)."""
+        self.user_access(self.may_be_user(user), False)
+
     def fetch(self, k: int, f: Fetch) -> None:
         a, s = self.a, self.spec
         fault, done = f"fault{k}", f"done{k}"
@@ -657,10 +694,9 @@ class _Gen:
                 a.label(loaded)
         for d in f.derefs:
             self.add_offset("rax", d.offset)
-            self.check(d.user, fault)
-            self.user_access(d.user, True)
+            self.open_access(d.user, fault)
             a.load("rax", _mem("rax"), fixup=fault)
-            self.user_access(d.user, False)
+            self.close_access(d.user)
         st = f.store
         if isinstance(st, StoreString):
             self.string(k, st, fault, done)
@@ -674,10 +710,9 @@ class _Gen:
                     a.emit(Instruction.create_reg_reg(Code.MOVZX_R32_RM8, R.EAX, R.AL))
             else:
                 self.add_offset("rax", st.offset)
-                self.check(st.user, fault)
-                self.user_access(st.user, True)
+                self.open_access(st.user, fault)
                 a.load("rax", _mem("rax"), st.size, fixup=fault)
-                self.user_access(st.user, False)
+                self.close_access(st.user)
             if f.bitfield is not None:
                 bf = f.bitfield
                 spare = 64 - 8 * bf.basesize
@@ -694,7 +729,7 @@ class _Gen:
             a.jmp(Code.JMP_REL32_64, done)
         a.label(fault)
         # A fault between stac and clac comes back here with AC still set.
-        self.user_access(f.user, False)
+        self.close_access(f.user)
         a.emit(Instruction.create_mem_i32(Code.BTS_RM64_IMM8, _mem("r9", REC_FAULTS), k))
         a.store_imm(_mem("r10"), 0)
         a.ri(Code.ADD_RM64_IMM8, "r10", 8)
@@ -706,9 +741,8 @@ class _Gen:
         a, s = self.a, self.spec
         loop, end = f"strloop{k}", f"strend{k}"
         self.add_offset("rax", st.offset)
-        self.check(st.user, fault)
+        self.open_access(st.user, fault)
         a.emit(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.ECX, R.ECX))
-        self.user_access(st.user, True)
         a.label(loop)
         a.ri(Code.CMP_RM64_IMM32, "rcx", s.string_cap)
         a.jmp(Code.JAE_REL32_64, end)
@@ -721,7 +755,7 @@ class _Gen:
         a.emit(Instruction.create_reg(Code.INC_RM64, R.RCX))
         a.jmp(Code.JMP_REL32_64, loop)
         a.label(end)
-        self.user_access(st.user, False)
+        self.close_access(st.user)
         a.store(_mem("r10"), "rcx")
         a.ri(Code.ADD_RM64_IMM8, "rcx", 15)
         a.ri(Code.AND_RM64_IMM8, "rcx", -8)
