@@ -396,6 +396,7 @@ def trace(
     json_output: bool = False,
     filters: list[str] | None = None,
     duration: float | None = None,
+    fast: bool = False,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
     **machine: Any,
@@ -445,7 +446,7 @@ def trace(
     previous = signal.signal(signal.SIGINT, on_sigint)
     status = 0
     try:
-        tracer = Tracer(session, sink)
+        tracer = Tracer(session, sink, fast=fast)
         for text in probes:
             spec = parse_probe(text)
             if isinstance(spec, RemoveSpec):
@@ -455,6 +456,8 @@ def trace(
                 continue
             tp = tracer.add(text, by_event.get(spec.event))
             print(f"qprobes: {tracer.describe(tp)}", file=err)
+            if fast and tp.slow_reason:
+                print(f"qprobes: {tp.name}: slow path ({tp.slow_reason})", file=err)
         if command:
             line = guest_command_line(command)
             output, finished = session.run_command(line, timeout=duration, interrupted=stopping)
