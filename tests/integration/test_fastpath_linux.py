@@ -20,8 +20,7 @@ pytestmark = pytest.mark.vm
 DEFINITIONS = [
     # registers, a user string through a kernel-form fetch, a user struct
     # word, $comm, the stack
-    "p:fo do_sys_openat2 dfd=%di:s32 path=+0(%si):string how=+0(%dx):x64 c=$comm "
-    "s=$stack0:x64",
+    "p:fo do_sys_openat2 dfd=%di:s32 path=+0(%si):string how=+0(%dx):x64 c=$comm s=$stack0:x64",
     # BTF member chains, a kernel string, sizes and signs
     "p:fr vfs_read count name=file->f_path.dentry->d_name.name:string "
     "mode=file->f_mode:x32 low=count:s8",
@@ -89,3 +88,98 @@ def test_a_definition_the_guest_cannot_fetch_stays_slow(linux: Session) -> None:
             tracer.remove(name)
     assert any(e.event == "fa" and e.fields["a"] == [ord(c) for c in "/etc"] for e in events)
     assert any(e.event == "fret" for e in events)
+
+
+def test_fast_path_sees_what_the_guests_kprobe_events_see(linux: Session) -> None:
+    """The guest's own kprobe_events and qprobes' fast path on the same ten
+    functions in one run: the same calls with the same arguments, in order."""
+    from tests.integration.test_trace_linux import (
+        FUNCTIONS,
+        first_real_instruction,
+        parse_ftrace,
+        window,
+    )
+    from tests.integration.test_trace_linux import (
+        WORKLOAD as MIXED,
+    )
+
+    events: list[TraceEvent] = []
+    tracer = Tracer(linux, events.append, fast=True)
+    linux_defs = []
+    for i, name in enumerate(FUNCTIONS):
+        off, _ = first_real_instruction(linux, name)
+        linux_defs.append(f"p:lx/e{i} {name} a=%di b=%si")
+        tracer.add(f"p:qp/e{i} {name}+{off} a=%di b=%si")
+    tracer.add("p:qp/mark tracing_mark_write text=+0(%si):ustring")
+    slow = {tp.name: tp.slow_reason for tp in tracer.probes.values() if not tp.fast_id}
+    tr = "/sys/kernel/tracing"
+    setup = " && ".join(f"echo '{d}' >> {tr}/kprobe_events" for d in linux_defs)
+    try:
+        assert not slow, slow
+        out = linux.command(f"echo > {tr}/trace && {setup} && echo 1 > {tr}/events/lx/enable "
+                            "&& echo configured")  # fmt: skip
+        assert "configured" in out, out
+        stops = linux.engine.stats.bp
+        linux.command(f"echo START > {tr}/trace_marker; {MIXED}; echo END > {tr}/trace_marker",
+                      timeout=120)  # fmt: skip
+        stops = linux.engine.stats.bp - stops
+        linux.command(f"echo 0 > {tr}/events/lx/enable")
+        trace_text = linux.command(f"cat {tr}/trace", timeout=120)
+    finally:
+        linux.command(f"echo 0 > {tr}/events/lx/enable; echo > {tr}/kprobe_events")
+        for name in list(tracer.probes):
+            tracer.remove(name)
+    theirs = window(parse_ftrace(trace_text))
+    ours_rows = []
+    for e in events:
+        if e.event == "mark":
+            ours_rows.append((e.comm or "", e.pid or 0, "MARK",
+                              {"text": str(e.fields["text"]).strip()}))  # fmt: skip
+        else:
+            ours_rows.append((e.comm or "", e.pid or 0, "e" + e.event[1:],
+                              {k: f"{v:#x}" for k, v in e.fields.items()}))  # fmt: skip
+    ours = window(ours_rows)
+    counts = {name: sum(1 for r in theirs if r[1] == f"e{i}") for i, name in enumerate(FUNCTIONS)}
+    assert all(counts.values()), f"a function never ran in the workload: {counts}"
+    assert ours == theirs
+    assert stops == 0, f"{stops} doorbell stops on the fast path"
+    assert tracer.fast_dropped == 0
+
+
+def test_two_vcpus_record_in_their_own_rings() -> None:
+    """Two processes opening files at once on a 2-vCPU guest: every open is
+    recorded once, on the CPU it ran on, with no stop and nothing dropped."""
+    from qprobes.errors import QprobesError
+    from tests.conftest import require_vm
+
+    try:
+        session = Session.linux(smp=2)
+    except QprobesError as exc:
+        require_vm(f"the 2-vCPU Linux guest cannot be booted: {exc}")
+        raise
+    n = 2000
+    events: list[TraceEvent] = []
+    try:
+        tracer = Tracer(session, events.append, fast=True)
+        tp = tracer.add("p:so do_sys_openat2 path=+0(%si):string")
+        assert tp.fast_id, tp.slow_reason
+        stops = session.engine.stats.bp
+        session.command(f"qp-open {n} /etc/hostname & qp-open {n} /etc/passwd & wait",
+                        timeout=300)  # fmt: skip
+        stops = session.engine.stats.bp - stops
+        tracer.remove("kprobes/so")
+    finally:
+        session.close()
+    by_path: dict[object, set[int | None]] = {}
+    for e in events:
+        by_path.setdefault(e.fields["path"], set()).add(e.pid)
+    hostname = [e for e in events if e.fields["path"] == "/etc/hostname"]
+    passwd = [e for e in events if e.fields["path"] == "/etc/passwd"]
+    assert (len(hostname), len(passwd)) == (n, n)
+    assert len({e.pid for e in hostname}) == 1 and len({e.pid for e in passwd}) == 1
+    assert {e.cpu for e in events} == {0, 1}
+    assert stops == 0
+    assert tracer.fast_dropped == 0
+    for cpu in (0, 1):
+        stamps = [e.timestamp for e in events if e.cpu == cpu]
+        assert stamps == sorted(stamps)
