@@ -984,6 +984,8 @@ class KprobeEngine:
         """Map the recorder and ring pages (once); the rings' layout."""
         if self.fast is None or not self.attached:
             raise ProbeError("attach the engine before enabling the fast path")
+        if self.fast.poll not in self.poll_hooks:
+            self.poll_hooks.append(self.fast.poll)
         return self.fast.enable(len(self.target.vcpus))
 
     def install_recorder(self, kp: Kprobe, build: Callable[[int], Recorder]) -> Recorder | None:

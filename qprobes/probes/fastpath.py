@@ -35,6 +35,10 @@ from qprobes.arch.x86_64.recorder_asm import (
     RING_HEADER_SIZE,
     Recorder,
     RingLayout,
+    drain_ring,
+    record_header,
+    record_tsc,
+    ring_stats,
 )
 from qprobes.errors import ProbeError
 from qprobes.probes.area import PAGE_SIZE, GuestArea
@@ -91,7 +95,12 @@ class FastPath:
         self._code_next = 0
         self._extable: list[tuple[int, int]] = []
         self.installed: dict[int, Installed] = {}  # probe point address -> recorder
-        self._rtable: dict[int, int] = {}  # probe point address -> table word
+        # Who takes the records of each probe id (a Tracer's decoder); ids
+        # are the engine's, so several tracers share the rings.
+        self.consumers: dict[int, Callable[[bytes], None]] = {}
+        self._next_id = 1
+        self.orphans = 0  # records of ids nobody takes any more
+        self.dropped = 0  # records the guest dropped: nested hits, full rings
 
     def _vaddr(self, page: int) -> int:
         return self.area.vbase + page * PAGE_SIZE
@@ -194,6 +203,40 @@ class FastPath:
 
     def write_word(self, index: int, point: ProbePoint | None) -> None:
         self._write_data(self.rtable + 8 * index, struct.pack("<Q", self.word(point)))
+
+    def new_id(self) -> int:
+        """A probe id for a recorder, never handed out before."""
+        self._next_id += 1
+        return self._next_id - 1
+
+    def drain(self) -> int:
+        """Take every committed record from every CPU's ring and hand each,
+        in TSC order (then CPU, then ring order), to its id's consumer.
+        The number of records taken."""
+        ring = self.ring
+        if ring is None:
+            return 0
+        got: list[tuple[int, int, int, bytes]] = []
+        for cpu in range(ring.ncpus):
+            for n, data in enumerate(drain_ring(self, ring, cpu)):
+                got.append((record_tsc(data), cpu, n, data))
+        got.sort(key=lambda item: item[:3])
+        for *_, data in got:
+            consume = self.consumers.get(record_header(data)[1])
+            if consume is None:
+                self.orphans += 1
+            else:
+                consume(data)
+        self.dropped = sum(
+            s.nested + s.full for s in (ring_stats(self, ring, c) for c in range(ring.ncpus + 1))
+        )
+        return len(got)
+
+    def poll(self, running: bool) -> None:
+        """The engine's poll hook: drain, while the guest runs only when :attr:`live`."""
+        if self.ring is None or not self.consumers or (running and not self.live):
+            return
+        self.drain()
 
     # --- ring memory ----------------------------------------------------------
 

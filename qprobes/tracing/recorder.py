@@ -21,32 +21,30 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from qprobes.arch.x86_64.recorder_asm import (
     MAX_VALUES,
-    PAD_ID,
     REC_COMM,
     REC_CPU,
     REC_FAULTS,
     REC_TSC,
     REC_VALUES,
-    RING_FULL,
-    RING_HEAD,
-    RING_NESTED,
-    RING_TAIL,
     Const,
     Deref,
     Fetch,
     FrameWord,
     ModBitfield,
-    RingLayout,
+    RingMemory,
+    RingStats,
     Source,
     StackWord,
     Store,
     StoreMem,
     StoreString,
     StoreValue,
+    drain_ring,
+    record_header,
+    ring_stats,
 )
 from qprobes.errors import ProbeError
 from qprobes.probes.stubs import PT_REGS_NAMES
@@ -214,12 +212,6 @@ class RawRecord:
     values: tuple[int | bytes | Scalar, ...]
 
 
-def record_header(data: bytes) -> tuple[int, int]:
-    """(size, probe id) of the record at the start of ``data``."""
-    size, probe_id = struct.unpack_from("<II", data, 0)
-    return int(size), int(probe_id)
-
-
 def decode_record(data: bytes, strings: Sequence[bool]) -> RawRecord:
     """Decode a record whose value slots are strings where ``strings`` says."""
     size, probe_id = record_header(data)
@@ -247,59 +239,3 @@ def decode_record(data: bytes, strings: Sequence[bool]) -> RawRecord:
     comm = comm_raw.split(b"\0", 1)[0].decode(errors="replace") if known else None
     return RawRecord(int(probe_id), int(cpu), int(tsc), int(pid) if known else None, comm,
                      tuple(values))  # fmt: skip
-
-
-# --- draining a ring ------------------------------------------------------------
-
-
-class RingMemory(Protocol):
-    """Reads and writes guest memory at virtual addresses (the rings' mapping)."""
-
-    def read(self, addr: int, length: int) -> bytes: ...
-
-    def write(self, addr: int, data: bytes) -> None: ...
-
-
-@dataclass(frozen=True)
-class RingStats:
-    """A ring's counters: records dropped by the nesting guard, for a full ring."""
-
-    nested: int
-    full: int
-
-
-def ring_stats(mem: RingMemory, layout: RingLayout, cpu: int) -> RingStats:
-    hdr = mem.read(layout.header(cpu), RING_FULL + 8)
-    (nested,) = struct.unpack_from("<Q", hdr, RING_NESTED)
-    (full,) = struct.unpack_from("<Q", hdr, RING_FULL)
-    return RingStats(int(nested), int(full))
-
-
-def drain_ring(mem: RingMemory, layout: RingLayout, cpu: int) -> list[bytes]:
-    """Take every record CPU ``cpu`` has committed, in order, and give their
-    space back (the tail moves to the head read). Padding is skipped."""
-    hdr = mem.read(layout.header(cpu), 16)
-    head, tail = struct.unpack_from("<QQ", hdr, RING_HEAD)
-    if head == tail:
-        return []
-    if head < tail or head - tail > layout.size:
-        raise ProbeError(f"CPU {cpu}'s ring is corrupt: head {head:#x}, tail {tail:#x}")
-    base = layout.ring(cpu)
-    mask = layout.size - 1
-    start, used = tail & mask, head - tail
-    first = min(used, layout.size - start)
-    data = mem.read(base + start, first)
-    if used > first:
-        data += mem.read(base, used - first)
-    out: list[bytes] = []
-    pos = 0
-    while pos < used:
-        size, probe_id = record_header(data[pos : pos + 8])
-        if size < 8 or size % 8 or pos + size > used:
-            raise ProbeError(f"CPU {cpu}'s ring is corrupt: a record of {size} bytes "
-                             f"at {tail + pos:#x}")  # fmt: skip
-        if probe_id != PAD_ID:
-            out.append(data[pos : pos + size])
-        pos += size
-    mem.write(layout.header(cpu) + RING_TAIL, struct.pack("<Q", head))
-    return out

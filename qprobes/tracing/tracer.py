@@ -36,10 +36,7 @@ from qprobes.tracing.recorder import (
     RawRecord,
     RecorderPlan,
     decode_record,
-    drain_ring,
     plan_recorder,
-    record_header,
-    ring_stats,
 )
 
 if TYPE_CHECKING:
@@ -138,12 +135,14 @@ class Tracer:
         self.started = time.monotonic()
         self.fast = fast
         self.string_cap = string_cap
-        self._fast_ids: dict[int, TraceProbe] = {}
-        self._next_id = 1
-        self._hooked = False
         self._tsc_hz: float | None = None
         self._tsc_anchor: float | None = None  # seconds to subtract from tsc / hz
-        self.fast_dropped = 0  # records the guest dropped (nested hits, full rings)
+
+    @property
+    def fast_dropped(self) -> int:
+        """Records the guest dropped (nested hits, full rings), engine-wide."""
+        fast = self.session.engine.fast
+        return fast.dropped if fast is not None else 0
 
     @property
     def _symbols(self) -> Any:
@@ -232,7 +231,8 @@ class Tracer:
                                      "little")  # fmt: skip
                 self._tsc_hz = khz * 1000.0 if khz else None
         # On x86 Linux a kernel-form fetch of a user address reads user memory.
-        spec = RecorderSpec(self._next_id, plan.fetches, SP_OFFSET, ring, engine.cpu_features(),
+        probe_id = engine.fast.new_id() if engine.fast is not None else 0
+        spec = RecorderSpec(probe_id, plan.fetches, SP_OFFSET, ring, engine.cpu_features(),
                             task, cpu_number, self.string_cap, floor,
                             kernel_reads_user=kernel is not None)  # fmt: skip
         try:
@@ -241,43 +241,20 @@ class Tracer:
             raise NotFastError(f"{tp.name}: {exc}") from exc
         if rec is None:
             raise NotFastError(f"{tp.name}: the probed instruction cannot run boosted")
-        tp.plan, tp.fast_id = plan, self._next_id
-        self._fast_ids[self._next_id] = tp
-        self._next_id += 1
-        if not self._hooked:
-            engine.poll_hooks.append(self._poll)
-            self._hooked = True
+        tp.plan, tp.fast_id = plan, probe_id
+        assert engine.fast is not None
+        engine.fast.consumers[probe_id] = lambda data: self._consume(tp, data)
 
-    def _poll(self, running: bool) -> None:
-        fast = self.session.engine.fast
-        if fast is None or fast.ring is None or (running and not fast.live):
-            return
-        self.drain()
+    def _consume(self, tp: TraceProbe, data: bytes) -> None:
+        assert tp.plan is not None
+        tp.fast_hits += 1
+        self._emit_record(tp, decode_record(data, tp.plan.strings))
 
     def drain(self) -> int:
-        """Emit the events the guest recorded so far (CPUs merged in TSC
-        order); the number emitted or filtered."""
+        """Emit the events the guest recorded so far (every CPU's, in TSC
+        order); the number of records taken (the engine's, for every tracer)."""
         fast = self.session.engine.fast
-        if fast is None or fast.ring is None:
-            return 0
-        ring = fast.ring
-        got: list[tuple[int, int, TraceProbe, RawRecord]] = []
-        for cpu in range(ring.ncpus):
-            for n, data in enumerate(drain_ring(fast, ring, cpu)):
-                tp = self._fast_ids.get(record_header(data)[1])
-                if tp is None or tp.plan is None:
-                    continue  # a probe removed since
-                raw = decode_record(data, tp.plan.strings)
-                got.append((raw.tsc, cpu * 2**32 + n, tp, raw))
-        got.sort(key=lambda item: item[:2])
-        for _, _, tp, raw in got:
-            tp.fast_hits += 1
-            self._emit_record(tp, raw)
-        self.fast_dropped = sum(
-            stats.nested + stats.full
-            for stats in (ring_stats(fast, ring, cpu) for cpu in range(ring.ncpus + 1))
-        )
-        return len(got)
+        return fast.drain() if fast is not None else 0
 
     def _timestamp(self, tsc: int) -> float:
         """Seconds since the trace started, from the guest's TSC: anchored to
@@ -320,9 +297,10 @@ class Tracer:
         tp = self.probes.get(name)
         if tp is None:
             raise ProbeError(f"no event {name}")
-        if tp.fast_id:
+        fast = self.session.engine.fast
+        if tp.fast_id and fast is not None:
             self.drain()  # what it recorded before it goes
-            del self._fast_ids[tp.fast_id]
+            fast.consumers.pop(tp.fast_id, None)
         del self.probes[name]
         if tp.probe is not None:
             self.session.unregister(tp.probe)

