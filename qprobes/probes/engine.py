@@ -1599,10 +1599,12 @@ class KprobeEngine:
                             self.check_lost()
                         return
                     continue
-                if not self.handle_stop(stop):
-                    raise ProbeError(f"unexpected stop: {stop}")
+                # Hooks first: a hit a full ring handed over comes after
+                # what the rings hold.
                 for hook in self.poll_hooks:
                     hook(False)
+                if not self.handle_stop(stop):
+                    raise ProbeError(f"unexpected stop: {stop}")
                 if time.monotonic() - self._last_lost_check >= self.lost_check_interval:
                     self.check_lost()
                 if done():

@@ -101,6 +101,7 @@ class FastPath:
         self._next_id = 1
         self.orphans = 0  # records of ids nobody takes any more
         self.dropped = 0  # records the guest dropped: nested hits, full rings
+        self.spilled = 0  # hits a full ring handed to the host (lossless mode)
 
     def _vaddr(self, page: int) -> int:
         return self.area.vbase + page * PAGE_SIZE
@@ -227,9 +228,9 @@ class FastPath:
                 self.orphans += 1
             else:
                 consume(data)
-        self.dropped = sum(
-            s.nested + s.full for s in (ring_stats(self, ring, c) for c in range(ring.ncpus + 1))
-        )
+        stats = [ring_stats(self, ring, c) for c in range(ring.ncpus + 1)]
+        self.dropped = sum(s.nested + s.full for s in stats)
+        self.spilled = sum(s.spilled for s in stats)
         return len(got)
 
     def poll(self, running: bool) -> None:

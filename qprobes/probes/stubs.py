@@ -190,9 +190,11 @@ def _ring(vector: int, label: str, error_code: bool, debug: bool = False) -> str
 
 def _fast_hit() -> str:
     """A probe with a recorder: record in the guest and go to the boosted
-    slot, with no doorbell. The host's flow is kept (a doorbell) while some
-    vCPU single-steps a slot, and when the guest single-steps itself (TF):
-    that hit must trap after the original instruction, not after the copy.
+    slot, with no doorbell. A recorder that found no room (lossless mode)
+    returns nonzero: the hit rings the doorbell as a slow-path one. The
+    host's flow is kept (a doorbell) while some vCPU single-steps a slot,
+    and when the guest single-steps itself (TF): that hit must trap after
+    the original instruction, not after the copy.
     Entered with rcx = the probe-table index."""
     return f"""
 qp_bp_found:
@@ -204,16 +206,20 @@ qp_bp_found:
     test qword ptr [rsp + {_EFLAGS}], {EFLAGS_TF:#x}
     jnz qp_bp_ours
     lea rax, [rip + qp_base]
-    mov rcx, rdx
-    shr rcx, {RTABLE_BOOST_SHIFT}
-    add rcx, rax
-    mov [rsp + {_RIP}], rcx
     mov ecx, edx
     add rax, rcx
     mov rdi, rsp
+    push rdx
 .globl qp_bp_record
 qp_bp_record:
     call rax
+    pop rdx
+    test eax, eax
+    jnz qp_bp_ours
+    lea rax, [rip + qp_base]
+    shr rdx, {RTABLE_BOOST_SHIFT}
+    add rdx, rax
+    mov [rsp + {_RIP}], rdx
 {_RESTORE}
     add rsp, 8
     iretq

@@ -124,17 +124,21 @@ class Tracer:
     and emits the same events as the slow path. Strings keep at most
     ``string_cap`` bytes there. Other definitions, and hits the guest must
     hand to the host (a vCPU single-stepping, an aggregate probe), take the
-    slow path.
+    slow path. A full ring hands its hit to the host (``lossless``, the
+    default: one stop, the rings drained, the hit on the slow path), or
+    drops and counts it (:attr:`fast_dropped`).
     """
 
     def __init__(self, session: ProbeHost, sink: Callable[[TraceEvent], None], *,
-                 fast: bool = False, string_cap: int = 255) -> None:  # fmt: skip
+                 fast: bool = False, string_cap: int = 255,
+                 lossless: bool = True) -> None:  # fmt: skip
         self.session = session
         self.sink = sink
         self.probes: dict[str, TraceProbe] = {}
         self.started = time.monotonic()
         self.fast = fast
         self.string_cap = string_cap
+        self.lossless = lossless
         self._tsc_hz: float | None = None
         self._tsc_anchor: float | None = None  # seconds to subtract from tsc / hz
 
@@ -143,6 +147,12 @@ class Tracer:
         """Records the guest dropped (nested hits, full rings), engine-wide."""
         fast = self.session.engine.fast
         return fast.dropped if fast is not None else 0
+
+    @property
+    def fast_spilled(self) -> int:
+        """Hits a full ring handed to the host (lossless mode), engine-wide."""
+        fast = self.session.engine.fast
+        return fast.spilled if fast is not None else 0
 
     @property
     def _symbols(self) -> Any:
@@ -234,7 +244,8 @@ class Tracer:
         probe_id = engine.fast.new_id() if engine.fast is not None else 0
         spec = RecorderSpec(probe_id, plan.fetches, SP_OFFSET, ring, engine.cpu_features(),
                             task, cpu_number, self.string_cap, floor,
-                            kernel_reads_user=kernel is not None)  # fmt: skip
+                            kernel_reads_user=kernel is not None,
+                            lossless=self.lossless)  # fmt: skip
         try:
             rec = engine.install_recorder(kp, lambda at: assemble_recorder(spec, at))
         except ProbeError as exc:

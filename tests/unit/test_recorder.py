@@ -21,10 +21,12 @@ from iced_x86 import Decoder, Mnemonic, OpKind, Register  # noqa: E402
 from unicorn import x86_const as X  # noqa: E402
 
 from qprobes.arch.x86_64.recorder_asm import (  # noqa: E402
+    RECORDED,
     RING_BUSY,
     RING_FULL,
     RING_HEAD,
     RING_NESTED,
+    SPILL,
     CpuFeatures,
     Recorder,
     RecorderSpec,
@@ -509,18 +511,45 @@ def test_nested_hit_in_the_middle_of_an_append() -> None:
     assert _counters(guest)[1:] == (0, 1, 0)
 
 
-def test_full_ring_drops_and_counts_then_wraps_with_padding() -> None:
+def _small_ring(lossless: bool) -> tuple[Guest, Recorder, RingLayout, RecorderPlan]:
     small = RingLayout(HEADERS, DATA, 256, NCPUS)
     compiled = compile_fetchargs(spec_for("%di"), SYMBOLS)
     plan = plan_recorder(compiled, PROBE_IP)
     rspec = RecorderSpec(9, plan.fetches, 8 * PT_REGS_NAMES.index("rsp"), small,
-                         cpu_number=CPU_NUMBER)  # fmt: skip
+                         cpu_number=CPU_NUMBER, lossless=lossless)  # fmt: skip
     rec = assemble_recorder(rspec, CODE)
     assert rec.max_record == 56
     guest = make_guest()
     guest.write(CODE, rec.code)
+    return guest, rec, small, plan
+
+
+def _returned(guest: Guest) -> int:
+    return int(guest.uc.reg_read(X.UC_X86_REG_RAX))
+
+
+def test_full_ring_spills_to_the_host_in_lossless_mode() -> None:
+    """The recorder answers SPILL (the stub then rings the doorbell) and
+    counts it; nothing is dropped."""
+    guest, rec, small, _ = _small_ring(lossless=True)
+    answers = []
     for _ in range(5):
         guest.call(rec)
+        answers.append(_returned(guest))
+    assert answers == [RECORDED] * 4 + [SPILL]
+    assert _counters(guest) == (224, 0, 0, 0)
+    stats = ring_stats(GuestMem(guest), small, 2)
+    assert (stats.full, stats.spilled) == (0, 1)
+    assert len(drain_ring(GuestMem(guest), small, 2)) == 4
+    guest.call(rec)
+    assert _returned(guest) == RECORDED
+
+
+def test_full_ring_drops_and_counts_then_wraps_with_padding() -> None:
+    guest, rec, small, plan = _small_ring(lossless=False)
+    for _ in range(5):
+        guest.call(rec)
+        assert _returned(guest) == RECORDED
     # Four records fit; the fifth would need 32 bytes of padding plus 56.
     assert _counters(guest) == (224, 0, 0, 1)
     mem = GuestMem(guest)
@@ -535,12 +564,12 @@ def test_full_ring_drops_and_counts_then_wraps_with_padding() -> None:
     assert struct.unpack("<Q", guest.read(small.header(2) + RING_FULL, 8))[0] == 1
 
 
-def test_cpu_without_a_ring_is_counted() -> None:
+def test_cpu_without_a_ring_is_counted_and_spilled() -> None:
     guest = make_guest(cpu=NCPUS)
     run = record("%di", guest=guest, cpu=0)
     assert run.records == []
-    (full,) = struct.unpack("<Q", guest.read(RING.header(NCPUS) + RING_FULL, 8))
-    assert full == 1
+    assert _returned(guest) == SPILL
+    assert ring_stats(GuestMem(guest), RING, NCPUS).spilled == 1
 
 
 def _mnemonics(rec: Recorder) -> set[int]:

@@ -19,7 +19,9 @@ fetch is recorded as a fault (ftrace's ``(fault)``).
 A per-CPU nesting guard (a busy word in the ring header, taken with
 ``xchg``) drops and counts a record whose hit came in while the same CPU was
 appending one (an NMI, a probe hit in the recorder's own path). A full ring
-drops and counts the record.
+drops and counts the record, or, with :attr:`RecorderSpec.lossless`,
+returns :data:`SPILL` so that the stub hands the hit to the host (a
+doorbell: the host drains the rings and runs the slow path for it).
 
 Ring header, one per CPU (:data:`RING_HEADER_SIZE` bytes, CPU ``i`` at
 ``headers + 64 * i``; one more header after the last CPU counts the hits
@@ -29,7 +31,8 @@ of CPUs that have no ring)::
     8  u64 tail     bytes consumed (the host advances it)
     16 u64 busy     the nesting guard
     24 u64 nested   records dropped by the nesting guard
-    32 u64 full     records dropped: the ring was full
+    32 u64 full     records dropped: the ring was full (``lossless`` off)
+    40 u64 spilled  hits handed to the host: the ring was full (``lossless``)
 
 Ring data: ``size`` bytes per CPU (a power of two), CPU ``i`` at
 ``data + size * i``. A record never wraps: when one would not fit before the
@@ -71,6 +74,7 @@ from qprobes.errors import ProbeError
 __all__ = [
     "MAX_VALUES",
     "PAD_ID",
+    "RECORDED",
     "REC_COMM",
     "REC_CPU",
     "REC_FAULTS",
@@ -84,7 +88,9 @@ __all__ = [
     "RING_HEAD",
     "RING_HEADER_SIZE",
     "RING_NESTED",
+    "RING_SPILLED",
     "RING_TAIL",
+    "SPILL",
     "Const",
     "CpuFeatures",
     "Deref",
@@ -116,7 +122,11 @@ RING_TAIL = 8
 RING_BUSY = 16
 RING_NESTED = 24
 RING_FULL = 32
+RING_SPILLED = 40
 RING_HEADER_SIZE = 64
+# What a recorder returns in eax.
+RECORDED = 0  # recorded, or dropped and counted
+SPILL = 1  # no room: the stub hands this hit to the host (lossless mode)
 
 # Record fields.
 REC_SIZE = 0
@@ -291,6 +301,7 @@ class RecorderSpec:
     kernel_floor: int = 0
     user_limit: int = 0x0000_7FFF_FFFF_F000
     kernel_reads_user: bool = False
+    lossless: bool = True
 
 
 @dataclass(frozen=True)
@@ -575,19 +586,30 @@ class _Gen:
         a.rr(Code.ADD_R64_RM64, "rax", "r11")
         a.emit(Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem("r8", RING_HEAD), R.RAX))
         a.store_imm(_mem("r8", RING_BUSY), 0)
-        a.bare(Code.RETNQ)
+        self.ret(RECORDED)
+        # A full ring (or a CPU with none): counted, and dropped or spilled.
+        missed = RING_SPILLED if s.lossless else RING_FULL
+        answer = SPILL if s.lossless else RECORDED
         a.label("full")
-        a.emit(Instruction.create_mem(Code.INC_RM64, _mem("r8", RING_FULL)))
+        a.emit(Instruction.create_mem(Code.INC_RM64, _mem("r8", missed)))
         a.store_imm(_mem("r8", RING_BUSY), 0)
-        a.bare(Code.RETNQ)
+        self.ret(answer)
         a.label("nested")
+        # Dropped: the host cannot take a hit nested in an append (an NMI).
         a.emit(Instruction.create_mem(Code.INC_RM64, _mem("r8", RING_NESTED)))
-        a.bare(Code.RETNQ)
+        self.ret(RECORDED)
         a.label("nocpu")
         a.mov_imm("r8", ring.header(ring.ncpus))
-        a.emit(Instruction.create_mem(Code.INC_RM64, _mem("r8", RING_FULL)))
-        a.bare(Code.RETNQ)
+        a.emit(Instruction.create_mem(Code.INC_RM64, _mem("r8", missed)))
+        self.ret(answer)
         return a
+
+    def ret(self, value: int) -> None:
+        if value:
+            self.a.mov_imm("rax", value)
+        else:
+            self.a.emit(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.EAX, R.EAX))
+        self.a.bare(Code.RETNQ)
 
     def cpu_number(self) -> None:
         """eax = this CPU's number (rax zero-extended)."""
@@ -822,13 +844,13 @@ class RingStats:
 
     nested: int
     full: int
+    spilled: int = 0
 
 
 def ring_stats(mem: RingMemory, layout: RingLayout, cpu: int) -> RingStats:
-    hdr = mem.read(layout.header(cpu), RING_FULL + 8)
-    (nested,) = struct.unpack_from("<Q", hdr, RING_NESTED)
-    (full,) = struct.unpack_from("<Q", hdr, RING_FULL)
-    return RingStats(int(nested), int(full))
+    hdr = mem.read(layout.header(cpu), RING_SPILLED + 8)
+    nested, full, spilled = struct.unpack_from("<3Q", hdr, RING_NESTED)
+    return RingStats(int(nested), int(full), int(spilled))
 
 
 def drain_ring(mem: RingMemory, layout: RingLayout, cpu: int) -> list[bytes]:
