@@ -226,7 +226,10 @@ class Tracer:
     def _make_fast(self, tp: TraceProbe, kp: Kprobe) -> None:
         engine = self.session.engine
         plan = plan_recorder(tp.args, tp.addr)
-        ring = engine.enable_fast_path()
+        try:
+            ring = engine.enable_fast_path()
+        except ProbeError as exc:
+            raise NotFastError(f"{tp.name}: {exc}") from exc
         kernel = self.session.kernel
         task = cpu_number = None
         floor = 0

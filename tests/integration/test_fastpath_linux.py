@@ -218,3 +218,36 @@ def test_a_full_ring_hands_its_hits_to_the_host(linux: Session) -> None:
     assert spilled >= 1
     assert tracer.fast_dropped == 0
     assert tp.fast_hits >= n - spilled
+
+
+def test_smap_and_pti_guest() -> None:
+    """An Intel CPU model: Linux turns SMAP and PTI on. Recorders open user
+    access with stac/clac around user reads (a #UD on qemu64, which has no
+    SMAP), and record the same events as the slow path."""
+    from qprobes.errors import QprobesError
+    from tests.conftest import require_vm
+
+    try:
+        session = Session.linux(cpu="Skylake-Client")
+    except QprobesError as exc:
+        require_vm(f"the Skylake-Client Linux guest cannot be booted: {exc}")
+        raise
+    try:
+        assert session.engine.cpu_features().smap
+        runs = {}
+        for fast in (False, True):
+            events: list[TraceEvent] = []
+            tracer = Tracer(session, events.append, fast=fast)
+            tp = tracer.add("p:so do_sys_openat2 path=+0(%si):string u=+u0(%si):x32 "
+                            "k=+0(%si):x16")  # fmt: skip
+            assert bool(tp.fast_id) == fast, tp.slow_reason
+            session.command("true")
+            out = session.command(WORKLOAD)
+            tracer.remove("kprobes/so")
+            pid = int(re.search(r"PID=(\d+)", out).group(1))  # type: ignore[union-attr]
+            runs[fast] = [(e.comm, e.fields) for e in events if e.pid == pid]
+        assert len(runs[True]) == N_OPENS + 1
+        assert runs[True] == runs[False]
+        assert "alive" in session.command("echo alive")
+    finally:
+        session.close()
