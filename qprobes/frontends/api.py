@@ -474,6 +474,7 @@ def trace(
             print("qprobes: tracing; Ctrl-C to stop", file=err)
             session.run(until=stopping, timeout=duration)
             summary = tracer.summary()
+        fast_counts = (tracer.fast_dropped, tracer.fast_spilled)
     finally:
         signal.signal(signal.SIGINT, previous)
         session.close()
@@ -491,6 +492,9 @@ def trace(
             )
             if row.get("note"):
                 err.write(f"qprobes: {row['event']}: warning: {row['note']}\n")
+    if fast and not json_output and (fast_counts[0] or fast_counts[1]):
+        err.write(f"qprobes: fast path: {fast_counts[0]} records dropped (nested hits), "
+                  f"{fast_counts[1]} hits taken by the host (a ring was full)\n")  # fmt: skip
     return 130 if state["asked"] else status
 
 
