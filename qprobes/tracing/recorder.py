@@ -9,11 +9,14 @@ guest need not fetch stays on the host: ``$comm`` comes from the record's
 header, immediate strings are constants, ``symstr`` is the symbolized
 address. :func:`decode_record` and :meth:`RecorderPlan.values` turn a record
 back into exactly what :func:`~qprobes.tracing.fetch.evaluate` returns for
-the same hit, and :func:`drain_ring` reads one CPU's ring through a small
-memory protocol (``/proc/PID/mem``, a fake in tests).
+the same hit. Taking records off a ring (:func:`drain_ring`, re-exported
+here) is the record format's business, next to it in the arch layer; the
+engine's :class:`~qprobes.probes.fastpath.FastPath` drains every CPU and
+hands each record to the consumer of its probe id (a Tracer).
 
 Not on the fast path (the Tracer keeps the slow one, :class:`NotFastError`
-says why): return probes (``$retval``, ``$argN`` saved at entry), arrays.
+says why): return probes (``$retval``, ``$argN`` saved at entry), arrays,
+more than :data:`~qprobes.arch.x86_64.recorder_asm.MAX_VALUES` fetched values.
 """
 
 from __future__ import annotations
