@@ -367,6 +367,18 @@ class Tracer:
 
         return handler
 
+    def _fast_now(self, tp: TraceProbe) -> bool:
+        """Whether ``tp``'s hits are recorded in the guest now."""
+        kp = tp.kprobe
+        return bool(tp.fast_id) and kp is not None and self.session.engine.is_fast(kp)
+
+    def _slow_reason(self, tp: TraceProbe) -> str | None:
+        if not self.fast or self._fast_now(tp):
+            return None
+        if tp.slow_reason is None:
+            return "another probe shares its address, or it is disabled or lost"
+        return tp.slow_reason
+
     def summary(self) -> list[dict[str, Any]]:
         """Hits and misses per probe."""
         engine = self.session.engine
@@ -374,6 +386,6 @@ class Tracer:
             {"event": name, "location": tp.spec.location, "hits": tp.nhit,
              "emitted": tp.emitted, "filtered": tp.filtered, "missed": tp.nmissed,
              "note": engine.ftrace_site_changed(tp.kprobe) if tp.kprobe is not None else None,
-             "lost": tp.lost, "fast": tp.fast_id != 0, "slow_reason": tp.slow_reason}
+             "lost": tp.lost, "fast": self._fast_now(tp), "slow_reason": self._slow_reason(tp)}
             for name, tp in self.probes.items()
         ]  # fmt: skip

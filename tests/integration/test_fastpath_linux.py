@@ -251,3 +251,27 @@ def test_smap_and_pti_guest() -> None:
         assert "alive" in session.command("echo alive")
     finally:
         session.close()
+
+
+def test_cli_trace_fast() -> None:
+    """``qprobes trace --fast``: the same lines, a summary that says which
+    definitions ran fast, and why the others did not."""
+    import json
+
+    from tests.integration.test_trace_linux import qprobes_cli
+
+    proc = qprobes_cli("trace", "--json", "--fast", "p:fo do_sys_openat2 path=+0(%si):string",
+                       "r:fr do_sys_openat2 ret=$retval:s32", "--", "qp-open", "3",
+                       "/etc/hostname")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    paths = [e["fields"]["path"] for e in events if e["event"] == "fo" and e["comm"] == "qp-open"]
+    assert paths[-3:] == ["/etc/hostname"] * 3
+    rows = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    summary = {row["summary"]["event"]: row["summary"] for row in rows if "summary" in row}
+    assert "slow path (return probes" in proc.stderr
+    assert summary["kprobes/fr"]["fast"] is False
+    # The kretprobe's entry probe shares the address: both take the slow path there.
+    assert summary["kprobes/fo"]["fast"] is False
+    assert "shares its address" in summary["kprobes/fo"]["slow_reason"]
+    assert summary["kprobes/fo"]["hits"] == summary["kprobes/fr"]["hits"]
