@@ -502,6 +502,7 @@ def trace(
     output: str | None = None,
     output_format: str | None = None,
     duration: float | None = None,
+    fast: bool = False,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
     **machine: Any,
@@ -556,7 +557,7 @@ def trace(
         errs.write(text + "\n")
 
     options = _TraceOptions(json_output, by_event, triggers_by_event, quiet, latency or [],
-                            output, output_format, duration)  # fmt: skip
+                            output, output_format, duration, fast)  # fmt: skip
     # Booting a guest of qprobes' own can be interrupted anywhere (QEMU dies
     # with qprobes); attaching to someone else's QEMU is finished first, then
     # detached again.
@@ -574,6 +575,7 @@ class _TraceOptions:
     output: str | None
     output_format: str | None
     duration: float | None
+    fast: bool = False
 
 
 def _session_for_guarded(guard: SignalGuard, machine: dict[str, Any]) -> Session:
@@ -626,9 +628,10 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
     fault: GuestDiedError | None = None
     tracer: Tracer | None = None
     summary: list[dict[str, Any]] = []
+    fast_counts = (0, 0)
     try:
         try:
-            tracer = Tracer(session, sink)
+            tracer = Tracer(session, sink, fast=opts.fast)
             if opts.output is not None:
                 writer = TraceWriter(opts.output, opts.output_format, header=tracer.header())
             for function in opts.latency:
@@ -648,6 +651,8 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
                 tp = tracer.add(text, opts.by_event.get(spec.event),
                                 opts.triggers_by_event.get(spec.event, ()))  # fmt: skip
                 say(f"qprobes: {tracer.describe(tp)}")
+                if opts.fast and tp.slow_reason:
+                    say(f"qprobes: {tp.name}: slow path ({tp.slow_reason})")
             printing = any(tp.latency is None for tp in tracer.probes.values())
             if not opts.json_output and not opts.quiet and writer is None and printing:
                 stdout.write(tracer.header())  # as the guest's trace file begins
@@ -669,6 +674,7 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
                 say("qprobes: tracing; Ctrl-C to stop")
                 session.run(until=stopping, timeout=duration)
             summary = tracer.summary()
+            fast_counts = (tracer.fast_dropped, tracer.fast_spilled)
         finally:
             state["mute"] = True
             guard.closing()
@@ -702,6 +708,9 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
             )
             if row.get("note"):
                 errs.write(f"qprobes: {row['event']}: warning: {row['note']}\n")
+    if opts.fast and not opts.json_output and (fast_counts[0] or fast_counts[1]):
+        errs.write(f"qprobes: fast path: {fast_counts[0]} records dropped (nested hits), "
+                   f"{fast_counts[1]} hits taken by the host (a ring was full)\n")  # fmt: skip
     if fault is not None:
         return 1
     if guard.status is not None:

@@ -50,7 +50,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return api.trace(
         args.probes, args.guest_command, json_output=args.json, filters=args.filter,
         triggers=args.trigger, quiet=args.quiet, latency=args.latency, output=args.output,
-        output_format=args.format, duration=args.duration, **_machine_args(args),
+        output_format=args.format, duration=args.duration, fast=args.fast,
+        **_machine_args(args),
     )  # fmt: skip
 
 
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, metavar="SECONDS",
                    help="trace this long; with GUEST_COMMAND, stop the command after it "
                    "(exit status 124, as timeout(1))")  # fmt: skip
+    p.add_argument("--fast", action="store_true",
+                   help="record kprobe hits in the guest, with no VM stop per hit (return "
+                   "probes and arrays stay on the slow path; strings keep 255 bytes)")  # fmt: skip
     guest_options(p)
     attach_options(p)
     p.set_defaults(func=_cmd_trace, guest_command=[])

@@ -33,6 +33,7 @@ from qprobes import __version__
 from qprobes.arch.x86_64 import fixups as x86fix
 from qprobes.arch.x86_64 import insn as x86insn
 from qprobes.arch.x86_64.idt import gate_offset, gate_with_offset
+from qprobes.arch.x86_64.recorder_asm import CpuFeatures, Recorder, RingLayout
 from qprobes.errors import (
     ConnectionClosedError,
     InstructionError,
@@ -44,6 +45,7 @@ from qprobes.errors import (
 )
 from qprobes.probes.area import PAGE_SIZE, REGION_SIZE, GuestArea
 from qprobes.probes.context import HitContext, PtRegs
+from qprobes.probes.fastpath import FastPath
 from qprobes.probes.ftrace_site import MCOUNT_INSN_SIZE, FtraceRecords, branches_to
 from qprobes.probes.journal import (
     JOURNAL_SIZE,
@@ -111,7 +113,8 @@ PAGE_PTABLE = 3  # PTABLE_ENTRIES * 8 bytes = 16 pages
 MIN_AREA_RESERVE = 1 << 20
 PAGE_USER_CODE = 20  # jprobe handlers and other guest code from users: 20..31
 PAGE_SLOTS_FIRST = 32
-PAGE_SLOTS_LAST = 511
+PAGE_SLOTS_LAST = 415  # pages 416-511: the fast path (qprobes.probes.fastpath)
+CR4_SMAP = 1 << 21
 
 TRAPPED_VECTORS = (1, 3, *SLOT_FAULT_VECTORS)
 _VECTORS = frozenset((*TRAPPED_VECTORS, KRETPROBE_VECTOR, JPROBE_VECTOR))
@@ -272,6 +275,12 @@ class KprobeEngine:
         # guest stopped anyway (each check reads every armed probe's byte).
         self.lost_check_interval = 1.0
         self._last_lost_check = 0.0
+        # The fast path: recorders in the guest, rings the host drains.
+        self.fast: FastPath | None = None
+        # Called by run(): poll_hooks(True) every poll interval while the
+        # guest runs, poll_hooks(False) after each stop and when run() ends
+        # (the guest stopped). The Tracer drains the rings there.
+        self.poll_hooks: list[Callable[[bool], None]] = []
 
     # --- attach / detach ----------------------------------------------------
 
@@ -329,6 +338,7 @@ class KprobeEngine:
             self.journal.begin(previous, area.phys.next_free, __version__)
             area.on_guest_write = self.journal.pte
         area.setup()
+        self.fast = FastPath(area, self.target, self.hostmem, self.kwrite_code, self.write_data)
         try:
             code = area.map_page(PAGE_CODE, writable=False, executable=True)
             bell = area.map_page(PAGE_DOORBELL, writable=True, executable=False)
@@ -343,8 +353,11 @@ class KprobeEngine:
             self._ptable_addr = ptable[0].vaddr
             slot_lo = area.vbase + PAGE_SLOTS_FIRST * PAGE_SIZE
             slot_hi = area.vbase + (PAGE_SLOTS_LAST + 1) * PAGE_SIZE
+            fast = self.fast
+            fast.map_tables()
             layout = StubLayout(code.vaddr, bell.vaddr, vars_.vaddr, ptable[0].vaddr,
-                                slot_lo, slot_hi)  # fmt: skip
+                                slot_lo, slot_hi, fast.rtable, fast.rec_lo, fast.rec_hi,
+                                fast.extable)  # fmt: skip
             if self.journal is not None:
                 self.journal.set_area(area=area.vbase, kcr3=area.cr3, la57=area.la57,
                                       code=code.vaddr, doorbell=bell.vaddr, vars_=vars_.vaddr,
@@ -412,9 +425,14 @@ class KprobeEngine:
             return False
         h = contents.header
         assert self.journal is not None
-        layout = StubLayout(h.code, h.doorbell, h.vars, h.ptable, h.slot_lo, h.slot_hi)
         self.area.adopt(h.area, h.kcr3, h.la57, contents.ptes)
         self._kcr3, self._la57 = h.kcr3, h.la57
+        # The fast-path pages sit where the area's layout puts them; the dead
+        # session's recorders stay until their probes are disarmed.
+        self.fast = fast = FastPath(self.area, self.target, self.hostmem, self.kwrite_code,
+                                    self.write_data)  # fmt: skip
+        layout = StubLayout(h.code, h.doorbell, h.vars, h.ptable, h.slot_lo, h.slot_hi,
+                            fast.rtable, fast.rec_lo, fast.rec_hi, fast.extable)  # fmt: skip
         stubs = self._use_stubs(layout)
         code_phys = self._kphys(h.code)
         if self._phys_read(code_phys, len(stubs.code)) != stubs.code:
@@ -1059,6 +1077,7 @@ class KprobeEngine:
                                  "rewrote its text); unregister its kprobes first")  # fmt: skip
             point.kprobes.append(kp)
             kp.registered = True
+            self._fast_update(point)
             return kp
         self.wait_text_unlocked()
         self.can_probe(addr)
@@ -1105,7 +1124,12 @@ class KprobeEngine:
         self.check_lost([point])
         point.kprobes.remove(kp)
         kp.registered = False
+        if self.fast is not None:
+            inst = self.fast.installed.get(point.addr)
+            if inst is not None and inst.kp is kp:
+                self.fast.remove(point.addr)
         if point.kprobes:
+            self._fast_update(point)
             return
         # A vCPU may be stepping this probe's slot: let it finish first.
         self.drain()
@@ -1123,6 +1147,7 @@ class KprobeEngine:
                                  "(the guest rewrote its text)")  # fmt: skip
             if not point.armed:
                 self._arm(point)
+            self._fast_update(point)
 
     def disable_kprobe(self, kp: Kprobe) -> None:
         kp.disabled = True
@@ -1130,6 +1155,55 @@ class KprobeEngine:
             point = self.points[kp.arm_addr]
             if point.armed and not point.enabled:
                 self._disarm(point)
+            self._fast_update(point)
+
+    # --- the fast path ------------------------------------------------------------
+
+    def _fast_update(self, point: ProbePoint) -> None:
+        """Rewrite the fast-path word of ``point`` after its kprobes changed."""
+        if self.fast is None or not point.armed:
+            return
+        i = self._ptable_slot(point.addr)
+        if self._ptable[i] == point.addr:
+            self.fast.write_word(i, point)
+
+    def cpu_features(self) -> CpuFeatures:
+        """What recorders may use on this guest's CPU: SMAP when CR4 has it on.
+        (The host cannot run CPUID in the guest: a TSC is assumed, RDPID not.)"""
+        cr4 = self.target.registers().cr4
+        return CpuFeatures(smap=bool(cr4 & CR4_SMAP), tsc=True, rdpid=False)
+
+    def enable_fast_path(self) -> RingLayout:
+        """Map the recorder and ring pages (once); the rings' layout."""
+        if self.fast is None or not self.attached:
+            raise ProbeError("attach the engine before enabling the fast path")
+        if self.fast.poll not in self.poll_hooks:
+            self.poll_hooks.append(self.fast.poll)
+        return self.fast.enable(len(self.target.vcpus))
+
+    def install_recorder(self, kp: Kprobe, build: Callable[[int], Recorder]) -> Recorder | None:
+        """Give the registered ``kp`` a recorder that runs in the guest at its
+        hits, in place of the doorbell. ``build(address)`` generates it. The
+        recorder runs only while ``kp`` is the sole, enabled kprobe of a
+        boosted probe point; other hits keep the slow path (its pre_handler).
+        Returns None where the point can never be fast (not boosted)."""
+        if self.fast is None or self.fast.ring is None:
+            raise ProbeError("enable the fast path before installing recorders")
+        if not kp.registered or kp.arm_addr is None:
+            raise ProbeError(f"{kp!r} is not registered")
+        point = self.points[kp.arm_addr]
+        if not point.boosted:
+            return None
+        rec = self.fast.install(kp, point, build)
+        self._fast_update(point)
+        return rec
+
+    def is_fast(self, kp: Kprobe) -> bool:
+        """Whether hits of ``kp`` are recorded in the guest now."""
+        if self.fast is None or kp.arm_addr is None:
+            return False
+        point = self.points.get(kp.arm_addr)
+        return point is not None and self.fast.word(point) != 0
 
     # --- arming ---------------------------------------------------------------
 
@@ -1141,6 +1215,9 @@ class KprobeEngine:
 
     def _ptable_write(self, indexes: list[int]) -> None:
         for i in indexes:
+            if self.fast is not None:
+                # The fast-path word of whatever the entry now holds.
+                self.fast.write_word(i, self.points.get(self._ptable[i]))
             self.write_data(self._ptable_addr + 8 * i, struct.pack("<Q", self._ptable[i]))
 
     def _ptable_insert(self, addr: int) -> None:
@@ -1748,18 +1825,25 @@ class KprobeEngine:
 
         if done():
             return
+        failed = False
         self.target.resume()
         try:
             while True:
                 try:
                     stop = self.target.wait(poll)
                 except StubTimeoutError:
+                    for hook in self.poll_hooks:
+                        hook(True)
                     if done():
                         self._stop_quietly()
                         if time.monotonic() - self._last_lost_check >= self.lost_check_interval:
                             self.check_lost()
                         return
                     continue
+                # Hooks first: a hit a full ring handed over comes after
+                # what the rings hold.
+                for hook in self.poll_hooks:
+                    hook(False)
                 if not self.handle_stop(stop):
                     raise ProbeError(f"unexpected stop: {stop}")
                 if time.monotonic() - self._last_lost_check >= self.lost_check_interval:
@@ -1767,9 +1851,15 @@ class KprobeEngine:
                 if done():
                     return
                 self.target.resume()
+        except BaseException:
+            failed = True
+            raise
         finally:
             if self.client.running:
                 self._stop_quietly()
+            if not failed:
+                for hook in self.poll_hooks:
+                    hook(False)
 
     def _stop_quietly(self) -> None:
         """Interrupt the guest, servicing doorbells that race with the interrupt.

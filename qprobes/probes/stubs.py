@@ -74,6 +74,18 @@ SLOT_FAULT_VECTORS: dict[int, bool] = {
 }
 
 
+# The faults a recorder's load can raise: #GP (a non-canonical address) and #PF.
+RECORDER_FAULT_VECTORS = frozenset({13, 14})
+RTABLE_BOOST_SHIFT = 32
+EFLAGS_TF = 0x100
+
+
+def rtable_entry(recorder_offset: int, boost_offset: int) -> int:
+    """The fast-path table word of a probe: area offsets of its recorder and
+    of its boosted slot entry."""
+    return recorder_offset | boost_offset << RTABLE_BOOST_SHIFT
+
+
 def probe_hash(addr: int) -> int:
     """The probe-table bucket of ``addr``; the #BP stub computes the same."""
     return ((addr * HASH_MULT) & (2**64 - 1)) >> (64 - PTABLE_BITS)
@@ -89,6 +101,15 @@ class StubLayout:
     ptable: int  # PTABLE_ENTRIES u64 probe addresses, 0 = empty
     slot_lo: int  # [slot_lo, slot_hi) holds the instruction slots
     slot_hi: int
+    # The fast path (0: none). ``rtable``: one u64 per probe-table entry,
+    # the area offsets (from ``code``) of the probe's recorder (low half) and
+    # of its boosted slot entry (high half), 0 = no recorder. [rec_lo,
+    # rec_hi) holds the recorders; ``extable``: their (load rip, fixup rip)
+    # u64 pairs, ended by a zero load rip.
+    rtable: int = 0
+    rec_lo: int = 0
+    rec_hi: int = 0
+    extable: int = 0
 
 
 # Offsets inside the vars page.
@@ -133,6 +154,7 @@ _RESTORE = "\n".join(f"    pop {r}" for r in PT_REGS_NAMES[:15])
 _RIP = 8 * PT_REGS_NAMES.index("rip")
 _ORIG_RAX = 8 * PT_REGS_NAMES.index("orig_rax")
 _CS = 8 * PT_REGS_NAMES.index("cs")
+_EFLAGS = 8 * PT_REGS_NAMES.index("eflags")
 
 
 def _ring(vector: int, label: str, error_code: bool, debug: bool = False) -> str:
@@ -172,6 +194,44 @@ def _ring(vector: int, label: str, error_code: bool, debug: bool = False) -> str
 """
 
 
+def _fast_hit() -> str:
+    """A probe with a recorder: record in the guest and go to the boosted
+    slot, with no doorbell. A recorder that found no room (lossless mode)
+    returns nonzero: the hit rings the doorbell as a slow-path one. The
+    host's flow is kept (a doorbell) while some vCPU single-steps a slot,
+    and when the guest single-steps itself (TF): that hit must trap after
+    the original instruction, not after the copy.
+    Entered with rcx = the probe-table index."""
+    return f"""
+qp_bp_found:
+    mov rdx, [rcx * 8 + RTABLE]
+    test rdx, rdx
+    jz qp_bp_ours
+    cmp qword ptr [rip + VARS + {VAR_SS_ACTIVE:#x}], 0
+    jne qp_bp_ours
+    test qword ptr [rsp + {_EFLAGS}], {EFLAGS_TF:#x}
+    jnz qp_bp_ours
+    lea rax, [rip + qp_base]
+    mov ecx, edx
+    add rax, rcx
+    mov rdi, rsp
+    push rdx
+.globl qp_bp_record
+qp_bp_record:
+    call rax
+    pop rdx
+    test eax, eax
+    jnz qp_bp_ours
+    lea rax, [rip + qp_base]
+    shr rdx, {RTABLE_BOOST_SHIFT}
+    add rdx, rax
+    mov [rsp + {_RIP}], rdx
+{_RESTORE}
+    add rsp, 8
+    iretq
+"""
+
+
 def _in_slots(label: str) -> str:
     """Jump to ``{label}_ours`` if the frame's rip is in the slot pages, else
     to ``{label}_chain``. Clobbers rax, rcx."""
@@ -192,17 +252,52 @@ def fault_label(vector: int) -> str:
     return {13: "qp_gp", 14: "qp_pf"}.get(vector, f"qp_fault{vector}")
 
 
-def _slot_fault(vector: int, error_code: bool) -> str:
+def _recorder_fixup(label: str) -> str:
+    """A #PF or #GP at a recorder's load: resume at the load's fixup (the
+    recorder's exception table, like Linux's ``fixup_exception``), with no
+    stop and without the guest's handler. Falls through when rip is not a
+    listed load. Clobbers rax, rcx, rdx."""
+    return f"""
+    mov rax, [rsp + {_RIP}]
+    lea rcx, [rip + REC_LO]
+    cmp rax, rcx
+    jb {label}_notrec
+    lea rcx, [rip + REC_HI]
+    cmp rax, rcx
+    jae {label}_notrec
+    lea rcx, [rip + EXTABLE]
+{label}_ext:
+    mov rdx, [rcx]
+    test rdx, rdx
+    jz {label}_notrec
+    cmp rdx, rax
+    je {label}_fixup
+    add rcx, 16
+    jmp {label}_ext
+{label}_fixup:
+    mov rdx, [rcx + 8]
+    mov [rsp + {_RIP}], rdx
+{_RESTORE}
+    add rsp, 8
+    iretq
+{label}_notrec:
+"""
+
+
+def _slot_fault(vector: int, error_code: bool, fast: bool = False) -> str:
     """A fault stub: ours when rip is in a slot (then the shared doorbell of
-    ``qp_fault_ours``), else straight to the guest's handler."""
+    ``qp_fault_ours``), else straight to the guest's handler. With ``fast``,
+    a fault at a recorder's load goes to its fixup first."""
     label = fault_label(vector)
     push = "" if error_code else "    push -1"
     drop = "" if error_code else "    add rsp, 8"
+    fixup = _recorder_fixup(label) if fast and vector in RECORDER_FAULT_VECTORS else ""
     return f"""
 .globl {label}_entry
 {label}_entry:
 {push}
 {_SAVE}
+{fixup}
 {_in_slots(label)}
 {label}_ours:
     push {vector:#x}
@@ -253,8 +348,18 @@ def stub_source(layout: StubLayout) -> str:
     # code: GAS assembles ``[rip + SYM]`` with an *absolute* SYM as a plain
     # displacement, but with a relocatable one as rip-relative.
     c = layout.code
+    fast = layout.rtable != 0
+    data = ""
+    if fast:
+        data = f"""
+.set RTABLE, qp_base + {layout.rtable - c:#x}
+.set REC_LO, qp_base + {layout.rec_lo - c:#x}
+.set REC_HI, qp_base + {layout.rec_hi - c:#x}
+.set EXTABLE, qp_base + {layout.extable - c:#x}
+"""
     return f"""
 qp_base:
+{data}
 .set DOORBELL, qp_base + {layout.doorbell - c:#x}
 .set VARS, qp_base + {layout.vars - c:#x}
 .set PTABLE, qp_base + {layout.ptable - c:#x}
@@ -276,7 +381,7 @@ qp_bp_entry:
 qp_bp_lookup:
     mov rdx, [rcx * 8 + PTABLE]
     cmp rdx, rax
-    je qp_bp_ours
+    je {"qp_bp_found" if fast else "qp_bp_ours"}
     test rdx, rdx
     jz qp_bp_foreign
     inc rcx
@@ -291,6 +396,7 @@ qp_bp_foreign:
 {_RESTORE}
     add rsp, 8
     iretq
+{_fast_hit() if fast else ""}
 {_ring(3, "qp_bp", error_code=False)}
 
 /* vector 1, #DB: ours while some vCPU single-steps a slot, or when rip is in
@@ -308,7 +414,7 @@ qp_db_entry:
 {_ring(1, "qp_db", error_code=False, debug=True)}
 
 /* the faults an instruction in a slot can raise: ours when rip is in a slot. */
-{"".join(_slot_fault(v, e) for v, e in SLOT_FAULT_VECTORS.items())}
+{"".join(_slot_fault(v, e, fast) for v, e in SLOT_FAULT_VECTORS.items())}
 {_fault_doorbell()}
 /* kretprobe trampoline: a hijacked return lands here. The slot the return
    address was popped from is taken back with the trampoline's address still

@@ -14,11 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from qprobes.arch.x86_64.recorder_asm import RecorderSpec, TaskLayout, assemble_recorder
 from qprobes.errors import ProbeError, QprobesError, SymbolError
 from qprobes.linux.preempt import PREEMPT_NEED_RESCHED, TraceCtx, tracing_gen_ctx
-from qprobes.probes.context import HitContext
+from qprobes.probes.context import HitContext, PtRegs
 from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe
+from qprobes.probes.stubs import FRAME_WORDS, PT_REGS_NAMES
 from qprobes.tracing.ast import ProbeSpec, RemoveSpec
 from qprobes.tracing.events import TraceEvent, trace_header
 from qprobes.tracing.fetch import (
@@ -32,6 +34,13 @@ from qprobes.tracing.filter import FilterExpr, common_values, evaluate_filter, p
 from qprobes.tracing.hist import Histogram, KeyMod, StackTrigger, parse_hist, parse_stacktrace
 from qprobes.tracing.latency import Latency
 from qprobes.tracing.parser import parse_probe
+from qprobes.tracing.recorder import (
+    NotFastError,
+    RawRecord,
+    RecorderPlan,
+    decode_record,
+    plan_recorder,
+)
 
 #: Where x86-64 modules (and ftrace/BPF trampolines) live: MODULES_VADDR up.
 MODULES_START = 0xFFFFFFFFA0000000
@@ -102,6 +111,13 @@ class TraceProbe:
     stacktrace: StackTrigger | None = None
     latency: Latency | None = None
 
+    # The fast path: the recorder's plan and id, hits it recorded, and why a
+    # definition stays on the slow path.
+    plan: RecorderPlan | None = field(default=None, repr=False)
+    fast_id: int = 0
+    fast_hits: int = 0
+    slow_reason: str | None = None
+
     @property
     def want_stack(self) -> bool:
         return self.stacktrace is not None or any(h.wants_stack for h in self.hists)
@@ -112,7 +128,7 @@ class TraceProbe:
 
     @property
     def nhit(self) -> int:
-        return self.probe.nhit if self.probe is not None else 0
+        return (self.probe.nhit if self.probe is not None else 0) + self.fast_hits
 
     @property
     def nmissed(self) -> int:
@@ -138,14 +154,40 @@ class TraceProbe:
         return self.probe is not None and self.probe.kp.lost
 
 
-class Tracer:
-    """Probes from kprobe_events definitions on a session (a :class:`ProbeHost`)."""
+# Linux's copy_from_kernel_nofault_allowed(): kernel reads below
+# TASK_SIZE_MAX + PAGE_SIZE (4-level paging) fault.
+LINUX_KERNEL_FLOOR = 0x0000_8000_0000_0000
+SP_OFFSET = 8 * PT_REGS_NAMES.index("rsp")
 
-    def __init__(self, session: ProbeHost, sink: Callable[[TraceEvent], None]) -> None:
+
+class Tracer:
+    """Probes from kprobe_events definitions on a session (a :class:`ProbeHost`).
+
+    With ``fast``, a kprobe whose definition the guest can fetch by itself
+    (:func:`~qprobes.tracing.recorder.plan_recorder`) records its hits in
+    the guest with no stop per hit; the Tracer drains the rings while the
+    guest runs (when qprobes launched QEMU, else whenever the guest stops)
+    and emits the same events as the slow path. Strings keep at most
+    ``string_cap`` bytes there. Other definitions, and hits the guest must
+    hand to the host (a vCPU single-stepping, an aggregate probe), take the
+    slow path. A full ring hands its hit to the host (``lossless``, the
+    default: one stop, the rings drained, the hit on the slow path), or
+    drops and counts it (:attr:`fast_dropped`).
+    """
+
+    def __init__(self, session: ProbeHost, sink: Callable[[TraceEvent], None], *,
+                 fast: bool = False, string_cap: int = 255,
+                 lossless: bool = True) -> None:  # fmt: skip
         self.session = session
         self.sink = sink
         self.probes: dict[str, TraceProbe] = {}
         self.started = time.monotonic_ns()
+        self.fast = fast
+        self.string_cap = string_cap
+        self.lossless = lossless
+        self._tsc_hz: float | None = None
+        self._tsc_anchor: int | None = None  # ns to subtract from tsc / hz
+        self._per_cpu: list[int] | None = None  # __per_cpu_offset, for record clocks
 
     def header(self) -> str:
         """The header of the guest's ``trace`` file, printed once above the events."""
@@ -163,6 +205,18 @@ class Tracer:
         before, they are ``x64``."""
         kernel = self.session.kernel
         return kernel is None or "traceprobe_expand_meta_args" in kernel.symbols
+
+    @property
+    def fast_dropped(self) -> int:
+        """Records the guest dropped (nested hits, full rings), engine-wide."""
+        fast = self.session.engine.fast
+        return fast.dropped if fast is not None else 0
+
+    @property
+    def fast_spilled(self) -> int:
+        """Hits a full ring handed to the host (lossless mode), engine-wide."""
+        fast = self.session.engine.fast
+        return fast.spilled if fast is not None else 0
 
     @property
     def _symbols(self) -> Any:
@@ -277,16 +331,142 @@ class Tracer:
             rp = Kretprobe(addr=addr, handler=self._ret_handler(tp), maxactive=spec.maxactive,
                            name=name, entry_handler=self._entry_handler)  # fmt: skip
             tp.probe = self.session.kretprobes.register(rp)
+            if self.fast:
+                tp.slow_reason = "return probes are not on the fast path yet"
         else:
             kp = Kprobe(addr=addr, pre_handler=self._pre_handler(tp), name=name)
             tp.probe = self.session.engine.register_kprobe(kp)
+            if self.fast:
+                try:
+                    self._make_fast(tp, kp)
+                except NotFastError as exc:
+                    tp.slow_reason = str(exc)
         self.probes[name] = tp
         return tp
 
+    # --- the fast path ------------------------------------------------------------
+
+    def _make_fast(self, tp: TraceProbe, kp: Kprobe) -> None:
+        if tp.want_stack:
+            raise NotFastError(f"{tp.name}: kernel stack traces are taken on the slow path")
+        engine = self.session.engine
+        plan = plan_recorder(tp.args, tp.addr)
+        try:
+            ring = engine.enable_fast_path()
+        except ProbeError as exc:
+            raise NotFastError(f"{tp.name}: {exc}") from exc
+        kernel = self.session.kernel
+        task = cpu_number = None
+        floor = 0
+        if kernel is not None:
+            floor = LINUX_KERNEL_FLOOR
+            if kernel.current_task is not None and kernel.task is not None:
+                task = TaskLayout(kernel.current_task, kernel.task.pid, kernel.task.comm)
+            if "cpu_number" in kernel.symbols:
+                cpu_number = kernel.symbols.address("cpu_number")
+            if self._tsc_hz is None and "tsc_khz" in kernel.symbols:
+                khz = int.from_bytes(engine.read_data(kernel.symbols.address("tsc_khz"), 4),
+                                     "little")  # fmt: skip
+                self._tsc_hz = khz * 1000.0 if khz else None
+        # On x86 Linux a kernel-form fetch of a user address reads user memory.
+        probe_id = engine.fast.new_id() if engine.fast is not None else 0
+        spec = RecorderSpec(probe_id, plan.fetches, SP_OFFSET, ring, engine.cpu_features(),
+                            task, cpu_number, self.string_cap, floor,
+                            kernel_reads_user=kernel is not None,
+                            lossless=self.lossless)  # fmt: skip
+        try:
+            rec = engine.install_recorder(kp, lambda at: assemble_recorder(spec, at))
+        except ProbeError as exc:
+            raise NotFastError(f"{tp.name}: {exc}") from exc
+        if rec is None:
+            raise NotFastError(f"{tp.name}: the probed instruction cannot run boosted")
+        tp.plan, tp.fast_id = plan, probe_id
+        assert engine.fast is not None
+        engine.fast.consumers[probe_id] = lambda data: self._consume(tp, data)
+
+    def _consume(self, tp: TraceProbe, data: bytes) -> None:
+        assert tp.plan is not None
+        tp.fast_hits += 1
+        self._emit_record(tp, decode_record(data, tp.plan.strings))
+
+    def drain(self) -> int:
+        """Emit the events the guest recorded so far (every CPU's, in TSC
+        order); the number of records taken (the engine's, for every tracer)."""
+        fast = self.session.engine.fast
+        return fast.drain() if fast is not None else 0
+
+    def _record_timestamp(self, tsc: int, cpu: int) -> tuple[int, str]:
+        """A record's time on the same clock as the slow path's events: the
+        guest's trace clock through its CPU's per-CPU data when the session
+        has it, else the TSC at ``tsc_khz`` anchored to host time at the
+        first record."""
+        clock = self.session.trace_clock
+        kernel = self.session.kernel
+        if clock is not None and kernel is not None:
+            if self._per_cpu is None and "__per_cpu_offset" in kernel.symbols:
+                n = len(self.session.engine.target.vcpus)
+                raw = self.session.engine.read_data(kernel.symbols.address("__per_cpu_offset"),
+                                                    8 * n)  # fmt: skip
+                self._per_cpu = [int.from_bytes(raw[8 * i : 8 * i + 8], "little")
+                                 for i in range(n)]  # fmt: skip
+            if self._per_cpu is not None and 0 <= cpu < len(self._per_cpu):
+                ctx = HitContext(cpu + 1, PtRegs([0] * FRAME_WORDS), self.session.engine.read_data,
+                                 0, tsc=tsc, gs_base=self._per_cpu[cpu])  # fmt: skip
+                found = clock(ctx)
+                if found is not None:
+                    return found
+        if self._tsc_hz is None:
+            return time.monotonic_ns() - self.started, "host"
+        ns = round(tsc / self._tsc_hz * 1e9)
+        if self._tsc_anchor is None:
+            self._tsc_anchor = ns - (time.monotonic_ns() - self.started)
+        return ns - self._tsc_anchor, "host"
+
+    def _emit_record(self, tp: TraceProbe, raw: RawRecord) -> None:
+        assert tp.plan is not None
+        values = tp.plan.values(raw)
+        cpu = raw.cpu
+        seen = {**common_values(raw.pid, raw.comm, cpu), "common_cpu": cpu, **values}
+        passed = tp.filter is None or evaluate_filter(tp.filter, seen)
+        if not passed and not tp.hists:
+            tp.filtered += 1
+            return
+        ts, clock = self._record_timestamp(raw.tsc, cpu)
+        event = TraceEvent(
+            group=tp.spec.group,
+            event=tp.spec.event,
+            kind="p",
+            addr=tp.addr,
+            location=tp.location,
+            ret_to=None,
+            cpu=cpu,
+            pid=raw.pid,
+            comm=raw.comm,
+            timestamp_ns=ts,
+            fields=values,
+            text=format_args(tp.args, values),
+            clock=clock,
+            # A recorder does not read the interrupted context's flags yet.
+            trace_flags=0,
+            preempt_count=0,
+        )
+        for hist in tp.hists:
+            hist.update(event, seen)
+        if not passed:
+            tp.filtered += 1
+            return
+        tp.emitted += 1
+        self.sink(event)
+
     def remove(self, name: str) -> None:
-        tp = self.probes.pop(name, None)
+        tp = self.probes.get(name)
         if tp is None:
             raise ProbeError(f"no event {name}")
+        fast = self.session.engine.fast
+        if tp.fast_id and fast is not None:
+            self.drain()  # what it recorded before it goes
+            fast.consumers.pop(tp.fast_id, None)
+        del self.probes[name]
         if tp.probe is not None:
             self.session.unregister(tp.probe)
 
@@ -473,15 +653,29 @@ class Tracer:
             names[nr] = name
         return names
 
-    def summary(self, notes: bool = True) -> list[dict[str, Any]]:
+
         """Hits and misses per probe. ``notes=False`` leaves out what needs the
         guest (whether it changed a probed ftrace site): for a guest that died."""
+    def _fast_now(self, tp: TraceProbe) -> bool:
+        """Whether ``tp``'s hits are recorded in the guest now."""
+        kp = tp.kprobe
+        return bool(tp.fast_id) and kp is not None and self.session.engine.is_fast(kp)
+
+    def _slow_reason(self, tp: TraceProbe) -> str | None:
+        if not self.fast or self._fast_now(tp):
+            return None
+        if tp.slow_reason is None:
+            return "another probe shares its address, or it is disabled or lost"
+        return tp.slow_reason
+
+    def summary(self, notes: bool = True) -> list[dict[str, Any]]:
         engine = self.session.engine
         return [
             {"event": name, "location": tp.spec.location, "hits": tp.nhit,
              "emitted": tp.emitted, "filtered": tp.filtered, "missed": tp.nmissed,
              "note": engine.ftrace_site_changed(tp.kprobe)
                      if notes and tp.kprobe is not None and not tp.lost else None,
-             "lost": tp.lost, "lost_why": tp.lost_why}
+             "lost": tp.lost, "lost_why": tp.lost_why, "fast": self._fast_now(tp),
+             "slow_reason": self._slow_reason(tp)}
             for name, tp in self.probes.items()
         ]  # fmt: skip

@@ -118,6 +118,12 @@ def test_a_legacy_workdir_a_process_names_stays(tmp_path: Path) -> None:
     path = workdir(tmp_path, "qprobes-inuse", None, age=LEGACY_STALE_AFTER + 60)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(path)])
     try:
+        # Popen returns before the child has exec'd: wait until its command line names the path.
+        cmdline = Path(f"/proc/{holder.pid}/cmdline")
+        for _ in range(500):
+            if str(path).encode() in cmdline.read_bytes():
+                break
+            time.sleep(0.01)
         assert clean_stale_workdirs(tmp_path) == []
     finally:
         holder.kill()
