@@ -255,6 +255,7 @@ class Unhit:
     armed_s: list[float] = field(default_factory=list)
     dropped: int = 0  # probes the calibration found hit, replaced
     hits: int = 0  # hits on the probes during the timed runs (should be 0)
+    lost_check_s: float | None = None  # one engine.check_lost() over them, guest stopped
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -393,6 +394,48 @@ def measure(
             row.problems.append(f"counted {seen} hits (net), expected {row.hits * repeat}")
 
 
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Case:
+    """A row's probes, set up before each of its rounds and taken down after.
+
+    ``count`` reads the probe's hits so far; a read that itself hits the
+    probe (a console command on the guest) adds ``count_cost``.
+    """
+
+    row: Row
+    setup: Callable[[], None] = _nothing
+    teardown: Callable[[], None] = _nothing
+    count: Callable[[], int] | None = None
+    count_cost: int = 0
+    seen: int = 0
+
+    def pair(self, run: Callable[[int], float], stats: Callable[[], dict[str, int]]) -> None:
+        """run(0), then run(row.hits): the fixed cost, then the timed run.
+        Hits and stops of the run for 0 are subtracted."""
+        for n in (0, self.row.hits):
+            sign = 1 if n else -1
+            hits0 = self.count() if self.count is not None else 0
+            stats0 = stats()
+            wall = run(n)
+            _net(stats0, stats(), sign, self.row.stops)
+            if self.count is not None:
+                self.seen += sign * (self.count() - hits0 - self.count_cost)
+            (self.row.walls if n else self.row.fixed).append(wall)
+
+    def check(self, rounds: int) -> None:
+        if self.count is None:
+            return
+        self.row.hits_seen = self.seen
+        if self.seen != self.row.hits * rounds:
+            self.row.problems.append(
+                f"counted {self.seen} hits (net), expected {self.row.hits * rounds}"
+            )
+
+
 def _noop(kp: Any, ctx: Any) -> None:
     return None
 
@@ -432,12 +475,6 @@ class LinuxBench:
 
     # --- rows -------------------------------------------------------------------------
 
-    def noprobe(self) -> Row:
-        row = self.add_row(Row("noprobe", self.opts.hits))
-        self.log(f"{row.label}: {self.opts.repeat} x {row.hits} opens")
-        measure(row, self.open_n, self.opts.repeat, stats=self.stats)
-        return row
-
     def _guest_hits(self) -> int:
         """The guest's own hit count of its event (``kprobe_profile``)."""
         out = self.shell(f"cat {TRACEFS}/kprobe_profile")
@@ -445,45 +482,6 @@ class LinuxBench:
         if found is None:
             raise BenchError(f"{GUEST_EVENT} is not in kprobe_profile: {out.strip()[-300:]!r}")
         return int(found.group(1))
-
-    def guest_kprobe_events(self, base: Row) -> Row:
-        row = self.add_row(Row("guest_kprobe_events", self.opts.hits, baseline=base))
-        row.notes.append(f"definition: {GUEST_DEF}")
-        self.log(f"{row.label}: {self.opts.repeat} x {row.hits} hits (tracefs, same guest)")
-        enable = f"{TRACEFS}/events/{GUEST_GROUP}/enable"
-        out = self.shell(
-            f"echo > {TRACEFS}/trace && echo '{GUEST_DEF}' >> "
-            f"{TRACEFS}/kprobe_events && echo 1 > {enable} && echo configured"
-        )
-        if "configured" not in out:
-            raise BenchError(f"the guest's kprobe_events refused {GUEST_DEF!r}: {out.strip()!r}")
-        try:
-            # Reading the count opens a file too: what one read adds, and what
-            # the command for N=0 adds, come off the hits of the timed runs.
-            read_cost = -(self._guest_hits() - self._guest_hits())
-            h0 = self._guest_hits()
-            self.open_n(0)
-            zero = self._guest_hits() - h0 - read_cost
-            before = self._guest_hits()
-            measure(row, self.open_n, self.opts.repeat, stats=self.stats)
-            seen = self._guest_hits() - before - read_cost
-            warm = min(row.hits, 100)
-            # measure(): a warm-up, a run for 0, then repeat pairs; every
-            # command also hits what the one for 0 hits.
-            row.hits_seen = seen - warm - zero * (2 * self.opts.repeat + 2)
-            expected = row.hits * self.opts.repeat
-            if row.hits_seen != expected:
-                row.problems.append(
-                    f"kprobe_profile counted {row.hits_seen} hits (net), expected {expected}"
-                )
-            if row.stops.get("stops"):
-                row.problems.append(f"{row.stops['stops']} qprobes stops with no qprobes probe")
-        finally:
-            self.shell(
-                f"echo 0 > {enable}; echo '-:{GUEST_GROUP}/{GUEST_EVENT}' >> "
-                f"{TRACEFS}/kprobe_events; echo > {TRACEFS}/trace"
-            )
-        return row
 
     def _singlestep_at(self) -> tuple[str, str]:
         """After the ftrace nop, where the function starts with it."""
@@ -493,57 +491,116 @@ class LinuxBench:
             return f"{PROBED}+{len(FTRACE_NOP)}", f" (+{len(FTRACE_NOP)})"
         return PROBED, ""
 
-    def kprobes(self, base: Row) -> None:
-        step_at, step_label = self._singlestep_at()
-        cases: list[tuple[str, Callable[[], Any]]] = [
-            ("boosted", lambda: self.session.kprobe(PROBED, _noop)),
-            ("single_step", lambda: self.session.kprobe(step_at, _noop, boost=False)),
-            ("kretprobe", lambda: self.session.kretprobe(PROBED, _noop)),
-        ]
-        for key, register in cases:
-            row = self.add_row(Row(key, self.opts.hits, baseline=base))
-            if key == "single_step":
-                row.label_extra = step_label
-            self.log(f"{row.label}: {self.opts.repeat} x {row.hits} hits")
-            probe = register()
-            try:
-                measure(
-                    row,
-                    self.open_n,
-                    self.opts.repeat,
-                    stats=self.stats,
-                    count=lambda: int(probe.nhit),  # noqa: B023
-                )
-                if key == "kretprobe" and probe.nmissed:
-                    row.problems.append(f"kretprobe nmissed={probe.nmissed}")
-            finally:
-                self.session.unregister(probe)
+    def _kprobe_case(self, row: Row, register: Callable[[], Any]) -> Case:
+        held: list[Any] = []
 
-    def tracer(self, base: Row) -> Row:
+        def setup() -> None:
+            held[:] = [register()]
+
+        def teardown() -> None:
+            probe = held.pop()
+            if getattr(probe, "nmissed", 0):
+                row.problems.append(f"nmissed={probe.nmissed}")
+            self.session.unregister(probe)
+
+        return Case(row, setup, teardown, count=lambda: int(held[0].nhit))
+
+    def _guest_case(self, row: Row) -> Case:
+        """The guest's own kprobe_events, set up and removed through tracefs."""
+        row.notes.append(f"definition: {GUEST_DEF}")
+        enable = f"{TRACEFS}/events/{GUEST_GROUP}/enable"
+        case = Case(row, count=self._guest_hits)
+
+        def setup() -> None:
+            out = self.shell(
+                f"echo '{GUEST_DEF}' >> {TRACEFS}/kprobe_events && echo 1 > {enable} "
+                "&& echo configured"
+            )
+            if "configured" not in out:
+                raise BenchError(f"the guest's kprobe_events refused {GUEST_DEF!r}: {out!r}")
+            # Reading the count opens a file too (one hit per read, say).
+            case.count_cost = -(self._guest_hits() - self._guest_hits())
+
+        def teardown() -> None:
+            self.shell(
+                f"echo 0 > {enable}; echo '-:{GUEST_GROUP}/{GUEST_EVENT}' >> "
+                f"{TRACEFS}/kprobe_events; echo > {TRACEFS}/trace"
+            )
+
+        case.setup, case.teardown = setup, teardown
+        return case
+
+    def _tracer_case(self, row: Row) -> Case:
         from qprobes.tracing import TraceEvent, Tracer
 
-        row = self.add_row(Row("tracer", self.opts.hits, baseline=base))
         row.notes.append(f"definition: {TRACE_DEF}")
-        self.log(f"{row.label}: {self.opts.repeat} x {row.hits} hits")
         paths: Counter[str] = Counter()
+        emitted = [0, 0]  # events emitted, hits
 
         def sink(event: TraceEvent) -> None:
             paths[str(event.fields.get("path"))] += 1
 
         tracer = Tracer(self.session, sink)
-        tp = tracer.add(TRACE_DEF)
-        try:
-            measure(
-                row, self.open_n, self.opts.repeat, stats=self.stats, count=lambda: int(tp.nhit)
-            )
-            if tp.emitted != tp.nhit:
-                row.problems.append(f"{tp.emitted} events emitted for {tp.nhit} hits")
-            row.notes.append(
-                "events by path: " + ", ".join(f"{p} {k}" for p, k in sorted(paths.items()))
-            )
-        finally:
+        held: list[Any] = []
+
+        def setup() -> None:
+            held[:] = [tracer.add(TRACE_DEF)]
+
+        def teardown() -> None:
+            tp = held.pop()
+            emitted[0] += tp.emitted
+            emitted[1] += tp.nhit
             tracer.remove(tp.name)
-        return row
+            row.notes[1:] = [
+                "events by path: " + ", ".join(f"{p} {k}" for p, k in sorted(paths.items()))
+            ]
+            if emitted[0] != emitted[1]:
+                row.problems[:] = [f"{emitted[0]} events emitted for {emitted[1]} hits"]
+
+        return Case(row, setup, teardown, count=lambda: int(held[0].nhit))
+
+    def hit_rows(self) -> Row:
+        """Every row on qprobes' side, interleaved: each round runs each row
+        once (set up, warm up, N=0 and N, taken down), so that what else the
+        host does at one moment spreads over all rows alike."""
+        n = self.opts.hits
+        base = self.add_row(Row("noprobe", n))
+        step_at, step_label = self._singlestep_at()
+        cases = [
+            Case(base),
+            self._guest_case(self.add_row(Row("guest_kprobe_events", n, baseline=base))),
+            self._kprobe_case(
+                self.add_row(Row("boosted", n, baseline=base)),
+                lambda: self.session.kprobe(PROBED, _noop),
+            ),
+            self._kprobe_case(
+                self.add_row(Row("single_step", n, baseline=base, label_extra=step_label)),
+                lambda: self.session.kprobe(step_at, _noop, boost=False),
+            ),
+            self._kprobe_case(
+                self.add_row(Row("kretprobe", n, baseline=base)),
+                lambda: self.session.kretprobe(PROBED, _noop),
+            ),
+            self._tracer_case(self.add_row(Row("tracer", n, baseline=base))),
+        ]
+        for r in range(self.opts.repeat):
+            self.log(
+                f"round {r + 1}/{self.opts.repeat}: "
+                + ", ".join(c.row.label for c in cases)
+                + f" ({n} opens each)"
+            )
+            for case in cases:
+                case.setup()
+                try:
+                    self.open_n(min(n, 50))  # warm up: the translation cache, the slot pages
+                    case.pair(self.open_n, self.stats)
+                finally:
+                    case.teardown()
+        for case in cases:
+            case.check(self.opts.repeat)
+        if base.stops.get("stops") or self.result.rows["guest_kprobe_events"].stops.get("stops"):
+            self.result.problems.append("qprobes stopped the guest with no qprobes probe armed")
+        return base
 
     def not_available(self) -> None:
         for key in ("fast", "detour", "kretprobe_fast"):
@@ -632,6 +689,11 @@ class LinuxBench:
             f"mixed workload, {self.opts.repeat} runs, {result.probes} unhit probes armed "
             f"({result.dropped} hit in calibration, replaced)"
         )
+        # What the host does for them at every stop of a command's end: is
+        # each int3 still there (engine.check_lost, at most once a second).
+        start = time.perf_counter()
+        self.session.engine.check_lost()
+        result.lost_check_s = time.perf_counter() - start
         before = sum(kp.nhit for kp in probes)
         result.armed_s += [self.mixed(result.rounds) for _ in range(self.opts.repeat)]
         result.hits = sum(kp.nhit for kp in probes) - before
@@ -884,10 +946,7 @@ def run_bench(opts: BenchOptions, progress: TextIO | None = sys.stderr) -> Bench
         if result.boot.first_probe_s is not None:
             log(f"boot to the first probe hit: {result.boot.first_probe_s:.2f} s")
         result.release = session.command("uname -r").strip() or None
-        base = bench.noprobe()
-        bench.guest_kprobe_events(base)
-        bench.kprobes(base)
-        bench.tracer(base)
+        base = bench.hit_rows()
         bench.not_available()
         if opts.unhit > 0:
             bench.unhit()
@@ -979,6 +1038,11 @@ def report(result: BenchResult, out: TextIO) -> None:
             f"probes never hit: median {statistics.median(u.armed_s):.3f} s against "
             f"{statistics.median(u.baseline_s):.3f} s with none: slowdown {u.slowdown:+.1%}\n"
         )
+        if u.lost_check_s is not None:
+            w(
+                f"  (one check that their {u.probes} int3s are still in place, which the engine "
+                f"makes at the end of a command: {u.lost_check_s * 1e3:.0f} ms)\n"
+            )
     b = result.boot
     if b.ratio is not None:
         w(
