@@ -177,9 +177,18 @@ class Row:
 
     @property
     def overhead_runs(self) -> list[float]:
-        """Seconds a probe hit adds to an open, per run (no baseline: per open)."""
-        base = self.baseline.per_open if self.baseline is not None else 0.0
-        return [p - base for p in self.per_open_runs]
+        """Seconds a probe hit adds to an open, per run (no baseline: per open).
+
+        Run i is compared with the baseline's run i when the baseline has as
+        many (the rows run in rounds, each round close together in time, so
+        that a busy spell of the host falls on both); else with its median.
+        """
+        if self.baseline is None:
+            return self.per_open_runs
+        base = self.baseline.per_open_runs
+        if len(base) == len(self.walls):
+            return [p - b for p, b in zip(self.per_open_runs, base, strict=True)]
+        return [p - self.baseline.per_open for p in self.per_open_runs]
 
     @property
     def stops_per_hit(self) -> float | None:
@@ -324,8 +333,9 @@ class BenchResult:
             **self.summary(),
             "workload": f"Linux {self.release or '?'}: 'qp-open N {OPENED}', probes on "
             f"{PROBED}, TCG, smp=1",
-            "method": "per open = (wall(N) - median wall(0)) / N per run; us_per_hit = "
-            "median per open - the no-probe row's median per open (same path)",
+            "method": "per open = (wall(N) - median wall(0)) / N per run; per hit = per open "
+            "- the no-probe row's per open of the same round (same path); us = median over "
+            "the rounds",
             "rows": [r.as_dict() for r in self.rows.values()],
             "arming": [dataclasses.asdict(a) for a in self.arming.values()],
             "unhit": {**dataclasses.asdict(self.unhit), "slowdown": self.unhit.slowdown},
@@ -669,9 +679,11 @@ class LinuxBench:
         arm = self.result.arming.setdefault(want, Arming(want))
         probes = self._arm(pool, want, arm)
         pool = pool[arm.armed + arm.refused :]
-        # Calibration: probes the workload (or the idle guest) hits are replaced.
-        for _ in range(5):
-            self.mixed(result.rounds)
+        # Calibration: probes the workload (or the idle guest) hits are
+        # replaced. A short pass first (a hot probe is hit thousands of times
+        # a round), then full ones until none is hit.
+        for attempt in range(6):
+            self.mixed(min(2, result.rounds) if attempt == 0 else result.rounds)
             hit = [kp for kp in probes if kp.nhit]
             if not hit:
                 break

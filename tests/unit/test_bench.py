@@ -63,13 +63,13 @@ def make_result() -> BenchResult:
     return result
 
 
-def test_per_hit_is_the_median_per_open_minus_the_baseline_of_its_path() -> None:
+def test_per_hit_is_per_open_minus_the_baseline_of_the_same_round() -> None:
     result = make_result()
     assert result.value("noprobe") == pytest.approx(90.0)  # median of 100 and 80 us
-    # per open 1000 and 900 us, less the baseline 90: 910 and 810, median 860
+    # per open 1000 and 900 us, less the baseline's 100 and 80 of the same rounds
     assert result.value("boosted") == pytest.approx(860.0)
     rows = result.rows
-    assert [round(x * 1e6) for x in rows["boosted"].overhead_runs] == [910, 810]
+    assert [round(x * 1e6) for x in rows["boosted"].overhead_runs] == [900, 820]
     assert result.value("single_step") == pytest.approx(1910.0)
     assert result.value("gdb") == pytest.approx(50_000.0 - 100.0)
     assert rows["boosted"].stops_per_hit == 1.0 and rows["single_step"].stops_per_hit == 2.0
@@ -120,8 +120,8 @@ def test_json_document_round_trips() -> None:
         "available": False,
         "reason": "not built yet",
     }
-    assert rows["boosted"]["us_min"] == pytest.approx(810.0)
-    assert rows["boosted"]["us_max"] == pytest.approx(910.0)
+    assert rows["boosted"]["us_min"] == pytest.approx(820.0)
+    assert rows["boosted"]["us_max"] == pytest.approx(900.0)
 
 
 def test_the_table_says_not_available_and_names_the_limit() -> None:
@@ -189,3 +189,9 @@ def test_cli_options() -> None:
     quick = BenchOptions.quick_run(repeat=4)
     assert quick.repeat == 4 and quick.arm_many == 0 and quick.quick
     assert BenchOptions().arm_many == 10_000 and BenchOptions().unhit == 1000
+
+
+def test_a_baseline_with_other_runs_is_taken_by_its_median() -> None:
+    base = Row("gdb_noprobe", 10, path="console", walls=[0.0015, 0.0013, 0.0011], fixed=[0.0005])
+    gdb = Row("gdb", 10, path="console", baseline=base, walls=[0.5005, 0.4005], fixed=[0.0005])
+    assert [round(x * 1e6) for x in gdb.overhead_runs] == [49_920, 39_920]  # less 80 us
