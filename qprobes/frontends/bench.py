@@ -269,8 +269,13 @@ class Unhit:
 
     @property
     def slowdown(self) -> float | None:
+        """How much longer a run takes with the probes armed (a fraction): the
+        median of each armed run over the run without them just before it."""
         if not self.baseline_s or not self.armed_s:
             return None
+        if len(self.baseline_s) == len(self.armed_s):
+            pairs = zip(self.armed_s, self.baseline_s, strict=True)
+            return statistics.median(a / b for a, b in pairs) - 1
         return statistics.median(self.armed_s) / statistics.median(self.baseline_s) - 1
 
 
@@ -672,9 +677,7 @@ class LinuxBench:
         result.rounds = self.opts.mixed_rounds
         pool = self._functions()
         random.Random(9).shuffle(pool)  # spread over the text, the same every run
-        self.log(f"mixed workload ({result.rounds} rounds), {self.opts.repeat} runs, no probes")
         self.mixed(result.rounds)  # warm-up
-        result.baseline_s += [self.mixed(result.rounds) for _ in range(self.opts.repeat)]
         self.log(f"arming {want} probes on function entries (kallsyms)")
         arm = self.result.arming.setdefault(want, Arming(want))
         probes = self._arm(pool, want, arm)
@@ -698,8 +701,9 @@ class LinuxBench:
         if result.probes < want:
             result.problems.append(f"only {result.probes} unhit probes armed of {want}")
         self.log(
-            f"mixed workload, {self.opts.repeat} runs, {result.probes} unhit probes armed "
-            f"({result.dropped} hit in calibration, replaced)"
+            f"mixed workload ({result.rounds} rounds), {self.opts.repeat} runs with {result.probes}"
+            f" unhit probes armed ({result.dropped} hit in calibration, replaced), alternating "
+            "with runs with them disabled"
         )
         # What the host does for them at every stop of a command's end: is
         # each int3 still there (engine.check_lost, at most once a second).
@@ -707,13 +711,19 @@ class LinuxBench:
         self.session.engine.check_lost()
         result.lost_check_s = time.perf_counter() - start
         before = sum(kp.nhit for kp in probes)
-        result.armed_s += [self.mixed(result.rounds) for _ in range(self.opts.repeat)]
+        engine = self.session.engine
+        for _ in range(self.opts.repeat):
+            # Disabled: no int3 in the text, nothing for the host to check.
+            for kp in probes:
+                engine.disable_kprobe(kp)
+            result.baseline_s.append(self.mixed(result.rounds))
+            for kp in probes:
+                engine.enable_kprobe(kp)
+            result.armed_s.append(self.mixed(result.rounds))
         result.hits = sum(kp.nhit for kp in probes) - before
         if result.hits:
             result.problems.append(f"the armed probes were hit {result.hits} times")
         arm.unregister_s = self._unregister(probes)
-        self.log("mixed workload, no probes again")
-        result.baseline_s += [self.mixed(result.rounds) for _ in range(self.opts.repeat)]
 
     def arm_many(self) -> None:
         want = self.opts.arm_many

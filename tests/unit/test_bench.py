@@ -195,3 +195,10 @@ def test_a_baseline_with_other_runs_is_taken_by_its_median() -> None:
     base = Row("gdb_noprobe", 10, path="console", walls=[0.0015, 0.0013, 0.0011], fixed=[0.0005])
     gdb = Row("gdb", 10, path="console", baseline=base, walls=[0.5005, 0.4005], fixed=[0.0005])
     assert [round(x * 1e6) for x in gdb.overhead_runs] == [49_920, 39_920]  # less 80 us
+
+
+def test_the_unhit_slowdown_pairs_each_armed_run_with_the_run_before_it() -> None:
+    result = make_result()
+    result.unhit.baseline_s = [1.0, 2.0]  # the host got busier between the rounds
+    result.unhit.armed_s = [1.1, 2.4]
+    assert result.summary()["unhit_1000_slowdown"] == pytest.approx(0.15)  # 1.1x, 1.2x
