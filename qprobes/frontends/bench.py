@@ -981,6 +981,7 @@ def run_bench(opts: BenchOptions, progress: TextIO | None = sys.stderr) -> Bench
         except MachineError as exc:
             result.problems.append(f"closing the guest: {exc}")
     result.elapsed_s = time.monotonic() - log.start
+    result.host["loadavg_after"] = list(os.getloadavg())
     log(f"done in {result.elapsed_s:.0f} s")
     return result
 
@@ -1012,7 +1013,8 @@ def report(result: BenchResult, out: TextIO) -> None:
     )
     w(
         f"  {host.get('qemu')}; {host.get('gdb')}; {host.get('nproc')} x {host.get('cpu')}; "
-        f"load average before {host.get('loadavg_before', [0])[0]:.2f}\n"
+        f"load average {host.get('loadavg_before', [0])[0]:.2f} before, "
+        f"{host.get('loadavg_after', [0])[0]:.2f} after\n"
     )
     w(
         f"  {opts.repeat} runs per row, N = {opts.hits} opens (gdb: {opts.gdb_hits}); "
