@@ -21,16 +21,16 @@ prompt. Rows, in the order they run:
    to the same QEMU (pygdbmi), first with no breakpoint, then with
    ``break *do_sys_openat2`` + ``commands`` / ``silent`` / ``continue``.
 
-Method. Each row runs the command ``repeat`` times, alternating with the
-same command for N=0 (the fixed cost of one command: the console round
-trip and the shell starting ``qp-open``), after a warm-up:
-``per open = (wall(N) - median wall(0)) / N`` for each run. The overhead
-per hit of a row is its per open minus the no-probe row's median per open
-on the same path (qprobes' ``Session.command`` for rows 1-6, the console
-with gdb attached for row 7); min, median and max are over the runs. Stops
-per hit are ``engine.stats`` (net of the N=0 runs), for gdb the MI
-``*stopped`` records and, in an untimed run, the stop replies in gdb's
-remote log.
+Method. qprobes' rows (1-6) run in rounds: each round sets up, measures
+and takes down every row in turn, so that a busy spell of the host falls
+on all of them alike. A row's measurement is a warm-up, then the command
+for N=0 (the fixed cost of one command: the console round trip and the
+shell starting ``qp-open``), then the command for N:
+``per open = (wall(N) - median wall(0)) / N`` for each round. The overhead
+per hit is that per open minus the no-probe row's per open in the same
+round (for gdb: the gdb-attached baseline's); min, median and max are over
+the rounds. Stops per hit are ``engine.stats`` (net of the N=0 runs), for
+gdb the stop replies in gdb's remote log over an untimed run.
 
 Besides the hit cost: the time to arm 1,000 and 10,000 probes on distinct
 function entries taken from kallsyms (probes the engine refuses are
@@ -117,7 +117,7 @@ class BenchError(QprobesError):
 
 @dataclass
 class BenchOptions:
-    """What ``qprobes bench`` runs; :meth:`quick` is a short run for tests."""
+    """What ``qprobes bench`` runs; :meth:`quick_run` is a short run for tests."""
 
     repeat: int = 5  # timed runs per row
     hits: int = 1000  # opens per run (probe hits), qprobes and kprobe_events rows
@@ -179,14 +179,15 @@ class Row:
     def overhead_runs(self) -> list[float]:
         """Seconds a probe hit adds to an open, per run (no baseline: per open).
 
-        Run i is compared with the baseline's run i when the baseline has as
-        many (the rows run in rounds, each round close together in time, so
-        that a busy spell of the host falls on both); else with its median.
+        qprobes' rows run in rounds: run i is compared with the baseline's
+        run i, of the same round (close in time, so that a busy spell of the
+        host falls on both). gdb's runs come in a block after its
+        baseline's: they are compared with the baseline's median.
         """
         if self.baseline is None:
             return self.per_open_runs
         base = self.baseline.per_open_runs
-        if len(base) == len(self.walls):
+        if self.path == "session" and len(base) == len(self.walls):
             return [p - b for p, b in zip(self.per_open_runs, base, strict=True)]
         return [p - self.baseline.per_open for p in self.per_open_runs]
 
