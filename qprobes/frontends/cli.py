@@ -68,6 +68,16 @@ def _cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from qprobes.frontends.bench import BenchOptions, bench
+
+    changes = {k: getattr(args, k) for k in ("repeat", "hits", "gdb_hits") if getattr(args, k)}
+    if args.gdb:
+        changes["gdb"] = args.gdb
+    opts = BenchOptions.quick_run(**changes) if args.quick else BenchOptions(**changes)
+    return bench(opts, json_output=args.json, out=sys.stdout)
+
+
 def _cmd_attach(args: argparse.Namespace) -> int:
     from qprobes.frontends import api
 
@@ -304,6 +314,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve", metavar="START:SIZE",
                    help="with --recover: the memory the dead session was given")  # fmt: skip
     p.set_defaults(func=_cmd_attach)
+
+    p = sub.add_parser(
+        "bench", help="measure what a probe hit costs, against gdb and the guest's kprobes",
+        description="Boot the default Linux guest once and time the same workload (qp-open N "
+        "/etc/hostname, probes on do_sys_openat2) with no probe, the guest's own "
+        "kprobe_events (set up through tracefs), qprobes' boosted and single-stepped kprobes, "
+        "kretprobe and Tracer, and a real gdb's break + commands on the same QEMU; then arm "
+        "1,000 and 10,000 probes, time a mixed workload with 1,000 unhit probes armed, and "
+        "compare the boot to the first probe hit with a plain boot. Rows that do not exist "
+        "yet (the fast paths) are 'not available' (null in JSON). Progress goes to stderr; "
+        "docs/BENCHMARKS.md explains the method.",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object instead of the table")  # fmt: skip
+    p.add_argument("-r", "--repeat", type=_positive_int, default=None,
+                   help="timed runs per row (default 5; --quick: 3)")  # fmt: skip
+    p.add_argument("-n", "--hits", type=_positive_int, default=None,
+                   help="opens (probe hits) per run (default 1000; --quick: 300)")  # fmt: skip
+    p.add_argument("--gdb-hits", type=_positive_int, default=None,
+                   help="opens per run with gdb's breakpoint, about 25-55 ms each "
+                   "(default 100; --quick: 10)")  # fmt: skip
+    p.add_argument("--quick", action="store_true",
+                   help="a short run (about a minute): fewer runs and hits, no "
+                   "10,000-probe arming")  # fmt: skip
+    p.add_argument("--gdb", metavar="PATH", default=None,
+                   help="the gdb to compare with (default: gdb on PATH)")  # fmt: skip
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,1124 @@
+"""``qprobes bench``: what a probe hit costs, against gdb and the guest's own kprobes.
+
+One run boots the default Linux guest once and measures every row on it,
+with one workload: ``qp-open N /etc/hostname`` (the guest's helper opens a
+file N times from the shell itself, one ``openat`` per round, no fork),
+probes on ``do_sys_openat2``. Typed on the serial console, timed to the
+prompt. Rows, in the order they run:
+
+1. no probe (qprobes attached, nothing armed): the cost of one open;
+2. the guest's own kprobe_events, ``p:... do_sys_openat2
+   path=+0(%si):string``, set up through tracefs in the same guest;
+3. qprobes kprobes with a no-op handler: boosted (copy + ``jmp`` back, one
+   stop per hit) and single-step (a #BP stop, then a #DB stop; after the
+   5-byte ftrace nop the function starts with);
+4. a qprobes kretprobe (the slow path: the entry probe and the trampoline);
+5. the qprobes :class:`~qprobes.tracing.tracer.Tracer` with the same
+   definition as row 2 (the string fetch, comm and pid, a formatted event);
+6. the fast paths (recorders in the guest with an int3, with a detour, on
+   return): reported as not available until they exist;
+7. gdb: qprobes detaches and lets go of the gdbstub, a real gdb connects
+   to the same QEMU (pygdbmi), first with no breakpoint, then with
+   ``break *do_sys_openat2`` + ``commands`` / ``silent`` / ``continue``.
+
+Method. qprobes' rows (1-6) run in rounds: each round sets up, measures
+and takes down every row in turn, so that a busy spell of the host falls
+on all of them alike. A row's measurement is a warm-up, then the command
+for N=0 (the fixed cost of one command: the console round trip and the
+shell starting ``qp-open``), then the command for N:
+``per open = (wall(N) - median wall(0)) / N`` for each round. The overhead
+per hit is that per open minus the no-probe row's per open in the same
+round (for gdb: the gdb-attached baseline's); min, median and max are over
+the rounds. Stops per hit are ``engine.stats`` (net of the N=0 runs), for
+gdb the stop replies in gdb's remote log over an untimed run.
+
+Besides the hit cost: the time to arm 1,000 and 10,000 probes on distinct
+function entries taken from kallsyms (probes the engine refuses are
+counted and skipped; the engine's own limits are reported as they come),
+the slowdown of a mixed shell workload with 1,000 armed probes that it
+never hits, and the time from launching QEMU to the first probe hit
+against a plain boot of the same guest to its prompt (a second, short
+boot before the main one).
+
+Nothing here asserts a time; numbers depend on the machine and what else
+runs on it. Compare ratios taken in one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from qprobes.errors import MachineError, QprobesError
+from qprobes.frontends.session import Session
+from qprobes.probes.kprobe import Kprobe
+
+PROBED = "do_sys_openat2"
+OPENED = "/etc/hostname"
+FTRACE_NOP = bytes.fromhex("0f1f440000")  # nop dword ptr [rax + rax*1 + 0]
+FETCHARGS = "path=+0(%si):string"
+TRACE_DEF = f"p:myopen {PROBED} {FETCHARGS}"
+TRACEFS = "/sys/kernel/tracing"
+#: The guest's own event (kprobe_profile names it by its event name alone).
+GUEST_GROUP, GUEST_EVENT = "qpbench", "qpbench_open"
+GUEST_DEF = f"p:{GUEST_GROUP}/{GUEST_EVENT} {PROBED} {FETCHARGS}"
+#: A mixed workload: fork and exec, file system, procfs, pipes.
+MIXED = (
+    "for i in $(seq {n}); do ls -l /bin > /dev/null; cat /proc/self/status {file} > /dev/null; "
+    "echo $i > /tmp/qp-mix; sort /tmp/qp-mix | wc -c > /dev/null; done; echo mixed-done"
+)
+NOT_BUILT = "not built yet: the in-guest recorder (issue 9, items 1-4)"
+
+#: Rows by key: the JSON key of their overhead, their label.
+ROWS: dict[str, tuple[str, str]] = {
+    "noprobe": ("noprobe_us_per_open", "no probe (per open)"),
+    "guest_kprobe_events": (
+        "guest_kprobe_events_us_per_hit",
+        "guest's own kprobe_events, string fetch",
+    ),
+    "boosted": ("boosted_us_per_hit", "qprobes kprobe, boosted"),
+    "single_step": ("single_step_us_per_hit", "qprobes kprobe, single-step"),
+    "kretprobe": ("kretprobe_us_per_hit", "qprobes kretprobe (slow path)"),
+    "tracer": ("tracer_us_per_hit", "qprobes Tracer, string fetch (slow path)"),
+    "fast": ("fast_us_per_hit", "qprobes fast path, int3"),
+    "detour": ("detour_us_per_hit", "qprobes fast path, detour"),
+    "kretprobe_fast": ("kretprobe_fast_us_per_hit", "qprobes kretprobe, fast path"),
+    "gdb_noprobe": ("gdb_noprobe_us_per_open", "gdb attached, no breakpoint (per open)"),
+    "gdb": ("gdb_us_per_hit", "gdb break + commands silent/continue"),
+}
+
+#: (JSON key, numerator row, denominator row).
+RATIOS = [
+    ("ratio_gdb_to_boosted", "gdb", "boosted"),
+    ("ratio_gdb_to_single_step", "gdb", "single_step"),
+    ("ratio_gdb_to_tracer", "gdb", "tracer"),
+    ("ratio_tracer_to_guest_kprobe_events", "tracer", "guest_kprobe_events"),
+    ("ratio_fast_to_guest_kprobe_events", "fast", "guest_kprobe_events"),
+    ("ratio_detour_to_guest_kprobe_events", "detour", "guest_kprobe_events"),
+]
+
+
+class BenchError(QprobesError):
+    """The benchmark could not measure something (a guest command failed)."""
+
+
+@dataclass
+class BenchOptions:
+    """What ``qprobes bench`` runs; :meth:`quick_run` is a short run for tests."""
+
+    repeat: int = 5  # timed runs per row
+    hits: int = 1000  # opens per run (probe hits), qprobes and kprobe_events rows
+    gdb_hits: int = 100  # opens per run with gdb's breakpoint (about 25-55 ms each)
+    unhit: int = 1000  # probes armed for the mixed workload (0: skip)
+    arm_many: int = 10_000  # probes to arm at once (0: skip)
+    mixed_rounds: int = 20  # rounds of the mixed workload per run
+    trace_hits: int = 3  # hits of the untimed gdb run with the remote log (0: skip)
+    gdb: str = field(default_factory=lambda: shutil.which("gdb") or "/usr/bin/gdb")
+    timeout: float = 300.0  # seconds one timed command may take
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls, **changes: Any) -> BenchOptions:
+        """A short run: every row, fewer runs and hits, no 10,000-probe arming."""
+        opts = cls(
+            repeat=3, hits=300, gdb_hits=10, arm_many=0, mixed_rounds=4, trace_hits=2, quick=True
+        )
+        return dataclasses.replace(opts, **changes)
+
+
+@dataclass
+class Row:
+    """The runs of one row."""
+
+    key: str
+    hits: int  # opens per run
+    path: str = "session"  # "session" (qprobes' Session.command) or "console" (gdb attached)
+    available: bool = True
+    reason: str | None = None  # why a row is not available
+    walls: list[float] = field(default_factory=list)  # seconds, command(hits)
+    fixed: list[float] = field(default_factory=list)  # seconds, the same command for 0
+    stops: dict[str, int] = field(default_factory=dict)  # the N runs net of the N=0 runs
+    hits_seen: int | None = None  # counted by the probe, N runs net of the N=0 runs
+    baseline: Row | None = None  # the no-probe row of the same path
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    label_extra: str = ""
+
+    @property
+    def label(self) -> str:
+        return ROWS[self.key][1] + self.label_extra
+
+    @property
+    def measured(self) -> bool:
+        return self.available and bool(self.walls)
+
+    @property
+    def per_open_runs(self) -> list[float]:
+        """Seconds per open in each run, the fixed cost (median) removed."""
+        fixed = statistics.median(self.fixed) if self.fixed else 0.0
+        return [(w - fixed) / self.hits for w in self.walls]
+
+    @property
+    def per_open(self) -> float:
+        return statistics.median(self.per_open_runs)
+
+    @property
+    def overhead_runs(self) -> list[float]:
+        """Seconds a probe hit adds to an open, per run (no baseline: per open).
+
+        qprobes' rows run in rounds: run i is compared with the baseline's
+        run i, of the same round (close in time, so that a busy spell of the
+        host falls on both). gdb's runs come in a block after its
+        baseline's: they are compared with the baseline's median.
+        """
+        if self.baseline is None:
+            return self.per_open_runs
+        base = self.baseline.per_open_runs
+        if self.path == "session" and len(base) == len(self.walls):
+            return [p - b for p, b in zip(self.per_open_runs, base, strict=True)]
+        return [p - self.baseline.per_open for p in self.per_open_runs]
+
+    @property
+    def stops_per_hit(self) -> float | None:
+        if "stops" not in self.stops or not self.walls:
+            return None
+        return self.stops["stops"] / (self.hits * len(self.walls))
+
+    def us(self) -> float | None:
+        """The row's number in µs: median overhead per hit (per open for a baseline)."""
+        if not self.measured:
+            return None
+        return statistics.median(self.overhead_runs) * 1e6
+
+    def as_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "key": self.key,
+            "json_key": ROWS[self.key][0],
+            "label": self.label,
+            "available": self.available,
+            "reason": self.reason,
+        }
+        if not self.measured:
+            return doc
+        over = [x * 1e6 for x in self.overhead_runs]
+        doc.update(
+            {
+                "path": self.path,
+                "opens_per_run": self.hits,
+                "runs": len(self.walls),
+                "wall_s": self.walls,
+                "fixed_s": self.fixed,
+                "per_open_us": self.per_open * 1e6,
+                "us": self.us(),
+                "us_min": min(over),
+                "us_max": max(over),
+                "baseline": self.baseline.key if self.baseline is not None else None,
+                "stops": self.stops,
+                "stops_per_hit": self.stops_per_hit,
+                "hits_seen": self.hits_seen,
+                "notes": self.notes,
+                "problems": self.problems,
+            }
+        )
+        return doc
+
+
+@dataclass
+class Arming:
+    """One attempt to arm ``wanted`` probes at once."""
+
+    wanted: int
+    armed: int = 0
+    refused: int = 0
+    seconds: float | None = None  # to arm ``wanted`` (None: not all armed)
+    seconds_tried: float = 0.0  # until the attempt ended, however it ended
+    unregister_s: float | None = None
+    limit: str | None = None  # the engine's error that ended the attempt
+    refusals: dict[str, int] = field(default_factory=dict)  # a few examples
+
+    def refuse(self, exc: QprobesError) -> None:
+        self.refused += 1
+        if len(self.refusals) < 6:
+            self.refusals[str(exc)[:200]] = 1
+
+
+@dataclass
+class Unhit:
+    """The mixed workload with and without ``probes`` armed, unhit."""
+
+    probes: int = 0
+    rounds: int = 0
+    baseline_s: list[float] = field(default_factory=list)
+    armed_s: list[float] = field(default_factory=list)
+    dropped: int = 0  # probes the calibration found hit, replaced
+    hits: int = 0  # hits on the probes during the timed runs (should be 0)
+    lost_check_s: float | None = None  # one engine.check_lost() over them, guest stopped
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def slowdown(self) -> float | None:
+        """How much longer a run takes with the probes armed (a fraction): the
+        median of each armed run over the run without them just before it."""
+        if not self.baseline_s or not self.armed_s:
+            return None
+        if self.pairs:
+            return statistics.median(self.pairs) - 1
+        return statistics.median(self.armed_s) / statistics.median(self.baseline_s) - 1
+
+    @property
+    def pairs(self) -> list[float]:
+        """Each armed run over the run without the probes just before it."""
+        if not self.armed_s or len(self.baseline_s) != len(self.armed_s):
+            return []
+        return [a / b for a, b in zip(self.armed_s, self.baseline_s, strict=True)]
+
+
+@dataclass
+class Boot:
+    plain_s: float | None = None  # QEMU launched to the shell prompt
+    first_probe_s: float | None = None  # QEMU launched to the first probe hit
+
+    @property
+    def ratio(self) -> float | None:
+        if self.plain_s is None or self.first_probe_s is None or self.plain_s <= 0:
+            return None
+        return self.first_probe_s / self.plain_s
+
+
+@dataclass
+class BenchResult:
+    options: BenchOptions
+    rows: dict[str, Row] = field(default_factory=dict)
+    arming: dict[int, Arming] = field(default_factory=dict)
+    unhit: Unhit = field(default_factory=Unhit)
+    boot: Boot = field(default_factory=Boot)
+    release: str | None = None
+    host: dict[str, Any] = field(default_factory=dict)
+    gdb_trace: dict[str, Any] | None = None
+    elapsed_s: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    def value(self, key: str) -> float | None:
+        row = self.rows.get(key)
+        return row.us() if row is not None else None
+
+    def ratio(self, num: str, den: str) -> float | None:
+        a, b = self.value(num), self.value(den)
+        if a is None or b is None or b <= 0:
+            return None
+        return a / b
+
+    def summary(self) -> dict[str, Any]:
+        """The top-level numeric keys (µs, seconds, fractions; None where not available)."""
+        doc: dict[str, Any] = {ROWS[k][0]: self.value(k) for k in ROWS}
+        for key, num, den in RATIOS:
+            doc[key] = self.ratio(num, den)
+        doc["stops_per_hit"] = {k: r.stops_per_hit for k, r in self.rows.items() if r.measured}
+        for n in (1000, 10_000):
+            arm = self.arming.get(n)
+            doc[f"arm_{n}_s"] = arm.seconds if arm is not None else None
+            doc[f"arm_{n}_armed"] = arm.armed if arm is not None else None
+            doc[f"arm_{n}_refused"] = arm.refused if arm is not None else None
+            doc[f"arm_{n}_limit"] = arm.limit if arm is not None else None
+        doc["unhit_1000_slowdown"] = self.unhit.slowdown if self.unhit.probes == 1000 else None
+        doc["unhit_probes"] = self.unhit.probes
+        doc["boot_plain_s"] = self.boot.plain_s
+        doc["boot_to_first_probe_s"] = self.boot.first_probe_s
+        doc["boot_to_first_probe_ratio"] = self.boot.ratio
+        return doc
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            **self.summary(),
+            "workload": f"Linux {self.release or '?'}: 'qp-open N {OPENED}', probes on "
+            f"{PROBED}, TCG, smp=1",
+            "method": "per open = (wall(N) - median wall(0)) / N per run; per hit = per open "
+            "- the no-probe row's per open of the same round (same path); us = median over "
+            "the rounds",
+            "rows": [r.as_dict() for r in self.rows.values()],
+            "arming": [dataclasses.asdict(a) for a in self.arming.values()],
+            "unhit": {
+                **dataclasses.asdict(self.unhit),
+                "slowdown": self.unhit.slowdown,
+                "pairs": self.unhit.pairs,
+            },
+            "boot": {**dataclasses.asdict(self.boot), "ratio": self.boot.ratio},
+            "gdb_trace": self.gdb_trace,
+            "host": self.host,
+            "options": dataclasses.asdict(self.options),
+            "problems": self.problems,
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+# --- measuring ------------------------------------------------------------------------
+
+
+class Progress:
+    """One line per step on stderr, with the time since the start."""
+
+    def __init__(self, out: TextIO | None) -> None:
+        self.out = out
+        self.start = time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        if self.out is not None:
+            print(
+                f"bench [{time.monotonic() - self.start:6.1f} s] {msg}", file=self.out, flush=True
+            )
+
+
+def _net(before: dict[str, int], after: dict[str, int], sign: int, into: dict[str, int]) -> None:
+    for k in after:
+        into[k] = into.get(k, 0) + sign * (after[k] - before.get(k, 0))
+
+
+def measure(
+    row: Row,
+    run: Callable[[int], float],
+    repeat: int,
+    *,
+    count: Callable[[], int] | None = None,
+    stats: Callable[[], dict[str, int]] | None = None,
+) -> None:
+    """Warm up, then alternate run(0) and run(row.hits) ``repeat`` times.
+
+    ``count`` (probe hits so far) and ``stats`` (stops so far) are read
+    around every run; what the N=0 runs took is subtracted from what the N
+    runs took.
+    """
+    run(min(row.hits, 100))  # the translation cache, the slot pages
+    run(0)
+    seen = 0
+    for _ in range(repeat):
+        for n in (0, row.hits):
+            hits0 = count() if count is not None else 0
+            stats0 = stats() if stats is not None else {}
+            wall = run(n)
+            sign = 1 if n else -1
+            if count is not None:
+                seen += sign * (count() - hits0)
+            if stats is not None:
+                _net(stats0, stats(), sign, row.stops)
+            (row.walls if n else row.fixed).append(wall)
+    if count is not None:
+        row.hits_seen = seen
+        if seen != row.hits * repeat:
+            row.problems.append(f"counted {seen} hits (net), expected {row.hits * repeat}")
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Case:
+    """A row's probes, set up before each of its rounds and taken down after.
+
+    ``count`` reads the probe's hits so far; a read that itself hits the
+    probe (a console command on the guest) adds ``count_cost``.
+    """
+
+    row: Row
+    setup: Callable[[], None] = _nothing
+    teardown: Callable[[], None] = _nothing
+    count: Callable[[], int] | None = None
+    count_cost: int = 0
+    seen: int = 0
+
+    def pair(self, run: Callable[[int], float], stats: Callable[[], dict[str, int]]) -> None:
+        """run(0), then run(row.hits): the fixed cost, then the timed run.
+        Hits and stops of the run for 0 are subtracted."""
+        for n in (0, self.row.hits):
+            sign = 1 if n else -1
+            hits0 = self.count() if self.count is not None else 0
+            stats0 = stats()
+            wall = run(n)
+            _net(stats0, stats(), sign, self.row.stops)
+            if self.count is not None:
+                self.seen += sign * (self.count() - hits0 - self.count_cost)
+            (self.row.walls if n else self.row.fixed).append(wall)
+
+    def check(self, rounds: int) -> None:
+        if self.count is None:
+            return
+        self.row.hits_seen = self.seen
+        if self.seen != self.row.hits * rounds:
+            self.row.problems.append(
+                f"counted {self.seen} hits (net), expected {self.row.hits * rounds}"
+            )
+
+
+def _noop(kp: Any, ctx: Any) -> None:
+    return None
+
+
+class LinuxBench:
+    """The benchmark on one Linux guest (a :class:`Session`)."""
+
+    def __init__(
+        self, session: Session, opts: BenchOptions, result: BenchResult, progress: Progress
+    ) -> None:
+        self.session = session
+        self.opts = opts
+        self.result = result
+        self.log = progress
+
+    # --- the workload -----------------------------------------------------------------
+
+    def open_n(self, n: int) -> float:
+        """``qp-open n`` through ``Session.command`` (probe hits served meanwhile)."""
+        line = f"qp-open {n} {OPENED}"
+        start = time.perf_counter()
+        out = self.session.command(line, timeout=self.opts.timeout)
+        wall = time.perf_counter() - start
+        if out.strip() != f"qp-open: {n} opens of {OPENED}":
+            raise BenchError(f"{line!r} printed {out.strip()[-200:]!r}")
+        return wall
+
+    def shell(self, line: str, timeout: float = 60.0) -> str:
+        return self.session.command(line, timeout=timeout)
+
+    def stats(self) -> dict[str, int]:
+        return dict(dataclasses.asdict(self.session.engine.stats))
+
+    def add_row(self, row: Row) -> Row:
+        self.result.rows[row.key] = row
+        return row
+
+    # --- rows -------------------------------------------------------------------------
+
+    def _guest_hits(self) -> int:
+        """The guest's own hit count of its event (``kprobe_profile``)."""
+        out = self.shell(f"cat {TRACEFS}/kprobe_profile")
+        found = re.search(rf"^\s*{GUEST_EVENT}\s+(\d+)\s+(\d+)", out, re.MULTILINE)
+        if found is None:
+            raise BenchError(f"{GUEST_EVENT} is not in kprobe_profile: {out.strip()[-300:]!r}")
+        return int(found.group(1))
+
+    def _singlestep_at(self) -> tuple[str, str]:
+        """After the ftrace nop, where the function starts with it."""
+        addr = self.session.engine.resolve(Kprobe(symbol_name=PROBED))
+        head = self.session.engine.read_data(addr, len(FTRACE_NOP))
+        if head == FTRACE_NOP:
+            return f"{PROBED}+{len(FTRACE_NOP)}", f" (+{len(FTRACE_NOP)})"
+        return PROBED, ""
+
+    def _kprobe_case(self, row: Row, register: Callable[[], Any]) -> Case:
+        held: list[Any] = []
+
+        def setup() -> None:
+            held[:] = [register()]
+
+        def teardown() -> None:
+            probe = held.pop()
+            if getattr(probe, "nmissed", 0):
+                row.problems.append(f"nmissed={probe.nmissed}")
+            self.session.unregister(probe)
+
+        return Case(row, setup, teardown, count=lambda: int(held[0].nhit))
+
+    def _guest_case(self, row: Row) -> Case:
+        """The guest's own kprobe_events, set up and removed through tracefs."""
+        row.notes.append(f"definition: {GUEST_DEF}")
+        enable = f"{TRACEFS}/events/{GUEST_GROUP}/enable"
+        case = Case(row, count=self._guest_hits)
+
+        def setup() -> None:
+            out = self.shell(
+                f"echo '{GUEST_DEF}' >> {TRACEFS}/kprobe_events && echo 1 > {enable} "
+                "&& echo configured"
+            )
+            if "configured" not in out:
+                raise BenchError(f"the guest's kprobe_events refused {GUEST_DEF!r}: {out!r}")
+            # Reading the count opens a file too (one hit per read, say).
+            case.count_cost = -(self._guest_hits() - self._guest_hits())
+
+        def teardown() -> None:
+            self.shell(
+                f"echo 0 > {enable}; echo '-:{GUEST_GROUP}/{GUEST_EVENT}' >> "
+                f"{TRACEFS}/kprobe_events; echo > {TRACEFS}/trace"
+            )
+
+        case.setup, case.teardown = setup, teardown
+        return case
+
+    def _tracer_case(self, row: Row) -> Case:
+        from qprobes.tracing import TraceEvent, Tracer
+
+        row.notes.append(f"definition: {TRACE_DEF}")
+        paths: Counter[str] = Counter()
+        emitted = [0, 0]  # events emitted, hits
+
+        def sink(event: TraceEvent) -> None:
+            paths[str(event.fields.get("path"))] += 1
+
+        tracer = Tracer(self.session, sink)
+        held: list[Any] = []
+
+        def setup() -> None:
+            held[:] = [tracer.add(TRACE_DEF)]
+
+        def teardown() -> None:
+            tp = held.pop()
+            emitted[0] += tp.emitted
+            emitted[1] += tp.nhit
+            tracer.remove(tp.name)
+            row.notes[1:] = [
+                "events by path: " + ", ".join(f"{p} {k}" for p, k in sorted(paths.items()))
+            ]
+            if emitted[0] != emitted[1]:
+                row.problems[:] = [f"{emitted[0]} events emitted for {emitted[1]} hits"]
+
+        return Case(row, setup, teardown, count=lambda: int(held[0].nhit))
+
+    def hit_rows(self) -> Row:
+        """Every row on qprobes' side, interleaved: each round runs each row
+        once (set up, warm up, N=0 and N, taken down), so that what else the
+        host does at one moment spreads over all rows alike."""
+        n = self.opts.hits
+        base = self.add_row(Row("noprobe", n))
+        step_at, step_label = self._singlestep_at()
+        cases = [
+            Case(base),
+            self._guest_case(self.add_row(Row("guest_kprobe_events", n, baseline=base))),
+            self._kprobe_case(
+                self.add_row(Row("boosted", n, baseline=base)),
+                lambda: self.session.kprobe(PROBED, _noop),
+            ),
+            self._kprobe_case(
+                self.add_row(Row("single_step", n, baseline=base, label_extra=step_label)),
+                lambda: self.session.kprobe(step_at, _noop, boost=False),
+            ),
+            self._kprobe_case(
+                self.add_row(Row("kretprobe", n, baseline=base)),
+                lambda: self.session.kretprobe(PROBED, _noop),
+            ),
+            self._tracer_case(self.add_row(Row("tracer", n, baseline=base))),
+        ]
+        for r in range(self.opts.repeat):
+            self.log(
+                f"round {r + 1}/{self.opts.repeat}: "
+                + ", ".join(c.row.label for c in cases)
+                + f" ({n} opens each)"
+            )
+            for case in cases:
+                case.setup()
+                try:
+                    self.open_n(min(n, 50))  # warm up: the translation cache, the slot pages
+                    case.pair(self.open_n, self.stats)
+                finally:
+                    case.teardown()
+        for case in cases:
+            case.check(self.opts.repeat)
+        if base.stops.get("stops") or self.result.rows["guest_kprobe_events"].stops.get("stops"):
+            self.result.problems.append("qprobes stopped the guest with no qprobes probe armed")
+        return base
+
+    def not_available(self) -> None:
+        for key in ("fast", "detour", "kretprobe_fast"):
+            self.add_row(Row(key, 0, available=False, reason=NOT_BUILT))
+        self.log("fast path, detour, fast return probes: not available (" + NOT_BUILT + ")")
+
+    # --- many probes --------------------------------------------------------------------
+
+    def _functions(self) -> list[int]:
+        """Distinct function entries from kallsyms text, by address."""
+        symbols = self.session.symbols
+        if symbols is None:
+            raise BenchError("the guest's symbols are not loaded")
+        addrs = {s.addr for s in symbols if s.kind == "func" and s.size > 0}
+        return sorted(addrs)
+
+    def _arm(self, addrs: list[int], wanted: int, arm: Arming) -> list[Kprobe]:
+        """Register probes from ``addrs`` until ``wanted`` are armed, a refusal
+        is counted and skipped; an error that is not about the address (the
+        engine's limits) ends the attempt."""
+        armed: list[Kprobe] = []
+        start = time.perf_counter()
+        for addr in addrs:
+            if len(armed) >= wanted:
+                break
+            before = len(self.session.engine.points)
+            try:
+                armed.append(self.session.kprobe(addr, _noop))
+            except QprobesError as exc:
+                if len(self.session.engine.points) == before and _is_limit(exc):
+                    arm.limit = str(exc)
+                    break
+                arm.refuse(exc)
+        arm.seconds_tried = time.perf_counter() - start
+        arm.armed += len(armed)
+        if len(armed) >= wanted:
+            arm.seconds = arm.seconds_tried
+        return armed
+
+    def _unregister(self, probes: list[Kprobe]) -> float:
+        start = time.perf_counter()
+        for kp in probes:
+            self.session.unregister(kp)
+        return time.perf_counter() - start
+
+    def mixed(self, rounds: int) -> float:
+        line = MIXED.format(n=rounds, file=OPENED)
+        start = time.perf_counter()
+        out = self.shell(line, timeout=self.opts.timeout)
+        wall = time.perf_counter() - start
+        if "mixed-done" not in out:
+            raise BenchError(f"the mixed workload printed {out.strip()[-300:]!r}")
+        return wall
+
+    def unhit(self) -> None:
+        """Arm ``opts.unhit`` probes the mixed workload never hits; time it without and with."""
+        want = self.opts.unhit
+        result = self.result.unhit
+        result.rounds = self.opts.mixed_rounds
+        pool = self._functions()
+        random.Random(9).shuffle(pool)  # spread over the text, the same every run
+        self.mixed(result.rounds)  # warm-up
+        self.log(f"arming {want} probes on function entries (kallsyms)")
+        arm = self.result.arming.setdefault(want, Arming(want))
+        probes = self._arm(pool, want, arm)
+        pool = pool[arm.armed + arm.refused :]
+        # Calibration: probes the workload (or the idle guest) hits are
+        # replaced. A short pass first (a hot probe is hit thousands of times
+        # a round), then full ones until none is hit.
+        for attempt in range(6):
+            self.mixed(min(2, result.rounds) if attempt == 0 else result.rounds)
+            hit = [kp for kp in probes if kp.nhit]
+            if not hit:
+                break
+            result.dropped += len(hit)
+            self._unregister(hit)
+            probes = [kp for kp in probes if not kp.nhit]
+            extra = Arming(len(hit))
+            more = self._arm(pool, len(hit), extra)
+            pool = pool[extra.armed + extra.refused :]
+            probes += more
+        result.probes = len(probes)
+        if result.probes < want:
+            result.problems.append(f"only {result.probes} unhit probes armed of {want}")
+        self.log(
+            f"mixed workload ({result.rounds} rounds), {self.opts.repeat} runs with {result.probes}"
+            f" unhit probes armed ({result.dropped} hit in calibration, replaced), alternating "
+            "with runs with them disabled"
+        )
+        # What the host does for them at every stop of a command's end: is
+        # each int3 still there (engine.check_lost, at most once a second).
+        start = time.perf_counter()
+        self.session.engine.check_lost()
+        result.lost_check_s = time.perf_counter() - start
+        before = sum(kp.nhit for kp in probes)
+        engine = self.session.engine
+        for _ in range(self.opts.repeat):
+            # Disabled: no int3 in the text, nothing for the host to check.
+            # Each toggle writes into a thousand code pages, whose translated
+            # blocks QEMU drops: a short warm-up before each timed run.
+            for kp in probes:
+                engine.disable_kprobe(kp)
+            self.mixed(min(2, result.rounds))
+            result.baseline_s.append(self.mixed(result.rounds))
+            for kp in probes:
+                engine.enable_kprobe(kp)
+            self.mixed(min(2, result.rounds))
+            result.armed_s.append(self.mixed(result.rounds))
+        result.hits = sum(kp.nhit for kp in probes) - before
+        if result.hits:
+            result.problems.append(f"the armed probes were hit {result.hits} times")
+        arm.unregister_s = self._unregister(probes)
+
+    def arm_many(self) -> None:
+        want = self.opts.arm_many
+        addrs = self._functions()
+        # Spread over the whole text: every k-th function, then the next ones.
+        k = max(1, len(addrs) // want)
+        order = [a for i in range(k) for a in addrs[i::k]]
+        self.log(f"arming {want} probes at once on function entries ({len(addrs)} functions)")
+        arm = self.result.arming.setdefault(want, Arming(want))
+        probes = self._arm(order, want, arm)
+        self.log(
+            f"armed {arm.armed} of {want} in {arm.seconds_tried:.1f} s, {arm.refused} "
+            f"refused" + (f"; stopped: {arm.limit}" if arm.limit else "")
+        )
+        arm.unregister_s = self._unregister(probes)
+
+    # --- boot -------------------------------------------------------------------------
+
+    def first_probe(self, launched: float) -> None:
+        """The first hit of a probe registered right after attaching."""
+        first: list[float] = []
+
+        def pre(kp: Any, ctx: Any) -> None:
+            if not first:
+                first.append(time.perf_counter())
+
+        kp = self.session.kprobe(PROBED, pre)
+        try:
+            self.open_n(1)
+        finally:
+            self.session.unregister(kp)
+        if first:
+            self.result.boot.first_probe_s = first[0] - launched
+        else:
+            self.result.problems.append("the first probe was never hit")
+
+
+#: The engine's own limits (its probe table, its slots, its reserved memory),
+#: as opposed to the refusal of one address.
+LIMITS = ("at most ", "out of instruction slots", "is used up", "no free 2 MiB region")
+
+
+def _is_limit(exc: QprobesError) -> bool:
+    text = str(exc)
+    return any(text.startswith(s) or s in text for s in LIMITS)
+
+
+def plain_boot(timeout: float) -> float:
+    """Seconds from launching QEMU to the default guest's shell prompt, nothing attached."""
+    from qprobes.machine.linux import LINUX_PROMPT, linux_config
+    from qprobes.machine.qemu import QemuMachine
+
+    machine = QemuMachine(linux_config(append="qprobes.echo=0"))
+    start = time.perf_counter()
+    machine.launch()
+    try:
+        console = machine.console
+        machine.target.resume()
+        console.recvuntil(LINUX_PROMPT, timeout=timeout)
+        return time.perf_counter() - start
+    finally:
+        machine.shutdown()
+
+
+# --- gdb --------------------------------------------------------------------------------
+
+
+class GdbRows:
+    """gdb on the same guest: qprobes detaches and lets go of the stub first."""
+
+    def __init__(self, bench: LinuxBench, base: Row) -> None:
+        self.bench = bench
+        self.opts = bench.opts
+        self.base = base
+        machine = bench.session.machine
+        if machine is None:
+            raise BenchError("gdb needs a QEMU that qprobes launched")
+        self.machine = machine
+
+    def run(self, n: int) -> float:
+        from qprobes.machine.linux import LINUX_PROMPT
+
+        tube = self.machine.console.tube
+        line = f"qp-open {n} {OPENED}"
+        start = time.perf_counter()
+        tube.sendline(line.encode())
+        out: bytes = tube.recvuntil(LINUX_PROMPT, timeout=self.opts.timeout)
+        wall = time.perf_counter() - start
+        if f"qp-open: {n} opens of {OPENED}".encode() not in out:
+            raise BenchError(f"{line!r} printed {out[-200:]!r} with gdb attached")
+        return wall
+
+    def measure(self) -> None:
+        from qprobes.frontends.gdbmi import Gdb
+
+        session, log = self.bench.session, self.bench.log
+        log("qprobes detaches; gdb connects to the same QEMU")
+        addr = session.engine.resolve(Kprobe(symbol_name=PROBED))
+        session.engine.detach()
+        self.machine.release_gdbstub()
+        gdb = Gdb(self.opts.gdb)
+        try:
+            gdb.command("-gdb-set confirm off")
+            gdb.command("-gdb-set mi-async on")  # commands while the target runs
+            gdb.command(f"-target-select remote {self.machine.gdb_socket}", timeout=30.0)
+            self._rows(gdb, addr)
+        finally:
+            self._close(gdb)
+
+    def _rows(self, gdb: Any, addr: int) -> None:
+        from qprobes.frontends.gdbmi import GdbTrace
+
+        log, repeat, result = self.bench.log, self.opts.repeat, self.bench.result
+        base = Row("gdb_noprobe", self.opts.hits, path="console")
+        result.rows[base.key] = base
+        log(f"{base.label}: {repeat} x {base.hits} opens")
+        gdb.command("-exec-continue")
+        with gdb.draining():
+            measure(base, self.run, repeat)
+        gdb.interrupt()
+
+        row = Row("gdb", self.opts.gdb_hits, path="console", baseline=base)
+        result.rows[row.key] = row
+        log(f"{row.label}: {repeat} x {row.hits} hits")
+        bp = gdb.command(f"-break-insert *{addr:#x}")["payload"]["bkpt"]["number"]
+        gdb.command(f'-break-commands {bp} "silent" "continue"')
+        # Hits of the command for N=0 (the shell opens the helper script).
+        count0 = gdb.hit_count(bp)
+        gdb.command("-exec-continue")
+        with gdb.draining():
+            self.run(0)
+        gdb.interrupt()
+        extra = gdb.hit_count(bp) - count0
+        before = gdb.hit_count(bp)
+        gdb.command("-exec-continue")
+        with gdb.draining() as records:
+            measure(row, self.run, repeat)
+        gdb.interrupt()
+        # measure(): a warm-up, a run for 0, then repeat pairs; every command
+        # also hits what the one for 0 hits.
+        not_timed = min(row.hits, 100) + extra * (2 * repeat + 2)
+        row.hits_seen = gdb.hit_count(bp) - before - not_timed
+        stopped = sum(1 for r in records if r.get("message") == "stopped")
+        row.stops = {"mi_stopped": stopped - not_timed}
+        expected = row.hits * repeat
+        if row.hits_seen > expected:
+            # QEMU sometimes answers gdb's step over the breakpoint (z0,
+            # vCont;s) with a stop at the same rip, no instruction executed,
+            # and gdb counts that stop as a new hit.
+            row.notes.append(
+                f"gdb counted {row.hits_seen} hits (net) for {expected} opens: "
+                "QEMU sometimes ends gdb's step over the breakpoint before the "
+                "instruction ran, and gdb counts the repeated stop as a hit"
+            )
+        elif row.hits_seen != expected:
+            row.problems.append(f"gdb counted {row.hits_seen} hits (net), expected {expected}")
+        if self.opts.trace_hits > 0:
+            trace = self._trace(gdb, self.opts.trace_hits + extra)
+            result.gdb_trace = dataclasses.asdict(trace)
+            if trace.hits:
+                row.stops["stops"] = trace.stop_replies * row.hits * repeat // trace.hits
+        else:
+            result.gdb_trace = dataclasses.asdict(GdbTrace())
+
+    def _trace(self, gdb: Any, hits: int) -> Any:
+        """An untimed run with gdb's remote protocol logged."""
+        from qprobes.frontends.gdbmi import GdbTrace, remote_log_counts
+
+        trace = GdbTrace(hits=hits)
+        gdb.command("-gdb-set debug remote 1")
+        gdb.command("-exec-continue")
+        with gdb.draining() as records:
+            # A command for 0 first: the packets of -exec-continue itself are
+            # logged by then. The reader thread lags gdb: let it catch up.
+            self.run(0)
+            time.sleep(0.3)
+            mark = len(records)
+            self.run(self.opts.trace_hits)
+            time.sleep(0.3)
+            end = len(records)
+        gdb.interrupt()
+        gdb.command("-gdb-set debug remote 0")
+        remote_log_counts(records[mark:end], trace)
+        return trace
+
+    def _close(self, gdb: Any) -> None:
+        """gdb lets go of the guest (which runs on); qprobes connects again."""
+        try:
+            if gdb._drain_thread is None:
+                gdb.command("-target-detach", timeout=10.0)
+        except QprobesError as exc:
+            self.bench.result.problems.append(f"gdb detach: {exc}")
+        finally:
+            gdb.close()
+        self.bench.session.reconnect()
+
+
+# --- the whole run ---------------------------------------------------------------------
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return out.stdout.splitlines()[0].strip() if out.stdout else "?"
+
+
+def host_info(opts: BenchOptions) -> dict[str, Any]:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
+            cpu = found.group(1).strip() if found else "?"
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "qemu": _version(["qemu-system-x86_64", "--version"]),
+        "gdb": _version([opts.gdb, "--version"]),
+        "loadavg_before": list(os.getloadavg()),
+        "accel": "tcg",
+    }
+
+
+def run_bench(opts: BenchOptions, progress: TextIO | None = sys.stderr) -> BenchResult:
+    """Every row on one Linux guest (and a plain boot before it)."""
+    log = Progress(progress)
+    result = BenchResult(opts, host=host_info(opts))
+    if not os.path.exists(opts.gdb):
+        raise BenchError(f"gdb not found at {opts.gdb} (scripts/install.sh installs it)")
+    log("plain boot of the default Linux guest (nothing attached)")
+    result.boot.plain_s = plain_boot(opts.timeout)
+    log(f"plain boot: {result.boot.plain_s:.2f} s; booting the benchmark guest with qprobes")
+    launched = time.perf_counter()
+    session = Session.linux(boot_timeout=opts.timeout)
+    try:
+        bench = LinuxBench(session, opts, result, log)
+        bench.first_probe(launched)
+        if result.boot.first_probe_s is not None:
+            log(f"boot to the first probe hit: {result.boot.first_probe_s:.2f} s")
+        result.release = session.command("uname -r").strip() or None
+        base = bench.hit_rows()
+        bench.not_available()
+        if opts.unhit > 0:
+            bench.unhit()
+        if opts.arm_many > 0:
+            bench.arm_many()
+        GdbRows(bench, base).measure()
+    finally:
+        try:
+            session.close()
+        except MachineError as exc:
+            result.problems.append(f"closing the guest: {exc}")
+    result.elapsed_s = time.monotonic() - log.start
+    result.host["loadavg_after"] = list(os.getloadavg())
+    log(f"done in {result.elapsed_s:.0f} s")
+    return result
+
+
+# --- the report -------------------------------------------------------------------------
+
+
+def fmt_us(us: float | None) -> str:
+    if us is None:
+        return "-"
+    if abs(us) >= 10_000:
+        return f"{us / 1000:,.1f} ms"
+    if abs(us) >= 100:
+        return f"{us:,.0f} us"
+    return f"{us:.1f} us"
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else (f"{r:,.0f}x" if r >= 100 else f"{r:.2f}x")
+
+
+def report(result: BenchResult, out: TextIO) -> None:
+    """The table and the other measurements, as text."""
+    opts, host = result.options, result.host
+    w = out.write
+    w(
+        f"qprobes bench: Linux {result.release or '?'}, TCG, smp=1; workload 'qp-open N "
+        f"{OPENED}' (one openat per round), probes on {PROBED}\n"
+    )
+    w(
+        f"  {host.get('qemu')}; {host.get('gdb')}; {host.get('nproc')} x {host.get('cpu')}; "
+        f"load average {host.get('loadavg_before', [0])[0]:.2f} before, "
+        f"{host.get('loadavg_after', [0])[0]:.2f} after\n"
+    )
+    w(
+        f"  {opts.repeat} runs per row, N = {opts.hits} opens (gdb: {opts.gdb_hits}); "
+        "per hit = what a probe adds to one open, fixed cost removed\n\n"
+    )
+    gdb = result.value("gdb")
+    head = f"{'row':<46} {'per hit':>10} {'min':>10} {'max':>10} {'stops/hit':>9} {'gdb / row':>9}"
+    w(head + "\n" + "-" * len(head) + "\n")
+    for row in result.rows.values():
+        if not row.available:
+            w(f"{row.label:<46} {'not available':>10}  ({row.reason})\n")
+            continue
+        over = [x * 1e6 for x in row.overhead_runs]
+        sph = row.stops_per_hit
+        us = row.us()
+        vs = gdb / us if gdb and us and us > 0 and row.baseline and row.key != "gdb" else None
+        w(
+            f"{row.label:<46} {fmt_us(row.us()):>10} {fmt_us(min(over)):>10} "
+            f"{fmt_us(max(over)):>10} {'-' if sph is None else f'{sph:.2f}':>9} "
+            f"{fmt_ratio(vs) if vs else '':>9}\n"
+        )
+    w("\nRatios (per hit):\n")
+    for key, num, den in RATIOS:
+        r = result.ratio(num, den)
+        why = "" if r is not None else "  (not available)"
+        w(f"  {key:<40} {fmt_ratio(r) if r is not None else '-':>9}{why}\n")
+    w("\nArming (distinct function entries from kallsyms):\n")
+    for n, arm in result.arming.items():
+        if arm.seconds is not None:
+            text = f"{arm.seconds:.2f} s"
+        else:
+            text = f"not all: {arm.armed} armed in {arm.seconds_tried:.2f} s"
+        w(
+            f"  {n:>6,} probes: {text}; {arm.refused} refused on the way"
+            + (f"; stopped by: {arm.limit}" if arm.limit else "")
+            + (f"; unregistering took {arm.unregister_s:.2f} s" if arm.unregister_s else "")
+            + "\n"
+        )
+    if opts.arm_many == 0:
+        w(f"  {10_000:>6,} probes: skipped (--quick)\n")
+    u = result.unhit
+    if u.slowdown is not None:
+        w(
+            f"\nMixed workload ({u.rounds} rounds of ls, cat, echo, sort | wc), {u.probes} armed "
+            f"probes never hit: median {statistics.median(u.armed_s):.3f} s against "
+            f"{statistics.median(u.baseline_s):.3f} s with none: slowdown {u.slowdown:+.1%}"
+            + (f" (pairs {min(u.pairs) - 1:+.1%} .. {max(u.pairs) - 1:+.1%})" if u.pairs else "")
+            + "\n"
+        )
+        if u.lost_check_s is not None:
+            w(
+                f"  (one check that their {u.probes} int3s are still in place, which the engine "
+                f"makes at the end of a command: {u.lost_check_s * 1e3:.0f} ms)\n"
+            )
+    b = result.boot
+    if b.ratio is not None:
+        w(
+            f"\nBoot: plain {b.plain_s:.2f} s to the prompt; to the first probe hit "
+            f"{b.first_probe_s:.2f} s (boot, symbols and BTF from memory, attach, arm, one "
+            f"open): {b.ratio:.2f}x\n"
+        )
+    trace = result.gdb_trace
+    if trace and trace.get("hits"):
+        n = trace["hits"]
+        w(
+            f"\ngdb's remote log over {n} hits: {trace['stop_replies'] / n:g} stop replies and "
+            f"{trace['packets_sent'] / n:g} packets sent per hit\n"
+        )
+    notes = [(r.label, n) for r in result.rows.values() for n in r.notes]
+    if notes:
+        w("\nNotes:\n")
+        for label, note in notes:
+            w(f"  {label}: {note}\n")
+    problems = [(r.label, p) for r in result.rows.values() for p in r.problems]
+    problems += [("mixed workload", p) for p in u.problems]
+    problems += [("run", p) for p in result.problems]
+    if problems:
+        w("\nProblems:\n")
+        for label, p in problems:
+            w(f"  {label}: {p}\n")
+    w(f"\nTotal time {result.elapsed_s:.0f} s.\n")
+
+
+def bench(opts: BenchOptions, *, json_output: bool = False, out: TextIO = sys.stdout) -> int:
+    """``qprobes bench``: run, then print the table (or JSON)."""
+    result = run_bench(opts)
+    if json_output:
+        json.dump(result.as_json(), out, indent=2)
+        out.write("\n")
+    else:
+        report(result, out)
+    return 0

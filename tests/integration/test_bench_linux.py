@@ -1,0 +1,135 @@
+"""``qprobes bench --quick --json`` on the default Linux guest, as a subprocess.
+
+Checks the shape of what it reports and that its numbers agree with each
+other (every ratio is the quotient of the per-hit numbers in the same
+document), never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests.conftest import require_vm
+from tests.integration.terminal import CLI
+
+pytestmark = pytest.mark.vm
+
+PER_HIT = [
+    "gdb_us_per_hit",
+    "single_step_us_per_hit",
+    "boosted_us_per_hit",
+    "fast_us_per_hit",
+    "detour_us_per_hit",
+    "guest_kprobe_events_us_per_hit",
+    "kretprobe_us_per_hit",
+    "tracer_us_per_hit",
+    "kretprobe_fast_us_per_hit",
+]
+RATIOS = {
+    "ratio_gdb_to_boosted": ("gdb_us_per_hit", "boosted_us_per_hit"),
+    "ratio_gdb_to_single_step": ("gdb_us_per_hit", "single_step_us_per_hit"),
+    "ratio_fast_to_guest_kprobe_events": ("fast_us_per_hit", "guest_kprobe_events_us_per_hit"),
+    "ratio_detour_to_guest_kprobe_events": ("detour_us_per_hit", "guest_kprobe_events_us_per_hit"),
+}
+OTHER = ["unhit_1000_slowdown", "arm_10000_s", "boot_to_first_probe_ratio"]
+#: Rows that do not exist yet: null, never a number.
+NOT_BUILT = ["fast_us_per_hit", "detour_us_per_hit", "kretprobe_fast_us_per_hit"]
+#: Rows whose probe stops the guest at every hit: their cost per hit is far
+#: above the noise of a short run. (The guest's own kprobe_events adds tens
+#: of microseconds to an open, within that noise on a busy host, so only its
+#: being a number is checked.)
+STOPPING = [
+    "gdb_us_per_hit",
+    "single_step_us_per_hit",
+    "boosted_us_per_hit",
+    "kretprobe_us_per_hit",
+    "tracer_us_per_hit",
+]
+
+
+@pytest.fixture(scope="module")
+def report(guest: Any) -> dict[str, Any]:
+    if shutil.which("gdb") is None:
+        require_vm("gdb is not installed (scripts/install.sh installs it)")
+    result = subprocess.run(
+        [*CLI, "bench", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    doc: dict[str, Any] = json.loads(result.stdout)
+    doc["_stderr"] = result.stderr
+    return doc
+
+
+def test_every_key_is_there(report: dict[str, Any]) -> None:
+    for key in [*PER_HIT, *RATIOS, *OTHER]:
+        assert key in report, key
+        value = report[key]
+        assert value is None or (isinstance(value, float | int) and math.isfinite(value)), key
+
+
+def test_rows_that_do_not_exist_are_null_not_numbers(report: dict[str, Any]) -> None:
+    for key in NOT_BUILT:
+        assert report[key] is None, key
+    rows = {r["json_key"]: r for r in report["rows"]}
+    for key in NOT_BUILT:
+        assert rows[key]["available"] is False and rows[key]["reason"], rows[key]
+    assert report["ratio_fast_to_guest_kprobe_events"] is None
+    assert report["ratio_detour_to_guest_kprobe_events"] is None
+
+
+def test_measured_numbers_are_positive(report: dict[str, Any]) -> None:
+    for key in STOPPING:
+        assert report[key] is not None and report[key] > 0, (key, report[key])
+    assert isinstance(report["guest_kprobe_events_us_per_hit"], float)
+    assert report["noprobe_us_per_open"] > 0
+    assert report["boot_to_first_probe_ratio"] > 0
+    assert report["boot_plain_s"] > 0 and report["boot_to_first_probe_s"] > 0
+    assert report["arm_1000_s"] is not None and report["arm_1000_s"] > 0
+    assert report["arm_1000_armed"] == 1000
+    # --quick skips the 10,000-probe arming; the slowdown is a fraction
+    # that noise can make negative.
+    assert report["arm_10000_s"] is None
+    assert isinstance(report["unhit_1000_slowdown"], float)
+
+
+def test_ratios_are_the_quotients_of_the_numbers(report: dict[str, Any]) -> None:
+    for key, (num, den) in RATIOS.items():
+        a, b = report[num], report[den]
+        if a is None or b is None or b <= 0:
+            assert report[key] is None, key
+        else:
+            assert report[key] == pytest.approx(a / b, rel=1e-12), key
+    boot = report["boot"]
+    assert report["boot_to_first_probe_ratio"] == pytest.approx(
+        boot["first_probe_s"] / boot["plain_s"], rel=1e-12
+    )
+
+
+def test_stops_per_hit_come_from_the_engine(report: dict[str, Any]) -> None:
+    stops = report["stops_per_hit"]
+    assert stops["boosted"] == 1.0  # one #BP doorbell per hit
+    assert stops["single_step"] == 2.0  # #BP, then #DB
+    assert stops["noprobe"] == 0.0 and stops["guest_kprobe_events"] == 0.0
+    rows = {r["key"]: r for r in report["rows"]}
+    n = rows["boosted"]["opens_per_run"] * rows["boosted"]["runs"]
+    assert rows["boosted"]["hits_seen"] == n
+    assert rows["guest_kprobe_events"]["hits_seen"] == n  # the guest's own kprobe_profile
+    assert rows["gdb"]["hits_seen"] >= rows["gdb"]["opens_per_run"] * rows["gdb"]["runs"]
+
+
+def test_progress_goes_to_stderr_one_line_per_step(report: dict[str, Any]) -> None:
+    lines = [line for line in report["_stderr"].splitlines() if line.startswith("bench [")]
+    assert len(lines) >= 8, report["_stderr"]
+    assert any("gdb" in line for line in lines)
+    assert any("kprobe_events" in line for line in lines)

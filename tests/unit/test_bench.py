@@ -1,0 +1,204 @@
+"""``qprobes bench``'s arithmetic and report, on hand-made runs (no guest)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from qprobes.errors import ProbeError
+from qprobes.frontends.bench import (
+    RATIOS,
+    ROWS,
+    Arming,
+    BenchOptions,
+    BenchResult,
+    Boot,
+    Case,
+    Row,
+    _is_limit,
+    report,
+)
+from qprobes.frontends.cli import build_parser
+from qprobes.frontends.gdbmi import GdbTrace, packet_kind, remote_log_counts
+
+
+def make_result() -> BenchResult:
+    result = BenchResult(BenchOptions(repeat=2, hits=10))
+    base = Row("noprobe", 10, walls=[0.0015, 0.0013], fixed=[0.0005, 0.0005])  # 100, 80 us
+    boosted = Row(
+        "boosted",
+        10,
+        baseline=base,
+        walls=[0.0105, 0.0095],
+        fixed=[0.0005, 0.0005],
+        stops={"stops": 20},
+    )
+    step = Row(
+        "single_step",
+        10,
+        baseline=base,
+        walls=[0.0205, 0.0205],
+        fixed=[0.0005, 0.0005],
+        stops={"stops": 40},
+    )
+    gdb_base = Row("gdb_noprobe", 10, path="console", walls=[0.0015], fixed=[0.0005])
+    gdb = Row("gdb", 10, path="console", baseline=gdb_base, walls=[0.5005], fixed=[0.0005])
+    guest = Row(
+        "guest_kprobe_events", 10, baseline=base, walls=[0.0025, 0.0025], fixed=[0.0005, 0.0005]
+    )
+    for row in (base, boosted, step, gdb_base, gdb, guest):
+        result.rows[row.key] = row
+    for key in ("fast", "detour", "kretprobe_fast"):
+        result.rows[key] = Row(key, 0, available=False, reason="not built yet")
+    result.arming[1000] = Arming(1000, armed=1000, refused=3, seconds=2.5, seconds_tried=2.5)
+    result.arming[10_000] = Arming(
+        10_000, armed=4096, seconds_tried=9.0, limit="at most 4096 probe addresses at once"
+    )
+    result.unhit.probes = 1000
+    result.unhit.baseline_s = [1.0, 1.0, 1.2]
+    result.unhit.armed_s = [1.1, 1.1]
+    result.boot = Boot(plain_s=4.0, first_probe_s=6.0)
+    return result
+
+
+def test_per_hit_is_per_open_minus_the_baseline_of_the_same_round() -> None:
+    result = make_result()
+    assert result.value("noprobe") == pytest.approx(90.0)  # median of 100 and 80 us
+    # per open 1000 and 900 us, less the baseline's 100 and 80 of the same rounds
+    assert result.value("boosted") == pytest.approx(860.0)
+    rows = result.rows
+    assert [round(x * 1e6) for x in rows["boosted"].overhead_runs] == [900, 820]
+    assert result.value("single_step") == pytest.approx(1910.0)
+    assert result.value("gdb") == pytest.approx(50_000.0 - 100.0)
+    assert rows["boosted"].stops_per_hit == 1.0 and rows["single_step"].stops_per_hit == 2.0
+
+
+def test_ratios_are_quotients_and_null_where_a_row_is_missing() -> None:
+    doc = make_result().summary()
+    assert doc["ratio_gdb_to_boosted"] == doc["gdb_us_per_hit"] / doc["boosted_us_per_hit"]
+    assert doc["ratio_gdb_to_single_step"] == doc["gdb_us_per_hit"] / doc["single_step_us_per_hit"]
+    for key in (
+        "fast_us_per_hit",
+        "detour_us_per_hit",
+        "ratio_fast_to_guest_kprobe_events",
+        "ratio_detour_to_guest_kprobe_events",
+        "tracer_us_per_hit",
+    ):
+        assert doc[key] is None, key
+    assert {k for k, _, _ in RATIOS} <= doc.keys()
+    assert {v[0] for v in ROWS.values()} <= doc.keys()
+
+
+def test_a_negative_denominator_gives_no_ratio() -> None:
+    result = make_result()
+    result.rows["boosted"].walls = [0.0001, 0.0001]  # cheaper than no probe: noise
+    assert result.value("boosted") is not None and result.value("boosted") < 0  # type: ignore[operator]
+    assert result.summary()["ratio_gdb_to_boosted"] is None
+
+
+def test_arming_unhit_and_boot_numbers() -> None:
+    doc = make_result().summary()
+    assert doc["arm_1000_s"] == 2.5 and doc["arm_1000_refused"] == 3
+    # Not all 10,000 armed: no time, but what was armed and what stopped it.
+    assert doc["arm_10000_s"] is None and doc["arm_10000_armed"] == 4096
+    assert doc["arm_10000_limit"].startswith("at most")
+    assert doc["unhit_1000_slowdown"] == pytest.approx(0.1)  # medians 1.1 / 1.0
+    assert doc["boot_to_first_probe_ratio"] == pytest.approx(1.5)
+
+
+def test_json_document_round_trips() -> None:
+    doc = make_result().as_json()
+    again = json.loads(json.dumps(doc))
+    assert again["ratio_gdb_to_boosted"] == doc["ratio_gdb_to_boosted"]
+    rows = {r["key"]: r for r in again["rows"]}
+    assert rows["fast"] == {
+        "key": "fast",
+        "json_key": "fast_us_per_hit",
+        "label": "qprobes fast path, int3",
+        "available": False,
+        "reason": "not built yet",
+    }
+    assert rows["boosted"]["us_min"] == pytest.approx(820.0)
+    assert rows["boosted"]["us_max"] == pytest.approx(900.0)
+
+
+def test_the_table_says_not_available_and_names_the_limit() -> None:
+    out = io.StringIO()
+    report(make_result(), out)
+    text = out.getvalue()
+    assert text.count("not available") >= 3 + 2  # three rows, two ratios
+    assert "at most 4096 probe addresses at once" in text
+    assert "4096 armed" in text
+    assert "slowdown +10.0%" in text
+
+
+@pytest.mark.parametrize(
+    ("message", "limit"),
+    [
+        ("at most 4096 probe addresses at once", True),
+        ("out of instruction slots", True),
+        ("the physical reservation 0x1-0x2 is used up", True),
+        ("nmi_handle+0x5: Linux's kprobe blacklist lists nmi_handle", False),
+        ("0xffffffff8102d875: a jump-label (static key) site at 0xffffffff8102d875", False),
+    ],
+)
+def test_engine_limits_end_an_arming_refusals_do_not(message: str, limit: bool) -> None:
+    assert _is_limit(ProbeError(message)) is limit
+
+
+def test_case_subtracts_the_run_for_zero_and_the_cost_of_counting() -> None:
+    hits = [0]
+
+    def run(n: int) -> float:
+        hits[0] += n + 1  # the command itself hits once, as the shell opening a script
+        return 0.001 * n
+
+    def count() -> int:
+        hits[0] += 2  # a count read on the console opens files too
+        return hits[0]
+
+    row = Row("guest_kprobe_events", 7)
+    case = Case(row, count=count, count_cost=2)
+    for _ in range(3):
+        case.pair(run, dict)
+    case.check(3)
+    assert row.hits_seen == 21 and not row.problems
+    assert row.walls == [0.007] * 3 and row.fixed == [0.0] * 3
+
+
+def test_gdb_remote_log_counts() -> None:
+    records = [
+        {"type": "log", "payload": "[remote] Sending packet: $vCont;c#a8\n"},
+        {"type": "log", "payload": "[remote] Packet received: T05thread:01;\n"},
+        {"type": "log", "payload": "[remote] Sending packet: $z0,ffffffff81,1#00\n"},
+        {"type": "log", "payload": "[remote] Sending packet: $m1000,8#00\n"},
+        {"type": "console", "payload": "Sending packet: $g#67"},  # not a log record
+    ]
+    trace = GdbTrace(hits=1)
+    remote_log_counts(records, trace)
+    assert (trace.stop_replies, trace.packets_sent) == (1, 3)
+    assert trace.sent_kinds == {"vCont": 1, "z": 1, "m": 1}
+    assert packet_kind("qSupported") == "qSupported"
+
+
+def test_cli_options() -> None:
+    args = build_parser().parse_args(["bench", "--quick", "--json", "-r", "4"])
+    assert args.quick and args.json and args.repeat == 4 and args.hits is None
+    quick = BenchOptions.quick_run(repeat=4)
+    assert quick.repeat == 4 and quick.arm_many == 0 and quick.quick
+    assert BenchOptions().arm_many == 10_000 and BenchOptions().unhit == 1000
+
+
+def test_gdb_runs_come_in_a_block_and_are_compared_with_the_baselines_median() -> None:
+    base = Row("gdb_noprobe", 10, path="console", walls=[0.0015, 0.0013], fixed=[0.0005])
+    gdb = Row("gdb", 10, path="console", baseline=base, walls=[0.5005, 0.4005], fixed=[0.0005])
+    assert [round(x * 1e6) for x in gdb.overhead_runs] == [49_910, 39_910]  # less 90 us
+
+
+def test_the_unhit_slowdown_pairs_each_armed_run_with_the_run_before_it() -> None:
+    result = make_result()
+    result.unhit.baseline_s = [1.0, 2.0]  # the host got busier between the rounds
+    result.unhit.armed_s = [1.1, 2.4]
+    assert result.summary()["unhit_1000_slowdown"] == pytest.approx(0.15)  # 1.1x, 1.2x
