@@ -63,6 +63,10 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: x86-64 module text (and ftrace/BPF trampolines): MODULES_VADDR upward.
+MODULES_START = 0xFFFFFFFFA0000000
+MODULES_END = 0xFFFFFFFFFF000000
+
 
 @dataclass(frozen=True)
 class RecoveryReport:
@@ -322,6 +326,9 @@ class Session:
             self.engine.area.image = (kernel.text, kernel.symbols.address("_end"))
         from qprobes.progress import progress
 
+        # Modules first: the journal records which module a probe site is in,
+        # and a recovery checks it is still that module's code.
+        self._use_modules(kernel)
         with progress.step("attaching (kprobe blacklist, the text the kernel rewrites)"):
             if self._recovering:
                 self.recovered = self.engine.adopt()
@@ -347,7 +354,6 @@ class Session:
         self.engine.recover_text = text.recover
         self._use_ftrace(kernel)
         self._use_linux_stacks(kernel)
-        self._use_modules(kernel)
         self._use_orc(kernel)
 
     def _use_modules(self, kernel: LinuxKernel) -> None:
@@ -372,6 +378,18 @@ class Session:
             return (found[0], found[1]) if found is not None else None
 
         self.engine.resolve_more = resolve
+
+        def module_base(addr: int) -> int | None:
+            if not MODULES_START <= addr < MODULES_END:
+                return 0
+            try:
+                found = modules.module_at(addr)
+            except QprobesError:
+                return None
+            return found.text if found is not None and found.live else None
+
+        self.engine.module_base = module_base
+        self.engine.on_module_probe = lambda addr: self.watch_modules()
 
     def watch_modules(self) -> None:
         """Drop the probes of a module when it unloads, before its memory is

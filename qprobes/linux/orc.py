@@ -403,7 +403,7 @@ class OrcUnwinder:
             orc = ORC_FP_ENTRY
         if orc.type == "end" or orc.sp_reg == ORC_REG_UNDEFINED:
             return False
-        prev_sp, prev_ip = state.sp, state.ip
+        prev_sp = state.sp
         indirect = False
         reg = orc.sp_reg
         if reg == ORC_REG_SP:
@@ -463,9 +463,10 @@ class OrcUnwinder:
             state.bp = self._u64(read, state.bp + orc.bp_offset)
         else:
             return False
-        # Bad ORC data must not loop: on the same stack, sp only grows.
+        # Bad ORC data must not loop: on the same stack, sp only grows
+        # (unwind_next_frame's check against the previous frame's sp).
         same_stack = (state.sp >> 14) == (prev_sp >> 14)
-        return not (same_stack and state.sp <= prev_sp and state.ip == prev_ip)
+        return not (same_stack and state.sp <= prev_sp) and state.ip != 0
 
 
 def _maybe_module(addr: int) -> bool:

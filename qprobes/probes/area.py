@@ -92,6 +92,8 @@ class PhysAllocator:
         self.end = start + size
         self._next = start
         self._free: list[int] = []
+        # Called with the new high-water mark before a fresh page is handed out.
+        self.on_grow: Callable[[int], None] | None = None
 
     def alloc(self) -> int:
         if self._free:
@@ -99,6 +101,8 @@ class PhysAllocator:
         if self._next >= self.end:
             raise ProbeError(f"the physical reservation {self.start:#x}-{self.end:#x} is used up")
         page = self._next
+        if self.on_grow is not None:
+            self.on_grow(page + PAGE_SIZE)  # recorded before the page is used
         self._next += PAGE_SIZE
         return page
 

@@ -42,6 +42,7 @@ from qprobes.errors import (
     QuiesceError,
     StubTimeoutError,
     SymbolError,
+    TranslationError,
 )
 from qprobes.probes.area import PAGE_SIZE, REGION_SIZE, GuestArea
 from qprobes.probes.context import HitContext, PtRegs
@@ -240,6 +241,13 @@ class KprobeEngine:
         self.stack_scanner: StackScanner | None = None
         # Kernel stack traces for HitContext.stack() (Linux: the ORC unwinder).
         self.stack_unwinder: Callable[[HitContext], list[int]] | None = None
+        # The text base of the live module holding an address (0: not in a
+        # module; None: not known), so the journal can tell a module's code
+        # from whatever later takes its place (set by Session.use_linux).
+        self.module_base: Callable[[int], int | None] | None = None
+        # Called before a probe goes into module text (Linux: arms the
+        # module-unload watch).
+        self.on_module_probe: Callable[[int], None] | None = None
         # Symbols beyond self.symbols (Linux: loaded modules'), for checks and messages.
         self.resolve_more: Callable[[int], tuple[Symbol, int] | None] | None = None
         self._user_code = 0
@@ -332,12 +340,20 @@ class KprobeEngine:
         self._check_journal()
         if self.journal is not None:
             previous = self.journal.read_header()
-            if previous is not None and previous.state is JournalState.ABANDONED:
-                # Its pages may still be pointed at: never reuse them.
-                area.phys.skip_to(previous.phys_next)
             self.journal.begin(previous, area.phys.next_free, __version__)
+            assert self.journal.header is not None
+            # Pages an abandoned area may still map are never reused.
+            area.phys.skip_to(self.journal.header.phys_floor)
+            area.phys.on_grow = self.journal.set_phys_next
             area.on_guest_write = self.journal.pte
-        area.setup()
+        try:
+            area.setup()
+        except BaseException:
+            area.teardown()
+            if self.journal is not None:
+                with contextlib.suppress(QprobesError):
+                    self.journal.end(JournalState.DETACHED)
+            raise
         self.fast = FastPath(area, self.target, self.hostmem, self.kwrite_code, self.write_data)
         try:
             code = area.map_page(PAGE_CODE, writable=False, executable=True)
@@ -372,6 +388,9 @@ class KprobeEngine:
         except BaseException:
             self._restore_gates()
             area.teardown()
+            if self.journal is not None:
+                with contextlib.suppress(QprobesError):
+                    self.journal.end(JournalState.DETACHED)  # everything is back
             raise
         self.attached = True
 
@@ -426,6 +445,9 @@ class KprobeEngine:
         h = contents.header
         assert self.journal is not None
         self.area.adopt(h.area, h.kcr3, h.la57, contents.ptes)
+        # Whatever this recovery leaves mapped, nobody reuses the dead area's pages.
+        self.area.phys.skip_to(max(h.phys_next, h.phys_floor))
+        self.area.phys.on_grow = self.journal.set_phys_next
         self._kcr3, self._la57 = h.kcr3, h.la57
         # The fast-path pages sit where the area's layout puts them; the dead
         # session's recorders stay until their probes are disarmed.
@@ -448,8 +470,22 @@ class KprobeEngine:
         for idt, vector, gate in contents.gates:
             self._orig_gates[(idt, vector)] = gate
             self._orig_handler.setdefault(vector, gate_offset(gate))
-        for addr, slot, opcode, boosted in contents.sites:
-            code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
+        for addr, slot, opcode, boosted, module in contents.sites:
+            # Only an int3 still in the same code is the dead session's: a
+            # module may have gone (and its memory been reused) meanwhile.
+            if module and (self.module_base is None or self.module_base(addr) != module):
+                log.warning("not restoring %#x: its module is gone", addr)
+                self.journal.unsite(addr)
+                continue
+            try:
+                code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
+            except TranslationError:
+                log.warning("not restoring %#x: its text is no longer mapped", addr)
+                self.journal.unsite(addr)
+                continue
+            if code[0] != INT3:
+                self.journal.unsite(addr)  # nothing of ours there any more
+                continue
             code[0] = opcode
             insn = x86insn.decode(bytes(code), addr)
             analysis = x86insn.analyze(insn)
@@ -460,7 +496,8 @@ class KprobeEngine:
         raw = self.read_data(h.ptable, PTABLE_ENTRIES * 8)
         self._ptable = list(struct.unpack(f"<{PTABLE_ENTRIES}Q", raw))
         self._ss_active = 0
-        for vcpu, levels in contents.steps.items():
+        for index, levels in contents.steps.items():
+            vcpu = index + 1  # the journal's index is the thread id - 1
             kcb = self.kcb.setdefault(vcpu, KprobeCtlblk(vcpu=vcpu))
             *prev, top = levels
             kcb.prev = [PrevKprobe(self.points.get(lv.point), KprobeStatus(lv.status),
@@ -488,7 +525,7 @@ class KprobeEngine:
         if kcb.status is not KprobeStatus.NONE and kcb.current is not None:
             levels.append(StepLevel(kcb.status.value, kcb.current.addr, kcb.old_rflags,
                                     kcb.saved_rflags, kcb.popped_tf))  # fmt: skip
-        self.journal.steps(kcb.vcpu % 64, levels)
+        self.journal.steps(kcb.vcpu - 1, levels)  # gdb thread ids count from 1
 
     def rearm_doorbell(self) -> None:
         """Insert the doorbell watchpoint again (after a reconnect: QEMU drops
@@ -580,10 +617,23 @@ class KprobeEngine:
                 self.check_lost()
             finally:
                 # One at a time: a point whose disarm failed (a dropped
-                # connection) stays known, for a detach after a reconnect.
+                # connection, text locked for too long) stays known and armed,
+                # for a detach after a reconnect or a recovery.
+                stuck: list[str] = []
                 for addr, point in list(self.points.items()):
-                    self._disarm(point)
+                    try:
+                        self._disarm(point)
+                    except ConnectionClosedError:
+                        raise
+                    except TranslationError:
+                        # Its text is gone (a freed module): nothing to put back.
+                        self._lose(point, "its text is no longer mapped")
+                    except QprobesError as exc:
+                        stuck.append(f"{self._where(addr)}: {exc}")
+                        continue
                     del self.points[addr]
+                if stuck:
+                    raise ProbeError(f"{len(stuck)} probes could not be disarmed ({stuck[0]})")
             tramp = self.kretprobes.trampoline if self.kretprobes is not None else None
             self.synchronize_area(quiesce_timeout, allow=frozenset({tramp} if tramp else ()))
             self._release_returns()
@@ -627,6 +677,16 @@ class KprobeEngine:
         The area forgets its page-table entries without writing them back (a
         later attach maps a new area elsewhere, from the rest of the
         reservation, and never unmaps this one)."""
+        armed = [p for p in self.points.values() if p.armed]
+        if armed:
+            # An int3 is still in the text: without the stubs its next hit
+            # would reach Linux's own int3 handler (an oops). Leave gates,
+            # doorbell and journal as they are: a recovery finishes the job.
+            self.attached = False
+            log.error("%d probes are still armed (%s): the guest keeps qprobes' stubs; run "
+                      "`qprobes attach ADDRESS --recover` to put everything back",
+                      len(armed), self._where(armed[0].addr))  # fmt: skip
+            return
         try:
             self._restore_gates()
             self._step_out_of_area()
@@ -1081,6 +1141,9 @@ class KprobeEngine:
             return kp
         self.wait_text_unlocked()
         self.can_probe(addr)
+        if self.on_module_probe is not None and self.module_base is not None \
+                and self.module_base(addr):  # fmt: skip
+            self.on_module_probe(addr)
         if len(self.points) >= PTABLE_MAX_LOAD:
             raise ProbeError(f"at most {PTABLE_MAX_LOAD} probe addresses at once")
         code = self._original_bytes(addr, x86insn.MAX_INSN_SIZE)
@@ -1257,7 +1320,8 @@ class KprobeEngine:
             )
         if self.journal is not None:
             # Recorded before the int3 goes in: a later session can put it back.
-            self.journal.site(point.addr, point.slot, point.opcode, point.boosted)
+            module = self.module_base(point.addr) if self.module_base is not None else 0
+            self.journal.site(point.addr, point.slot, point.opcode, point.boosted, module or 0)
         if point.opcode != INT3:
             self.kwrite_code(point.addr, bytes([INT3]))
         point.armed = True
@@ -1290,10 +1354,13 @@ class KprobeEngine:
         out: dict[int, int] = {}
         for group in pages.values():
             lo, hi = min(group), max(group) + 1
-            if self.hostmem is not None and self._kcr3:
-                data = self.hostmem.read_phys(self._kphys(lo), hi - lo)
-            else:
-                data = self.kread(lo, hi - lo)
+            try:
+                if self.hostmem is not None and self._kcr3:
+                    data = self.hostmem.read_phys(self._kphys(lo), hi - lo)
+                else:
+                    data = self.kread(lo, hi - lo)
+            except TranslationError:
+                continue  # no longer mapped (a freed module): left out
             out.update((a, data[a - lo]) for a in group)
         return out
 
@@ -1309,9 +1376,12 @@ class KprobeEngine:
         """
         armed = [p for p in (self.points.values() if points is None else points) if p.armed]
         current = self._code_bytes([p.addr for p in armed])
-        lost = [p for p in armed if current[p.addr] != INT3]
+        lost = [p for p in armed if current.get(p.addr) != INT3]
         for point in lost:
-            self._lose(point)
+            if point.addr in current:
+                self._lose(point)
+            else:
+                self._lose(point, "its text is no longer mapped")
         self._last_lost_check = time.monotonic()
         return lost
 

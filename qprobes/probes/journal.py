@@ -53,10 +53,10 @@ MAX_RETS = 2048  # hijacked return addresses
 MAX_VCPUS = 64
 STEP_LEVELS = 4  # a step and up to three reentries it interrupted
 
-_HEADER = struct.Struct("<8sIIQIIQ32s16sQQB7xQQQQQQQ")
+_HEADER = struct.Struct("<8sIIQIIQ32s16sQQB7xQQQQQQQQ")
 _GATE = struct.Struct("<QI4x16s")  # 32 bytes
 _PTE = struct.Struct("<QQ")  # 16
-_SITE = struct.Struct("<QQBB6x")  # 24 (addr, slot, opcode, flags)
+_SITE = struct.Struct("<QQBB6xQ")  # 32 (addr, slot, opcode, flags, module text base)
 _RET = struct.Struct("<QQQ")  # 24 (slot, real return address, cr3)
 _STEP = struct.Struct("<BB6xQQQQ")  # 40 per level (status, used, point, old, saved, popped)
 
@@ -102,7 +102,10 @@ class Header:
     ptable: int
     slot_lo: int
     slot_hi: int
-    phys_next: int  # the first reserved page no session has used
+    phys_next: int  # the first reserved page this session has not used
+    # Pages below this may still be mapped by an abandoned area: never reuse
+    # them (carried from session to session).
+    phys_floor: int = 0
     n_gates: int = 0
     n_ptes: int = 0
 
@@ -127,7 +130,8 @@ class Contents:
     header: Header
     gates: list[tuple[int, int, bytes]] = field(default_factory=list)  # (idt paddr, vector, gate)
     ptes: list[tuple[int, int]] = field(default_factory=list)  # (entry paddr, original)
-    sites: list[tuple[int, int, int, bool]] = field(default_factory=list)  # addr, slot, op, boost
+    # (addr, slot, opcode, boosted, module text base or 0 for vmlinux)
+    sites: list[tuple[int, int, int, bool, int]] = field(default_factory=list)
     rets: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, real, cr3)
     steps: dict[int, list[StepLevel]] = field(default_factory=dict)  # vcpu -> levels
 
@@ -136,7 +140,7 @@ def _pack_header(h: Header, n_sites: int, n_rets: int) -> bytes:
     return _HEADER.pack(
         MAGIC, VERSION, int(h.state), h.generation, h.owner_pid, 0, int(h.started),
         h.host.encode()[:32], h.qprobes_version.encode()[:16], h.area, h.kcr3, int(h.la57),
-        h.code, h.doorbell, h.vars, h.ptable, h.slot_lo, h.slot_hi, h.phys_next,
+        h.code, h.doorbell, h.vars, h.ptable, h.slot_lo, h.slot_hi, h.phys_next, h.phys_floor,
     ) + struct.pack("<IIII", h.n_gates, h.n_ptes, n_sites, n_rets)  # fmt: skip
 
 
@@ -153,12 +157,12 @@ def unpack_header(raw: bytes) -> Header | None:
                            f"qprobes reads format {VERSION}")  # fmt: skip
     n_gates, n_ptes, _sites, _rets = struct.unpack_from("<IIII", raw, _HEADER.size)
     (_m, _v, state, gen, pid, _pad, started, host, ver, area, kcr3, la57, code, bell, vars_,
-     ptable, slot_lo, slot_hi, phys_next) = fields  # fmt: skip
+     ptable, slot_lo, slot_hi, phys_next, phys_floor) = fields  # fmt: skip
     return Header(
         JournalState(state) if state in JournalState._value2member_map_ else JournalState.EMPTY,
         gen, pid, float(started), host.rstrip(b"\0").decode(errors="replace"),
         ver.rstrip(b"\0").decode(errors="replace"), area, kcr3, bool(la57), code, bell, vars_,
-        ptable, slot_lo, slot_hi, phys_next, n_gates, n_ptes,
+        ptable, slot_lo, slot_hi, phys_next, phys_floor, n_gates, n_ptes,
     )  # fmt: skip
 
 
@@ -199,9 +203,9 @@ class Journal:
         for i in range(min(header.n_ptes, MAX_PTES)):
             out.ptes.append(_PTE.unpack_from(raw, PTES_OFF + i * _PTE.size))
         for i in range(MAX_SITES):
-            addr, slot, opcode, flags = _SITE.unpack_from(raw, SITES_OFF + i * _SITE.size)
+            addr, slot, opcode, flags, module = _SITE.unpack_from(raw, SITES_OFF + i * _SITE.size)
             if flags & SITE_ARMED:
-                out.sites.append((addr, slot, opcode, bool(flags & SITE_BOOSTED)))
+                out.sites.append((addr, slot, opcode, bool(flags & SITE_BOOSTED), module))
         for i in range(MAX_RETS):
             slot, real, cr3 = _RET.unpack_from(raw, RETS_OFF + i * _RET.size)
             if slot:
@@ -220,8 +224,14 @@ class Journal:
     # --- writing ----------------------------------------------------------------
 
     def begin(self, previous: Header | None, phys_next: int, version: str) -> None:
-        """Start this session's journal: clear the records, state active."""
+        """Start this session's journal: clear the records, state active. The
+        physical floor grows past an abandoned area's pages and stays."""
         generation = previous.generation + 1 if previous is not None else 1
+        floor = 0
+        if previous is not None:
+            floor = previous.phys_floor
+            if previous.state is JournalState.ABANDONED:
+                floor = max(floor, previous.phys_next)
         self._sites.clear()
         self._free_sites.clear()
         self._next_site = 0
@@ -232,7 +242,7 @@ class Journal:
         self.write(self.base + HEADER_SIZE, bytes(END - HEADER_SIZE))
         self.header = Header(
             JournalState.ACTIVE, generation, os.getpid(), time.time(), socket.gethostname(),
-            version, 0, 0, False, 0, 0, 0, 0, 0, 0, phys_next,
+            version, 0, 0, False, 0, 0, 0, 0, 0, 0, max(phys_next, floor), floor,
         )  # fmt: skip
         self._flush()
 
@@ -244,7 +254,7 @@ class Journal:
         self._rets.clear()
         used_sites = []
         for i in range(MAX_SITES):
-            addr, _slot, _op, flags = _SITE.unpack_from(raw, SITES_OFF + i * _SITE.size)
+            addr, _slot, _op, flags, _mod = _SITE.unpack_from(raw, SITES_OFF + i * _SITE.size)
             if flags & SITE_ARMED:
                 self._sites[addr] = i
                 used_sites.append(i)
@@ -280,6 +290,9 @@ class Journal:
                      vars=vars_, ptable=ptable, slot_lo=slot_lo, slot_hi=slot_hi)  # fmt: skip
 
     def set_phys_next(self, phys_next: int) -> None:
+        """Record the allocator's high-water mark (before a new page is used)."""
+        if self.header is None or phys_next <= self.header.phys_next:
+            return
         self._update(phys_next=phys_next)
 
     def gate(self, idt: int, vector: int, gate: bytes) -> None:
@@ -302,7 +315,7 @@ class Journal:
         self._ptes += 1
         self._update(n_ptes=self._ptes)
 
-    def site(self, addr: int, slot: int, opcode: int, boosted: bool) -> None:
+    def site(self, addr: int, slot: int, opcode: int, boosted: bool, module: int = 0) -> None:
         """Record a probe site before its int3 is written."""
         if self.header is None:
             return  # not attached: nothing to record
@@ -317,7 +330,7 @@ class Journal:
             self._sites[addr] = index
         flags = SITE_ARMED | (SITE_BOOSTED if boosted else 0)
         self.write(self.base + SITES_OFF + index * _SITE.size,
-                   _SITE.pack(addr, slot, opcode, flags))  # fmt: skip
+                   _SITE.pack(addr, slot, opcode, flags, module))  # fmt: skip
 
     def unsite(self, addr: int) -> None:
         """Forget a site whose original byte is back (or that the guest rewrote)."""

@@ -59,7 +59,7 @@ def test_records_round_trip() -> None:
     assert h.state is JournalState.ACTIVE and h.generation == 1 and h.area == 0xFFFFFFFF83000000
     assert got.gates == [(0x2000, 3, bytes(range(16)))]
     assert got.ptes == [(0x3008, 0)]
-    assert got.sites == [(0xFFFFFFFF81000005, 0xFFFFFFFF83020000, 0x48, True)]
+    assert got.sites == [(0xFFFFFFFF81000005, 0xFFFFFFFF83020000, 0x48, True, 0)]
     assert got.rets == [(0xFFFFC90000123F58, 0xFFFFFFFF81234567, 0x1000)]
     assert got.steps == {1: [StepLevel(2, 0xFFFFFFFF81000005, 0x200, 0x200, 0)]}
     j.steps(1, [])
@@ -106,3 +106,21 @@ def test_another_format_is_refused() -> None:
     raw = bytearray(b"QPJRNL01" + (99).to_bytes(4, "little") + bytes(500))
     with pytest.raises(JournalError, match="format 99"):
         unpack_header(bytes(raw))
+
+
+def test_an_abandoned_areas_pages_stay_out_of_reach_for_every_later_session() -> None:
+    """A abandons its area (pages up to 0x103000); B detaches cleanly; C must
+    still not reuse A's pages (the floor is carried from session to session)."""
+    mem = Memory()
+    a = journal(mem)
+    a.begin(None, 0x100000, "0.1.0")
+    a.set_phys_next(0x103000)  # A's allocator grew (recorded before each new page)
+    a.end(JournalState.ABANDONED)
+    b = journal(mem)
+    b.begin(b.read_header(), 0x100000, "0.1.0")
+    assert b.header is not None and b.header.phys_floor == 0x103000
+    b.end(JournalState.DETACHED)
+    c = journal(mem)
+    c.begin(c.read_header(), 0x100000, "0.1.0")
+    assert c.header is not None and c.header.phys_floor == 0x103000
+    assert c.header.phys_next >= 0x103000
