@@ -222,6 +222,7 @@ class KprobeEngine:
         self.stats = EngineStats()
         self.points: dict[int, ProbePoint] = {}
         self.kcb: dict[int, KprobeCtlblk] = {}
+        self._steps_to_clear: list[KprobeCtlblk] = []
         self.attached = False
         self._ptable = [0] * PTABLE_ENTRIES
         self._ss_active = 0
@@ -1490,6 +1491,11 @@ class KprobeEngine:
         if not frame.action:
             frame.action = ACTION_RETURN
         self._write_frame(frame_addr, frame, cr3, la57, vcpu)
+        # A step that ended is taken out of the journal only now that the
+        # frame is answered (its record must outlive the change it undoes).
+        pending, self._steps_to_clear = self._steps_to_clear, []
+        for done in pending:
+            self._journal_steps(done)
         return True
 
     def _bare_trap_stop(self, stop: StopReply, vcpu: int) -> bool:
@@ -1701,7 +1707,7 @@ class KprobeEngine:
             kcb.status = KprobeStatus.NONE
             kcb.current = None
             kcb.prev.clear()
-        self._journal_steps(kcb)
+        self._steps_to_clear.append(kcb)  # journaled once the frame is written
 
     @staticmethod
     def _step_ends(point: ProbePoint, rip: int) -> bool:
