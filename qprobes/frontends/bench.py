@@ -14,9 +14,16 @@ prompt. Rows, in the order they run:
    5-byte ftrace nop the function starts with);
 4. a qprobes kretprobe (the slow path: the entry probe and the trampoline);
 5. the qprobes :class:`~qprobes.tracing.tracer.Tracer` with the same
-   definition as row 2 (the string fetch, comm and pid, a formatted event);
-6. the fast paths (recorders in the guest with an int3, with a detour, on
-   return): reported as not available until they exist;
+   definition as row 2 (the string fetch, comm and pid, a formatted event),
+   on the slow path (a stop per hit) and on the fast path (``fast=True``:
+   the recorder runs in the guest at the int3, the host drains its ring
+   while the guest runs); the fast row checks that it got one event per
+   hit, each naming the file opened, and reports the records the guest
+   dropped and the hits a full ring handed to the host (in each round the
+   fast row runs right after row 2, next to the no-probe row; the table
+   lists it after the slow Tracer);
+6. the fast paths not built yet (a detour, return probes): reported as
+   not available;
 7. gdb: qprobes detaches and lets go of the gdbstub, a real gdb connects
    to the same QEMU (pygdbmi), first with no breakpoint, then with
    ``break *do_sys_openat2`` + ``commands`` / ``silent`` / ``continue``.
@@ -80,7 +87,12 @@ MIXED = (
     "for i in $(seq {n}); do ls -l /bin > /dev/null; cat /proc/self/status {file} > /dev/null; "
     "echo $i > /tmp/qp-mix; sort /tmp/qp-mix | wc -c > /dev/null; done; echo mixed-done"
 )
-NOT_BUILT = "not built yet: the in-guest recorder (issue 9, items 1-4)"
+#: The fast-path Tracer's event: the same fetch arguments as the others.
+FAST_DEF = f"p:myopen_fast {PROBED} {FETCHARGS}"
+NOT_BUILT = {
+    "detour": "not built yet: jump-optimized detours (issue 9, item 3)",
+    "kretprobe_fast": "not built yet: return probes on the fast path (issue 9, item 4)",
+}
 
 #: Rows by key: the JSON key of their overhead, their label.
 ROWS: dict[str, tuple[str, str]] = {
@@ -93,7 +105,7 @@ ROWS: dict[str, tuple[str, str]] = {
     "single_step": ("single_step_us_per_hit", "qprobes kprobe, single-step"),
     "kretprobe": ("kretprobe_us_per_hit", "qprobes kretprobe (slow path)"),
     "tracer": ("tracer_us_per_hit", "qprobes Tracer, string fetch (slow path)"),
-    "fast": ("fast_us_per_hit", "qprobes fast path, int3"),
+    "fast": ("fast_us_per_hit", "qprobes Tracer, string fetch (fast path, int3)"),
     "detour": ("detour_us_per_hit", "qprobes fast path, detour"),
     "kretprobe_fast": ("kretprobe_fast_us_per_hit", "qprobes kretprobe, fast path"),
     "gdb_noprobe": ("gdb_noprobe_us_per_open", "gdb attached, no breakpoint (per open)"),
@@ -107,6 +119,7 @@ RATIOS = [
     ("ratio_gdb_to_tracer", "gdb", "tracer"),
     ("ratio_tracer_to_guest_kprobe_events", "tracer", "guest_kprobe_events"),
     ("ratio_fast_to_guest_kprobe_events", "fast", "guest_kprobe_events"),
+    ("ratio_tracer_to_fast", "tracer", "fast"),
     ("ratio_detour_to_guest_kprobe_events", "detour", "guest_kprobe_events"),
 ]
 
@@ -152,6 +165,8 @@ class Row:
     fixed: list[float] = field(default_factory=list)  # seconds, the same command for 0
     stops: dict[str, int] = field(default_factory=dict)  # the N runs net of the N=0 runs
     hits_seen: int | None = None  # counted by the probe, N runs net of the N=0 runs
+    events_seen: int | None = None  # events naming the file opened, N runs net of N=0
+    fast: dict[str, int] | None = None  # the fast path's counters (records dropped ...)
     baseline: Row | None = None  # the no-probe row of the same path
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -229,6 +244,8 @@ class Row:
                 "stops": self.stops,
                 "stops_per_hit": self.stops_per_hit,
                 "hits_seen": self.hits_seen,
+                "events_seen": self.events_seen,
+                "fast": self.fast,
                 "notes": self.notes,
                 "problems": self.problems,
             }
@@ -429,7 +446,9 @@ class Case:
     """A row's probes, set up before each of its rounds and taken down after.
 
     ``count`` reads the probe's hits so far; a read that itself hits the
-    probe (a console command on the guest) adds ``count_cost``.
+    probe (a console command on the guest) adds ``count_cost``. ``events``
+    (read after ``count``) reads the events so far that name the file the
+    workload opens: one per open.
     """
 
     row: Row
@@ -437,7 +456,9 @@ class Case:
     teardown: Callable[[], None] = _nothing
     count: Callable[[], int] | None = None
     count_cost: int = 0
+    events: Callable[[], int] | None = None
     seen: int = 0
+    events_seen: int = 0
 
     def pair(self, run: Callable[[int], float], stats: Callable[[], dict[str, int]]) -> None:
         """run(0), then run(row.hits): the fixed cost, then the timed run.
@@ -445,21 +466,29 @@ class Case:
         for n in (0, self.row.hits):
             sign = 1 if n else -1
             hits0 = self.count() if self.count is not None else 0
+            events0 = self.events() if self.events is not None else 0
             stats0 = stats()
             wall = run(n)
             _net(stats0, stats(), sign, self.row.stops)
             if self.count is not None:
                 self.seen += sign * (self.count() - hits0 - self.count_cost)
+            if self.events is not None:
+                self.events_seen += sign * (self.events() - events0)
             (self.row.walls if n else self.row.fixed).append(wall)
 
     def check(self, rounds: int) -> None:
+        expected = self.row.hits * rounds
+        if self.events is not None:
+            self.row.events_seen = self.events_seen
+            if self.events_seen != expected:
+                self.row.problems.append(
+                    f"{self.events_seen} events for {OPENED} (net), expected {expected}"
+                )
         if self.count is None:
             return
         self.row.hits_seen = self.seen
-        if self.seen != self.row.hits * rounds:
-            self.row.problems.append(
-                f"counted {self.seen} hits (net), expected {self.row.hits * rounds}"
-            )
+        if self.seen != expected:
+            self.row.problems.append(f"counted {self.seen} hits (net), expected {expected}")
 
 
 def _noop(kp: Any, ctx: Any) -> None:
@@ -556,34 +585,66 @@ class LinuxBench:
         case.setup, case.teardown = setup, teardown
         return case
 
-    def _tracer_case(self, row: Row) -> Case:
+    def _tracer_case(self, row: Row, fast: bool = False) -> Case:
+        """The Tracer with the guest row's fetch arguments, on the slow path
+        (a stop per hit) or the fast one (a recorder in the guest; the host
+        drains the rings while the guest runs, and before each count)."""
         from qprobes.tracing import TraceEvent, Tracer
 
-        row.notes.append(f"definition: {TRACE_DEF}")
+        definition = FAST_DEF if fast else TRACE_DEF
+        row.notes.append(f"definition: {definition}" + (" (Tracer(fast=True))" if fast else ""))
         paths: Counter[str] = Counter()
         emitted = [0, 0]  # events emitted, hits
 
         def sink(event: TraceEvent) -> None:
             paths[str(event.fields.get("path"))] += 1
 
-        tracer = Tracer(self.session, sink)
+        tracer = Tracer(self.session, sink, fast=fast)
         held: list[Any] = []
+        engine = self.session.engine
+        counters = {"dropped": 0, "spilled": 0, "orphans": 0}
+        before: dict[str, int] = {}
+
+        def fast_counters() -> dict[str, int]:
+            fp = engine.fast
+            if fp is None:
+                return dict.fromkeys(counters, 0)
+            return {"dropped": fp.dropped, "spilled": fp.spilled, "orphans": fp.orphans}
 
         def setup() -> None:
-            held[:] = [tracer.add(TRACE_DEF)]
+            tp = tracer.add(definition)
+            held[:] = [tp]
+            if not fast:
+                return
+            tracer.drain()
+            before.update(fast_counters())
+            if tp.kprobe is None or not engine.is_fast(tp.kprobe):
+                why = tp.slow_reason or "the engine keeps it on the slow path"
+                row.problems.append(f"not on the fast path: {why}")
 
         def teardown() -> None:
             tp = held.pop()
+            tracer.remove(tp.name)  # drains what it recorded first
             emitted[0] += tp.emitted
             emitted[1] += tp.nhit
-            tracer.remove(tp.name)
-            row.notes[1:] = [
-                "events by path: " + ", ".join(f"{p} {k}" for p, k in sorted(paths.items()))
-            ]
+            if fast:
+                after = fast_counters()
+                for k in counters:
+                    counters[k] += after[k] - before.get(k, 0)
+                row.fast = {"events": emitted[0], "hits": emitted[1], **counters}
+            note = "events by path: " + ", ".join(f"{p} {k}" for p, k in sorted(paths.items()))
+            row.notes[1:] = [note]
+            mismatch = " events emitted for "
+            row.problems[:] = [p for p in row.problems if mismatch not in p]
             if emitted[0] != emitted[1]:
-                row.problems[:] = [f"{emitted[0]} events emitted for {emitted[1]} hits"]
+                row.problems.append(f"{emitted[0]}{mismatch}{emitted[1]} hits")
 
-        return Case(row, setup, teardown, count=lambda: int(held[0].nhit))
+        def count() -> int:
+            if fast:
+                tracer.drain()
+            return int(held[0].nhit)
+
+        return Case(row, setup, teardown, count=count, events=lambda: paths[OPENED])
 
     def hit_rows(self) -> Row:
         """Every row on qprobes' side, interleaved: each round runs each row
@@ -608,7 +669,12 @@ class LinuxBench:
                 lambda: self.session.kretprobe(PROBED, _noop),
             ),
             self._tracer_case(self.add_row(Row("tracer", n, baseline=base))),
+            self._tracer_case(self.add_row(Row("fast", n, baseline=base)), fast=True),
         ]
+        # The two rows that cost little (the guest's own probe, the fast
+        # path) run next to the baseline: close in time, their small numbers
+        # suffer least from a change of the host's load within a round.
+        cases.insert(2, cases.pop())
         for r in range(self.opts.repeat):
             self.log(
                 f"round {r + 1}/{self.opts.repeat}: "
@@ -629,9 +695,9 @@ class LinuxBench:
         return base
 
     def not_available(self) -> None:
-        for key in ("fast", "detour", "kretprobe_fast"):
-            self.add_row(Row(key, 0, available=False, reason=NOT_BUILT))
-        self.log("fast path, detour, fast return probes: not available (" + NOT_BUILT + ")")
+        for key, reason in NOT_BUILT.items():
+            self.add_row(Row(key, 0, available=False, reason=reason))
+            self.log(f"{ROWS[key][1]}: not available ({reason})")
 
     # --- many probes --------------------------------------------------------------------
 
@@ -1090,6 +1156,15 @@ def report(result: BenchResult, out: TextIO) -> None:
             f"\nBoot: plain {b.plain_s:.2f} s to the prompt; to the first probe hit "
             f"{b.first_probe_s:.2f} s (boot, symbols and BTF from memory, attach, arm, one "
             f"open): {b.ratio:.2f}x\n"
+        )
+    fast = result.rows.get("fast")
+    if fast is not None and fast.measured and fast.fast is not None:
+        f = fast.fast
+        w(
+            f"\nFast path (in-guest recorder): {f['events']} events for {f['hits']} hits over its "
+            f"rounds, {fast.events_seen} events for {OPENED} in the timed runs (net) for "
+            f"{fast.hits * len(fast.walls)} opens; records the guest dropped {f['dropped']}, "
+            f"hits a full ring handed to the host {f['spilled']}\n"
         )
     trace = result.gdb_trace
     if trace and trace.get("hits"):

@@ -320,11 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Boot the default Linux guest once and time the same workload (qp-open N "
         "/etc/hostname, probes on do_sys_openat2) with no probe, the guest's own "
         "kprobe_events (set up through tracefs), qprobes' boosted and single-stepped kprobes, "
-        "kretprobe and Tracer, and a real gdb's break + commands on the same QEMU; then arm "
+        "kretprobe, Tracer on the slow path and on the fast path (recorders in the guest), "
+        "and a real gdb's break + commands on the same QEMU; then arm "
         "1,000 and 10,000 probes, time a mixed workload with 1,000 unhit probes armed, and "
         "compare the boot to the first probe hit with a plain boot. Rows that do not exist "
-        "yet (the fast paths) are 'not available' (null in JSON). Progress goes to stderr; "
-        "docs/BENCHMARKS.md explains the method.",
+        "yet (detours, fast return probes) are 'not available' (null in JSON). Progress "
+        "goes to stderr; docs/BENCHMARKS.md explains the method.",
     )  # fmt: skip
     p.add_argument("--json", action="store_true",
                    help="one JSON object instead of the table")  # fmt: skip

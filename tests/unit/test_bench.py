@@ -48,9 +48,20 @@ def make_result() -> BenchResult:
     guest = Row(
         "guest_kprobe_events", 10, baseline=base, walls=[0.0025, 0.0025], fixed=[0.0005, 0.0005]
     )
-    for row in (base, boosted, step, gdb_base, gdb, guest):
+    fast = Row(
+        "fast",
+        10,
+        baseline=base,
+        walls=[0.0020, 0.0018],  # 50 us a hit in both rounds
+        fixed=[0.0005, 0.0005],
+        stops={"stops": 0},
+        hits_seen=20,
+        events_seen=20,
+        fast={"events": 24, "hits": 24, "dropped": 0, "spilled": 0, "orphans": 0},
+    )
+    for row in (base, boosted, step, gdb_base, gdb, guest, fast):
         result.rows[row.key] = row
-    for key in ("fast", "detour", "kretprobe_fast"):
+    for key in ("detour", "kretprobe_fast"):
         result.rows[key] = Row(key, 0, available=False, reason="not built yet")
     result.arming[1000] = Arming(1000, armed=1000, refused=3, seconds=2.5, seconds_tried=2.5)
     result.arming[10_000] = Arming(
@@ -79,12 +90,17 @@ def test_ratios_are_quotients_and_null_where_a_row_is_missing() -> None:
     doc = make_result().summary()
     assert doc["ratio_gdb_to_boosted"] == doc["gdb_us_per_hit"] / doc["boosted_us_per_hit"]
     assert doc["ratio_gdb_to_single_step"] == doc["gdb_us_per_hit"] / doc["single_step_us_per_hit"]
+    assert doc["fast_us_per_hit"] == pytest.approx(50.0)
+    assert doc["guest_kprobe_events_us_per_hit"] == pytest.approx(110.0)  # 200 less 90
+    assert doc["ratio_fast_to_guest_kprobe_events"] == (
+        doc["fast_us_per_hit"] / doc["guest_kprobe_events_us_per_hit"]
+    )
+    assert doc["stops_per_hit"]["fast"] == 0.0
     for key in (
-        "fast_us_per_hit",
         "detour_us_per_hit",
-        "ratio_fast_to_guest_kprobe_events",
         "ratio_detour_to_guest_kprobe_events",
         "tracer_us_per_hit",
+        "ratio_tracer_to_fast",  # no slow Tracer row in this result
     ):
         assert doc[key] is None, key
     assert {k for k, _, _ in RATIOS} <= doc.keys()
@@ -113,13 +129,15 @@ def test_json_document_round_trips() -> None:
     again = json.loads(json.dumps(doc))
     assert again["ratio_gdb_to_boosted"] == doc["ratio_gdb_to_boosted"]
     rows = {r["key"]: r for r in again["rows"]}
-    assert rows["fast"] == {
-        "key": "fast",
-        "json_key": "fast_us_per_hit",
-        "label": "qprobes fast path, int3",
+    assert rows["detour"] == {
+        "key": "detour",
+        "json_key": "detour_us_per_hit",
+        "label": "qprobes fast path, detour",
         "available": False,
         "reason": "not built yet",
     }
+    assert rows["fast"]["events_seen"] == rows["fast"]["hits_seen"] == 20
+    assert rows["fast"]["fast"]["dropped"] == 0
     assert rows["boosted"]["us_min"] == pytest.approx(820.0)
     assert rows["boosted"]["us_max"] == pytest.approx(900.0)
 
@@ -128,7 +146,8 @@ def test_the_table_says_not_available_and_names_the_limit() -> None:
     out = io.StringIO()
     report(make_result(), out)
     text = out.getvalue()
-    assert text.count("not available") >= 3 + 2  # three rows, two ratios
+    assert text.count("not available") >= 2 + 2  # two rows, two ratios
+    assert "24 events for 24 hits" in text and "dropped 0" in text
     assert "at most 4096 probe addresses at once" in text
     assert "4096 armed" in text
     assert "slowdown +10.0%" in text
@@ -166,6 +185,27 @@ def test_case_subtracts_the_run_for_zero_and_the_cost_of_counting() -> None:
     case.check(3)
     assert row.hits_seen == 21 and not row.problems
     assert row.walls == [0.007] * 3 and row.fixed == [0.0] * 3
+
+
+def test_case_counts_the_events_of_the_timed_runs_net_of_the_run_for_zero() -> None:
+    events = [0]
+
+    def run(n: int) -> float:
+        events[0] += n + 3  # the shell starting qp-open opens other files: not counted
+        return 0.001 * n
+
+    row = Row("fast", 5)
+    case = Case(row, events=lambda: events[0])
+    for _ in range(2):
+        case.pair(run, dict)
+    case.check(2)
+    assert row.events_seen == 10 and not row.problems
+    short = Row("fast", 5)
+    lossy = Case(short, events=lambda: events[0] // 2)  # half the events lost
+    lossy.pair(run, dict)
+    lossy.check(1)
+    assert short.events_seen is not None and short.events_seen < 5
+    assert short.problems and "expected 5" in short.problems[0]
 
 
 def test_gdb_remote_log_counts() -> None:
