@@ -14,8 +14,9 @@ next probe hit. The watchdog then waits for the qprobes process to be gone
 time), connects, and runs :meth:`Session.recover` from the journal qprobes
 kept in the guest, exactly what ``qprobes attach ADDR --recover`` does. It
 writes one line to its log, ``watchdog.log`` in its scratch directory
-(``$TMPDIR/qprobes-*``), saying what it restored; a QEMU that is gone
-leaves it nothing to do (it says so and exits).
+(``$TMPDIR/qprobes-*``, left for the user to read and removed by the next
+qprobes that starts), saying what it restored. A QEMU that is gone leaves
+it nothing to do: it removes its directory and exits.
 
 The watchdog runs in a session of its own with its standard streams on
 ``/dev/null`` and its log, so it holds no terminal or pipe of qprobes'
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -92,6 +94,7 @@ class Watchdog:
             start, size = reserve
             args = [sys.executable, "-m", "qprobes.frontends.watchdog", "--fd", str(read_fd),
                     "--parent", str(os.getpid()), "--reserve", f"{start:#x}:{size:#x}",
+                    "--workdir", str(workdir),
                     os.path.abspath(address) if os.path.exists(address) else address]  # fmt: skip
             with (workdir / LOG_NAME).open("ab") as log:
                 proc = subprocess.Popen(
@@ -167,9 +170,10 @@ def qemu_gone(exc: QprobesError) -> bool:
 def recover(address: str, reserve: tuple[int, int], say: Callable[[str], None],
             patience: float = CONNECT_PATIENCE,
             recover_once: Callable[[str, tuple[int, int]], str] | None = None,
-            ) -> int:  # fmt: skip
+            ) -> int | None:  # fmt: skip
     """Put the guest at ``address`` back from its journal, trying until the
-    gdbstub takes a client (for ``patience`` seconds). Says one line."""
+    gdbstub takes a client (for ``patience`` seconds). Says one line; returns
+    the exit status, or None when QEMU is gone (nothing was done)."""
     if recover_once is None:
         recover_once = _session_recover
     deadline = time.monotonic() + patience
@@ -181,7 +185,7 @@ def recover(address: str, reserve: tuple[int, int], say: Callable[[str], None],
         except (ConnectionClosedError, StubTimeoutError) as exc:
             if qemu_gone(exc):
                 say(f"QEMU at {address} is gone: nothing to recover ({exc})")
-                return 0
+                return None
             if time.monotonic() >= deadline:
                 say(f"cannot recover the guest: {exc}; {again} puts it back")
                 return 1
@@ -207,11 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="the pipe's read end")
     parser.add_argument("--parent", type=int, required=True, help="the qprobes process")
     parser.add_argument("--reserve", required=True, metavar="START:SIZE")
+    parser.add_argument("--workdir", type=Path, help="its scratch directory (and log)")
     parser.add_argument("address")
     args = parser.parse_args(argv)
     # A session of its own already; a hang-up or Ctrl-C is not for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The one line below says what was done; the engine's notes on the way
+    # ("recovering the changes of ...") stay out of the log, its errors do not.
+    logging.basicConfig(level=logging.ERROR, format="%(asctime)s qprobes watchdog: %(message)s")
     started = process_start_time(args.parent)
     message = read_until_eof(args.fd)
     os.close(args.fd)
@@ -225,7 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{when} qprobes watchdog: qprobes (pid {args.parent}) ended without "
                   f"detaching; {line}", file=sys.stderr, flush=True)  # fmt: skip
 
-    return recover(args.address, _parse_reserve(args.reserve), say)
+    status = recover(args.address, _parse_reserve(args.reserve), say)
+    if status is None:
+        # QEMU is gone and qprobes said so: nothing to keep.
+        if args.workdir is not None and args.workdir.name.startswith(WORKDIR_PREFIX):
+            shutil.rmtree(args.workdir, ignore_errors=True)
+        return 0
+    return status  # the log stays, for the user; the next qprobes removes it
 
 
 if __name__ == "__main__":
