@@ -545,7 +545,7 @@ def trace(
             "workload in the guest yourself, and stop tracing with Ctrl-C or --duration"
         )
     if duration is not None and duration <= 0:
-        raise MachineError(f"--duration {duration}: give a positive number of seconds")
+        raise MachineError(f"--duration {duration:g}: give a positive number of seconds")
     by_event = _filters_by_event(filters, probes)
     triggers_by_event = _triggers_by_event(triggers, probes)
     if output is not None:
