@@ -106,7 +106,8 @@ def test_kvm_unavailable_is_one_line_before_anything_starts(
     [
         (["trace", "--attach", "/x.sock", "--reserve", "zz", "p:x vfs_read"],
          "qprobes: error: --reserve zz: want START:SIZE, e.g. 0x1f800000:0x400000"),
-        (["trace", "-o", "trace.bin", "p:x vfs_read"], "qprobes: error: -o trace.bin: say which format"),
+        (["trace", "-o", "trace.bin", "p:x vfs_read"],
+         "qprobes: error: -o trace.bin: say which format"),
         (["trace", "--duration", "0", "p:x vfs_read"],
          "qprobes: error: --duration 0: give a positive number of seconds"),
     ],
