@@ -104,12 +104,18 @@ def test_kvm_unavailable_is_one_line_before_anything_starts(
 @pytest.mark.parametrize(
     ("argv", "line"),
     [
-        (["trace", "--attach", "/x.sock", "--reserve", "zz", "p:x vfs_read"],
-         "qprobes: error: --reserve zz: want START:SIZE, e.g. 0x1f800000:0x400000"),
-        (["trace", "-o", "trace.bin", "p:x vfs_read"],
-         "qprobes: error: -o trace.bin: say which format"),
-        (["trace", "--duration", "0", "p:x vfs_read"],
-         "qprobes: error: --duration 0: give a positive number of seconds"),
+        (
+            ["trace", "--attach", "/x.sock", "--reserve", "zz", "p:x vfs_read"],
+            "qprobes: error: --reserve zz: want START:SIZE, e.g. 0x1f800000:0x400000",
+        ),
+        (
+            ["trace", "-o", "trace.bin", "p:x vfs_read"],
+            "qprobes: error: -o trace.bin: say which format",
+        ),
+        (
+            ["trace", "--duration", "0", "p:x vfs_read"],
+            "qprobes: error: --duration 0: give a positive number of seconds",
+        ),
     ],
     ids=["bad-reserve", "unknown-output-format", "zero-duration"],
 )
