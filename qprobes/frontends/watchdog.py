@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import qprobes
 from qprobes.errors import ConnectionClosedError, MachineError, QprobesError, StubTimeoutError
 from qprobes.machine.qemu import (
     OWNER_FILE,
@@ -96,10 +97,15 @@ class Watchdog:
                     "--parent", str(os.getpid()), "--reserve", f"{start:#x}:{size:#x}",
                     "--workdir", str(workdir),
                     os.path.abspath(address) if os.path.exists(address) else address]  # fmt: skip
+            # The same qprobes as this process's, wherever it was imported from
+            # (a checkout too): the watchdog runs in / .
+            package_root = str(Path(qprobes.__file__).resolve().parent.parent)
+            path = os.environ.get("PYTHONPATH")
+            env = dict(os.environ, PYTHONPATH=package_root + (os.pathsep + path if path else ""))
             with (workdir / LOG_NAME).open("ab") as log:
                 proc = subprocess.Popen(
                     args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    pass_fds=(read_fd,), start_new_session=True, cwd="/",
+                    pass_fds=(read_fd,), start_new_session=True, cwd="/", env=env,
                 )  # fmt: skip
             with owner.open("a") as f:
                 f.write(owner_record("watchdog", proc.pid))

@@ -123,12 +123,16 @@ def test_a_dead_qprobes_sets_the_watchdog_going(tmp_path: Path) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
-    env = dict(os.environ, TMPDIR=str(tmp_path),
-               PYTHONPATH=str(Path(__file__).resolve().parents[2]))  # fmt: skip
+    # qprobes imported from the checkout it runs in (cwd), not from PYTHONPATH:
+    # the watchdog, which runs in /, must still find the same package.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TMPDIR"] = str(tmp_path)
     started = time.monotonic()
     # stdout and stderr are pipes: run() returns only when every holder closed them.
-    child = subprocess.run([sys.executable, "-c", CHILD, path, "2"], capture_output=True,
-                           text=True, env=env, timeout=60, check=False)  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, path, "2"], capture_output=True, text=True, env=env,
+        cwd=Path(__file__).resolve().parents[2], timeout=60, check=False,
+    )  # fmt: skip
     took = time.monotonic() - started
     assert child.returncode == 9, child.stderr
     pid_text, log_text = child.stdout.split()
