@@ -338,6 +338,7 @@ def _session_for(
     cpu: str | None,
     symbols_file: str | None = None,
     memory_mib: int | None = None,
+    watchdog: bool = True,
 ) -> Session:
     """The Linux session a trace or symbols command works on."""
     from qprobes.frontends.session import Session
@@ -348,7 +349,7 @@ def _session_for(
     if attach_address is not None:
         assert reserve is not None
         return Session.attach(attach_address, reserve=_parse_reserve(reserve),
-                              symbols=symbols_file, linux=True)  # fmt: skip
+                              symbols=symbols_file, linux=True, watchdog=watchdog)  # fmt: skip
     # Every machine option applies to the built-in guest and to --kernel
     # alike; --kernel without --initrd boots the built-in busybox userland.
     overrides: dict[str, Any] = {"smp": smp, "accel": accel, "cpu": cpu}
@@ -544,7 +545,7 @@ def trace(
             "workload in the guest yourself, and stop tracing with Ctrl-C or --duration"
         )
     if duration is not None and duration <= 0:
-        raise MachineError(f"--duration {duration}: give a positive number of seconds")
+        raise MachineError(f"--duration {duration:g}: give a positive number of seconds")
     by_event = _filters_by_event(filters, probes)
     triggers_by_event = _triggers_by_event(triggers, probes)
     if output is not None:
@@ -624,6 +625,9 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
 
     session = _session_for_guarded(guard, machine)
     guard.detaching()  # from here on a signal is noted, and qprobes detaches
+    if session.watchdog is not None:
+        say(f"qprobes: watchdog pid {session.watchdog.pid} puts the guest back if qprobes "
+            f"dies attached (log: {session.watchdog.log_path})")  # fmt: skip
     status = 0
     fault: GuestDiedError | None = None
     tracer: Tracer | None = None

@@ -38,7 +38,7 @@ def _machine_args(args: argparse.Namespace) -> dict[str, Any]:
         "kernel": args.kernel, "initrd": args.initrd, "append": args.append,
         "attach_address": args.attach, "reserve": args.reserve, "kaslr": args.kaslr,
         "smp": args.smp, "accel": args.accel, "cpu": args.cpu, "symbols_file": args.symbols,
-        "memory_mib": args.memory,
+        "memory_mib": args.memory, "watchdog": not args.no_watchdog,
     }  # fmt: skip
 
 
@@ -120,7 +120,9 @@ exit status:
   141  stdout was closed (| head)
   A second signal while qprobes detaches says "detaching, please wait" and, like
   every later one, is ignored: the detach always finishes. Only SIGKILL ends
-  qprobes at once (it leaves qprobes' probes in a guest it attached to).
+  qprobes at once; in a guest it attached to, its watchdog then puts the guest
+  back (one line in $TMPDIR/qprobes-*/watchdog.log), or, with the watchdog gone
+  too, 'qprobes attach ADDR --recover --reserve START:SIZE' does.
 
 hist triggers (Linux's Documentation/trace/histogram.rst), --trigger EVENT:TRIGGER:
   hist:keys=KEY[.MOD][,KEY...][:vals=VAL[.hex],...][:sort=FIELD[.descending],...]
@@ -208,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--reserve",
             metavar="START:SIZE",
             help="with --attach: guest-physical memory the guest does not use",
+        )
+        p.add_argument(
+            "--no-watchdog",
+            action="store_true",
+            help="with --attach: start no watchdog (a process that puts the guest back if "
+            "qprobes is killed); 'qprobes attach ADDR --recover' is then the way back",
         )
 
     p = sub.add_parser(

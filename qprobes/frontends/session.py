@@ -41,6 +41,7 @@ from qprobes.errors import (
     QprobesError,
     StubTimeoutError,
 )
+from qprobes.frontends.watchdog import Watchdog
 from qprobes.machine.guests import QTEST_PROMPT, qtest_config
 from qprobes.machine.qemu import MachineConfig, QemuMachine, attach
 from qprobes.probes.engine import KprobeEngine
@@ -219,6 +220,8 @@ class Session:
         self._closed = False
         self._fault_said = False  # a GuestDiedError was raised already
         self._address: str | None = None  # the gdbstub of an attached QEMU
+        #: The watchdog of an attached Linux guest (see qprobes.frontends.watchdog).
+        self.watchdog: Watchdog | None = None
 
     # --- construction -------------------------------------------------------
 
@@ -525,9 +528,16 @@ class Session:
 
     @classmethod
     def attach(cls, address: str, *, reserve: tuple[int, int], near: int | None = None,
-               symbols: str | Path | None = None, linux: bool = False) -> Session:  # fmt: skip
+               symbols: str | Path | None = None, linux: bool = False,
+               watchdog: bool = True) -> Session:  # fmt: skip
         """Attach to a running QEMU's gdbstub. ``reserve`` names guest-physical
-        memory the guest does not use (see the README)."""
+        memory the guest does not use (see the README).
+
+        A Linux guest gets a watchdog (``watchdog=False``: none): a process
+        of its own that puts the guest back from the journal if this process
+        ends without detaching (see :mod:`qprobes.frontends.watchdog`);
+        :attr:`watchdog` names it. One that cannot start is a warning:
+        :meth:`recover` is then the way back."""
         target = attach(address)
         if linux or (symbols is None and near is None):
             # A Linux guest: symbols from its own memory (or the file given)
@@ -535,6 +545,12 @@ class Session:
             session = cls(target, reserve=reserve, near=0)
             session._address = address
             try:
+                if watchdog:
+                    try:
+                        session.watchdog = Watchdog.start(address, reserve)
+                    except MachineError as exc:
+                        log.warning("%s: if qprobes dies attached, run qprobes attach %s "
+                                    "--recover", exc, address)  # fmt: skip
                 session.use_linux(str(symbols) if symbols is not None else None)
             except BaseException:
                 session.close()
@@ -780,6 +796,16 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        try:
+            self._close()
+        except BaseException:
+            if self.watchdog is not None:
+                self.watchdog.abandon()  # it recovers the guest once we are gone
+            raise
+        if self.watchdog is not None:
+            self.watchdog.detached()
+
+    def _close(self) -> None:
         connected = True  # whether the gdbstub connection still works
         try:
             if self.machine is not None and not self.machine.alive():

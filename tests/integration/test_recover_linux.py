@@ -87,9 +87,10 @@ def test_recover_after_the_controller_was_killed() -> None:
         reserve = f"{start:#x}:{size:#x}"
         before = snapshot(address, addrs)
 
+        # No watchdog: it would put the guest back before this test looks.
         proc = subprocess.Popen([*CLI, "trace", "--attach", address, "--reserve", reserve, "-q",
-                                 *HOT], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                text=True)  # fmt: skip
+                                 "--no-watchdog", *HOT], stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, text=True)  # fmt: skip
         assert proc.stderr is not None
         seen, deadline = "", time.monotonic() + 120
         while "Ctrl-C to stop" not in seen and time.monotonic() < deadline:

@@ -75,3 +75,66 @@ def test_bash_completion_in_a_real_bash() -> None:
     assert complete(["qprobes", "trace", "--accel", ""]) == ["tcg", "kvm"]
     assert complete(["qprobes", "completion", "z"]) == ["zsh"]
     assert "--no-probes" in complete(["qprobes", "qtest", "--smp", "2", "--no"])
+
+
+def test_kvm_unavailable_is_one_line_before_anything_starts(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    import os
+
+    from qprobes.frontends import cli
+
+    real_open = os.open
+
+    def no_kvm(path: str, *args: object, **kwargs: object) -> int:
+        if path == "/dev/kvm":
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def no_boot(**machine: object) -> object:
+        raise AssertionError("a guest was started")
+
+    monkeypatch.setattr(os, "open", no_kvm)
+    monkeypatch.setattr("qprobes.frontends.api._session_for", no_boot)
+    assert cli.main(["trace", "--accel", "kvm", "p:x vfs_read"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("qprobes: error: --accel kvm: cannot open /dev/kvm (Permission denied); "
+                   "use --accel tcg\n")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["trace", "--attach", "/x.sock", "--reserve", "zz", "p:x vfs_read"],
+            "qprobes: error: --reserve zz: want START:SIZE, e.g. 0x1f800000:0x400000",
+        ),
+        (
+            ["trace", "-o", "trace.bin", "p:x vfs_read"],
+            "qprobes: error: -o trace.bin: say which format",
+        ),
+        (
+            ["trace", "--duration", "0", "p:x vfs_read"],
+            "qprobes: error: --duration 0: give a positive number of seconds",
+        ),
+    ],
+    ids=["bad-reserve", "unknown-output-format", "zero-duration"],
+)
+def test_bad_options_are_one_line_before_anything_starts(
+        argv: list[str], line: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from qprobes.frontends import cli
+
+    def no_boot(**machine: object) -> object:
+        raise AssertionError("a guest was started")
+
+    monkeypatch.setattr("qprobes.frontends.api._session_for", no_boot)
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err
+
+
+def test_recover_needs_the_reserve() -> None:
+    from qprobes.frontends import cli
+
+    with pytest.raises(SystemExit, match="--recover needs --reserve START:SIZE"):
+        cli.main(["attach", "/x.sock", "--recover"])
