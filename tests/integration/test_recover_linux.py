@@ -11,47 +11,20 @@ runs on clean, with its text and IDT as before, and a later attach works.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import subprocess
-import sys
 import time
 
 import pytest
 
 from qprobes.errors import QprobesError
 from qprobes.machine.linux import LINUX_PROMPT, linux_config
-from qprobes.machine.qemu import QemuMachine, attach
+from qprobes.machine.qemu import QemuMachine
 from tests.conftest import require_vm
+from tests.integration.attached import BAD, CLI, HOT, LOOP, snapshot
 
 pytestmark = pytest.mark.vm
 
-LOOP = "(while :; do cat /etc/hostname >/dev/null; ls /proc >/dev/null 2>&1; done) &"
-BAD = re.compile(r"BUG:|Oops|WARNING:|general protection|unable to handle|Kernel panic|"
-                 r"double fault|invalid opcode|soft lockup|rcu_sched detected")  # fmt: skip
-CLI = [sys.executable, "-m", "qprobes.frontends.cli"]
-HOT = ["p:lk _raw_spin_lock_irqsave", "p:op do_sys_openat2 path=+0(%si):string",
-       "r:ns hrtimer_nanosleep", "r:rd vfs_read"]  # fmt: skip
-
-
-def snapshot(address: str, text_addrs: list[int]) -> dict[str, str]:
-    """Hashes of each IDT and of the probed functions' text pages."""
-    target = attach(address)
-    try:
-        with target.stopped():
-            out = {}
-            for vcpu in target.vcpus:
-                idt = target.idt(vcpu)
-                paddr = target.translate(idt.base, vcpu).paddr
-                out[f"idt{vcpu}"] = hashlib.sha256(
-                    target.read_phys(paddr, idt.limit + 1)
-                ).hexdigest()
-            for addr in text_addrs:
-                out[f"{addr:#x}"] = hashlib.sha256(target.read(addr & ~0xFFF, 4096)).hexdigest()
-            return out
-    finally:
-        target.client.detach()
-        target.client.close()
 
 
 def kallsyms(machine: QemuMachine, names: list[str]) -> list[int]:

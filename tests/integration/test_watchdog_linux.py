@@ -13,12 +13,10 @@ well, ``--recover`` is the way back.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,18 +26,13 @@ import pytest
 
 from qprobes.errors import QprobesError
 from qprobes.machine.linux import LINUX_PROMPT, linux_config
-from qprobes.machine.qemu import QemuMachine, attach, process_start_time
+from qprobes.machine.qemu import QemuMachine, process_start_time
 from tests.conftest import require_vm
+from tests.integration.attached import BAD, CLI, HOT, LOOP, snapshot
 from tests.integration.cli_process import CliProcess, left_behind
 
 pytestmark = pytest.mark.vm
 
-LOOP = "(while :; do cat /etc/hostname >/dev/null; ls /proc >/dev/null 2>&1; done) &"
-BAD = re.compile(r"BUG:|Oops|WARNING:|general protection|unable to handle|Kernel panic|"
-                 r"double fault|invalid opcode|soft lockup|rcu_sched detected")  # fmt: skip
-CLI = [sys.executable, "-m", "qprobes.frontends.cli"]
-HOT = ["p:lk _raw_spin_lock_irqsave", "p:op do_sys_openat2 path=+0(%si):string",
-       "r:ns hrtimer_nanosleep", "r:rd vfs_read"]  # fmt: skip
 WATCHDOG = re.compile(r"qprobes: watchdog pid (\d+) puts the guest back .*\(log: (.+)\)")
 RECOVERED = re.compile(r"recovered the changes of pid (\d+) .*: (\d+) probe sites, "
                        r"(\d+) return addresses, (\d+) IDT gates")  # fmt: skip
@@ -52,26 +45,6 @@ class Guest:
     reserve: str
     addrs: list[int]
     before: dict[str, str]
-
-
-def snapshot(address: str, text_addrs: list[int]) -> dict[str, str]:
-    """Hashes of each IDT and of the probed functions' text pages."""
-    target = attach(address)
-    try:
-        with target.stopped():
-            out = {}
-            for vcpu in target.vcpus:
-                idt = target.idt(vcpu)
-                paddr = target.translate(idt.base, vcpu).paddr
-                out[f"idt{vcpu}"] = hashlib.sha256(
-                    target.read_phys(paddr, idt.limit + 1)
-                ).hexdigest()
-            for addr in text_addrs:
-                out[f"{addr:#x}"] = hashlib.sha256(target.read(addr & ~0xFFF, 4096)).hexdigest()
-            return out
-    finally:
-        target.client.detach()
-        target.client.close()
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
