@@ -144,6 +144,8 @@ def _download(url: str, dest: Path, pin: DebPin) -> None:
                             digest.update(chunk)
                             done += len(chunk)
                             step.update(format_bytes(done, total))
+                    # The whole size, however fast it came (updates are throttled).
+                    step.update(format_bytes(done, total), force=True)
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 why = getattr(exc, "reason", None) or exc
                 raise MachineError(f"cannot download {url}: {why}") from exc
