@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 # Modest example counts: the fuzz set runs on every `pytest tests/unit`.
+# QPROBES_FUZZ_SCALE=N runs N times as many examples (a deeper search).
+_SCALE = max(1, int(os.environ.get("QPROBES_FUZZ_SCALE", "1")))
 FUZZ = settings(
-    max_examples=100,
+    max_examples=150 * _SCALE,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=False,
 )
-FUZZ_SLOW = settings(FUZZ, max_examples=30)
+FUZZ_SLOW = settings(FUZZ, max_examples=50 * _SCALE)
 
 
 def mutated(seed: bytes, max_edits: int = 8) -> st.SearchStrategy[bytes]:
