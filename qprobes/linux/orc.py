@@ -115,6 +115,8 @@ class OrcLayout:
         return cls(size, sp_reg, bp_reg, kind, bits("end"), bits("signal"))
 
     def decode(self, raw: bytes) -> OrcEntry:
+        if len(raw) != self.size or self.size < 4:
+            raise OrcError(f"an orc_entry is {self.size} bytes; got {len(raw)} ({raw[:16].hex()})")
         sp_offset, bp_offset = struct.unpack_from("<hh", raw)
         word = int.from_bytes(raw, "little")
 

@@ -150,6 +150,9 @@ def unpack_header(raw: bytes) -> Header | None:
     another format version."""
     if raw[:8] != MAGIC:
         return None
+    if len(raw) < _HEADER.size + 16:
+        raise JournalError(f"the guest's qprobes journal header is cut short: {len(raw)} of "
+                           f"{_HEADER.size + 16} bytes")  # fmt: skip
     fields = _HEADER.unpack_from(raw)
     version = fields[1]
     if version != VERSION:

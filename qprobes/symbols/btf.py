@@ -260,6 +260,7 @@ class Btf:
         self._offsets: list[int] = [0] * self._first
         self._cache: dict[int, BtfType] = {0: VOID}
         self._names: dict[str, list[int]] | None = None
+        self._param_names: dict[int, str] = {}
         self._scan(types_start, types_start + type_len)
 
     def _scan(self, pos: int, end: int) -> None:
@@ -452,6 +453,10 @@ class Btf:
 
     def sizeof(self, type_id: int) -> int:
         """``sizeof`` the type, in bytes."""
+        return self._sizeof(type_id, 0)
+
+    def _sizeof(self, type_id: int, depth: int) -> int:
+        _check_depth(type_id, depth)
         t = self.resolve(type_id)
         if t.kind in (BtfKind.INT, BtfKind.STRUCT, BtfKind.UNION, BtfKind.ENUM, BtfKind.ENUM64,
                       BtfKind.FLOAT, BtfKind.DATASEC):  # fmt: skip
@@ -460,17 +465,27 @@ class Btf:
             return POINTER_SIZE
         if t.kind is BtfKind.ARRAY:
             assert t.array is not None
-            return t.array.nelems * self.sizeof(t.array.type_id)
+            return t.array.nelems * self._sizeof(t.array.type_id, depth + 1)
         if t.kind is BtfKind.VAR:
-            return self.sizeof(t.type_id)
+            return self._sizeof(t.type_id, depth + 1)
         raise BtfError(f"type id {type_id} ({t.kind.name} {t.name!r}) has no size")
 
     def type_name(self, type_id: int) -> str:
         """The type as C spells it: ``const char *``, ``struct open_how *``,
         ``int [16]``, ``void (*)(int)``."""
-        return self._declare(type_id, "").strip()
+        return self._declare(type_id, "", 0).strip()
 
-    def _declare(self, type_id: int, inner: str) -> str:
+    def _param_name(self, type_id: int, depth: int) -> str:
+        # Cached: prototypes whose parameters name prototypes would otherwise
+        # spell the same types over and over (exponentially, in a crafted blob).
+        name = self._param_names.get(type_id)
+        if name is None:
+            name = self._declare(type_id, "", depth + 1).strip()
+            self._param_names[type_id] = name
+        return name
+
+    def _declare(self, type_id: int, inner: str, depth: int) -> str:
+        _check_depth(type_id, depth)
         t = self.type(type_id)
         kind = t.kind
         if kind is BtfKind.UNKN:
@@ -485,27 +500,31 @@ class Btf:
         if kind in _QUALIFIERS:
             base = self.type(t.type_id)
             if base.kind in (BtfKind.PTR,):
-                return self._declare(t.type_id, _join(_QUALIFIERS[kind], inner))
-            return _QUALIFIERS[kind] + " " + self._declare(t.type_id, inner)
+                return self._declare(t.type_id, _join(_QUALIFIERS[kind], inner), depth + 1)
+            return _QUALIFIERS[kind] + " " + self._declare(t.type_id, inner, depth + 1)
         if kind is BtfKind.TYPE_TAG:
-            return self._declare(t.type_id, inner)
+            return self._declare(t.type_id, inner, depth + 1)
         if kind is BtfKind.PTR:
             target = self.type(t.type_id)
             star = "*" + inner.lstrip() if inner.strip() else "*"
             if target.kind in (BtfKind.ARRAY, BtfKind.FUNC_PROTO):
                 star = f"({star})"
-            return self._declare(t.type_id, star)
+            return self._declare(t.type_id, star, depth + 1)
         if kind is BtfKind.ARRAY:
             assert t.array is not None
-            return self._declare(t.array.type_id, f"{inner}[{t.array.nelems}]")
+            return self._declare(t.array.type_id, f"{inner}[{t.array.nelems}]", depth + 1)
         if kind is BtfKind.FUNC_PROTO:
             args = ", ".join(
-                "..." if p.type_id == 0 and not p.name else self.type_name(p.type_id)
+                "..." if p.type_id == 0 and not p.name else self._param_name(p.type_id, depth)
                 for p in t.params
             )
-            return self._declare(t.type_id, f"{inner}({args or 'void'})")
+            if len(args) > _MAX_NAME:
+                raise BtfError(
+                    f"type id {type_id}: its C spelling runs past {_MAX_NAME} characters"
+                )
+            return self._declare(t.type_id, f"{inner}({args or 'void'})", depth + 1)
         if kind in (BtfKind.FUNC, BtfKind.VAR):
-            return self._declare(t.type_id, inner or t.name)
+            return self._declare(t.type_id, inner or t.name, depth + 1)
         return _join(f"<{kind.name.lower()} {t.name}>", inner)
 
     # --- members ------------------------------------------------------------------
@@ -567,16 +586,21 @@ class Btf:
         chain.append(cur)
         return chain
 
-    def _find_member(self, struct_type: BtfType, name: str) -> tuple[BtfMember, int] | None:
+    def _find_member(
+        self, struct_type: BtfType, name: str, depth: int = 0, seen: set[int] | None = None
+    ) -> tuple[BtfMember, int] | None:
         """The member ``name`` and its bit offset, looking inside anonymous members."""
+        _check_depth(struct_type.id, depth)
+        seen = set() if seen is None else seen
+        seen.add(struct_type.id)  # searched once is enough (and no loop runs forever)
         for member in struct_type.members:
             if member.name == name:
                 return member, member.bit_offset
         for member in struct_type.members:
             if not member.name:
                 inner = self.resolve(member.type_id)
-                if inner.kind in (BtfKind.STRUCT, BtfKind.UNION):
-                    found = self._find_member(inner, name)
+                if inner.kind in (BtfKind.STRUCT, BtfKind.UNION) and inner.id not in seen:
+                    found = self._find_member(inner, name, depth + 1, seen)
                     if found is not None:
                         return found[0], member.bit_offset + found[1]
         return None
@@ -640,6 +664,20 @@ class Btf:
     def func_return(self, name: str) -> str:
         """The C return type of the function ``name``."""
         return self.type_name(self.func_proto(name).type_id)
+
+
+# How deep a type may nest (pointers, arrays, prototypes, anonymous members)
+# before qprobes calls it a loop: Linux's btf_check_all_metas refuses loops;
+# a damaged blob may still hold them.
+_MAX_NESTING = 64
+# The longest C spelling of a type qprobes makes (Linux's longest are a few
+# hundred characters: function pointers with many parameters).
+_MAX_NAME = 4096
+
+
+def _check_depth(type_id: int, depth: int) -> None:
+    if depth > _MAX_NESTING:
+        raise BtfError(f"type id {type_id}: types nest more than {_MAX_NESTING} deep (a loop?)")
 
 
 def _join(base: str, inner: str) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ _FUNC_TYPES = frozenset("TtWw")
 
 # Debian's placeholder; see debian/rules.real in the kernel packaging.
 _DUMMY_TEXT = "The real System.map is in the"
+_HEX_ADDRESS = re.compile(r"[0-9a-fA-F]+")
 
 
 @dataclass(frozen=True)
@@ -148,10 +150,9 @@ def parse_system_map(text: str, slide: int = 0, *, source: str = "System.map") -
             continue
         if len(fields) not in (3, 4) or len(fields[1]) != 1:
             raise SymbolError(f"{source}:{lineno}: not a System.map line: {line.strip()!r}")
-        try:
-            addr = int(fields[0], 16)
-        except ValueError:
-            raise SymbolError(f"{source}:{lineno}: bad address {fields[0]!r}") from None
+        if _HEX_ADDRESS.fullmatch(fields[0]) is None:  # int(x, 16) takes "-1", "0x1", "1_0"
+            raise SymbolError(f"{source}:{lineno}: bad address {fields[0]!r}")
+        addr = int(fields[0], 16)
         type_letter, name = fields[1], fields[2]
         if type_letter in "UuNn":  # undefined or debugging: no address to use
             continue

@@ -253,6 +253,8 @@ class ProbeArg:
     named: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
+        if isinstance(self.fetch, AllArgs):
+            return self.text  # "$arg*" takes no name (it becomes one argument per parameter)
         return f"{self.name}={self.text}"
 
 

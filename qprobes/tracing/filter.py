@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 MAX_FILTER_STR_VAL = 256  # kernel/trace/trace.h
+# How deep a filter's tree may nest (a chain of N terms is N deep): qprobes
+# evaluates and prints filters recursively.
+MAX_FILTER_DEPTH = 100
 _MAX_NUMBER_LEN = 23  # parse_pred's num_buf[24]: "0xfeedfacedeadbeef is 18 chars max"
 
 
@@ -75,6 +78,8 @@ class FiltErr(enum.StrEnum):
     INVALID_VALUE = "Invalid value (did you forget quotes)?"
     NO_FILTER = "No filter found"
     MISSING_FIELD = "Missing field name and/or value"  # older kernels' FILT_ERR_MISSING_FIELD
+    # qprobes' own: Linux takes up to MAX_FILTER_PRED (16384) terms.
+    TOO_DEEP = f"Filter nests more than {MAX_FILTER_DEPTH} deep (terms, '(' and '!')"
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,7 @@ class _Parser:
     text: str
     fields: Mapping[str, FilterField] | None
     i: int = 0
+    nesting: int = 0  # open '(' and '!' around the current position
 
     def error(self, column: int, message: str) -> ProbeSyntaxError:
         return ProbeSyntaxError(self.text, column, message)
@@ -140,7 +146,7 @@ class _Parser:
         self.skip()
         if self.i == len(self.text):
             raise self.error(0, FiltErr.NO_FILTER)
-        expr = self.or_()
+        expr, _depth = self.or_()
         self.skip()
         if self.i < len(self.text):
             if self.text[self.i] == ")":
@@ -148,17 +154,31 @@ class _Parser:
             raise self.error(self.i, FiltErr.TOO_MANY_PREDS)
         return expr
 
-    def or_(self) -> FilterExpr:
-        left = self.and_()
-        while self._take("||"):
-            left = Or(left, self.and_())
-        return left
+    # Each method returns the expression and the depth of its tree, which
+    # stays within MAX_FILTER_DEPTH: the evaluator and the printer recurse.
 
-    def and_(self) -> FilterExpr:
-        left = self.unary()
-        while self._take("&&"):
-            left = And(left, self.unary())
-        return left
+    def _nested(self, depth: int, pos: int) -> int:
+        if depth > MAX_FILTER_DEPTH:
+            raise self.error(pos, FiltErr.TOO_DEEP)
+        return depth
+
+    def or_(self) -> tuple[FilterExpr, int]:
+        left, depth = self.and_()
+        while True:
+            pos = self.i
+            if not self._take("||"):
+                return left, depth
+            right, rdepth = self.and_()
+            left, depth = Or(left, right), self._nested(1 + max(depth, rdepth), pos)
+
+    def and_(self) -> tuple[FilterExpr, int]:
+        left, depth = self.unary()
+        while True:
+            pos = self.i
+            if not self._take("&&"):
+                return left, depth
+            right, rdepth = self.unary()
+            left, depth = And(left, right), self._nested(1 + max(depth, rdepth), pos)
 
     def _take(self, token: str) -> bool:
         self.skip()
@@ -167,24 +187,33 @@ class _Parser:
             return True
         return False
 
-    def unary(self) -> FilterExpr:
+    def _enter(self, pos: int) -> None:
+        self.nesting = self._nested(self.nesting + 1, pos)
+
+    def unary(self) -> tuple[FilterExpr, int]:
         self.skip()
         # is_not(): "!=" and "!~" are not negations.
         after = self.text[self.i + 1 : self.i + 2]
         if self.text.startswith("!", self.i) and after not in ("=", "~"):
+            pos = self.i
+            self._enter(pos)
             self.i += 1
-            return Not(self.unary())
+            inner, depth = self.unary()
+            self.nesting -= 1
+            return Not(inner), self._nested(depth + 1, pos)
         if self.text.startswith("(", self.i):
             opened = self.i
             self.i += 1
-            expr = self.or_()
+            self._enter(opened)
+            expr, depth = self.or_()
+            self.nesting -= 1
             if not self._take(")"):
                 self.skip()
                 if self.i < len(self.text):
                     raise self.error(self.i, FiltErr.TOO_MANY_PREDS)
                 raise self.error(opened, FiltErr.TOO_MANY_OPEN)
-            return expr
-        return self.predicate()
+            return expr, depth
+        return self.predicate(), 0
 
     def predicate(self) -> Predicate:
         """parse_pred."""

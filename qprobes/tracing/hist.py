@@ -37,6 +37,7 @@ from qprobes.errors import ProbeSyntaxError
 from qprobes.tracing.events import TraceEvent
 from qprobes.tracing.fetch import FAULT, FilterField, Value
 from qprobes.tracing.filter import COMMON_FIELDS, FilterExpr, evaluate_filter, parse_filter
+from qprobes.tracing.numbers import kstrtoul
 
 #: tracing_map.h: TRACING_MAP_KEYS_MAX, TRACING_MAP_VALS_MAX (hitcount is one).
 KEYS_MAX = 3
@@ -151,10 +152,9 @@ def _fields_by_name(fields: Iterable[FilterField] | None) -> dict[str, FilterFie
 
 
 def _map_bits(text: str, value: str) -> int:
-    try:
-        size = int(value, 0)
-    except ValueError:
-        raise _error(text, "size=", f"size={value} is not a number") from None
+    size = kstrtoul(value)  # parse_map_size
+    if size is None:
+        raise _error(text, "size=", f"size={value} is not a number")
     if size < 1:
         raise _error(text, "size=", f"size={value} is not a positive number")
     bits = max(0, (size - 1).bit_length())  # ilog2(roundup_pow_of_two(size))
@@ -226,8 +226,20 @@ def parse_hist(
     if sep:
         if not filter_text:
             raise _error(text, " if ", "an empty filter after 'if'")
-        filt = parse_filter(filter_text, fields)
+        filt = _parse_trigger_filter(text, filter_text, fields)
     return HistSpec(body, keys, vals, sort, map_bits, filter_text or None, filt)
+
+
+def _parse_trigger_filter(
+    text: str, filter_text: str, fields: Iterable[FilterField] | None
+) -> FilterExpr:
+    """The filter after a trigger's ``if``; an error in it names the whole
+    trigger, with its column in the trigger's text."""
+    try:
+        return parse_filter(filter_text, fields)
+    except ProbeSyntaxError as exc:
+        start = text.find(filter_text, text.find(" if ") + 4)
+        raise ProbeSyntaxError(text, start + exc.column, exc.message) from None
 
 
 def _parse_key(
@@ -265,10 +277,7 @@ def _parse_key(
         raise _error(text, item, "Invalid field modifier: .execname is for common_pid")
     buckets = 0
     if mod is KeyMod.BUCKETS:
-        try:
-            buckets = int(number, 0) if eq else 0
-        except ValueError:
-            buckets = 0
+        buckets = (kstrtoul(number) or 0) if eq else 0
         if buckets < 2:
             raise _error(text, item, "Invalid field modifier: .buckets=N wants N of 2 or more")
     elif eq:
@@ -341,17 +350,16 @@ def parse_stacktrace(text: str, fields: Iterable[FilterField] | None = None) -> 
         raise _error(text, "", "not a stacktrace trigger")
     count = None
     if colon:
-        try:
-            count = int(count_text, 10)
-        except ValueError:
-            raise _error(text, count_text, f"stacktrace:{count_text}: not a count") from None
+        count = kstrtoul(count_text)  # event_trigger_parse_num
+        if count is None:
+            raise _error(text, count_text, f"stacktrace:{count_text}: not a count")
         if count < 1:
             raise _error(text, count_text, "stacktrace:COUNT wants a positive count")
     filt = None
     if sep:
         if not filter_text.strip():
             raise _error(text, " if ", "an empty filter after 'if'")
-        filt = parse_filter(filter_text.strip(), fields)
+        filt = _parse_trigger_filter(text, filter_text.strip(), fields)
     return StackTrigger(text.strip(), count, filt)
 
 

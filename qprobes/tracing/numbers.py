@@ -29,8 +29,20 @@ def _kstrtoull(s: str, base: int) -> int | None:
         s = s[:-1]
     if not s or any(c.lower() not in _DIGITS[:base] for c in s):
         return None
-    value = int(s, base)
+    digits = s.lstrip("0") or "0"
+    if len(digits) > 64:  # more than 64 digits overflow in any base (and int() balks)
+        return None
+    value = int(digits, base)
     return value if value <= _U64 else None
+
+
+def _digits_value(digits: str, base: int) -> int:
+    # int() refuses more than sys.get_int_max_str_digits() decimal digits.
+    value = 0
+    for at in range(0, len(digits), 1000):
+        chunk = digits[at : at + 1000]
+        value = value * base ** len(chunk) + int(chunk, base)
+    return value
 
 
 def kstrtoul(s: str, base: int = 0) -> int | None:
@@ -63,7 +75,7 @@ def simple_strtoul(s: str, base: int = 0) -> tuple[int, int]:
         end += 1
     if end == start:
         return 0, 0
-    return int(s[start:end], base), end
+    return _digits_value(s[start:end], base), end
 
 
 def truncate(value: int, size: int) -> int:

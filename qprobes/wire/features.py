@@ -156,7 +156,10 @@ def _declare_xi(text: bytes) -> bytes:
 
 
 def _parse_xml(text: bytes | str, name: str) -> ET.Element:
-    raw = text.encode() if isinstance(text, str) else text
+    try:
+        raw = text.encode() if isinstance(text, str) else text
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(f"target description {name!r} is not text: {exc}") from None
     try:
         return ET.fromstring(_declare_xi(raw))
     except ET.ParseError as exc:

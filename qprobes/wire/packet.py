@@ -53,6 +53,10 @@ _ESCAPED = re.compile(rb"}(.)", re.DOTALL)
 # never sends this much in one packet; more means the stream is garbage.
 MAX_FRAME: Final = 1 << 22
 
+# Hex numbers are hex digits only: int(text, 16) would also take
+# whitespace, a sign, a 0x prefix and '_' separators.
+_HEX_NUMBER = re.compile(rb"[0-9a-fA-F]+")
+
 
 def checksum(payload: bytes) -> int:
     """The packet checksum: "the unsigned sum of all the characters in the
@@ -146,12 +150,9 @@ def decode_hex(text: bytes) -> bytes:
 def parse_hex_int(text: bytes) -> int:
     """Parse an unsigned big-endian hex number (addresses, lengths, register
     numbers); raises ProtocolError on anything else."""
-    if not text or text[:1] in b"+-" or b"_" in text:
+    if _HEX_NUMBER.fullmatch(text) is None:
         raise ProtocolError("malformed hex number", text)
-    try:
-        return int(text, 16)
-    except ValueError as exc:
-        raise ProtocolError("malformed hex number", text) from exc
+    return int(text, 16)
 
 
 def le_to_int(data: bytes, signed: bool = False) -> int:
@@ -280,10 +281,8 @@ class PacketDecoder:
                     continue
                 raw = buf[pos + 1 : hash_at]
                 computed = sum(raw) & 0xFF
-                try:
-                    received: int | None = int(buf[hash_at + 1 : hash_at + 3], 16)
-                except ValueError:
-                    received = None
+                digits = buf[hash_at + 1 : hash_at + 3]
+                received = int(digits, 16) if _HEX_NUMBER.fullmatch(digits) else None
                 pos = hash_at + 3
                 if received != computed:
                     events.append(BadChecksum(raw, received, computed))

@@ -25,6 +25,7 @@ __all__ = [
 # number", and, when the client sent error-message+, "E.errtext".
 _ERROR = re.compile(rb"E([0-9a-fA-F]{2})")
 ERROR_WITH_TEXT: Final = -1
+_HEX_NUMBER = re.compile(rb"[0-9a-fA-F]+")
 
 
 def error_code(reply: bytes) -> int | None:
@@ -89,10 +90,10 @@ def parse_key_values(reply: bytes) -> dict[str, int]:
     values: dict[str, int] = {}
     for item in reply.split(b","):
         name, eq, value = item.partition(b"=")
-        if not eq or not name:
+        if not eq or not name or _HEX_NUMBER.fullmatch(value) is None:
             raise ProtocolError("expected NAME=value pairs", reply)
         try:
             values[name.decode("ascii")] = int(value, 16)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
             raise ProtocolError("expected NAME=value pairs", reply) from exc
     return values

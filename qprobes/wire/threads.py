@@ -9,12 +9,15 @@ a thread (cpu_index + 1) of process 1.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
 from qprobes.errors import ProtocolError
 
 __all__ = ["ALL_THREADS", "ANY_THREAD", "ThreadId", "parse_thread_id", "parse_thread_list"]
+
+_HEX_NUMBER: Final = re.compile(rb"[0-9a-fA-F]+")
 
 ALL_THREADS: Final = -1
 ANY_THREAD: Final = 0
@@ -23,12 +26,9 @@ ANY_THREAD: Final = 0
 def _parse_part(text: bytes, whole: bytes) -> int:
     if text == b"-1":
         return ALL_THREADS
-    if not text or text[:1] in b"+-":
+    if _HEX_NUMBER.fullmatch(text) is None:  # int(text, 16) takes " 1", "0x1", "1_0"
         raise ProtocolError("malformed thread id", whole)
-    try:
-        return int(text, 16)
-    except ValueError as exc:
-        raise ProtocolError("malformed thread id", whole) from exc
+    return int(text, 16)
 
 
 def _format_part(value: int) -> str:
