@@ -322,6 +322,11 @@ class Session:
 
         # Return probes chain their instances per task (Linux's current).
         self.kretprobes.tasks = LinuxTasks(kernel, self.engine.read_data)
+        if "init_top_pgt" in kernel.symbols:
+            # Walk kernel memory through init_mm's page table, which lives as
+            # long as the kernel: the cr3 of whatever task runs at attach is
+            # freed when that task exits.
+            self.engine.area.root_vaddr = kernel.symbols.address("init_top_pgt")
         if "_end" in kernel.symbols:
             # The unused tail of the kernel image mapping: no allocator of the
             # guest hands it out (a module or BPF program could land in the

@@ -37,6 +37,7 @@ from qprobes.target.paging import (
     Level,
     make_entry,
     table_index,
+    walk,
 )
 from qprobes.target.target import Target
 
@@ -144,6 +145,10 @@ class GuestArea:
         self._user: int | None = None  # PTI user page-table root
         # (_text, _end) of a Linux kernel image: the area goes in its unused tail.
         self.image: tuple[int, int] | None = None
+        # The virtual address of a top-level page table that lives as long as
+        # the kernel (Linux: init_top_pgt), for every walk qprobes makes; None:
+        # the vCPU's cr3 at set-up.
+        self.root_vaddr: int | None = None
         # Called with (entry paddr, old value) before an entry of the guest's
         # own page tables is rewritten (the journal records it first).
         self.on_guest_write: Callable[[int, int], None] | None = None
@@ -171,6 +176,20 @@ class GuestArea:
         """Pick the region and install its page table."""
         regs = self.target.registers()
         self._cr3 = regs.cr3 & ADDR_MASK
+        if self.root_vaddr is not None:
+            # The kernel's own top-level table (Linux: init_top_pgt), not the
+            # interrupted task's: that one is freed when the task exits, and
+            # every later walk through it would read a reused page. (Under
+            # PTI a vCPU in user mode runs on the user half of its pair,
+            # which does not map kernel data: walk the kernel half then.)
+            for root in (self._cr3, self._cr3 & ~0x1FFF):
+                try:
+                    found = walk(self.target.read_phys_u64, root, self.root_vaddr,
+                                 bool(regs.cr4 & CR4_LA57))  # fmt: skip
+                except TranslationError:
+                    continue
+                self._cr3 = found.paddr & ADDR_MASK
+                break
         self._la57 = bool(regs.cr4 & CR4_LA57)
         # The NX bit is reserved (a #PF with RSVD) unless EFER.NXE is on.
         self._nx = bool(regs.efer & EFER_NXE)

@@ -396,10 +396,10 @@ class Tracer:
         return fast.drain() if fast is not None else 0
 
     def _record_timestamp(self, tsc: int, cpu: int) -> tuple[int, str]:
-        """A record's time on the same clock as the slow path's events: the
-        guest's trace clock through its CPU's per-CPU data when the session
-        has it, else the TSC at ``tsc_khz`` anchored to host time at the
-        first record."""
+        """A record's time on the guest's clock: its ``sched_clock()`` (the
+        TSC through the CPU's ``cyc2ns`` data) when the session reads the
+        guest's clocks, else the TSC at ``tsc_khz`` anchored to host time at
+        the first record."""
         clock = self.session.trace_clock
         kernel = self.session.kernel
         if clock is not None and kernel is not None:
@@ -412,9 +412,14 @@ class Tracer:
             if self._per_cpu is not None and 0 <= cpu < len(self._per_cpu):
                 ctx = HitContext(cpu + 1, PtRegs([0] * FRAME_WORDS), self.session.engine.read_data,
                                  0, tsc=tsc, gs_base=self._per_cpu[cpu])  # fmt: skip
-                found = clock(ctx)
-                if found is not None:
-                    return found
+                # sched_clock() of the record's TSC (ftrace's "local" clock):
+                # the "global" and "perf" clocks clamp against state read now,
+                # long after the record was made, which would reorder a CPU's
+                # records.
+                sched = getattr(clock, "sched_clock", None)
+                ns = sched(ctx) if sched is not None else None
+                if ns is not None:
+                    return ns, "local"
         if self._tsc_hz is None:
             return time.monotonic_ns() - self.started, "host"
         ns = round(tsc / self._tsc_hz * 1e9)
