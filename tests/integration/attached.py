@@ -7,12 +7,17 @@ import hashlib
 import re
 import sys
 
-from qprobes.machine.qemu import attach
+from qprobes.errors import QprobesError
+from qprobes.machine.linux import LINUX_PROMPT, linux_config
+from qprobes.machine.qemu import QemuMachine, attach
+from tests.conftest import require_vm
 
 LOOP = "(while :; do cat /etc/hostname >/dev/null; ls /proc >/dev/null 2>&1; done) &"
 BAD = re.compile(r"BUG:|Oops|WARNING:|general protection|unable to handle|Kernel panic|"
                  r"double fault|invalid opcode|soft lockup|rcu_sched detected")  # fmt: skip
 CLI = [sys.executable, "-m", "qprobes.frontends.cli"]
+#: The functions HOT probes, whose text the tests hash.
+PROBED = ["_raw_spin_lock_irqsave", "do_sys_openat2", "vfs_read", "hrtimer_nanosleep"]
 #: Hot probes, and a return probe that a sleeping task holds.
 HOT = ["p:lk _raw_spin_lock_irqsave", "p:op do_sys_openat2 path=+0(%si):string",
        "r:ns hrtimer_nanosleep", "r:rd vfs_read"]  # fmt: skip
@@ -36,3 +41,29 @@ def snapshot(address: str, text_addrs: list[int]) -> dict[str, str]:
     finally:
         target.client.detach()
         target.client.close()
+
+
+def busy_guest() -> tuple[QemuMachine, list[int]]:
+    """A 2-vCPU Linux guest started as someone else's QEMU would be, two busy
+    loops running, its gdbstub released; and the addresses of :data:`PROBED`
+    (from its /proc/kallsyms). The caller shuts the machine down."""
+    machine = QemuMachine(linux_config(append="qprobes.echo=0", smp=2))
+    try:
+        machine.launch()
+    except QprobesError as exc:
+        require_vm(f"cannot launch QEMU: {exc}")
+    try:
+        machine.target.resume()
+        machine.console.recvuntil(LINUX_PROMPT, timeout=120)
+        for _ in range(2):
+            machine.console.command(LOOP, LINUX_PROMPT, timeout=120)
+        out = machine.console.command(f"grep -E ' ({'|'.join(PROBED)})$' /proc/kallsyms",
+                                      LINUX_PROMPT, timeout=120)  # fmt: skip
+        found = {m.group(2): int(m.group(1), 16)
+                 for m in re.finditer(r"([0-9a-f]{16}) \w (\w+)", str(out))}  # fmt: skip
+        addrs = [found[n] for n in PROBED]
+        machine.release_gdbstub()
+    except BaseException:
+        machine.shutdown()
+        raise
+    return machine, addrs

@@ -17,23 +17,10 @@ import time
 
 import pytest
 
-from qprobes.errors import QprobesError
-from qprobes.machine.linux import LINUX_PROMPT, linux_config
-from qprobes.machine.qemu import QemuMachine
-from tests.conftest import require_vm
-from tests.integration.attached import BAD, CLI, HOT, LOOP, snapshot
+from qprobes.machine.linux import LINUX_PROMPT
+from tests.integration.attached import BAD, CLI, HOT, busy_guest, snapshot
 
 pytestmark = pytest.mark.vm
-
-
-
-def kallsyms(machine: QemuMachine, names: list[str]) -> list[int]:
-    pattern = "|".join(names)
-    out = machine.console.command(f"grep -E ' ({pattern})$' /proc/kallsyms", LINUX_PROMPT,
-                                  timeout=120)
-    found = {m.group(2): int(m.group(1), 16)
-             for m in re.finditer(r"([0-9a-f]{16}) \w (\w+)", str(out))}  # fmt: skip
-    return [found[n] for n in names]
 
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -42,19 +29,8 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 
 def test_recover_after_the_controller_was_killed() -> None:
-    machine = QemuMachine(linux_config(append="qprobes.echo=0", smp=2))
+    machine, addrs = busy_guest()
     try:
-        machine.launch()
-    except QprobesError as exc:
-        require_vm(f"cannot launch QEMU: {exc}")
-    try:
-        machine.target.resume()
-        machine.console.recvuntil(LINUX_PROMPT, timeout=120)
-        for _ in range(2):
-            machine.console.command(LOOP, LINUX_PROMPT, timeout=120)
-        addrs = kallsyms(machine, ["_raw_spin_lock_irqsave", "do_sys_openat2", "vfs_read",
-                                   "hrtimer_nanosleep"])  # fmt: skip
-        machine.release_gdbstub()
         address = str(machine.gdb_socket)
         start, size = machine.config.reserved
         reserve = f"{start:#x}:{size:#x}"

@@ -24,11 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from qprobes.errors import QprobesError
-from qprobes.machine.linux import LINUX_PROMPT, linux_config
+from qprobes.machine.linux import LINUX_PROMPT
 from qprobes.machine.qemu import QemuMachine, process_start_time
-from tests.conftest import require_vm
-from tests.integration.attached import BAD, CLI, HOT, LOOP, snapshot
+from tests.integration.attached import BAD, CLI, HOT, busy_guest, snapshot
 from tests.integration.cli_process import CliProcess, left_behind
 
 pytestmark = pytest.mark.vm
@@ -61,23 +59,8 @@ def wait_gone(pid: int, timeout: float) -> None:
 
 @pytest.fixture(scope="module")
 def guest() -> Iterator[Guest]:
-    machine = QemuMachine(linux_config(append="qprobes.echo=0", smp=2))
+    machine, addrs = busy_guest()
     try:
-        machine.launch()
-    except QprobesError as exc:
-        require_vm(f"cannot launch QEMU: {exc}")
-    try:
-        machine.target.resume()
-        machine.console.recvuntil(LINUX_PROMPT, timeout=120)
-        for _ in range(2):
-            machine.console.command(LOOP, LINUX_PROMPT, timeout=120)
-        names = ["_raw_spin_lock_irqsave", "do_sys_openat2", "vfs_read", "hrtimer_nanosleep"]
-        out = machine.console.command(f"grep -E ' ({'|'.join(names)})$' /proc/kallsyms",
-                                      LINUX_PROMPT, timeout=120)  # fmt: skip
-        found = {m.group(2): int(m.group(1), 16)
-                 for m in re.finditer(r"([0-9a-f]{16}) \w (\w+)", str(out))}  # fmt: skip
-        addrs = [found[n] for n in names]
-        machine.release_gdbstub()
         address = str(machine.gdb_socket)
         start, size = machine.config.reserved
         yield Guest(machine, address, f"{start:#x}:{size:#x}", addrs, snapshot(address, addrs))
