@@ -223,6 +223,11 @@ class KprobeEngine:
         self.points: dict[int, ProbePoint] = {}
         self.kcb: dict[int, KprobeCtlblk] = {}
         self._steps_to_clear: list[KprobeCtlblk] = []
+        # Journal records to take out once the current doorbell frame is
+        # answered (a record must outlive the change it undoes: until the
+        # answer is in the frame, the journal is the only place the guest's
+        # state can be recovered from).
+        self.after_answer: list[Callable[[], None]] = []
         self.attached = False
         self._ptable = [0] * PTABLE_ENTRIES
         self._ss_active = 0
@@ -1437,6 +1442,7 @@ class KprobeEngine:
                 return True
         self.client.note_stop_thread(vcpu)
         self._frame_phys = None
+        self.after_answer.clear()  # (left by a hit whose handling failed)
         located = self._locate_frame_fast(vcpu)
         regs: Registers | None = None
         if located is None:
@@ -1490,12 +1496,20 @@ class KprobeEngine:
             self.stats.chained += 1
         if not frame.action:
             frame.action = ACTION_RETURN
-        self._write_frame(frame_addr, frame, cr3, la57, vcpu)
+        try:
+            self._write_frame(frame_addr, frame, cr3, la57, vcpu)
+        except BaseException:
+            # Unanswered: every record stays for a recovery to finish the job.
+            self.after_answer.clear()
+            raise
         # A step that ended is taken out of the journal only now that the
         # frame is answered (its record must outlive the change it undoes).
         pending, self._steps_to_clear = self._steps_to_clear, []
         for done in pending:
             self._journal_steps(done)
+        answered, self.after_answer = self.after_answer, []
+        for release in answered:
+            release()
         return True
 
     def _bare_trap_stop(self, stop: StopReply, vcpu: int) -> bool:

@@ -224,8 +224,12 @@ class KretprobeManager:
         self.chains.setdefault(inst.task, []).insert(0, inst)
         self.live.setdefault(inst.stack_slot, []).insert(0, inst)
 
-    def _unlink(self, inst: KretprobeInstance, real_ret: int | None) -> None:
-        """Forget ``inst``; remember the real return address of its slot."""
+    def _unlink(self, inst: KretprobeInstance, real_ret: int | None,
+                answering: bool = False) -> None:  # fmt: skip
+        """Forget ``inst``; remember the real return address of its slot.
+        ``answering``: the real address goes into the trampoline's frame with
+        the answer to this doorbell, so its journal record is released only
+        once that answer is written (engine ``after_answer``)."""
         for index, key in ((self.chains, inst.task), (self.live, inst.stack_slot)):
             chain = index.get(key)
             if chain is not None and inst in chain:
@@ -235,7 +239,11 @@ class KretprobeManager:
         journal = getattr(self.engine, "journal", None)
         if inst.stack_slot not in self.live and journal is not None:
             # No instance holds the slot: its real address is back or moot.
-            journal.unret(inst.stack_slot)
+            after = getattr(self.engine, "after_answer", None)
+            if answering and after is not None:
+                after.append(self._release_after_answer(journal, inst.stack_slot))
+            else:
+                journal.unret(inst.stack_slot)
         if inst in inst.rp.instances:
             inst.rp.instances.remove(inst)
         ret = real_ret if real_ret is not None else inst.ret_addr
@@ -244,6 +252,13 @@ class KretprobeManager:
             self.retired.move_to_end((inst.task, inst.stack_slot))
             while len(self.retired) > RETIRED_MAX:
                 self.retired.popitem(last=False)
+
+    def _release_after_answer(self, journal: Any, slot: int) -> Callable[[], None]:
+        def release() -> None:
+            if slot not in self.live:  # no new call hijacked it meanwhile
+                journal.unret(slot)
+
+        return release
 
     def _reclaim(self, inst: KretprobeInstance, why: str) -> None:
         log.debug("kretprobe %s: reclaimed the instance at stack slot %#x (%s)",
@@ -450,7 +465,7 @@ class KretprobeManager:
             # return trampoline there: report the caller behind it.
             ret_to = self.see_through(ctx, slot, real)
         for inst in mine:
-            self._unlink(inst, real)
+            self._unlink(inst, real, answering=True)
             rp = inst.rp
             rp.nhit += 1
             if rp.handler is None or not rp.kp.registered:

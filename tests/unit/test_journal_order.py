@@ -1,0 +1,165 @@
+"""The journal keeps each record until the change it undoes is really undone
+(no guest): a controller that dies at any point between two writes leaves a
+journal a recovery can finish from.
+
+The engine runs on fakes: guest memory where physical = virtual & 0xffffffff,
+a journal in it, and stops delivered to :meth:`KprobeEngine.handle_stop` as
+QEMU reports them. "Dying" is a write that raises (the connection or QEMU
+gone in the middle of the answer).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from qprobes.errors import ConnectionClosedError
+from qprobes.probes.engine import KprobeEngine
+from qprobes.probes.kretprobe import KretprobeManager
+from qprobes.probes.stubs import (
+    FRAME_WORDS,
+    KRETPROBE_VECTOR,
+    PERCPU_STRIDE,
+    VAR_PERCPU,
+    Stubs,
+)
+from qprobes.target.paging import Translation
+from qprobes.wire.stop import StopReply, parse_stop_reply
+from tests.unit.test_engine_states import A, FakeTarget
+
+PAGE = 4096
+CR3 = 0x1000
+VARS_PHYS = 0x7E02000
+DOORBELL = 0xFFFFFFFFFEE01000
+TRAMP = 0xFFFFFFFFFEE00378
+TRAMP_END = TRAMP + 0x80
+LOST = TRAMP_END + 0x10
+SLOT = 0xFFFFC90000013F58  # a hijacked return-address slot on a task stack
+REAL = 0xFFFFFFFF81300010  # the real return address
+RETSLOT = 2 + 17  # the trampoline frame's return-address word
+FRAME = SLOT - 8 * RETSLOT
+
+
+class PageMem:
+    """Sparse guest memory (physical = virtual & 0xffffffff) that can fail
+    every write into one range, as a dying connection would."""
+
+    def __init__(self) -> None:
+        self.pages: dict[int, bytearray] = {}
+        self.fail: tuple[int, int] | None = None  # physical [lo, hi)
+
+    def read_phys(self, paddr: int, length: int) -> bytes:
+        out = bytearray()
+        while length > 0:
+            page, off = divmod(paddr, PAGE)
+            n = min(length, PAGE - off)
+            out += self.pages.get(page, bytes(PAGE))[off : off + n]
+            paddr, length = paddr + n, length - n
+        return bytes(out)
+
+    def write_phys(self, paddr: int, data: bytes) -> None:
+        if self.fail is not None and paddr < self.fail[1] and paddr + len(data) > self.fail[0]:
+            raise ConnectionClosedError("the gdbstub closed the connection")
+        view = memoryview(data)
+        while view:
+            page, off = divmod(paddr, PAGE)
+            n = min(len(view), PAGE - off)
+            self.pages.setdefault(page, bytearray(PAGE))[off : off + n] = view[:n]
+            paddr, view = paddr + n, view[n:]
+
+    def translate(self, cr3: int, vaddr: int, la57: bool = False) -> Translation:
+        return Translation(vaddr, vaddr & 0xFFFFFFFF, PAGE, ())
+
+    def read_virt(self, cr3: int, vaddr: int, length: int, la57: bool = False) -> bytes:
+        return self.read_phys(vaddr & 0xFFFFFFFF, length)
+
+    def write_virt(self, cr3: int, vaddr: int, data: bytes, la57: bool = False) -> None:
+        self.write_phys(vaddr & 0xFFFFFFFF, data)
+
+    def u64(self, vaddr: int) -> int:
+        return int(struct.unpack("<Q", self.read_virt(CR3, vaddr, 8))[0])
+
+
+class StopClient:
+    def note_stop_thread(self, vcpu: int) -> None:
+        pass
+
+
+class VcpuTarget(FakeTarget):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vcpus = [1, 2]
+        self.rips: dict[int, int] = {}
+
+    def read_register(self, name: str, vcpu: int) -> int:
+        assert name == "rip"
+        return self.rips.get(vcpu, 0xFFFFFFFF81000000)
+
+
+def make_engine() -> tuple[KprobeEngine, PageMem, VcpuTarget]:
+    target = VcpuTarget()
+    engine = KprobeEngine(target, (0x7C00000, 4 << 20), A)  # type: ignore[arg-type]
+    mem = PageMem()
+    engine.hostmem = mem  # type: ignore[assignment]
+    engine.client = StopClient()  # type: ignore[assignment]
+    engine._vars_phys = VARS_PHYS
+    engine._vars = 0xFFFFFFFFFEE02000
+    engine._doorbell = DOORBELL
+    engine._kcr3 = CR3
+    engine._stubs = Stubs(b"", {"qp_kretprobe_trampoline": TRAMP,
+                                "qp_kretprobe_trampoline_end": TRAMP_END,
+                                "qp_kretprobe_lost": LOST})  # fmt: skip
+    assert engine.journal is not None
+    engine.journal.begin(None, 0, "test")
+    return engine, mem, target
+
+
+def doorbell(mem: PageMem, vcpu: int, frame_addr: int, words: list[int]) -> StopReply:
+    """vCPU ``vcpu`` rang the doorbell with ``words`` as its frame."""
+    mem.write_virt(CR3, frame_addr, struct.pack(f"<{FRAME_WORDS}Q", *words))
+    record = VARS_PHYS + VAR_PERCPU + PERCPU_STRIDE * (vcpu - 1)
+    mem.write_phys(record, struct.pack("<QQQQ", frame_addr, 0, CR3, 1))
+    return parse_stop_reply(f"T05thread:p01.{vcpu:02x};watch:{DOORBELL:x};".encode())
+
+
+def trampoline_hit(engine: KprobeEngine, mem: PageMem) -> StopReply:
+    """A task returned into the trampoline through SLOT, whose real return
+    address (REAL) the journal and an instance hold."""
+    mgr = KretprobeManager(engine)
+    mgr.adopt([(SLOT, REAL, CR3)])
+    assert engine.journal is not None
+    engine.journal.ret(SLOT, REAL, CR3)
+    mem.write_virt(CR3, SLOT, struct.pack("<Q", TRAMP))
+    words = [0, KRETPROBE_VECTOR] + [0] * (FRAME_WORDS - 2)
+    words[RETSLOT - 1] = 0x246
+    words[RETSLOT] = TRAMP  # the trampoline leaves its address in the slot
+    return doorbell(mem, 1, FRAME, words)
+
+
+def journal_rets(engine: KprobeEngine) -> list[tuple[int, int, int]]:
+    contents = engine.journal_contents()
+    assert contents is not None
+    return contents.rets
+
+
+def test_a_return_address_stays_in_the_journal_until_the_trampoline_is_answered() -> None:
+    """Finding 5: the record of the real return address went before the
+    answer that carries it was written; a controller dying in between left
+    the task with neither (the slot holds the trampoline, the frame no
+    answer, the journal nothing to recover from)."""
+    engine, mem, _ = make_engine()
+    stop = trampoline_hit(engine, mem)
+    mem.fail = (FRAME & 0xFFFFFFFF, (FRAME & 0xFFFFFFFF) + 8 * FRAME_WORDS)
+    with pytest.raises(ConnectionClosedError):
+        engine.handle_stop(stop)
+    assert mem.u64(FRAME) == 0 and mem.u64(SLOT) == TRAMP  # no answer reached the guest
+    assert journal_rets(engine) == [(SLOT, REAL, CR3)]  # so the journal still knows
+
+
+def test_the_answered_return_address_leaves_the_journal() -> None:
+    engine, mem, _ = make_engine()
+    stop = trampoline_hit(engine, mem)
+    assert engine.handle_stop(stop)
+    assert mem.u64(SLOT) == REAL and mem.u64(FRAME) != 0  # answered
+    assert journal_rets(engine) == []
