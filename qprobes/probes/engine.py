@@ -228,6 +228,9 @@ class KprobeEngine:
         # answer is in the frame, the journal is the only place the guest's
         # state can be recovered from).
         self.after_answer: list[Callable[[], None]] = []
+        # Sites whose int3 went while a vCPU stepped their slot: their journal
+        # record stays until no vCPU steps them any more.
+        self._unsite_after_step: set[int] = set()
         self.attached = False
         self._ptable = [0] * PTABLE_ENTRIES
         self._ss_active = 0
@@ -498,6 +501,23 @@ class KprobeEngine:
             _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
             self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
                                            armed=True, boost_slot=boost_slot)  # fmt: skip
+        for addr, slot, opcode, boosted, _module in contents.step_sites:
+            # Its int3 is gone, but a vCPU steps its slot: the point is needed
+            # to finish that step, and nothing is ever written at the site.
+            try:
+                code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
+            except TranslationError:
+                code = bytearray()
+            if not code or code[0] != opcode:
+                # Rewritten or unmapped since: the slot's copy has the same
+                # length and kind (its displacement aside).
+                code = bytearray(self.kread(slot, x86insn.MAX_INSN_SIZE))
+            insn = x86insn.decode(bytes(code), addr)
+            analysis = x86insn.analyze(insn)
+            _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
+            self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
+                                           lost=True, boost_slot=boost_slot)  # fmt: skip
+            self._unsite_after_step.add(addr)
         # The probe table as the dead session left it (its linear-probing order).
         raw = self.read_data(h.ptable, PTABLE_ENTRIES * 8)
         self._ptable = list(struct.unpack(f"<{PTABLE_ENTRIES}Q", raw))
@@ -1328,9 +1348,40 @@ class KprobeEngine:
             # Recorded before the int3 goes in: a later session can put it back.
             module = self.module_base(point.addr) if self.module_base is not None else 0
             self.journal.site(point.addr, point.slot, point.opcode, point.boosted, module or 0)
+            self._unsite_after_step.discard(point.addr)  # a full record again
         if point.opcode != INT3:
             self.kwrite_code(point.addr, bytes([INT3]))
         point.armed = True
+
+    def _stepped_sites(self) -> set[int]:
+        """Addresses whose slot some vCPU is single-stepping (at any level)."""
+        out: set[int] = set()
+        for kcb in self.kcb.values():
+            if kcb.status is not KprobeStatus.NONE and kcb.current is not None:
+                out.add(kcb.current.addr)
+            out.update(p.current.addr for p in kcb.prev if p.current is not None)
+        return out
+
+    def _unsite(self, point: ProbePoint) -> None:
+        """Take ``point``'s site out of the journal, its int3 gone. While a
+        vCPU steps its slot the record stays (a recovery needs it to finish
+        that step), marked step-only, until the step is over."""
+        if self.journal is None:
+            return
+        if point.addr in self._stepped_sites():
+            self.journal.site_step_only(point.addr)
+            self._unsite_after_step.add(point.addr)
+        else:
+            self.journal.unsite(point.addr)
+
+    def _unsite_stepped(self) -> None:
+        """The step-only site records whose steps are over go (their answer written)."""
+        stepped = self._stepped_sites()
+        for addr in sorted(self._unsite_after_step - stepped):
+            self._unsite_after_step.discard(addr)
+            point = self.points.get(addr)
+            if self.journal is not None and not (point is not None and point.armed):
+                self.journal.unsite(addr)
 
     def _disarm(self, point: ProbePoint) -> None:
         """``arch_disarm_kprobe``: the original byte back, if ours is still there."""
@@ -1347,8 +1398,7 @@ class KprobeEngine:
             self.kwrite_code(point.addr, bytes([point.opcode]))
         self._ptable_remove(point.addr)
         point.armed = False
-        if self.journal is not None:
-            self.journal.unsite(point.addr)
+        self._unsite(point)
 
     # --- lost probes ------------------------------------------------------------
 
@@ -1400,8 +1450,7 @@ class KprobeEngine:
         self._ptable_remove(point.addr)
         point.armed = False
         point.lost = True
-        if self.journal is not None:
-            self.journal.unsite(point.addr)  # never to be written back
+        self._unsite(point)  # never to be written back
         for kp in point.kprobes:
             kp.lost = True
             kp.lost_why = why
@@ -1507,6 +1556,8 @@ class KprobeEngine:
         pending, self._steps_to_clear = self._steps_to_clear, []
         for done in pending:
             self._journal_steps(done)
+        if pending and self._unsite_after_step:
+            self._unsite_stepped()
         answered, self.after_answer = self.after_answer, []
         for release in answered:
             release()

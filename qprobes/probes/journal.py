@@ -70,8 +70,13 @@ END = RETS_OFF + MAX_RETS * _RET.size
 JOURNAL_PAGES = (END + PAGE_SIZE - 1) // PAGE_SIZE
 JOURNAL_SIZE = JOURNAL_PAGES * PAGE_SIZE
 
-SITE_ARMED = 1
+SITE_ARMED = 1  # the record is in use
 SITE_BOOSTED = 2
+# The int3 is gone (the probe was disarmed or lost) but a vCPU is still
+# single-stepping the site's slot: the record stays, for a recovery to
+# finish that step, and nothing is written back at the site.
+SITE_STEP_ONLY = 4
+_SITE_FLAGS_AT = 17  # the flags byte's offset in a site record
 
 
 class JournalState(enum.IntEnum):
@@ -132,6 +137,8 @@ class Contents:
     ptes: list[tuple[int, int]] = field(default_factory=list)  # (entry paddr, original)
     # (addr, slot, opcode, boosted, module text base or 0 for vmlinux)
     sites: list[tuple[int, int, int, bool, int]] = field(default_factory=list)
+    # Sites whose int3 is gone, kept for a vCPU still stepping their slot (same tuples).
+    step_sites: list[tuple[int, int, int, bool, int]] = field(default_factory=list)
     rets: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, real, cr3)
     steps: dict[int, list[StepLevel]] = field(default_factory=dict)  # vcpu -> levels
 
@@ -208,7 +215,8 @@ class Journal:
         for i in range(MAX_SITES):
             addr, slot, opcode, flags, module = _SITE.unpack_from(raw, SITES_OFF + i * _SITE.size)
             if flags & SITE_ARMED:
-                out.sites.append((addr, slot, opcode, bool(flags & SITE_BOOSTED), module))
+                found = out.step_sites if flags & SITE_STEP_ONLY else out.sites
+                found.append((addr, slot, opcode, bool(flags & SITE_BOOSTED), module))
         for i in range(MAX_RETS):
             slot, real, cr3 = _RET.unpack_from(raw, RETS_OFF + i * _RET.size)
             if slot:
@@ -334,6 +342,19 @@ class Journal:
         flags = SITE_ARMED | (SITE_BOOSTED if boosted else 0)
         self.write(self.base + SITES_OFF + index * _SITE.size,
                    _SITE.pack(addr, slot, opcode, flags, module))  # fmt: skip
+
+    def site_step_only(self, addr: int) -> None:
+        """Keep the record of a site whose int3 is gone while a vCPU still
+        steps its slot (see :data:`SITE_STEP_ONLY`); :meth:`unsite` once the
+        step is over."""
+        if self.header is None:
+            return  # not attached: nothing to record
+        index = self._sites.get(addr)
+        if index is None:
+            return
+        at = self.base + SITES_OFF + index * _SITE.size + _SITE_FLAGS_AT
+        flags = self.read(at, 1)[0]
+        self.write(at, bytes([flags | SITE_STEP_ONLY]))
 
     def unsite(self, addr: int) -> None:
         """Forget a site whose original byte is back (or that the guest rewrote)."""

@@ -163,3 +163,94 @@ def test_the_answered_return_address_leaves_the_journal() -> None:
     assert engine.handle_stop(stop)
     assert mem.u64(SLOT) == REAL and mem.u64(FRAME) != 0  # answered
     assert journal_rets(engine) == []
+
+
+# --- finding 6: a probe lost while a vCPU steps its slot ---------------------------
+
+SLOT_A = 0xFFFFFFFFFEE20000
+DB_BS, TF = 0x4000, 0x100
+MOV_RAX_RBX = bytes.fromhex("4889d8")
+
+
+class MemTarget(VcpuTarget):
+    """Kernel code reads and writes through the fake's physical memory."""
+
+    def __init__(self, mem: PageMem) -> None:
+        super().__init__()
+        self.memory = mem
+
+    def read_phys(self, paddr: int, length: int) -> bytes:
+        return self.memory.read_phys(paddr, length)
+
+    def write_phys(self, paddr: int, data: bytes) -> None:
+        self.memory.write_phys(paddr, data)
+
+
+def stepping_engine() -> tuple[KprobeEngine, PageMem]:
+    """vCPU 1 hit the (not boosted) probe at A and is stepping its slot."""
+    from qprobes.arch.x86_64 import insn as x86insn
+    from qprobes.probes.kprobe import Kprobe, KprobeStatus, ProbePoint
+
+    engine, mem, _ = make_engine()
+    target = MemTarget(mem)
+    engine.target = target  # type: ignore[assignment]
+    mem.write_virt(CR3, A, b"\xcc" + MOV_RAX_RBX[1:])
+    mem.write_virt(CR3, SLOT_A, MOV_RAX_RBX + b"\xcc" * 13)
+    insn = x86insn.decode(MOV_RAX_RBX, A)
+    kp = Kprobe(addr=A, pre_handler=lambda kp, ctx: None)
+    kp.registered = True
+    point = ProbePoint(A, MOV_RAX_RBX[0], insn, x86insn.analyze(insn), SLOT_A, False, [kp],
+                       armed=True)  # fmt: skip
+    engine.points[A] = point
+    assert engine.journal is not None
+    engine.journal.site(A, SLOT_A, MOV_RAX_RBX[0], False)
+    frame_addr = 0xFFFFC90000013E00
+    words = [0, 3] + [0] * (FRAME_WORDS - 2)
+    regs_rip = 2 + 16  # pt_regs' rip word in the frame
+    words[regs_rip] = A + 1
+    words[regs_rip + 2] = 0x246  # eflags
+    bp = doorbell(mem, 1, frame_addr, words)
+    assert engine.handle_stop(bp)
+    assert engine.kcb[1].status is KprobeStatus.HIT_SS and engine.kcb[1].current is point
+    return engine, mem
+
+
+def step_done(engine: KprobeEngine, mem: PageMem) -> None:
+    """vCPU 1's single-step of the slot's copy traps (#DB, DR6.BS)."""
+    frame_addr = 0xFFFFC90000013E00
+    words = [0, 1] + [0] * (FRAME_WORDS - 2)
+    words[2 + 15] = DB_BS  # orig_rax: the DR6 the #DB stub read
+    words[2 + 16] = SLOT_A + len(MOV_RAX_RBX)
+    words[2 + 18] = 0x46 | TF
+    assert engine.handle_stop(doorbell(mem, 1, frame_addr, words))
+
+
+def site_records(engine: KprobeEngine) -> tuple[list[int], list[int], dict[int, list[int]]]:
+    contents = engine.journal_contents()
+    assert contents is not None
+    steps = {v: [lv.point for lv in levels] for v, levels in contents.steps.items()}
+    step_only = getattr(contents, "step_sites", [])  # (older journals kept none)
+    return [s[0] for s in contents.sites], [s[0] for s in step_only], steps
+
+
+@pytest.mark.parametrize("how", ["module unloaded", "rewritten", "disabled"])
+def test_a_site_lost_mid_step_keeps_its_record_until_the_step_ends(how: str) -> None:
+    """Finding 6: the site record went with the int3 while vCPU 1 still
+    stepped the slot; a recovery then found a step of a point it did not
+    know, and could not finish it (TF set, rip in a slot)."""
+    engine, mem = stepping_engine()
+    assert site_records(engine) == ([A], [], {0: [A]})
+    point = engine.points[A]
+    if how == "module unloaded":
+        engine.kill_range(A, A + 1, "its module was unloaded")
+    elif how == "rewritten":
+        mem.write_virt(CR3, A, b"\x0f")  # the guest patched its text
+        assert engine.check_lost([point]) == [point]
+    else:
+        engine.disable_kprobe(point.kprobes[0])
+        assert mem.read_virt(CR3, A, 1) == MOV_RAX_RBX[:1]  # the original byte is back
+    # The int3 is gone (nothing is to be written back), but the record stays.
+    assert site_records(engine) == ([], [A], {0: [A]})
+    step_done(engine, mem)
+    assert engine.kcb[1].current is None
+    assert site_records(engine) == ([], [], {})
