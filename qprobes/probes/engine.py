@@ -50,6 +50,10 @@ from qprobes.probes.fastpath import FastPath
 from qprobes.probes.ftrace_site import MCOUNT_INSN_SIZE, FtraceRecords, branches_to
 from qprobes.probes.journal import (
     JOURNAL_SIZE,
+    MAX_GATES,
+    MAX_SITES,
+    MAX_VCPUS,
+    STEP_LEVELS,
     Contents,
     Journal,
     JournalError,
@@ -341,12 +345,23 @@ class KprobeEngine:
                             "`qprobes attach ADDRESS --recover` first"
                         )
 
+    def _check_journal_vcpus(self) -> None:
+        """Refuse a guest whose vCPUs the journal cannot tell apart (before
+        anything is written: a step record would not fit in a hit)."""
+        if self.journal is None:
+            return
+        beyond = [v for v in self.target.vcpus if not 0 < v <= MAX_VCPUS]
+        if beyond:
+            raise JournalError(f"the guest has vCPU {beyond[0]}: qprobes' journal records "
+                               f"vCPUs 1 to {MAX_VCPUS}")  # fmt: skip
+
     def attach(self) -> None:
         """Map the area, install the stubs and redirect the IDT gates."""
         if self.attached:
             return
         area = self.area
         self._check_journal()
+        self._check_journal_vcpus()
         if self.journal is not None:
             previous = self.journal.read_header()
             self.journal.begin(previous, area.phys.next_free, __version__)
@@ -453,6 +468,7 @@ class KprobeEngine:
             return False
         h = contents.header
         assert self.journal is not None
+        self._check_journal_vcpus()
         self.area.adopt(h.area, h.kcr3, h.la57, contents.ptes)
         # Whatever this recovery leaves mapped, nobody reuses the dead area's pages.
         self.area.phys.skip_to(max(h.phys_next, h.phys_floor))
@@ -551,6 +567,14 @@ class KprobeEngine:
         if kcb.status is not KprobeStatus.NONE and kcb.current is not None:
             levels.append(StepLevel(kcb.status.value, kcb.current.addr, kcb.old_rflags,
                                     kcb.saved_rflags, kcb.popped_tf))  # fmt: skip
+        if len(levels) > STEP_LEVELS:
+            # Deeper than the journal records (a reentry of a probe that
+            # cannot run boosted, STEP_LEVELS deep): the innermost levels,
+            # the steps a recovery would meet first, are kept. Never raised
+            # from the hit path: the guest must get its answer.
+            log.error("kprobe reentry %d deep on vCPU %d: the journal records the "
+                      "innermost %d levels", len(levels), kcb.vcpu, STEP_LEVELS)  # fmt: skip
+            levels = levels[-STEP_LEVELS:]
         self.journal.steps(kcb.vcpu - 1, levels)  # gdb thread ids count from 1
 
     def rearm_doorbell(self) -> None:
@@ -586,6 +610,9 @@ class KprobeEngine:
                         f"{prev:#x} and {handler:#x}"
                     )
                 self._orig_gates[(paddr, vector)] = gate
+        if self.journal is not None and len(self._orig_gates) > MAX_GATES:
+            raise JournalError(f"{len(self._orig_gates)} IDT gates to redirect: qprobes' "
+                               f"journal records {MAX_GATES}")  # fmt: skip
         # The stubs chain to the guest's own handlers through the vars page.
         for vector, handler in self._orig_handler.items():
             self.write_data(self._vars + VAR_ORIG + 8 * vector, struct.pack("<Q", handler))
@@ -1172,6 +1199,7 @@ class KprobeEngine:
             self.on_module_probe(addr)
         if len(self.points) >= PTABLE_MAX_LOAD:
             raise ProbeError(f"at most {PTABLE_MAX_LOAD} probe addresses at once")
+        self._check_site_room(addr)
         code = self._original_bytes(addr, x86insn.MAX_INSN_SIZE)
         insn = x86insn.decode(code, addr)
         if self.address_check is not None:
@@ -1235,8 +1263,15 @@ class KprobeEngine:
                 raise ProbeError(f"{self._where(point.addr)}: the probe there was lost "
                                  "(the guest rewrote its text)")  # fmt: skip
             if not point.armed:
+                self._check_site_room(point.addr)
                 self._arm(point)
             self._fast_update(point)
+
+    def _check_site_room(self, addr: int) -> None:
+        """Refuse to arm ``addr`` when the journal has no room for its record."""
+        if self.journal is not None and not self.journal.has_site_room(addr):
+            raise ProbeError(f"{self._where(addr)}: qprobes' journal records at most "
+                             f"{MAX_SITES} armed probe sites")  # fmt: skip
 
     def disable_kprobe(self, kp: Kprobe) -> None:
         kp.disabled = True
@@ -1725,6 +1760,14 @@ class KprobeEngine:
         regs = ctx.regs
         for kp in point.kprobes:
             kp.nmissed += 1
+        if len(kcb.prev) + 2 > STEP_LEVELS and point.boosted and not regs.eflags & TF:
+            # One level more than the journal records for a vCPU: a boosted
+            # copy needs no step (and no record).
+            log.warning("kprobe reentry %d deep at %s on vCPU %d: run boosted, counted "
+                        "missed", len(kcb.prev) + 2, self._where(point.addr),
+                        ctx.vcpu)  # fmt: skip
+            regs.rip = point.boost_entry
+            return
         if kcb.status is KprobeStatus.REENTER:
             log.warning("nested kprobe reentry at %s on vCPU %d (depth %d): counted missed",
                         self._where(point.addr), ctx.vcpu, len(kcb.prev) + 1)  # fmt: skip

@@ -343,6 +343,16 @@ class Journal:
         self.write(self.base + SITES_OFF + index * _SITE.size,
                    _SITE.pack(addr, slot, opcode, flags, module))  # fmt: skip
 
+    def has_site_room(self, addr: int) -> bool:
+        """Whether :meth:`site` can record ``addr`` (asked before anything is written)."""
+        return (self.header is None or addr in self._sites or bool(self._free_sites)
+                or self._next_site < MAX_SITES)  # fmt: skip
+
+    def has_ret_room(self, slot: int) -> bool:
+        """Whether :meth:`ret` can record ``slot`` (asked before anything is written)."""
+        return (self.header is None or slot in self._rets or bool(self._free_rets)
+                or self._next_ret < MAX_RETS)  # fmt: skip
+
     def site_step_only(self, addr: int) -> None:
         """Keep the record of a site whose int3 is gone while a vCPU still
         steps its slot (see :data:`SITE_STEP_ONLY`); :meth:`unsite` once the
@@ -392,11 +402,10 @@ class Journal:
         """Record vCPU ``vcpu``'s single-step state (empty: none)."""
         if self.header is None:
             return  # not attached: nothing to record
-        if self.header is None:
-            return  # not attached: nothing to record
         if not 0 <= vcpu < MAX_VCPUS:
             raise JournalError(f"vCPU {vcpu}: the journal records {MAX_VCPUS} vCPUs")
         if len(levels) > STEP_LEVELS:
+            # The engine never nests deeper (KprobeEngine._reenter_kprobe).
             raise JournalError(f"a reentry {len(levels)} deep: the journal records "
                                f"{STEP_LEVELS}")  # fmt: skip
         data = b"".join(_STEP.pack(lv.status, 1, lv.point, lv.old_rflags, lv.saved_rflags,

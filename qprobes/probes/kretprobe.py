@@ -158,6 +158,7 @@ class KretprobeStats:
     reclaim_scans: int = 0  # on-demand scans when a probe ran out of instances
     orphans: int = 0  # trampoline hits with no live instance, answered from memory
     lost: int = 0  # trampoline hits whose return address was unknown
+    journal_full: int = 0  # entries missed: no room in the journal for the return address
 
 
 class KretprobeManager:
@@ -391,6 +392,17 @@ class KretprobeManager:
             # A new call in this slot: whatever hijacked it before is dead.
             for old in list(here):
                 self._reclaim(old, "its stack slot was reused")
+        journal = getattr(self.engine, "journal", None)
+        if ret_addr != tramp and journal is not None and not journal.has_ret_room(slot):
+            # No room to record the real return address: the call is not
+            # hijacked (missed, as when out of instances), nothing written.
+            rp.nmissed += 1
+            self.stats.journal_full += 1
+            if self.stats.journal_full == 1:
+                log.warning("kretprobe %s: qprobes' journal holds as many hijacked return "
+                            "addresses as it records; calls are counted missed until "
+                            "some return", rp.name or rp.kp)  # fmt: skip
+            return None
         if len(rp.instances) >= rp.maxactive:
             self.reclaim_dead(rp)
             if len(rp.instances) >= rp.maxactive:
@@ -410,7 +422,6 @@ class KretprobeManager:
                 return None  # the entry handler declined this call
             inst.data = ctx.entry_data
         if ret_addr != tramp:
-            journal = getattr(self.engine, "journal", None)
             if journal is not None:
                 journal.ret(slot, ret_addr, ctx.cr3)  # recorded before the slot changes
             self.engine.write_data(slot, struct.pack("<Q", tramp), ctx.cr3)

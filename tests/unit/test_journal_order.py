@@ -254,3 +254,125 @@ def test_a_site_lost_mid_step_keeps_its_record_until_the_step_ends(how: str) -> 
     step_done(engine, mem)
     assert engine.kcb[1].current is None
     assert site_records(engine) == ([], [], {})
+
+
+# --- finding 8: a full journal never raises in the hit path -------------------------
+
+
+class CountingMem(PageMem):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write_phys(self, paddr: int, data: bytes) -> None:
+        self.writes += 1
+        super().write_phys(paddr, data)
+
+
+def test_a_return_probe_entry_with_the_journal_full_is_missed_and_writes_nothing() -> None:
+    from qprobes.probes.context import HitContext, PtRegs
+    from qprobes.probes.journal import MAX_RETS
+    from qprobes.probes.kprobe import Kprobe
+    from qprobes.probes.kretprobe import Kretprobe
+
+    engine, mem, _ = make_engine()
+    mgr = KretprobeManager(engine)
+    journal = engine.journal
+    assert journal is not None
+    for i in range(MAX_RETS):  # calls hijacked elsewhere, still running
+        journal.ret(0xFFFFC90000100000 + 8 * i, REAL, CR3)
+    mem.write_virt(CR3, SLOT, struct.pack("<Q", REAL))
+    rp = Kretprobe(addr=A, handler=lambda rp, ctx: None, maxactive=10)
+    rp.kp = Kprobe(addr=A)
+    words = [0] * FRAME_WORDS
+    regs = PtRegs(words)
+    regs.rsp = SLOT
+    ctx = HitContext(1, regs, lambda a, n: mem.read_virt(CR3, a, n), CR3)
+    assert mgr.entry(rp, ctx) is None  # was: JournalError out of the #BP handler
+    assert rp.nmissed == 1 and mgr.stats.journal_full == 1 and not rp.instances
+    assert mem.u64(SLOT) == REAL  # the return address is left alone
+    assert len(journal_rets(engine)) == MAX_RETS
+
+
+def test_registering_with_the_journals_sites_full_is_one_line_before_anything_is_written() -> None:
+    from qprobes.errors import ProbeError
+    from qprobes.probes.journal import MAX_SITES
+    from qprobes.probes.kprobe import Kprobe
+
+    engine, mem, _ = make_engine()
+    counting = CountingMem()
+    counting.pages = mem.pages
+    engine.hostmem = counting  # type: ignore[assignment]
+    engine.target = MemTarget(counting)  # type: ignore[assignment]
+    engine.attached = True
+    assert engine.journal is not None
+    for i in range(MAX_SITES):  # armed sites (lost ones kept for a step, say)
+        engine.journal.site(0xFFFFFFFF82000000 + 16 * i, SLOT_A, 0x55, False)
+    mem.write_virt(CR3, A, MOV_RAX_RBX)
+    counting.writes = 0
+    with pytest.raises(ProbeError, match=f"journal records at most {MAX_SITES} armed probe sites"):
+        engine.register_kprobe(Kprobe(addr=A))
+    assert counting.writes == 0 and mem.read_virt(CR3, A, 3) == MOV_RAX_RBX
+    assert not engine.points
+
+
+def nested_steps(boosted_last: bool) -> tuple[KprobeEngine, list[int]]:
+    """vCPU 1 steps probe 0; an NMI hits probe 1, and so on, one level more
+    than the journal records (STEP_LEVELS)."""
+    from qprobes.arch.x86_64 import insn as x86insn
+    from qprobes.probes.context import HitContext, PtRegs
+    from qprobes.probes.engine import slot_code
+    from qprobes.probes.journal import STEP_LEVELS
+    from qprobes.probes.kprobe import Kprobe, KprobeCtlblk, ProbePoint
+
+    engine, _mem, _ = make_engine()
+    addrs = [0xFFFFFFFF81001000 + 0x100 * i for i in range(STEP_LEVELS + 1)]
+    for i, addr in enumerate(addrs):
+        slot = SLOT_A + 0x40 * i
+        insn = x86insn.decode(MOV_RAX_RBX, addr)
+        analysis = x86insn.analyze(insn)
+        boosted = boosted_last and i == STEP_LEVELS
+        _code, boost_slot = slot_code(insn, analysis, slot, boosted)
+        engine.points[addr] = ProbePoint(addr, MOV_RAX_RBX[0], insn, analysis, slot, boosted,
+                                         [Kprobe(addr=addr)], armed=True,
+                                         boost_slot=boost_slot)  # fmt: skip
+    kcb = engine.kcb.setdefault(1, KprobeCtlblk(vcpu=1))
+    rips = []
+    for addr in addrs:
+        regs = PtRegs([0] * FRAME_WORDS)
+        regs.rip, regs.eflags, regs.rsp = addr + 1, 0x46, 0xFFFFC90000004000
+        engine._kprobe_handler(kcb, HitContext(1, regs, lambda a, n: bytes(n), CR3))
+        rips.append(regs.rip)
+    return engine, rips
+
+
+@pytest.mark.parametrize("boosted_last", [True, False], ids=["boosted", "stepped"])
+def test_a_reentry_deeper_than_the_journal_records_does_not_raise(boosted_last: bool) -> None:
+    from qprobes.probes.journal import STEP_LEVELS
+
+    engine, rips = nested_steps(boosted_last)  # was: JournalError out of the #BP handler
+    last = engine.points[max(engine.points)]
+    contents = engine.journal_contents()
+    assert contents is not None
+    recorded = [lv.point for lv in contents.steps[0]]
+    if boosted_last:
+        # Run boosted: no step, no record; the outer steps are all recorded.
+        assert rips[-1] == last.boost_entry and len(engine.kcb[1].prev) == STEP_LEVELS - 1
+        assert recorded == sorted(engine.points)[:STEP_LEVELS]
+    else:
+        # Stepped; the journal keeps the innermost levels.
+        assert rips[-1] == last.slot and len(engine.kcb[1].prev) == STEP_LEVELS
+        assert recorded == sorted(engine.points)[1:]
+
+
+def test_more_vcpus_than_the_journal_records_are_refused_before_anything_is_written() -> None:
+    from qprobes.probes.journal import MAX_VCPUS, JournalError
+
+    engine, _mem, target = make_engine()
+    counting = CountingMem()
+    engine.hostmem = counting  # type: ignore[assignment]
+    engine.journal.header = None  # type: ignore[union-attr]  # (a fresh engine: none begun)
+    target.vcpus = list(range(1, MAX_VCPUS + 2))
+    with pytest.raises(JournalError, match=f"vCPU {MAX_VCPUS + 1}: .*vCPUs 1 to {MAX_VCPUS}"):
+        engine.attach()
+    assert counting.writes == 0
