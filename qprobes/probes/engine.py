@@ -1354,6 +1354,9 @@ class KprobeEngine:
         i = self._ptable_slot(addr)
         if self._ptable[i] != addr:
             return
+        if self._ptable[(i + 1) % PTABLE_ENTRIES]:
+            # Entries are about to move: no vCPU may be inside the lookup.
+            self._leave_lookup()
         changed = [i]
         self._ptable[i] = 0
         j = (i + 1) % PTABLE_ENTRIES
@@ -1365,6 +1368,43 @@ class KprobeEngine:
             changed += [j, k]
             j = (j + 1) % PTABLE_ENTRIES
         self._ptable_write(sorted(set(changed)))
+
+    def _lookup_spans(self) -> list[tuple[int, int]]:
+        """The instructions of the #BP stub that read the probe table, or act
+        on an index found in it: from the first read to the last compare,
+        and the fast path's read of that index's recorder word."""
+        if self._stubs is None:
+            return []
+        sym = self._stubs.symbols
+        spans = [(sym["qp_bp_lookup"], sym["qp_bp_foreign"])]
+        if "qp_bp_found" in sym:
+            spans.append((sym["qp_bp_found"], sym["qp_bp_found"] + 1))
+        return spans
+
+    def _leave_lookup(self, max_steps: int = 8 * PTABLE_ENTRIES + 16) -> None:
+        """Single-step every vCPU stopped inside the probe-table lookup
+        until it is out, before entries of the table move.
+
+        In all-stop mode a vCPU stops wherever it is, also between two reads
+        of the lookup loop: moving a cluster under it (a removal re-inserts
+        the entries after the gap) could make it miss a probe that is there
+        (sent to the guest's handler: an oops at a probe) or take another
+        index's recorder. The loop holds no doorbell and runs with
+        interrupts off, so steps take it out: at worst 8 instructions per
+        entry of the longest cluster.
+        """
+        spans = self._lookup_spans()
+        if not spans:
+            return
+        for vcpu in self.target.vcpus:
+            for _ in range(max_steps):
+                rip = self.target.read_register("rip", vcpu)
+                if not any(lo <= rip < hi for lo, hi in spans):
+                    break
+                self.target.step(vcpu, timeout=5.0)
+            else:
+                raise ProbeError(f"vCPU {vcpu} did not leave the probe-table lookup in "
+                                 f"{max_steps} steps")  # fmt: skip
 
     def _arm(self, point: ProbePoint) -> None:
         """``arch_arm_kprobe``: table entry first, then the int3."""
