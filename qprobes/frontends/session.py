@@ -45,7 +45,7 @@ from qprobes.frontends.watchdog import Watchdog
 from qprobes.machine.guests import QTEST_PROMPT, qtest_config
 from qprobes.machine.qemu import MachineConfig, QemuMachine, attach
 from qprobes.probes.engine import KprobeEngine
-from qprobes.probes.journal import Contents
+from qprobes.probes.journal import Contents, JournalError, JournalState, owner_still_running
 from qprobes.probes.jprobe import Jprobe, JprobeManager
 from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe, KretprobeManager
@@ -571,20 +571,30 @@ class Session:
         return session
 
     @classmethod
-    def recover(cls, address: str, *, reserve: tuple[int, int]) -> RecoveryReport:
+    def recover(cls, address: str, *, reserve: tuple[int, int],
+                force: bool = False) -> RecoveryReport:  # fmt: skip
         """Put back what a qprobes session that died attached left in a Linux
         guest (``qprobes attach ADDRESS --recover``), from the journal it
         kept in ``reserve``: its int3s, hijacked return addresses, IDT gates
         and page-table entries, with vCPUs parked in its stubs answered and
         the area released only once nothing points into it, as a normal
         detach does. Returns what was found (``recovered`` False: nothing
-        to do)."""
+        to do). Refuses (:class:`JournalError`, nothing written) while the
+        session that owns the journal may still run, unless ``force``."""
         target = attach(address)
         session = cls(target, reserve=reserve, near=0)
         session._address = address
         session._recovering = True
         try:
             contents = session.engine.journal_contents()
+            if contents is not None and contents.header.state is JournalState.ACTIVE \
+                    and not force:  # fmt: skip
+                why = owner_still_running(contents.header)
+                if why is not None:
+                    raise JournalError(
+                        f"not recovering the changes of {contents.header.owner()}: {why}; "
+                        "stop it first (or --force if it is gone)"
+                    )
             session.use_linux()
             report = RecoveryReport(bool(session.recovered), contents)
         finally:

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qprobes.errors import ProbeError
+from qprobes.machine.qemu import process_start_time
 
 PAGE_SIZE = 4096
 MAGIC = b"QPJRNL01"
@@ -174,6 +175,44 @@ def unpack_header(raw: bytes) -> Header | None:
         ver.rstrip(b"\0").decode(errors="replace"), area, kcr3, bool(la57), code, bell, vars_,
         ptable, slot_lo, slot_hi, phys_next, phys_floor, n_gates, n_ptes,
     )  # fmt: skip
+
+
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None when
+    there is no such process (or only its zombie)."""
+    ticks = process_start_time(pid)
+    if ticks is None:
+        return None
+    try:
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+#: Slack between a process's start time as /proc tells it (whole seconds of
+#: boot time, clock ticks) and the journal's (whole seconds).
+_START_SLACK = 2.0
+
+
+def owner_still_running(
+    header: Header, *, host: str | None = None,
+    started: Callable[[int], float | None] = process_started,
+) -> str | None:  # fmt: skip
+    """Why the session that owns the journal may still be running (None: it
+    is gone). Its pid on its host names it as long as that process started
+    before the journal did; a pid reused later names another process. On
+    another host nothing can tell, so it counts as running."""
+    here = (host if host is not None else socket.gethostname()).encode()[:32]
+    here_name = here.decode(errors="replace")
+    if header.host != here_name:
+        return (f"it ran on another host ({header.host}; this is {here_name}), where "
+                "qprobes cannot tell whether it still runs")  # fmt: skip
+    when = started(header.owner_pid)
+    if when is None or when > header.started + _START_SLACK:
+        return None  # gone (or its pid now names a process started after it)
+    return f"process {header.owner_pid} is still running"
 
 
 class Journal:
