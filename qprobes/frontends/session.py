@@ -391,7 +391,7 @@ class Session:
             if not MODULES_START <= addr < MODULES_END:
                 return 0
             try:
-                found = modules.module_at(addr)
+                found = modules.module_at(addr, fresh=True)  # its state as it is now
             except QprobesError:
                 return None
             return found.text if found is not None and found.live else None
@@ -416,6 +416,11 @@ class Session:
         def going(kp: Kprobe, ctx: HitContext) -> bool:
             mod_addr = ctx.regs.rdi
             gone = next((m for m in modules.modules() if m.addr == mod_addr), None)
+            # Whatever was read about modules may be another module's soon
+            # (its successor can get the same addresses).
+            modules.invalidate()
+            if self.text is not None:
+                self.text.forget_modules()
             if gone is None:
                 return False
             killed = engine.kill_range(gone.text, gone.text + gone.size,
