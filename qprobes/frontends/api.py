@@ -124,12 +124,14 @@ def boot_interactive(
     return int(found[-1]) if found else 0
 
 
-def recover(address: str, reserve: tuple[int, int], out: TextIO = sys.stdout) -> int:
+def recover(address: str, reserve: tuple[int, int], out: TextIO = sys.stdout,
+            force: bool = False) -> int:  # fmt: skip
     """``qprobes attach ADDRESS --recover``: put back what a qprobes session
-    that died attached left in the guest (0 also when there was nothing)."""
+    that died attached left in the guest (0 also when there was nothing).
+    ``force``: even if the journal's owner may still run."""
     from qprobes.frontends.session import Session
 
-    report = Session.recover(address, reserve=reserve)
+    report = Session.recover(address, reserve=reserve, force=force)
     print(f"qprobes: {report.describe()}", file=out)
     return 0
 

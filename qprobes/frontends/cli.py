@@ -86,7 +86,8 @@ def _cmd_attach(args: argparse.Namespace) -> int:
         if args.reserve is None:
             raise SystemExit("qprobes attach --recover needs --reserve START:SIZE, the memory "
                              "the dead session used")  # fmt: skip
-        return api.recover(args.address, api._parse_reserve(args.reserve), out=sys.stdout)
+        return api.recover(args.address, api._parse_reserve(args.reserve), out=sys.stdout,
+                           force=args.force)  # fmt: skip
     return api.attach_info(args.address, out=sys.stdout)
 
 
@@ -330,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "journal")  # fmt: skip
     p.add_argument("--reserve", metavar="START:SIZE",
                    help="with --recover: the memory the dead session was given")  # fmt: skip
+    p.add_argument("--force", action="store_true",
+                   help="with --recover: recover even though the session that owns the "
+                   "journal may still run (its pid is alive on this host, or it ran on "
+                   "another host)")  # fmt: skip
     p.set_defaults(func=_cmd_attach)
 
     p = sub.add_parser(

@@ -46,7 +46,7 @@ from qprobes.frontends.watchdog import Watchdog
 from qprobes.machine.guests import QTEST_PROMPT, qtest_config
 from qprobes.machine.qemu import MachineConfig, QemuMachine, attach
 from qprobes.probes.engine import KprobeEngine
-from qprobes.probes.journal import Contents
+from qprobes.probes.journal import Contents, JournalError, JournalState, owner_still_running
 from qprobes.probes.jprobe import Jprobe, JprobeManager
 from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe, KretprobeManager
@@ -433,7 +433,7 @@ class Session:
             if not MODULES_START <= addr < MODULES_END:
                 return 0
             try:
-                found = modules.module_at(addr)
+                found = modules.module_at(addr, fresh=True)  # its state as it is now
             except QprobesError:
                 return None
             return found.text if found is not None and found.live else None
@@ -458,6 +458,11 @@ class Session:
         def going(kp: Kprobe, ctx: HitContext) -> bool:
             mod_addr = ctx.regs.rdi
             gone = next((m for m in modules.modules() if m.addr == mod_addr), None)
+            # Whatever was read about modules may be another module's soon
+            # (its successor can get the same addresses).
+            modules.invalidate()
+            if self.text is not None:
+                self.text.forget_modules()
             if gone is None:
                 return False
             killed = engine.kill_range(gone.text, gone.text + gone.size,
@@ -627,20 +632,30 @@ class Session:
         return session
 
     @classmethod
-    def recover(cls, address: str, *, reserve: tuple[int, int]) -> RecoveryReport:
+    def recover(cls, address: str, *, reserve: tuple[int, int],
+                force: bool = False) -> RecoveryReport:  # fmt: skip
         """Put back what a qprobes session that died attached left in a Linux
         guest (``qprobes attach ADDRESS --recover``), from the journal it
         kept in ``reserve``: its int3s, hijacked return addresses, IDT gates
         and page-table entries, with vCPUs parked in its stubs answered and
         the area released only once nothing points into it, as a normal
         detach does. Returns what was found (``recovered`` False: nothing
-        to do)."""
+        to do). Refuses (:class:`JournalError`, nothing written) while the
+        session that owns the journal may still run, unless ``force``."""
         target = attach(address)
         session = cls(target, reserve=reserve, near=0)
         session._address = address
         session._recovering = True
         try:
             contents = session.engine.journal_contents()
+            if contents is not None and contents.header.state is JournalState.ACTIVE \
+                    and not force:  # fmt: skip
+                why = owner_still_running(contents.header)
+                if why is not None:
+                    raise JournalError(
+                        f"not recovering the changes of {contents.header.owner()}: {why}; "
+                        "stop it first (or --force if it is gone)"
+                    )
             session.use_linux()
             report = RecoveryReport(bool(session.recovered), contents)
         finally:

@@ -128,6 +128,21 @@ class LinuxModules:
         self.b_data = self._optional(btf, "data", "btf")
         self.b_size = self._optional(btf, "data_size", "btf")
         self._cache: dict[int, Module] = {}
+        # The module tree's latch seqcount (kernel/module/tree_lookup.c:
+        # mod_tree.root.seq), +2 at every module added or removed: the
+        # generation the caches are valid for. None: no such count.
+        self.tree_seq: int | None = None
+        if "mod_tree" in symbols:
+            for path in ("root.seq.seqcount.sequence", "root.seq.sequence"):
+                try:
+                    self.tree_seq = symbols.address("mod_tree") + btf.struct_member_offset(
+                        "mod_tree_root", path)[0]  # fmt: skip
+                    break
+                except SymbolError:
+                    continue
+        self._invalidations = 0  # bumped by invalidate() (the module watch)
+        self._cache_gen: tuple[int, int] | None = None
+        self._listed: list[Module] | None = None  # modules() as of _cache_gen
 
     @staticmethod
     def _optional(btf: Btf, path: str, struct_name: str = "module") -> int | None:
@@ -142,9 +157,45 @@ class LinuxModules:
     def _u32(self, addr: int) -> int:
         return int.from_bytes(self.read(addr, 4), "little")
 
+    def generation(self) -> tuple[int, int] | None:
+        """A value that changes whenever a module is added to or removed from
+        the guest's module tree, or :meth:`invalidate` was called; None when
+        the guest keeps no such count, or is changing the tree right now
+        (an odd seqcount)."""
+        if self.tree_seq is None:
+            return None
+        try:
+            seq = self._u32(self.tree_seq)
+        except QprobesError:
+            return None
+        return None if seq & 1 else (seq, self._invalidations)
+
+    def invalidate(self) -> None:
+        """A module is going (or coming): forget everything read about
+        modules, so that an address its successor reuses is never taken for
+        its code (symbols, BTF, ORC tables)."""
+        self._invalidations += 1
+        self._cache.clear()
+        self._cache_gen = None
+        self._listed = None
+
+    def listed(self) -> list[Module]:
+        """:meth:`modules` as of the current generation: one read while no
+        module came or went (the states as they were then; :meth:`modules`
+        reads them anew)."""
+        gen = self.generation()
+        if gen is None or gen != self._cache_gen or self._listed is None:
+            return self.modules()
+        return self._listed
+
     def modules(self) -> list[Module]:
         """Every formed module on the list now (symbols and BTF read on demand)."""
         layout = self.layout
+        gen = self.generation()
+        if gen is not None and gen != self._cache_gen:
+            # Modules came or went: what was read about them may be another
+            # module's now.
+            self._cache.clear()
         out = []
         for node in list_nodes(self.read, self.head, "modules"):
             addr = node - layout.list
@@ -153,7 +204,7 @@ class LinuxModules:
                 continue
             text = self._u64(addr + layout.text_base)
             cached = self._cache.get(addr)
-            if cached is not None and cached.text == text:
+            if cached is not None and cached.text == text and gen is not None:
                 cached.state = state
                 out.append(cached)
                 continue
@@ -162,6 +213,12 @@ class LinuxModules:
             text_size = int.from_bytes(
                 self.read(addr + layout.text_size, layout.text_size_width), "little"
             )
+            if cached is not None and (cached.text, cached.name, cached.text_size) == (
+                text, name, text_size):  # fmt: skip
+                # No generation to go by: the same module if it looks the same.
+                cached.state = state
+                out.append(cached)
+                continue
 
             def get(offset: int | None, size: int = 8, base: int = addr) -> int:
                 if offset is None:
@@ -177,6 +234,10 @@ class LinuxModules:
             )  # fmt: skip
             self._cache[addr] = module
             out.append(module)
+        if gen is not None and gen == self.generation():
+            self._cache_gen, self._listed = gen, out
+        else:
+            self._cache_gen, self._listed = None, None
         return out
 
     def find(self, name: str) -> Module | None:
@@ -185,8 +246,13 @@ class LinuxModules:
                 return module
         return None
 
-    def module_at(self, addr: int, modules: list[Module] | None = None) -> Module | None:
-        for module in modules if modules is not None else self.modules():
+    def module_at(self, addr: int, modules: list[Module] | None = None, *,
+                  fresh: bool = False) -> Module | None:  # fmt: skip
+        """The module whose core mapping holds ``addr``; from the list of this
+        generation (:meth:`listed`), or read anew with ``fresh`` (states too)."""
+        if modules is None:
+            modules = self.modules() if fresh else self.listed()
+        for module in modules:
             if module.contains(addr):
                 return module
         return None

@@ -168,7 +168,9 @@ class OrcTable:
         self.num_blocks = int.from_bytes(read(num_blocks, 4), "little")
         self.init = self._range(symbols, "_sinittext", "_einittext")
         self.ftrace = _FtraceTrampolines.from_kernel(symbols, btf, read)
-        self._cache: dict[int, OrcEntry | None] = {}
+        self._cache: dict[int, OrcEntry | None] = {}  # vmlinux ips
+        self._module_cache: dict[int, OrcEntry | None] = {}  # others, for _module_gen
+        self._module_gen: object = None
         self._all_ips: list[int] | None = None
 
     @staticmethod
@@ -189,11 +191,28 @@ class OrcTable:
 
     def find(self, ip: int) -> OrcEntry | None:
         """``orc_find``: the entry that covers ``ip``, or None."""
-        if ip in self._cache:
-            return self._cache[ip]
+        if self._in_vmlinux(ip):
+            cache = self._cache
+        else:
+            # Module (and trampoline) code: valid while no module comes or
+            # goes; another module may take the same addresses after.
+            gen = self.modules.generation() if self.modules is not None else None
+            if gen is None:
+                return self._find(ip)
+            if gen != self._module_gen:
+                self._module_cache.clear()
+                self._module_gen = gen
+            cache = self._module_cache
+        if ip in cache:
+            return cache[ip]
         found = self._find(ip)
-        self._cache[ip] = found
+        cache[ip] = found
         return found
+
+    def _in_vmlinux(self, ip: int) -> bool:
+        if self.stext <= ip < self.etext:
+            return True
+        return self.init is not None and self.init[0] <= ip < self.init[1]
 
     def _find(self, ip: int) -> OrcEntry | None:
         if ip == 0:
@@ -230,7 +249,9 @@ class OrcTable:
         if module is None or not module.num_orcs or not module.in_text(ip):
             return None
         cached = self._module_tables.get(module.addr)
-        if cached is None or cached[0].text != module.text:
+        # The very Module read for this generation (a new one when modules
+        # came or went), not merely one at the same address.
+        if cached is None or cached[0] is not module:
             raw = self.read(module.orc_ip, 4 * module.num_orcs)
             offs = struct.unpack(f"<{module.num_orcs}i", raw)
             ips = [module.orc_ip + 4 * i + off for i, off in enumerate(offs)]

@@ -471,7 +471,7 @@ class KernelText:
     sites: SiteIndex
     layouts: TextLayouts = field(default_factory=TextLayouts)
     stats: TextStats = field(default_factory=TextStats)
-    _modules: dict[tuple[int, int], Module] = field(default_factory=dict)
+    _modules: dict[tuple[int, int, int, str], Module] = field(default_factory=dict)
 
     # --- loading -------------------------------------------------------------
 
@@ -704,16 +704,22 @@ class KernelText:
             if _s32(self.read, mod + layout.state) == layout.unformed:
                 continue
             base = _u64(self.read, mod + layout.text_base)
-            cached = self._modules.get((mod, base))
+            width = layout.text_size_width
+            size = int.from_bytes(self.read(mod + layout.text_size, width), "little")
+            raw = self.read(mod + layout.name, layout.name_size)
+            name = raw.split(b"\0", 1)[0].decode(errors="replace")
+            # Keyed by what tells modules apart, not by address alone: a
+            # module loaded where an unloaded one was gets its own sites.
+            cached = self._modules.get((mod, base, size, name))
             if cached is None:
-                width = layout.text_size_width
-                size = int.from_bytes(self.read(mod + layout.text_size, width), "little")
-                raw = self.read(mod + layout.name, layout.name_size)
-                name = raw.split(b"\0", 1)[0].decode(errors="replace")
                 cached = Module(mod, name, base, size, self._module_sites(mod, layout))
-                self._modules[(mod, base)] = cached
+                self._modules[(mod, base, size, name)] = cached
             out.append(cached)
         return out
+
+    def forget_modules(self) -> None:
+        """A module is going: its sites are read anew for whatever comes next."""
+        self._modules.clear()
 
     def module_at(self, addr: int) -> Module | None:
         """The module whose text holds ``addr`` (``is_module_text_address()``)."""

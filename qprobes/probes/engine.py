@@ -50,6 +50,10 @@ from qprobes.probes.fastpath import FastPath
 from qprobes.probes.ftrace_site import MCOUNT_INSN_SIZE, FtraceRecords, branches_to
 from qprobes.probes.journal import (
     JOURNAL_SIZE,
+    MAX_GATES,
+    MAX_SITES,
+    MAX_VCPUS,
+    STEP_LEVELS,
     Contents,
     Journal,
     JournalError,
@@ -223,6 +227,14 @@ class KprobeEngine:
         self.points: dict[int, ProbePoint] = {}
         self.kcb: dict[int, KprobeCtlblk] = {}
         self._steps_to_clear: list[KprobeCtlblk] = []
+        # Journal records to take out once the current doorbell frame is
+        # answered (a record must outlive the change it undoes: until the
+        # answer is in the frame, the journal is the only place the guest's
+        # state can be recovered from).
+        self.after_answer: list[Callable[[], None]] = []
+        # Sites whose int3 went while a vCPU stepped their slot: their journal
+        # record stays until no vCPU steps them any more.
+        self._unsite_after_step: set[int] = set()
         self.attached = False
         self._ptable = [0] * PTABLE_ENTRIES
         self._ss_active = 0
@@ -333,12 +345,23 @@ class KprobeEngine:
                             "`qprobes attach ADDRESS --recover` first"
                         )
 
+    def _check_journal_vcpus(self) -> None:
+        """Refuse a guest whose vCPUs the journal cannot tell apart (before
+        anything is written: a step record would not fit in a hit)."""
+        if self.journal is None:
+            return
+        beyond = [v for v in self.target.vcpus if not 0 < v <= MAX_VCPUS]
+        if beyond:
+            raise JournalError(f"the guest has vCPU {beyond[0]}: qprobes' journal records "
+                               f"vCPUs 1 to {MAX_VCPUS}")  # fmt: skip
+
     def attach(self) -> None:
         """Map the area, install the stubs and redirect the IDT gates."""
         if self.attached:
             return
         area = self.area
         self._check_journal()
+        self._check_journal_vcpus()
         if self.journal is not None:
             previous = self.journal.read_header()
             self.journal.begin(previous, area.phys.next_free, __version__)
@@ -445,6 +468,7 @@ class KprobeEngine:
             return False
         h = contents.header
         assert self.journal is not None
+        self._check_journal_vcpus()
         self.area.adopt(h.area, h.kcr3, h.la57, contents.ptes)
         # Whatever this recovery leaves mapped, nobody reuses the dead area's pages.
         self.area.phys.skip_to(max(h.phys_next, h.phys_floor))
@@ -493,6 +517,23 @@ class KprobeEngine:
             _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
             self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
                                            armed=True, boost_slot=boost_slot)  # fmt: skip
+        for addr, slot, opcode, boosted, _module in contents.step_sites:
+            # Its int3 is gone, but a vCPU steps its slot: the point is needed
+            # to finish that step, and nothing is ever written at the site.
+            try:
+                code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
+            except TranslationError:
+                code = bytearray()
+            if not code or code[0] != opcode:
+                # Rewritten or unmapped since: the slot's copy has the same
+                # length and kind (its displacement aside).
+                code = bytearray(self.kread(slot, x86insn.MAX_INSN_SIZE))
+            insn = x86insn.decode(bytes(code), addr)
+            analysis = x86insn.analyze(insn)
+            _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
+            self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
+                                           lost=True, boost_slot=boost_slot)  # fmt: skip
+            self._unsite_after_step.add(addr)
         # The probe table as the dead session left it (its linear-probing order).
         raw = self.read_data(h.ptable, PTABLE_ENTRIES * 8)
         self._ptable = list(struct.unpack(f"<{PTABLE_ENTRIES}Q", raw))
@@ -526,6 +567,14 @@ class KprobeEngine:
         if kcb.status is not KprobeStatus.NONE and kcb.current is not None:
             levels.append(StepLevel(kcb.status.value, kcb.current.addr, kcb.old_rflags,
                                     kcb.saved_rflags, kcb.popped_tf))  # fmt: skip
+        if len(levels) > STEP_LEVELS:
+            # Deeper than the journal records (a reentry of a probe that
+            # cannot run boosted, STEP_LEVELS deep): the innermost levels,
+            # the steps a recovery would meet first, are kept. Never raised
+            # from the hit path: the guest must get its answer.
+            log.error("kprobe reentry %d deep on vCPU %d: the journal records the "
+                      "innermost %d levels", len(levels), kcb.vcpu, STEP_LEVELS)  # fmt: skip
+            levels = levels[-STEP_LEVELS:]
         self.journal.steps(kcb.vcpu - 1, levels)  # gdb thread ids count from 1
 
     def rearm_doorbell(self) -> None:
@@ -561,6 +610,9 @@ class KprobeEngine:
                         f"{prev:#x} and {handler:#x}"
                     )
                 self._orig_gates[(paddr, vector)] = gate
+        if self.journal is not None and len(self._orig_gates) > MAX_GATES:
+            raise JournalError(f"{len(self._orig_gates)} IDT gates to redirect: qprobes' "
+                               f"journal records {MAX_GATES}")  # fmt: skip
         # The stubs chain to the guest's own handlers through the vars page.
         for vector, handler in self._orig_handler.items():
             self.write_data(self._vars + VAR_ORIG + 8 * vector, struct.pack("<Q", handler))
@@ -1147,6 +1199,7 @@ class KprobeEngine:
             self.on_module_probe(addr)
         if len(self.points) >= PTABLE_MAX_LOAD:
             raise ProbeError(f"at most {PTABLE_MAX_LOAD} probe addresses at once")
+        self._check_site_room(addr)
         code = self._original_bytes(addr, x86insn.MAX_INSN_SIZE)
         insn = x86insn.decode(code, addr)
         if self.address_check is not None:
@@ -1210,8 +1263,15 @@ class KprobeEngine:
                 raise ProbeError(f"{self._where(point.addr)}: the probe there was lost "
                                  "(the guest rewrote its text)")  # fmt: skip
             if not point.armed:
+                self._check_site_room(point.addr)
                 self._arm(point)
             self._fast_update(point)
+
+    def _check_site_room(self, addr: int) -> None:
+        """Refuse to arm ``addr`` when the journal has no room for its record."""
+        if self.journal is not None and not self.journal.has_site_room(addr):
+            raise ProbeError(f"{self._where(addr)}: qprobes' journal records at most "
+                             f"{MAX_SITES} armed probe sites")  # fmt: skip
 
     def disable_kprobe(self, kp: Kprobe) -> None:
         kp.disabled = True
@@ -1294,6 +1354,9 @@ class KprobeEngine:
         i = self._ptable_slot(addr)
         if self._ptable[i] != addr:
             return
+        if self._ptable[(i + 1) % PTABLE_ENTRIES]:
+            # Entries are about to move: no vCPU may be inside the lookup.
+            self._leave_lookup()
         changed = [i]
         self._ptable[i] = 0
         j = (i + 1) % PTABLE_ENTRIES
@@ -1305,6 +1368,43 @@ class KprobeEngine:
             changed += [j, k]
             j = (j + 1) % PTABLE_ENTRIES
         self._ptable_write(sorted(set(changed)))
+
+    def _lookup_spans(self) -> list[tuple[int, int]]:
+        """The instructions of the #BP stub that read the probe table, or act
+        on an index found in it: from the first read to the last compare,
+        and the fast path's read of that index's recorder word."""
+        if self._stubs is None:
+            return []
+        sym = self._stubs.symbols
+        spans = [(sym["qp_bp_lookup"], sym["qp_bp_foreign"])]
+        if "qp_bp_found" in sym:
+            spans.append((sym["qp_bp_found"], sym["qp_bp_found"] + 1))
+        return spans
+
+    def _leave_lookup(self, max_steps: int = 8 * PTABLE_ENTRIES + 16) -> None:
+        """Single-step every vCPU stopped inside the probe-table lookup
+        until it is out, before entries of the table move.
+
+        In all-stop mode a vCPU stops wherever it is, also between two reads
+        of the lookup loop: moving a cluster under it (a removal re-inserts
+        the entries after the gap) could make it miss a probe that is there
+        (sent to the guest's handler: an oops at a probe) or take another
+        index's recorder. The loop holds no doorbell and runs with
+        interrupts off, so steps take it out: at worst 8 instructions per
+        entry of the longest cluster.
+        """
+        spans = self._lookup_spans()
+        if not spans:
+            return
+        for vcpu in self.target.vcpus:
+            for _ in range(max_steps):
+                rip = self.target.read_register("rip", vcpu)
+                if not any(lo <= rip < hi for lo, hi in spans):
+                    break
+                self.target.step(vcpu, timeout=5.0)
+            else:
+                raise ProbeError(f"vCPU {vcpu} did not leave the probe-table lookup in "
+                                 f"{max_steps} steps")  # fmt: skip
 
     def _arm(self, point: ProbePoint) -> None:
         """``arch_arm_kprobe``: table entry first, then the int3."""
@@ -1323,9 +1423,40 @@ class KprobeEngine:
             # Recorded before the int3 goes in: a later session can put it back.
             module = self.module_base(point.addr) if self.module_base is not None else 0
             self.journal.site(point.addr, point.slot, point.opcode, point.boosted, module or 0)
+            self._unsite_after_step.discard(point.addr)  # a full record again
         if point.opcode != INT3:
             self.kwrite_code(point.addr, bytes([INT3]))
         point.armed = True
+
+    def _stepped_sites(self) -> set[int]:
+        """Addresses whose slot some vCPU is single-stepping (at any level)."""
+        out: set[int] = set()
+        for kcb in self.kcb.values():
+            if kcb.status is not KprobeStatus.NONE and kcb.current is not None:
+                out.add(kcb.current.addr)
+            out.update(p.current.addr for p in kcb.prev if p.current is not None)
+        return out
+
+    def _unsite(self, point: ProbePoint) -> None:
+        """Take ``point``'s site out of the journal, its int3 gone. While a
+        vCPU steps its slot the record stays (a recovery needs it to finish
+        that step), marked step-only, until the step is over."""
+        if self.journal is None:
+            return
+        if point.addr in self._stepped_sites():
+            self.journal.site_step_only(point.addr)
+            self._unsite_after_step.add(point.addr)
+        else:
+            self.journal.unsite(point.addr)
+
+    def _unsite_stepped(self) -> None:
+        """The step-only site records whose steps are over go (their answer written)."""
+        stepped = self._stepped_sites()
+        for addr in sorted(self._unsite_after_step - stepped):
+            self._unsite_after_step.discard(addr)
+            point = self.points.get(addr)
+            if self.journal is not None and not (point is not None and point.armed):
+                self.journal.unsite(addr)
 
     def _disarm(self, point: ProbePoint) -> None:
         """``arch_disarm_kprobe``: the original byte back, if ours is still there."""
@@ -1342,8 +1473,7 @@ class KprobeEngine:
             self.kwrite_code(point.addr, bytes([point.opcode]))
         self._ptable_remove(point.addr)
         point.armed = False
-        if self.journal is not None:
-            self.journal.unsite(point.addr)
+        self._unsite(point)
 
     # --- lost probes ------------------------------------------------------------
 
@@ -1395,8 +1525,7 @@ class KprobeEngine:
         self._ptable_remove(point.addr)
         point.armed = False
         point.lost = True
-        if self.journal is not None:
-            self.journal.unsite(point.addr)  # never to be written back
+        self._unsite(point)  # never to be written back
         for kp in point.kprobes:
             kp.lost = True
             kp.lost_why = why
@@ -1437,6 +1566,7 @@ class KprobeEngine:
                 return True
         self.client.note_stop_thread(vcpu)
         self._frame_phys = None
+        self.after_answer.clear()  # (left by a hit whose handling failed)
         located = self._locate_frame_fast(vcpu)
         regs: Registers | None = None
         if located is None:
@@ -1490,12 +1620,22 @@ class KprobeEngine:
             self.stats.chained += 1
         if not frame.action:
             frame.action = ACTION_RETURN
-        self._write_frame(frame_addr, frame, cr3, la57, vcpu)
+        try:
+            self._write_frame(frame_addr, frame, cr3, la57, vcpu)
+        except BaseException:
+            # Unanswered: every record stays for a recovery to finish the job.
+            self.after_answer.clear()
+            raise
         # A step that ended is taken out of the journal only now that the
         # frame is answered (its record must outlive the change it undoes).
         pending, self._steps_to_clear = self._steps_to_clear, []
         for done in pending:
             self._journal_steps(done)
+        if pending and self._unsite_after_step:
+            self._unsite_stepped()
+        answered, self.after_answer = self.after_answer, []
+        for release in answered:
+            release()
         return True
 
     def _bare_trap_stop(self, stop: StopReply, vcpu: int) -> bool:
@@ -1660,6 +1800,14 @@ class KprobeEngine:
         regs = ctx.regs
         for kp in point.kprobes:
             kp.nmissed += 1
+        if len(kcb.prev) + 2 > STEP_LEVELS and point.boosted and not regs.eflags & TF:
+            # One level more than the journal records for a vCPU: a boosted
+            # copy needs no step (and no record).
+            log.warning("kprobe reentry %d deep at %s on vCPU %d: run boosted, counted "
+                        "missed", len(kcb.prev) + 2, self._where(point.addr),
+                        ctx.vcpu)  # fmt: skip
+            regs.rip = point.boost_entry
+            return
         if kcb.status is KprobeStatus.REENTER:
             log.warning("nested kprobe reentry at %s on vCPU %d (depth %d): counted missed",
                         self._where(point.addr), ctx.vcpu, len(kcb.prev) + 1)  # fmt: skip

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qprobes.errors import ProbeError
+from qprobes.machine.qemu import process_start_time
 
 PAGE_SIZE = 4096
 MAGIC = b"QPJRNL01"
@@ -70,8 +71,13 @@ END = RETS_OFF + MAX_RETS * _RET.size
 JOURNAL_PAGES = (END + PAGE_SIZE - 1) // PAGE_SIZE
 JOURNAL_SIZE = JOURNAL_PAGES * PAGE_SIZE
 
-SITE_ARMED = 1
+SITE_ARMED = 1  # the record is in use
 SITE_BOOSTED = 2
+# The int3 is gone (the probe was disarmed or lost) but a vCPU is still
+# single-stepping the site's slot: the record stays, for a recovery to
+# finish that step, and nothing is written back at the site.
+SITE_STEP_ONLY = 4
+_SITE_FLAGS_AT = 17  # the flags byte's offset in a site record
 
 
 class JournalState(enum.IntEnum):
@@ -132,6 +138,8 @@ class Contents:
     ptes: list[tuple[int, int]] = field(default_factory=list)  # (entry paddr, original)
     # (addr, slot, opcode, boosted, module text base or 0 for vmlinux)
     sites: list[tuple[int, int, int, bool, int]] = field(default_factory=list)
+    # Sites whose int3 is gone, kept for a vCPU still stepping their slot (same tuples).
+    step_sites: list[tuple[int, int, int, bool, int]] = field(default_factory=list)
     rets: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, real, cr3)
     steps: dict[int, list[StepLevel]] = field(default_factory=dict)  # vcpu -> levels
 
@@ -167,6 +175,44 @@ def unpack_header(raw: bytes) -> Header | None:
         ver.rstrip(b"\0").decode(errors="replace"), area, kcr3, bool(la57), code, bell, vars_,
         ptable, slot_lo, slot_hi, phys_next, phys_floor, n_gates, n_ptes,
     )  # fmt: skip
+
+
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None when
+    there is no such process (or only its zombie)."""
+    ticks = process_start_time(pid)
+    if ticks is None:
+        return None
+    try:
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+#: Slack between a process's start time as /proc tells it (whole seconds of
+#: boot time, clock ticks) and the journal's (whole seconds).
+_START_SLACK = 2.0
+
+
+def owner_still_running(
+    header: Header, *, host: str | None = None,
+    started: Callable[[int], float | None] = process_started,
+) -> str | None:  # fmt: skip
+    """Why the session that owns the journal may still be running (None: it
+    is gone). Its pid on its host names it as long as that process started
+    before the journal did; a pid reused later names another process. On
+    another host nothing can tell, so it counts as running."""
+    here = (host if host is not None else socket.gethostname()).encode()[:32]
+    here_name = here.decode(errors="replace")
+    if header.host != here_name:
+        return (f"it ran on another host ({header.host}; this is {here_name}), where "
+                "qprobes cannot tell whether it still runs")  # fmt: skip
+    when = started(header.owner_pid)
+    if when is None or when > header.started + _START_SLACK:
+        return None  # gone (or its pid now names a process started after it)
+    return f"process {header.owner_pid} is still running"
 
 
 class Journal:
@@ -208,7 +254,8 @@ class Journal:
         for i in range(MAX_SITES):
             addr, slot, opcode, flags, module = _SITE.unpack_from(raw, SITES_OFF + i * _SITE.size)
             if flags & SITE_ARMED:
-                out.sites.append((addr, slot, opcode, bool(flags & SITE_BOOSTED), module))
+                found = out.step_sites if flags & SITE_STEP_ONLY else out.sites
+                found.append((addr, slot, opcode, bool(flags & SITE_BOOSTED), module))
         for i in range(MAX_RETS):
             slot, real, cr3 = _RET.unpack_from(raw, RETS_OFF + i * _RET.size)
             if slot:
@@ -335,6 +382,29 @@ class Journal:
         self.write(self.base + SITES_OFF + index * _SITE.size,
                    _SITE.pack(addr, slot, opcode, flags, module))  # fmt: skip
 
+    def has_site_room(self, addr: int) -> bool:
+        """Whether :meth:`site` can record ``addr`` (asked before anything is written)."""
+        return (self.header is None or addr in self._sites or bool(self._free_sites)
+                or self._next_site < MAX_SITES)  # fmt: skip
+
+    def has_ret_room(self, slot: int) -> bool:
+        """Whether :meth:`ret` can record ``slot`` (asked before anything is written)."""
+        return (self.header is None or slot in self._rets or bool(self._free_rets)
+                or self._next_ret < MAX_RETS)  # fmt: skip
+
+    def site_step_only(self, addr: int) -> None:
+        """Keep the record of a site whose int3 is gone while a vCPU still
+        steps its slot (see :data:`SITE_STEP_ONLY`); :meth:`unsite` once the
+        step is over."""
+        if self.header is None:
+            return  # not attached: nothing to record
+        index = self._sites.get(addr)
+        if index is None:
+            return
+        at = self.base + SITES_OFF + index * _SITE.size + _SITE_FLAGS_AT
+        flags = self.read(at, 1)[0]
+        self.write(at, bytes([flags | SITE_STEP_ONLY]))
+
     def unsite(self, addr: int) -> None:
         """Forget a site whose original byte is back (or that the guest rewrote)."""
         if self.header is None:
@@ -371,11 +441,10 @@ class Journal:
         """Record vCPU ``vcpu``'s single-step state (empty: none)."""
         if self.header is None:
             return  # not attached: nothing to record
-        if self.header is None:
-            return  # not attached: nothing to record
         if not 0 <= vcpu < MAX_VCPUS:
             raise JournalError(f"vCPU {vcpu}: the journal records {MAX_VCPUS} vCPUs")
         if len(levels) > STEP_LEVELS:
+            # The engine never nests deeper (KprobeEngine._reenter_kprobe).
             raise JournalError(f"a reentry {len(levels)} deep: the journal records "
                                f"{STEP_LEVELS}")  # fmt: skip
         data = b"".join(_STEP.pack(lv.status, 1, lv.point, lv.old_rflags, lv.saved_rflags,

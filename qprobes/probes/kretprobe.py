@@ -158,6 +158,7 @@ class KretprobeStats:
     reclaim_scans: int = 0  # on-demand scans when a probe ran out of instances
     orphans: int = 0  # trampoline hits with no live instance, answered from memory
     lost: int = 0  # trampoline hits whose return address was unknown
+    journal_full: int = 0  # entries missed: no room in the journal for the return address
 
 
 class KretprobeManager:
@@ -224,8 +225,12 @@ class KretprobeManager:
         self.chains.setdefault(inst.task, []).insert(0, inst)
         self.live.setdefault(inst.stack_slot, []).insert(0, inst)
 
-    def _unlink(self, inst: KretprobeInstance, real_ret: int | None) -> None:
-        """Forget ``inst``; remember the real return address of its slot."""
+    def _unlink(self, inst: KretprobeInstance, real_ret: int | None,
+                answering: bool = False) -> None:  # fmt: skip
+        """Forget ``inst``; remember the real return address of its slot.
+        ``answering``: the real address goes into the trampoline's frame with
+        the answer to this doorbell, so its journal record is released only
+        once that answer is written (engine ``after_answer``)."""
         for index, key in ((self.chains, inst.task), (self.live, inst.stack_slot)):
             chain = index.get(key)
             if chain is not None and inst in chain:
@@ -235,7 +240,11 @@ class KretprobeManager:
         journal = getattr(self.engine, "journal", None)
         if inst.stack_slot not in self.live and journal is not None:
             # No instance holds the slot: its real address is back or moot.
-            journal.unret(inst.stack_slot)
+            after = getattr(self.engine, "after_answer", None)
+            if answering and after is not None:
+                after.append(self._release_after_answer(journal, inst.stack_slot))
+            else:
+                journal.unret(inst.stack_slot)
         if inst in inst.rp.instances:
             inst.rp.instances.remove(inst)
         ret = real_ret if real_ret is not None else inst.ret_addr
@@ -244,6 +253,13 @@ class KretprobeManager:
             self.retired.move_to_end((inst.task, inst.stack_slot))
             while len(self.retired) > RETIRED_MAX:
                 self.retired.popitem(last=False)
+
+    def _release_after_answer(self, journal: Any, slot: int) -> Callable[[], None]:
+        def release() -> None:
+            if slot not in self.live:  # no new call hijacked it meanwhile
+                journal.unret(slot)
+
+        return release
 
     def _reclaim(self, inst: KretprobeInstance, why: str) -> None:
         log.debug("kretprobe %s: reclaimed the instance at stack slot %#x (%s)",
@@ -376,6 +392,17 @@ class KretprobeManager:
             # A new call in this slot: whatever hijacked it before is dead.
             for old in list(here):
                 self._reclaim(old, "its stack slot was reused")
+        journal = getattr(self.engine, "journal", None)
+        if ret_addr != tramp and journal is not None and not journal.has_ret_room(slot):
+            # No room to record the real return address: the call is not
+            # hijacked (missed, as when out of instances), nothing written.
+            rp.nmissed += 1
+            self.stats.journal_full += 1
+            if self.stats.journal_full == 1:
+                log.warning("kretprobe %s: qprobes' journal holds as many hijacked return "
+                            "addresses as it records; calls are counted missed until "
+                            "some return", rp.name or rp.kp)  # fmt: skip
+            return None
         if len(rp.instances) >= rp.maxactive:
             self.reclaim_dead(rp)
             if len(rp.instances) >= rp.maxactive:
@@ -395,7 +422,6 @@ class KretprobeManager:
                 return None  # the entry handler declined this call
             inst.data = ctx.entry_data
         if ret_addr != tramp:
-            journal = getattr(self.engine, "journal", None)
             if journal is not None:
                 journal.ret(slot, ret_addr, ctx.cr3)  # recorded before the slot changes
             self.engine.write_data(slot, struct.pack("<Q", tramp), ctx.cr3)
@@ -450,7 +476,7 @@ class KretprobeManager:
             # return trampoline there: report the caller behind it.
             ret_to = self.see_through(ctx, slot, real)
         for inst in mine:
-            self._unlink(inst, real)
+            self._unlink(inst, real, answering=True)
             rp = inst.rp
             rp.nhit += 1
             if rp.handler is None or not rp.kp.registered:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -84,4 +85,60 @@ def test_recover_after_the_controller_was_killed() -> None:
         assert later.returncode == 0, later.stderr
         assert 'path="/etc/hostname"' in later.stdout
     finally:
+        machine.shutdown()
+
+
+#: A controller that attaches, arms hot probes, then drops its gdbstub
+#: connection without detaching and stays alive (a hung qprobes, say).
+DROPPER = """
+import sys, time
+from qprobes.frontends.session import Session
+address, start, size = sys.argv[1], int(sys.argv[2], 0), int(sys.argv[3], 0)
+s = Session.attach(address, reserve=(start, size), watchdog=False)
+for name in ("_raw_spin_lock_irqsave", "vfs_read"):
+    s.kprobe(name, lambda kp, ctx: False)
+s.run(timeout=2)
+s.target.client.close()  # gone from the gdbstub, nothing put back
+print("dropped", flush=True)
+time.sleep(600)
+"""
+
+
+def test_recover_refuses_while_the_journals_owner_runs() -> None:
+    machine, addrs = busy_guest()
+    owner = None
+    try:
+        address = str(machine.gdb_socket)
+        start, size = machine.config.reserved
+        reserve = f"{start:#x}:{size:#x}"
+        before = snapshot(address, addrs)
+        owner = subprocess.Popen([sys.executable, "-c", DROPPER, address, hex(start), hex(size)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)  # fmt: skip
+        assert owner.stdout is not None
+        line = owner.stdout.readline()
+        assert line.strip() == "dropped", line + (owner.stderr.read() if owner.stderr else "")
+        held = snapshot(address, addrs)
+        assert held != before  # its int3s and gates are in the guest
+
+        refused = run("attach", address, "--recover", "--reserve", reserve)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("qprobes: error: "), refused.stderr
+        assert f"not recovering the changes of pid {owner.pid} " in lines[0]
+        assert f"process {owner.pid} is still running" in lines[0] and "--force" in lines[0]
+        assert snapshot(address, addrs) == held  # nothing written
+
+        forced = run("attach", address, "--recover", "--reserve", reserve, "--force")
+        assert forced.returncode == 0, forced.stderr
+        assert f"recovered the changes of pid {owner.pid} " in forced.stdout, forced.stdout
+        assert snapshot(address, addrs) == before
+        out = machine.console.command("echo qp-alive; dmesg | tail -50", LINUX_PROMPT,
+                                      timeout=120)  # fmt: skip
+        assert "qp-alive" in str(out)
+        assert not [x for x in str(out).splitlines() if BAD.search(x)], str(out)[-3000:]
+    finally:
+        if owner is not None:
+            owner.kill()
+            owner.wait()
         machine.shutdown()

@@ -95,6 +95,7 @@ class FakeKernel:
         table.layout, table.read, table.count = V61, self.read, self.count
         table.num_blocks, table.init = self.blocks, None
         table._cache, table._all_ips = {}, None
+        table._module_cache, table._module_gen = {}, None
         table.modules, table._module_tables, table.ftrace = None, {}, None
         return table
 
