@@ -787,7 +787,9 @@ class Session:
                                 stopping=stopping)  # fmt: skip
         return self.gdb_server
 
-    def _end_gdb(self) -> None:
+    def end_gdb(self) -> None:
+        """End the gdb endpoint (guest stopped): gdb gets a message and the
+        connection closes; the probes stay."""
         from qprobes.frontends.gdbserver import unplug
 
         server, self.gdb_server = self.gdb_server, None
@@ -848,13 +850,13 @@ class Session:
         try:
             if self.machine is not None and not self.machine.alive():
                 with contextlib.suppress(QprobesError):
-                    self._end_gdb()
+                    self.end_gdb()
                 self._died()  # nothing left to detach from
                 return
             try:
                 if self.target.running:
                     self.engine._stop_quietly()
-                self._end_gdb()
+                self.end_gdb()
                 self.engine.detach()
             except ConnectionClosedError:
                 connected = False
@@ -877,7 +879,7 @@ class Session:
                 self.engine.detach()
         finally:
             with contextlib.suppress(QprobesError):
-                self._end_gdb()  # still open if the detach failed before it
+                self.end_gdb()  # still open if the detach failed before it
             if self.hostmem is not None:
                 self.hostmem.close()
             if self.machine is not None:
