@@ -364,6 +364,8 @@ class _Peer:
             if isinstance(event, Packet):
                 if not self.no_ack:
                     self._write(b"+")
+                    # gdb sends nothing after it before the OK; whatever follows is unacked.
+                    self.no_ack = event.payload == b"QStartNoAckMode"
                 out.append(event.payload)
             elif isinstance(event, Interrupt):
                 out.append(event)
@@ -502,10 +504,9 @@ class GdbServer:
         """Read what gdb sent; ask for a hold when something needs the guest stopped."""
         if self.closed:
             return
+        self._accept()
         if self._peer is None:
-            self._accept()
-            if self._peer is None:
-                return
+            return
         for item in self._read(0.0):
             if isinstance(item, Interrupt):
                 if self._waiting:
