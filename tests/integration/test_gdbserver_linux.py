@@ -43,6 +43,10 @@ OTHER = "do_filp_open"  # called by do_sys_openat2 for every open
 RETURN_PROBED = "hrtimer_nanosleep"
 WORKLOAD = "(while :; do cat /etc/hostname >/dev/null; sleep 0.05; done) &"
 SLEEPER = "(sleep 600) &"
+# do_sys_openat2+7 on the default guest: mov r12, rsi (49 89 f4), which
+# also encodes as 4c 8b e6.
+MOV_OFFSET = 7
+MOV, MOV_AGAIN = bytes.fromhex("4989f4"), bytes.fromhex("4c8be6")
 BAD = re.compile(r"BUG:|Oops|WARNING:|general protection|unable to handle|Kernel panic|"
                  r"double fault|invalid opcode")  # fmt: skip
 
@@ -51,6 +55,7 @@ BAD = re.compile(r"BUG:|Oops|WARNING:|general protection|unable to handle|Kernel
 class Rig:
     session: Session
     kp: Kprobe
+    kp2: Kprobe
     rp: Kretprobe
     address: str
     before: dict[str, str]
@@ -112,10 +117,11 @@ def rig() -> Iterator[Rig]:
         before = snapshot(session)
         session.engine.attach()
         kp = session.kprobe(PROBED, lambda kp, ctx: False)
+        kp2 = session.kprobe(f"{PROBED}+{MOV_OFFSET:#x}", lambda kp, ctx: False)
         rp = session.kretprobe(RETURN_PROBED, lambda rp, ctx: None)
         session.command(WORKLOAD)
         session.command(SLEEPER)
-        rig = Rig(session, kp, rp, "", before)
+        rig = Rig(session, kp, kp2, rp, "", before)
         rig.address = session.serve_gdb("127.0.0.1:0", stopping=rig.stop.is_set).address
         rig.start()
         yield rig
@@ -257,9 +263,13 @@ def test_break_continue_bt(rig: Rig, gdb: Cli) -> None:
     frames = re.findall(r"^#(\d+)\s+(0x[0-9a-f]+)", bt, re.M)
     assert len(frames) >= 2, bt
     assert int(frames[0][1], 16) == other
-    # Its caller is the probed function: the return address is inside it.
-    caller = symbols.resolve(int(frames[1][1], 16))
-    assert caller is not None and caller[0].name == PROBED, bt
+    # Frame 1 is a return address: right after a call of the function.
+    ret = int(frames[1][1], 16)
+    call = rig.session.engine.read_data(ret - 5, 5)
+    assert call[0] == 0xE8, bt
+    assert (ret + int.from_bytes(call[1:], "little", signed=True)) & (2**64 - 1) == other, bt
+    caller = symbols.resolve(ret)
+    assert caller is not None and caller[0].name in (PROBED, "do_open_execat"), bt
     gdb("delete")
 
 
@@ -338,6 +348,30 @@ def test_write_into_the_probed_site_keeps_the_int3(rig: Rig, gdb: Cli) -> None:
     gdb.cont()
     assert rise(rig) > 0
     gdb.interrupt()
+
+
+def test_write_a_new_instruction_into_a_probed_site(rig: Rig, gdb: Cli) -> None:
+    engine = rig.session.engine
+    addr = rig.kp2.arm_addr
+    assert addr is not None
+    point = engine.points[addr]
+    assert point.insn.raw == MOV, point.insn
+    old_slot = point.slot
+    gdb.gdb.command(f"-data-write-memory-bytes {addr:#x} {MOV_AGAIN.hex()}")
+    assert engine.read_data(addr, 1) == b"\xcc"  # still probed
+    assert engine.points[addr].insn.raw == MOV_AGAIN and point.slot != old_slot
+    assert engine.read_data(addr + 1, 2) == MOV_AGAIN[1:]
+    assert f"{MOV_AGAIN[0]:#04x}" in gdb(f"x/1xb {addr:#x}")
+    start = rig.kp2.nhit
+    gdb.cont()
+    deadline = time.monotonic() + 10
+    while rig.kp2.nhit == start and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gdb.interrupt()
+    assert rig.kp2.nhit > start, "the probe stopped firing after its instruction changed"
+    gdb.gdb.command(f"-data-write-memory-bytes {addr:#x} {MOV.hex()}")
+    assert engine.points[addr].insn.raw == MOV
+    assert engine.read_data(addr, 1) == b"\xcc"
 
 
 def test_detach_and_reconnect(rig: Rig, gdb: Cli) -> None:
