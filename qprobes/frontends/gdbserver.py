@@ -256,6 +256,7 @@ class EngineBackend:
     def __init__(self, engine: KprobeEngine, kretprobes: KretprobeManager | None = None) -> None:
         self.engine = engine
         self.kretprobes = kretprobes if kretprobes is not None else engine.kretprobes
+        self._gates: dict[int, int] | None = None
 
     def threads(self) -> list[int]:
         return self.engine.target.vcpus
@@ -293,7 +294,28 @@ class EngineBackend:
         self.engine.write_text(addr, data, thread)
 
     def saved_text(self) -> dict[int, int]:
-        return self.engine.saved_text()
+        saved = self.engine.saved_text()
+        saved.update(self._gate_bytes())
+        return saved
+
+    def _gate_bytes(self) -> dict[int, int]:
+        """The guest's own IDT gates, byte by byte, where each vCPU's IDTR
+        says its IDT is (read once: the gates change only at attach)."""
+        if self._gates is None:
+            gates = self.engine.saved_gates()
+            out: dict[int, int] = {}
+            target = self.engine.target
+            try:
+                for vcpu in target.vcpus:
+                    base = target.idt(vcpu).base
+                    paddr = target.translate(base, vcpu).paddr
+                    for (idt, vector), gate in gates.items():
+                        if idt == paddr:
+                            out.update((base + 16 * vector + i, b) for i, b in enumerate(gate))
+            except QprobesError as exc:
+                log.warning("the IDT gates qprobes replaced are shown as they are: %s", exc)
+            self._gates = out
+        return self._gates
 
     def hidden_ranges(self) -> list[tuple[int, int]]:
         return self.engine.area_ranges()

@@ -1978,6 +1978,11 @@ class KprobeEngine:
         """The original byte under each int3 qprobes armed, by address."""
         return {p.addr: p.opcode for p in self.points.values() if p.armed}
 
+    def saved_gates(self) -> dict[tuple[int, int], bytes]:
+        """The guest's own IDT gates qprobes replaced: (IDT guest-physical
+        address, vector) -> the 16 bytes of the gate."""
+        return dict(self._orig_gates)
+
     def area_ranges(self) -> list[tuple[int, int]]:
         """The guest-virtual ranges ``[lo, hi)`` of qprobes' own area."""
         if not self.attached:

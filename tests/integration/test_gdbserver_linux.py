@@ -236,6 +236,34 @@ def test_counts_rise_while_gdb_is_attached(rig: Rig, gdb: Cli) -> None:
     gdb.interrupt()
 
 
+def test_idt_gates_read_as_the_guests_own(rig: Rig, gdb: Cli) -> None:
+    session = rig.session
+    target = session.target
+    base = int(re.search(r"IDT=\s*([0-9a-f]+)", gdb("monitor info registers")).group(1), 16)  # type: ignore[union-attr]
+    paddr = target.translate(base, 1).paddr
+    gates = session.engine.saved_gates()
+    for vector in (1, 3, 14):
+        original = gates[(paddr, vector)]
+        assert session.engine.read_data(base + 16 * vector, 16) != original  # qprobes' stub
+        shown = re.findall(r"0x([0-9a-f]{2})\b", gdb(f"x/16xb {base + 16 * vector:#x}"))
+        assert bytes(int(b, 16) for b in shown) == original, vector
+
+
+def test_a_watchpoint(rig: Rig, gdb: Cli) -> None:
+    assert rig.session.symbols is not None
+    jiffies = rig.session.symbols.address("jiffies_64")
+    text = gdb(f"watch *(unsigned long *){jiffies:#x}")
+    assert "atchpoint" in text, text
+    gdb.cont()
+    seen = gdb.gdb.wait_for(lambda r: r.get("type") == "notify" and r.get("message") == "stopped",
+                            60, "*stopped")  # fmt: skip
+    assert seen[-1]["payload"].get("reason") == "watchpoint-trigger", seen[-1]
+    gdb("delete")
+    gdb.cont()
+    assert rise(rig) > 0
+    gdb.interrupt()
+
+
 def test_the_area_reads_as_unmapped(rig: Rig, gdb: Cli) -> None:
     (lo, _hi), = rig.session.engine.area_ranges()
     assert "Cannot access memory" in gdb.error(f"x/4xb {lo:#x}")
