@@ -535,7 +535,8 @@ class GdbServer:
                     self._interrupt = True
                     self.request_hold()
                 continue
-            if not self._pending and item.startswith(_RUNNING_SAFE) \
+            # (Nothing is answered ahead of a stop reply gdb waits for.)
+            if not self._pending and not self._waiting and item.startswith(_RUNNING_SAFE) \
                     and not item.startswith(b"qRcmd"):  # fmt: skip
                 self._reply(self._answer_running(item))
                 continue

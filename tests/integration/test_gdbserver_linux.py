@@ -225,6 +225,10 @@ def test_probe_site_shows_the_original_code(rig: Rig, gdb: Cli) -> None:
 def test_counts_rise_while_gdb_is_attached(rig: Rig, gdb: Cli) -> None:
     gdb.cont()
     assert rise(rig) > 0
+    assert rise(rig) > 0
+    # The probes' stops (doorbells) never reach gdb.
+    records = gdb.gdb._read(0.5)
+    assert not [r for r in records if r.get("message") == "stopped"], records
     first = rig.hits()
     gdb.interrupt()
     time.sleep(0.5)

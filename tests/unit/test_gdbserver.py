@@ -338,6 +338,10 @@ def test_registers(rig: Rig) -> None:
     assert reg3 == b"1122334455667788"
     assert decode_hex(reg1) == bytes(range(8, 16))
     assert bad == b"E01"
+    rig.held(b"Hg2", b"G" + encode_hex(b"\x07" * 608), b"c", stop=INTERRUPTED)
+    # (gdb continued before: the stop is reported first)
+    assert rig.gdb.replies(3) == [b"T02thread:01;", b"OK", b"OK"]
+    assert rig.guest.regs[2] == b"\x07" * 608
 
 
 def test_threads(rig: Rig) -> None:
