@@ -646,6 +646,7 @@ class GdbServer:
                 self._reply(self._last_reply)
             self._serve_held()
         finally:
+            self._take_out_orphans()  # of a gdb that went away meanwhile
             self._held = False
             self._reason = None
 

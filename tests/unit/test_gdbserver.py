@@ -449,6 +449,16 @@ def test_gdb_that_vanishes_leaves_no_breakpoint(rig: Rig, tmp_path: Path) -> Non
     assert rig.server.connected and rig.server.connections == 2
 
 
+def test_gdb_that_vanishes_while_holding_leaves_no_breakpoint(rig: Rig) -> None:
+    attach(rig)
+    rig.gdb.send(b"Z0,%x,1" % TEXT)
+    rig.poll()
+    rig.gdb.sock.close()
+    rig.server.hold(INTERRUPTED)  # sees the EOF while it holds the guest
+    assert not rig.server.connected
+    assert rig.guest.points == []
+
+
 def test_one_gdb_at_a_time(rig: Rig, tmp_path: Path) -> None:
     second = Gdb(str(tmp_path / "gdb.sock"))
     rig.server.poll(True)
