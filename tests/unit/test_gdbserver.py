@@ -451,10 +451,12 @@ def test_gdb_that_vanishes_leaves_no_breakpoint(rig: Rig, tmp_path: Path) -> Non
 
 def test_gdb_that_vanishes_while_holding_leaves_no_breakpoint(rig: Rig) -> None:
     attach(rig)
-    rig.gdb.send(b"Z0,%x,1" % TEXT)
+    rig.held(b"Z0,%x,1" % TEXT, b"c", stop=INTERRUPTED)
+    rig.gdb.replies(2)
+    rig.gdb.interrupt()
     rig.poll()
     rig.gdb.sock.close()
-    rig.server.hold(INTERRUPTED)  # sees the EOF while it holds the guest
+    rig.server.hold(INTERRUPTED)  # finds gdb gone while it holds the guest
     assert not rig.server.connected
     assert rig.guest.points == []
 
