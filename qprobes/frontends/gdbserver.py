@@ -538,7 +538,11 @@ class GdbServer:
             # (Nothing is answered ahead of a stop reply gdb waits for.)
             if not self._pending and not self._waiting and item.startswith(_RUNNING_SAFE) \
                     and not item.startswith(b"qRcmd"):  # fmt: skip
-                self._reply(self._answer_running(item))
+                try:
+                    self._reply(self._answer_running(item))
+                except QprobesError as exc:
+                    log.info("gdb's %r failed: %s", item[:40], exc)
+                    self._reply(E_BAD)
                 continue
             self._pending.append(item)
             self.request_hold()

@@ -2014,7 +2014,7 @@ class KprobeEngine:
             else:
                 raise ProbeError(f"vCPU {vcpu} did not leave qprobes' area in {max_steps} steps")
 
-    def step_original(self, vcpu: int) -> StopReply:
+    def step_original(self, vcpu: int, step_timeout: float = 2.0) -> StopReply:
         """Single-step ``vcpu`` alone over the instruction at its rip as the
         guest's own code has it: an int3 of a probe there is taken out for
         the step (the probe does not fire) and put back; a vCPU the step
@@ -2026,7 +2026,13 @@ class KprobeEngine:
             assert point is not None
             self.kwrite_code(rip, bytes([point.opcode]))
         try:
-            stop = self.target.step(vcpu, timeout=5.0)
+            try:
+                stop = self.target.step(vcpu, timeout=step_timeout)
+            except StubTimeoutError:
+                # A vCPU that halted (hlt) does not end its step while QEMU
+                # keeps its interrupts masked: take it back where it waits.
+                self.client.interrupt()
+                stop = self.target.wait(5.0)
         finally:
             if swapped:
                 self.kwrite_code(rip, bytes([INT3]))

@@ -134,6 +134,19 @@ def test_a_step_over_a_probe_site_runs_the_original() -> None:
     assert [e for e in target.log if e[0] == "write"] == []
 
 
+def test_a_step_that_never_ends_is_interrupted() -> None:
+    engine, target, _point = make()
+
+    def halted(vcpu: int | None = None, timeout: float | None = None) -> StopReply:
+        target.running = True  # the step went out, its vCPU halted
+        raise StubTimeoutError("no stop reply")
+
+    target.step = halted  # type: ignore[method-assign]
+    stop = engine.step_original(1, step_timeout=0.01)
+    assert stop.signal == 2 and target.client.interrupts == 1 and not target.running
+    assert target.read(A, 1) == b"\xcc"
+
+
 def test_run_holds_the_guest_stopped_for_the_debugger() -> None:
     engine, target, _point = make()
     engine.attached = True
