@@ -513,6 +513,7 @@ def trace(
     output_format: str | None = None,
     duration: float | None = None,
     fast: bool = False,
+    gdb_listen: str | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
     **machine: Any,
@@ -538,7 +539,10 @@ def trace(
 
     Otherwise returns the guest command's exit status (124 when ``duration``
     ended it), 0 after tracing with no command, 141 when stdout was closed
-    (``| head``)."""
+    (``| head``).
+
+    ``gdb_listen`` (``HOST:PORT`` or ``unix:PATH``) serves a GDB remote
+    endpoint there while the probes are armed (:meth:`Session.serve_gdb`)."""
     from qprobes.frontends.signals import SignalGuard
     from qprobes.tracing import parse_probe
     from qprobes.tracing.output import format_for
@@ -559,6 +563,10 @@ def trace(
     triggers_by_event = _triggers_by_event(triggers, probes)
     if output is not None:
         format_for(output, output_format)  # a name we cannot place
+    if gdb_listen is not None:
+        from qprobes.frontends.gdbserver import parse_listen
+
+        parse_listen(gdb_listen)
     check_machine_args(**machine)
 
     errs = _Stream(err)
@@ -567,7 +575,7 @@ def trace(
         errs.write(text + "\n")
 
     options = _TraceOptions(json_output, by_event, triggers_by_event, quiet, latency or [],
-                            output, output_format, duration, fast)  # fmt: skip
+                            output, output_format, duration, fast, gdb_listen)  # fmt: skip
     # Booting a guest of qprobes' own can be interrupted anywhere (QEMU dies
     # with qprobes); attaching to someone else's QEMU is finished first, then
     # detached again.
@@ -586,6 +594,7 @@ class _TraceOptions:
     output_format: str | None
     duration: float | None
     fast: bool = False
+    gdb_listen: str | None = None
 
 
 def _session_for_guarded(guard: SignalGuard, machine: dict[str, Any]) -> Session:
@@ -669,6 +678,10 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
             printing = any(tp.latency is None for tp in tracer.probes.values())
             if not opts.json_output and not opts.quiet and writer is None and printing:
                 stdout.write(tracer.header())  # as the guest's trace file begins
+            if opts.gdb_listen is not None and not stopping():
+                server = session.serve_gdb(opts.gdb_listen, stopping=stopping)
+                say(f"qprobes: gdb endpoint at {server.address} (gdb: target remote "
+                    f"{server.address})")  # fmt: skip
             if stopping():
                 pass  # a signal while arming: straight to the detach
             elif command:

@@ -52,7 +52,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         args.probes, args.guest_command, json_output=args.json, filters=args.filter,
         triggers=args.trigger, quiet=args.quiet, latency=args.latency, output=args.output,
         output_format=args.format, duration=args.duration, fast=args.fast,
-        **_machine_args(args),
+        gdb_listen=args.gdb_listen, **_machine_args(args),
     )  # fmt: skip
 
 
@@ -276,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="record kprobe hits in the guest, with no VM stop per hit (return "
                    "probes and arrays stay on the slow path; strings keep 255 bytes)")  # fmt: skip
+    p.add_argument("--gdb-listen", metavar="HOST:PORT|unix:PATH",
+                   help="serve a GDB remote endpoint there while the probes are armed "
+                   "(gdb: target remote ADDRESS): gdb sees the guest as if no probe were "
+                   "there, and the probes keep firing while gdb lets the guest run")  # fmt: skip
     guest_options(p)
     attach_options(p)
     p.set_defaults(func=_cmd_trace, guest_command=[])

@@ -56,6 +56,7 @@ from qprobes.target.hostmem import FileMemory, HostMemory, sample_pages
 from qprobes.target.target import Target
 
 if TYPE_CHECKING:
+    from qprobes.frontends.gdbserver import GdbServer
     from qprobes.linux.clock import GuestClock
     from qprobes.linux.modules import LinuxModules
     from qprobes.linux.preempt import PreemptState
@@ -263,6 +264,8 @@ class Session:
         self._address: str | None = None  # the gdbstub of an attached QEMU
         #: The watchdog of an attached Linux guest (see qprobes.frontends.watchdog).
         self.watchdog: Watchdog | None = None
+        #: The gdb endpoint, once :meth:`serve_gdb` started it.
+        self.gdb_server: GdbServer | None = None
 
     # --- construction -------------------------------------------------------
 
@@ -837,6 +840,38 @@ class Session:
             raise MachineError(f"cannot read the guest command's exit status from {text!r}")
         return int(lines[-1])
 
+    # --- a gdb beside the probes ----------------------------------------------------
+
+    def serve_gdb(self, listen: str, *, stopping: Callable[[], bool] | None = None) -> GdbServer:
+        """Serve a GDB remote endpoint on ``listen`` (``HOST:PORT``, ``:0`` for
+        any free port, or ``unix:PATH``) while the probes stay armed: gdb
+        (``target remote ADDRESS``) sees the guest as if no probe were there
+        (see :mod:`qprobes.frontends.gdbserver`). It is served while
+        :meth:`run` or :meth:`command` runs the guest; ``stopping()`` true
+        makes a gdb that holds the guest stopped give it back. :meth:`close`
+        ends it with a message to gdb."""
+        from qprobes.frontends.gdbserver import GdbServerError, serve
+
+        if self.gdb_server is not None:
+            raise GdbServerError(f"a gdb endpoint is already served at {self.gdb_server.address}")
+        self.gdb_server = serve(self.engine, listen, kretprobes=self.kretprobes,
+                                stopping=stopping)  # fmt: skip
+        return self.gdb_server
+
+    def end_gdb(self) -> None:
+        """End the gdb endpoint (guest stopped): gdb gets a message and the
+        connection closes; the probes stay."""
+        from qprobes.frontends.gdbserver import unplug
+
+        server, self.gdb_server = self.gdb_server, None
+        if server is None:
+            return
+        unplug(self.engine, server)
+        try:
+            server.close()
+        except QprobesError as exc:
+            log.warning("closing the gdb endpoint: %s", exc)
+
     # --- lifecycle ------------------------------------------------------------------
 
     def reconnect(self) -> None:
@@ -885,11 +920,14 @@ class Session:
         connected = True  # whether the gdbstub connection still works
         try:
             if self.machine is not None and not self.machine.alive():
+                with contextlib.suppress(QprobesError):
+                    self.end_gdb()
                 self._died()  # nothing left to detach from
                 return
             try:
                 if self.target.running:
                     self.engine._stop_quietly()
+                self.end_gdb()
                 self.engine.detach()
             except ConnectionClosedError:
                 connected = False
@@ -911,6 +949,8 @@ class Session:
                 log.warning("the gdbstub connection dropped; reconnected to detach")
                 self.engine.detach()
         finally:
+            with contextlib.suppress(QprobesError):
+                self.end_gdb()  # still open if the detach failed before it
             if self.hostmem is not None:
                 self.hostmem.close()
             if self.machine is not None:

@@ -302,6 +302,17 @@ class KprobeEngine:
         # guest runs, poll_hooks(False) after each stop and when run() ends
         # (the guest stopped). The Tracer drains the rings there.
         self.poll_hooks: list[Callable[[bool], None]] = []
+        # A front end that serves the guest to a debugger as well (the gdb
+        # endpoint, qprobes.frontends.gdbserver) sets these. foreign_stop(stop)
+        # is offered every stop that is not a doorbell, before anything else
+        # looks at it; true means it is the front end's. Once hold_requested
+        # is set, run() stops the guest (at its next poll, or after the stop
+        # it is handling) and calls hold(stop) with it stopped: stop is the
+        # stop reply of that interrupt (None after a handled stop); run()
+        # resumes the guest when hold() returns.
+        self.foreign_stop: Callable[[StopReply], bool] | None = None
+        self.hold: Callable[[StopReply | None], None] | None = None
+        self.hold_requested = False
 
     # --- attach / detach ----------------------------------------------------
 
@@ -1559,6 +1570,8 @@ class KprobeEngine:
         if stop.watch_addr != self._doorbell:
             if self._extra_stop is not None and self._extra_stop(stop):
                 return True
+            if self.foreign_stop is not None and self.foreign_stop(stop):
+                return True
             if not self._bare_trap_stop(stop, vcpu):
                 self.stats.foreign += 1
                 return False
@@ -2072,6 +2085,10 @@ class KprobeEngine:
                         if time.monotonic() - self._last_lost_check >= self.lost_check_interval:
                             self.check_lost()
                         return
+                    if self.hold_requested and self.hold is not None:
+                        self.hold_requested = False
+                        self.hold(self._stop_quietly())
+                        self.target.resume()
                     continue
                 # Hooks first: a hit a full ring handed over comes after
                 # what the rings hold.
@@ -2081,6 +2098,9 @@ class KprobeEngine:
                     raise ProbeError(f"unexpected stop: {stop}")
                 if time.monotonic() - self._last_lost_check >= self.lost_check_interval:
                     self.check_lost()
+                if self.hold_requested and self.hold is not None:
+                    self.hold_requested = False
+                    self.hold(None)
                 if done():
                     return
                 self.target.resume()
@@ -2094,16 +2114,136 @@ class KprobeEngine:
                 for hook in self.poll_hooks:
                     hook(False)
 
-    def _stop_quietly(self) -> None:
+    def _stop_quietly(self) -> StopReply:
         """Interrupt the guest, servicing doorbells that race with the interrupt.
 
         A doorbell stop can arrive instead of the interrupt's: answer it,
-        resume, and interrupt again until the guest stops for the interrupt.
+        resume, and interrupt again until the guest stops for the interrupt
+        (or for something else that is not a doorbell, which is returned).
         """
         while True:
             self.client.interrupt()
             stop = self.target.wait(5.0)
             if stop.watch_addr != self._doorbell:
-                return
+                return stop
             self.handle_stop(stop)
             self.target.resume()
+
+    # --- for a debugger beside the probes (qprobes.frontends.gdbserver) ----------
+
+    def saved_text(self) -> dict[int, int]:
+        """The original byte under each int3 qprobes armed, by address."""
+        return {p.addr: p.opcode for p in self.points.values() if p.armed}
+
+    def saved_gates(self) -> dict[tuple[int, int], bytes]:
+        """The guest's own IDT gates qprobes replaced: (IDT guest-physical
+        address, vector) -> the 16 bytes of the gate."""
+        return dict(self._orig_gates)
+
+    def area_ranges(self) -> list[tuple[int, int]]:
+        """The guest-virtual ranges ``[lo, hi)`` of qprobes' own area."""
+        if not self.attached:
+            return []
+        return [(self.area.vbase, self.area.vbase + REGION_SIZE)]
+
+    def park_vcpus(self, vcpus: list[int] | None = None,
+                   max_steps: int = 100_000) -> None:  # fmt: skip
+        """Bring every vCPU (guest stopped) that is inside qprobes' code (a
+        stub, a slot, the trampoline, a recorder) to an instruction boundary
+        of the guest's own code, the other vCPUs staying stopped.
+
+        A vCPU single-stepping a slot runs alone until its step's #DB is
+        answered (a gdbstub single-step would swallow the TF trap); then it
+        is single-stepped until its rip leaves the area, doorbells met on
+        the way answered as usual (the probes fire)."""
+        for vcpu in self.target.vcpus if vcpus is None else vcpus:
+            for _ in range(max_steps):
+                kcb = self.kcb.get(vcpu)
+                if kcb is not None and kcb.status is not KprobeStatus.NONE:
+                    self.client.cont(vcpu)
+                    self.handle_stop(self.target.wait(5.0))
+                    continue
+                if not self.area.contains(self.target.read_register("rip", vcpu)):
+                    break
+                stop = self.target.step(vcpu, timeout=5.0)
+                if stop.watch_addr == self._doorbell:
+                    self.handle_stop(stop)
+            else:
+                raise ProbeError(f"vCPU {vcpu} did not leave qprobes' area in {max_steps} steps")
+
+    def step_original(self, vcpu: int, step_timeout: float = 2.0) -> StopReply:
+        """Single-step ``vcpu`` alone over the instruction at its rip as the
+        guest's own code has it: an int3 of a probe there is taken out for
+        the step (the probe does not fire) and put back; a vCPU the step
+        sent into qprobes' area (a fault, the trampoline) is parked after it."""
+        rip = self.target.read_register("rip", vcpu)
+        point = self.points.get(rip)
+        swapped = point is not None and point.armed and point.opcode != INT3
+        if swapped:
+            assert point is not None
+            self.kwrite_code(rip, bytes([point.opcode]))
+        try:
+            try:
+                stop = self.target.step(vcpu, timeout=step_timeout)
+            except StubTimeoutError:
+                # A vCPU that halted (hlt) does not end its step while QEMU
+                # keeps its interrupts masked: take it back where it waits.
+                self.client.interrupt()
+                stop = self.target.wait(5.0)
+        finally:
+            if swapped:
+                self.kwrite_code(rip, bytes([INT3]))
+        if stop.watch_addr == self._doorbell:
+            self.handle_stop(stop)
+        self.park_vcpus([vcpu])
+        return stop
+
+    def write_text(self, addr: int, data: bytes, vcpu: int | None = None) -> None:
+        """Write guest memory as if no probe were armed (a debugger's write).
+
+        A byte that lands on a probe's int3 becomes its saved byte and the
+        int3 stays. A probed instruction whose bytes change gets a new slot
+        copy of the new instruction; one that can no longer be probed is
+        lost (its new bytes go in, no int3)."""
+        end = addr + len(data)
+        hit = [p for p in self.points.values()
+               if p.armed and p.addr < end and addr < p.addr + p.insn.length]  # fmt: skip
+        if not hit:
+            self.target.write(addr, data, vcpu)
+            return
+        buf = bytearray(data)
+        for point in hit:
+            if addr <= point.addr < end:
+                point.opcode = buf[point.addr - addr]
+                buf[point.addr - addr] = INT3
+        self.target.write(addr, bytes(buf), vcpu)
+        for point in hit:
+            code = self._original_bytes(point.addr, x86insn.MAX_INSN_SIZE)
+            if code[: point.insn.length] == point.insn.raw:
+                self._journal_site(point)
+                continue
+            try:
+                insn = x86insn.decode(code, point.addr)
+                analysis = x86insn.analyze(insn)
+                if analysis.rejected is not None:
+                    raise InstructionError(point.addr, analysis.rejected)
+            except InstructionError as exc:
+                self.kwrite_code(point.addr, bytes([point.opcode]))
+                self._lose(point, f"a debugger wrote an instruction it cannot run ({exc})")
+                continue
+            assert self._slots is not None
+            slot = self._slots.get_insn_slot()
+            boosted = point.boosted and analysis.boostable and not _loads_flags(insn)
+            copy, boost_slot = slot_code(insn, analysis, slot, boosted)
+            self.kwrite_code(slot, copy.ljust(x86insn.SLOT_SIZE, bytes([INT3])))
+            old = point.slot
+            point.insn, point.analysis, point.slot = insn, analysis, slot
+            point.boosted, point.boost_slot = boosted, boost_slot
+            self._slots.free_insn_slot(old, dirty=True)
+            self._journal_site(point)
+            self._fast_update(point)
+
+    def _journal_site(self, point: ProbePoint) -> None:
+        if self.journal is not None:
+            module = self.module_base(point.addr) if self.module_base is not None else 0
+            self.journal.site(point.addr, point.slot, point.opcode, point.boosted, module or 0)

@@ -138,3 +138,17 @@ def test_recover_needs_the_reserve() -> None:
 
     with pytest.raises(SystemExit, match="--recover needs --reserve START:SIZE"):
         cli.main(["attach", "/x.sock", "--recover"])
+
+
+def test_a_bad_gdb_listen_address_is_one_line_before_booting(capsys: pytest.CaptureFixture[str],
+                                                             tmp_path: Path) -> None:
+    from qprobes.frontends.cli import main
+
+    # --kernel names a file that does not exist: had anything booted, that
+    # would be the error instead.
+    status = main(["trace", "--gdb-listen", "nowhere", "--kernel", str(tmp_path / "none"),
+                   "p:myopen do_sys_openat2"])  # fmt: skip
+    assert status == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["qprobes: error: --gdb-listen 'nowhere': give HOST:PORT (a port from 0 to "
+                   "65535), or unix:PATH for a Unix socket"]  # fmt: skip
