@@ -124,3 +124,22 @@ def test_an_abandoned_areas_pages_stay_out_of_reach_for_every_later_session() ->
     c.begin(c.read_header(), 0x100000, "0.1.0")
     assert c.header is not None and c.header.phys_floor == 0x103000
     assert c.header.phys_next >= 0x103000
+
+
+def test_a_step_only_site_is_kept_apart_and_taken_over() -> None:
+    mem = Memory()
+    j = journal(mem)
+    j.begin(None, 0, "0.1")
+    j.site(0xFFFFFFFF81000000, 0xFFFFFFFFFEE20000, 0x48, False)
+    j.site(0xFFFFFFFF81000100, 0xFFFFFFFFFEE20020, 0x55, True, 0xFFFFFFFFC0000000)
+    j.site_step_only(0xFFFFFFFF81000100)  # its int3 went while a vCPU steps it
+    contents = j.load()
+    assert contents is not None
+    assert [s[0] for s in contents.sites] == [0xFFFFFFFF81000000]
+    assert contents.step_sites == [(0xFFFFFFFF81000100, 0xFFFFFFFFFEE20020, 0x55, True,
+                                    0xFFFFFFFFC0000000)]  # fmt: skip
+    later = journal(mem)
+    later.take_over(contents)
+    later.unsite(0xFFFFFFFF81000100)  # the recovery finished the step
+    after = later.load()
+    assert after is not None and after.step_sites == [] and len(after.sites) == 1
