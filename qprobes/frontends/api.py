@@ -280,12 +280,17 @@ def check_machine_args(
     symbols_file: str | None = None,
     attach_address: str | None = None,
     reserve: str | None = None,
+    guest_memory: str | None = None,
     **_: Any,
 ) -> None:
     """Check what can be checked before anything boots: one clear error each."""
-    for what, path in (("--kernel", kernel), ("--initrd", initrd), ("--symbols", symbols_file)):
+    for what, path in (("--kernel", kernel), ("--initrd", initrd), ("--symbols", symbols_file),
+                       ("--guest-memory", guest_memory)):  # fmt: skip
         if path is not None and not Path(path).is_file():
             raise MachineError(f"{what} {path}: no such file")
+    if guest_memory is not None and attach_address is None:
+        raise MachineError("--guest-memory goes with --attach: a guest qprobes boots "
+                           "shares its memory by itself")
     if smp < 1:
         raise MachineError(f"--smp {smp}: a guest needs at least one vCPU")
     if memory_mib is not None and memory_mib < 64:
@@ -339,17 +344,19 @@ def _session_for(
     symbols_file: str | None = None,
     memory_mib: int | None = None,
     watchdog: bool = True,
+    guest_memory: str | None = None,
 ) -> Session:
     """The Linux session a trace or symbols command works on."""
     from qprobes.frontends.session import Session
 
     check_machine_args(kernel=kernel, initrd=initrd, smp=smp, memory_mib=memory_mib,
                        accel=accel, symbols_file=symbols_file, attach_address=attach_address,
-                       reserve=reserve)  # fmt: skip
+                       reserve=reserve, guest_memory=guest_memory)  # fmt: skip
     if attach_address is not None:
         assert reserve is not None
         return Session.attach(attach_address, reserve=_parse_reserve(reserve),
-                              symbols=symbols_file, linux=True, watchdog=watchdog)  # fmt: skip
+                              symbols=symbols_file, linux=True, watchdog=watchdog,
+                              guest_memory=guest_memory)  # fmt: skip
     # Every machine option applies to the built-in guest and to --kernel
     # alike; --kernel without --initrd boots the built-in busybox userland.
     overrides: dict[str, Any] = {"smp": smp, "accel": accel, "cpu": cpu}

@@ -39,6 +39,7 @@ def _machine_args(args: argparse.Namespace) -> dict[str, Any]:
         "attach_address": args.attach, "reserve": args.reserve, "kaslr": args.kaslr,
         "smp": args.smp, "accel": args.accel, "cpu": args.cpu, "symbols_file": args.symbols,
         "memory_mib": args.memory, "watchdog": not args.no_watchdog,
+        "guest_memory": args.guest_memory,
     }  # fmt: skip
 
 
@@ -210,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--reserve",
             metavar="START:SIZE",
             help="with --attach: guest-physical memory the guest does not use",
+        )
+        p.add_argument(
+            "--guest-memory",
+            metavar="FILE",
+            help="with --attach: the file QEMU shares the guest's RAM in (memory-backend-file "
+            "mem-path, share=on); the fast path then drains while the guest runs. Without it, "
+            "a QEMU on this host is read through /proc/PID/mem when allowed, else the rings "
+            "are drained by short stops",
         )
         p.add_argument(
             "--no-watchdog",

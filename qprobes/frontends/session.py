@@ -40,6 +40,7 @@ from qprobes.errors import (
     ProbeError,
     QprobesError,
     StubTimeoutError,
+    TargetError,
 )
 from qprobes.frontends.watchdog import Watchdog
 from qprobes.machine.guests import QTEST_PROMPT, qtest_config
@@ -51,7 +52,7 @@ from qprobes.probes.kprobe import Kprobe
 from qprobes.probes.kretprobe import Kretprobe, KretprobeManager
 from qprobes.remote.client import GdbClient
 from qprobes.symbols.elf import Symbol, SymbolTable, load_elf_symbols
-from qprobes.target.hostmem import HostMemory
+from qprobes.target.hostmem import FileMemory, HostMemory, sample_pages
 from qprobes.target.target import Target
 
 if TYPE_CHECKING:
@@ -178,6 +179,45 @@ def kaslr_off(cmdline: str) -> bool:
     return "nokaslr" in cmdline.split()
 
 
+
+def attached_memory(target: Target, *, host_memory: bool = True,
+                    guest_memory: str | Path | None = None) -> HostMemory | None:  # fmt: skip
+    """A way to guest RAM past the gdbstub for an attached QEMU, or None.
+
+    ``guest_memory`` (a file QEMU shares the guest's RAM in) must show the
+    same pages as the gdbstub, or it is refused. Otherwise the process at
+    the other end of the connection, when it is on this host, is asked
+    for its RAM through ``/proc/PID/mem``; a process that is not QEMU
+    (a proxy), or one this process may not read, gives None: the gdbstub
+    does everything, as before.
+    """
+    samples = sample_pages(target)
+    if guest_memory is not None:
+        mem: HostMemory = FileMemory(target, str(guest_memory))
+        if not samples or not mem.matches(samples):
+            mem.close()
+            raise TargetError(f"guest memory {guest_memory}: its pages are not this guest's "
+                              "(give the mem-path of its memory-backend-file, share=on)")
+        log.info("guest RAM through %s", guest_memory)
+        return mem
+    if not host_memory:
+        return None
+    pid = target.client.conn.peer_pid()
+    if pid is None:
+        return None
+    try:
+        mem = HostMemory(target, pid)
+    except OSError as exc:
+        log.info("no /proc/%d/mem (%s): guest RAM through the gdbstub", pid, exc.strerror)
+        return None
+    if not samples or not mem.matches(samples):
+        log.info("process %d does not show the guest's RAM: through the gdbstub", pid)
+        mem.close()
+        return None
+    mem.prime_low()
+    log.info("guest RAM through /proc/%d/mem", pid)
+    return mem
+
 class Session:
     """A guest, its symbols, and a :class:`KprobeEngine` attached to it."""
 
@@ -191,15 +231,16 @@ class Session:
         machine: QemuMachine | None = None,
         prompt: bytes | None = None,
         host_memory: bool = True,
+        hostmem: HostMemory | None = None,
     ) -> None:
         self.target = target
         self.machine = machine
         self.symbols = symbols
         self.prompt = prompt
-        hostmem = None
-        # Reading guest RAM through /proc/PID/mem needs a QEMU of our own;
-        # host_memory=False uses the gdbstub for everything (as when attached).
-        if machine is not None and host_memory:
+        # Reading guest RAM through /proc/PID/mem needs the QEMU process
+        # (ours, or an attached one found on this host: ``hostmem``);
+        # host_memory=False uses the gdbstub for everything.
+        if machine is not None and host_memory and hostmem is None:
             hostmem = HostMemory(target, machine.pid)
             # Low RAM above the first MiB (below it sit the BIOS and VGA holes).
             low = min(machine.config.memory_mib << 20, 0xB000_0000)
@@ -366,6 +407,7 @@ class Session:
         self._use_ftrace(kernel)
         self._use_linux_stacks(kernel)
         self._use_orc(kernel)
+        self._use_linux_clock(kernel)
 
     def _use_modules(self, kernel: LinuxKernel) -> None:
         """The guest's module list, for ``MOD:SYM`` probes, module symbols,
@@ -475,7 +517,6 @@ class Session:
             return
         with contextlib.suppress(OSError):
             remember_boot(sha256_file(Path(self.machine.config.kernel)), kernel.symbols)
-        self._use_linux_clock(kernel)
 
     def _use_linux_clock(self, kernel: LinuxKernel) -> None:
         """The guest's clocks (its sched_clock() and ftrace's current trace
@@ -537,9 +578,18 @@ class Session:
     @classmethod
     def attach(cls, address: str, *, reserve: tuple[int, int], near: int | None = None,
                symbols: str | Path | None = None, linux: bool = False,
-               watchdog: bool = True) -> Session:  # fmt: skip
+               watchdog: bool = True, host_memory: bool = True,
+               guest_memory: str | Path | None = None) -> Session:  # fmt: skip
         """Attach to a running QEMU's gdbstub. ``reserve`` names guest-physical
         memory the guest does not use (see the README).
+
+        Guest RAM is then read and written past the gdbstub where it can be
+        (:func:`attached_memory`): through the file QEMU shares it in
+        (``guest_memory``), or through ``/proc/PID/mem`` of the QEMU process
+        at the other end of the connection when it runs on this host and
+        this process may read its memory (``host_memory=False``: never).
+        Fast-path rings are then drained while the guest runs; without
+        either, by short stops a few times a second.
 
         A Linux guest gets a watchdog (``watchdog=False``: none): a process
         of its own that puts the guest back from the journal if this process
@@ -547,10 +597,16 @@ class Session:
         :attr:`watchdog` names it. One that cannot start is a warning:
         :meth:`recover` is then the way back."""
         target = attach(address)
+        try:
+            hostmem = attached_memory(target, host_memory=host_memory,
+                                      guest_memory=guest_memory)  # fmt: skip
+        except BaseException:
+            target.client.close()
+            raise
         if linux or (symbols is None and near is None):
             # A Linux guest: symbols from its own memory (or the file given)
             # and types from its BTF.
-            session = cls(target, reserve=reserve, near=0)
+            session = cls(target, reserve=reserve, near=0, hostmem=hostmem)
             session._address = address
             try:
                 if watchdog:
@@ -568,7 +624,7 @@ class Session:
         if near is None:
             assert table is not None
             near = min(s.addr for s in table if s.kind == "func")
-        session = cls(target, reserve=reserve, near=near, symbols=table)
+        session = cls(target, reserve=reserve, near=near, symbols=table, hostmem=hostmem)
         session._address = address
         session.engine.attach()
         return session

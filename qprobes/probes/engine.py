@@ -1923,6 +1923,15 @@ class KprobeEngine:
                 except StubTimeoutError:
                     for hook in self.poll_hooks:
                         hook(True)
+                    if self.fast is not None and self.fast.batch_due() and not done():
+                        # Rings the host cannot read while the guest runs:
+                        # a short stop now and then drains them.
+                        self._stop_quietly()
+                        self.fast.batches += 1
+                        for hook in self.poll_hooks:
+                            hook(False)
+                        self.target.resume()
+                        continue
                     if done():
                         self._stop_quietly()
                         if time.monotonic() - self._last_lost_check >= self.lost_check_interval:

@@ -27,6 +27,7 @@ recorder is installed.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -102,6 +103,14 @@ class FastPath:
         self.orphans = 0  # records of ids nobody takes any more
         self.dropped = 0  # records the guest dropped: nested hits, full rings
         self.spilled = 0  # hits a full ring handed to the host (lossless mode)
+        # With no live view of the rings (an attached QEMU whose memory this
+        # process cannot read), the engine stops the guest this often to
+        # drain them, so events come out while it runs: a few stops a
+        # second, not one per hit.
+        self.batch_interval = 0.2
+        self.batches = 0  # such stops
+        self._last_drain = time.monotonic()
+        self._live = hostmem is not None
 
     def _vaddr(self, page: int) -> int:
         return self.area.vbase + page * PAGE_SIZE
@@ -144,17 +153,28 @@ class FastPath:
         self._code_next = self.rec_lo
         self.ring = RingLayout(self._vaddr(PAGE_RING_HEADERS), self._vaddr(PAGE_RING_DATA),
                                size, ncpus)  # fmt: skip
-        if self.hostmem is not None:
+        ring_pages = [PAGE_RING_HEADERS, *range(PAGE_RING_DATA, PAGE_RING_DATA
+                                                + ncpus * size // PAGE_SIZE)]  # fmt: skip
+        hostmem = self.hostmem
+        self._live = hostmem is not None and all(
+            hostmem.covers(self.area.page(p).paddr, PAGE_SIZE) for p in ring_pages)
+        if hostmem is not None:
             # Look the host addresses up now: later reads run with the guest running.
-            for page in [PAGE_RING_HEADERS, *range(PAGE_RING_DATA, PAGE_RING_DATA
-                                                   + ncpus * size // PAGE_SIZE)]:  # fmt: skip
-                self.hostmem.read_phys(self.area.page(page).paddr, 8)
+            for page in ring_pages:
+                hostmem.read_phys(self.area.page(page).paddr, 8)
         return self.ring
 
     @property
     def live(self) -> bool:
         """Whether the rings can be read while the guest runs."""
-        return self.hostmem is not None
+        return self._live
+
+    def batch_due(self) -> bool:
+        """Whether the engine should stop the guest now to drain the rings
+        (they have consumers but cannot be read while it runs)."""
+        if self.ring is None or not self.consumers or self.live:
+            return False
+        return time.monotonic() - self._last_drain >= self.batch_interval
 
     def install(self, kp: Kprobe, point: ProbePoint, build: Callable[[int], Recorder]) -> Recorder:
         """Place the recorder ``build(address)`` returns for ``kp`` (registered,
@@ -217,6 +237,7 @@ class FastPath:
         ring = self.ring
         if ring is None:
             return 0
+        self._last_drain = time.monotonic()
         got: list[tuple[int, int, int, bytes]] = []
         for cpu in range(ring.ncpus):
             for n, data in enumerate(drain_ring(self, ring, cpu)):

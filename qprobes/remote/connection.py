@@ -29,8 +29,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import os
 import select
 import socket
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from types import TracebackType
@@ -70,6 +72,60 @@ def _poll_ms(timeout: float) -> int | None:
 
 def _shown(payload: bytes) -> bytes:
     return payload if len(payload) <= 40 else payload[:37] + b"..."
+
+
+def _proc_net_addr(host: str, port: int) -> str | None:
+    """``host:port`` spelled as ``/proc/net/tcp{,6}`` spells it."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, host)
+        except OSError:
+            return None
+    # The kernel prints each 32-bit word of the address in host order.
+    words = struct.unpack(f"<{len(packed) // 4}I", packed)
+    return "".join(f"{w:08X}" for w in words) + f":{port:04X}"
+
+
+def tcp_peer_pid(local: tuple[str, int], remote: tuple[str, int],
+                 proc: str = "/proc") -> int | None:  # fmt: skip
+    """The pid of the process holding the TCP socket from ``remote`` to
+    ``local`` on this host (the server side of a loopback connection whose
+    client side has these ends), or None."""
+    want_local, want_remote = _proc_net_addr(*remote), _proc_net_addr(*local)
+    if want_local is None or want_remote is None:
+        return None
+    inode = None
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"{proc}/net/{table}") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[1] == want_local and fields[2] == want_remote:
+                inode = fields[9]
+                break
+        if inode is not None:
+            break
+    if inode is None or inode == "0":
+        return None
+    link = f"socket:[{inode}]"
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in os.scandir(f"{entry.path}/fd"):
+                try:
+                    if os.readlink(fd.path) == link:
+                        return int(entry.name)
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return None
 
 
 class Connection:
@@ -135,6 +191,26 @@ class Connection:
             raise ConnectionClosedError(f"cannot connect to {host}:{port}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(sock, timeout=timeout)
+
+    def peer_pid(self) -> int | None:
+        """The process at the other end of this connection, when it runs on
+        this host and the host says which (None otherwise): ``SO_PEERCRED``
+        for a Unix socket; for TCP over loopback, the process holding the
+        socket whose ends are this one's swapped (``/proc/net/tcp``)."""
+        sock = self._sock
+        if sock is None:
+            return None
+        try:
+            if sock.family == socket.AF_UNIX:
+                cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                       struct.calcsize("3i"))  # fmt: skip
+                pid = int(struct.unpack("3i", cred)[0])
+                return pid if pid > 0 else None
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                return tcp_peer_pid(sock.getsockname()[:2], sock.getpeername()[:2])
+        except OSError:
+            return None
+        return None
 
     # --- the raw interface: override these three in a fake -------------------------
 
