@@ -182,6 +182,7 @@ class EngineStats:
     foreign: int = 0  # stops not caused by qprobes
     spurious: int = 0  # bare SIGTRAP stops that were not doorbells
     lost: int = 0  # probes lost because the guest rewrote their int3
+    reentered: int = 0  # hits while the vCPU stepped another probe (each counted missed)
 
 
 #: Why a probe is lost when the guest patched the byte it armed.
@@ -1660,6 +1661,7 @@ class KprobeEngine:
         regs = ctx.regs
         for kp in point.kprobes:
             kp.nmissed += 1
+        self.stats.reentered += 1
         if kcb.status is KprobeStatus.REENTER:
             log.warning("nested kprobe reentry at %s on vCPU %d (depth %d): counted missed",
                         self._where(point.addr), ctx.vcpu, len(kcb.prev) + 1)  # fmt: skip

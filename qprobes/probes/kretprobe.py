@@ -158,6 +158,13 @@ class KretprobeStats:
     reclaim_scans: int = 0  # on-demand scans when a probe ran out of instances
     orphans: int = 0  # trampoline hits with no live instance, answered from memory
     lost: int = 0  # trampoline hits whose return address was unknown
+    #: Every ``nmissed`` the manager counted, by cause (``maxactive``: all
+    #: instances live; ``no instance to chain to``; ``orphan return``).
+    missed: dict[str, int] = field(default_factory=dict)
+
+    def miss(self, rp: Kretprobe, cause: str) -> None:
+        rp.nmissed += 1
+        self.missed[cause] = self.missed.get(cause, 0) + 1
 
 
 class KretprobeManager:
@@ -370,7 +377,7 @@ class KretprobeManager:
             # return-probed one: the instance holding the slot has the real
             # return address; this one chains onto it.
             if self._real_ret_addr(here) is None:
-                rp.nmissed += 1  # nothing to chain to: leave the slot alone
+                self.stats.miss(rp, "no instance to chain to")  # leave the slot alone
                 return None
         else:
             # A new call in this slot: whatever hijacked it before is dead.
@@ -379,7 +386,7 @@ class KretprobeManager:
         if len(rp.instances) >= rp.maxactive:
             self.reclaim_dead(rp)
             if len(rp.instances) >= rp.maxactive:
-                rp.nmissed += 1
+                self.stats.miss(rp, "maxactive")
                 return None
         inst = KretprobeInstance(rp, ret_addr, slot, ctx.cr3, ctx.vcpu, time.monotonic(),
                                  regs.as_dict(), task=task, task_known=known)  # fmt: skip
@@ -431,7 +438,7 @@ class KretprobeManager:
         if real is None:
             real = self._orphan(ctx, task, known, slot, mine)
             for inst in mine:
-                inst.rp.nmissed += 1
+                self.stats.miss(inst.rp, "orphan return")
                 self._unlink(inst, None)
             mine = []
         # A pt_regs view as at the return: rip is the real return address, rsp
@@ -483,7 +490,7 @@ class KretprobeManager:
             ret, rp = remembered
             self.stats.orphans += 1
             if not nodes:
-                rp.nmissed += 1
+                self.stats.miss(rp, "orphan return")
             log.warning("kretprobe trampoline hit on vCPU %d for stack slot %#x with no "
                         "instance: counted missed, returning to %#x, the address last "
                         "restored there", ctx.vcpu, slot, ret)  # fmt: skip
