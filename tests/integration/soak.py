@@ -112,7 +112,9 @@ class SoakResult:
                 f"{sum(self.missed.values())} missed {dict(self.causes)}, fast path "
                 f"{self.fast_dropped} dropped / {self.fast_spilled} spilled, {self.pings} pings "
                 f"(slowest {self.slowest_ping:.1f} s), {len(self.lost)} lost, "
-                f"{len(self.bad)} bad console lines, {len(self.changed)} hashes changed")  # fmt: skip
+                f"{len(self.bad)} bad console lines, {len(self.changed)} hashes changed, "
+                f"misses explained: {self.explained}, guest alive and answering after "
+                f"detach: {self.alive and self.answered}")  # fmt: skip
 
 
 def snapshot(session: Session, functions: list[int]) -> dict[str, str]:

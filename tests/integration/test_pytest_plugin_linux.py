@@ -13,6 +13,15 @@ pytest_plugins = ["pytester"]
 
 PLUGIN = ("-p", "qprobes.frontends.pytest_plugin", "-p", "no:cacheprovider")
 
+
+@pytest.fixture(autouse=True)
+def shared_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytester gives its runs a HOME of their own: point them at the
+    guest cache this run uses, so that they do not build the guest again."""
+    from qprobes.machine.linux import linux_cache_dir
+
+    monkeypatch.setenv("QPROBES_CACHE", str(linux_cache_dir().parent))
+
 #: What a user writes: ten lines, no set-up.
 USER_TEST = '''
 def test_open(qprobes_linux, tracer):
@@ -42,7 +51,7 @@ def test_a_failing_test_leaves_its_trace_and_console(pytester: pytest.Pytester) 
     assert re.search(r'cat-\d+ +\[00\d\] [.\w]{5} +\d+\.\d{6}: myopen: '
                      r'\(do_sys_openat2\+0x0/0x\w+\) path="/etc/hostname"', trace), trace[-800:]  # fmt: skip
     console = (where / "console.txt").read_text()
-    assert "qprobes-guest# " in console and "qprobes-guest\r\n" in console
+    assert "qprobes-guest# " in console and "\nqprobes-guest\n" in console
     result.stdout.fnmatch_lines(["*qprobes artifacts*", f"*{where}/trace.txt"])
     # Only the failing test's: the passing one left nothing.
     assert [p.name for p in (pytester.path / "arts").iterdir()] == ["test_user.py_test_fails"]
