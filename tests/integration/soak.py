@@ -25,8 +25,8 @@ from qprobes.machine.linux import LINUX_HOSTNAME, LINUX_PROMPT
 from qprobes.target.paging import ADDR_MASK
 from qprobes.tracing import Tracer
 from qprobes.tracing.ast import ProbeSpec
-from qprobes.tracing.parser import parse_probe
 from qprobes.tracing.events import TraceEvent
+from qprobes.tracing.parser import parse_probe
 
 #: Recorded in the guest (fast path): the hottest entries.
 FAST = [
