@@ -709,6 +709,22 @@ class KprobeEngine:
         lo = self.area.vbase + PAGE_SLOTS_FIRST * PAGE_SIZE
         return lo <= addr < self.area.vbase + (PAGE_SLOTS_LAST + 1) * PAGE_SIZE
 
+    def _stale_once_switched(self, addr: int) -> bool:
+        """Whether a task's voluntary switch (or its sleep off the run queue)
+        proves a word holding ``addr`` stale: a slot address, or one inside
+        the kretprobe trampoline's body. Only the trampoline's entry is a
+        return address a sleeping task keeps; any other rip in its body is an
+        interrupt frame's (an IRQ after ``popfq``, before ``ret``), which no
+        task that left the CPU voluntarily still has live (found by the soak:
+        a shell asleep on the console for the whole detach kept such a word)."""
+        if self._in_slots(addr):
+            return True
+        stubs = self._stubs
+        if stubs is None or "qp_kretprobe_trampoline_end" not in stubs.symbols:
+            return False
+        entry = stubs["qp_kretprobe_trampoline"]
+        return entry < addr < stubs["qp_kretprobe_trampoline_end"]
+
     def area_references(self, lo: int, hi: int, *, allow: frozenset[int] = frozenset(),
                         baseline: dict[int, int] | None = None,
                         ) -> tuple[list[str], StackScan | None]:  # fmt: skip
@@ -727,7 +743,7 @@ class KprobeEngine:
             return out, None
         scan = self.stack_scanner.scan(lo, hi, cpus)
         scan.refs = [r for r in scan.refs if r.value not in allow]
-        return out + pending(scan, baseline, self._in_slots), scan
+        return out + pending(scan, baseline, self._stale_once_switched), scan
 
     def synchronize_area(self, timeout: float = 30.0, *,
                          allow: frozenset[int] = frozenset()) -> None:  # fmt: skip

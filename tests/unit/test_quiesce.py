@@ -102,6 +102,25 @@ def test_a_voluntary_switch_clears_a_stale_slot_word_but_not_the_trampoline() ->
     assert runs  # it did wait
 
 
+def test_a_sleeper_clears_a_word_in_the_trampolines_body_but_not_its_entry() -> None:
+    """What the soak found: the console's shell, asleep for the whole detach,
+    with a stale word from an interrupt at the trampoline's ``ret``."""
+    from qprobes.probes.stubs import Stubs
+
+    body = TRAMP + 0x9A  # the ret after popfq
+    for word, blocks in ((body, False), (TRAMP, True), (TRAMP + 0x9B, True)):
+        asleep = StackScan(refs=[ref(word)], nvcsw={7: 3}, quiescent={7})
+        engine, _, runs = make([asleep])
+        engine._stubs = Stubs(b"", {"qp_kretprobe_trampoline": TRAMP,
+                                    "qp_kretprobe_trampoline_end": TRAMP + 0x9B})  # fmt: skip
+        if blocks:
+            with pytest.raises(QuiesceError, match=f"holds {word:#x}"):
+                engine.synchronize_area(0.2)
+        else:
+            engine.synchronize_area(0.2)
+            assert not runs  # clear at the first look
+
+
 def test_allowed_values_do_not_block() -> None:
     engine, _, runs = make([StackScan(refs=[ref(TRAMP)], nvcsw={7: 3})])
     engine.synchronize_area(1.0, allow=frozenset({TRAMP}))
