@@ -711,19 +711,22 @@ class KprobeEngine:
 
     def _stale_once_switched(self, addr: int) -> bool:
         """Whether a task's voluntary switch (or its sleep off the run queue)
-        proves a word holding ``addr`` stale: a slot address, or one inside
-        the kretprobe trampoline's body. Only the trampoline's entry is a
-        return address a sleeping task keeps; any other rip in its body is an
-        interrupt frame's (an IRQ after ``popfq``, before ``ret``), which no
-        task that left the CPU voluntarily still has live (found by the soak:
-        a shell asleep on the console for the whole detach kept such a word)."""
+        proves a word holding ``addr`` stale: a slot address, or one in the
+        stub code page other than the kretprobe trampoline's entry. That entry
+        is the one return address a sleeping task keeps there; the stubs
+        never call anything that can sleep (their one ``call``, a recorder,
+        runs with interrupts off, and they chain to the guest's handlers with
+        ``jmp``), so any other stub rip is an interrupt frame's or a return
+        address that was popped (found by the soak: a shell asleep on the
+        console for the whole detach kept such words, one from an IRQ at the
+        trampoline's ``ret``, another at an int3 stub's recorder call)."""
         if self._in_slots(addr):
             return True
-        stubs = self._stubs
-        if stubs is None or "qp_kretprobe_trampoline_end" not in stubs.symbols:
+        code = self.area.vbase + PAGE_CODE * PAGE_SIZE
+        if not code <= addr < code + PAGE_SIZE:
             return False
-        entry = stubs["qp_kretprobe_trampoline"]
-        return entry < addr < stubs["qp_kretprobe_trampoline_end"]
+        stubs = self._stubs
+        return stubs is not None and addr != stubs["qp_kretprobe_trampoline"]
 
     def area_references(self, lo: int, hi: int, *, allow: frozenset[int] = frozenset(),
                         baseline: dict[int, int] | None = None,
