@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.serial]
 pytest_plugins = ["pytester"]
 
 PLUGIN = ("-p", "qprobes.frontends.pytest_plugin", "-p", "no:cacheprovider")

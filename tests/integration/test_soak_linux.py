@@ -14,7 +14,7 @@ from qprobes.frontends.session import Session
 from tests.conftest import require_vm
 from tests.integration import soak
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.serial]
 
 SECONDS = float(os.environ.get("QPROBES_SOAK_SECONDS", "120"))
 
