@@ -4,11 +4,26 @@
 # Linux guest's initramfs, and a Python virtual environment with qprobes.
 # Idempotent: what is already there is not installed again.
 #
+#   --guest        also build the default Linux guest into the cache now
+#                  (else it is built on first use)
+#   --user NAME    (as root) create the user NAME and give it the checkout,
+#                  the virtual environment and the cache, to run qprobes as
+#                  NAME (the Docker image does this)
 #   QPROBES_VENV   where the virtual environment goes (default: REPO/.venv)
+#   QPROBES_CACHE  where the guests are cached (default: ~/.cache/qprobes)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${QPROBES_VENV:-$repo/.venv}
+guest=0
+user=
+while [ $# -gt 0 ]; do
+    case $1 in
+        --guest) guest=1; shift ;;
+        --user) user=${2:?--user wants a name}; shift 2 ;;
+        *) echo "install.sh: unknown option $1 (--guest, --user NAME)" >&2; exit 2 ;;
+    esac
+done
 
 # command -> Debian package
 declare -A need=(
@@ -48,4 +63,15 @@ if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
 fi
 
 make -s -C "$repo/kernels/qtest"
+if [ "$guest" = 1 ]; then
+    echo "qprobes install: building the default Linux guest"
+    "$venv/bin/python" -c 'from qprobes.machine.linux import linux_guest; print(linux_guest().directory)'
+fi
+if [ -n "$user" ]; then
+    id -u "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+    owned=("$repo" "$venv")
+    [ -n "${QPROBES_CACHE:-}" ] && owned+=("$QPROBES_CACHE")
+    chown -R "$user:" "${owned[@]}"
+    echo "qprobes install: $user owns ${owned[*]}"
+fi
 echo "qprobes install: ready ($("$venv/bin/qprobes" --version))"

@@ -2,22 +2,21 @@
 
 Tests marked ``vm`` boot real QEMU guests. Where QEMU or a guest cannot be
 had they skip with the reason, unless ``QPROBES_REQUIRE_VM=1`` (set by
-scripts/test.sh and CI), which turns the skip into a failure.
+scripts/test.sh and CI), which turns the skip into a failure. The guests
+come from qprobes' own pytest plugin (:mod:`qprobes.frontends.pytest_plugin`,
+loaded by pyproject.toml's ``addopts``): its options (``--qprobes-smp``...)
+and its artifacts of failing tests apply to these tests too.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 
+from qprobes.frontends.pytest_plugin import require_vm
 
-def require_vm(reason: str) -> None:
-    """Skip (or fail, under QPROBES_REQUIRE_VM=1) a VM test that cannot run."""
-    if os.environ.get("QPROBES_REQUIRE_VM") == "1":
-        pytest.fail(f"VM test cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
+__all__ = ["require_vm"]
 
 
 @pytest.fixture(scope="session")

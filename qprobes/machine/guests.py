@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from qprobes.errors import MachineError
+from qprobes.machine.cachelock import cache_lock
 from qprobes.machine.qemu import MachineConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -52,10 +53,13 @@ def qtest_kernel(build: bool = True) -> Path:
             if image.is_file():
                 return image
             raise MachineError("building qtest needs make and gcc (run scripts/install.sh)")
-        result = subprocess.run(
-            ["make", "-s", "-C", str(source), f"BUILD={build_dir}"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+        # Two makes in one build directory at once (xdist workers) would
+        # write the same objects: one at a time.
+        with cache_lock(build_dir.parent, f".{build_dir.name}.lock"):
+            result = subprocess.run(
+                ["make", "-s", "-C", str(source), f"BUILD={build_dir}"],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
         if result.returncode != 0:
             raise MachineError(f"building qtest failed:\n{result.stdout}{result.stderr}")
     if not image.is_file():

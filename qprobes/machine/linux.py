@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from qprobes.errors import MachineError
+from qprobes.machine.cachelock import cache_lock
 from qprobes.machine.debfetch import DebPin, fetch, read_pins, unpack_deb
 from qprobes.machine.qemu import MachineConfig
 
@@ -324,8 +325,14 @@ def linux_guest(build: bool = True) -> LinuxGuest:
         raise MachineError(
             f"the Linux guest is not built in {directory}; run {BUILD_SCRIPT} {directory}"
         )
-    output = build_linux_guest(directory)
-    guest = _load(directory, check_builder=True)
+    # One builder at a time (pytest-xdist workers, parallel jobs): the others
+    # wait, then find its build.
+    with cache_lock(directory):
+        guest = _load(directory, check_builder=True)
+        if guest is not None:
+            return guest
+        output = build_linux_guest(directory)
+        guest = _load(directory, check_builder=True)
     if guest is None:
         raise MachineError(
             f"{BUILD_SCRIPT} succeeded but {directory} holds no valid guest:\n{output.rstrip()}"

@@ -186,6 +186,7 @@ class EngineStats:
     foreign: int = 0  # stops not caused by qprobes
     spurious: int = 0  # bare SIGTRAP stops that were not doorbells
     lost: int = 0  # probes lost because the guest rewrote their int3
+    reentered: int = 0  # hits while the vCPU stepped another probe (each counted missed)
 
 
 #: Why a probe is lost when the guest patched the byte it armed.
@@ -771,6 +772,25 @@ class KprobeEngine:
         lo = self.area.vbase + PAGE_SLOTS_FIRST * PAGE_SIZE
         return lo <= addr < self.area.vbase + (PAGE_SLOTS_LAST + 1) * PAGE_SIZE
 
+    def _stale_once_switched(self, addr: int) -> bool:
+        """Whether a task's voluntary switch (or its sleep off the run queue)
+        proves a word holding ``addr`` stale: a slot address, or one in the
+        stub code page other than the kretprobe trampoline's entry. That entry
+        is the one return address a sleeping task keeps there; the stubs
+        never call anything that can sleep (their one ``call``, a recorder,
+        runs with interrupts off, and they chain to the guest's handlers with
+        ``jmp``), so any other stub rip is an interrupt frame's or a return
+        address that was popped (found by the soak: a shell asleep on the
+        console for the whole detach kept such words, one from an IRQ at the
+        trampoline's ``ret``, another at an int3 stub's recorder call)."""
+        if self._in_slots(addr):
+            return True
+        code = self.area.vbase + PAGE_CODE * PAGE_SIZE
+        if not code <= addr < code + PAGE_SIZE:
+            return False
+        stubs = self._stubs
+        return stubs is not None and addr != stubs["qp_kretprobe_trampoline"]
+
     def area_references(self, lo: int, hi: int, *, allow: frozenset[int] = frozenset(),
                         baseline: dict[int, int] | None = None,
                         ) -> tuple[list[str], StackScan | None]:  # fmt: skip
@@ -789,7 +809,7 @@ class KprobeEngine:
             return out, None
         scan = self.stack_scanner.scan(lo, hi, cpus)
         scan.refs = [r for r in scan.refs if r.value not in allow]
-        return out + pending(scan, baseline, self._in_slots), scan
+        return out + pending(scan, baseline, self._stale_once_switched), scan
 
     def synchronize_area(self, timeout: float = 30.0, *,
                          allow: frozenset[int] = frozenset()) -> None:  # fmt: skip
@@ -1813,6 +1833,7 @@ class KprobeEngine:
         regs = ctx.regs
         for kp in point.kprobes:
             kp.nmissed += 1
+        self.stats.reentered += 1
         if len(kcb.prev) + 2 > STEP_LEVELS and point.boosted and not regs.eflags & TF:
             # One level more than the journal records for a vCPU: a boosted
             # copy needs no step (and no record).

@@ -159,6 +159,13 @@ class KretprobeStats:
     orphans: int = 0  # trampoline hits with no live instance, answered from memory
     lost: int = 0  # trampoline hits whose return address was unknown
     journal_full: int = 0  # entries missed: no room in the journal for the return address
+    #: Every ``nmissed`` the manager counted, by cause (``maxactive``: all
+    #: instances live; ``no instance to chain to``; ``orphan return``).
+    missed: dict[str, int] = field(default_factory=dict)
+
+    def miss(self, rp: Kretprobe, cause: str) -> None:
+        rp.nmissed += 1
+        self.missed[cause] = self.missed.get(cause, 0) + 1
 
 
 class KretprobeManager:
@@ -386,7 +393,7 @@ class KretprobeManager:
             # return-probed one: the instance holding the slot has the real
             # return address; this one chains onto it.
             if self._real_ret_addr(here) is None:
-                rp.nmissed += 1  # nothing to chain to: leave the slot alone
+                self.stats.miss(rp, "no instance to chain to")  # leave the slot alone
                 return None
         else:
             # A new call in this slot: whatever hijacked it before is dead.
@@ -396,7 +403,7 @@ class KretprobeManager:
         if ret_addr != tramp and journal is not None and not journal.has_ret_room(slot):
             # No room to record the real return address: the call is not
             # hijacked (missed, as when out of instances), nothing written.
-            rp.nmissed += 1
+            self.stats.miss(rp, "journal full")
             self.stats.journal_full += 1
             if self.stats.journal_full == 1:
                 log.warning("kretprobe %s: qprobes' journal holds as many hijacked return "
@@ -406,7 +413,7 @@ class KretprobeManager:
         if len(rp.instances) >= rp.maxactive:
             self.reclaim_dead(rp)
             if len(rp.instances) >= rp.maxactive:
-                rp.nmissed += 1
+                self.stats.miss(rp, "maxactive")
                 return None
         inst = KretprobeInstance(rp, ret_addr, slot, ctx.cr3, ctx.vcpu, time.monotonic(),
                                  regs.as_dict(), task=task, task_known=known)  # fmt: skip
@@ -457,7 +464,7 @@ class KretprobeManager:
         if real is None:
             real = self._orphan(ctx, task, known, slot, mine)
             for inst in mine:
-                inst.rp.nmissed += 1
+                self.stats.miss(inst.rp, "orphan return")
                 self._unlink(inst, None)
             mine = []
         # A pt_regs view as at the return: rip is the real return address, rsp
@@ -509,7 +516,7 @@ class KretprobeManager:
             ret, rp = remembered
             self.stats.orphans += 1
             if not nodes:
-                rp.nmissed += 1
+                self.stats.miss(rp, "orphan return")
             log.warning("kretprobe trampoline hit on vCPU %d for stack slot %#x with no "
                         "instance: counted missed, returning to %#x, the address last "
                         "restored there", ctx.vcpu, slot, ret)  # fmt: skip

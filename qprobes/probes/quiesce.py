@@ -26,8 +26,10 @@ in a slot is rerouted by the host before the guest's handler runs, so no
 task goes to sleep with a slot frame live on its stack: a slot address found
 on such a task's stack is a stale word inside a later frame (measured: the
 int3 frames a hit leaves below rsp are often inside the live part of a
-stack later). The trampoline is different: a sleeping task keeps it as a
-return address, so only a clean scan clears it.
+stack later). The trampoline's entry is different: a sleeping task keeps
+it as a return address, so only a clean scan clears it (any other address
+in the stub code page is an interrupt frame's or a popped return address,
+cleared like a slot's: the stubs never call anything that sleeps).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Fixtures shared by the modules that boot guests."""
+"""Fixtures shared by the modules that boot guests, on the plugin's
+(:mod:`qprobes.frontends.pytest_plugin`): its options choose the guest, its
+hook saves a failing test's console."""
 
 from __future__ import annotations
 
@@ -6,19 +8,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from qprobes.errors import QprobesError
+from qprobes.frontends.pytest_plugin import GuestPool
 from qprobes.frontends.session import Session
-from tests.conftest import require_vm
 
 
 @pytest.fixture(scope="module")
-def linux() -> Iterator[Session]:
-    """The default Linux guest with qprobes attached: one per test module."""
-    try:
-        session = Session.linux()
-    except QprobesError as exc:
-        require_vm(f"the default Linux guest cannot be booted: {exc}")
-        raise
+def linux(qprobes_guests: GuestPool) -> Iterator[Session]:
+    """The default Linux guest with qprobes attached: one per test module
+    (its tests change the guest, so it is not the session's shared one)."""
+    session = qprobes_guests.boot()
     try:
         yield session
     finally:

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import require_vm
 from tests.integration.terminal import CLI
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.serial]
 
 PER_HIT = [
     "gdb_us_per_hit",

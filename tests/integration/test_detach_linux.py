@@ -27,7 +27,7 @@ from qprobes.probes.area import REGION_SIZE
 from qprobes.target.paging import ADDR_MASK
 from tests.conftest import require_vm
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.serial]
 
 PROBE = "_raw_spin_lock_irqsave"
 LOOP = "(while :; do cat /etc/hostname >/dev/null; ls /proc >/dev/null 2>&1; done) &"

@@ -17,7 +17,7 @@ from qprobes.frontends.session import Session
 from qprobes.probes.kprobe import Kprobe
 from tests.integration.qtest_fixtures import instructions, qtest_session
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.serial]
 
 ROUNDS = 100
 

@@ -24,7 +24,7 @@ from qprobes.probes.context import HitContext
 from qprobes.probes.kretprobe import Kretprobe
 from tests.conftest import require_vm
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.serial]
 
 ITEM10_PROBES = ["p:a _raw_spin_lock", "r:c kmem_cache_alloc"]
 ITEM10_COMMAND = "for i in 1 2 3 4 5 6 7 8; do cat /etc/hostname >/dev/null & done; wait"

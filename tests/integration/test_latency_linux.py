@@ -12,7 +12,7 @@ import pytest
 
 from qprobes.tracing.output import parse_trace_text
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.serial]
 
 
 def qprobes(*args: str) -> subprocess.CompletedProcess[str]:

@@ -78,3 +78,28 @@ def test_linux_trace_from_the_wheel(installed: Path, tmp_path: Path) -> None:
                  "--", "cat /etc/hostname", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'path="/etc/hostname"' in result.stdout
+
+
+def readme_pytest_example() -> str:
+    """The test file the README's "In pytest and CI" section shows."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## In pytest and CI"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_pytest_plugin_from_the_wheel(installed: Path, tmp_path: Path) -> None:
+    """The README's ten-line test file, in a directory of its own, run by the
+    fresh venv's pytest: the entry point brings the fixtures, nothing else is set up."""
+    example = readme_pytest_example()
+    assert "qprobes_linux" in example and "tracer" in example and len(example.splitlines()) <= 10
+    (tmp_path / "test_example.py").write_text(example)
+    result = subprocess.run([str(installed / "python"), "-m", "pytest", "-q", "-p",
+                             "no:cacheprovider", "test_example.py"], capture_output=True,
+                            text=True, timeout=900, cwd=tmp_path, env=clean_env(),
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout
+    plugin = subprocess.run([str(installed / "python"), "-c", "import qprobes.frontends."
+                             "pytest_plugin as p; print(p.__file__)"], capture_output=True,
+                            text=True, cwd=tmp_path, env=clean_env(), check=True)  # fmt: skip
+    assert plugin.stdout.startswith(str(installed.parent)), plugin.stdout

@@ -21,7 +21,7 @@ import pytest
 from qprobes.machine.linux import LINUX_PROMPT
 from tests.integration.attached import BAD, CLI, HOT, busy_guest, snapshot
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.serial]
 
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

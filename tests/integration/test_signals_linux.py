@@ -31,7 +31,7 @@ from tests.conftest import require_vm
 from tests.integration.cli_process import CliProcess, left_behind, processes_naming
 from tests.integration.terminal import CLI
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.serial]
 
 PROBE = "p:myopen do_sys_openat2 path=+0(%si):string"
 LOOP = "(while :; do cat /etc/hostname >/dev/null; ls /proc >/dev/null 2>&1; done) &"

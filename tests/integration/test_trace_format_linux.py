@@ -31,7 +31,7 @@ from qprobes.probes.context import HitContext
 from qprobes.tracing import TraceEvent, Tracer
 from tests.conftest import require_vm
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.serial]
 
 TR = "/sys/kernel/tracing"
 DEFINITIONS = [

@@ -29,7 +29,7 @@ from qprobes.machine.qemu import QemuMachine, process_start_time
 from tests.integration.attached import BAD, CLI, HOT, busy_guest, snapshot
 from tests.integration.cli_process import CliProcess, left_behind
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.serial]
 
 WATCHDOG = re.compile(r"qprobes: watchdog pid (\d+) puts the guest back .*\(log: (.+)\)")
 RECOVERED = re.compile(r"recovered the changes of pid (\d+) .*: (\d+) probe sites, "

@@ -88,6 +88,7 @@ def test_reenter_is_counted_missed_and_stepped_without_handlers() -> None:
     engine._kprobe_handler(kcb, hit_b)
     assert kcb.status is KprobeStatus.REENTER and kcb.current is pb
     assert kb.nmissed == 1 and kb.nhit == 0
+    assert engine.stats.reentered == 1  # the miss's cause, counted engine-wide
     assert hit_b.regs.rip == SLOT_B
     assert calls == ["pre A"]
 

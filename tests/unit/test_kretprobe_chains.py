@@ -235,6 +235,7 @@ def test_a_sleeping_call_is_not_reclaimed() -> None:
     a.call(CALLER, [f])  # A sleeps in f: its slot holds the trampoline
     b.call(CALLER + 8, [f])
     assert f.nmissed == 1 and f.nreclaimed == 0
+    assert world.mgr.stats.missed == {"maxactive": 1}  # the miss's cause, counted
     assert b.ret() == CALLER + 8 and a.ret(4) == CALLER
     assert world.fired == [("f", CALLER, 4)]
 
@@ -292,6 +293,7 @@ def test_a_trampoline_hit_twice_for_one_frame_returns_to_the_same_caller(world: 
     assert cpu.ret(3) == CALLER
     assert world.fired == [("f", CALLER, 3)]
     assert f.nmissed == 1 and world.mgr.stats.orphans == 1 and world.mgr.stats.lost == 0
+    assert world.mgr.stats.missed == {"orphan return": 1}
 
 
 def test_a_trampoline_hit_with_nothing_known_goes_to_the_lost_trap(world: World) -> None:
@@ -310,6 +312,7 @@ def test_an_entry_that_finds_the_trampoline_with_no_instance_is_missed(world: Wo
     world.mem.words[cpu.rsp] = TRAMP
     cpu.enter([f])
     assert f.nmissed == 1 and not f.instances
+    assert world.mgr.stats.missed == {"no instance to chain to": 1}
 
 
 def test_detach_puts_back_the_real_address_under_a_chain(world: World) -> None:

@@ -102,6 +102,32 @@ def test_a_voluntary_switch_clears_a_stale_slot_word_but_not_the_trampoline() ->
     assert runs  # it did wait
 
 
+def test_a_sleeper_clears_stale_stub_words_but_not_the_trampolines_entry() -> None:
+    """What the soak found: the console's shell, asleep for the whole detach,
+    with stale words from an interrupt at the trampoline's ``ret`` and from
+    an int3 stub's recorder call."""
+    from qprobes.probes.stubs import Stubs
+
+    ret = TRAMP + 0x9A  # the trampoline's ret after popfq
+    call = VBASE + 0xCB  # after the int3 stub's call of a recorder
+    outside = VBASE + 0x1000 + 0x10  # another area page: not the stubs'
+    for word, blocks in ((ret, False), (call, False), (TRAMP, True), (outside, True)):
+        asleep = StackScan(refs=[ref(word)], nvcsw={7: 3}, quiescent={7})
+        engine, _, runs = make([asleep])
+        engine._stubs = Stubs(b"", {"qp_kretprobe_trampoline": TRAMP})
+        if blocks:
+            with pytest.raises(QuiesceError, match=f"holds {word:#x}"):
+                engine.synchronize_area(0.2)
+        else:
+            engine.synchronize_area(0.2)
+            assert not runs, hex(word)  # clear at the first look
+    # Awake and not switched since the wait began: even a stub word blocks.
+    engine, _, _ = make([StackScan(refs=[ref(call)], nvcsw={7: 3})])
+    engine._stubs = Stubs(b"", {"qp_kretprobe_trampoline": TRAMP})
+    with pytest.raises(QuiesceError):
+        engine.synchronize_area(0.2)
+
+
 def test_allowed_values_do_not_block() -> None:
     engine, _, runs = make([StackScan(refs=[ref(TRAMP)], nvcsw={7: 3})])
     engine.synchronize_area(1.0, allow=frozenset({TRAMP}))
