@@ -337,6 +337,7 @@ class Session:
         # Modules first: the journal records which module a probe site is in,
         # and a recovery checks it is still that module's code.
         self._use_modules(kernel)
+        self._use_cpu_number(kernel)
         with progress.step("attaching (kprobe blacklist, the text the kernel rewrites)"):
             if self._recovering:
                 self.recovered = self.engine.adopt()
@@ -360,9 +361,23 @@ class Session:
         self.engine.address_check = text.check_insn
         self.engine.text_lock_held = text.text_mutex_held
         self.engine.recover_text = text.recover
+        self.engine.batch_hooks.append(text.batch)
         self._use_ftrace(kernel)
         self._use_linux_stacks(kernel)
         self._use_orc(kernel)
+
+    def _use_cpu_number(self, kernel: LinuxKernel) -> None:
+        """Let the stubs find the CPU through GS (Linux's per-CPU CPU
+        number) instead of cpuid, which exits to the hypervisor under KVM."""
+        from qprobes.linux.percpu import cpu_number_offset, numbering_matches
+
+        offset = cpu_number_offset(kernel)
+        if offset is None:
+            return
+        if numbering_matches(self.target, lambda a, n: self.target.read(a, n), offset):
+            self.engine.cpu_number_offset = offset
+        else:
+            log.info("the guest's CPU numbers do not follow the vCPUs: the stubs use cpuid")
 
     def _use_modules(self, kernel: LinuxKernel) -> None:
         """The guest's module list, for ``MOD:SYM`` probes, module symbols,
@@ -509,11 +524,12 @@ class Session:
 
         self.kretprobes.see_through = GuestReturnHooks(kernel)
         try:
-            self.engine.ftrace = FtraceRecords.from_kernel(
+            self.engine.ftrace = ftrace = FtraceRecords.from_kernel(
                 kernel.symbols, kernel.btf, self.engine.read_data
             )
         except QprobesError as exc:
             raise ProbeError(f"cannot read the guest's ftrace records: {exc}") from exc
+        self.engine.batch_hooks.append(ftrace.batch)
 
     def _use_linux_stacks(self, kernel: LinuxKernel) -> None:
         """Let the engine look at the guest's task and interrupt stacks, so that
