@@ -27,7 +27,7 @@ import contextlib
 import logging
 import re
 import select
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -638,6 +638,18 @@ class Session:
             return fn
 
         return decorator
+
+    def kprobe_many(self, wheres: Sequence[str | int],
+                    pre_handler: Callable[..., Any] | None = None, *, boost: bool = True,
+                    ) -> list[Kprobe | QprobesError]:  # fmt: skip
+        """Register a kprobe at each of ``wheres`` (``SYMBOL[+OFFS]`` or
+        addresses) in one pass with the guest stopped once
+        (:meth:`~qprobes.probes.engine.KprobeEngine.register_many`): for each,
+        its :class:`Kprobe`, or the error that refused it (the same error it
+        would meet registered alone)."""
+        kps = [Kprobe(**self._where(w), pre_handler=pre_handler, boost=boost) for w in wheres]
+        results = self.engine.register_many(kps)
+        return [kp if err is None else err for kp, err in zip(kps, results, strict=True)]
 
     def kretprobe(self, where: str | int, handler: Callable[..., Any] | None = None, *,
                   entry_handler: Callable[..., Any] | None = None, maxactive: int = 0,

@@ -993,6 +993,13 @@ class KprobeEngine:
     def write_data(self, vaddr: int, data: bytes, cr3: int | None = None) -> None:
         """Write guest *data* (never code): host memory when possible."""
         default = cr3 is None or cr3 == self._kcr3
+        if default and self.hostmem is not None and self.area.contains(vaddr) \
+                and vaddr % PAGE_SIZE + len(data) <= PAGE_SIZE:  # fmt: skip
+            index = (vaddr - self.area.vbase) // PAGE_SIZE
+            if self.area.is_mapped(index):
+                # The area's own data page: its physical page is known.
+                self.hostmem.write_phys(self.area.page(index).paddr + vaddr % PAGE_SIZE, data)
+                return
         cr3 = cr3 if cr3 is not None else self._kcr3
         batch = self._batch
         if batch is not None and default and vaddr >> 63 and self.hostmem is not None:

@@ -1204,42 +1204,28 @@ def boosted_copy(insn: Insn, slot_addr: int) -> bytes:
     return body + back
 
 
-@functools.cache
-def _capstone_lite() -> Any:
-    return capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-
-
 _NEAR_BRANCH_KINDS = frozenset({iced_x86.OpKind.NEAR_BRANCH16, iced_x86.OpKind.NEAR_BRANCH32,
                                 iced_x86.OpKind.NEAR_BRANCH64})  # fmt: skip
 
 
 def quick_branches_to(code: bytes, start: int, target: int) -> list[int] | None:
     """The relative branches in ``code`` (a function at ``start``) that go to
-    ``target``, found by one linear sweep of both decoders with no
-    per-instruction analysis; None when that sweep cannot stand for
-    :func:`decode_function` (the decoders disagree on an instruction, one
-    cannot decode it, or the code holds an emulate prefix): then decode the
-    function in full. Where both decoders read every instruction alike
-    :func:`decode_function` decodes the same boundaries and the same branch
-    targets."""
+    ``target``, found by one linear sweep of iced-x86 with no per-instruction
+    analysis; None when the sweep cannot decide (an instruction iced-x86
+    cannot decode, or an emulate prefix, which :func:`decode` reads as part
+    of the instruction after it): then decode the function in full, which
+    also raises where the decoders disagree. Where :func:`decode_function`
+    succeeds its boundaries are iced-x86's lengths (it requires capstone's
+    to agree, or takes iced-x86's for ud0/ud1), so the branch targets are
+    the same."""
     _check_addr("start", start)
     if any(prefix in code for prefix in _EMULATE_PREFIXES):
         return None
-    names = _iced_mnemonics()
-    lite = _capstone_lite().disasm_lite(code, start)
     out: list[int] = []
+    end = start + len(code)
     for instr in iced_x86.Decoder(64, code, ip=start):
-        ci = next(lite, None)
-        if instr.is_invalid or ci is None:
-            return None
-        addr, size, mnemonic, _ops = ci
-        if addr != instr.ip or size != instr.len:
-            return None
-        printed = (mnemonic.split() or [""])[-1]  # without prefixes ("rep movsb")
-        if _CAPSTONE_NAMES.get(printed, printed) != names[instr.mnemonic]:
+        if instr.is_invalid or instr.next_ip > end:
             return None
         if instr.op0_kind in _NEAR_BRANCH_KINDS and instr.near_branch_target == target:
             out.append(instr.ip)
-    if next(lite, None) is not None:
-        return None
     return out
