@@ -202,6 +202,7 @@ class _Batch:
     pages: dict[int, bytes] = field(default_factory=dict)  # kernel page vaddr -> bytes
     phys: dict[int, int] = field(default_factory=dict)  # kernel page vaddr -> paddr
     writes: list[tuple[int, bytes]] = field(default_factory=list)  # (paddr, code), in order
+    decoded: dict[tuple[int, bytes], x86insn.Insn] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -1137,6 +1138,17 @@ class KprobeEngine:
                 f"the instruction at {sym.name}+{spanning.addr - sym.addr:#x} spans it"
             )
 
+    def _decode(self, code: bytes, addr: int) -> x86insn.Insn:
+        """:func:`x86insn.decode`, once per (address, bytes) in a batch."""
+        batch = self._batch
+        if batch is None:
+            return x86insn.decode(code, addr)
+        key = (addr, bytes(code[: x86insn.MAX_INSN_SIZE]))
+        insn = batch.decoded.get(key)
+        if insn is None:
+            insn = batch.decoded[key] = x86insn.decode(code, addr)
+        return insn
+
     def _check_text(self, addr: int) -> None:
         """Only a function's code may be probed: the front end's rule for its
         guest (``text_check``), else a function symbol must hold ``addr``."""
@@ -1233,7 +1245,7 @@ class KprobeEngine:
             )
         self.can_probe(addr)  # the blacklist names the function itself
         try:
-            next_insn = x86insn.decode(self._original_bytes(new, x86insn.MAX_INSN_SIZE), new)
+            next_insn = self._decode(self._original_bytes(new, x86insn.MAX_INSN_SIZE), new)
         except InstructionError as exc:
             raise ProbeError(f"{head}; but {there} does not decode ({exc})") from exc
         reason = self.ftrace.text_reserved(new, new + next_insn.length)
@@ -1330,7 +1342,7 @@ class KprobeEngine:
             raise ProbeError(f"at most {self.journal.max_sites} probe addresses at once (the "
                              "journal's room in the reservation)")  # fmt: skip
         code = self._original_bytes(addr, x86insn.MAX_INSN_SIZE)
-        insn = x86insn.decode(code, addr)
+        insn = self._decode(code, addr)
         if self.address_check is not None:
             self.address_check(addr, insn.length)
         analysis = x86insn.analyze(insn)
