@@ -446,6 +446,7 @@ class KprobeEngine:
             self._tbuf = _TableBuffer(vars_.vaddr + VAR_PTABLE_HEADER, ptable[0].vaddr,
                                       fast.rtable, None)  # fmt: skip
             self._ptable = ProbeTable(PTABLE_BITS)
+            self._retired = []
             self._write_table_header(self._tbuf, self._ptable)
             self.write_data(self._vars + VAR_PTABLE, struct.pack("<Q", self._tbuf.header))
             layout = self._layout(code.vaddr, bell.vaddr, vars_.vaddr, ptable[0].vaddr,
@@ -1397,9 +1398,7 @@ class KprobeEngine:
         if not kps:
             return results
         self.wait_text_unlocked()  # once: the guest does not run in a batch
-        room = min(len(kps), max_probes() - self._ptable.live)
-        if room > 0:
-            self._table_room(room)
+        self.make_room(len(kps))
         with self.batch():
             for n, kp in enumerate(kps):
                 try:
@@ -1409,6 +1408,13 @@ class KprobeEngine:
                         raise
                     results[n] = exc
         return results
+
+    def make_room(self, probes: int) -> None:
+        """Grow the probe table once for ``probes`` more addresses (as many
+        as fit), before a batch registers them one by one."""
+        room = min(probes, max_probes() - self._ptable.live)
+        if room > 0:
+            self._table_room(room)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -1638,7 +1644,9 @@ class KprobeEngine:
         search (it may still read the table it started with)."""
         if not self._retired or self._stubs is None:
             return
-        lo, hi = self._stubs["qp_bp_entry"], self._stubs["qp_bp_table_done"]
+        symbols = self._stubs.symbols
+        lo = symbols["qp_bp_entry"]
+        hi = symbols.get("qp_bp_table_done", symbols["qp_bp_ours"])
         try:
             if any(lo <= self.target.read_register("rip", v) <= hi for v in self.target.vcpus):
                 return
