@@ -156,3 +156,23 @@ def test_10000_probes_armed_in_one_batch_and_put_back(linux: Session) -> None:
     after = pmd_entries(linux, vbase)
     assert not any(e & 1 for e in after), [hex(e) for e in after]
     engine.attach()
+
+
+def test_a_probe_refused_in_a_batch_is_refused_as_alone(linux: Session) -> None:
+    """Regression: the batch's caches change no check's outcome or message."""
+    wheres: list[str | int] = ["nmi_handle", "entry_SYSCALL_64", "do_sys_openat2+0x1",
+                               "update_curr+0x45", "vfs_read", "do_sys_openat2",
+                               "_raw_spin_lock_irqsave", "schedule"]  # fmt: skip
+    got = linux.kprobe_many(wheres, lambda kp, ctx: None)
+    try:
+        refused = [(w, e) for w, e in zip(wheres, got, strict=True) if not isinstance(e, Kprobe)]
+        assert {w for w, _ in refused} >= {"nmi_handle", "entry_SYSCALL_64", "do_sys_openat2+0x1"}
+        assert isinstance(got[4], Kprobe) and isinstance(got[5], Kprobe)
+        for where, err in refused:
+            with pytest.raises(QprobesError) as alone:
+                linux.kprobe(where, lambda kp, ctx: None)
+            assert (type(alone.value), str(alone.value)) == (type(err), str(err))
+    finally:
+        for kp in got:
+            if isinstance(kp, Kprobe):
+                linux.unregister(kp)
