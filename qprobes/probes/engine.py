@@ -203,6 +203,7 @@ class _Batch:
     phys: dict[int, int] = field(default_factory=dict)  # kernel page vaddr -> paddr
     writes: list[tuple[int, bytes]] = field(default_factory=list)  # (paddr, code), in order
     decoded: dict[tuple[int, bytes], x86insn.Insn] = field(default_factory=dict)
+    text_unlocked: bool = False  # the guest's text_mutex was seen free in the batch
 
 
 @dataclass(frozen=True)
@@ -1168,8 +1169,15 @@ class KprobeEngine:
         running it a few milliseconds at a time; :class:`ProbeError` after
         ``text_lock_timeout`` seconds. Writing kernel text meanwhile could race
         a ``text_poke_bp()`` (and take its transient int3 for the original byte)."""
+        if self._batch is not None and self._batch.text_unlocked:
+            return  # seen unlocked when the batch began; the guest has not run since
         if self.text_lock_held is None or not self.text_lock_held():
+            if self._batch is not None:
+                self._batch.text_unlocked = True
             return
+        if self._batch is not None:
+            raise ProbeError("the guest is patching its own text (text_mutex held): not "
+                             "writing kernel text in a batch")  # fmt: skip
         deadline = time.monotonic() + self.text_lock_timeout
         while self.text_lock_held():
             if time.monotonic() > deadline:
