@@ -315,3 +315,37 @@ def test_stop_on_error_raises_the_first_refusal_and_keeps_the_earlier_probes() -
         engine.register_many(kps, stop_on_error=True)
     assert kps[0].registered and not kps[1].registered and not kps[2].registered
     assert ftrace.batches == [True, False]
+
+
+def test_a_bigger_journal_records_more_sites_and_reads_only_up_to_its_mark() -> None:
+    from qprobes.probes.journal import Journal, JournalError, JournalState
+
+    size = journal_size(6000)
+    mem = bytearray(size)
+
+    def read(addr: int, n: int) -> bytes:
+        return bytes(mem[addr - 0x1000 : addr - 0x1000 + n])
+
+    def write(addr: int, data: bytes) -> None:
+        mem[addr - 0x1000 : addr - 0x1000 + len(data)] = data
+
+    j = Journal(0x1000, read, write, max_sites=6000)
+    j.begin(None, 0x2000000, "test")
+    addrs = kernel_addrs(6000, seed=3)
+    for n, a in enumerate(addrs):
+        j.site(a, 0xFFFF_FFFF_FE40_0000 + 32 * n, 0x0F, True)
+    assert not j.has_room(KTEXT - 1)
+    with pytest.raises(JournalError, match="more than 6000 probe sites"):
+        j.site(KTEXT - 1, 0, 0x55, False)
+    loaded = j.load()
+    assert loaded is not None and [s[0] for s in loaded.sites] == addrs
+    # A new session's journal starts empty without clearing the old sites:
+    # its high-water mark is 0, so none of them is read back.
+    j.end(JournalState.DETACHED)
+    j2 = Journal(0x1000, read, write, max_sites=6000)
+    j2.begin(j.read_header(), 0x2000000, "test")
+    again = j2.load()
+    assert again is not None and again.sites == []
+    j2.site(addrs[0], 0, 0x55, False)
+    again = j2.load()
+    assert again is not None and [s[0] for s in again.sites] == [addrs[0]]
