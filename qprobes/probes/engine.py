@@ -272,6 +272,8 @@ class KprobeEngine:
             self.journal = Journal(start, self._phys_read, self._phys_write, sites)
             reserve = (start + jsize, size - jsize)
         self.area = GuestArea(target, reserve, near, area_base)
+        if hostmem is not None:
+            self.area.write_data_phys = hostmem.write_phys  # zero-filling data pages
         self.stats = EngineStats()
         self.points: dict[int, ProbePoint] = {}
         self.kcb: dict[int, KprobeCtlblk] = {}
