@@ -936,6 +936,11 @@ class KprobeEngine:
 
     def _batch_read(self, batch: _Batch, vaddr: int, length: int) -> bytes:
         """Kernel memory from the batch's page cache (whole pages read once)."""
+        off = vaddr % PAGE_SIZE
+        if off + length <= PAGE_SIZE:
+            data = batch.pages.get(vaddr - off)
+            if data is not None:
+                return data[off : off + length]
         out = bytearray()
         while length > 0:
             page = vaddr - vaddr % PAGE_SIZE

@@ -176,3 +176,25 @@ def test_a_probe_refused_in_a_batch_is_refused_as_alone(linux: Session) -> None:
         for kp in got:
             if isinstance(kp, Kprobe):
                 linux.unregister(kp)
+
+
+def test_tracer_adds_many_definitions_in_one_batch(linux: Session) -> None:
+    from qprobes.tracing import TraceEvent, Tracer
+
+    events: list[TraceEvent] = []
+    tracer = Tracer(linux, events.append)
+    defs = ["p:qpscale/open do_sys_openat2 path=+0(%si):string", "p:qpscale/nmi nmi_handle",
+            "p:qpscale/read vfs_read"]  # fmt: skip
+    got = tracer.add_many(defs)
+    try:
+        assert not isinstance(got[0], QprobesError) and not isinstance(got[2], QprobesError)
+        assert isinstance(got[1], QprobesError)
+        with pytest.raises(QprobesError) as alone:
+            Tracer(linux, events.append).add(defs[1])
+        assert str(alone.value) == str(got[1])
+        opens(linux, 3)
+        named = [e for e in events if e.fields.get("path") == "/etc/hostname"]
+        assert len(named) >= 3, events[-5:]
+    finally:
+        for name in list(tracer.probes):
+            tracer.remove(name)
