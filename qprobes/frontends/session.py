@@ -647,9 +647,18 @@ class Session:
         (:meth:`~qprobes.probes.engine.KprobeEngine.register_many`): for each,
         its :class:`Kprobe`, or the error that refused it (the same error it
         would meet registered alone)."""
-        kps = [Kprobe(**self._where(w), pre_handler=pre_handler, boost=boost) for w in wheres]
-        results = self.engine.register_many(kps)
-        return [kp if err is None else err for kp, err in zip(kps, results, strict=True)]
+        out: list[Kprobe | QprobesError] = []
+        kps: list[Kprobe] = []
+        for where in wheres:
+            try:
+                kp = Kprobe(**self._where(where), pre_handler=pre_handler, boost=boost)
+            except ValueError:
+                out.append(ProbeError(f"{where!r} is not SYMBOL[+OFFS] or an address"))
+                continue
+            kps.append(kp)
+            out.append(kp)
+        results = iter(self.engine.register_many(kps))
+        return [got if isinstance(got, QprobesError) else (next(results) or got) for got in out]
 
     def kretprobe(self, where: str | int, handler: Callable[..., Any] | None = None, *,
                   entry_handler: Callable[..., Any] | None = None, maxactive: int = 0,
