@@ -710,22 +710,24 @@ class LinuxBench:
         return sorted(addrs)
 
     def _arm(self, addrs: list[int], wanted: int, arm: Arming) -> list[Kprobe]:
-        """Register probes from ``addrs`` until ``wanted`` are armed, a refusal
-        is counted and skipped; an error that is not about the address (the
-        engine's limits) ends the attempt."""
+        """Register probes from ``addrs`` until ``wanted`` are armed, in batches
+        (``Session.kprobe_many``: one pass, the guest stopped once); a refusal
+        is counted and its address skipped (the next batch takes more); an
+        error that is not about the address (the engine's limits) ends the
+        attempt."""
         armed: list[Kprobe] = []
         start = time.perf_counter()
-        for addr in addrs:
-            if len(armed) >= wanted:
-                break
-            before = len(self.session.engine.points)
-            try:
-                armed.append(self.session.kprobe(addr, _noop))
-            except QprobesError as exc:
-                if len(self.session.engine.points) == before and _is_limit(exc):
-                    arm.limit = str(exc)
-                    break
-                arm.refuse(exc)
+        pos = 0
+        while len(armed) < wanted and pos < len(addrs) and arm.limit is None:
+            chunk = addrs[pos : pos + wanted - len(armed)]
+            pos += len(chunk)
+            for got in self.session.kprobe_many(chunk, _noop):
+                if isinstance(got, Kprobe):
+                    armed.append(got)
+                elif _is_limit(got):
+                    arm.limit = arm.limit or str(got)
+                else:
+                    arm.refuse(got)
         arm.seconds_tried = time.perf_counter() - start
         arm.armed += len(armed)
         if len(armed) >= wanted:

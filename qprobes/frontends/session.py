@@ -27,7 +27,7 @@ import contextlib
 import logging
 import re
 import select
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -381,6 +381,7 @@ class Session:
         # Modules first: the journal records which module a probe site is in,
         # and a recovery checks it is still that module's code.
         self._use_modules(kernel)
+        self._use_cpu_number(kernel)
         with progress.step("attaching (kprobe blacklist, the text the kernel rewrites)"):
             if self._recovering:
                 self.recovered = self.engine.adopt()
@@ -404,10 +405,24 @@ class Session:
         self.engine.address_check = text.check_insn
         self.engine.text_lock_held = text.text_mutex_held
         self.engine.recover_text = text.recover
+        self.engine.batch_hooks.append(text.batch)
         self._use_ftrace(kernel)
         self._use_linux_stacks(kernel)
         self._use_orc(kernel)
         self._use_linux_clock(kernel)
+
+    def _use_cpu_number(self, kernel: LinuxKernel) -> None:
+        """Let the stubs find the CPU through GS (Linux's per-CPU CPU
+        number) instead of cpuid, which exits to the hypervisor under KVM."""
+        from qprobes.linux.percpu import cpu_number_offset, numbering_matches
+
+        offset = cpu_number_offset(kernel)
+        if offset is None:
+            return
+        if numbering_matches(self.target, lambda a, n: self.target.read(a, n), offset):
+            self.engine.cpu_number_offset = offset
+        else:
+            log.info("the guest's CPU numbers do not follow the vCPUs: the stubs use cpuid")
 
     def _use_modules(self, kernel: LinuxKernel) -> None:
         """The guest's module list, for ``MOD:SYM`` probes, module symbols,
@@ -558,11 +573,12 @@ class Session:
 
         self.kretprobes.see_through = GuestReturnHooks(kernel)
         try:
-            self.engine.ftrace = FtraceRecords.from_kernel(
+            self.engine.ftrace = ftrace = FtraceRecords.from_kernel(
                 kernel.symbols, kernel.btf, self.engine.read_data
             )
         except QprobesError as exc:
             raise ProbeError(f"cannot read the guest's ftrace records: {exc}") from exc
+        self.engine.batch_hooks.append(ftrace.batch)
 
     def _use_linux_stacks(self, kernel: LinuxKernel) -> None:
         """Let the engine look at the guest's task and interrupt stacks, so that
@@ -696,6 +712,27 @@ class Session:
             return fn
 
         return decorator
+
+    def kprobe_many(self, wheres: Sequence[str | int],
+                    pre_handler: Callable[..., Any] | None = None, *, boost: bool = True,
+                    ) -> list[Kprobe | QprobesError]:  # fmt: skip
+        """Register a kprobe at each of ``wheres`` (``SYMBOL[+OFFS]`` or
+        addresses) in one pass with the guest stopped once
+        (:meth:`~qprobes.probes.engine.KprobeEngine.register_many`): for each,
+        its :class:`Kprobe`, or the error that refused it (the same error it
+        would meet registered alone)."""
+        out: list[Kprobe | QprobesError] = []
+        kps: list[Kprobe] = []
+        for where in wheres:
+            try:
+                kp = Kprobe(**self._where(where), pre_handler=pre_handler, boost=boost)
+            except ValueError:
+                out.append(ProbeError(f"{where!r} is not SYMBOL[+OFFS] or an address"))
+                continue
+            kps.append(kp)
+            out.append(kp)
+        results = iter(self.engine.register_many(kps))
+        return [got if isinstance(got, QprobesError) else (next(results) or got) for got in out]
 
     def kretprobe(self, where: str | int, handler: Callable[..., Any] | None = None, *,
                   entry_handler: Callable[..., Any] | None = None, maxactive: int = 0,

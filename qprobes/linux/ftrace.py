@@ -148,7 +148,16 @@ class FtraceRecords:
         self._ips: list[int] = []  # every record ip, sorted
         self._where: list[int] = []  # the record's address, in the order of _ips
         self._jump_sites: list[int] | None = None
+        self._frozen = False  # in a batch: the page list is not walked again
         self.refresh()
+
+    def batch(self, starting: bool) -> None:
+        """The engine's batch hook: the guest stays stopped from ``True`` to
+        ``False``, so the page list is walked once for the batch (each
+        record's flags are still read at each lookup)."""
+        if starting:
+            self.refresh()
+        self._frozen = starting
 
     @classmethod
     def from_kernel(cls, symbols: SymbolTable, btf: Btf, read: Read) -> FtraceRecords:
@@ -210,7 +219,8 @@ class FtraceRecords:
 
     def record(self, addr: int) -> int | None:
         """The address of the ``struct dyn_ftrace`` whose ip is ``addr``, if any."""
-        self.refresh()
+        if not self._frozen:
+            self.refresh()
         i = bisect.bisect_left(self._ips, addr)
         if i == len(self._ips) or self._ips[i] != addr:
             return None

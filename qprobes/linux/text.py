@@ -472,6 +472,8 @@ class KernelText:
     layouts: TextLayouts = field(default_factory=TextLayouts)
     stats: TextStats = field(default_factory=TextStats)
     _modules: dict[tuple[int, int, int, str], Module] = field(default_factory=dict)
+    # The optimized kprobes as read when a batch of registrations began.
+    _frozen: list[tuple[int, int, bytes]] | None = field(default=None, repr=False)
 
     # --- loading -------------------------------------------------------------
 
@@ -653,9 +655,19 @@ class KernelText:
                     out[kp_addr + i - addr] = byte
         return bytes(out)
 
+    def batch(self, starting: bool) -> None:
+        """The engine's batch hook: the guest stays stopped from ``True`` to
+        ``False``, so the guest's optimized kprobes are read once for it."""
+        self._frozen = self._read_optimized() if starting else None
+
     def _optimized(self) -> list[tuple[int, int, bytes]]:
         """(addr, optinsn.size, original bytes under the jump) of each
         optimized kprobe in ``kprobe_table``."""
+        if self._frozen is not None:
+            return self._frozen
+        return self._read_optimized()
+
+    def _read_optimized(self) -> list[tuple[int, int, bytes]]:
         layout = self.layouts.kprobe
         if layout is None:
             return []

@@ -43,6 +43,12 @@ from qprobes.target.target import Target
 
 PAGE_SIZE = 4096
 REGION_SIZE = 2 * 1024 * 1024  # one page table's worth of 4 KiB pages
+REGION_PAGES = REGION_SIZE // PAGE_SIZE
+#: The area can grow to this many regions, contiguous after the first (each
+#: mapped when its first page is), so pages 0..AREA_PAGES-1 are indices.
+MAX_REGIONS = 8
+AREA_SPAN = MAX_REGIONS * REGION_SIZE
+AREA_PAGES = MAX_REGIONS * REGION_PAGES
 MODULES_VADDR = 0xFFFF_FFFF_A000_0000
 MODULES_END = 0xFFFF_FFFF_FF00_0000
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map
@@ -54,9 +60,10 @@ REL32_REACH = 1 << 31
 EFER_NXE = 1 << 11
 
 
-def image_candidates(text: int, end: int) -> list[int]:
-    """2 MiB regions of the kernel image mapping no allocator hands out, best
-    first: after ``_end`` upward, then below ``_text`` downward.
+def image_candidates(text: int, end: int, span: int = REGION_SIZE) -> list[int]:
+    """Bases of ``span`` bytes (2 MiB regions) of the kernel image mapping no
+    allocator hands out, best first: after ``_end`` upward, then below
+    ``_text`` downward.
 
     The mapping spans ``KERNEL_IMAGE_SIZE`` from ``__START_KERNEL_map``. It
     is 1 GiB when the kernel can be randomized, which is certain once the
@@ -67,8 +74,8 @@ def image_candidates(text: int, end: int) -> list[int]:
         else KERNEL_IMAGE_SIZE_MIN  # fmt: skip
     top = START_KERNEL_MAP + size
     first = (end + REGION_SIZE - 1) & ~(REGION_SIZE - 1)
-    after = list(range(first, top - REGION_SIZE + 1, REGION_SIZE))
-    below = list(range((text & ~(REGION_SIZE - 1)) - REGION_SIZE, START_KERNEL_MAP - 1,
+    after = list(range(first, top - span + 1, REGION_SIZE))
+    below = list(range((text & ~(REGION_SIZE - 1)) - span, START_KERNEL_MAP - 1,
                        -REGION_SIZE))  # fmt: skip
     return after + below
 
@@ -122,9 +129,12 @@ class PhysAllocator:
 
 
 class GuestArea:
-    """A 2 MiB virtual region of 4 KiB pages that qprobes owns in the guest.
+    """Up to :data:`MAX_REGIONS` contiguous 2 MiB virtual regions of 4 KiB
+    pages that qprobes owns in the guest: the first is mapped at set-up, each
+    later one when its first page is (:meth:`map_page` with an index of 512
+    or more). The set-up chooses a base whose whole span is unmapped.
 
-    ``near`` is an address of kernel text: the region is chosen so that any
+    ``near`` is an address of kernel text: the span is chosen so that any
     address in it is within rel32 reach of it. Page tables are edited through
     the gdbstub in physical mode while the guest is stopped.
     """
@@ -136,7 +146,9 @@ class GuestArea:
         self.near = near
         self._requested_vbase = vbase
         self.vbase = 0
-        self._pt = 0  # physical address of our page table
+        self._pt = 0  # physical address of our page table (the first region's)
+        self._pts: dict[int, int] = {}  # region -> physical address of its page table
+        self._claimed: set[int] = set()  # page indices handed out by claim_pages
         self._written: list[tuple[int, int]] = []  # (entry paddr, old value), in order
         self._pages: dict[int, Page] = {}  # page index -> Page
         self._cr3 = 0
@@ -152,6 +164,9 @@ class GuestArea:
         # Called with (entry paddr, old value) before an entry of the guest's
         # own page tables is rewritten (the journal records it first).
         self.on_guest_write: Callable[[int, int], None] | None = None
+        # Writes guest-physical *data* (the fill of a data page) faster than
+        # the gdbstub (the engine's host-memory path); None: the gdbstub.
+        self.write_data_phys: Callable[[int, bytes], None] | None = None
         self._reserve = reserve
 
     # --- set-up -------------------------------------------------------------
@@ -199,17 +214,22 @@ class GuestArea:
         if self._requested_vbase is not None:
             candidates = [self._requested_vbase]
         elif self.image is not None:
-            candidates = image_candidates(*self.image)
+            candidates = image_candidates(*self.image, span=AREA_SPAN)
         else:
-            candidates = list(range(MODULES_END - REGION_SIZE, MODULES_VADDR - 1, -REGION_SIZE))
+            candidates = list(range(MODULES_END - AREA_SPAN, MODULES_VADDR - 1, -REGION_SIZE))
         for vbase in candidates:
             if vbase % REGION_SIZE:
                 raise ProbeError(f"area base {vbase:#x} is not 2 MiB aligned")
-            lo, hi = min(vbase, self.near), max(vbase + REGION_SIZE, self.near)
+            lo, hi = min(vbase, self.near), max(vbase + AREA_SPAN, self.near)
             if hi - lo >= REL32_REACH:
+                continue
+            if not self._span_free(vbase):
+                if self._requested_vbase is not None:
+                    raise ProbeError(f"the requested area {vbase:#x} is already in use")
                 continue
             if self._try_region(vbase):
                 self.vbase = vbase
+                self._pts = {0: self._pt}
                 return
             if self._requested_vbase is not None:
                 raise ProbeError(f"the requested area {vbase:#x} is already in use")
@@ -275,6 +295,42 @@ class GuestArea:
         looks_paired = 511 in user_high and len(user_high) <= 4 and kernel_high >= 8
         return user if looks_paired else None
 
+    def _pmd_free(self, root: int, vbase: int) -> bool:
+        """Whether the PMD entry of ``vbase`` is empty, creating nothing (a
+        missing upper level is free too, unless it is a top-level entry)."""
+        table = root
+        level = Level.PGD if self._la57 else Level.P4D
+        while level > Level.PMD:
+            entry = self._read_entry(table + 8 * table_index(vbase, level))
+            if not entry & PTE_PRESENT:
+                return level < Level.P4D
+            if level == Level.PUD and entry & PTE_PS:
+                return False
+            table = entry & ADDR_MASK
+            level = Level(int(level) - 1)
+        return not self._read_entry(table + 8 * table_index(vbase, Level.PMD)) & PTE_PRESENT
+
+    def _span_free(self, vbase: int) -> bool:
+        """Whether the regions after the first one at ``vbase`` are all unmapped."""
+        roots = [self._cr3] + ([self._user] if self._user is not None else [])
+        return all(self._pmd_free(root, vbase + k * REGION_SIZE)
+                   for k in range(1, MAX_REGIONS) for root in roots)  # fmt: skip
+
+    def _map_region(self, region: int) -> int:
+        """Install the page table of ``region`` (1..MAX_REGIONS-1); its address."""
+        vbase = self.vbase + region * REGION_SIZE
+        slots = [self._pmd_entry(self._cr3, vbase)]
+        if self._user is not None:
+            slots.append(self._pmd_entry(self._user, vbase))
+        if any(slot is None or self._read_entry(slot) & PTE_PRESENT for slot in slots):
+            raise ProbeError(f"qprobes' area cannot grow: the region at {vbase:#x} is in use")
+        table = self._new_table()
+        for slot in slots:
+            assert slot is not None
+            self._write_entry(slot, make_entry(table, writable=True, executable=True))
+        self._pts[region] = table
+        return table
+
     def _try_region(self, vbase: int) -> bool:
         """Install a page table for ``vbase`` if its PMD entries are free."""
         slots = [self._pmd_entry(self._cr3, vbase)]
@@ -293,22 +349,61 @@ class GuestArea:
     def map_page(self, index: int, *, writable: bool, executable: bool, fill: int = 0) -> Page:
         """Map page ``index`` of the region to a fresh physical page, every
         byte ``fill`` (0; int3 for code)."""
-        if not 0 <= index < REGION_SIZE // PAGE_SIZE:
+        if not 0 <= index < AREA_PAGES:
             raise ProbeError(f"area page index {index} out of range")
         if index in self._pages:
             raise ProbeError(f"area page {index} is already mapped")
+        region = index // REGION_PAGES
+        table = self._pts.get(region)
+        if table is None:
+            table = self._map_region(region)
         paddr = self.phys.alloc()
-        self.target.write_phys(paddr, bytes([fill]) * PAGE_SIZE)
+        if executable or self.write_data_phys is None:
+            self.target.write_phys(paddr, bytes([fill]) * PAGE_SIZE)
+        else:
+            # A data page: TCG has no code of it to invalidate.
+            self.write_data_phys(paddr, bytes([fill]) * PAGE_SIZE)
         entry = make_entry(paddr, writable=writable, executable=executable or not self._nx)
-        self._write_entry(self._pt + 8 * index, entry)
+        self._write_entry(table + 8 * (index % REGION_PAGES), entry)
         page = Page(self.vbase + index * PAGE_SIZE, paddr, writable, executable)
         self._pages[index] = page
         return page
 
     def unmap_page(self, index: int) -> None:
         page = self._pages.pop(index)
-        self.target.write_phys(self._pt + 8 * index, bytes(8))
+        table = self._pts[index // REGION_PAGES]
+        self.target.write_phys(table + 8 * (index % REGION_PAGES), bytes(8))
         self.phys.free(page.paddr)
+        self._claimed.discard(index)
+
+    def claim_pages(self, count: int) -> int:
+        """The first of ``count`` contiguous page indices in the regions after
+        the first (512 on), none mapped or claimed; they are the caller's
+        (to :meth:`map_page`) until unmapped or :meth:`release_pages`."""
+        run = 0
+        for index in range(REGION_PAGES, AREA_PAGES):
+            if index in self._pages or index in self._claimed:
+                run = 0
+                continue
+            run += 1
+            if run == count:
+                first = index - count + 1
+                self._claimed.update(range(first, index + 1))
+                return first
+        raise ProbeError(f"qprobes' area has no {count} free pages left "
+                         f"({MAX_REGIONS} regions of 2 MiB)")  # fmt: skip
+
+    def release_pages(self, first: int, count: int) -> None:
+        """Unmap (where mapped) and give back pages from :meth:`claim_pages`."""
+        for index in range(first, first + count):
+            if index in self._pages:
+                self.unmap_page(index)
+            self._claimed.discard(index)
+
+    @property
+    def regions(self) -> int:
+        """How many regions are mapped."""
+        return len(self._pts)
 
     @property
     def cr3(self) -> int:
@@ -326,7 +421,12 @@ class GuestArea:
         return self._pages[index]
 
     def contains(self, vaddr: int) -> bool:
-        return self.vbase <= vaddr < self.vbase + REGION_SIZE
+        """Whether ``vaddr`` is in the area's span (every region it may grow to)."""
+        return self.vbase <= vaddr < self.vbase + AREA_SPAN
+
+    @property
+    def end(self) -> int:
+        return self.vbase + AREA_SPAN
 
     def check_mapping(self, vaddr: int) -> int:
         """The physical address behind ``vaddr``, proving the guest sees the mapping."""
@@ -341,12 +441,15 @@ class GuestArea:
         self.vbase, self._cr3, self._la57 = vbase, cr3, la57
         self._written = list(guest_entries)
         self._pages.clear()
+        self._pts.clear()
 
     def forget(self) -> None:
         """Give up the area without unmapping it: its entries stay in the
         guest's page tables and its physical pages stay taken."""
         self._written.clear()
         self._pages.clear()
+        self._pts.clear()
+        self._claimed.clear()
 
     def teardown(self) -> None:
         """Put back every page-table entry written, newest first."""
@@ -354,3 +457,5 @@ class GuestArea:
             self.target.write_phys(paddr, old.to_bytes(8, "little"))
         self._written.clear()
         self._pages.clear()
+        self._pts.clear()
+        self._claimed.clear()

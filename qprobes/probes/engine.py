@@ -21,12 +21,13 @@ stop. All calls come from one thread.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import struct
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from qprobes import __version__
@@ -44,7 +45,7 @@ from qprobes.errors import (
     SymbolError,
     TranslationError,
 )
-from qprobes.probes.area import PAGE_SIZE, REGION_SIZE, GuestArea
+from qprobes.probes.area import AREA_SPAN, PAGE_SIZE, REGION_SIZE, GuestArea
 from qprobes.probes.context import HitContext, PtRegs
 from qprobes.probes.fastpath import FastPath
 from qprobes.probes.ftrace_site import MCOUNT_INSN_SIZE, FtraceRecords, branches_to
@@ -59,6 +60,8 @@ from qprobes.probes.journal import (
     JournalError,
     JournalState,
     StepLevel,
+    journal_size,
+    sites_for,
 )
 from qprobes.probes.kprobe import (
     Kprobe,
@@ -67,6 +70,7 @@ from qprobes.probes.kprobe import (
     PrevKprobe,
     ProbePoint,
 )
+from qprobes.probes.ptable import TOMBSTONE, ProbeTable, max_probes
 from qprobes.probes.quiesce import CpuState, StackScan, StackScanner, pending
 from qprobes.probes.slots import SlotAllocator
 from qprobes.probes.stubs import (
@@ -74,23 +78,25 @@ from qprobes.probes.stubs import (
     ACTION_RETURN,
     FRAME_SIZE,
     FRAME_WORDS,
+    HEADER_SIZE,
     JPROBE_VECTOR,
     KRETPROBE_VECTOR,
     MAX_CPUS,
     PERCPU_STRIDE,
     PT_REGS_NAMES,
+    PTABLE_BITS,
     PTABLE_ENTRIES,
-    PTABLE_MAX_LOAD,
     SLOT_FAULT_VECTORS,
     VAR_ORIG,
     VAR_PERCPU,
+    VAR_PTABLE,
+    VAR_PTABLE_HEADER,
     VAR_SS_ACTIVE,
     StubLayout,
     Stubs,
     assemble_at,
     assemble_stubs,
     fault_label,
-    probe_hash,
 )
 from qprobes.symbols.elf import Symbol, SymbolTable
 from qprobes.target.hostmem import HostMemory
@@ -119,6 +125,8 @@ MIN_AREA_RESERVE = 1 << 20
 PAGE_USER_CODE = 20  # jprobe handlers and other guest code from users: 20..31
 PAGE_SLOTS_FIRST = 32
 PAGE_SLOTS_LAST = 415  # pages 416-511: the fast path (qprobes.probes.fastpath)
+# Pages 512 on (the regions after the first 2 MiB, mapped when first used):
+# bigger probe tables and more slot pages, handed out by GuestArea.claim_pages.
 CR4_SMAP = 1 << 21
 
 TRAPPED_VECTORS = (1, 3, *SLOT_FAULT_VECTORS)
@@ -173,6 +181,46 @@ def slot_code(insn: x86insn.Insn, analysis: x86insn.InsnAnalysis, slot: int,
     return copy, None
 
 
+def _segments(ranges: list[tuple[int, int, str]]) -> tuple[list[int], list[int]]:
+    """The elementary segments of ``ranges`` ([start, end) each): sorted
+    boundaries, and for the segment starting at each boundary the index of
+    the first range (in list order) covering it, or -1."""
+    bounds = sorted({b for start, end, _ in ranges if start < end for b in (start, end)})
+    first = [-1] * len(bounds)
+    for n, (start, end, _why) in enumerate(ranges):
+        if start >= end:
+            continue
+        i = bisect.bisect_left(bounds, start)
+        while i < len(bounds) and bounds[i] < end:
+            if first[i] < 0:
+                first[i] = n
+            i += 1
+    return bounds, first
+
+
+@dataclass
+class _Batch:
+    """A batch of registrations (see :meth:`KprobeEngine.register_many`)."""
+
+    pages: dict[int, bytes] = field(default_factory=dict)  # kernel page vaddr -> bytes
+    phys: dict[int, int] = field(default_factory=dict)  # kernel page vaddr -> paddr
+    writes: list[tuple[int, bytes]] = field(default_factory=list)  # (paddr, code), in order
+    decoded: dict[tuple[int, bytes], x86insn.Insn] = field(default_factory=dict)
+    text_unlocked: bool = False  # the guest's text_mutex was seen free in the batch
+
+
+@dataclass(frozen=True)
+class _TableBuffer:
+    """Where one probe table lives in the guest: its header, its array of
+    probe addresses, its array of fast-path words, and the area pages it
+    took (first, count; None for the first table, which stays)."""
+
+    header: int
+    addrs: int
+    rtable: int
+    pages: tuple[int, int] | None
+
+
 @dataclass
 class EngineStats:
     """Counts of stops by kind, for benchmarks and tests."""
@@ -221,9 +269,15 @@ class KprobeEngine:
         start, size = reserve
         self.journal: Journal | None = None
         if size >= JOURNAL_SIZE + MIN_AREA_RESERVE:
-            self.journal = Journal(start, self._phys_read, self._phys_write)
-            reserve = (start + JOURNAL_SIZE, size - JOURNAL_SIZE)
+            sites = sites_for(size)
+            jsize = journal_size(sites)
+            if size < jsize + MIN_AREA_RESERVE:
+                sites, jsize = MAX_SITES, JOURNAL_SIZE
+            self.journal = Journal(start, self._phys_read, self._phys_write, sites)
+            reserve = (start + jsize, size - jsize)
         self.area = GuestArea(target, reserve, near, area_base)
+        if hostmem is not None:
+            self.area.write_data_phys = hostmem.write_phys  # zero-filling data pages
         self.stats = EngineStats()
         self.points: dict[int, ProbePoint] = {}
         self.kcb: dict[int, KprobeCtlblk] = {}
@@ -237,7 +291,15 @@ class KprobeEngine:
         # record stays until no vCPU steps them any more.
         self._unsite_after_step: set[int] = set()
         self.attached = False
-        self._ptable = [0] * PTABLE_ENTRIES
+        self._ptable = ProbeTable(PTABLE_BITS)
+        # Where the table in use lives: its header, address and fast-path
+        # arrays, and the area pages it took (None: the first table's, in
+        # the first region, never freed); tables left behind at a switch.
+        self._tbuf = _TableBuffer(0, 0, 0, None)
+        self._retired: list[_TableBuffer] = []
+        # The per-CPU offset of the guest kernel's CPU number, for the stubs
+        # (set by Session.use_linux before attach; None: cpuid).
+        self.cpu_number_offset: int | None = None
         self._ss_active = 0
         self._orig_gates: dict[tuple[int, int], bytes] = {}  # (idt paddr, vector) -> gate
         self._orig_handler: dict[int, int] = {}
@@ -267,6 +329,15 @@ class KprobeEngine:
         self._user_code = 0
         self._vars_phys = 0
         self._blacklist: list[tuple[int, int, str]] = []
+        self._blacklist_index: tuple[list[int], list[int]] | None = None
+        self._handler_syms: dict[int, tuple[Symbol, int] | None] = {}
+        # A batch of registrations in progress (register_many): kernel reads
+        # served from a page cache, code writes held for one pipelined flush.
+        self._batch: _Batch | None = None
+        # Called with True when a batch starts (the guest stopped throughout)
+        # and False when it ends: hooks that read the guest may keep what they
+        # read meanwhile (Linux: the ftrace records, the optimized kprobes).
+        self.batch_hooks: list[Callable[[bool], None]] = []
         # The guest's ftrace sites (set by Session.use_linux): a probe at one
         # is armed on the next instruction (see _check_ftrace_location).
         self.ftrace: FtraceRecords | None = None
@@ -325,6 +396,8 @@ class KprobeEngine:
     def _phys_write(self, paddr: int, data: bytes) -> None:
         if self.hostmem is not None:
             self.hostmem.write_phys(paddr, data)
+        elif self._batch is not None:
+            self._batch.writes.append((paddr, bytes(data)))  # in order, with the code
         else:
             self.target.write_phys(paddr, data)
 
@@ -350,7 +423,7 @@ class KprobeEngine:
                     if 16 * vector + 15 > limit:
                         continue
                     handler = gate_offset(self.target.read_phys(paddr + 16 * vector, 16))
-                    if header.area <= handler < header.area + REGION_SIZE:
+                    if header.area <= handler < header.area + AREA_SPAN:
                         raise JournalError(
                             f"IDT vector {vector} still points into the area of an earlier "
                             f"qprobes session ({header.owner()}): run "
@@ -407,9 +480,14 @@ class KprobeEngine:
             slot_hi = area.vbase + (PAGE_SLOTS_LAST + 1) * PAGE_SIZE
             fast = self.fast
             fast.map_tables()
-            layout = StubLayout(code.vaddr, bell.vaddr, vars_.vaddr, ptable[0].vaddr,
-                                slot_lo, slot_hi, fast.rtable, fast.rec_lo, fast.rec_hi,
-                                fast.extable)  # fmt: skip
+            self._tbuf = _TableBuffer(vars_.vaddr + VAR_PTABLE_HEADER, ptable[0].vaddr,
+                                      fast.rtable, None)  # fmt: skip
+            self._ptable = ProbeTable(PTABLE_BITS)
+            self._retired = []
+            self._write_table_header(self._tbuf, self._ptable)
+            self.write_data(self._vars + VAR_PTABLE, struct.pack("<Q", self._tbuf.header))
+            layout = self._layout(code.vaddr, bell.vaddr, vars_.vaddr, ptable[0].vaddr,
+                                  slot_lo, slot_hi)  # fmt: skip
             if self.journal is not None:
                 self.journal.set_area(area=area.vbase, kcr3=area.cr3, la57=area.la57,
                                       code=code.vaddr, doorbell=bell.vaddr, vars_=vars_.vaddr,
@@ -460,6 +538,7 @@ class KprobeEngine:
             lambda i: area.map_page(i, writable=False, executable=True, fill=INT3).vaddr,
             area.unmap_page, collect=self._collect_garbage_slots,
             fill=lambda slot: self.kwrite_code(slot, bytes([INT3]) * x86insn.SLOT_SIZE),
+            more_pages=lambda: area.claim_pages(1),
         )  # fmt: skip
 
     def adopt(self) -> bool:
@@ -488,10 +567,9 @@ class KprobeEngine:
         self._kcr3, self._la57 = h.kcr3, h.la57
         # The fast-path pages sit where the area's layout puts them; the dead
         # session's recorders stay until their probes are disarmed.
-        self.fast = fast = FastPath(self.area, self.target, self.hostmem, self.kwrite_code,
+        self.fast = FastPath(self.area, self.target, self.hostmem, self.kwrite_code,
                                     self.write_data)  # fmt: skip
-        layout = StubLayout(h.code, h.doorbell, h.vars, h.ptable, h.slot_lo, h.slot_hi,
-                            fast.rtable, fast.rec_lo, fast.rec_hi, fast.extable)  # fmt: skip
+        layout = self._layout(h.code, h.doorbell, h.vars, h.ptable, h.slot_lo, h.slot_hi)
         stubs = self._use_stubs(layout)
         code_phys = self._kphys(h.code)
         if self._phys_read(code_phys, len(stubs.code)) != stubs.code:
@@ -546,9 +624,14 @@ class KprobeEngine:
             self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
                                            lost=True, boost_slot=boost_slot)  # fmt: skip
             self._unsite_after_step.add(addr)
-        # The probe table as the dead session left it (its linear-probing order).
-        raw = self.read_data(h.ptable, PTABLE_ENTRIES * 8)
-        self._ptable = list(struct.unpack(f"<{PTABLE_ENTRIES}Q", raw))
+        # The probe table as the dead session left it (its linear-probing
+        # order), wherever its last switch put it.
+        (header,) = struct.unpack("<Q", self.read_data(h.vars + VAR_PTABLE, 8))
+        shift, _mask, addrs, rtable = struct.unpack("<QQQQ", self.read_data(header, HEADER_SIZE))
+        entries = 1 << (64 - shift)
+        raw = self.read_data(addrs, entries * 8)
+        self._ptable = ProbeTable.from_entries(list(struct.unpack(f"<{entries}Q", raw)))
+        self._tbuf = _TableBuffer(header, addrs, rtable, None)
         self._ss_active = 0
         for index, levels in contents.steps.items():
             vcpu = index + 1  # the journal's index is the thread id - 1
@@ -770,7 +853,10 @@ class KprobeEngine:
 
     def _in_slots(self, addr: int) -> bool:
         lo = self.area.vbase + PAGE_SLOTS_FIRST * PAGE_SIZE
-        return lo <= addr < self.area.vbase + (PAGE_SLOTS_LAST + 1) * PAGE_SIZE
+        if lo <= addr < self.area.vbase + (PAGE_SLOTS_LAST + 1) * PAGE_SIZE:
+            return True
+        # The later regions hold no code but slots.
+        return self.area.vbase + REGION_SIZE <= addr < self.area.end
 
     def _stale_once_switched(self, addr: int) -> bool:
         """Whether a task's voluntary switch (or its sleep off the run queue)
@@ -822,7 +908,7 @@ class KprobeEngine:
         no :attr:`stack_scanner` (a guest that is not Linux) only the vCPUs'
         rips are checked.
         """
-        lo, hi = self.area.vbase, self.area.vbase + REGION_SIZE
+        lo, hi = self.area.vbase, self.area.end
         deadline = time.monotonic() + timeout
         baseline: dict[int, int] | None = None
         pause = 0.005
@@ -916,14 +1002,62 @@ class KprobeEngine:
     # in physical mode, which invalidates QEMU's translated blocks.
 
     def _kphys(self, vaddr: int) -> int:
+        batch = self._batch
+        if batch is not None:
+            page = vaddr - vaddr % PAGE_SIZE
+            paddr = batch.phys.get(page)
+            if paddr is None:
+                paddr = batch.phys[page] = self._kphys_walk(page)
+            return paddr + vaddr % PAGE_SIZE
+        return self._kphys_walk(vaddr)
+
+    def _kphys_walk(self, vaddr: int) -> int:
         if self.hostmem is not None:
             return self.hostmem.translate(self._kcr3, vaddr, self._la57).paddr
         return walk(self.target.read_phys_u64, self._kcr3, vaddr, self._la57).paddr
+
+    def _batch_read(self, batch: _Batch, vaddr: int, length: int) -> bytes:
+        """Kernel memory from the batch's page cache (whole pages read once)."""
+        off = vaddr % PAGE_SIZE
+        if off + length <= PAGE_SIZE:
+            data = batch.pages.get(vaddr - off)
+            if data is not None:
+                return data[off : off + length]
+        out = bytearray()
+        while length > 0:
+            page = vaddr - vaddr % PAGE_SIZE
+            data = batch.pages.get(page)
+            if data is None:
+                paddr = self._kphys(page)
+                if self.hostmem is not None:
+                    data = self.hostmem.read_phys(paddr, PAGE_SIZE)
+                else:
+                    data = self.target.read_phys(paddr, PAGE_SIZE)
+                batch.pages[page] = data
+            off = vaddr - page
+            n = min(length, PAGE_SIZE - off)
+            out += data[off : off + n]
+            vaddr, length = vaddr + n, length - n
+        return bytes(out)
+
+    def _batch_note_write(self, batch: _Batch, vaddr: int, data: bytes) -> None:
+        """Keep the batch's cached pages equal to what the guest will hold."""
+        while data:
+            page = vaddr - vaddr % PAGE_SIZE
+            off = vaddr - page
+            n = min(len(data), PAGE_SIZE - off)
+            cached = batch.pages.get(page)
+            if cached is not None:
+                batch.pages[page] = cached[:off] + data[:n] + cached[off + n :]
+            vaddr, data = vaddr + n, data[n:]
 
     def kread(self, vaddr: int, length: int) -> bytes:
         """Read kernel memory (code or data)."""
         if not self._kcr3:
             return self.target.read(vaddr, length)
+        batch = self._batch
+        if batch is not None and not self.area.contains(vaddr):
+            return self._batch_read(batch, vaddr, length)
         out = bytearray()
         while length > 0:
             n = min(length, PAGE_SIZE - vaddr % PAGE_SIZE)
@@ -936,15 +1070,32 @@ class KprobeEngine:
         if not self._kcr3:
             self.target.write(vaddr, data)
             return
+        batch = self._batch
+        if batch is not None:
+            self._batch_note_write(batch, vaddr, bytes(data))
         view = memoryview(data)
         while view:
             n = min(len(view), PAGE_SIZE - vaddr % PAGE_SIZE)
-            self.target.write_phys(self._kphys(vaddr), bytes(view[:n]))
+            if batch is not None:
+                batch.writes.append((self._kphys(vaddr), bytes(view[:n])))
+            else:
+                self.target.write_phys(self._kphys(vaddr), bytes(view[:n]))
             vaddr, view = vaddr + n, view[n:]
 
     def write_data(self, vaddr: int, data: bytes, cr3: int | None = None) -> None:
         """Write guest *data* (never code): host memory when possible."""
+        default = cr3 is None or cr3 == self._kcr3
+        if default and self.hostmem is not None and self.area.contains(vaddr) \
+                and vaddr % PAGE_SIZE + len(data) <= PAGE_SIZE:  # fmt: skip
+            index = (vaddr - self.area.vbase) // PAGE_SIZE
+            if self.area.is_mapped(index):
+                # The area's own data page: its physical page is known.
+                self.hostmem.write_phys(self.area.page(index).paddr + vaddr % PAGE_SIZE, data)
+                return
         cr3 = cr3 if cr3 is not None else self._kcr3
+        batch = self._batch
+        if batch is not None and default and vaddr >> 63 and self.hostmem is not None:
+            self._batch_note_write(batch, vaddr, bytes(data))
         if self.hostmem is not None and cr3:
             self.hostmem.write_virt(cr3, vaddr, data, self._la57)
         elif self._kcr3 and vaddr >> 63:
@@ -953,6 +1104,10 @@ class KprobeEngine:
             self.target.write(vaddr, data)
 
     def read_data(self, vaddr: int, length: int, cr3: int | None = None) -> bytes:
+        batch = self._batch
+        if batch is not None and (cr3 is None or cr3 == self._kcr3) and vaddr >> 63 \
+                and self._kcr3 and not self.area.contains(vaddr):  # fmt: skip
+            return self._batch_read(batch, vaddr, length)
         cr3 = cr3 if cr3 is not None else self._kcr3
         if self.hostmem is not None and cr3:
             return self.hostmem.read_virt(cr3, vaddr, length, self._la57)
@@ -1004,9 +1159,16 @@ class KprobeEngine:
         (and, through ``recover_text``, the guest's own jumps over its
         optimized kprobes: Linux's ``recover_probed_instruction()``)."""
         data = bytearray(self.kread(addr, length))
-        for point in self.points.values():
-            if point.armed and addr <= point.addr < addr + length:
-                data[point.addr - addr] = point.opcode
+        points = self.points
+        if len(points) < length:
+            for point in points.values():
+                if point.armed and addr <= point.addr < addr + length:
+                    data[point.addr - addr] = point.opcode
+        else:
+            for a in range(addr, addr + length):
+                at = points.get(a)
+                if at is not None and at.armed:
+                    data[a - addr] = at.opcode
         if self.recover_text is not None:
             return self.recover_text(addr, bytes(data))
         return bytes(data)
@@ -1014,17 +1176,30 @@ class KprobeEngine:
     def blacklist(self, start: int, end: int, reason: str) -> None:
         """Refuse probes in ``[start, end)`` (Linux's kprobe blacklist)."""
         self._blacklist.append((start, end, reason))
+        self._blacklist_index = None
+
+    def _blacklisted(self, addr: int) -> tuple[int, int, str] | None:
+        """The first range of the blacklist (in the order given) holding
+        ``addr``: a lookup in the ranges' elementary segments."""
+        if self._blacklist_index is None:
+            self._blacklist_index = _segments(self._blacklist)
+        bounds, first = self._blacklist_index
+        i = bisect.bisect_right(bounds, addr) - 1
+        if i < 0 or first[i] < 0:
+            return None
+        return self._blacklist[first[i]]
 
     def can_probe(self, addr: int) -> None:
         """Raise unless ``addr`` may be probed (``can_probe``/``check_kprobe_address_safe``)."""
         if self.attached and self.area.contains(addr):
             raise ProbeError(f"{addr:#x} is inside qprobes' own guest area")
-        for start, end, reason in self._blacklist:
-            if start <= addr < end:
-                where = self.symbols.format(addr) if self.symbols is not None else f"{addr:#x}"
-                raise ProbeError(f"{where} is blacklisted: {reason}")
+        hit = self._blacklisted(addr)
+        if hit is not None:
+            where = self.symbols.format(addr) if self.symbols is not None else f"{addr:#x}"
+            raise ProbeError(f"{where} is blacklisted: {hit[2]}")
+        found_addr = self.symbols.resolve(addr) if self.symbols is not None else None
         for vector, handler in self._orig_handler.items():
-            if self._same_function(addr, handler):
+            if self._same_function_as(addr, found_addr, handler):
                 raise ProbeError(
                     f"{addr:#x} is in the guest's handler for vector {vector}, "
                     "which qprobes' stubs chain to"
@@ -1054,6 +1229,17 @@ class KprobeEngine:
                 f"the instruction at {sym.name}+{spanning.addr - sym.addr:#x} spans it"
             )
 
+    def _decode(self, code: bytes, addr: int) -> x86insn.Insn:
+        """:func:`x86insn.decode`, once per (address, bytes) in a batch."""
+        batch = self._batch
+        if batch is None:
+            return x86insn.decode(code, addr)
+        key = (addr, bytes(code[: x86insn.MAX_INSN_SIZE]))
+        insn = batch.decoded.get(key)
+        if insn is None:
+            insn = batch.decoded[key] = x86insn.decode(code, addr)
+        return insn
+
     def _check_text(self, addr: int) -> None:
         """Only a function's code may be probed: the front end's rule for its
         guest (``text_check``), else a function symbol must hold ``addr``."""
@@ -1072,8 +1258,15 @@ class KprobeEngine:
         running it a few milliseconds at a time; :class:`ProbeError` after
         ``text_lock_timeout`` seconds. Writing kernel text meanwhile could race
         a ``text_poke_bp()`` (and take its transient int3 for the original byte)."""
+        if self._batch is not None and self._batch.text_unlocked:
+            return  # seen unlocked when the batch began; the guest has not run since
         if self.text_lock_held is None or not self.text_lock_held():
+            if self._batch is not None:
+                self._batch.text_unlocked = True
             return
+        if self._batch is not None:
+            raise ProbeError("the guest is patching its own text (text_mutex held): not "
+                             "writing kernel text in a batch")  # fmt: skip
         deadline = time.monotonic() + self.text_lock_timeout
         while self.text_lock_held():
             if time.monotonic() > deadline:
@@ -1086,7 +1279,16 @@ class KprobeEngine:
     def _same_function(self, a: int, b: int) -> bool:
         if self.symbols is None:
             return a == b
-        fa, fb = self.symbols.resolve(a), self.symbols.resolve(b)
+        return self._same_function_as(a, self.symbols.resolve(a), b)
+
+    def _same_function_as(self, a: int, fa: tuple[Symbol, int] | None, b: int) -> bool:
+        """Whether ``b`` is in the function ``fa`` (``a`` resolved); the
+        symbols of ``b`` (a handler address) are looked up once."""
+        if self.symbols is None:
+            return a == b
+        if b not in self._handler_syms:
+            self._handler_syms[b] = self.symbols.resolve(b)
+        fb = self._handler_syms[b]
         if fa is None or fb is None:
             return a == b
         return fa[0] == fb[0]
@@ -1141,7 +1343,7 @@ class KprobeEngine:
             )
         self.can_probe(addr)  # the blacklist names the function itself
         try:
-            next_insn = x86insn.decode(self._original_bytes(new, x86insn.MAX_INSN_SIZE), new)
+            next_insn = self._decode(self._original_bytes(new, x86insn.MAX_INSN_SIZE), new)
         except InstructionError as exc:
             raise ProbeError(f"{head}; but {there} does not decode ({exc})") from exc
         reason = self.ftrace.text_reserved(new, new + next_insn.length)
@@ -1157,14 +1359,19 @@ class KprobeEngine:
                 parts.append(self.symbols.lookup(f"{found[0].name}.cold"))
             for sym in parts:
                 code = self._original_bytes(sym.addr, sym.size)
-                try:
-                    insns = x86insn.decode_function(code, sym.addr)
-                except InstructionError as exc:
-                    raise ProbeError(
-                        f"{head}; but {sym.name} does not decode ({exc}), so qprobes cannot "
-                        f"tell whether a branch goes to {there}: probe {there} explicitly"
-                    ) from exc
-                sources = branches_to(insns, new)
+                # One sweep of both decoders decides most functions; where it
+                # cannot (or finds a branch) the full decode gives the answer.
+                sources = x86insn.quick_branches_to(code, sym.addr, new)
+                if sources is None or sources:
+                    try:
+                        insns = x86insn.decode_function(code, sym.addr)
+                    except InstructionError as exc:
+                        raise ProbeError(
+                            f"{head}; but {sym.name} does not decode ({exc}), so qprobes "
+                            f"cannot tell whether a branch goes to {there}: probe {there} "
+                            "explicitly"
+                        ) from exc
+                    sources = branches_to(insns, new)
                 if sources:
                     named = ", ".join(self._where(a) for a in sources)
                     raise ProbeError(
@@ -1228,11 +1435,10 @@ class KprobeEngine:
         if self.on_module_probe is not None and self.module_base is not None \
                 and self.module_base(addr):  # fmt: skip
             self.on_module_probe(addr)
-        if len(self.points) >= PTABLE_MAX_LOAD:
-            raise ProbeError(f"at most {PTABLE_MAX_LOAD} probe addresses at once")
+        self._table_room(1)
         self._check_site_room(addr)
         code = self._original_bytes(addr, x86insn.MAX_INSN_SIZE)
-        insn = x86insn.decode(code, addr)
+        insn = self._decode(code, addr)
         if self.address_check is not None:
             self.address_check(addr, insn.length)
         analysis = x86insn.analyze(insn)
@@ -1262,6 +1468,81 @@ class KprobeEngine:
             self._slots.free_insn_slot(slot)
             raise
         return kp
+
+    def register_many(self, kps: Sequence[Kprobe], *,
+                      stop_on_error: bool = False) -> list[QprobesError | None]:  # fmt: skip
+        """Register and arm many kprobes in one pass, the guest stopped once.
+
+        Each probe goes through :meth:`register_kprobe` and so through every
+        check a probe registered alone meets, with the same refusals; what
+        the batch saves is guest traffic: kernel memory is read once per
+        page (a cache that lives as long as the batch, kept equal to what
+        qprobes writes), the probe table grows once for the whole batch, the
+        :attr:`batch_hooks` keep what they read (the guest's ftrace records,
+        its optimized kprobes), and the code writes (slots, int3s) go out at
+        the end in one pipelined stream, in the order they were made (a
+        probe's slot, table entry and journal record before its int3).
+
+        Returns, for each probe, None when it is armed or the error that
+        refused it; with ``stop_on_error`` the first refusal is raised (the
+        probes before it stay registered).
+        """
+        if not self.attached:
+            raise ProbeError("attach the engine before registering probes")
+        results: list[QprobesError | None] = [None] * len(kps)
+        if not kps:
+            return results
+        self.wait_text_unlocked()  # once: the guest does not run in a batch
+        self.make_room(len(kps))
+        with self.batch():
+            for n, kp in enumerate(kps):
+                try:
+                    self.register_kprobe(kp)
+                except QprobesError as exc:
+                    if stop_on_error:
+                        raise
+                    results[n] = exc
+        return results
+
+    def make_room(self, probes: int) -> None:
+        """Grow the probe table once for ``probes`` more addresses (as many
+        as fit), before a batch registers them one by one."""
+        room = min(probes, max_probes() - self._ptable.live)
+        if room > 0:
+            self._table_room(room)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group guest accesses (see :meth:`register_many`); the guest must
+        stay stopped inside. Nested batches join the outer one."""
+        if self._batch is not None:
+            yield
+            return
+        self._batch = _Batch()
+        try:
+            for hook in self.batch_hooks:
+                hook(True)
+            yield
+        finally:
+            batch, self._batch = self._batch, None
+            try:
+                self._flush(batch.writes)
+            finally:
+                for hook in self.batch_hooks:
+                    hook(False)
+
+    def _flush(self, writes: list[tuple[int, bytes]]) -> None:
+        """Physical writes, in order, pipelined (adjacent ones merged)."""
+        merged: list[tuple[int, bytearray]] = []
+        for paddr, data in writes:
+            if merged and merged[-1][0] + len(merged[-1][1]) == paddr:
+                merged[-1][1].extend(data)
+            else:
+                merged.append((paddr, bytearray(data)))
+        if not merged:
+            return
+        self.client.set_phys_mem_mode(True)
+        self.client.write_memory_many([(a, bytes(d)) for a, d in merged])
 
     def unregister_kprobe(self, kp: Kprobe) -> None:
         """Disarm and forget ``kp`` (``unregister_kprobe``)."""
@@ -1300,9 +1581,10 @@ class KprobeEngine:
 
     def _check_site_room(self, addr: int) -> None:
         """Refuse to arm ``addr`` when the journal has no room for its record."""
-        if self.journal is not None and not self.journal.has_site_room(addr):
+        if self.journal is not None and not self.journal.has_room(addr):
             raise ProbeError(f"{self._where(addr)}: qprobes' journal records at most "
-                             f"{MAX_SITES} armed probe sites")  # fmt: skip
+                             f"{self.journal.max_sites} armed probe sites (an eighth of "
+                             "the reservation)")  # fmt: skip
 
     def disable_kprobe(self, kp: Kprobe) -> None:
         kp.disabled = True
@@ -1318,9 +1600,9 @@ class KprobeEngine:
         """Rewrite the fast-path word of ``point`` after its kprobes changed."""
         if self.fast is None or not point.armed:
             return
-        i = self._ptable_slot(point.addr)
-        if self._ptable[i] == point.addr:
-            self.fast.write_word(i, point)
+        i = self._ptable_find(point.addr)
+        if i is not None:
+            self.fast.write_word(i, point, self._tbuf.rtable)
 
     def cpu_features(self) -> CpuFeatures:
         """What recorders may use on this guest's CPU: SMAP when CR4 has it on.
@@ -1362,80 +1644,121 @@ class KprobeEngine:
 
     # --- arming ---------------------------------------------------------------
 
-    def _ptable_slot(self, addr: int) -> int:
-        i = probe_hash(addr)
-        while self._ptable[i] not in (0, addr):
-            i = (i + 1) % PTABLE_ENTRIES
-        return i
+    # The probe table (qprobes.probes.ptable): entries never move while the
+    # stub may search them; a bigger or cleaner table is built beside the one
+    # in use and switched to with one store of the header pointer.
+
+    def _layout(self, code: int, doorbell: int, vars_: int, ptable: int, slot_lo: int,
+                slot_hi: int) -> StubLayout:  # fmt: skip
+        assert self.fast is not None
+        fast, vbase = self.fast, self.area.vbase
+        return StubLayout(code, doorbell, vars_, ptable, slot_lo, slot_hi, fast.rtable,
+                          fast.rec_lo, fast.rec_hi, fast.extable,
+                          slot2_lo=vbase + REGION_SIZE, slot2_hi=vbase + AREA_SPAN,
+                          cpu_number=self.cpu_number_offset)  # fmt: skip
+
+    def _write_table_header(self, buf: _TableBuffer, table: ProbeTable) -> None:
+        self.write_data(buf.header, struct.pack("<QQQQ", table.shift, table.mask, buf.addrs,
+                                                buf.rtable))  # fmt: skip
+
+    @property
+    def probe_table(self) -> ProbeTable:
+        """The host's copy of the probe table the #BP stub searches."""
+        return self._ptable
+
+    def _ptable_find(self, addr: int) -> int | None:
+        return self._ptable.find(addr)
 
     def _ptable_write(self, indexes: list[int]) -> None:
-        for i in indexes:
+        """Write the table entries (and fast-path words) at ``indexes``, in
+        runs: one write per stretch of nearby entries."""
+        table, buf = self._ptable, self._tbuf
+        runs: list[list[int]] = []
+        for i in sorted(set(indexes)):
+            if runs and i - runs[-1][-1] <= 32:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            lo, hi = run[0], run[-1] + 1
             if self.fast is not None:
-                # The fast-path word of whatever the entry now holds.
-                self.fast.write_word(i, self.points.get(self._ptable[i]))
-            self.write_data(self._ptable_addr + 8 * i, struct.pack("<Q", self._ptable[i]))
+                words = [self.fast.word(self.points.get(a)) if a not in (0, TOMBSTONE) else 0
+                         for a in table.entries[lo:hi]]  # fmt: skip
+                self.write_data(buf.rtable + 8 * lo, struct.pack(f"<{hi - lo}Q", *words))
+            self.write_data(buf.addrs + 8 * lo,
+                            struct.pack(f"<{hi - lo}Q", *table.entries[lo:hi]))  # fmt: skip
 
     def _ptable_insert(self, addr: int) -> None:
-        i = self._ptable_slot(addr)
-        self._ptable[i] = addr
-        self._ptable_write([i])
+        self._table_room(1)
+        self._ptable_write([self._ptable.insert(addr)])
 
     def _ptable_remove(self, addr: int) -> None:
-        """Remove ``addr`` and re-insert the rest of its cluster (linear probing)."""
-        i = self._ptable_slot(addr)
-        if self._ptable[i] != addr:
+        """Take ``addr`` out: a tombstone, nothing moves (a search in progress
+        on another vCPU still finds every other address)."""
+        i = self._ptable.remove(addr)
+        if i is not None:
+            self._ptable_write([i])
+
+    def _table_room(self, more: int) -> None:
+        """Make room in the probe table for ``more`` addresses: switch to a
+        fresh (bigger, or free of tombstones) table when the load would pass
+        1/2. :class:`ProbeError` beyond the largest table."""
+        table = self._ptable
+        if table.room(more):
             return
-        if self._ptable[(i + 1) % PTABLE_ENTRIES]:
-            # Entries are about to move: no vCPU may be inside the lookup.
-            self._leave_lookup()
-        changed = [i]
-        self._ptable[i] = 0
-        j = (i + 1) % PTABLE_ENTRIES
-        while self._ptable[j]:
-            moved = self._ptable[j]
-            self._ptable[j] = 0
-            k = self._ptable_slot(moved)
-            self._ptable[k] = moved
-            changed += [j, k]
-            j = (j + 1) % PTABLE_ENTRIES
-        self._ptable_write(sorted(set(changed)))
+        if table.live + more > max_probes():
+            raise ProbeError(f"at most {max_probes()} probe addresses at once")
+        new = table.rehashed(more)
+        self._switch_table(new)
 
-    def _lookup_spans(self) -> list[tuple[int, int]]:
-        """The instructions of the #BP stub that read the probe table, or act
-        on an index found in it: from the first read to the last compare,
-        and the fast path's read of that index's recorder word."""
-        if self._stubs is None:
-            return []
-        sym = self._stubs.symbols
-        spans = [(sym["qp_bp_lookup"], sym["qp_bp_foreign"])]
-        if "qp_bp_found" in sym:
-            spans.append((sym["qp_bp_found"], sym["qp_bp_found"] + 1))
-        return spans
+    def _switch_table(self, new: ProbeTable) -> None:
+        """Build ``new`` in fresh pages of the later regions, then point the
+        stub at it; the old table goes once no vCPU is in the stub's search."""
+        area = self.area
+        nbytes = new.size * 8
+        pages = 1 + 2 * (nbytes // PAGE_SIZE)  # header, addresses, fast-path words
+        first = area.claim_pages(pages)
+        try:
+            for i in range(first, first + pages):
+                area.map_page(i, writable=True, executable=False)
+        except BaseException:
+            area.release_pages(first, pages)
+            raise
+        base = area.vbase + first * PAGE_SIZE
+        buf = _TableBuffer(base, base + PAGE_SIZE, base + PAGE_SIZE + nbytes, (first, pages))
+        old, old_buf = self._ptable, self._tbuf
+        self._ptable, self._tbuf = new, buf
+        try:
+            self._ptable_write([i for i, a in enumerate(new.entries) if a])
+            self._write_table_header(buf, new)
+            # One 8-byte store: a search sees the old table or the new one.
+            self.write_data(self._vars + VAR_PTABLE, struct.pack("<Q", buf.header))
+        except BaseException:
+            self._ptable, self._tbuf = old, old_buf
+            area.release_pages(first, pages)
+            raise
+        log.info("probe table: %d entries now (%d probes)", new.size, new.live)
+        if old_buf.pages is not None:
+            self._retired.append(old_buf)
+        self._free_retired()
 
-    def _leave_lookup(self, max_steps: int = 8 * PTABLE_ENTRIES + 16) -> None:
-        """Single-step every vCPU stopped inside the probe-table lookup
-        until it is out, before entries of the table move.
-
-        In all-stop mode a vCPU stops wherever it is, also between two reads
-        of the lookup loop: moving a cluster under it (a removal re-inserts
-        the entries after the gap) could make it miss a probe that is there
-        (sent to the guest's handler: an oops at a probe) or take another
-        index's recorder. The loop holds no doorbell and runs with
-        interrupts off, so steps take it out: at worst 8 instructions per
-        entry of the longest cluster.
-        """
-        spans = self._lookup_spans()
-        if not spans:
+    def _free_retired(self) -> None:
+        """Unmap the tables left behind, unless a vCPU is inside the stub's
+        search (it may still read the table it started with)."""
+        if not self._retired or self._stubs is None:
             return
-        for vcpu in self.target.vcpus:
-            for _ in range(max_steps):
-                rip = self.target.read_register("rip", vcpu)
-                if not any(lo <= rip < hi for lo, hi in spans):
-                    break
-                self.target.step(vcpu, timeout=5.0)
-            else:
-                raise ProbeError(f"vCPU {vcpu} did not leave the probe-table lookup in "
-                                 f"{max_steps} steps")  # fmt: skip
+        symbols = self._stubs.symbols
+        lo = symbols["qp_bp_entry"]
+        hi = symbols.get("qp_bp_table_done", symbols["qp_bp_ours"])
+        try:
+            if any(lo <= self.target.read_register("rip", v) <= hi for v in self.target.vcpus):
+                return
+        except QprobesError:
+            return
+        for buf in self._retired:
+            assert buf.pages is not None
+            self.area.release_pages(*buf.pages)
+        self._retired.clear()
 
     def _arm(self, point: ProbePoint) -> None:
         """``arch_arm_kprobe``: table entry first, then the int3."""
@@ -1517,7 +1840,7 @@ class KprobeEngine:
         for group in pages.values():
             lo, hi = min(group), max(group) + 1
             try:
-                if self.hostmem is not None and self._kcr3:
+                if self.hostmem is not None and self._kcr3 and self._batch is None:
                     data = self.hostmem.read_phys(self._kphys(lo), hi - lo)
                 else:
                     data = self.kread(lo, hi - lo)

@@ -222,8 +222,11 @@ class FastPath:
         base = self.area.vbase
         return rtable_entry(inst.recorder.address - base, point.boost_entry - base)
 
-    def write_word(self, index: int, point: ProbePoint | None) -> None:
-        self._write_data(self.rtable + 8 * index, struct.pack("<Q", self.word(point)))
+    def write_word(self, index: int, point: ProbePoint | None, rtable: int | None = None) -> None:
+        """Write ``point``'s word at ``index`` of the fast-path array at
+        ``rtable`` (the probe table's in use; default: the first table's)."""
+        base = self.rtable if rtable is None else rtable
+        self._write_data(base + 8 * index, struct.pack("<Q", self.word(point)))
 
     def new_id(self) -> int:
         """A probe id for a recorder, never handed out before."""

@@ -44,12 +44,12 @@ from qprobes.machine.qemu import process_start_time
 
 PAGE_SIZE = 4096
 MAGIC = b"QPJRNL01"
-VERSION = 1
+VERSION = 2  # 2: the sites last, as many as the reservation gives room for
 
 #: Capacities: the journal's size follows from them.
 MAX_GATES = 64  # (IDT, vector) pairs
 MAX_PTES = 64  # entries of the guest's own page tables
-MAX_SITES = 4096  # armed probe addresses (the probe table's load limit)
+MAX_SITES = 4096  # armed probe addresses, in the smallest journal (see sites_for)
 MAX_RETS = 2048  # hijacked return addresses
 MAX_VCPUS = 64
 STEP_LEVELS = 4  # a step and up to three reentries it interrupted
@@ -65,11 +65,27 @@ HEADER_SIZE = 512
 GATES_OFF = HEADER_SIZE
 PTES_OFF = GATES_OFF + MAX_GATES * _GATE.size
 STEPS_OFF = PTES_OFF + MAX_PTES * _PTE.size
-SITES_OFF = STEPS_OFF + MAX_VCPUS * STEP_LEVELS * _STEP.size
-RETS_OFF = SITES_OFF + MAX_SITES * _SITE.size
-END = RETS_OFF + MAX_RETS * _RET.size
+RETS_OFF = STEPS_OFF + MAX_VCPUS * STEP_LEVELS * _STEP.size
+SITES_OFF = RETS_OFF + MAX_RETS * _RET.size
+END = SITES_OFF + MAX_SITES * _SITE.size  # of the smallest journal
 JOURNAL_PAGES = (END + PAGE_SIZE - 1) // PAGE_SIZE
 JOURNAL_SIZE = JOURNAL_PAGES * PAGE_SIZE
+#: The most sites any journal records (the largest probe table's load limit).
+SITES_LIMIT = 1 << 17
+
+
+def sites_for(reserve_size: int) -> int:
+    """How many probe sites the journal of a reservation of ``reserve_size``
+    bytes records: an eighth of the reservation, at least :data:`MAX_SITES`
+    and at most :data:`SITES_LIMIT`. (A recovering session with the same
+    reservation finds the same layout.)"""
+    return max(MAX_SITES, min(SITES_LIMIT, reserve_size // 8 // _SITE.size))
+
+
+def journal_size(max_sites: int) -> int:
+    """The bytes a journal of ``max_sites`` sites takes, in whole pages."""
+    end = SITES_OFF + max_sites * _SITE.size
+    return (end + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
 SITE_ARMED = 1  # the record is in use
 SITE_BOOSTED = 2
@@ -220,8 +236,11 @@ class Journal:
     read with ``read`` (physical addresses)."""
 
     def __init__(self, base: int, read: Callable[[int, int], bytes],
-                 write: Callable[[int, bytes], None]) -> None:  # fmt: skip
+                 write: Callable[[int, bytes], None],
+                 max_sites: int = MAX_SITES) -> None:  # fmt: skip
         self.base = base
+        self.max_sites = max_sites
+        self.size = journal_size(max_sites)
         self.read = read
         self.write = write
         self.header: Header | None = None
@@ -236,6 +255,13 @@ class Journal:
 
     # --- reading ----------------------------------------------------------------
 
+    def _used_sites(self, header: Header) -> int:
+        """The sites' high-water mark the header records (every record past
+        it is stale or zero)."""
+        raw = self.read(self.base, HEADER_SIZE)
+        (n_sites,) = struct.unpack_from("<I", raw, _HEADER.size + 8)
+        return min(int(n_sites), self.max_sites)
+
     def read_header(self) -> Header | None:
         return unpack_header(self.read(self.base, HEADER_SIZE))
 
@@ -244,14 +270,15 @@ class Journal:
         header = self.read_header()
         if header is None:
             return None
-        raw = self.read(self.base, END)
+        used = self._used_sites(header)
+        raw = self.read(self.base, SITES_OFF + used * _SITE.size)
         out = Contents(header)
         for i in range(min(header.n_gates, MAX_GATES)):
             idt, vector, gate = _GATE.unpack_from(raw, GATES_OFF + i * _GATE.size)
             out.gates.append((idt, vector, gate))
         for i in range(min(header.n_ptes, MAX_PTES)):
             out.ptes.append(_PTE.unpack_from(raw, PTES_OFF + i * _PTE.size))
-        for i in range(MAX_SITES):
+        for i in range(used):
             addr, slot, opcode, flags, module = _SITE.unpack_from(raw, SITES_OFF + i * _SITE.size)
             if flags & SITE_ARMED:
                 found = out.step_sites if flags & SITE_STEP_ONLY else out.sites
@@ -289,7 +316,9 @@ class Journal:
         self._free_rets.clear()
         self._next_ret = 0
         self._gates = self._ptes = 0
-        self.write(self.base + HEADER_SIZE, bytes(END - HEADER_SIZE))
+        # The records before the sites; the sites are read only up to the
+        # high-water mark, which starts at 0.
+        self.write(self.base + HEADER_SIZE, bytes(SITES_OFF - HEADER_SIZE))
         self.header = Header(
             JournalState.ACTIVE, generation, os.getpid(), time.time(), socket.gethostname(),
             version, 0, 0, False, 0, 0, 0, 0, 0, 0, max(phys_next, floor), floor,
@@ -299,16 +328,17 @@ class Journal:
     def take_over(self, contents: Contents) -> None:
         """Continue a dead session's journal (``--recover``): its records
         stay, this process becomes the owner, the generation grows."""
-        raw = self.read(self.base, END)
+        used = self._used_sites(contents.header)
+        raw = self.read(self.base, SITES_OFF + used * _SITE.size)
         self._sites.clear()
         self._rets.clear()
         used_sites = []
-        for i in range(MAX_SITES):
+        for i in range(used):
             addr, _slot, _op, flags, _mod = _SITE.unpack_from(raw, SITES_OFF + i * _SITE.size)
             if flags & SITE_ARMED:
                 self._sites[addr] = i
                 used_sites.append(i)
-        self._next_site = max(used_sites, default=-1) + 1
+        self._next_site = used
         self._free_sites = [i for i in range(self._next_site) if i not in set(used_sites)]
         used_rets = []
         for i in range(MAX_RETS):
@@ -327,7 +357,7 @@ class Journal:
 
     def _flush(self) -> None:
         assert self.header is not None
-        self.write(self.base, _pack_header(self.header, len(self._sites), len(self._rets)))
+        self.write(self.base, _pack_header(self.header, self._next_site, len(self._rets)))
 
     def _update(self, **changes: object) -> None:
         assert self.header is not None
@@ -373,19 +403,27 @@ class Journal:
         if index is None:
             if self._free_sites:
                 index = self._free_sites.pop()
-            elif self._next_site < MAX_SITES:
-                index, self._next_site = self._next_site, self._next_site + 1
+            elif self._next_site < self.max_sites:
+                index = self._next_site
             else:
-                raise JournalError(f"more than {MAX_SITES} probe sites to record")
+                raise JournalError(f"more than {self.max_sites} probe sites to record")
             self._sites[addr] = index
         flags = SITE_ARMED | (SITE_BOOSTED if boosted else 0)
         self.write(self.base + SITES_OFF + index * _SITE.size,
                    _SITE.pack(addr, slot, opcode, flags, module))  # fmt: skip
+        if index >= self._next_site:
+            # The high-water mark moves after the record is written.
+            self._next_site = index + 1
+            self._flush()
+
+    def has_room(self, addr: int) -> bool:
+        """Whether a site at ``addr`` can be recorded."""
+        return (self.header is None or addr in self._sites or bool(self._free_sites)
+                or self._next_site < self.max_sites)  # fmt: skip
 
     def has_site_room(self, addr: int) -> bool:
         """Whether :meth:`site` can record ``addr`` (asked before anything is written)."""
-        return (self.header is None or addr in self._sites or bool(self._free_sites)
-                or self._next_site < MAX_SITES)  # fmt: skip
+        return self.has_room(addr)
 
     def has_ret_room(self, slot: int) -> bool:
         """Whether :meth:`ret` can record ``slot`` (asked before anything is written)."""

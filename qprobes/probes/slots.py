@@ -56,6 +56,7 @@ class SlotAllocator:
         unmap_page: Callable[[int], None],
         collect: Callable[[list[int]], Iterable[int]] | None = None,
         fill: Callable[[int], None] | None = None,
+        more_pages: Callable[[], int] | None = None,
     ) -> None:
         if PAGE_SIZE % slot_size:
             raise ValueError("slot size must divide the page size")
@@ -67,17 +68,29 @@ class SlotAllocator:
         self._unmap_page = unmap_page
         self._collect = collect
         self._fill = fill
+        # Page indices beyond first..last, once those are all taken (raises
+        # ProbeError when there are none left).
+        self._more_pages = more_pages
         self.pages: list[InsnPage] = []
+        self._last_free = 0  # pages before this one have no clean free slot
 
     def get_insn_slot(self) -> int:
         """The address of a free slot: a clean one, then a new page, then a dirty one."""
-        for page in self.pages:
+        for n in range(self._last_free, len(self.pages)):
+            page = self.pages[n]
             for i, used in enumerate(page.used):
                 if not used and not page.dirty[i]:
                     page.used[i] = True
+                    self._last_free = n
                     return page.vaddr + i * self.slot_size
+        self._last_free = len(self.pages)
         taken = {p.index for p in self.pages}
         free = next((i for i in range(self._first, self._last + 1) if i not in taken), None)
+        if free is None and self._more_pages is not None:
+            try:
+                free = self._more_pages()
+            except ProbeError:
+                free = None
         if free is None:
             ndirty = self.collect_garbage_slots()
             for page in self.pages:
@@ -119,6 +132,7 @@ class SlotAllocator:
             for i in range(self.insns_per_page):
                 if page.dirty[i] and page.vaddr + i * self.slot_size in safe:
                     page.dirty[i] = False
+                    self._last_free = 0
         return len(dirty) - len(safe & set(dirty))
 
     def free_insn_slot(self, slot: int, dirty: bool = False) -> None:
@@ -131,6 +145,7 @@ class SlotAllocator:
                     raise ProbeError(f"{slot:#x} is not an allocated slot")
                 page.used[i] = False
                 page.dirty[i] = dirty
+                self._last_free = 0
                 if page.nused == 0 and not any(page.dirty) and len(self.pages) > 1:
                     self.pages.remove(page)
                     self._unmap_page(page.index)

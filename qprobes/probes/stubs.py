@@ -110,6 +110,11 @@ class StubLayout:
     rec_lo: int = 0
     rec_hi: int = 0
     extable: int = 0
+    # More slot pages, in the regions after the area's first 2 MiB (0: none).
+    slot2_lo: int = 0
+    slot2_hi: int = 0
+    # The per-CPU offset of the guest kernel's CPU number (None: cpuid).
+    cpu_number: int | None = None
 
 
 # Offsets inside the vars page.
@@ -121,24 +126,61 @@ VAR_SS_ACTIVE = 0x100  # u64: vCPUs currently single-stepping a slot
 VAR_PERCPU = 0x200
 PERCPU_STRIDE = 32
 MAX_CPUS = 64
+# The probe table in use: a pointer to its header (below), switched with one
+# 8-byte store (qprobes.probes.ptable). The first table's header lives here.
+VAR_PTABLE = 0xF00
+VAR_PTABLE_HEADER = 0xF20
+# A table header: shift (64 - log2 buckets), mask, the probe addresses, the
+# fast-path words (one per bucket; 0: none).
+HEADER_SHIFT, HEADER_MASK, HEADER_ADDRS, HEADER_RTABLE = 0, 8, 16, 24
+HEADER_SIZE = 32
 RECORD_FRAME, RECORD_GS_BASE, RECORD_CR3, RECORD_TSC = 0, 8, 16, 24
 
-# Stores rsp (the frame), the GS base, CR3 and the TSC in this CPU's record.
-# Clobbers rax, rbx, rcx, rdx, which the frame already holds.
-_RECORD = f"""
+def _record(label: str, cpu_number: int | None = None) -> str:
+    """Store rsp (the frame), the GS base, CR3 and the TSC in this CPU's
+    record. Clobbers rax, rbx, rcx, rdx, which the frame already holds.
+
+    The CPU: with ``cpu_number`` (the per-CPU offset of the guest kernel's
+    own CPU number, Linux's ``cpu_number``) it is read at GS base +
+    ``cpu_number`` when the GS base is a kernel address (bit 63: the
+    kernel's per-CPU base is loaded, which is so for every exception from
+    kernel code outside the entry code's swapgs window, where no probe is
+    allowed); otherwise, and without the offset, the initial APIC ID from
+    ``cpuid`` (which exits to the hypervisor under KVM).
+    """
+    if cpu_number is None:
+        cpu = """
     mov eax, 1
     cpuid
     shr ebx, 24
-    and ebx, {MAX_CPUS - 1}
-    shl ebx, 5
-    lea rax, [rip + VARS + {VAR_PERCPU:#x}]
-    add rbx, rax
-    mov [rbx], rsp
+"""
+    else:
+        cpu = f"""
+    bt rax, 63
+    jnc {label}_cpuid
+    mov ebx, dword ptr [rax + {cpu_number:#x}]
+    jmp {label}_cpu
+{label}_cpuid:
+    mov eax, 1
+    cpuid
+    shr ebx, 24
+{label}_cpu:
+"""
+    return f"""
     mov ecx, 0xc0000101
     rdmsr
     shl rdx, 32
     or rax, rdx
+    push rax
+{cpu}
+    pop rax
+    and ebx, {MAX_CPUS - 1}
+    shl ebx, 5
+    lea rcx, [rip + VARS + {VAR_PERCPU:#x}]
+    add rbx, rcx
     mov [rbx + 8], rax
+    lea rax, [rsp]
+    mov [rbx], rax
     mov rax, cr3
     mov [rbx + 16], rax
     rdtsc
@@ -146,6 +188,7 @@ _RECORD = f"""
     or rax, rdx
     mov [rbx + 24], rax
 """
+
 
 _SAVE = "\n".join(f"    push {r}" for r in reversed(PT_REGS_NAMES[:15]))
 _RESTORE = "\n".join(f"    pop {r}" for r in PT_REGS_NAMES[:15])
@@ -157,7 +200,8 @@ _CS = 8 * PT_REGS_NAMES.index("cs")
 _EFLAGS = 8 * PT_REGS_NAMES.index("eflags")
 
 
-def _ring(vector: int, label: str, error_code: bool, debug: bool = False) -> str:
+def _ring(vector: int, label: str, error_code: bool, debug: bool = False,
+          cpu_number: int | None = None) -> str:
     """Ring the doorbell, then return or chain to the guest's handler.
 
     ``debug`` (#DB): returning resets DR6; chaining loads DR6 from the
@@ -171,7 +215,7 @@ def _ring(vector: int, label: str, error_code: bool, debug: bool = False) -> str
 {label}_ours:
     push {vector:#x}
     push 0
-{_RECORD}
+{_record(label, cpu_number)}
 {label}_ring:
     mov byte ptr [rip + DOORBELL], 1
 .globl {label}_doorbell_ret
@@ -201,10 +245,15 @@ def _fast_hit() -> str:
     host's flow is kept (a doorbell) while some vCPU single-steps a slot,
     and when the guest single-steps itself (TF): that hit must trap after
     the original instruction, not after the copy.
-    Entered with rcx = the probe-table index."""
+    Entered with rdx = the probe-table index, rsi = the table's header."""
     return f"""
 qp_bp_found:
-    mov rdx, [rcx * 8 + RTABLE]
+    mov rcx, [rsi + {HEADER_RTABLE}]
+    test rcx, rcx
+    jz qp_bp_ours
+    mov rdx, [rcx + rdx * 8]
+.globl qp_bp_table_done
+qp_bp_table_done:
     test rdx, rdx
     jz qp_bp_ours
     cmp qword ptr [rip + VARS + {VAR_SS_ACTIVE:#x}], 0
@@ -232,19 +281,31 @@ qp_bp_record:
 """
 
 
-def _in_slots(label: str) -> str:
-    """Jump to ``{label}_ours`` if the frame's rip is in the slot pages, else
-    to ``{label}_chain``. Clobbers rax, rcx."""
+def _in_slots(label: str, more: bool = False) -> str:
+    """Jump to ``{label}_ours`` if the frame's rip is in the slot pages (with
+    ``more``, those of the later regions too), else to ``{label}_chain``.
+    Clobbers rax, rcx."""
+    second = f"""
+{label}_slots2:
+    lea rcx, [rip + SLOT2_LO]
+    cmp rax, rcx
+    jb {label}_chain
+    lea rcx, [rip + SLOT2_HI]
+    cmp rax, rcx
+    jae {label}_chain
+    jmp {label}_ours
+""" if more else ""
+    other = f"{label}_slots2" if more else f"{label}_chain"
     return f"""
     mov rax, [rsp + {_RIP}]
     lea rcx, [rip + SLOT_LO]
     cmp rax, rcx
-    jb {label}_chain
+    jb {other}
     lea rcx, [rip + SLOT_HI]
     cmp rax, rcx
-    jae {label}_chain
+    jae {other}
     jmp {label}_ours
-"""
+{second}"""
 
 
 def fault_label(vector: int) -> str:
@@ -284,7 +345,7 @@ def _recorder_fixup(label: str) -> str:
 """
 
 
-def _slot_fault(vector: int, error_code: bool, fast: bool = False) -> str:
+def _slot_fault(vector: int, error_code: bool, fast: bool = False, more: bool = False) -> str:
     """A fault stub: ours when rip is in a slot (then the shared doorbell of
     ``qp_fault_ours``), else straight to the guest's handler. With ``fast``,
     a fault at a recorder's load goes to its fixup first."""
@@ -298,7 +359,7 @@ def _slot_fault(vector: int, error_code: bool, fast: bool = False) -> str:
 {push}
 {_SAVE}
 {fixup}
-{_in_slots(label)}
+{_in_slots(label, more)}
 {label}_ours:
     push {vector:#x}
     jmp qp_fault_ours
@@ -309,7 +370,7 @@ def _slot_fault(vector: int, error_code: bool, fast: bool = False) -> str:
 """
 
 
-def _fault_doorbell() -> str:
+def _fault_doorbell(cpu_number: int | None = None) -> str:
     """The doorbell shared by the slot fault stubs (the vector is pushed).
 
     Returning pops orig_rax whichever it holds (an error code, or the -1 the
@@ -321,7 +382,7 @@ def _fault_doorbell() -> str:
     return f"""
 qp_fault_ours:
     push 0
-{_RECORD}
+{_record("qp_fault", cpu_number)}
 qp_fault_ring:
     mov byte ptr [rip + DOORBELL], 1
 .globl qp_fault_doorbell_ret
@@ -349,9 +410,15 @@ def stub_source(layout: StubLayout) -> str:
     # displacement, but with a relocatable one as rip-relative.
     c = layout.code
     fast = layout.rtable != 0
+    more = layout.slot2_hi > layout.slot2_lo
     data = ""
+    if more:
+        data += f"""
+.set SLOT2_LO, qp_base + {layout.slot2_lo - c:#x}
+.set SLOT2_HI, qp_base + {layout.slot2_hi - c:#x}
+"""
     if fast:
-        data = f"""
+        data += f"""
 .set RTABLE, qp_base + {layout.rtable - c:#x}
 .set REC_LO, qp_base + {layout.rec_lo - c:#x}
 .set REC_HI, qp_base + {layout.rec_hi - c:#x}
@@ -375,17 +442,23 @@ qp_bp_entry:
     jnz qp_bp_chain
     mov rax, [rsp + {_RIP}]
     dec rax
-    mov rcx, {HASH_MULT:#x}
-    imul rcx, rax
-    shr rcx, {64 - PTABLE_BITS}
+    /* The table in use (one load: the host switches tables with one store). */
+    mov rsi, [rip + VARS + {VAR_PTABLE:#x}]
+    mov rcx, [rsi + {HEADER_SHIFT}]
+    mov rdx, {HASH_MULT:#x}
+    imul rdx, rax
+    shr rdx, cl
+    mov rdi, [rsi + {HEADER_ADDRS}]
+    mov r8, [rsi + {HEADER_MASK}]
 qp_bp_lookup:
-    mov rdx, [rcx * 8 + PTABLE]
-    cmp rdx, rax
+    mov rcx, [rdi + rdx * 8]
+    cmp rcx, rax
     je {"qp_bp_found" if fast else "qp_bp_ours"}
-    test rdx, rdx
+    /* 0 ends the cluster; a tombstone (1) is passed over like any address. */
+    test rcx, rcx
     jz qp_bp_foreign
-    inc rcx
-    and rcx, {PTABLE_ENTRIES - 1}
+    inc rdx
+    and rdx, r8
     jmp qp_bp_lookup
 qp_bp_foreign:
     /* Not a probe. If the int3 byte is gone, qprobes removed it after this
@@ -397,7 +470,7 @@ qp_bp_foreign:
     add rsp, 8
     iretq
 {_fast_hit() if fast else ""}
-{_ring(3, "qp_bp", error_code=False)}
+{_ring(3, "qp_bp", error_code=False, cpu_number=layout.cpu_number)}
 
 /* vector 1, #DB: ours while some vCPU single-steps a slot, or when rip is in
    a slot (a guest data breakpoint hit by a boosted copy). DR6 goes into
@@ -410,12 +483,12 @@ qp_db_entry:
     mov [rsp + {_ORIG_RAX}], rax
     cmp qword ptr [rip + VARS + {VAR_SS_ACTIVE:#x}], 0
     jne qp_db_ours
-{_in_slots("qp_db")}
-{_ring(1, "qp_db", error_code=False, debug=True)}
+{_in_slots("qp_db", more)}
+{_ring(1, "qp_db", error_code=False, debug=True, cpu_number=layout.cpu_number)}
 
 /* the faults an instruction in a slot can raise: ours when rip is in a slot. */
-{"".join(_slot_fault(v, e, fast) for v, e in SLOT_FAULT_VECTORS.items())}
-{_fault_doorbell()}
+{"".join(_slot_fault(v, e, fast, more) for v, e in SLOT_FAULT_VECTORS.items())}
+{_fault_doorbell(layout.cpu_number)}
 /* kretprobe trampoline: a hijacked return lands here. The slot the return
    address was popped from is taken back with the trampoline's address still
    in it (so the host can tell a call that is still returning from a dead
@@ -433,7 +506,7 @@ qp_kretprobe_trampoline:
 {_SAVE}
     push {KRETPROBE_VECTOR:#x}
     push 0
-{_RECORD}
+{_record("qp_kret", layout.cpu_number)}
 qp_kret_ring:
     mov byte ptr [rip + DOORBELL], 1
 .globl qp_kret_doorbell_ret
@@ -466,7 +539,7 @@ qp_jprobe_return:
 {_SAVE}
     push {JPROBE_VECTOR:#x}
     push 0
-{_RECORD}
+{_record("qp_jprobe", layout.cpu_number)}
 qp_jprobe_ring:
     mov byte ptr [rip + DOORBELL], 1
 .globl qp_jprobe_doorbell_ret

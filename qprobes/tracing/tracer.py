@@ -344,6 +344,24 @@ class Tracer:
         self.probes[name] = tp
         return tp
 
+    def add_many(self, definitions: Sequence[str]) -> list[TraceProbe | QprobesError]:
+        """:meth:`add` each of ``definitions`` in one batch of the engine
+        (:meth:`~qprobes.probes.engine.KprobeEngine.batch`: kernel memory
+        read once per page, the code writes pipelined, the guest stopped
+        throughout); for each, its probe or the error that refused it (the
+        same :meth:`add` raises for it alone)."""
+        engine = self.session.engine
+        out: list[TraceProbe | QprobesError] = []
+        engine.wait_text_unlocked()
+        engine.make_room(len(definitions))
+        with engine.batch():
+            for definition in definitions:
+                try:
+                    out.append(self.add(definition))
+                except QprobesError as exc:
+                    out.append(exc)
+        return out
+
     # --- the fast path ------------------------------------------------------------
 
     def _make_fast(self, tp: TraceProbe, kp: Kprobe) -> None:

@@ -22,6 +22,7 @@ from qprobes.frontends.bench import (
 )
 from qprobes.frontends.cli import build_parser
 from qprobes.frontends.gdbmi import GdbTrace, packet_kind, remote_log_counts
+from qprobes.probes.kprobe import Kprobe
 
 
 def make_result() -> BenchResult:
@@ -242,3 +243,46 @@ def test_the_unhit_slowdown_pairs_each_armed_run_with_the_run_before_it() -> Non
     result.unhit.baseline_s = [1.0, 2.0]  # the host got busier between the rounds
     result.unhit.armed_s = [1.1, 2.4]
     assert result.summary()["unhit_1000_slowdown"] == pytest.approx(0.15)  # 1.1x, 1.2x
+
+
+class _BatchSession:
+    """A session whose kprobe_many refuses some addresses and stops at a limit."""
+
+    def __init__(self, limit_at: int) -> None:
+        self.batches: list[list[int]] = []
+        self.limit_at = limit_at
+
+    def kprobe_many(self, addrs: list[int], handler: object) -> list[object]:
+        self.batches.append(list(addrs))
+        out: list[object] = []
+        for a in addrs:
+            if a >= self.limit_at:
+                out.append(ProbeError(f"at most {self.limit_at} probe addresses at once"))
+            elif a % 10 == 3:
+                out.append(ProbeError(f"{a:#x}: a jump-label (static key) site at {a:#x}"))
+            else:
+                out.append(Kprobe(addr=a))
+        return out
+
+
+def test_arming_goes_through_batches_and_reports_refusals() -> None:
+    from qprobes.frontends.bench import LinuxBench
+
+    def bench_for(session: _BatchSession) -> LinuxBench:
+        opts = BenchOptions()
+        return LinuxBench(session, opts, BenchResult(opts), lambda msg: None)  # type: ignore[arg-type]
+
+    session = _BatchSession(limit_at=10**9)
+    bench = bench_for(session)
+    arm = Arming(50)
+    probes = bench._arm(list(range(100)), 50, arm)
+    # One batch for the 50 wanted, then one for the 5 refused in it, and so on.
+    assert session.batches[0] == list(range(50)) and len(session.batches) == 3
+    assert len(probes) == 50 and arm.armed == 50 and arm.seconds is not None
+    assert arm.refused == 5 + 1 and arm.limit is None
+    assert all("jump-label" in r for r in arm.refusals)
+    limited = _BatchSession(limit_at=20)
+    arm = Arming(50)
+    probes = bench_for(limited)._arm(list(range(100)), 50, arm)
+    assert arm.limit == "at most 20 probe addresses at once" and arm.seconds is None
+    assert len(probes) == 18 and len(limited.batches) == 1

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from qprobes.errors import QuiesceError
-from qprobes.probes.area import REGION_SIZE
+from qprobes.probes.area import AREA_SPAN, REGION_SIZE
 from qprobes.probes.engine import PAGE_SLOTS_FIRST, KprobeEngine
 from qprobes.probes.quiesce import CpuState, StackRef, StackScan
 from qprobes.target.registers import Registers
@@ -42,7 +42,7 @@ class FakeScanner:
         self.looks: list[list[CpuState]] = []
 
     def scan(self, lo: int, hi: int, cpus: Sequence[CpuState]) -> StackScan:
-        assert (lo, hi) == (VBASE, VBASE + REGION_SIZE) or VBASE <= lo < hi <= VBASE + REGION_SIZE
+        assert (lo, hi) == (VBASE, VBASE + AREA_SPAN) or VBASE <= lo < hi <= VBASE + REGION_SIZE
         self.looks.append(list(cpus))
         i = min(len(self.looks), len(self.scans)) - 1
         s = self.scans[i]

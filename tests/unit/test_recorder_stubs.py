@@ -40,6 +40,9 @@ from qprobes.arch.x86_64.recorder_asm import (  # noqa: E402
 )
 from qprobes.probes.stubs import (  # noqa: E402
     PT_REGS_NAMES,
+    PTABLE_BITS,
+    VAR_PTABLE,
+    VAR_PTABLE_HEADER,
     VAR_SS_ACTIVE,
     StubLayout,
     Stubs,
@@ -98,6 +101,11 @@ class Machine:
         self.recorder = rec = assemble_recorder(spec, REC_LO)
         g.write(REC_LO, rec.code)
         g.write(EXTABLE, b"".join(struct.pack("<QQ", a, b) for a, b in rec.extable) + bytes(16))
+        # The table in use: its header (shift, mask, addresses, fast-path
+        # words) and the pointer to it, as the engine writes them at attach.
+        g.write(VARS + VAR_PTABLE_HEADER, q(64 - PTABLE_BITS) + q((1 << PTABLE_BITS) - 1)
+                + q(PTABLE) + q(RTABLE))  # fmt: skip
+        g.write(VARS + VAR_PTABLE, q(VARS + VAR_PTABLE_HEADER))
         index = probe_hash(PROBE_IP)
         g.write(PTABLE + 8 * index, q(PROBE_IP))
         if recorder:

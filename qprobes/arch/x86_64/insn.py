@@ -1202,3 +1202,30 @@ def boosted_copy(insn: Insn, slot_addr: int) -> bytes:
         body = copy_instruction(insn, slot_addr)
     back = _reljump(insn.addr, slot_addr, slot_addr + len(body), insn.next_addr)
     return body + back
+
+
+_NEAR_BRANCH_KINDS = frozenset({iced_x86.OpKind.NEAR_BRANCH16, iced_x86.OpKind.NEAR_BRANCH32,
+                                iced_x86.OpKind.NEAR_BRANCH64})  # fmt: skip
+
+
+def quick_branches_to(code: bytes, start: int, target: int) -> list[int] | None:
+    """The relative branches in ``code`` (a function at ``start``) that go to
+    ``target``, found by one linear sweep of iced-x86 with no per-instruction
+    analysis; None when the sweep cannot decide (an instruction iced-x86
+    cannot decode, or an emulate prefix, which :func:`decode` reads as part
+    of the instruction after it): then decode the function in full, which
+    also raises where the decoders disagree. Where :func:`decode_function`
+    succeeds its boundaries are iced-x86's lengths (it requires capstone's
+    to agree, or takes iced-x86's for ud0/ud1), so the branch targets are
+    the same."""
+    _check_addr("start", start)
+    if any(prefix in code for prefix in _EMULATE_PREFIXES):
+        return None
+    out: list[int] = []
+    end = start + len(code)
+    for instr in iced_x86.Decoder(64, code, ip=start):
+        if instr.is_invalid or instr.next_ip > end:
+            return None
+        if instr.op0_kind in _NEAR_BRANCH_KINDS and instr.near_branch_target == target:
+            out.append(instr.ip)
+    return out
