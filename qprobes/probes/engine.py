@@ -2231,15 +2231,28 @@ class KprobeEngine:
                 self.kwrite_code(point.addr, bytes([point.opcode]))
                 self._lose(point, f"a debugger wrote an instruction it cannot run ({exc})")
                 continue
-            assert self._slots is not None
-            slot = self._slots.get_insn_slot()
             boosted = point.boosted and analysis.boostable and not _loads_flags(insn)
-            copy, boost_slot = slot_code(insn, analysis, slot, boosted)
-            self.kwrite_code(slot, copy.ljust(x86insn.SLOT_SIZE, bytes([INT3])))
+            slots = self._slots
+            try:
+                # The new bytes are in already: a probe left on the old
+                # slot would run the old instruction at every hit.
+                if slots is None:
+                    raise ProbeError("qprobes has no instruction slots")
+                slot = slots.get_insn_slot()
+                try:
+                    copy, boost_slot = slot_code(insn, analysis, slot, boosted)
+                    self.kwrite_code(slot, copy.ljust(x86insn.SLOT_SIZE, bytes([INT3])))
+                except QprobesError:
+                    slots.free_insn_slot(slot)
+                    raise
+            except QprobesError as exc:
+                self.kwrite_code(point.addr, bytes([point.opcode]))
+                self._lose(point, f"no slot for the instruction a debugger wrote ({exc})")
+                continue
             old = point.slot
             point.insn, point.analysis, point.slot = insn, analysis, slot
             point.boosted, point.boost_slot = boosted, boost_slot
-            self._slots.free_insn_slot(old, dirty=True)
+            slots.free_insn_slot(old, dirty=True)
             self._journal_site(point)
             self._fast_update(point)
 
