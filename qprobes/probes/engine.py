@@ -2210,6 +2210,7 @@ class KprobeEngine:
                if p.armed and p.addr < end and addr < p.addr + p.insn.length]  # fmt: skip
         if not hit:
             self.target.write(addr, data, vcpu)
+            self._lose_rewritten_disarmed(addr, end)
             return
         buf = bytearray(data)
         for point in hit:
@@ -2255,6 +2256,19 @@ class KprobeEngine:
             slots.free_insn_slot(old, dirty=True)
             self._journal_site(point)
             self._fast_update(point)
+        self._lose_rewritten_disarmed(addr, end)
+
+    def _lose_rewritten_disarmed(self, lo: int, hi: int) -> None:
+        """A disarmed probe (disabled) whose instruction a debugger's write
+        in ``[lo, hi)`` changed is lost: arming it again would put its int3
+        in front of the old instruction's slot copy."""
+        for point in list(self.points.values()):
+            if point.armed or point.lost:
+                continue
+            if not (point.addr < hi and lo < point.addr + point.insn.length):
+                continue
+            if self._original_bytes(point.addr, point.insn.length) != point.insn.raw:
+                self._lose(point, "a debugger rewrote its instruction while it was disabled")
 
     def _journal_site(self, point: ProbePoint) -> None:
         if self.journal is not None:

@@ -139,6 +139,19 @@ def test_a_write_with_no_slot_for_it_loses_the_probe() -> None:
     assert "no slot for the instruction a debugger wrote" in (point.kprobes[0].lost_why or "")
 
 
+def test_a_write_into_a_disabled_probes_instruction_loses_it() -> None:
+    """Disarmed, its slot still holds the old instruction's copy: arming it
+    again after the debugger changed the instruction would run that copy."""
+    engine, target, _point = make()
+    off = engine.points[A + 0x100]
+    target.write(A + 0x100, b"\x41\x54")  # push r12, as its slot copy has it
+    engine.write_text(A + 0x101, b"\x54")  # the same byte: nothing changes
+    assert not off.lost
+    engine.write_text(A + 0x101, b"\x55")  # push r13 now
+    assert off.lost and not off.armed
+    assert target.read(A + 0x100, 2) == b"\x41\x55"
+
+
 def test_a_step_over_a_probe_site_runs_the_original() -> None:
     engine, target, _point = make()
     engine.step_original(1)
