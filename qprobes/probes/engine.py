@@ -1378,7 +1378,11 @@ class KprobeEngine:
             self._ptable[k] = moved
             changed += [j, k]
             j = (j + 1) % PTABLE_ENTRIES
-        self._ptable_write(sorted(set(changed)))
+        # In the cluster's order from the gap: an entry that moves is in its
+        # new place before its old one is cleared, also where the cluster
+        # wraps past the table's end (the lookup never misses it between
+        # two writes).
+        self._ptable_write(sorted(set(changed), key=lambda n: (n - i) % PTABLE_ENTRIES))
 
     def _lookup_spans(self) -> list[tuple[int, int]]:
         """The instructions of the #BP stub that read the probe table, or act

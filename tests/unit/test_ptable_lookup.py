@@ -9,6 +9,7 @@ instruction per step over the table the engine writes.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 from qprobes.probes.stubs import PTABLE_ENTRIES, Stubs, probe_hash
@@ -112,3 +113,41 @@ def test_a_vcpu_inside_the_lookup_still_finds_its_probe_when_the_cluster_moves()
 def test_vcpus_outside_the_lookup_are_not_stepped() -> None:
     _engine, cpu, steps = setup(OURS)
     assert steps == [] and cpu.run() == "ours"
+
+
+def test_a_removal_that_wraps_never_leaves_a_moved_probe_out_of_the_guests_table() -> None:
+    """A cluster that wraps past the table's end: the entry moving from index
+    0 to the last index must be written there before index 0 is cleared (a
+    controller dying between the two writes left an armed int3 that the
+    stub's lookup calls foreign)."""
+    from qprobes.errors import ConnectionClosedError
+
+    engine, mem, _target = make_engine()
+    engine._ptable_addr = PTABLE
+    engine._stubs = Stubs(b"", {"qp_bp_lookup": LOOKUP, "qp_bp_foreign": FOREIGN})
+    last = PTABLE_ENTRIES - 1
+    found: list[int] = []
+    addr = 0xFFFFFFFF81000000
+    while len(found) < 2:
+        addr += 0x10
+        if probe_hash(addr) == last:
+            found.append(addr)
+    a, b = found
+    engine._ptable_insert(a)
+    engine._ptable_insert(b)  # wraps to index 0
+    assert engine._ptable[last] == a and engine._ptable[0] == b
+    # The second of the removal's two writes never happens.
+    writes: list[int] = []
+    real_write = mem.write_phys
+
+    def write_phys(paddr: int, data: bytes) -> None:
+        writes.append(paddr)
+        if len(writes) == 2:
+            raise ConnectionClosedError("the controller died")
+        real_write(paddr, data)
+
+    mem.write_phys = write_phys  # type: ignore[method-assign]
+    with contextlib.suppress(ConnectionClosedError):
+        engine._ptable_remove(a)
+    table = [mem.u64(PTABLE + 8 * i) for i in (last, 0)]
+    assert b in table, table
