@@ -1350,10 +1350,16 @@ class KprobeEngine:
 
     def _ptable_write(self, indexes: list[int]) -> None:
         for i in indexes:
+            point = self.points.get(self._ptable[i])
+            fast = self.fast is not None and self.fast.word(point) != 0
             if self.fast is not None:
-                # The fast-path word of whatever the entry now holds.
-                self.fast.write_word(i, self.points.get(self._ptable[i]))
+                # The fast-path word of whatever the entry now holds; 0 (the
+                # slow path) while the guest's entry may still be another's:
+                # a lookup finding that one must not take this one's word.
+                self.fast.write_word(i, None)
             self.write_data(self._ptable_addr + 8 * i, struct.pack("<Q", self._ptable[i]))
+            if self.fast is not None and fast:
+                self.fast.write_word(i, point)
 
     def _ptable_insert(self, addr: int) -> None:
         i = self._ptable_slot(addr)

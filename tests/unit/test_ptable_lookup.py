@@ -151,3 +151,58 @@ def test_a_removal_that_wraps_never_leaves_a_moved_probe_out_of_the_guests_table
         engine._ptable_remove(a)
     table = [mem.u64(PTABLE + 8 * i) for i in (last, 0)]
     assert b in table, table
+
+
+class FakeFast:
+    """A fast path whose table word for a probe is its address + 1 (the
+    guest's recorder words, kept apart from its probe table)."""
+
+    def __init__(self, check: object) -> None:
+        self.rtable: dict[int, int] = {}
+        self.check = check
+
+    def word(self, point: object) -> int:
+        return 0 if point is None else point.addr + 1  # type: ignore[attr-defined]
+
+    def write_word(self, index: int, point: object) -> None:
+        self.rtable[index] = self.word(point)
+        self.check()  # type: ignore[operator]
+
+
+def test_an_entry_and_its_recorder_word_never_disagree_in_the_guest() -> None:
+    """Between two writes the stub's lookup may find the entry the guest's
+    table holds and take the recorder word at that index: it must be that
+    entry's (or 0, the slow path), never the word of the entry moving in
+    (a controller dying there sent a hit into another probe's boosted slot)."""
+    from types import SimpleNamespace
+
+    engine, mem, _target = make_engine()
+    engine._ptable_addr = PTABLE
+    engine._stubs = Stubs(b"", {"qp_bp_lookup": LOOKUP, "qp_bp_foreign": FOREIGN})
+    a, b = colliding(2)
+    for addr in (a, b):
+        engine.points[addr] = SimpleNamespace(addr=addr)  # type: ignore[assignment]
+    bad: list[tuple[int, int, int]] = []
+
+    def check() -> None:
+        for index, word in fast.rtable.items():
+            entry = mem.u64(PTABLE + 8 * index)
+            if entry and word and word != entry + 1:
+                bad.append((index, entry, word))
+
+    fast = FakeFast(check)
+    engine.fast = fast  # type: ignore[assignment]
+    real_write = mem.write_phys
+
+    def write_phys(paddr: int, data: bytes) -> None:
+        real_write(paddr, data)
+        check()
+
+    mem.write_phys = write_phys  # type: ignore[method-assign]
+    engine._ptable_insert(a)
+    engine._ptable_insert(b)
+    del engine.points[a]
+    engine._ptable_remove(a)  # b moves into a's index
+    i = probe_hash(a)
+    assert mem.u64(PTABLE + 8 * i) == b and fast.rtable[i] == b + 1
+    assert bad == []
