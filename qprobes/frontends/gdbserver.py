@@ -477,7 +477,11 @@ class GdbServer:
                     if stat.S_ISSOCK(os.stat(where.path).st_mode):
                         os.unlink(where.path)  # a stale socket of an earlier run
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.bind(where.path)
+                try:
+                    sock.bind(where.path)
+                except OSError:
+                    sock.close()
+                    raise
             else:
                 sock = socket.create_server((where.host, where.port))
         except OSError as exc:

@@ -7,6 +7,7 @@ runs, ``hold`` once a hold was requested) and reads the replies.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -492,6 +493,13 @@ def test_close_tells_gdb(rig: Rig, tmp_path: Path) -> None:
 def test_listen_error_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(GdbServerError, match="cannot listen for gdb on"):
         GdbServer(FakeGuest(), Listen(path=str(tmp_path / "no" / "such" / "dir" / "s")))
+
+
+def test_a_listen_error_leaves_no_socket_open(tmp_path: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(GdbServerError) as failed:
+        GdbServer(FakeGuest(), Listen(path=str(tmp_path / "no" / "such" / "dir" / "s")))
+    assert len(os.listdir("/proc/self/fd")) == before, failed.value  # (the error kept alive)
 
 
 def test_tcp_listener_names_its_port() -> None:
