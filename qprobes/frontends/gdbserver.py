@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from qprobes.errors import (
     ConnectionClosedError,
     MemoryAccessError,
+    ProbeError,
     ProtocolError,
     QprobesError,
     UnsupportedError,
@@ -291,6 +292,12 @@ class EngineBackend:
         return self.engine.target.read(addr, length, thread)
 
     def write_memory(self, thread: int, addr: int, data: bytes) -> None:
+        gates = self._gate_bytes()
+        if any(addr + i in gates for i in range(len(data))):
+            # gdb reads the guest's own gates there; a write would replace
+            # qprobes' (its int3s then reach Linux's handler) and be undone
+            # at detach.
+            raise ProbeError(f"{addr:#x}: gdb may not write the IDT gates qprobes redirected")
         self.engine.write_text(addr, data, thread)
 
     def saved_text(self) -> dict[int, int]:
