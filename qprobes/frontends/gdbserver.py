@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from qprobes.errors import (
     ConnectionClosedError,
     MemoryAccessError,
+    ProbeError,
     ProtocolError,
     QprobesError,
     UnsupportedError,
@@ -291,6 +292,12 @@ class EngineBackend:
         return self.engine.target.read(addr, length, thread)
 
     def write_memory(self, thread: int, addr: int, data: bytes) -> None:
+        gates = self._gate_bytes()
+        if any(addr + i in gates for i in range(len(data))):
+            # gdb reads the guest's own gates there; a write would replace
+            # qprobes' (its int3s then reach Linux's handler) and be undone
+            # at detach.
+            raise ProbeError(f"{addr:#x}: gdb may not write the IDT gates qprobes redirected")
         self.engine.write_text(addr, data, thread)
 
     def saved_text(self) -> dict[int, int]:
@@ -477,7 +484,11 @@ class GdbServer:
                     if stat.S_ISSOCK(os.stat(where.path).st_mode):
                         os.unlink(where.path)  # a stale socket of an earlier run
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.bind(where.path)
+                try:
+                    sock.bind(where.path)
+                except OSError:
+                    sock.close()
+                    raise
             else:
                 sock = socket.create_server((where.host, where.port))
         except OSError as exc:

@@ -2554,6 +2554,7 @@ class KprobeEngine:
                if p.armed and p.addr < end and addr < p.addr + p.insn.length]  # fmt: skip
         if not hit:
             self.target.write(addr, data, vcpu)
+            self._lose_rewritten_disarmed(addr, end)
             return
         buf = bytearray(data)
         for point in hit:
@@ -2575,17 +2576,43 @@ class KprobeEngine:
                 self.kwrite_code(point.addr, bytes([point.opcode]))
                 self._lose(point, f"a debugger wrote an instruction it cannot run ({exc})")
                 continue
-            assert self._slots is not None
-            slot = self._slots.get_insn_slot()
             boosted = point.boosted and analysis.boostable and not _loads_flags(insn)
-            copy, boost_slot = slot_code(insn, analysis, slot, boosted)
-            self.kwrite_code(slot, copy.ljust(x86insn.SLOT_SIZE, bytes([INT3])))
+            slots = self._slots
+            try:
+                # The new bytes are in already: a probe left on the old
+                # slot would run the old instruction at every hit.
+                if slots is None:
+                    raise ProbeError("qprobes has no instruction slots")
+                slot = slots.get_insn_slot()
+                try:
+                    copy, boost_slot = slot_code(insn, analysis, slot, boosted)
+                    self.kwrite_code(slot, copy.ljust(x86insn.SLOT_SIZE, bytes([INT3])))
+                except QprobesError:
+                    slots.free_insn_slot(slot)
+                    raise
+            except QprobesError as exc:
+                self.kwrite_code(point.addr, bytes([point.opcode]))
+                self._lose(point, f"no slot for the instruction a debugger wrote ({exc})")
+                continue
             old = point.slot
             point.insn, point.analysis, point.slot = insn, analysis, slot
             point.boosted, point.boost_slot = boosted, boost_slot
-            self._slots.free_insn_slot(old, dirty=True)
+            slots.free_insn_slot(old, dirty=True)
             self._journal_site(point)
             self._fast_update(point)
+        self._lose_rewritten_disarmed(addr, end)
+
+    def _lose_rewritten_disarmed(self, lo: int, hi: int) -> None:
+        """A disarmed probe (disabled) whose instruction a debugger's write
+        in ``[lo, hi)`` changed is lost: arming it again would put its int3
+        in front of the old instruction's slot copy."""
+        for point in list(self.points.values()):
+            if point.armed or point.lost:
+                continue
+            if not (point.addr < hi and lo < point.addr + point.insn.length):
+                continue
+            if self._original_bytes(point.addr, point.insn.length) != point.insn.raw:
+                self._lose(point, "a debugger rewrote its instruction while it was disabled")
 
     def _journal_site(self, point: ProbePoint) -> None:
         if self.journal is not None:

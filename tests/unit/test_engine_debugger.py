@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from qprobes.arch.x86_64 import insn as x86insn
-from qprobes.errors import StubTimeoutError
+from qprobes.errors import ProbeError, StubTimeoutError
 from qprobes.probes.engine import KprobeEngine
 from qprobes.probes.kprobe import Kprobe, ProbePoint
 from qprobes.wire.stop import StopReply, parse_stop_reply
@@ -121,6 +121,35 @@ def test_a_write_gdb_cannot_probe_loses_the_probe(caplog: pytest.LogCaptureFixtu
     assert target.read(A, 1) == b"\xcf"  # the debugger's byte, no int3
     assert point.lost and not point.armed and point.kprobes[0].lost
     assert "a debugger wrote an instruction it cannot run" in (point.kprobes[0].lost_why or "")
+
+
+def test_a_write_with_no_slot_for_it_loses_the_probe() -> None:
+    """The new bytes are in when the slot is sought: with none to be had,
+    the probe must not stay on the old slot's copy of the old instruction."""
+    engine, target, point = make()
+
+    class NoSlots:
+        def get_insn_slot(self) -> int:
+            raise ProbeError("out of instruction slots")
+
+    engine._slots = NoSlots()  # type: ignore[assignment]
+    engine.write_text(A, b"\x53")  # push rbx: a new instruction, one byte
+    assert target.read(A, 2) == b"\x53\x54"  # the debugger's byte, no int3
+    assert point.lost and not point.armed and point.kprobes[0].lost
+    assert "no slot for the instruction a debugger wrote" in (point.kprobes[0].lost_why or "")
+
+
+def test_a_write_into_a_disabled_probes_instruction_loses_it() -> None:
+    """Disarmed, its slot still holds the old instruction's copy: arming it
+    again after the debugger changed the instruction would run that copy."""
+    engine, target, _point = make()
+    off = engine.points[A + 0x100]
+    target.write(A + 0x100, b"\x41\x54")  # push r12, as its slot copy has it
+    engine.write_text(A + 0x101, b"\x54")  # the same byte: nothing changes
+    assert not off.lost
+    engine.write_text(A + 0x101, b"\x55")  # push r13 now
+    assert off.lost and not off.armed
+    assert target.read(A + 0x100, 2) == b"\x41\x55"
 
 
 def test_a_step_over_a_probe_site_runs_the_original() -> None:

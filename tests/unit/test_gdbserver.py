@@ -7,6 +7,7 @@ runs, ``hold`` once a hold was requested) and reads the replies.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -494,6 +495,13 @@ def test_listen_error_is_one_line(tmp_path: Path) -> None:
         GdbServer(FakeGuest(), Listen(path=str(tmp_path / "no" / "such" / "dir" / "s")))
 
 
+def test_a_listen_error_leaves_no_socket_open(tmp_path: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(GdbServerError) as failed:
+        GdbServer(FakeGuest(), Listen(path=str(tmp_path / "no" / "such" / "dir" / "s")))
+    assert len(os.listdir("/proc/self/fd")) == before, failed.value  # (the error kept alive)
+
+
 def test_tcp_listener_names_its_port() -> None:
     server = GdbServer(FakeGuest(), ":0")
     try:
@@ -508,3 +516,25 @@ def test_stop_thread_defaults_to_the_first_vcpu(rig: Rig) -> None:
     rig.held(b"c", stop=StopReply(kind=parse_stop_reply(b"S02").kind, signal=2,
                                   thread=ThreadId(None, 0)))  # fmt: skip
     assert rig.gdb.reply() == b"T02thread:01;"
+
+
+def test_gdb_cannot_write_over_an_idt_gate_qprobes_redirected() -> None:
+    """gdb reads the guest's own gate there: a write landed on qprobes' gate
+    (its int3s would reach Linux's handler) and the detach undid it."""
+    from types import SimpleNamespace
+
+    from qprobes.errors import ProbeError
+    from qprobes.frontends.gdbserver import EngineBackend
+
+    idt, writes = 0xFFFFFE0000000000, []
+    phys = SimpleNamespace(paddr=0x1000)
+    target = SimpleNamespace(vcpus=[1], idt=lambda vcpu: SimpleNamespace(base=idt),
+                             translate=lambda addr, vcpu: phys)  # fmt: skip
+    engine = SimpleNamespace(target=target, kretprobes=None,
+                             saved_gates=lambda: {(0x1000, 3): bytes(range(16))},
+                             write_text=lambda addr, data, vcpu: writes.append(addr))  # fmt: skip
+    backend = EngineBackend(engine)  # type: ignore[arg-type]
+    with pytest.raises(ProbeError, match="IDT gates"):
+        backend.write_memory(1, idt + 16 * 3 + 15, b"\x00\x00")
+    backend.write_memory(1, idt + 16 * 4, b"\x00")  # the next gate is the guest's
+    assert writes == [idt + 16 * 4]
