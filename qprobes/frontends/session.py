@@ -448,8 +448,14 @@ class Session:
 
         def stack(ctx: HitContext) -> list[int]:
             def recover(slot: int, ret: int) -> int:
-                if ret == kretprobes.trampoline:
-                    ret = kretprobes.find_ret_addr(slot) or ret
+                fastret = self.engine.fastret
+                for _ in range(4):  # a fast and a slow trampoline can chain
+                    if fastret is not None and fastret.is_trampoline(ret):
+                        ret = fastret.find_ret_addr(slot, ret)
+                    elif ret == kretprobes.trampoline:
+                        ret = kretprobes.find_ret_addr(slot) or ret
+                    else:
+                        break
                 see = kretprobes.see_through
                 return see(ctx, slot, ret) if see is not None else ret
 

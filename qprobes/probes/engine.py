@@ -47,6 +47,7 @@ from qprobes.errors import (
 from qprobes.probes.area import PAGE_SIZE, REGION_SIZE, GuestArea
 from qprobes.probes.context import HitContext, PtRegs
 from qprobes.probes.fastpath import FastPath
+from qprobes.probes.fastret import FastReturns
 from qprobes.probes.ftrace_site import MCOUNT_INSN_SIZE, FtraceRecords, branches_to
 from qprobes.probes.journal import (
     JOURNAL_SIZE,
@@ -114,7 +115,8 @@ PAGE_PTABLE = 3  # PTABLE_ENTRIES * 8 bytes = 16 pages
 MIN_AREA_RESERVE = 1 << 20
 PAGE_USER_CODE = 20  # jprobe handlers and other guest code from users: 20..31
 PAGE_SLOTS_FIRST = 32
-PAGE_SLOTS_LAST = 415  # pages 416-511: the fast path (qprobes.probes.fastpath)
+PAGE_SLOTS_LAST = 383  # 384-399: fast return probes (qprobes.probes.fastret); 416-511: the
+# fast path (qprobes.probes.fastpath)
 CR4_SMAP = 1 << 21
 
 TRAPPED_VECTORS = (1, 3, *SLOT_FAULT_VECTORS)
@@ -286,6 +288,8 @@ class KprobeEngine:
         self._last_lost_check = 0.0
         # The fast path: recorders in the guest, rings the host drains.
         self.fast: FastPath | None = None
+        # Fast return probes: their instance store and trampolines.
+        self.fastret: FastReturns | None = None
         # Called by run(): poll_hooks(True) every poll interval while the
         # guest runs, poll_hooks(False) after each stop and when run() ends
         # (the guest stopped). The Tracer drains the rings there.
@@ -356,6 +360,7 @@ class KprobeEngine:
                     self.journal.end(JournalState.DETACHED)
             raise
         self.fast = FastPath(area, self.target, self.hostmem, self.kwrite_code, self.write_data)
+        self.fastret = self._new_fastret()
         try:
             code = area.map_page(PAGE_CODE, writable=False, executable=True)
             bell = area.map_page(PAGE_DOORBELL, writable=True, executable=False)
@@ -381,6 +386,7 @@ class KprobeEngine:
                                       ptable=ptable[0].vaddr, slot_lo=slot_lo,
                                       slot_hi=slot_hi)  # fmt: skip
             stubs = self._use_stubs(layout)
+            self.fastret.lost_target = stubs["qp_kretprobe_lost"]
             self.target.write_phys(code.paddr, stubs.code)
             self._slots = self._slot_allocator()
             area.check_mapping(code.vaddr)
@@ -416,6 +422,11 @@ class KprobeEngine:
                 self._ret_kind[ret + 4] = vector
                 self._ret_kind[ret + 7] = vector
         return stubs
+
+    def _new_fastret(self) -> FastReturns:
+        journal = self.journal
+        return FastReturns(self.area, self.read_data, self.write_data, self.kwrite_code,
+                           journal.fast_returns if journal is not None else None)  # fmt: skip
 
     def _slot_allocator(self) -> SlotAllocator:
         area = self.area
@@ -511,6 +522,9 @@ class KprobeEngine:
             self._ss_active += len(levels)
         if self.kretprobes is not None:
             self.kretprobes.adopt(contents.rets)
+        self.fastret = self._new_fastret()
+        if contents.fast_returns is not None:
+            self.fastret.adopt(*contents.fast_returns)
         # From here on this session owns the journal (the records stay as they are).
         self.journal.take_over(contents)
         self.target.add_watchpoint(self._doorbell, 1, "write")
@@ -636,7 +650,10 @@ class KprobeEngine:
                 if stuck:
                     raise ProbeError(f"{len(stuck)} probes could not be disarmed ({stuck[0]})")
             tramp = self.kretprobes.trampoline if self.kretprobes is not None else None
-            self.synchronize_area(quiesce_timeout, allow=frozenset({tramp} if tramp else ()))
+            allow = {tramp} if tramp else set()
+            if self.fastret is not None:
+                allow |= self.fastret.allowed()
+            self.synchronize_area(quiesce_timeout, allow=frozenset(allow))
             self._release_returns()
             self.synchronize_area(quiesce_timeout)
             # No new entries into the stubs from here on; then no vCPU may be
@@ -667,8 +684,14 @@ class KprobeEngine:
 
     def _release_returns(self) -> None:
         """Put back the return addresses kretprobes and jprobes replaced."""
+        # Fast instances, slow ones, fast ones again: either kind's saved
+        # return address can be the other's trampoline (a tail call).
+        if self.fastret is not None:
+            self.fastret.detach()
         if self.kretprobes is not None:
             self.kretprobes.detach()
+        if self.fastret is not None:
+            self.fastret.detach()
         if self.jprobes is not None:
             self.jprobes.detach()
 
@@ -1261,6 +1284,22 @@ class KprobeEngine:
         rec = self.fast.install(kp, point, build)
         self._fast_update(point)
         return rec
+
+    def can_be_fast(self, kp: Kprobe) -> bool:
+        """Whether the registered ``kp``'s point can ever run in the guest (boosted)."""
+        point = self.points.get(kp.arm_addr) if kp.arm_addr is not None else None
+        return point is not None and point.boosted
+
+    def install_fast_entry(self, kp: Kprobe, rec: Recorder) -> None:
+        """Like :meth:`install_recorder`, for code already in the area (a
+        fast return probe's entry code)."""
+        if self.fast is None or self.fast.ring is None:
+            raise ProbeError("enable the fast path before installing recorders")
+        if not kp.registered or kp.arm_addr is None:
+            raise ProbeError(f"{kp!r} is not registered")
+        point = self.points[kp.arm_addr]
+        self.fast.install_placed(kp, point, rec)
+        self._fast_update(point)
 
     def is_fast(self, kp: Kprobe) -> bool:
         """Whether hits of ``kp`` are recorded in the guest now."""
