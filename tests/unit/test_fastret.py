@@ -311,7 +311,7 @@ def _inst(i: int, slot: int, ret: int, seq: int, tramp: int, task: int = TASK_A)
         # behind a slow trampoline: that one is the slow path's to undo
         ([_inst(0, 0x100, SLOW, 1, T1)], {0x100: T1}, {0x100: SLOW}),
     ],
-)
+)  # fmt: skip
 def test_restore_plan(instances: list[Instance], stack: dict[int, int],
                       expected: dict[int, int]) -> None:  # fmt: skip
     assert restore_plan(instances, stack.get) == expected
