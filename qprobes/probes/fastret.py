@@ -72,18 +72,21 @@ INST_RET = 16  # the real return address
 INST_TSC = 24  # the TSC at the entry
 INST_SEQ = 32  # the store's sequence number at the entry: newest wins
 INST_TRAMP = 40  # the trampoline written into the slot
+INST_CALLER = 48  # the caller to report: INST_RET, or the one behind the guest's rethook
 # A probe's descriptor.
 DESC_NMISSED = 0
 DESC_LOST = 8
 DESC_ENTRIES = 16
 
 # The trampoline's frame, from its rsp at the recorder call: pt_regs, then
-# the entry TSC, the pushed flags, the stack slot (the real return address
-# goes there), and the caller's stack.
+# the entry TSC, the caller to report, the pushed flags, the stack slot (the
+# real return address goes there), and the caller's stack.
 _PT_REGS_SIZE = 8 * len(PT_REGS_NAMES)
 FRAME_ENTRY_TSC = _PT_REGS_SIZE
-FRAME_FLAGS = _PT_REGS_SIZE + 8
-FRAME_SLOT = _PT_REGS_SIZE + 16
+FRAME_CALLER = _PT_REGS_SIZE + 8
+FRAME_FLAGS = _PT_REGS_SIZE + 16
+FRAME_SLOT = _PT_REGS_SIZE + 24
+_FRAME_EXTRA = 2  # words between pt_regs and the flags
 _RSP = 8 * PT_REGS_NAMES.index("rsp")
 _RIP = 8 * PT_REGS_NAMES.index("rip")
 _SAVE = "\n".join(f"    push {r}" for r in reversed(PT_REGS_NAMES[:15]))
@@ -103,6 +106,44 @@ class ReturnLayout:
     recorder: int  # the return recorder (``recorder(regs)``)
     current: int | None = None  # the per-CPU offset of ``current_task``
     lost: int = 0  # where a return with no instance goes (an ud2); 0: our own
+    # The guest's own return hooks (its kretprobes through ftrace at +0 run
+    # before this entry): (arch_rethook_trampoline, task_struct.rethooks,
+    # rethook_node.llist, .ret_addr, .frame), so that the caller reported is
+    # the real one, as the slow path's see-through does. Needs ``current``.
+    rethook: tuple[int, int, int, int, int] | None = None
+
+
+#: Live rethook nodes of a task the entry code looks through.
+RETHOOK_NODES = 64
+
+
+def _see_rethook(layout: ReturnLayout) -> str:
+    """With rdx = task, rsi = slot, r9 = the return address found and r8 the
+    instance: its caller is the rethook node's ret_addr when r9 is the
+    guest's rethook trampoline (``rethook_find_ret_addr``). Clobbers r10, r11, rcx."""
+    if layout.rethook is None or layout.current is None:
+        return ""
+    tramp, head, llist, ret, frame = layout.rethook
+    return f"""
+    mov r10, {tramp:#x}
+    cmp r9, r10
+    jne qpfr_seen
+    mov r10, [rdx + {head:#x}]
+    mov ecx, {RETHOOK_NODES}
+qpfr_node:
+    test r10, r10
+    jz qpfr_seen
+    cmp [r10 + {frame - llist:#x}], rsi
+    jne qpfr_nextnode
+    mov r11, [r10 + {ret - llist:#x}]
+    mov [r8 + {INST_CALLER}], r11
+    jmp qpfr_seen
+qpfr_nextnode:
+    mov r10, [r10]
+    dec ecx
+    jnz qpfr_node
+qpfr_seen:
+"""
 
 
 def _task(layout: ReturnLayout, slot_reg: str) -> str:
@@ -138,6 +179,8 @@ qpfr_missed:
     ret
 qpfr_got:
     mov [r8 + {INST_RET}], r9
+    mov [r8 + {INST_CALLER}], r9
+{_see_rethook(layout)}
     rdtsc
     shl rdx, 32
     or rax, rdx
@@ -169,7 +212,8 @@ qpfr_trampoline:
     push 0
     push 0
     push 0
-    push qword ptr [rsp + 24]
+    push 0
+    push qword ptr [rsp + 32]
     push 0
     push 0
     push -1
@@ -206,6 +250,8 @@ qpfr_next:
     mov [rsp + {FRAME_SLOT:#x}], rax
     mov rax, [r9 + {INST_TSC}]
     mov [rsp + {FRAME_ENTRY_TSC:#x}], rax
+    mov rax, [r9 + {INST_CALLER}]
+    mov [rsp + {FRAME_CALLER:#x}], rax
     push r9
     lea rdi, [rsp + 8]
     mov rax, {layout.recorder:#x}
@@ -214,7 +260,7 @@ qpfr_next:
     mov qword ptr [r9 + {INST_SLOT}], 0
     mov qword ptr [r9 + {INST_TASK}], 0
 {_RESTORE}
-    add rsp, 56
+    add rsp, {8 * (6 + _FRAME_EXTRA)}
     popfq
     ret
 qpfr_lost:
@@ -396,7 +442,8 @@ class FastReturns:
 
     def add(self, maxactive: int, current: int | None,
             place_recorder: Callable[[Callable[[int], Recorder]], Recorder],
-            build: Callable[[int], Recorder]) -> FastReturn:  # fmt: skip
+            build: Callable[[int], Recorder],
+            rethook: tuple[int, int, int, int, int] | None = None) -> FastReturn:  # fmt: skip
         """Give a probe ``maxactive`` instances, place its return recorder
         (``build(address)``) and write its entry code and trampoline."""
         if maxactive <= 0:
@@ -412,7 +459,7 @@ class FastReturns:
         code_at = self.code_lo + (k - 1) * CODE_SLOT
         layout = ReturnLayout(code_at, self.store + first * INSTANCE_SIZE, maxactive,
                               self.header + 64 * k, self.header, recorder.address, current,
-                              self.lost_target)  # fmt: skip
+                              self.lost_target, rethook)  # fmt: skip
         code, entry, tramp = assemble_return(layout)
         # A fresh share: no instance, no counters.
         self.write_data(layout.instances, bytes(maxactive * INSTANCE_SIZE))

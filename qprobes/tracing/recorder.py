@@ -17,7 +17,8 @@ hands each record to the consumer of its probe id (a Tracer).
 Return probes (:func:`plan_return_recorder`) record at the fast trampoline
 (:mod:`qprobes.probes.fastret`): ``$retval`` and the registers as the
 function returned them, plus two leading values, the entry's TSC and the
-real return address, for the host to give the duration and ``ret_to``.
+caller (the return address, or the one behind the guest's own return
+hook), for the host to give the duration and ``ret_to``.
 
 Not on the fast path (the Tracer keeps the slow one, :class:`NotFastError`
 says why): values saved at the entry (``$argN`` of the entry is not kept),
@@ -57,7 +58,7 @@ from qprobes.arch.x86_64.recorder_asm import (
     ring_stats,
 )
 from qprobes.errors import ProbeError
-from qprobes.probes.fastret import FRAME_ENTRY_TSC
+from qprobes.probes.fastret import FRAME_CALLER, FRAME_ENTRY_TSC
 from qprobes.probes.stubs import PT_REGS_NAMES
 from qprobes.tracing.fetch import FAULT, CompiledArg, Scalar, Value, symbolize
 from qprobes.tracing.numbers import to_signed
@@ -216,17 +217,17 @@ def plan_recorder(args: Sequence[CompiledArg], ip: int, *, ret: bool = False) ->
 
 
 #: Values a return recorder puts before the definition's: the entry's TSC
-#: and the real return address.
+#: and the caller to report.
 RETURN_EXTRA = 2
 
 
 def plan_return_recorder(args: Sequence[CompiledArg]) -> RecorderPlan:
     """The return recorder IR for ``args`` of an ``r:`` definition, run by
     the fast trampoline: its first :data:`RETURN_EXTRA` values are the
-    instance's entry TSC and the real return address (see
+    instance's entry TSC and the caller (see
     :func:`return_extra`)."""
     plan = plan_recorder(args, 0, ret=True)
-    extra = (Fetch(FrameWord(FRAME_ENTRY_TSC)), Fetch(_frame("rip")))
+    extra = (Fetch(FrameWord(FRAME_ENTRY_TSC)), Fetch(FrameWord(FRAME_CALLER)))
     shifted = tuple(dataclasses.replace(p, slot=p.slot + RETURN_EXTRA) if p.slot is not None
                     else p for p in plan.args)  # fmt: skip
     if len(plan.fetches) + RETURN_EXTRA > MAX_VALUES:
@@ -236,7 +237,7 @@ def plan_return_recorder(args: Sequence[CompiledArg]) -> RecorderPlan:
 
 
 def return_extra(raw: RawRecord) -> tuple[int, int]:
-    """(entry TSC, real return address) of a return recorder's record."""
+    """(entry TSC, caller) of a return recorder's record."""
     tsc, ret = raw.values[0], raw.values[1]
     assert isinstance(tsc, int) and isinstance(ret, int)
     return tsc, ret

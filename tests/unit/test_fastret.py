@@ -101,7 +101,8 @@ class FakeArea:
 class Returns:
     """A Machine whose probe is a fast return probe."""
 
-    def __init__(self, maxactive: int = 4, definition: str = DEFINITION) -> None:
+    def __init__(self, maxactive: int = 4, definition: str = DEFINITION,
+                 rethook: tuple[int, int, int, int, int] | None = None) -> None:  # fmt: skip
         self.m = m = Machine("%di", recorder=False)
         g = m.guest
         g.write(RET_INSN, b"\xc3")
@@ -118,7 +119,7 @@ class Returns:
         self.store = FastReturns(FakeArea(m), g.read, g.write, g.write)  # type: ignore[arg-type]
         self.store.lost_target = CODE + 0x400
         self.fr = self.store.add(maxactive, CURRENT_TASK, self._place,
-                                 lambda at: assemble_recorder(rspec, at))  # fmt: skip
+                                 lambda at: assemble_recorder(rspec, at), rethook)  # fmt: skip
         index = probe_hash(PROBE_IP)
         g.write(PTABLE + 8 * index, q(PROBE_IP))
         g.write(RTABLE + 8 * index, q(rtable_entry(self.fr.entry - AREA, BOOST - AREA)))
@@ -241,6 +242,30 @@ def test_two_nested_calls_on_one_task_and_a_migration() -> None:
         (3, 111, CALLER2), (3, 222, CALLER)]  # fmt: skip
     # Each return's entry TSC is its own call's: the outer entered first.
     assert return_extra(records[1])[0] < return_extra(records[0])[0]
+
+
+def test_the_caller_behind_the_guests_rethook_is_reported() -> None:
+    """The guest's own kretprobe (through ftrace at +0) ran first: the return
+    address at the entry is its arch_rethook_trampoline; the record names
+    the caller its rethook node holds for this stack slot, and the return
+    goes on through the guest's trampoline."""
+    rethook_tramp = CODE + 0x500
+    head, llist, ret, frame = 0x800, 0x8, 0x10, 0x18
+    r = Returns(rethook=(rethook_tramp, head, llist, ret, frame))
+    g = r.m.guest
+    g.write(rethook_tramp, b"\xf4")
+    other, mine = TASK_A + 0x900, TASK_A + 0xA00  # newest first: another slot's, then ours
+    g.write(TASK_A + head, q(other + llist))
+    g.write(other + llist, q(mine + llist))
+    g.write(other + frame, q(SLOT_INNER))
+    g.write(other + ret, q(CALLER2))
+    g.write(mine + llist, q(0))
+    g.write(mine + frame, q(SLOT_OUTER))
+    g.write(mine + ret, q(CALLER))
+    r.call(SLOT_OUTER, rethook_tramp)
+    r.ret(SLOT_OUTER, rethook_tramp, _regs(rax=3))
+    (record,) = r.records()
+    assert return_extra(decode_record(record, r.plan.strings))[1] == CALLER
 
 
 def test_a_full_store_counts_a_miss_and_leaves_the_stack_alone() -> None:
