@@ -679,6 +679,8 @@ class KprobeEngine:
             log.warning("could not remove the doorbell watchpoint: %s", exc)
         self.area.teardown()
         self.attached = False
+        if self.fast is not None and self.fast.poll in self.poll_hooks:
+            self.poll_hooks.remove(self.fast.poll)  # its rings are gone
         if self.journal is not None:
             self.journal.end(JournalState.DETACHED)
 

@@ -4,7 +4,7 @@ load (busy loops opening and reading files on both CPUs).
 - an ``r:`` definition on a hot function gives, with no stop per call, the
   same events field by field as the slow path over the same workload, and
   as many as the guest's own kprobe_events ``r:`` event in the same run;
-- ``--latency``'s durations are positive and of the slow path's size;
+- ``--latency``'s durations are positive and no longer than the slow path's;
 - a kernel stack taken inside the probed function shows the real caller,
   not the trampoline;
 - a detach while a task sleeps inside the probed function (a ``read`` of a
@@ -150,11 +150,15 @@ def _latencies(session: Session, fast: bool) -> list[float]:
 def test_latency_durations_are_positive_and_as_on_the_slow_path(smp2: Session) -> None:
     slow = _latencies(smp2, fast=False)
     fast = _latencies(smp2, fast=True)
-    assert all(d > 0 for d in fast)
-    ratio = statistics.median(fast) / statistics.median(slow)
-    # The same calls on the guest's clock: the fast path adds no stop inside
-    # the measured time and the slow path's stops are not guest time either.
-    assert 0.2 < ratio < 5, (statistics.median(fast), statistics.median(slow))
+    # An open under TCG takes microseconds at least, well under a second.
+    assert all(1e-6 < d < 1 for d in fast), (min(fast), max(fast))
+    # The same calls on the guest's clock, which runs on while the VM is
+    # stopped (TCG): the slow path's times hold its stops, the fast path's
+    # none, so they are no longer; and the order of the calls is the same
+    # (the exec's open, the slowest on both paths, comes first).
+    assert statistics.median(fast) <= statistics.median(slow)
+    assert max(range(len(fast)), key=fast.__getitem__) == 0 or fast[0] > statistics.median(fast)
+    assert slow[0] > statistics.median(slow)
 
 
 def test_a_stack_inside_the_function_shows_the_real_caller(smp2: Session) -> None:
