@@ -1287,10 +1287,15 @@ class KprobeEngine:
         self._fast_update(point)
         return rec
 
-    def can_be_fast(self, kp: Kprobe) -> bool:
-        """Whether the registered ``kp``'s point can ever run in the guest (boosted)."""
+    def not_fast_because(self, kp: Kprobe) -> str | None:
+        """Why the registered ``kp``'s point can never run a recorder of
+        ``kp`` in the guest, or None when it can."""
         point = self.points.get(kp.arm_addr) if kp.arm_addr is not None else None
-        return point is not None and point.boosted
+        if point is None or not point.boosted:
+            return "the probed instruction cannot run boosted"
+        if self.fast is not None and point.addr in self.fast.installed:
+            return "another probe's recorder is at its address"
+        return None
 
     def install_fast_entry(self, kp: Kprobe, rec: Recorder) -> None:
         """Like :meth:`install_recorder`, for code already in the area (a

@@ -403,8 +403,9 @@ class Tracer:
             ring = engine.enable_fast_path()
         except ProbeError as exc:
             raise NotFastError(f"{tp.name}: {exc}") from exc
-        if not engine.can_be_fast(rp.kp):
-            raise NotFastError(f"{tp.name}: the entry's instruction cannot run boosted")
+        why = engine.not_fast_because(rp.kp)
+        if why is not None:
+            raise NotFastError(f"{tp.name}: {why}")
         fast, fastret = engine.fast, engine.fastret
         assert fast is not None and fastret is not None
         probe_id = fast.new_id()
