@@ -75,6 +75,7 @@ class RecoveryReport:
 
     recovered: bool
     contents: Contents | None
+    fast_returns: int = 0  # return addresses of fast return instances put back
 
     def describe(self) -> str:
         c = self.contents
@@ -84,7 +85,7 @@ class RecoveryReport:
             return (f"nothing to recover: the last qprobes session ({c.header.owner()}) "
                     f"left as it should ({c.header.state.name.lower()})")  # fmt: skip
         return (f"recovered the changes of {c.header.owner()}: {len(c.sites)} probe sites, "
-                f"{len(c.rets)} return addresses, {len(c.gates)} IDT gates and "
+                f"{len(c.rets) + self.fast_returns} return addresses, {len(c.gates)} IDT gates and "
                 f"{len(c.ptes)} page-table entries put back; {len(c.steps)} vCPUs "
                 "were mid-step")  # fmt: skip
 
@@ -592,10 +593,11 @@ class Session:
         try:
             contents = session.engine.journal_contents()
             session.use_linux()
-            report = RecoveryReport(bool(session.recovered), contents)
+            recovered = bool(session.recovered)
         finally:
             session.close()
-        return report
+        fastret = session.engine.fastret
+        return RecoveryReport(recovered, contents, fastret.stats.restored if fastret else 0)
 
     # --- probes -----------------------------------------------------------------
 
