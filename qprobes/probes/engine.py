@@ -47,7 +47,7 @@ from qprobes.errors import (
 from qprobes.probes.area import PAGE_SIZE, REGION_SIZE, GuestArea
 from qprobes.probes.context import HitContext, PtRegs
 from qprobes.probes.fastpath import FastPath
-from qprobes.probes.fastret import FastReturns
+from qprobes.probes.fastret import FASTRET_SPILL_VECTOR, FastReturns
 from qprobes.probes.ftrace_site import MCOUNT_INSN_SIZE, FtraceRecords, branches_to
 from qprobes.probes.journal import (
     JOURNAL_SIZE,
@@ -120,7 +120,7 @@ PAGE_SLOTS_LAST = 383  # 384-399: fast return probes (qprobes.probes.fastret); 4
 CR4_SMAP = 1 << 21
 
 TRAPPED_VECTORS = (1, 3, *SLOT_FAULT_VECTORS)
-_VECTORS = frozenset((*TRAPPED_VECTORS, KRETPROBE_VECTOR, JPROBE_VECTOR))
+_VECTORS = frozenset((*TRAPPED_VECTORS, KRETPROBE_VECTOR, JPROBE_VECTOR, FASTRET_SPILL_VECTOR))
 _STUB_PREFIX = {1: "qp_db", 3: "qp_bp", **{v: fault_label(v) for v in SLOT_FAULT_VECTORS}}
 
 # A boosted relative branch keeps two copies in its slot: the plain copy at
@@ -180,6 +180,7 @@ class EngineStats:
     db: int = 0
     faults: int = 0
     kret: int = 0
+    fastret_spills: int = 0  # fast return records whose full ring waited for the host
     chained: int = 0
     foreign: int = 0  # stops not caused by qprobes
     spurious: int = 0  # bare SIGTRAP stops that were not doorbells
@@ -387,6 +388,8 @@ class KprobeEngine:
                                       slot_hi=slot_hi)  # fmt: skip
             stubs = self._use_stubs(layout)
             self.fastret.lost_target = stubs["qp_kretprobe_lost"]
+            self.fastret.doorbell, self.fastret.vars = bell.vaddr, vars_.vaddr
+            self.fastret.on_doorbells = self._ret_kind.update
             self.target.write_phys(code.paddr, stubs.code)
             self._slots = self._slot_allocator()
             area.check_mapping(code.vaddr)
@@ -1525,6 +1528,11 @@ class KprobeEngine:
             if self.kretprobes is None:
                 raise ProbeError("a kretprobe trampoline hit with no kretprobes")
             self.kretprobes.trampoline_handler(ctx)
+        elif vector == FASTRET_SPILL_VECTOR:
+            # A fast return record found its ring full: drain, then it records again.
+            self.stats.fastret_spills += 1
+            if self.fast is not None:
+                self.fast.drain()
         elif vector == JPROBE_VECTOR:
             if regs is None:
                 regs = Registers.from_g(self.client.layout, self.client.read_registers())

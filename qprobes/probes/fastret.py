@@ -33,10 +33,10 @@ its own.
 Area pages (see :mod:`qprobes.probes.fastpath` for the pages above them)::
 
     384      header: u64 sequence counter; then one 64-byte descriptor per
-             probe k (1..63) at 64 * k: u64 nmissed, u64 lost (returns
+             probe k (1..32) at 64 * k: u64 nmissed, u64 lost (returns
              that found no instance), u64 entries
     385-391  instances, 64 bytes each (INST_*)
-    392-399  code: 512 bytes per probe k at (k - 1) * 512: entry, trampoline
+    392-399  code: 1 KiB per probe k at (k - 1) * 1024: entry, trampoline
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 
 from qprobes.errors import ProbeError, QprobesError
 from qprobes.probes.area import PAGE_SIZE, GuestArea
-from qprobes.probes.stubs import PT_REGS_NAMES, assemble_at
+from qprobes.probes.stubs import _RECORD, PT_REGS_NAMES, VAR_PERCPU, assemble_at
 
 if TYPE_CHECKING:
     from qprobes.arch.x86_64.recorder_asm import Recorder
@@ -60,7 +60,7 @@ INSTANCE_PAGES = 7
 PAGE_CODE = 392
 CODE_PAGES = 8
 PAGE_END = 400
-CODE_SLOT = 512
+CODE_SLOT = 1024
 INSTANCE_SIZE = 64
 MAX_INSTANCES = INSTANCE_PAGES * PAGE_SIZE // INSTANCE_SIZE
 MAX_PROBES = min(PAGE_SIZE // 64 - 1, CODE_PAGES * PAGE_SIZE // CODE_SLOT)
@@ -92,6 +92,10 @@ _RIP = 8 * PT_REGS_NAMES.index("rip")
 _SAVE = "\n".join(f"    push {r}" for r in reversed(PT_REGS_NAMES[:15]))
 _RESTORE = "\n".join(f"    pop {r}" for r in PT_REGS_NAMES[:15])
 STACK_REGION = 16 << 10  # a task's kernel stack, when ``current`` cannot be read
+#: The doorbell frame's vector when a return record found its ring full
+#: (lossless mode): the host drains the rings and answers; the trampoline
+#: records again.
+FASTRET_SPILL_VECTOR = 0x102
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,9 @@ class ReturnLayout:
     # rethook_node.llist, .ret_addr, .frame), so that the caller reported is
     # the real one, as the slow path's see-through does. Needs ``current``.
     rethook: tuple[int, int, int, int, int] | None = None
+    # The stubs' doorbell and vars page (0: a full ring drops the record).
+    doorbell: int = 0
+    vars: int = 0
 
 
 #: Live rethook nodes of a task the entry code looks through.
@@ -200,6 +207,42 @@ qpfr_got:
 """
 
 
+def _spill(layout: ReturnLayout) -> str:
+    """After the recorder: a nonzero eax (no room in the ring) rings the
+    doorbell, as the stubs do (the frame: action, vector, pt_regs), and
+    records again once the host has drained the rings."""
+    if not layout.doorbell:
+        return ""
+    old = f"lea rax, [rip + VARS + {VAR_PERCPU:#x}]"
+    if old not in _RECORD:
+        raise ProbeError("the stubs' per-CPU record changed: update fastret's spill")
+    record = _RECORD.replace(old, f"mov rax, {layout.vars + VAR_PERCPU:#x}")
+    return f"""
+    test eax, eax
+    jz qpfr_recorded
+qpfr_spill:
+    push {FASTRET_SPILL_VECTOR:#x}
+    push 0
+{record}
+    mov rsi, {layout.doorbell:#x}
+.globl qpfr_ring
+qpfr_ring:
+    mov byte ptr [rsi], 1
+.globl qpfr_doorbell_ret
+qpfr_doorbell_ret:
+    mov rax, [rsp]
+    test rax, rax
+    jz qpfr_ring
+    add rsp, 16
+    mov rdi, rsp
+    mov rax, {layout.recorder:#x}
+    call rax
+    test eax, eax
+    jnz qpfr_spill
+qpfr_recorded:
+"""
+
+
 def trampoline_source(layout: ReturnLayout) -> str:
     """The trampoline: where the hijacked return lands."""
     lost = f"    mov rax, {layout.lost:#x}\n    jmp rax" if layout.lost else "    ud2"
@@ -252,11 +295,12 @@ qpfr_next:
     mov [rsp + {FRAME_ENTRY_TSC:#x}], rax
     mov rax, [r9 + {INST_CALLER}]
     mov [rsp + {FRAME_CALLER:#x}], rax
-    push r9
-    lea rdi, [rsp + 8]
+    mov r12, r9
+    mov rdi, rsp
     mov rax, {layout.recorder:#x}
     call rax
-    pop r9
+{_spill(layout)}
+    mov r9, r12
     mov qword ptr [r9 + {INST_SLOT}], 0
     mov qword ptr [r9 + {INST_TASK}], 0
 {_RESTORE}
@@ -272,12 +316,14 @@ qpfr_end:
 """
 
 
-def assemble_return(layout: ReturnLayout) -> tuple[bytes, int, int]:
-    """(code, entry address, trampoline address) of one probe, at ``layout.code``."""
+def assemble_return(layout: ReturnLayout) -> tuple[bytes, dict[str, int]]:
+    """The code of one probe, at ``layout.code``, and its labels
+    (``qpfr_entry``, ``qpfr_trampoline``, with a doorbell ``qpfr_ring`` and
+    ``qpfr_doorbell_ret``)."""
     code, symbols = assemble_at(entry_source(layout) + trampoline_source(layout), layout.code)
     if len(code) > CODE_SLOT:
         raise ProbeError(f"fast return code takes {len(code)} bytes, more than {CODE_SLOT}")
-    return code, symbols["qpfr_entry"], symbols["qpfr_trampoline"]
+    return code, symbols
 
 
 @dataclass(frozen=True)
@@ -356,6 +402,7 @@ class FastReturn:
     trampoline: int
     recorder: Recorder
     removed: bool = False
+    doorbell_rets: tuple[int, ...] = ()  # where a spill's doorbell stop may report rip
 
 
 @dataclass
@@ -388,6 +435,11 @@ class FastReturns:
         self.stats = FastReturnStats()
         self.adopted: tuple[int, int, int, int] | None = None  # (store, count, lo, hi)
         self.lost_target = 0
+        # The stubs' doorbell and vars page, for lossless return records
+        # (0: a full ring drops them); set by the engine.
+        self.doorbell = 0
+        self.vars = 0
+        self.on_doorbells: Callable[[dict[int, int]], None] | None = None
 
     def _vaddr(self, page: int) -> int:
         return self.area.vbase + page * PAGE_SIZE
@@ -443,9 +495,13 @@ class FastReturns:
     def add(self, maxactive: int, current: int | None,
             place_recorder: Callable[[Callable[[int], Recorder]], Recorder],
             build: Callable[[int], Recorder],
-            rethook: tuple[int, int, int, int, int] | None = None) -> FastReturn:  # fmt: skip
+            rethook: tuple[int, int, int, int, int] | None = None,
+            lossless: bool = False) -> FastReturn:  # fmt: skip
         """Give a probe ``maxactive`` instances, place its return recorder
-        (``build(address)``) and write its entry code and trampoline."""
+        (``build(address)``) and write its entry code and trampoline. With
+        ``lossless`` (and the engine's doorbell known), a record that finds
+        its ring full rings the doorbell and is taken again once the host
+        has drained the rings; else it is dropped and counted."""
         if maxactive <= 0:
             raise ProbeError(f"maxactive {maxactive} must be positive")
         self.enable()
@@ -459,13 +515,21 @@ class FastReturns:
         code_at = self.code_lo + (k - 1) * CODE_SLOT
         layout = ReturnLayout(code_at, self.store + first * INSTANCE_SIZE, maxactive,
                               self.header + 64 * k, self.header, recorder.address, current,
-                              self.lost_target, rethook)  # fmt: skip
-        code, entry, tramp = assemble_return(layout)
+                              self.lost_target, rethook,
+                              self.doorbell if lossless else 0, self.vars)  # fmt: skip
+        code, symbols = assemble_return(layout)
+        entry, tramp = symbols["qpfr_entry"], symbols["qpfr_trampoline"]
+        rets: tuple[int, ...] = ()
+        if "qpfr_doorbell_ret" in symbols:
+            ret = symbols["qpfr_doorbell_ret"]
+            rets = (symbols["qpfr_ring"], ret, ret + 4, ret + 7)  # as the stubs' doorbells
+            if self.on_doorbells is not None:
+                self.on_doorbells(dict.fromkeys(rets, FASTRET_SPILL_VECTOR))
         # A fresh share: no instance, no counters.
         self.write_data(layout.instances, bytes(maxactive * INSTANCE_SIZE))
         self.write_data(layout.desc, bytes(64))
         self.write_code(code_at, code)
-        fr = FastReturn(k, first, maxactive, code_at, entry, tramp, recorder)
+        fr = FastReturn(k, first, maxactive, code_at, entry, tramp, recorder, doorbell_rets=rets)
         self.probes[k] = fr
         return fr
 

@@ -409,16 +409,17 @@ class Tracer:
         fast, fastret = engine.fast, engine.fastret
         assert fast is not None and fastret is not None
         probe_id = fast.new_id()
-        # A full ring drops the return's record and counts it (fast_dropped):
-        # the trampoline has no host to hand it to.
-        spec = self._recorder_spec(probe_id, plan.fetches, ring, False)
+        # A full ring makes the trampoline wait for the host (lossless), or
+        # drops the return's record and counts it (fast_dropped).
+        spec = self._recorder_spec(probe_id, plan.fetches, ring, self.lossless)
         current = spec.task.current if spec.task is not None else None
         # The guest's own kretprobes (rethook, through ftrace at +0) run before
         # this entry: the entry code reports the caller behind them.
         rethook = getattr(self.session.kretprobes.see_through, "rethook", None)
         try:
             fr = fastret.add(rp.maxactive, current, fast.place,
-                             lambda at: assemble_recorder(spec, at), rethook)  # fmt: skip
+                             lambda at: assemble_recorder(spec, at), rethook,
+                             self.lossless)  # fmt: skip
             engine.install_fast_entry(rp.kp, Recorder(fr.entry, b"", (), 0))
         except ProbeError as exc:
             raise NotFastError(f"{tp.name}: {exc}") from exc

@@ -39,9 +39,12 @@ from unicorn import x86_const as X  # noqa: E402
 from qprobes.arch.x86_64.recorder_asm import (  # noqa: E402
     Recorder,
     RecorderSpec,
+    RingLayout,
     assemble_recorder,
+    ring_stats,
 )
 from qprobes.probes.fastret import (  # noqa: E402
+    FASTRET_SPILL_VECTOR,
     INST_RET,
     INST_SLOT,
     INST_TASK,
@@ -66,6 +69,8 @@ from qprobes.tracing.recorder import (  # noqa: E402
 from tests.unit.test_recorder_stubs import (  # noqa: E402
     AREA,
     BOOST,
+    DOORBELL,
+    VARS,
     EXTABLE,
     GPRS,
     PTABLE,
@@ -102,8 +107,10 @@ class Returns:
     """A Machine whose probe is a fast return probe."""
 
     def __init__(self, maxactive: int = 4, definition: str = DEFINITION,
-                 rethook: tuple[int, int, int, int, int] | None = None) -> None:  # fmt: skip
+                 rethook: tuple[int, int, int, int, int] | None = None,
+                 ring: RingLayout = RING, lossless: bool = False) -> None:  # fmt: skip
         self.m = m = Machine("%di", recorder=False)
+        self.ring = ring
         g = m.guest
         g.write(RET_INSN, b"\xc3")
         g.write(CALLER, b"\xf4")
@@ -113,13 +120,17 @@ class Returns:
         assert isinstance(spec, ProbeSpec)
         self.compiled = compile_fetchargs(spec, SYMBOLS)
         self.plan = plan_return_recorder(self.compiled)
-        rspec = RecorderSpec(7, self.plan.fetches, 8 * PT_REGS_NAMES.index("rsp"), RING,
+        rspec = RecorderSpec(7, self.plan.fetches, 8 * PT_REGS_NAMES.index("rsp"), ring,
                              task=TASK_LAYOUT, cpu_number=CPU_NUMBER, kernel_floor=KERNEL_FLOOR,
-                             kernel_reads_user=True, lossless=False)  # fmt: skip
+                             kernel_reads_user=True, lossless=lossless)  # fmt: skip
         self.store = FastReturns(FakeArea(m), g.read, g.write, g.write)  # type: ignore[arg-type]
         self.store.lost_target = CODE + 0x400
+        self.store.doorbell, self.store.vars = DOORBELL, VARS
+        self.doorbells: dict[int, int] = {}
+        self.store.on_doorbells = self.doorbells.update
         self.fr = self.store.add(maxactive, CURRENT_TASK, self._place,
-                                 lambda at: assemble_recorder(rspec, at), rethook)  # fmt: skip
+                                 lambda at: assemble_recorder(rspec, at), rethook,
+                                 lossless)  # fmt: skip
         index = probe_hash(PROBE_IP)
         g.write(PTABLE + 8 * index, q(PROBE_IP))
         g.write(RTABLE + 8 * index, q(rtable_entry(self.fr.entry - AREA, BOOST - AREA)))
@@ -178,8 +189,8 @@ class Returns:
 
     def records(self) -> list[bytes]:
         out: list[bytes] = []
-        for cpu in range(RING.ncpus):
-            out += drain_ring(GuestMem(self.m.guest), RING, cpu)
+        for cpu in range(self.ring.ncpus):
+            out += drain_ring(GuestMem(self.m.guest), self.ring, cpu)
         return out
 
     def word(self, addr: int) -> int:
@@ -266,6 +277,41 @@ def test_the_caller_behind_the_guests_rethook_is_reported() -> None:
     r.ret(SLOT_OUTER, rethook_tramp, _regs(rax=3))
     (record,) = r.records()
     assert return_extra(decode_record(record, r.plan.strings))[1] == CALLER
+
+
+@pytest.mark.parametrize("lossless", [True, False])
+def test_a_full_ring_waits_for_the_host_or_drops_and_counts(lossless: bool) -> None:
+    small = RingLayout(RING.headers, RING.data, 256, RING.ncpus)
+    r = Returns(ring=small, lossless=lossless)
+    assert bool(r.fr.doorbell_rets) == lossless
+    assert set(r.doorbells.values()) <= {FASTRET_SPILL_VECTOR}
+    for rax in (1, 2):  # two records of 104 bytes fill the 256-byte ring
+        r.call(SLOT_OUTER, CALLER)
+        r.ret(SLOT_OUTER, CALLER, _regs(rax=rax))
+    r.call(SLOT_OUTER, CALLER)
+    if not lossless:
+        r.ret(SLOT_OUTER, CALLER, _regs(rax=3))
+        assert len(r.records()) == 2
+        assert ring_stats(GuestMem(r.m.guest), small, 2).full == 1
+        assert r.live() == []
+        return
+    # The third waits at the doorbell, its frame as the stubs' are.
+    ret = r.fr.doorbell_rets[1]
+    r.ret(SLOT_OUTER, ret, _regs(rax=3))
+    uc = r.m.guest.uc
+    rsp = uc.reg_read(X.UC_X86_REG_RSP)
+    action, vector = struct.unpack("<QQ", r.m.guest.read(rsp, 16))
+    assert (action, vector) == (0, FASTRET_SPILL_VECTOR)
+    assert r.word(rsp + 16 + 8 * PT_REGS_NAMES.index("rax")) == 3
+    assert r.m.guest.read(DOORBELL, 1) == b"\x01"
+    first = [decode_record(d, r.plan.strings) for d in r.records()]  # the host drains
+    r.m.guest.write(rsp, q(1))  # and answers
+    r.run(ret, CALLER)
+    assert uc.reg_read(X.UC_X86_REG_RAX) == 3
+    assert uc.reg_read(X.UC_X86_REG_RSP) == SLOT_OUTER + 8
+    (last,) = [decode_record(d, r.plan.strings) for d in r.records()]
+    assert [r.plan.values(x)["r"] for x in [*first, last]] == [1, 2, 3]
+    assert r.live() == []
 
 
 def test_a_full_store_counts_a_miss_and_leaves_the_stack_alone() -> None:
