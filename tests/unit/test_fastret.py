@@ -70,12 +70,12 @@ from tests.unit.test_recorder_stubs import (  # noqa: E402
     AREA,
     BOOST,
     DOORBELL,
-    VARS,
     EXTABLE,
     GPRS,
     PTABLE,
     REC_LO,
     RTABLE,
+    VARS,
     Machine,
     _reg,
 )
