@@ -7,6 +7,7 @@ load (busy loops opening and reading files on both CPUs).
 - ``--latency``'s durations are positive and no longer than the slow path's;
 - a kernel stack taken inside the probed function shows the real caller,
   not the trampoline;
+- a full ring makes the trampoline wait for the host (lossless);
 - a detach while a task sleeps inside the probed function (a ``read`` of a
   pipe that blocks) puts its return address back: the task returns
   normally later, dmesg stays clean, the IDT and the text are as before.
@@ -183,6 +184,36 @@ def test_a_stack_inside_the_function_shows_the_real_caller(smp2: Session) -> Non
         assert not [a for a in stack if area <= a < area + REGION_SIZE], [hex(a) for a in stack]
     names = [[tracer._symbol(a).split("+")[0] for a in stack] for stack in stacks]
     assert any(n[:3] == ["pipe_read", "vfs_read", "ksys_read"] for n in names), names[:3]
+
+
+def test_a_full_ring_makes_the_trampoline_wait_for_the_host(smp2: Session) -> None:
+    """Lossless: with the rings drained only when the guest stops, the
+    returns overflow them; the trampoline rings the doorbell, the host
+    drains, and every return still becomes exactly one event."""
+    fast = smp2.engine.fast
+    assert fast is not None
+    n = 3000
+    events: list[TraceEvent] = []
+    tracer = Tracer(smp2, events.append, fast=True)
+    hostmem = fast.hostmem
+    try:
+        tp = tracer.add("r:fw vfs_read r=$retval:s64 a=%di b=%si c=%dx d=%cx e=%r8 f=%r9")
+        assert tp.fast_id, tp.slow_reason
+        smp2.command("true")
+        fast.hostmem = None  # no draining while the guest runs
+        spills = smp2.engine.stats.fastret_spills
+        out = smp2.command(f"sh -c 'echo PID=$$; exec dd if=/dev/zero of=/dev/null bs=1 "
+                           f"count={n}'", timeout=300)  # fmt: skip
+        spills = smp2.engine.stats.fastret_spills - spills
+    finally:
+        fast.hostmem = hostmem
+        tracer.remove("kprobes/fw")
+    pid = _pid(out)
+    reads = [e for e in events if e.pid == pid and e.fields["r"] == 1]
+    assert len(reads) == n
+    assert spills >= 1
+    assert tracer.fast_dropped == 0
+    assert tp.nmissed == 0
 
 
 def test_detach_with_a_task_asleep_in_the_function(smp2: Session) -> None:
