@@ -42,6 +42,7 @@ Area pages (see :mod:`qprobes.probes.fastpath` for the pages above them)::
 from __future__ import annotations
 
 import contextlib
+import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +92,8 @@ _RSP = 8 * PT_REGS_NAMES.index("rsp")
 _RIP = 8 * PT_REGS_NAMES.index("rip")
 _SAVE = "\n".join(f"    push {r}" for r in reversed(PT_REGS_NAMES[:15]))
 _RESTORE = "\n".join(f"    pop {r}" for r in PT_REGS_NAMES[:15])
+log = logging.getLogger(__name__)
+
 STACK_REGION = 16 << 10  # a task's kernel stack, when ``current`` cannot be read
 #: The doorbell frame's vector when a return record found its ring full
 #: (lossless mode): the host drains the rings and answers; the trampoline
@@ -601,7 +604,14 @@ class FastReturns:
         (guest stopped). Returns how many were written."""
         if not self.enabled and self.adopted is None:
             return 0
-        plan = restore_plan(self.instances(), self._read_slot)
+        try:
+            instances = self.instances()
+        except QprobesError as exc:
+            # The store is not mapped (a session that died while enabling it):
+            # no instance was ever taken.
+            log.warning("cannot read the fast return instances: %s", exc)
+            return 0
+        plan = restore_plan(instances, self._read_slot)
         for slot, real in plan.items():
             self.write_data(slot, real.to_bytes(8, "little"))
         self.stats.restored += len(plan)

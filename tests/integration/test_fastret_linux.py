@@ -243,3 +243,24 @@ def test_detach_with_a_task_asleep_in_the_function(smp2: Session) -> None:
     assert not bad, bad[:5]
     assert "slept" in smp2.command("cat /tmp/got")
     assert snapshot(smp2) == before, "what qprobes wrote is not undone"
+
+
+@pytest.mark.parametrize("flag", ["--fast", "--no-fast"])
+def test_cli_latency_on_the_fast_path_and_off_it(flag: str) -> None:
+    """``qprobes trace --latency FUNC --fast`` measures in the guest; with
+    ``--no-fast`` on the slow path; the same calls either way."""
+    import json
+
+    from tests.integration.test_trace_linux import qprobes_cli
+
+    proc = qprobes_cli("trace", "--json", flag, "--latency", "do_sys_openat2", "--",
+                       "qp-open", "5", "/etc/hostname")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (lat,) = [json.loads(line)["latency"] for line in proc.stdout.splitlines()
+              if line.startswith('{"latency"')]  # fmt: skip
+    assert lat["function"] == "do_sys_openat2" and lat["count"] >= 5
+    assert 0 < lat["min_ns"] <= lat["max_ns"]
+    rows = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    (summary,) = [row["summary"] for row in rows if "summary" in row]
+    assert summary["fast"] is (flag == "--fast"), summary
+    assert summary["missed"] == 0
