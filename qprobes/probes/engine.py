@@ -428,8 +428,14 @@ class KprobeEngine:
 
     def _new_fastret(self) -> FastReturns:
         journal = self.journal
-        return FastReturns(self.area, self.read_data, self.write_data, self.kwrite_code,
-                           journal.fast_returns if journal is not None else None)  # fmt: skip
+        fastret = FastReturns(self.area, self.read_data, self.write_data, self.kwrite_code,
+                              journal.fast_returns if journal is not None else None)  # fmt: skip
+        fastret.live_access = self.hostmem is not None
+        fastret.is_gone = self._task_is_gone
+        return fastret
+
+    def _task_is_gone(self, task: int) -> bool:
+        return self.kretprobes is not None and self.kretprobes.tasks.is_gone(task, None)
 
     def _slot_allocator(self) -> SlotAllocator:
         area = self.area
@@ -684,6 +690,8 @@ class KprobeEngine:
         self.attached = False
         if self.fast is not None and self.fast.poll in self.poll_hooks:
             self.poll_hooks.remove(self.fast.poll)  # its rings are gone
+        if self.fastret is not None and self.fastret.poll in self.poll_hooks:
+            self.poll_hooks.remove(self.fastret.poll)
         if self.journal is not None:
             self.journal.end(JournalState.DETACHED)
 
@@ -1271,6 +1279,8 @@ class KprobeEngine:
             raise ProbeError("attach the engine before enabling the fast path")
         if self.fast.poll not in self.poll_hooks:
             self.poll_hooks.append(self.fast.poll)
+        if self.fastret is not None and self.fastret.poll not in self.poll_hooks:
+            self.poll_hooks.append(self.fastret.poll)
         return self.fast.enable(len(self.target.vcpus))
 
     def install_recorder(self, kp: Kprobe, build: Callable[[int], Recorder]) -> Recorder | None:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -411,6 +412,11 @@ class FastReturn:
 @dataclass
 class FastReturnStats:
     restored: int = 0  # return addresses written back at detach
+    reclaimed: int = 0  # instances of calls that can never return (their task is gone)
+
+
+#: How often :meth:`FastReturns.poll` looks for instances of dead tasks.
+RECLAIM_PERIOD = 1.0
 
 
 class FastReturns:
@@ -443,6 +449,11 @@ class FastReturns:
         self.doorbell = 0
         self.vars = 0
         self.on_doorbells: Callable[[dict[int, int]], None] | None = None
+        # Whether a task exited (Linux: TASK_DEAD), for reclaiming the
+        # instances of calls that never return (do_exit); set by the engine.
+        self.is_gone: Callable[[int], bool] | None = None
+        self.live_access = False  # the store can be read and written while the guest runs
+        self._next_reclaim = 0.0
 
     def _vaddr(self, page: int) -> int:
         return self.area.vbase + page * PAGE_SIZE
@@ -590,6 +601,48 @@ class FastReturns:
             return ret
         tramps = {i.tramp for i in live} | self.trampolines
         return real_return(live, slot, ret, tramps)
+
+    # --- instances of calls that never return -------------------------------------
+
+    def poll(self, running: bool) -> None:
+        """The engine's poll hook: now and then, :meth:`reclaim` (while the
+        guest runs only with :attr:`live_access`)."""
+        if not self.probes or self.is_gone is None or (running and not self.live_access):
+            return
+        now = time.monotonic()
+        if now < self._next_reclaim:
+            return
+        self._next_reclaim = now + RECLAIM_PERIOD
+        try:
+            self.reclaim()
+        except QprobesError as exc:
+            log.debug("fast return instances not reclaimed: %s", exc)
+
+    def reclaim(self) -> int:
+        """Free the instances whose task is gone and whose stack slot no
+        longer holds their trampoline: a call that can never return (a task
+        that exited inside the function, as in ``do_exit``), which Linux's
+        ``rethook_flush_task`` frees when the task goes. Nothing in the
+        guest touches such an instance (no task matches it, none can claim
+        it) until its task word is 0, written last. Returns how many."""
+        if self.is_gone is None:
+            return 0
+        freed = 0
+        for inst in self.instances():
+            if not inst.live or self._read_slot(inst.slot) == inst.tramp:
+                continue
+            try:
+                gone = self.is_gone(inst.task)
+            except QprobesError:
+                continue
+            if not gone:
+                continue
+            at = self.store + inst.index * INSTANCE_SIZE
+            self.write_data(at + INST_SLOT, bytes(8))
+            self.write_data(at + INST_TASK, bytes(8))
+            freed += 1
+        self.stats.reclaimed += freed
+        return freed
 
     # --- undoing ------------------------------------------------------------------
 

@@ -216,6 +216,34 @@ def test_a_full_ring_makes_the_trampoline_wait_for_the_host(smp2: Session) -> No
     assert tp.nmissed == 0
 
 
+def test_instances_of_calls_that_never_return_are_reclaimed(smp2: Session) -> None:
+    """do_exit never returns: each exiting task (the busy loops fork all the
+    time) leaves an instance behind; the host frees it once the task is
+    gone, so the store does not run dry after maxactive exits."""
+    from qprobes.probes.fastret import DESC_ENTRIES
+
+    events: list[TraceEvent] = []
+    tracer = Tracer(smp2, events.append, fast=True)
+    fastret = smp2.engine.fastret
+    assert fastret is not None
+    reclaimed = fastret.stats.reclaimed
+    try:
+        tp = tracer.add("r10:fx do_exit")
+        assert tp.fast_id and tp.fast_ret is not None, tp.slow_reason
+        smp2.command("sleep 8", timeout=120)
+        entries = fastret.counter(tp.fast_ret, DESC_ENTRIES)
+        missed = tp.nmissed
+    finally:
+        for name in list(tracer.probes):
+            tracer.remove(name)
+    reclaimed = fastret.stats.reclaimed - reclaimed
+    assert not events  # nothing returned
+    assert entries >= 20, entries
+    assert reclaimed >= entries - 10
+    # Without reclaiming, every exit after the tenth would have missed.
+    assert missed < (entries + missed) // 2, (missed, entries)
+
+
 def test_detach_with_a_task_asleep_in_the_function(smp2: Session) -> None:
     """Last in this module: it detaches the session's engine."""
     engine = smp2.engine

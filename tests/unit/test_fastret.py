@@ -314,6 +314,25 @@ def test_a_full_ring_waits_for_the_host_or_drops_and_counts(lossless: bool) -> N
     assert r.live() == []
 
 
+@pytest.mark.parametrize(("gone", "slot_moved", "freed"),
+                         [(True, True, 1), (True, False, 0), (False, True, 0)])  # fmt: skip
+def test_an_instance_of_a_task_gone_is_reclaimed(gone: bool, slot_moved: bool, freed: int) -> None:
+    """A task that exited inside the function (do_exit): its instance is
+    freed once its task is gone and its stack no longer holds the trampoline."""
+    r = Returns(maxactive=1)
+    r.call(SLOT_OUTER, CALLER)
+    if slot_moved:
+        r.m.guest.write(SLOT_OUTER, q(0x1234))  # the stack was reused
+    asked: list[int] = []
+    r.store.is_gone = lambda task: asked.append(task) is None and gone
+    assert r.store.reclaim() == freed
+    assert len(r.live()) == 1 - freed
+    if freed:
+        assert asked == [TASK_A]
+        r.call(SLOT_INNER, CALLER2)  # the store has room again
+        assert r.store.nmissed(r.fr) == 0 and len(r.live()) == 1
+
+
 def test_a_full_store_counts_a_miss_and_leaves_the_stack_alone() -> None:
     r = Returns(maxactive=1)
     r.call(SLOT_OUTER, CALLER)
