@@ -420,8 +420,12 @@ class Tracer:
             fr = fastret.add(rp.maxactive, current, fast.place,
                              lambda at: assemble_recorder(spec, at), rethook,
                              self.lossless)  # fmt: skip
+        except ProbeError as exc:
+            raise NotFastError(f"{tp.name}: {exc}") from exc
+        try:
             engine.install_fast_entry(rp.kp, Recorder(fr.entry, b"", (), 0))
         except ProbeError as exc:
+            fastret.remove(fr)  # its share goes back (no instance was ever taken)
             raise NotFastError(f"{tp.name}: {exc}") from exc
         tp.plan, tp.fast_id, tp.fast_ret = plan, probe_id, fr
         tp.fast_missed = lambda: fastret.nmissed(fr)
