@@ -13,22 +13,27 @@ rethook does (the newest instance of the current task whose stack slot is
 the one being returned through: a task may have migrated since the
 entry), builds a ``pt_regs`` as at the return (rip the real return
 address, rsp past it), calls the definition's return recorder (its first
-two values are the instance's entry TSC and the real return address),
-frees the instance and returns to the real address with every register and
-flag as the function left them. An instance whose saved return address is
+two values are the instance's entry TSC and the caller to report: the real
+return address, or the one behind the guest's own rethook when its
+kretprobes got there first), frees the instance and returns to the real
+address with every register and flag as the function left them. A record
+that finds its ring full (lossless mode) rings the doorbell with
+:data:`FASTRET_SPILL_VECTOR`; the host drains the rings and the trampoline
+records again. An instance whose saved return address is
 itself a trampoline (a tail call from a return-probed function) makes the
 return go through that trampoline next, as Linux chains them.
 
 ``maxactive``: an entry that finds no free instance counts ``nmissed`` in
-the probe's descriptor and leaves the stack alone (Linux's kretprobe).
+the probe's descriptor and leaves the stack alone (Linux's kretprobe). The
+instances of tasks that exited inside the function (``do_exit``) are
+freed by the host (:meth:`FastReturns.reclaim`).
 
 Everything written on stacks can be undone from the host: the instances
 are plain guest memory (:meth:`FastReturns.instances`), the journal records
 where they are (so ``--recover`` and the watchdog find them), and
 :meth:`FastReturns.detach` writes every outstanding hijacked return address
-back, newest first per slot. The host never frees an instance itself: a
-task caught between the return and the trampoline's ``cli`` still finds
-its own.
+back, newest first per slot. A detach frees no instance: a task caught
+between the return and the trampoline's ``cli`` still finds its own.
 
 Area pages (see :mod:`qprobes.probes.fastpath` for the pages above them)::
 
