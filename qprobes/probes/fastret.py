@@ -133,6 +133,19 @@ class ReturnLayout:
 RETHOOK_NODES = 64
 
 
+def _missed(layout: ReturnLayout) -> str:
+    """No free instance: count it and go on (Linux's nmissed); in lossless
+    mode (a doorbell) hand the hit to the host instead (return 1: the #BP
+    stub rings the doorbell), which frees the instances of tasks gone and
+    takes this call on the slow path, or counts it missed."""
+    if layout.doorbell:
+        return "    mov eax, 1\n    ret"
+    return f"""    mov rax, {layout.desc + DESC_NMISSED:#x}
+    lock inc qword ptr [rax]
+    xor eax, eax
+    ret"""
+
+
 def _see_rethook(layout: ReturnLayout) -> str:
     """With rdx = task, rsi = slot, r9 = the return address found and r8 the
     instance: its caller is the rethook node's ret_addr when r9 is the
@@ -189,10 +202,7 @@ qpfr_claim:
     dec ecx
     jnz qpfr_claim
 qpfr_missed:
-    mov rax, {layout.desc + DESC_NMISSED:#x}
-    lock inc qword ptr [rax]
-    xor eax, eax
-    ret
+{_missed(layout)}
 qpfr_got:
     mov [r8 + {INST_RET}], r9
     mov [r8 + {INST_CALLER}], r9
@@ -412,6 +422,7 @@ class FastReturn:
     recorder: Recorder
     removed: bool = False
     doorbell_rets: tuple[int, ...] = ()  # where a spill's doorbell stop may report rip
+    host_missed: int = 0  # entries handed to the host with the store full, counted missed
 
 
 @dataclass
@@ -574,7 +585,11 @@ class FastReturns:
         return int.from_bytes(raw, "little")
 
     def nmissed(self, fr: FastReturn) -> int:
-        return self.counter(fr, DESC_NMISSED)
+        return self.counter(fr, DESC_NMISSED) + fr.host_missed
+
+    def full(self, fr: FastReturn) -> bool:
+        """Whether every instance of ``fr`` is taken."""
+        return all(i.task for i in self.instances(fr))
 
     def lost(self, fr: FastReturn) -> int:
         return self.counter(fr, DESC_LOST)

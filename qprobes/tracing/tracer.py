@@ -430,6 +430,20 @@ class Tracer:
         tp.plan, tp.fast_id, tp.fast_ret = plan, probe_id, fr
         tp.fast_missed = lambda: fastret.nmissed(fr)
         fast.consumers[probe_id] = lambda data: self._consume_return(tp, data)
+        slow_entry = rp.kp.pre_handler
+        assert slow_entry is not None
+
+        def pre_handler(kp: Kprobe, ctx: HitContext) -> bool:
+            # A hit on the host with every fast instance taken (lossless mode
+            # hands those over): free the instances of tasks gone; if some
+            # were, this call takes the slow path, else it is missed, as the
+            # guest counts it without a doorbell.
+            if fastret.full(fr) and not fastret.reclaim():
+                fr.host_missed += 1
+                return False
+            return bool(slow_entry(kp, ctx))
+
+        rp.kp.pre_handler = pre_handler
 
     def _recorder_spec(self, probe_id: int, fetches: tuple[Fetch, ...], ring: RingLayout,
                        lossless: bool) -> RecorderSpec:  # fmt: skip

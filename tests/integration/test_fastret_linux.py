@@ -155,11 +155,8 @@ def test_latency_durations_are_positive_and_as_on_the_slow_path(smp2: Session) -
     assert all(1e-6 < d < 1 for d in fast), (min(fast), max(fast))
     # The same calls on the guest's clock, which runs on while the VM is
     # stopped (TCG): the slow path's times hold its stops, the fast path's
-    # none, so they are no longer; and the order of the calls is the same
-    # (the exec's open, the slowest on both paths, comes first).
+    # none, so they are no longer.
     assert statistics.median(fast) <= statistics.median(slow)
-    assert max(range(len(fast)), key=fast.__getitem__) == 0 or fast[0] > statistics.median(fast)
-    assert slow[0] > statistics.median(slow)
 
 
 def test_a_stack_inside_the_function_shows_the_real_caller(smp2: Session) -> None:
@@ -223,7 +220,8 @@ def test_a_full_ring_makes_the_trampoline_wait_for_the_host(smp2: Session) -> No
 def test_instances_of_calls_that_never_return_are_reclaimed(smp2: Session) -> None:
     """do_exit never returns: each exiting task (the busy loops fork all the
     time) leaves an instance behind; the host frees it once the task is
-    gone, so the store does not run dry after maxactive exits."""
+    gone (now and then, and at once when an entry finds the store full), so
+    the store does not run dry after maxactive exits."""
     from qprobes.probes.fastret import DESC_ENTRIES
 
     events: list[TraceEvent] = []
@@ -244,8 +242,9 @@ def test_instances_of_calls_that_never_return_are_reclaimed(smp2: Session) -> No
     assert not events  # nothing returned
     assert entries >= 20, entries
     assert reclaimed >= entries - 10
-    # Without reclaiming, every exit after the tenth would have missed.
-    assert missed < (entries + missed) // 2, (missed, entries)
+    # Without reclaiming, every exit after the tenth would have missed; an
+    # entry that finds the store full has the host reclaim at once.
+    assert missed * 10 <= entries, (missed, entries)
 
 
 def test_detach_with_a_task_asleep_in_the_function(smp2: Session) -> None:

@@ -160,9 +160,10 @@ class Returns:
             raise AssertionError(f"stopped at {rip:#x} (exceptions {g.intr})")
         raise AssertionError("does not end")
 
-    def call(self, slot: int, ret_to: int, regs: dict[str, int] | None = None) -> None:
+    def call(self, slot: int, ret_to: int, regs: dict[str, int] | None = None,
+             until: int = BOOST) -> None:  # fmt: skip
         """A call of the probed function from ``ret_to``: its int3, with rsp
-        at ``slot`` holding ``ret_to``; back at the boosted slot."""
+        at ``slot`` holding ``ret_to``; back at the boosted slot (or ``until``)."""
         g, uc = self.m.guest, self.m.guest.uc
         g.write(slot, q(ret_to))
         g._forget_exception()
@@ -170,8 +171,9 @@ class Returns:
             uc.reg_write(_reg(name), (regs or {}).get(name, 0x1000 + GPRS.index(name)))
         uc.reg_write(X.UC_X86_REG_RSP, slot)
         self.m.deliver(self.m.stubs["qp_bp_entry"], PROBE_IP + 1, None, 0x246)
-        self.run(int(uc.reg_read(X.UC_X86_REG_RIP)), BOOST)
-        assert uc.reg_read(X.UC_X86_REG_RSP) == slot
+        self.run(int(uc.reg_read(X.UC_X86_REG_RIP)), until)
+        if until == BOOST:
+            assert uc.reg_read(X.UC_X86_REG_RSP) == slot
 
     def ret(self, slot: int, until: int, regs: dict[str, int]) -> dict[str, int]:
         """The function returns from ``slot`` with ``regs``; runs until ``until``."""
@@ -331,6 +333,17 @@ def test_an_instance_of_a_task_gone_is_reclaimed(gone: bool, slot_moved: bool, f
         assert asked == [TASK_A]
         r.call(SLOT_INNER, CALLER2)  # the store has room again
         assert r.store.nmissed(r.fr) == 0 and len(r.live()) == 1
+
+
+def test_a_full_store_in_lossless_mode_hands_the_call_to_the_host() -> None:
+    r = Returns(maxactive=1, lossless=True)
+    r.call(SLOT_OUTER, CALLER)
+    assert r.store.full(r.fr)
+    r.call(SLOT_INNER, CALLER2, until=r.m.stubs["qp_bp_doorbell_ret"])
+    assert r.m.guest.read(DOORBELL, 1) == b"\x01"  # a slow-path hit, for the host
+    assert r.store.nmissed(r.fr) == 0  # the host decides
+    assert r.word(SLOT_INNER) == CALLER2
+    assert r.store.full(r.fr)
 
 
 def test_a_full_store_counts_a_miss_and_leaves_the_stack_alone() -> None:
