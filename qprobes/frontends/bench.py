@@ -12,7 +12,11 @@ prompt. Rows, in the order they run:
 3. qprobes kprobes with a no-op handler: boosted (copy + ``jmp`` back, one
    stop per hit) and single-step (a #BP stop, then a #DB stop; after the
    5-byte ftrace nop the function starts with);
-4. a qprobes kretprobe (the slow path: the entry probe and the trampoline);
+4. a qprobes kretprobe (the slow path: the entry probe and the trampoline),
+   and a fast return probe: the Tracer with ``fast=True`` and ``r:...
+   do_sys_openat2 ret=$retval:s32`` (entry code and trampoline in the
+   guest, no stop per call; the row checks one event per open, from the
+   workload's process, and that nothing was missed or dropped);
 5. the qprobes :class:`~qprobes.tracing.tracer.Tracer` with the same
    definition as row 2 (the string fetch, comm and pid, a formatted event),
    on the slow path (a stop per hit) and on the fast path (``fast=True``:
@@ -22,8 +26,7 @@ prompt. Rows, in the order they run:
    dropped and the hits a full ring handed to the host (in each round the
    fast row runs right after row 2, next to the no-probe row; the table
    lists it after the slow Tracer);
-6. the fast paths not built yet (a detour, return probes): reported as
-   not available;
+6. the fast path not built yet (a detour): reported as not available;
 7. gdb: qprobes detaches and lets go of the gdbstub, a real gdb connects
    to the same QEMU (pygdbmi), first with no breakpoint, then with
    ``break *do_sys_openat2`` + ``commands`` / ``silent`` / ``continue``.
@@ -89,9 +92,12 @@ MIXED = (
 )
 #: The fast-path Tracer's event: the same fetch arguments as the others.
 FAST_DEF = f"p:myopen_fast {PROBED} {FETCHARGS}"
+#: The fast return probe row's event.
+FAST_RET_DEF = f"r:myret_fast {PROBED} ret=$retval:s32"
+#: The process the workload runs in (its comm in events).
+WORKLOAD_COMM = "qp-open"
 NOT_BUILT = {
     "detour": "not built yet: jump-optimized detours (issue 9, item 3)",
-    "kretprobe_fast": "not built yet: return probes on the fast path (issue 9, item 4)",
 }
 
 #: Rows by key: the JSON key of their overhead, their label.
@@ -107,7 +113,7 @@ ROWS: dict[str, tuple[str, str]] = {
     "tracer": ("tracer_us_per_hit", "qprobes Tracer, string fetch (slow path)"),
     "fast": ("fast_us_per_hit", "qprobes Tracer, string fetch (fast path, int3)"),
     "detour": ("detour_us_per_hit", "qprobes fast path, detour"),
-    "kretprobe_fast": ("kretprobe_fast_us_per_hit", "qprobes kretprobe, fast path"),
+    "kretprobe_fast": ("kretprobe_fast_us_per_hit", "qprobes Tracer r: $retval (fast path)"),
     "gdb_noprobe": ("gdb_noprobe_us_per_open", "gdb attached, no breakpoint (per open)"),
     "gdb": ("gdb_us_per_hit", "gdb break + commands silent/continue"),
 }
@@ -121,6 +127,7 @@ RATIOS = [
     ("ratio_fast_to_guest_kprobe_events", "fast", "guest_kprobe_events"),
     ("ratio_tracer_to_fast", "tracer", "fast"),
     ("ratio_detour_to_guest_kprobe_events", "detour", "guest_kprobe_events"),
+    ("ratio_kretprobe_to_fast_kretprobe", "kretprobe", "kretprobe_fast"),
 ]
 
 
@@ -341,6 +348,7 @@ class BenchResult:
     def summary(self) -> dict[str, Any]:
         """The top-level numeric keys (µs, seconds, fractions; None where not available)."""
         doc: dict[str, Any] = {ROWS[k][0]: self.value(k) for k in ROWS}
+        doc["fast_kretprobe_us_per_hit"] = self.value("kretprobe_fast")  # the same row
         for key, num, den in RATIOS:
             doc[key] = self.ratio(num, den)
         doc["stops_per_hit"] = {k: r.stops_per_hit for k, r in self.rows.items() if r.measured}
@@ -585,19 +593,26 @@ class LinuxBench:
         case.setup, case.teardown = setup, teardown
         return case
 
-    def _tracer_case(self, row: Row, fast: bool = False) -> Case:
+    def _tracer_case(self, row: Row, fast: bool = False, ret: bool = False) -> Case:
         """The Tracer with the guest row's fetch arguments, on the slow path
         (a stop per hit) or the fast one (a recorder in the guest; the host
-        drains the rings while the guest runs, and before each count)."""
+        drains the rings while the guest runs, and before each count); with
+        ``ret``, the fast return probe (events: the workload's successful
+        opens)."""
         from qprobes.tracing import TraceEvent, Tracer
 
-        definition = FAST_DEF if fast else TRACE_DEF
+        definition = FAST_RET_DEF if ret else FAST_DEF if fast else TRACE_DEF
         row.notes.append(f"definition: {definition}" + (" (Tracer(fast=True))" if fast else ""))
         paths: Counter[str] = Counter()
         emitted = [0, 0]  # events emitted, hits
 
         def sink(event: TraceEvent) -> None:
-            paths[str(event.fields.get("path"))] += 1
+            if not ret:
+                paths[str(event.fields.get("path"))] += 1
+                return
+            value = event.fields.get("ret")
+            if event.comm == WORKLOAD_COMM and isinstance(value, int) and value >= 0:
+                paths[OPENED] += 1  # a call of the workload's that opened the file
 
         tracer = Tracer(self.session, sink, fast=fast)
         held: list[Any] = []
@@ -624,7 +639,10 @@ class LinuxBench:
 
         def teardown() -> None:
             tp = held.pop()
+            missed = tp.nmissed
             tracer.remove(tp.name)  # drains what it recorded first
+            if missed:
+                row.problems.append(f"nmissed={missed}")
             emitted[0] += tp.emitted
             emitted[1] += tp.nhit
             if fast:
@@ -670,11 +688,16 @@ class LinuxBench:
             ),
             self._tracer_case(self.add_row(Row("tracer", n, baseline=base))),
             self._tracer_case(self.add_row(Row("fast", n, baseline=base)), fast=True),
+            self._tracer_case(
+                self.add_row(Row("kretprobe_fast", n, baseline=base)), fast=True, ret=True
+            ),
         ]
-        # The two rows that cost little (the guest's own probe, the fast
-        # path) run next to the baseline: close in time, their small numbers
+        # The rows that cost little (the guest's own probe, the fast paths)
+        # run next to the baseline: close in time, their small numbers
         # suffer least from a change of the host's load within a round.
-        cases.insert(2, cases.pop())
+        cheap = cases[-2:]
+        del cases[-2:]
+        cases[2:2] = cheap
         for r in range(self.opts.repeat):
             self.log(
                 f"round {r + 1}/{self.opts.repeat}: "

@@ -273,9 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, metavar="SECONDS",
                    help="trace this long; with GUEST_COMMAND, stop the command after it "
                    "(exit status 124, as timeout(1))")  # fmt: skip
-    p.add_argument("--fast", action="store_true",
-                   help="record kprobe hits in the guest, with no VM stop per hit (return "
-                   "probes and arrays stay on the slow path; strings keep 255 bytes)")  # fmt: skip
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False,
+                   help="record kprobe and return probe hits in the guest, with no VM stop "
+                   "per hit (arrays and stack traces stay on the slow path; strings keep 255 "
+                   "bytes); --no-fast forces the slow path")  # fmt: skip
     p.add_argument("--gdb-listen", metavar="HOST:PORT|unix:PATH",
                    help="serve a GDB remote endpoint there while the probes are armed "
                    "(gdb: target remote ADDRESS): gdb sees the guest as if no probe were "

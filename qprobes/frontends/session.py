@@ -77,6 +77,7 @@ class RecoveryReport:
 
     recovered: bool
     contents: Contents | None
+    fast_returns: int = 0  # return addresses of fast return instances put back
 
     def describe(self) -> str:
         c = self.contents
@@ -86,7 +87,7 @@ class RecoveryReport:
             return (f"nothing to recover: the last qprobes session ({c.header.owner()}) "
                     f"left as it should ({c.header.state.name.lower()})")  # fmt: skip
         return (f"recovered the changes of {c.header.owner()}: {len(c.sites)} probe sites, "
-                f"{len(c.rets)} return addresses, {len(c.gates)} IDT gates and "
+                f"{len(c.rets) + self.fast_returns} return addresses, {len(c.gates)} IDT gates and "
                 f"{len(c.ptes)} page-table entries put back; {len(c.steps)} vCPUs "
                 "were mid-step")  # fmt: skip
 
@@ -513,8 +514,14 @@ class Session:
 
         def stack(ctx: HitContext) -> list[int]:
             def recover(slot: int, ret: int) -> int:
-                if ret == kretprobes.trampoline:
-                    ret = kretprobes.find_ret_addr(slot) or ret
+                fastret = self.engine.fastret
+                for _ in range(4):  # a fast and a slow trampoline can chain
+                    if fastret is not None and fastret.is_trampoline(ret):
+                        ret = fastret.find_ret_addr(slot, ret)
+                    elif ret == kretprobes.trampoline:
+                        ret = kretprobes.find_ret_addr(slot) or ret
+                    else:
+                        break
                 see = kretprobes.see_through
                 return see(ctx, slot, ret) if see is not None else ret
 
@@ -676,10 +683,11 @@ class Session:
                         "stop it first (or --force if it is gone)"
                     )
             session.use_linux()
-            report = RecoveryReport(bool(session.recovered), contents)
+            recovered = bool(session.recovered)
         finally:
             session.close()
-        return report
+        fastret = session.engine.fastret
+        return RecoveryReport(recovered, contents, fastret.stats.restored if fastret else 0)
 
     # --- probes -----------------------------------------------------------------
 

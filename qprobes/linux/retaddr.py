@@ -60,6 +60,12 @@ class GuestReturnHooks:
                 self._graph = (symbols.address("return_to_handler"), stack, curr, ret, retp,
                                size)  # fmt: skip
 
+    @property
+    def rethook(self) -> tuple[int, int, int, int, int] | None:
+        """(``arch_rethook_trampoline``, and the offsets of ``task_struct.rethooks``,
+        ``rethook_node.llist``, ``.ret_addr``, ``.frame``), or None without rethooks."""
+        return self._rethook
+
     @staticmethod
     def _offsets(member: Callable[[str, str], tuple[int, int]],
                  names: list[tuple[str, str]]) -> list[int] | None:  # fmt: skip

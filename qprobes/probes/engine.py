@@ -48,6 +48,7 @@ from qprobes.errors import (
 from qprobes.probes.area import AREA_SPAN, PAGE_SIZE, REGION_SIZE, GuestArea
 from qprobes.probes.context import HitContext, PtRegs
 from qprobes.probes.fastpath import FastPath
+from qprobes.probes.fastret import FASTRET_SPILL_VECTOR, FastReturns
 from qprobes.probes.ftrace_site import MCOUNT_INSN_SIZE, FtraceRecords, branches_to
 from qprobes.probes.journal import (
     JOURNAL_SIZE,
@@ -124,13 +125,14 @@ PAGE_PTABLE = 3  # PTABLE_ENTRIES * 8 bytes = 16 pages
 MIN_AREA_RESERVE = 1 << 20
 PAGE_USER_CODE = 20  # jprobe handlers and other guest code from users: 20..31
 PAGE_SLOTS_FIRST = 32
-PAGE_SLOTS_LAST = 415  # pages 416-511: the fast path (qprobes.probes.fastpath)
+PAGE_SLOTS_LAST = 383  # 384-399: fast return probes (qprobes.probes.fastret); 400-415:
+# detours; 416-511: the fast path (qprobes.probes.fastpath)
 # Pages 512 on (the regions after the first 2 MiB, mapped when first used):
 # bigger probe tables and more slot pages, handed out by GuestArea.claim_pages.
 CR4_SMAP = 1 << 21
 
 TRAPPED_VECTORS = (1, 3, *SLOT_FAULT_VECTORS)
-_VECTORS = frozenset((*TRAPPED_VECTORS, KRETPROBE_VECTOR, JPROBE_VECTOR))
+_VECTORS = frozenset((*TRAPPED_VECTORS, KRETPROBE_VECTOR, JPROBE_VECTOR, FASTRET_SPILL_VECTOR))
 _STUB_PREFIX = {1: "qp_db", 3: "qp_bp", **{v: fault_label(v) for v in SLOT_FAULT_VECTORS}}
 
 # A boosted relative branch keeps two copies in its slot: the plain copy at
@@ -230,6 +232,7 @@ class EngineStats:
     db: int = 0
     faults: int = 0
     kret: int = 0
+    fastret_spills: int = 0  # fast return records whose full ring waited for the host
     chained: int = 0
     foreign: int = 0  # stops not caused by qprobes
     spurious: int = 0  # bare SIGTRAP stops that were not doorbells
@@ -370,6 +373,8 @@ class KprobeEngine:
         self._last_lost_check = 0.0
         # The fast path: recorders in the guest, rings the host drains.
         self.fast: FastPath | None = None
+        # Fast return probes: their instance store and trampolines.
+        self.fastret: FastReturns | None = None
         # Called by run(): poll_hooks(True) every poll interval while the
         # guest runs, poll_hooks(False) after each stop and when run() ends
         # (the guest stopped). The Tracer drains the rings there.
@@ -464,6 +469,7 @@ class KprobeEngine:
                     self.journal.end(JournalState.DETACHED)
             raise
         self.fast = FastPath(area, self.target, self.hostmem, self.kwrite_code, self.write_data)
+        self.fastret = self._new_fastret()
         try:
             code = area.map_page(PAGE_CODE, writable=False, executable=True)
             bell = area.map_page(PAGE_DOORBELL, writable=True, executable=False)
@@ -494,6 +500,9 @@ class KprobeEngine:
                                       ptable=ptable[0].vaddr, slot_lo=slot_lo,
                                       slot_hi=slot_hi)  # fmt: skip
             stubs = self._use_stubs(layout)
+            self.fastret.lost_target = stubs["qp_kretprobe_lost"]
+            self.fastret.doorbell, self.fastret.vars = bell.vaddr, vars_.vaddr
+            self.fastret.on_doorbells = self._ret_kind.update
             self.target.write_phys(code.paddr, stubs.code)
             self._slots = self._slot_allocator()
             area.check_mapping(code.vaddr)
@@ -529,6 +538,18 @@ class KprobeEngine:
                 self._ret_kind[ret + 4] = vector
                 self._ret_kind[ret + 7] = vector
         return stubs
+
+    def _new_fastret(self) -> FastReturns:
+        journal = self.journal
+        fastret = FastReturns(self.area, self.read_data, self.write_data, self.kwrite_code,
+                              journal.fast_returns if journal is not None else None)  # fmt: skip
+        fastret.live_access = self.hostmem is not None
+        fastret.cpu_number = self.cpu_number_offset
+        fastret.is_gone = self._task_is_gone
+        return fastret
+
+    def _task_is_gone(self, task: int) -> bool:
+        return self.kretprobes is not None and self.kretprobes.tasks.is_gone(task, None)
 
     def _slot_allocator(self) -> SlotAllocator:
         area = self.area
@@ -647,6 +668,9 @@ class KprobeEngine:
             self._ss_active += len(levels)
         if self.kretprobes is not None:
             self.kretprobes.adopt(contents.rets)
+        self.fastret = self._new_fastret()
+        if contents.fast_returns is not None:
+            self.fastret.adopt(*contents.fast_returns)
         # From here on this session owns the journal (the records stay as they are).
         self.journal.take_over(contents)
         self.target.add_watchpoint(self._doorbell, 1, "write")
@@ -783,7 +807,10 @@ class KprobeEngine:
                 if stuck:
                     raise ProbeError(f"{len(stuck)} probes could not be disarmed ({stuck[0]})")
             tramp = self.kretprobes.trampoline if self.kretprobes is not None else None
-            self.synchronize_area(quiesce_timeout, allow=frozenset({tramp} if tramp else ()))
+            allow = {tramp} if tramp else set()
+            if self.fastret is not None:
+                allow |= self.fastret.allowed()
+            self.synchronize_area(quiesce_timeout, allow=frozenset(allow))
             self._release_returns()
             self.synchronize_area(quiesce_timeout)
             # No new entries into the stubs from here on; then no vCPU may be
@@ -809,13 +836,23 @@ class KprobeEngine:
             log.warning("could not remove the doorbell watchpoint: %s", exc)
         self.area.teardown()
         self.attached = False
+        if self.fast is not None and self.fast.poll in self.poll_hooks:
+            self.poll_hooks.remove(self.fast.poll)  # its rings are gone
+        if self.fastret is not None and self.fastret.poll in self.poll_hooks:
+            self.poll_hooks.remove(self.fastret.poll)
         if self.journal is not None:
             self.journal.end(JournalState.DETACHED)
 
     def _release_returns(self) -> None:
         """Put back the return addresses kretprobes and jprobes replaced."""
+        # Fast instances, slow ones, fast ones again: either kind's saved
+        # return address can be the other's trampoline (a tail call).
+        if self.fastret is not None:
+            self.fastret.detach()
         if self.kretprobes is not None:
             self.kretprobes.detach()
+        if self.fastret is not None:
+            self.fastret.detach()
         if self.jprobes is not None:
             self.jprobes.detach()
 
@@ -1616,6 +1653,8 @@ class KprobeEngine:
             raise ProbeError("attach the engine before enabling the fast path")
         if self.fast.poll not in self.poll_hooks:
             self.poll_hooks.append(self.fast.poll)
+        if self.fastret is not None and self.fastret.poll not in self.poll_hooks:
+            self.poll_hooks.append(self.fastret.poll)
         return self.fast.enable(len(self.target.vcpus))
 
     def install_recorder(self, kp: Kprobe, build: Callable[[int], Recorder]) -> Recorder | None:
@@ -1634,6 +1673,27 @@ class KprobeEngine:
         rec = self.fast.install(kp, point, build)
         self._fast_update(point)
         return rec
+
+    def not_fast_because(self, kp: Kprobe) -> str | None:
+        """Why the registered ``kp``'s point can never run a recorder of
+        ``kp`` in the guest, or None when it can."""
+        point = self.points.get(kp.arm_addr) if kp.arm_addr is not None else None
+        if point is None or not point.boosted:
+            return "the probed instruction cannot run boosted"
+        if self.fast is not None and point.addr in self.fast.installed:
+            return "another probe's recorder is at its address"
+        return None
+
+    def install_fast_entry(self, kp: Kprobe, rec: Recorder) -> None:
+        """Like :meth:`install_recorder`, for code already in the area (a
+        fast return probe's entry code)."""
+        if self.fast is None or self.fast.ring is None:
+            raise ProbeError("enable the fast path before installing recorders")
+        if not kp.registered or kp.arm_addr is None:
+            raise ProbeError(f"{kp!r} is not registered")
+        point = self.points[kp.arm_addr]
+        self.fast.install_placed(kp, point, rec)
+        self._fast_update(point)
 
     def is_fast(self, kp: Kprobe) -> bool:
         """Whether hits of ``kp`` are recorded in the guest now."""
@@ -1965,6 +2025,11 @@ class KprobeEngine:
             if self.kretprobes is None:
                 raise ProbeError("a kretprobe trampoline hit with no kretprobes")
             self.kretprobes.trampoline_handler(ctx)
+        elif vector == FASTRET_SPILL_VECTOR:
+            # A fast return record found its ring full: drain, then it records again.
+            self.stats.fastret_spills += 1
+            if self.fast is not None:
+                self.fast.drain()
         elif vector == JPROBE_VECTOR:
             if regs is None:
                 regs = Registers.from_g(self.client.layout, self.client.read_registers())

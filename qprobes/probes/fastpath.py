@@ -180,10 +180,24 @@ class FastPath:
         """Place the recorder ``build(address)`` returns for ``kp`` (registered,
         at ``point``); it runs once the probe-table word is written
         (:meth:`update`, which the engine calls)."""
-        if self.ring is None:
-            raise ProbeError("enable the fast path before installing recorders")
         if point.addr in self.installed:
             raise ProbeError(f"{point.addr:#x} already has a recorder")
+        rec = self.place(build)
+        self.installed[point.addr] = Installed(kp, rec)
+        return rec
+
+    def install_placed(self, kp: Kprobe, point: ProbePoint, rec: Recorder) -> None:
+        """Make ``rec``, code already in the area (a fast return probe's entry
+        code), the recorder of ``kp`` at ``point``."""
+        if point.addr in self.installed:
+            raise ProbeError(f"{point.addr:#x} already has a recorder")
+        self.installed[point.addr] = Installed(kp, rec)
+
+    def place(self, build: Callable[[int], Recorder]) -> Recorder:
+        """Write the recorder ``build(address)`` returns into the recorder
+        pages, with its exception-table entries; nothing calls it yet."""
+        if self.ring is None:
+            raise ProbeError("enable the fast path before installing recorders")
         addr = self._code_next
         rec = build(addr)
         if rec.address != addr:
@@ -200,7 +214,6 @@ class FastPath:
         self._write_data(at, data + bytes(16))
         self._extable += rec.extable
         self._code_next = (rec.end + 15) & ~15
-        self.installed[point.addr] = Installed(kp, rec)
         return rec
 
     def remove(self, point_addr: int) -> None:

@@ -18,6 +18,8 @@ and taken out after it is undone:
   the reservation and need no record);
 - each armed probe site: address, original byte, slot, boosted;
 - each stack slot a kretprobe hijacked: the real return address and cr3;
+- where the fast return probes' instance store is (its instances hold
+  the hijacked return addresses of the calls that return in the guest);
 - each vCPU in the middle of a single-step: the point stepped and the
   flags ``resume_execution`` restores (up to :data:`STEP_LEVELS` nested
   levels).
@@ -62,6 +64,10 @@ _RET = struct.Struct("<QQQ")  # 24 (slot, real return address, cr3)
 _STEP = struct.Struct("<BB6xQQQQ")  # 40 per level (status, used, point, old, saved, popped)
 
 HEADER_SIZE = 512
+# In the header's spare bytes: the fast return probes' store (address,
+# instances, bytes per instance, trampoline code [lo, hi)); zeros: none.
+_FASTRET = struct.Struct("<QQQQQ")
+FASTRET_OFF = 384
 GATES_OFF = HEADER_SIZE
 PTES_OFF = GATES_OFF + MAX_GATES * _GATE.size
 STEPS_OFF = PTES_OFF + MAX_PTES * _PTE.size
@@ -158,6 +164,8 @@ class Contents:
     step_sites: list[tuple[int, int, int, bool, int]] = field(default_factory=list)
     rets: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, real, cr3)
     steps: dict[int, list[StepLevel]] = field(default_factory=dict)  # vcpu -> levels
+    # (store, instances, instance size, trampolines lo, hi), or None
+    fast_returns: tuple[int, int, int, int, int] | None = None
 
 
 def _pack_header(h: Header, n_sites: int, n_rets: int) -> bytes:
@@ -296,6 +304,9 @@ class Journal:
                     levels.append(StepLevel(status, point, old, saved, popped))
             if levels:
                 out.steps[vcpu] = levels
+        store, count, size, lo, hi = _FASTRET.unpack_from(raw, FASTRET_OFF)
+        if store:
+            out.fast_returns = (store, count, size, lo, hi)
         return out
 
     # --- writing ----------------------------------------------------------------
@@ -319,6 +330,7 @@ class Journal:
         # The records before the sites; the sites are read only up to the
         # high-water mark, which starts at 0.
         self.write(self.base + HEADER_SIZE, bytes(SITES_OFF - HEADER_SIZE))
+        self.write(self.base + FASTRET_OFF, bytes(_FASTRET.size))
         self.header = Header(
             JournalState.ACTIVE, generation, os.getpid(), time.time(), socket.gethostname(),
             version, 0, 0, False, 0, 0, 0, 0, 0, 0, max(phys_next, floor), floor,
@@ -368,6 +380,12 @@ class Journal:
                  vars_: int, ptable: int, slot_lo: int, slot_hi: int) -> None:  # fmt: skip
         self._update(area=area, kcr3=kcr3, la57=la57, code=code, doorbell=doorbell,
                      vars=vars_, ptable=ptable, slot_lo=slot_lo, slot_hi=slot_hi)  # fmt: skip
+
+    def fast_returns(self, store: int, count: int, size: int, lo: int, hi: int) -> None:
+        """Record where the fast return instances are, before the first is used."""
+        if self.header is None:
+            return  # not attached: nothing to record
+        self.write(self.base + FASTRET_OFF, _FASTRET.pack(store, count, size, lo, hi))
 
     def set_phys_next(self, phys_next: int) -> None:
         """Record the allocator's high-water mark (before a new page is used)."""

@@ -14,13 +14,21 @@ here) is the record format's business, next to it in the arch layer; the
 engine's :class:`~qprobes.probes.fastpath.FastPath` drains every CPU and
 hands each record to the consumer of its probe id (a Tracer).
 
+Return probes (:func:`plan_return_recorder`) record at the fast trampoline
+(:mod:`qprobes.probes.fastret`): ``$retval`` and the registers as the
+function returned them, plus two leading values, the entry's TSC and the
+caller (the return address, or the one behind the guest's own return
+hook), for the host to give the duration and ``ret_to``.
+
 Not on the fast path (the Tracer keeps the slow one, :class:`NotFastError`
-says why): return probes (``$retval``, ``$argN`` saved at entry), arrays,
-more than :data:`~qprobes.arch.x86_64.recorder_asm.MAX_VALUES` fetched values.
+says why): values saved at the entry (``$argN`` of the entry is not kept),
+arrays, more than :data:`~qprobes.arch.x86_64.recorder_asm.MAX_VALUES`
+fetched values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +58,7 @@ from qprobes.arch.x86_64.recorder_asm import (
     ring_stats,
 )
 from qprobes.errors import ProbeError
+from qprobes.probes.fastret import FRAME_CALLER, FRAME_ENTRY_TSC
 from qprobes.probes.stubs import PT_REGS_NAMES
 from qprobes.tracing.fetch import FAULT, CompiledArg, Scalar, Value, symbolize
 from qprobes.tracing.numbers import to_signed
@@ -66,7 +75,9 @@ __all__ = [
     "decode_record",
     "drain_ring",
     "plan_recorder",
+    "plan_return_recorder",
     "record_header",
+    "return_extra",
     "ring_stats",
 ]
 
@@ -130,8 +141,12 @@ class RecorderPlan:
         return {p.arg.name: p.value(raw) for p in self.args}
 
 
-def _source(insn: FetchInsn, ip: int, what: str) -> Source:
+def _source(insn: FetchInsn, ip: int, what: str, ret: bool = False) -> Source:
     op = insn.op
+    if ret and op is FetchOp.RETVAL:
+        return _frame("rax")
+    if ret and op is FetchOp.REG and insn.name == "rip":
+        return _frame("rip")  # at the return: the real return address
     if op is FetchOp.REG:
         # The slow path shows rip at the probed address (kprobe_int3_handler).
         return Const(ip) if insn.name == "rip" else _frame(insn.name)
@@ -150,14 +165,14 @@ def _source(insn: FetchInsn, ip: int, what: str) -> Source:
     raise NotFastError(f"{what}: {insn} is not on the fast path")
 
 
-def _arg(arg: CompiledArg, ip: int) -> tuple[Fetch | None, ModBitfield | None]:
+def _arg(arg: CompiledArg, ip: int, ret: bool = False) -> tuple[Fetch | None, ModBitfield | None]:
     what = f"argument {arg.name}"
     code = arg.code
     if code[0].op in (FetchOp.COMM, FetchOp.DATA):
         return None, None
     if arg.count:
         raise NotFastError(f"{what}: arrays are not on the fast path yet")
-    source = _source(code[0], ip, what)
+    source = _source(code[0], ip, what, ret)
     i = 1
     derefs: list[Deref] = []
     while code[i].op in (FetchOp.DEREF, FetchOp.UDEREF):
@@ -182,14 +197,15 @@ def _arg(arg: CompiledArg, ip: int) -> tuple[Fetch | None, ModBitfield | None]:
     return Fetch(source, tuple(derefs), store, mod), mod
 
 
-def plan_recorder(args: Sequence[CompiledArg], ip: int) -> RecorderPlan:
+def plan_recorder(args: Sequence[CompiledArg], ip: int, *, ret: bool = False) -> RecorderPlan:
     """The recorder IR for ``args`` of a kprobe at ``ip`` (the address the
-    slow path reports as ``%ip``). Raises :class:`NotFastError` naming the
-    argument the guest cannot fetch."""
+    slow path reports as ``%ip``), or with ``ret`` of a return probe at its
+    return. Raises :class:`NotFastError` naming the argument the guest
+    cannot fetch."""
     fetches: list[Fetch] = []
     plans: list[ArgPlan] = []
     for arg in args:
-        fetch, mod = _arg(arg, ip)
+        fetch, mod = _arg(arg, ip, ret)
         if fetch is None:
             plans.append(ArgPlan(arg, None))
             continue
@@ -198,6 +214,33 @@ def plan_recorder(args: Sequence[CompiledArg], ip: int) -> RecorderPlan:
     if len(fetches) > MAX_VALUES:
         raise NotFastError(f"{len(fetches)} fetched values, the fast path holds {MAX_VALUES}")
     return RecorderPlan(tuple(fetches), tuple(plans))
+
+
+#: Values a return recorder puts before the definition's: the entry's TSC
+#: and the caller to report.
+RETURN_EXTRA = 2
+
+
+def plan_return_recorder(args: Sequence[CompiledArg]) -> RecorderPlan:
+    """The return recorder IR for ``args`` of an ``r:`` definition, run by
+    the fast trampoline: its first :data:`RETURN_EXTRA` values are the
+    instance's entry TSC and the caller (see
+    :func:`return_extra`)."""
+    plan = plan_recorder(args, 0, ret=True)
+    extra = (Fetch(FrameWord(FRAME_ENTRY_TSC)), Fetch(FrameWord(FRAME_CALLER)))
+    shifted = tuple(dataclasses.replace(p, slot=p.slot + RETURN_EXTRA) if p.slot is not None
+                    else p for p in plan.args)  # fmt: skip
+    if len(plan.fetches) + RETURN_EXTRA > MAX_VALUES:
+        raise NotFastError(f"{len(plan.fetches)} fetched values, a return probe's fast path "
+                           f"holds {MAX_VALUES - RETURN_EXTRA}")  # fmt: skip
+    return RecorderPlan(extra + plan.fetches, shifted)
+
+
+def return_extra(raw: RawRecord) -> tuple[int, int]:
+    """(entry TSC, caller) of a return recorder's record."""
+    tsc, ret = raw.values[0], raw.values[1]
+    assert isinstance(tsc, int) and isinstance(ret, int)
+    return tsc, ret
 
 
 # --- records --------------------------------------------------------------------

@@ -14,7 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from qprobes.arch.x86_64.recorder_asm import RecorderSpec, TaskLayout, assemble_recorder
+from qprobes.arch.x86_64.recorder_asm import (
+    Fetch,
+    Recorder,
+    RecorderSpec,
+    RingLayout,
+    TaskLayout,
+    assemble_recorder,
+)
 from qprobes.errors import ProbeError, QprobesError, SymbolError
 from qprobes.linux.preempt import PREEMPT_NEED_RESCHED, TraceCtx, tracing_gen_ctx
 from qprobes.probes.context import HitContext, PtRegs
@@ -40,6 +47,8 @@ from qprobes.tracing.recorder import (
     RecorderPlan,
     decode_record,
     plan_recorder,
+    plan_return_recorder,
+    return_extra,
 )
 
 #: Where x86-64 modules (and ftrace/BPF trampolines) live: MODULES_VADDR up.
@@ -49,6 +58,7 @@ MODULES_END = 0xFFFFFFFFFF000000
 if TYPE_CHECKING:
     from qprobes.linux.modules import LinuxModules
     from qprobes.probes.engine import KprobeEngine
+    from qprobes.probes.fastret import FastReturn
     from qprobes.probes.kretprobe import KretprobeManager
     from qprobes.symbols.linux import LinuxKernel
 
@@ -117,6 +127,10 @@ class TraceProbe:
     fast_id: int = 0
     fast_hits: int = 0
     slow_reason: str | None = None
+    # A fast return probe's share of the instance store, and how to read
+    # the entries it missed (store full) from the guest.
+    fast_ret: FastReturn | None = field(default=None, repr=False)
+    fast_missed: Callable[[], int] | None = field(default=None, repr=False)
 
     @property
     def want_stack(self) -> bool:
@@ -132,7 +146,14 @@ class TraceProbe:
 
     @property
     def nmissed(self) -> int:
-        return self.probe.nmissed if self.probe is not None else 0
+        """Entries that found no instance (return probes), on both paths."""
+        slow = self.probe.nmissed if self.probe is not None else 0
+        if self.fast_missed is not None:
+            try:
+                return slow + self.fast_missed()
+            except QprobesError:
+                return slow  # the guest is gone
+        return slow
 
     @property
     def kprobe(self) -> Kprobe | None:
@@ -332,7 +353,10 @@ class Tracer:
                            name=name, entry_handler=self._entry_handler)  # fmt: skip
             tp.probe = self.session.kretprobes.register(rp)
             if self.fast:
-                tp.slow_reason = "return probes are not on the fast path yet"
+                try:
+                    self._make_fast_return(tp, rp)
+                except NotFastError as exc:
+                    tp.slow_reason = str(exc)
         else:
             kp = Kprobe(addr=addr, pre_handler=self._pre_handler(tp), name=name)
             tp.probe = self.session.engine.register_kprobe(kp)
@@ -373,6 +397,75 @@ class Tracer:
             ring = engine.enable_fast_path()
         except ProbeError as exc:
             raise NotFastError(f"{tp.name}: {exc}") from exc
+        probe_id = engine.fast.new_id() if engine.fast is not None else 0
+        spec = self._recorder_spec(probe_id, plan.fetches, ring, self.lossless)
+        try:
+            rec = engine.install_recorder(kp, lambda at: assemble_recorder(spec, at))
+        except ProbeError as exc:
+            raise NotFastError(f"{tp.name}: {exc}") from exc
+        if rec is None:
+            raise NotFastError(f"{tp.name}: the probed instruction cannot run boosted")
+        tp.plan, tp.fast_id = plan, probe_id
+        assert engine.fast is not None
+        engine.fast.consumers[probe_id] = lambda data: self._consume(tp, data)
+
+    def _make_fast_return(self, tp: TraceProbe, rp: Kretprobe) -> None:
+        """The entry code and trampoline of a return probe in the guest
+        (:mod:`qprobes.probes.fastret`): an instance per call in guest
+        memory, a record per return, no stop."""
+        if tp.want_stack:
+            raise NotFastError(f"{tp.name}: kernel stack traces are taken on the slow path")
+        engine = self.session.engine
+        plan = plan_return_recorder(tp.args)
+        try:
+            ring = engine.enable_fast_path()
+        except ProbeError as exc:
+            raise NotFastError(f"{tp.name}: {exc}") from exc
+        why = engine.not_fast_because(rp.kp)
+        if why is not None:
+            raise NotFastError(f"{tp.name}: {why}")
+        fast, fastret = engine.fast, engine.fastret
+        assert fast is not None and fastret is not None
+        probe_id = fast.new_id()
+        # A full ring makes the trampoline wait for the host (lossless), or
+        # drops the return's record and counts it (fast_dropped).
+        spec = self._recorder_spec(probe_id, plan.fetches, ring, self.lossless)
+        current = spec.task.current if spec.task is not None else None
+        # The guest's own kretprobes (rethook, through ftrace at +0) run before
+        # this entry: the entry code reports the caller behind them.
+        rethook = getattr(self.session.kretprobes.see_through, "rethook", None)
+        try:
+            fr = fastret.add(rp.maxactive, current, fast.place,
+                             lambda at: assemble_recorder(spec, at), rethook,
+                             self.lossless)  # fmt: skip
+        except ProbeError as exc:
+            raise NotFastError(f"{tp.name}: {exc}") from exc
+        try:
+            engine.install_fast_entry(rp.kp, Recorder(fr.entry, b"", (), 0))
+        except ProbeError as exc:
+            fastret.remove(fr)  # its share goes back (no instance was ever taken)
+            raise NotFastError(f"{tp.name}: {exc}") from exc
+        tp.plan, tp.fast_id, tp.fast_ret = plan, probe_id, fr
+        tp.fast_missed = lambda: fastret.nmissed(fr)
+        fast.consumers[probe_id] = lambda data: self._consume_return(tp, data)
+        slow_entry = rp.kp.pre_handler
+        assert slow_entry is not None
+
+        def pre_handler(kp: Kprobe, ctx: HitContext) -> bool:
+            # A hit on the host with every fast instance taken (lossless mode
+            # hands those over): free the instances of tasks gone; if some
+            # were, this call takes the slow path, else it is missed, as the
+            # guest counts it without a doorbell.
+            if fastret.full(fr) and not fastret.reclaim():
+                fr.host_missed += 1
+                return False
+            return bool(slow_entry(kp, ctx))
+
+        rp.kp.pre_handler = pre_handler
+
+    def _recorder_spec(self, probe_id: int, fetches: tuple[Fetch, ...], ring: RingLayout,
+                       lossless: bool) -> RecorderSpec:  # fmt: skip
+        engine = self.session.engine
         kernel = self.session.kernel
         task = cpu_number = None
         floor = 0
@@ -387,25 +480,22 @@ class Tracer:
                                      "little")  # fmt: skip
                 self._tsc_hz = khz * 1000.0 if khz else None
         # On x86 Linux a kernel-form fetch of a user address reads user memory.
-        probe_id = engine.fast.new_id() if engine.fast is not None else 0
-        spec = RecorderSpec(probe_id, plan.fetches, SP_OFFSET, ring, engine.cpu_features(),
+        return RecorderSpec(probe_id, fetches, SP_OFFSET, ring, engine.cpu_features(),
                             task, cpu_number, self.string_cap, floor,
                             kernel_reads_user=kernel is not None,
-                            lossless=self.lossless)  # fmt: skip
-        try:
-            rec = engine.install_recorder(kp, lambda at: assemble_recorder(spec, at))
-        except ProbeError as exc:
-            raise NotFastError(f"{tp.name}: {exc}") from exc
-        if rec is None:
-            raise NotFastError(f"{tp.name}: the probed instruction cannot run boosted")
-        tp.plan, tp.fast_id = plan, probe_id
-        assert engine.fast is not None
-        engine.fast.consumers[probe_id] = lambda data: self._consume(tp, data)
+                            lossless=lossless)  # fmt: skip
 
     def _consume(self, tp: TraceProbe, data: bytes) -> None:
         assert tp.plan is not None
         tp.fast_hits += 1
         self._emit_record(tp, decode_record(data, tp.plan.strings))
+
+    def _consume_return(self, tp: TraceProbe, data: bytes) -> None:
+        assert tp.plan is not None
+        tp.fast_hits += 1
+        raw = decode_record(data, tp.plan.strings)
+        entry_tsc, ret = return_extra(raw)
+        self._emit_record(tp, raw, ret, entry_tsc)
 
     def drain(self) -> int:
         """Emit the events the guest recorded so far (every CPU's, in TSC
@@ -445,23 +535,37 @@ class Tracer:
             self._tsc_anchor = ns - (time.monotonic_ns() - self.started)
         return ns - self._tsc_anchor, "host"
 
-    def _emit_record(self, tp: TraceProbe, raw: RawRecord) -> None:
+    def _emit_record(self, tp: TraceProbe, raw: RawRecord, ret: int | None = None,
+                     entry_tsc: int | None = None) -> None:  # fmt: skip
+        """Emit a fast-path record; a return probe's has its real return
+        address (``ret``) and its entry's TSC."""
         assert tp.plan is not None
         values = tp.plan.values(raw)
         cpu = raw.cpu
+        duration = None
+        if entry_tsc is not None:
+            # Entry and return on the return's CPU's clock (the task may have
+            # migrated; the guest's TSCs are synchronized).
+            ts, clock = self._record_timestamp(raw.tsc, cpu)
+            entry_ts, entry_clock = self._record_timestamp(entry_tsc, cpu)
+            if entry_clock == clock:
+                duration = max(0, ts - entry_ts) / 1e9
+                if tp.latency is not None:
+                    tp.latency.add(duration)
         seen = {**common_values(raw.pid, raw.comm, cpu), "common_cpu": cpu, **values}
         passed = tp.filter is None or evaluate_filter(tp.filter, seen)
         if not passed and not tp.hists:
             tp.filtered += 1
             return
-        ts, clock = self._record_timestamp(raw.tsc, cpu)
+        if entry_tsc is None:
+            ts, clock = self._record_timestamp(raw.tsc, cpu)
         event = TraceEvent(
             group=tp.spec.group,
             event=tp.spec.event,
-            kind="p",
+            kind="r" if tp.spec.is_return else "p",
             addr=tp.addr,
             location=tp.location,
-            ret_to=None,
+            ret_to=self._location(ret) if ret is not None else None,
             cpu=cpu,
             pid=raw.pid,
             comm=raw.comm,
@@ -472,6 +576,7 @@ class Tracer:
             # A recorder does not read the interrupted context's flags yet.
             trace_flags=0,
             preempt_count=0,
+            duration=duration,
         )
         for hist in tp.hists:
             hist.update(event, seen)
@@ -492,6 +597,10 @@ class Tracer:
         del self.probes[name]
         if tp.probe is not None:
             self.session.unregister(tp.probe)
+        fastret = self.session.engine.fastret
+        if tp.fast_ret is not None and fastret is not None:
+            # Its trampoline and instances stay while calls are outstanding.
+            fastret.remove(tp.fast_ret)
 
     def _task(self, ctx: HitContext) -> tuple[str | None, int | None]:
         kernel = self.session.kernel

@@ -30,6 +30,7 @@ PER_HIT = [
     "kretprobe_us_per_hit",
     "tracer_us_per_hit",
     "kretprobe_fast_us_per_hit",
+    "fast_kretprobe_us_per_hit",
 ]
 RATIOS = {
     "ratio_gdb_to_boosted": ("gdb_us_per_hit", "boosted_us_per_hit"),
@@ -38,10 +39,11 @@ RATIOS = {
     "ratio_detour_to_guest_kprobe_events": ("detour_us_per_hit", "guest_kprobe_events_us_per_hit"),
     "ratio_tracer_to_guest_kprobe_events": ("tracer_us_per_hit", "guest_kprobe_events_us_per_hit"),
     "ratio_tracer_to_fast": ("tracer_us_per_hit", "fast_us_per_hit"),
+    "ratio_kretprobe_to_fast_kretprobe": ("kretprobe_us_per_hit", "kretprobe_fast_us_per_hit"),
 }
 OTHER = ["unhit_1000_slowdown", "arm_10000_s", "boot_to_first_probe_ratio"]
 #: Rows that do not exist yet: null, never a number.
-NOT_BUILT = ["detour_us_per_hit", "kretprobe_fast_us_per_hit"]
+NOT_BUILT = ["detour_us_per_hit"]
 #: Rows whose probe stops the guest at every hit: their cost per hit is far
 #: above the noise of a short run. (The guest's own kprobe_events and the
 #: fast path add tens of microseconds to an open, within that noise on a
@@ -155,3 +157,17 @@ def test_progress_goes_to_stderr_one_line_per_step(report: dict[str, Any]) -> No
     assert len(lines) >= 8, report["_stderr"]
     assert any("gdb" in line for line in lines)
     assert any("kprobe_events" in line for line in lines)
+
+
+def test_the_fast_return_row_runs_in_the_guest_and_misses_nothing(report: dict[str, Any]) -> None:
+    """A Tracer r: definition with fast=True: no stop per call, one event
+    per open of the workload, no entry without an instance."""
+    rows = {r["key"]: r for r in report["rows"]}
+    row = rows["kretprobe_fast"]
+    assert row["available"] is True and row["runs"] >= 1, row
+    assert "r:myret_fast do_sys_openat2 ret=$retval:s32" in row["notes"][0]
+    assert row["problems"] == [], row["problems"]
+    assert report["stops_per_hit"]["kretprobe_fast"] == 0.0
+    assert isinstance(report["kretprobe_fast_us_per_hit"], float)
+    assert report["fast_kretprobe_us_per_hit"] == report["kretprobe_fast_us_per_hit"]
+    assert row["fast"]["dropped"] == 0 and row["fast"]["events"] == row["fast"]["hits"]
