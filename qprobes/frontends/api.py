@@ -504,6 +504,7 @@ def trace(
     output_format: str | None = None,
     duration: float | None = None,
     fast: bool = False,
+    detour: bool = True,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
     **machine: Any,
@@ -558,7 +559,7 @@ def trace(
         errs.write(text + "\n")
 
     options = _TraceOptions(json_output, by_event, triggers_by_event, quiet, latency or [],
-                            output, output_format, duration, fast)  # fmt: skip
+                            output, output_format, duration, fast, detour)  # fmt: skip
     # Booting a guest of qprobes' own can be interrupted anywhere (QEMU dies
     # with qprobes); attaching to someone else's QEMU is finished first, then
     # detached again.
@@ -577,6 +578,7 @@ class _TraceOptions:
     output_format: str | None
     duration: float | None
     fast: bool = False
+    detour: bool = True
 
 
 def _session_for_guarded(guard: SignalGuard, machine: dict[str, Any]) -> Session:
@@ -635,7 +637,7 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
     fast_counts = (0, 0)
     try:
         try:
-            tracer = Tracer(session, sink, fast=opts.fast)
+            tracer = Tracer(session, sink, fast=opts.fast, detour=opts.detour)
             if opts.output is not None:
                 writer = TraceWriter(opts.output, opts.output_format, header=tracer.header())
             for function in opts.latency:
@@ -657,6 +659,12 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
                 say(f"qprobes: {tracer.describe(tp)}")
                 if opts.fast and tp.slow_reason:
                     say(f"qprobes: {tp.name}: slow path ({tp.slow_reason})")
+                elif opts.fast and tp.kprobe is not None:
+                    if tp.kprobe.detoured:
+                        say(f"qprobes: {tp.name}: fast path, detoured (a jump, no int3)")
+                    elif tp.kprobe.detour_refused and opts.detour:
+                        say(f"qprobes: {tp.name}: fast path on int3 (no detour: "
+                            f"{tp.kprobe.detour_refused})")  # fmt: skip
             printing = any(tp.latency is None for tp in tracer.probes.values())
             if not opts.json_output and not opts.quiet and writer is None and printing:
                 stdout.write(tracer.header())  # as the guest's trace file begins
@@ -706,6 +714,7 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
             errs.write(
                 f"qprobes: {row['event']}: {row['hits']} hits, {row['emitted']} printed, "
                 f"{row['filtered']} filtered out, {row['missed']} missed"
+                + (", detoured" if row.get("detour") else "")
                 + (f", lost ({row.get('lost_why') or 'the guest rewrote the probed text'})"
                    if row["lost"] else "")
                 + "\n"

@@ -51,6 +51,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         args.probes, args.guest_command, json_output=args.json, filters=args.filter,
         triggers=args.trigger, quiet=args.quiet, latency=args.latency, output=args.output,
         output_format=args.format, duration=args.duration, fast=args.fast,
+        detour=not args.no_detour,
         **_machine_args(args),
     )  # fmt: skip
 
@@ -266,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="record kprobe hits in the guest, with no VM stop per hit (return "
                    "probes and arrays stay on the slow path; strings keep 255 bytes)")  # fmt: skip
+    p.add_argument("--no-detour", action="store_true",
+                   help="with --fast, keep every probe on its int3: no jump-optimized "
+                   "detours (by default a probe whose instructions allow it is replaced "
+                   "by a jump, so a hit raises no exception)")  # fmt: skip
     guest_options(p)
     attach_options(p)
     p.set_defaults(func=_cmd_trace, guest_command=[])

@@ -110,6 +110,10 @@ class StubLayout:
     rec_lo: int = 0
     rec_hi: int = 0
     extable: int = 0
+    # [detour_lo, detour_hi): the detour buffers (0: none), where a fault
+    # is qprobes' as in a slot.
+    detour_lo: int = 0
+    detour_hi: int = 0
 
 
 # Offsets inside the vars page.
@@ -232,18 +236,31 @@ qp_bp_record:
 """
 
 
-def _in_slots(label: str) -> str:
-    """Jump to ``{label}_ours`` if the frame's rip is in the slot pages, else
-    to ``{label}_chain``. Clobbers rax, rcx."""
+def _in_slots(label: str, detours: bool = False) -> str:
+    """Jump to ``{label}_ours`` if the frame's rip is in the slot pages (or,
+    with ``detours``, in the detour buffers), else to ``{label}_chain``.
+    Clobbers rax, rcx."""
+    miss = f"{label}_detours" if detours else f"{label}_chain"
+    check_detours = f"""
+{label}_detours:
+    lea rcx, [rip + DETOUR_LO]
+    cmp rax, rcx
+    jb {label}_chain
+    lea rcx, [rip + DETOUR_HI]
+    cmp rax, rcx
+    jae {label}_chain
+    jmp {label}_ours
+""" if detours else ""
     return f"""
     mov rax, [rsp + {_RIP}]
     lea rcx, [rip + SLOT_LO]
     cmp rax, rcx
-    jb {label}_chain
+    jb {miss}
     lea rcx, [rip + SLOT_HI]
     cmp rax, rcx
-    jae {label}_chain
+    jae {miss}
     jmp {label}_ours
+{check_detours}
 """
 
 
@@ -284,10 +301,13 @@ def _recorder_fixup(label: str) -> str:
 """
 
 
-def _slot_fault(vector: int, error_code: bool, fast: bool = False) -> str:
-    """A fault stub: ours when rip is in a slot (then the shared doorbell of
-    ``qp_fault_ours``), else straight to the guest's handler. With ``fast``,
-    a fault at a recorder's load goes to its fixup first."""
+def _slot_fault(vector: int, error_code: bool, fast: bool = False,
+                detours: bool = False) -> str:  # fmt: skip
+    """A fault stub: ours when rip is in a slot or, with ``detours``, in a
+    detour buffer (a relocated instruction faulted: the host moves rip back
+    to the original), then the shared doorbell of ``qp_fault_ours``; else
+    straight to the guest's handler. With ``fast``, a fault at a
+    recorder's load goes to its fixup first."""
     label = fault_label(vector)
     push = "" if error_code else "    push -1"
     drop = "" if error_code else "    add rsp, 8"
@@ -298,7 +318,7 @@ def _slot_fault(vector: int, error_code: bool, fast: bool = False) -> str:
 {push}
 {_SAVE}
 {fixup}
-{_in_slots(label)}
+{_in_slots(label, detours)}
 {label}_ours:
     push {vector:#x}
     jmp qp_fault_ours
@@ -357,6 +377,12 @@ def stub_source(layout: StubLayout) -> str:
 .set REC_HI, qp_base + {layout.rec_hi - c:#x}
 .set EXTABLE, qp_base + {layout.extable - c:#x}
 """
+    detours = layout.detour_hi != 0
+    if detours:
+        data += f"""
+.set DETOUR_LO, qp_base + {layout.detour_lo - c:#x}
+.set DETOUR_HI, qp_base + {layout.detour_hi - c:#x}
+"""
     return f"""
 qp_base:
 {data}
@@ -414,7 +440,7 @@ qp_db_entry:
 {_ring(1, "qp_db", error_code=False, debug=True)}
 
 /* the faults an instruction in a slot can raise: ours when rip is in a slot. */
-{"".join(_slot_fault(v, e, fast) for v, e in SLOT_FAULT_VECTORS.items())}
+{"".join(_slot_fault(v, e, fast, detours) for v, e in SLOT_FAULT_VECTORS.items())}
 {_fault_doorbell()}
 /* kretprobe trampoline: a hijacked return lands here. The slot the return
    address was popped from is taken back with the trampoline's address still
