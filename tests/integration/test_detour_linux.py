@@ -189,14 +189,14 @@ def test_a_window_ending_in_a_call_keeps_the_return_address(busy: Session) -> No
         for line in block.splitlines()[1:]:
             if not line.strip().startswith("=>"):
                 break
-            frames.append(line.strip()[2:].strip())
+            frames.append(line.strip()[2:].strip().split("+")[0])
         stacks.append(frames)
     assert len(stacks) >= 3, out
     for frames in stacks:
         # The unwinder got from close_fd to its caller and on to the syscall
         # entry: the return address it found is __x64_sys_close's own.
-        assert any(f.startswith("__x64_sys_close+") for f in frames), frames
-        assert any(f.startswith("do_syscall_64+") for f in frames), frames
+        assert "close_fd" in frames and "do_syscall_64" in frames, frames
+        assert frames[frames.index("close_fd") + 1] == "__x64_sys_close", frames
 
 
 def _function_with_extable(s: Session) -> str:
