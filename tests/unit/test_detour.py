@@ -83,14 +83,13 @@ REFUSED = [
     (NOP5 + "4885ff 7405 4889f8" + RET, 5, "relative jump"),
     # a call as the probed instruction
     (NOP5 + "e8 00010000" + RET, 5, "call probe"),
-    # a call that does not end the window cannot happen (the window stops at
-    # 5 bytes), but a call before a short window's end: push; call is 6 bytes
-    # and ends it, so here the second instruction is a ret (ends the flow)
+    # a ret before the window's last instruction (the bytes after it are
+    # reached only by jumps from elsewhere)
     (NOP5 + "4889f8 c3 4889f8" + RET, 5, "ends the flow"),
     # the second instruction reads memory: a retried fault would land inside the jump
     (NOP5 + "4889f8 488b17" + RET, 5, "accesses memory"),
     # a branch into the window's second instruction, from later in the function
-    (NOP5 + "4889f8 4889f2 90" + "ebf8" + RET, 5, "branches into the window"),
+    (NOP5 + "4889f8 4889f2 90" + "ebfa" + RET, 5, "branches into the window"),
     # an indirect jump anywhere in the function (ff /4)
     (NOP5 + "488b05 10000000 ffe0" + RET, 5, "indirect jump"),
     # a jmp to a retpoline thunk (a compiled indirect jump)
