@@ -767,8 +767,15 @@ class KprobeEngine:
     # --- synchronize_rcu_tasks(), from the host --------------------------------
 
     def _in_slots(self, addr: int) -> bool:
+        """A slot or a detour buffer: code that never calls out (a detour's
+        relocated call pushes the original return address), so a reference
+        into it on a task's stack is an interrupt frame, which a voluntary
+        switch since proves stale (:func:`~qprobes.probes.quiesce.pending`)."""
         lo = self.area.vbase + PAGE_SLOTS_FIRST * PAGE_SIZE
-        return lo <= addr < self.area.vbase + (PAGE_SLOTS_LAST + 1) * PAGE_SIZE
+        if lo <= addr < self.area.vbase + (PAGE_SLOTS_LAST + 1) * PAGE_SIZE:
+            return True
+        d_lo, d_hi = self._detour_range()
+        return d_lo <= addr < d_hi
 
     def area_references(self, lo: int, hi: int, *, allow: frozenset[int] = frozenset(),
                         baseline: dict[int, int] | None = None,

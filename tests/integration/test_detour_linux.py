@@ -16,6 +16,7 @@ guest's dmesg stays clean.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from collections.abc import Iterator
 
@@ -302,3 +303,55 @@ def test_detach_with_detours_leaves_the_guest_clean(busy: Session) -> None:
     text = console_after(s, 2)
     assert not bad_lines(text), bad_lines(text)[:5]
     engine.attach()  # for the module's other tests
+
+
+def test_recover_puts_a_detoured_site_back() -> None:
+    """A controller with detoured probes SIGKILLed on an attached 2-vCPU
+    guest: ``qprobes attach --recover`` takes the jumps out (int3 and the
+    original tail first, then the first byte, from the journal's record of
+    each window) and the guest runs on clean with its text as before."""
+    import subprocess
+    import time
+
+    from qprobes.machine.linux import LINUX_PROMPT
+    from tests.integration.attached import BAD, CLI, busy_guest, snapshot
+
+    machine, addrs = busy_guest()
+    try:
+        address = str(machine.gdb_socket)
+        start, size = machine.config.reserved
+        reserve = f"{start:#x}:{size:#x}"
+        out = machine.console.command("grep -E ' alloc_empty_file$' /proc/kallsyms",
+                                      LINUX_PROMPT, timeout=120)  # fmt: skip
+        found = re.search(r"([0-9a-f]{16}) \w alloc_empty_file", str(out))
+        assert found, out
+        addrs.append(int(found.group(1), 16))
+        before = snapshot(address, addrs)
+        proc = subprocess.Popen([*CLI, "trace", "--attach", address, "--reserve", reserve, "-q",
+                                 "--fast", "--no-watchdog", "p:ae alloc_empty_file",
+                                 "p:vr vfs_read count=%dx"],
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                text=True)  # fmt: skip
+        assert proc.stderr is not None
+        seen, deadline = "", time.monotonic() + 180
+        while "Ctrl-C to stop" not in seen and time.monotonic() < deadline:
+            seen += proc.stderr.readline()
+        assert "Ctrl-C to stop" in seen, seen
+        assert seen.count("detoured") == 2, seen
+        time.sleep(3)
+        proc.kill()
+        proc.wait(timeout=30)
+        recovered = subprocess.run([*CLI, "attach", address, "--recover", "--reserve", reserve],
+                                   capture_output=True, text=True, timeout=300,
+                                   check=False)  # fmt: skip
+        assert recovered.returncode == 0, recovered.stderr
+        assert "2 probe sites" in recovered.stdout, recovered.stdout
+        mark = len(machine.console_text())
+        out = machine.console.command("qp-open 5 /etc/hostname; echo qp-alive; dmesg",
+                                      LINUX_PROMPT, timeout=120)  # fmt: skip
+        text = str(out) + machine.console_text()[mark:]
+        assert "qp-alive" in text
+        assert not [line for line in text.splitlines() if BAD.search(line)], text[-3000:]
+        assert snapshot(address, addrs) == before, "the detoured sites are not all restored"
+    finally:
+        machine.shutdown()
