@@ -1390,8 +1390,10 @@ class KprobeEngine:
         return None
 
     def _selectors(self) -> tuple[int, int]:
-        """The kernel's cs and ss, from a vCPU in kernel mode (for the frame a
-        detour builds, which the #BP stub's iretq may load)."""
+        """The kernel's cs and ss, for the frame a detour builds (which the
+        #BP stub's iretq loads when the host takes the hit): a vCPU's in
+        kernel mode, else the code selector of the guest's #BP gate and the
+        data selector after it (SYSCALL's layout: ss = cs + 8)."""
         if self._kernel_selectors is None:
             for vcpu in self.target.vcpus:
                 regs = self.target.registers(vcpu)
@@ -1399,7 +1401,11 @@ class KprobeEngine:
                     self._kernel_selectors = (regs.cs, regs.ss)
                     break
             else:
-                raise DetourError(0, "no vCPU is in kernel mode to read the kernel's selectors")
+                gate = next((g for (_idt, v), g in self._orig_gates.items() if v == 3), None)
+                if gate is None:
+                    raise DetourError(0, "the kernel's code selector is not known")
+                cs = int.from_bytes(gate[2:4], "little")
+                self._kernel_selectors = (cs, cs + 8)
         return self._kernel_selectors
 
     def _detour_window(self, point: ProbePoint) -> x86detour.Window:
