@@ -12,7 +12,14 @@ probes, ``get_insn_slot``), run from outside the guest:
   doorbell for exceptions that are qprobes' own;
 * at the doorbell stop the host reads the frame, runs the handlers, edits
   the frame (rip to the slot, TF for a single-step, the fixups after it)
-  and tells the stub to ``iretq`` or to pass the exception on.
+  and tells the stub to ``iretq`` or to pass the exception on;
+* a fast-path probe (a recorder in the guest) may be jump-optimized, as
+  ``arch/x86/kernel/kprobes/opt.c`` does (``can_optimize``,
+  ``arch_optimize_kprobes`` through ``text_poke_bp``,
+  ``arch_unoptimize_kprobe``): :meth:`KprobeEngine.optimize` puts a
+  ``jmp`` to a detour buffer over the armed int3 and the instructions
+  after it (:mod:`qprobes.arch.x86_64.detour`); the int3 and its slot stay
+  valid underneath, for the hits a detour hands to the host.
 
 The guest must be stopped whenever these methods run, except
 :meth:`KprobeEngine.run`, which resumes it and handles stops until told to

@@ -327,3 +327,58 @@ def test_interrupts_are_off_while_the_recorder_runs() -> None:
     uc.hook_add(unicorn.UC_HOOK_CODE, at_recorder, begin=REC, end=REC)
     m.run()
     assert seen and not seen[0] & 0x200
+
+
+# --- the fault stubs route a fault in a detour buffer to the host -------------------
+
+
+@needs_as
+@pytest.mark.parametrize(("where", "ours"), [("detour", True), ("slot", True), ("text", False)])
+def test_a_fault_in_a_detour_buffer_rings_the_doorbell(where: str, ours: bool) -> None:
+    """Like a fault in a slot, a fault at a relocated instruction comes to
+    the host (which moves rip back to the original); one in kernel text goes
+    straight to the guest's handler."""
+    import dataclasses
+
+    from qprobes.probes.stubs import VAR_ORIG, assemble_stubs
+    from tests.unit.test_recorder import KSTACK as STACK
+    from tests.unit.test_recorder_stubs import LAYOUT, SLOT_LO, STUB_CODE, VARS, Machine
+
+    det_lo = LAYOUT.code + 0x90000
+    layout = dataclasses.replace(LAYOUT, detour_lo=det_lo, detour_hi=det_lo + 0x10000)
+    m = Machine("%di")
+    m.stubs = assemble_stubs(layout)
+    g, uc = m.guest, m.guest.uc
+    g.write(STUB_CODE, m.stubs.code)
+    guest_pf = KTEXT + 0x1800  # the guest's own #PF handler: hlt
+    g.map(KTEXT, 0x2000)
+    g.write(guest_pf, b"\xf4")
+    g.write(VARS + VAR_ORIG + 8 * 14, q(guest_pf))
+    rip = {"detour": det_lo + D.RELOC_OFFSET, "slot": SLOT_LO + 0x20, "text": KTEXT}[where]
+    uc.reg_write(UX.UC_X86_REG_RSP, STACK)
+    m.deliver(m.stubs["qp_pf_entry"], rip, 2, 0x246)
+    stop = m.stubs["qp_fault_doorbell_ret"] if ours else guest_pf
+    uc.emu_start(int(uc.reg_read(UX.UC_X86_REG_RIP)), stop, count=10_000)
+    assert uc.reg_read(UX.UC_X86_REG_RIP) == stop
+    if ours:
+        rsp = int(uc.reg_read(UX.UC_X86_REG_RSP))
+        words = struct.unpack("<23Q", g.read(rsp, 8 * 23))
+        assert words[1] == 14  # the vector
+        assert words[2 + PT_REGS_NAMES.index("rip")] == rip
+
+
+def test_exception_table_entries_are_relative_to_their_field() -> None:
+    from qprobes.linux.extable import ExceptionTable, ExtableLayout, parse_extable
+
+    base = 0xFFFF_FFFF_8200_0000
+    layout = ExtableLayout(size=12, insn=0)
+    targets = [0xFFFF_FFFF_8100_2000, 0xFFFF_FFFF_8100_0010]
+    data = b"".join(struct.pack("<iii", t - (base + 12 * i), 0, 0)
+                    for i, t in enumerate(targets))  # fmt: skip
+    insns = parse_extable(data, base, layout)
+    assert insns == sorted(targets)
+    table = ExceptionTable(insns)
+    assert table.in_range(0xFFFF_FFFF_8100_0000, 0xFFFF_FFFF_8100_0100) == [targets[1]]
+    assert table.detour_check(0xFFFF_FFFF_8100_1000, 0xFFFF_FFFF_8100_1100) is None
+    why = table.detour_check(0xFFFF_FFFF_8100_1F00, 0xFFFF_FFFF_8100_2100)
+    assert why is not None and "exception-table" in why
