@@ -84,14 +84,15 @@ def _values(fields: dict[str, object]) -> tuple[int, ...]:
 
 def _run(s: Session, detour: bool) -> tuple[Counter[tuple[int, str, tuple[int, ...]]],
                                             Counter[tuple[int, str, tuple[int, ...]]], int,
-                                            dict[str, bytes], dict[str, object]]:  # fmt: skip
+                                            dict[str, tuple[int, bytes]],
+                                            dict[str, object]]:  # fmt: skip
     """One run of WORKLOAD with the probes traced by qprobes (fast path,
     with or without detours) and by the guest's kprobe_events: (qprobes'
     events, the guest's, doorbell stops, the bytes at each probe, the
     summary rows)."""
     events: list[TraceEvent] = []
     tracer = Tracer(s, events.append, fast=True, detour=detour)
-    bytes_at: dict[str, bytes] = {}
+    bytes_at: dict[str, tuple[int, bytes]] = {}
     try:
         for event, function, args in PROBES:
             tp = tracer.add(f"p:qp/{event} {function} {args}")
@@ -99,7 +100,7 @@ def _run(s: Session, detour: bool) -> tuple[Counter[tuple[int, str, tuple[int, .
             kp = tp.kprobe
             assert kp is not None and kp.arm_addr is not None
             assert kp.detoured == detour, (function, kp.detour_refused)
-            bytes_at[event] = s.engine.kread(kp.arm_addr, 5)
+            bytes_at[event] = (kp.arm_addr, s.engine.kread(kp.arm_addr, 5))
         setup = " && ".join(f"echo 'p:lx/{e} {f} {a}' >> {TR}/kprobe_events"
                             for e, f, a in PROBES)  # fmt: skip
         out = s.command(f"echo 8192 > {TR}/buffer_size_kb && echo > {TR}/trace && {setup} "
@@ -143,9 +144,10 @@ def test_detours_record_what_the_int3_fast_path_and_the_guest_record(busy: Sessi
     # While detoured the probed bytes are a jump into qprobes' detour
     # buffers: no hit can raise an exception there.
     lo, hi = s.engine._detour_range()
-    for event, code in jumps.items():
+    for event, (addr, code) in jumps.items():
         assert code[0] == x86insn.JMP_REL32, (event, code.hex())
-        assert int3s[event][0] == x86insn.INT3, (event, int3s[event].hex())
+        assert lo <= addr + 5 + int.from_bytes(code[1:5], "little", signed=True) < hi, event
+        assert int3s[event][1][0] == x86insn.INT3, (event, int3s[event][1].hex())
     assert all(row["detour"] for row in summary.values()), summary
     # Every open, read and close of the workload, on both paths and in the guest's own.
     for event, _f, _a in PROBES:
@@ -156,7 +158,6 @@ def test_detours_record_what_the_int3_fast_path_and_the_guest_record(busy: Sessi
     assert _by_event(detoured) == _by_event(int3)
     assert _by_event(detoured)["ae"] >= 2 * N
     assert stops1 == 0 and stops2 == 0
-    assert lo < hi
     # Unregistered: the int3 and then the original bytes are back.
     assert _text_digest(s) == text_before
     assert _idt_digests(s) == idts_before
