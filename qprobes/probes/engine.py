@@ -484,7 +484,9 @@ class KprobeEngine:
             except TranslationError:
                 log.warning("not restoring the detour at %#x: its text is no longer mapped", addr)
                 continue
-            if current != jump:
+            # The jump, or the int3 with the jump's tail (a session that died
+            # between the two writes of text_poke_bp's order, either way).
+            if current not in (jump, bytes([INT3]) + jump[1:]):
                 log.warning("not restoring the detour at %#x: the guest rewrote it", addr)
                 continue
             self.kwrite_code(addr, bytes([INT3]))
@@ -1375,13 +1377,16 @@ class KprobeEngine:
             return True
         try:
             self._optimize(point)
-        except DetourError as exc:
+        except (DetourError, InstructionError) as exc:  # InstructionError: a copy out of reach
             kp.detour_refused = exc.reason
             log.info("%s stays on its int3: %s", self._where(point.addr), exc.reason)
             return False
-        except InstructionError as exc:  # a copy out of reach, an odd instruction
-            kp.detour_refused = exc.reason
-            log.info("%s stays on its int3: %s", self._where(point.addr), exc.reason)
+        except ProbeError as exc:
+            # Anything else that kept the jump out (the guest patching its
+            # text for too long, the buffer not assembling): the int3 fast
+            # path is intact, so this is a refusal too.
+            kp.detour_refused = str(exc)
+            log.info("%s stays on its int3: %s", self._where(point.addr), exc)
             return False
         kp.detour_refused = None
         return True
@@ -1532,7 +1537,10 @@ class KprobeEngine:
             cs, ss = self._selectors()
             source, rel = x86detour.detour_source(window, buf, inst.recorder.address,
                                                   self.stubs["qp_bp_ours"], cs, ss)  # fmt: skip
-            code, _ = assemble_at(source, buf)
+            try:
+                code, _ = assemble_at(source, buf)
+            except ProbeError as exc:
+                raise DetourError(point.addr, f"the detour does not assemble: {exc}") from exc
             if len(code) != x86detour.DETOUR_SIZE:
                 raise DetourError(point.addr, f"the detour assembled to {len(code)} bytes")
             det = x86detour.Detour(
@@ -1551,11 +1559,11 @@ class KprobeEngine:
             if current != expected:
                 raise DetourError(point.addr, f"the window's bytes changed under qprobes "
                                   f"({current.hex()})")  # fmt: skip
+            if self.journal is not None:
+                self.journal.detour(point.addr, window.original, det.jump)
         except BaseException:
             self._detour_buffers.free_insn_slot(buf)
             raise
-        if self.journal is not None:
-            self.journal.detour(point.addr, window.original, det.jump)
         self.kwrite_code(point.addr + 1, det.jump[1:])
         self.kwrite_code(point.addr, det.jump[:1])
         self.detours[point.addr] = det
