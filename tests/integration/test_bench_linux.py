@@ -97,7 +97,8 @@ def test_measured_numbers_are_positive(report: dict[str, Any]) -> None:
     # The detour row is measured: a number, and its probe was detoured (the
     # row would name a problem "not detoured: ..." otherwise).
     assert isinstance(report["detour_us_per_hit"], float)
-    assert isinstance(report["ratio_detour_to_guest_kprobe_events"], float)
+    # (Its ratio to the guest's row is a number, or null when noise put the
+    # guest's row at or below zero: test_ratios_are_the_quotients_of_the_numbers.)
     rows = {r["key"]: r for r in report["rows"]}
     assert not any("not detoured" in p or "not on the fast path" in p
                    for p in rows["detour"].get("problems", [])), rows["detour"]
