@@ -78,6 +78,18 @@ def _text_digest(s: Session) -> str:
     return hashlib.sha256(s.engine.read_data(start, end - start)).hexdigest()
 
 
+def _probed_text(s: Session) -> dict[str, str]:
+    """Hashes of the probed functions' text: what qprobes wrote (the guest's
+    own kprobe_events patch other text, e.g. deferred static keys, on their
+    own schedule)."""
+    assert s.symbols is not None
+    out = {}
+    for _event, function, _args in PROBES:
+        sym = s.symbols.lookup(function)
+        out[function] = hashlib.sha256(s.engine.read_data(sym.addr, sym.size)).hexdigest()
+    return out
+
+
 def _values(fields: dict[str, object]) -> tuple[int, ...]:
     return tuple(int(str(v), 0) for v in fields.values())
 
@@ -88,8 +100,8 @@ def _run(s: Session, detour: bool) -> tuple[Counter[tuple[int, str, tuple[int, .
                                             dict[str, object]]:  # fmt: skip
     """One run of WORKLOAD with the probes traced by qprobes (fast path,
     with or without detours) and by the guest's kprobe_events: (qprobes'
-    events, the guest's, doorbell stops, the bytes at each probe, the
-    summary rows)."""
+    events, the guest's, doorbell stops other than full-ring hand-overs,
+    the bytes at each probe, the summary rows)."""
     events: list[TraceEvent] = []
     tracer = Tracer(s, events.append, fast=True, detour=detour)
     bytes_at: dict[str, tuple[int, bytes]] = {}
@@ -107,9 +119,11 @@ def _run(s: Session, detour: bool) -> tuple[Counter[tuple[int, str, tuple[int, .
                         f"&& echo 1 > {TR}/events/lx/enable && echo configured")  # fmt: skip
         assert "configured" in out, out
         s.command("true")  # a hit in flight when the probes changed rings now
-        stops = s.engine.stats.bp
+        stops, spilled = s.engine.stats.bp, tracer.fast_spilled
         s.command(WORKLOAD, timeout=300)
-        stops = s.engine.stats.bp - stops
+        # The only stops: hits a full ring handed to the host (lossless
+        # mode), when the host, on a loaded machine, drained too late.
+        stops = s.engine.stats.bp - stops - (tracer.fast_spilled - spilled)
         s.command(f"echo 0 > {TR}/events/lx/enable")
         trace_text = s.command(f"cat {TR}/trace", timeout=120)
         summary = {row["event"]: row for row in tracer.summary()}
@@ -138,7 +152,7 @@ def _by_event(events: Counter[tuple[int, str, tuple[int, ...]]]) -> Counter[str]
 
 def test_detours_record_what_the_int3_fast_path_and_the_guest_record(busy: Session) -> None:
     s = busy
-    text_before, idts_before = _text_digest(s), _idt_digests(s)
+    text_before, idts_before = _probed_text(s), _idt_digests(s)
     detoured, guest1, stops1, jumps, summary = _run(s, detour=True)
     int3, guest2, stops2, int3s, _ = _run(s, detour=False)
     # While detoured the probed bytes are a jump into qprobes' detour
@@ -159,7 +173,7 @@ def test_detours_record_what_the_int3_fast_path_and_the_guest_record(busy: Sessi
     assert _by_event(detoured)["ae"] >= 2 * N
     assert stops1 == 0 and stops2 == 0
     # Unregistered: the int3 and then the original bytes are back.
-    assert _text_digest(s) == text_before
+    assert _probed_text(s) == text_before
     assert _idt_digests(s) == idts_before
 
 
