@@ -186,6 +186,19 @@ class ProbeError(QprobesError):
     """A probe could not be registered, armed or removed."""
 
 
+class DetourError(ProbeError):
+    """A probe cannot be jump-optimized (a detour); it stays on its int3.
+
+    Never reaches the user as an error: the engine keeps the probe on the
+    int3 path and records ``reason`` (``Kprobe.detour_refused``).
+    """
+
+    def __init__(self, addr: int, reason: str) -> None:
+        self.addr = addr
+        self.reason = reason
+        super().__init__(reason)
+
+
 class QuiesceError(ProbeError):
     """Something in the guest can still return into qprobes' area.
 

@@ -514,6 +514,7 @@ def trace(
     duration: float | None = None,
     fast: bool = False,
     gdb_listen: str | None = None,
+    detour: bool = True,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
     **machine: Any,
@@ -575,7 +576,8 @@ def trace(
         errs.write(text + "\n")
 
     options = _TraceOptions(json_output, by_event, triggers_by_event, quiet, latency or [],
-                            output, output_format, duration, fast, gdb_listen)  # fmt: skip
+                            output, output_format, duration, fast, gdb_listen,
+                            detour)  # fmt: skip
     # Booting a guest of qprobes' own can be interrupted anywhere (QEMU dies
     # with qprobes); attaching to someone else's QEMU is finished first, then
     # detached again.
@@ -595,6 +597,7 @@ class _TraceOptions:
     duration: float | None
     fast: bool = False
     gdb_listen: str | None = None
+    detour: bool = True
 
 
 def _session_for_guarded(guard: SignalGuard, machine: dict[str, Any]) -> Session:
@@ -653,7 +656,7 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
     fast_counts = (0, 0)
     try:
         try:
-            tracer = Tracer(session, sink, fast=opts.fast)
+            tracer = Tracer(session, sink, fast=opts.fast, detour=opts.detour)
             if opts.output is not None:
                 writer = TraceWriter(opts.output, opts.output_format, header=tracer.header())
             for function in opts.latency:
@@ -675,6 +678,12 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
                 say(f"qprobes: {tracer.describe(tp)}")
                 if opts.fast and tp.slow_reason:
                     say(f"qprobes: {tp.name}: slow path ({tp.slow_reason})")
+                elif opts.fast and tp.kprobe is not None:
+                    if tp.kprobe.detoured:
+                        say(f"qprobes: {tp.name}: fast path, detoured (a jump, no int3)")
+                    elif tp.kprobe.detour_refused and opts.detour:
+                        say(f"qprobes: {tp.name}: fast path on int3 (no detour: "
+                            f"{tp.kprobe.detour_refused})")  # fmt: skip
             printing = any(tp.latency is None for tp in tracer.probes.values())
             if not opts.json_output and not opts.quiet and writer is None and printing:
                 stdout.write(tracer.header())  # as the guest's trace file begins
@@ -728,6 +737,7 @@ def _trace(probes: list[str], command: list[str], guard: SignalGuard,
             errs.write(
                 f"qprobes: {row['event']}: {row['hits']} hits, {row['emitted']} printed, "
                 f"{row['filtered']} filtered out, {row['missed']} missed"
+                + (", detoured" if row.get("detour") else "")
                 + (f", lost ({row.get('lost_why') or 'the guest rewrote the probed text'})"
                    if row["lost"] else "")
                 + "\n"

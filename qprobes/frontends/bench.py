@@ -26,7 +26,12 @@ prompt. Rows, in the order they run:
    dropped and the hits a full ring handed to the host (in each round the
    fast row runs right after row 2, next to the no-probe row; the table
    lists it after the slow Tracer);
-6. the fast path not built yet (a detour): reported as not available;
+6. the fast path with a detour (``Tracer(fast=True)``, the engine's
+   jump-optimized probe): the same fetch arguments on ``do_sys_openat2``'s
+   first instruction of 5 bytes or more (``mov rax, gs:[0x28]`` at +0x18 on
+   the default guest, where ``%si`` still holds the path), replaced by a
+   ``jmp`` to a detour buffer, so a hit raises no exception; the int3 fast
+   row above runs with ``detour=False``;
 7. gdb: qprobes detaches and lets go of the gdbstub, a real gdb connects
    to the same QEMU (pygdbmi), first with no breakpoint, then with
    ``break *do_sys_openat2`` + ``commands`` / ``silent`` / ``continue``.
@@ -96,9 +101,7 @@ FAST_DEF = f"p:myopen_fast {PROBED} {FETCHARGS}"
 FAST_RET_DEF = f"r:myret_fast {PROBED} ret=$retval:s32"
 #: The process the workload runs in (its comm in events).
 WORKLOAD_COMM = "qp-open"
-NOT_BUILT = {
-    "detour": "not built yet: jump-optimized detours (issue 9, item 3)",
-}
+NOT_BUILT: dict[str, str] = {}  # rows not built yet: key -> why
 
 #: Rows by key: the JSON key of their overhead, their label.
 ROWS: dict[str, tuple[str, str]] = {
@@ -112,7 +115,7 @@ ROWS: dict[str, tuple[str, str]] = {
     "kretprobe": ("kretprobe_us_per_hit", "qprobes kretprobe (slow path)"),
     "tracer": ("tracer_us_per_hit", "qprobes Tracer, string fetch (slow path)"),
     "fast": ("fast_us_per_hit", "qprobes Tracer, string fetch (fast path, int3)"),
-    "detour": ("detour_us_per_hit", "qprobes fast path, detour"),
+    "detour": ("detour_us_per_hit", "qprobes Tracer, string fetch (fast path, detour)"),
     "kretprobe_fast": ("kretprobe_fast_us_per_hit", "qprobes Tracer r: $retval (fast path)"),
     "gdb_noprobe": ("gdb_noprobe_us_per_open", "gdb attached, no breakpoint (per open)"),
     "gdb": ("gdb_us_per_hit", "gdb break + commands silent/continue"),
@@ -593,16 +596,37 @@ class LinuxBench:
         case.setup, case.teardown = setup, teardown
         return case
 
-    def _tracer_case(self, row: Row, fast: bool = False, ret: bool = False) -> Case:
+    def _detour_at(self) -> str:
+        """``do_sys_openat2``'s first instruction of 5 bytes or more after its
+        ftrace nop (its first instruction where it has none), as SYM+OFF."""
+        from qprobes.arch.x86_64 import insn as x86insn
+
+        engine = self.session.engine
+        addr = engine.resolve(Kprobe(symbol_name=PROBED))
+        code = engine.read_data(addr, 128)
+        off = len(FTRACE_NOP) if code.startswith(FTRACE_NOP) else 0
+        while off < 100:
+            insn = x86insn.decode(code[off:], addr + off)
+            if insn.length >= x86insn.JMP_REL32_SIZE:
+                return f"{PROBED}+{off:#x}"
+            off += insn.length
+        raise BenchError(f"{PROBED} has no instruction of 5 bytes in its first 100")
+
+    def _tracer_case(self, row: Row, fast: bool = False, ret: bool = False,
+                     detour: bool = False) -> Case:  # fmt: skip
         """The Tracer with the guest row's fetch arguments, on the slow path
         (a stop per hit) or the fast one (a recorder in the guest; the host
-        drains the rings while the guest runs, and before each count); with
+        drains the rings while the guest runs, and before each count), at
+        the int3 or (``detour``) through a jump to a detour buffer; with
         ``ret``, the fast return probe (events: the workload's successful
         opens)."""
         from qprobes.tracing import TraceEvent, Tracer
 
         definition = FAST_RET_DEF if ret else FAST_DEF if fast else TRACE_DEF
-        row.notes.append(f"definition: {definition}" + (" (Tracer(fast=True))" if fast else ""))
+        if detour:
+            definition = f"p:myopen_detour {self._detour_at()} {FETCHARGS}"
+        how = " (Tracer(fast=True))" if detour else " (Tracer(fast=True, detour=False))"
+        row.notes.append(f"definition: {definition}" + (how if fast else ""))
         paths: Counter[str] = Counter()
         emitted = [0, 0]  # events emitted, hits
 
@@ -614,7 +638,7 @@ class LinuxBench:
             if event.comm == WORKLOAD_COMM and isinstance(value, int) and value >= 0:
                 paths[OPENED] += 1  # a call of the workload's that opened the file
 
-        tracer = Tracer(self.session, sink, fast=fast)
+        tracer = Tracer(self.session, sink, fast=fast, detour=detour)
         held: list[Any] = []
         engine = self.session.engine
         counters = {"dropped": 0, "spilled": 0, "orphans": 0}
@@ -636,6 +660,8 @@ class LinuxBench:
             if tp.kprobe is None or not engine.is_fast(tp.kprobe):
                 why = tp.slow_reason or "the engine keeps it on the slow path"
                 row.problems.append(f"not on the fast path: {why}")
+            elif detour and not engine.is_detoured(tp.kprobe):
+                row.problems.append(f"not detoured: {tp.kprobe.detour_refused}")
 
         def teardown() -> None:
             tp = held.pop()
@@ -688,6 +714,8 @@ class LinuxBench:
             ),
             self._tracer_case(self.add_row(Row("tracer", n, baseline=base))),
             self._tracer_case(self.add_row(Row("fast", n, baseline=base)), fast=True),
+            self._tracer_case(self.add_row(Row("detour", n, baseline=base)), fast=True,
+                              detour=True),
             self._tracer_case(
                 self.add_row(Row("kretprobe_fast", n, baseline=base)), fast=True, ret=True
             ),
@@ -695,8 +723,8 @@ class LinuxBench:
         # The rows that cost little (the guest's own probe, the fast paths)
         # run next to the baseline: close in time, their small numbers
         # suffer least from a change of the host's load within a round.
-        cheap = cases[-2:]
-        del cases[-2:]
+        # fast, detour: right after the guest's own row
+        cheap = [cases.pop(-2), cases.pop(-1)]
         cases[2:2] = cheap
         for r in range(self.opts.repeat):
             self.log(
@@ -1182,11 +1210,13 @@ def report(result: BenchResult, out: TextIO) -> None:
             f"{b.first_probe_s:.2f} s (boot, symbols and BTF from memory, attach, arm, one "
             f"open): {b.ratio:.2f}x\n"
         )
-    fast = result.rows.get("fast")
-    if fast is not None and fast.measured and fast.fast is not None:
+    for key, what in (("fast", "in-guest recorder"), ("detour", "a detour, no int3")):
+        fast = result.rows.get(key)
+        if fast is None or not fast.measured or fast.fast is None:
+            continue
         f = fast.fast
         w(
-            f"\nFast path (in-guest recorder): {f['events']} events for {f['hits']} hits over its "
+            f"\nFast path ({what}): {f['events']} events for {f['hits']} hits over its "
             f"rounds, {fast.events_seen} events for {OPENED} in the timed runs (net) for "
             f"{fast.hits * len(fast.walls)} opens; records the guest dropped {f['dropped']}, "
             f"hits a full ring handed to the host {f['spilled']}\n"

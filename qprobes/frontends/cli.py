@@ -52,7 +52,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         args.probes, args.guest_command, json_output=args.json, filters=args.filter,
         triggers=args.trigger, quiet=args.quiet, latency=args.latency, output=args.output,
         output_format=args.format, duration=args.duration, fast=args.fast,
-        gdb_listen=args.gdb_listen, **_machine_args(args),
+        gdb_listen=args.gdb_listen, detour=not args.no_detour,
+        **_machine_args(args),
     )  # fmt: skip
 
 
@@ -281,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a GDB remote endpoint there while the probes are armed "
                    "(gdb: target remote ADDRESS): gdb sees the guest as if no probe were "
                    "there, and the probes keep firing while gdb lets the guest run")  # fmt: skip
+    p.add_argument("--no-detour", action="store_true",
+                   help="with --fast, keep every probe on its int3: no jump-optimized "
+                   "detours (by default a probe whose instructions allow it is replaced "
+                   "by a jump, so a hit raises no exception)")  # fmt: skip
     guest_options(p)
     attach_options(p)
     p.set_defaults(func=_cmd_trace, guest_command=[])

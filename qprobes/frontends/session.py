@@ -411,6 +411,7 @@ class Session:
         self._use_linux_stacks(kernel)
         self._use_orc(kernel)
         self._use_linux_clock(kernel)
+        self._use_extable(kernel)
 
     def _use_cpu_number(self, kernel: LinuxKernel) -> None:
         """Let the stubs find the CPU through GS (Linux's per-CPU CPU
@@ -424,6 +425,24 @@ class Session:
             self.engine.cpu_number_offset = offset
         else:
             log.info("the guest's CPU numbers do not follow the vCPUs: the stubs use cpuid")
+
+    def _use_extable(self, kernel: LinuxKernel) -> None:
+        """Linux's rules for detours (jump-optimized probes): no detour in a
+        function with exception-table entries, and a jmp to a retpoline thunk
+        is an indirect jump. Without the table no probe is detoured."""
+        from qprobes.linux.extable import ExceptionTable, indirect_thunks
+
+        self.engine.indirect_thunks = indirect_thunks(kernel.symbols)
+        if kernel.btf is None:
+            self.engine.detour_function_check = lambda _s, _e: "no BTF to read __ex_table with"
+            return
+        try:
+            table = ExceptionTable.load(kernel.symbols, kernel.btf, self.engine.read_data)
+        except QprobesError as exc:
+            why = f"the exception table cannot be read ({exc})"
+            self.engine.detour_function_check = lambda _s, _e: why
+            return
+        self.engine.detour_function_check = table.detour_check
 
     def _use_modules(self, kernel: LinuxKernel) -> None:
         """The guest's module list, for ``MOD:SYM`` probes, module symbols,

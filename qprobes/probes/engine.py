@@ -12,7 +12,14 @@ probes, ``get_insn_slot``), run from outside the guest:
   doorbell for exceptions that are qprobes' own;
 * at the doorbell stop the host reads the frame, runs the handlers, edits
   the frame (rip to the slot, TF for a single-step, the fixups after it)
-  and tells the stub to ``iretq`` or to pass the exception on.
+  and tells the stub to ``iretq`` or to pass the exception on;
+* a fast-path probe (a recorder in the guest) may be jump-optimized, as
+  ``arch/x86/kernel/kprobes/opt.c`` does (``can_optimize``,
+  ``arch_optimize_kprobes`` through ``text_poke_bp``,
+  ``arch_unoptimize_kprobe``): :meth:`KprobeEngine.optimize` puts a
+  ``jmp`` to a detour buffer over the armed int3 and the instructions
+  after it (:mod:`qprobes.arch.x86_64.detour`); the int3 and its slot stay
+  valid underneath, for the hits a detour hands to the host.
 
 The guest must be stopped whenever these methods run, except
 :meth:`KprobeEngine.run`, which resumes it and handles stops until told to
@@ -31,12 +38,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from qprobes import __version__
+from qprobes.arch.x86_64 import detour as x86detour
 from qprobes.arch.x86_64 import fixups as x86fix
 from qprobes.arch.x86_64 import insn as x86insn
 from qprobes.arch.x86_64.idt import gate_offset, gate_with_offset
 from qprobes.arch.x86_64.recorder_asm import CpuFeatures, Recorder, RingLayout
 from qprobes.errors import (
     ConnectionClosedError,
+    DetourError,
     InstructionError,
     ProbeError,
     QprobesError,
@@ -129,6 +138,8 @@ PAGE_SLOTS_LAST = 383  # 384-399: fast return probes (qprobes.probes.fastret); 4
 # detours; 416-511: the fast path (qprobes.probes.fastpath)
 # Pages 512 on (the regions after the first 2 MiB, mapped when first used):
 # bigger probe tables and more slot pages, handed out by GuestArea.claim_pages.
+PAGE_DETOUR_FIRST = 400  # detour buffers (jump-optimized probes): pages 400-415
+PAGE_DETOUR_LAST = 415
 CR4_SMAP = 1 << 21
 
 TRAPPED_VECTORS = (1, 3, *SLOT_FAULT_VECTORS)
@@ -390,6 +401,21 @@ class KprobeEngine:
         self.foreign_stop: Callable[[StopReply], bool] | None = None
         self.hold: Callable[[StopReply | None], None] | None = None
         self.hold_requested = False
+        # Jump-optimized probes (qprobes.arch.x86_64.detour): probe point
+        # address -> its detour. ``detour`` turns them on for the fast path;
+        # the front end's rules for the guest: ``detour_function_check(start,
+        # end)`` names why no detour may go into the function [start, end)
+        # (Linux: it has exception-table entries), ``indirect_thunks`` is the
+        # range of the retpoline thunks (a jmp there is an indirect jump).
+        self.detour = True
+        self.detours: dict[int, x86detour.Detour] = {}
+        self.detour_function_check: Callable[[int, int], str | None] | None = None
+        self.indirect_thunks: tuple[int, int] | None = None
+        # How long to wait for no vCPU and no task inside a window before
+        # leaving the probe on its int3.
+        self.detour_quiesce_timeout = 3.0
+        self._detour_buffers: SlotAllocator | None = None
+        self._kernel_selectors: tuple[int, int] | None = None
 
     # --- attach / detach ----------------------------------------------------
 
@@ -505,6 +531,7 @@ class KprobeEngine:
             self.fastret.on_doorbells = self._ret_kind.update
             self.target.write_phys(code.paddr, stubs.code)
             self._slots = self._slot_allocator()
+            self._detour_buffers = self._detour_allocator()
             area.check_mapping(code.vaddr)
             self._install_gates()
             self.target.add_watchpoint(self._doorbell, 1, "write")
@@ -562,6 +589,45 @@ class KprobeEngine:
             more_pages=lambda: area.claim_pages(1),
         )  # fmt: skip
 
+    def _detour_range(self, vbase: int | None = None) -> tuple[int, int]:
+        base = self.area.vbase if vbase is None else vbase
+        return (base + PAGE_DETOUR_FIRST * PAGE_SIZE, base + (PAGE_DETOUR_LAST + 1) * PAGE_SIZE)
+
+    def _detour_allocator(self) -> SlotAllocator:
+        """Detour buffers: fixed-size slots on pages 400-415, freed dirty and
+        handed out again only once nothing points into them (as slots)."""
+        area = self.area
+        size = x86detour.DETOUR_SIZE
+        return SlotAllocator(
+            size, PAGE_DETOUR_FIRST, PAGE_DETOUR_LAST,
+            lambda i: area.map_page(i, writable=False, executable=True, fill=INT3).vaddr,
+            area.unmap_page, collect=lambda bufs: self._collect_garbage_slots(bufs, size),
+            fill=lambda buf: self.kwrite_code(buf, bytes([INT3]) * size),
+        )  # fmt: skip
+
+    def _restore_detours(self, detours: list[tuple[int, bytes, bytes]]) -> list[int]:
+        """``--recover``: put a dead session's detoured sites back to their
+        armed int3 (the jump's tail first gets the int3, then the original
+        bytes, as :meth:`_unoptimize` does); the site records then restore
+        the first byte. A site whose bytes are not the recorded jump any more
+        is left alone. Returns the addresses handled (journal records to drop)."""
+        done = []
+        for addr, window, jump in detours:
+            done.append(addr)
+            try:
+                current = self.kread(addr, len(jump))
+            except TranslationError:
+                log.warning("not restoring the detour at %#x: its text is no longer mapped", addr)
+                continue
+            # The jump, or the int3 with the jump's tail (a session that died
+            # between the two writes of text_poke_bp's order, either way).
+            if current not in (jump, bytes([INT3]) + jump[1:]):
+                log.warning("not restoring the detour at %#x: the guest rewrote it", addr)
+                continue
+            self.kwrite_code(addr, bytes([INT3]))
+            self.kwrite_code(addr + 1, window[1 : len(jump)])
+        return done
+
     def adopt(self) -> bool:
         """Take over what a dead session left in the guest, from its journal,
         so that :meth:`detach` puts it all back (``qprobes attach --recover``).
@@ -603,6 +669,8 @@ class KprobeEngine:
         self._vars_phys = self._kphys(h.vars)
         self._user_code = h.area + PAGE_USER_CODE * PAGE_SIZE
         self._slots = self._slot_allocator()
+        self._detour_buffers = self._detour_allocator()
+        restored = self._restore_detours(contents.detours)
         for idt, vector, gate in contents.gates:
             self._orig_gates[(idt, vector)] = gate
             self._orig_handler.setdefault(vector, gate_offset(gate))
@@ -673,6 +741,8 @@ class KprobeEngine:
             self.fastret.adopt(*contents.fast_returns)
         # From here on this session owns the journal (the records stay as they are).
         self.journal.take_over(contents)
+        for addr in restored:
+            self.journal.undetour(addr)
         self.target.add_watchpoint(self._doorbell, 1, "write")
         self.attached = True
         log.warning("recovering the changes of %s", h.owner())
@@ -889,11 +959,17 @@ class KprobeEngine:
     # --- synchronize_rcu_tasks(), from the host --------------------------------
 
     def _in_slots(self, addr: int) -> bool:
+        """A slot or a detour buffer: code that never calls out (a detour's
+        relocated call pushes the original return address), so a reference
+        into it on a task's stack is an interrupt frame, which a voluntary
+        switch since proves stale (:func:`~qprobes.probes.quiesce.pending`)."""
         lo = self.area.vbase + PAGE_SLOTS_FIRST * PAGE_SIZE
         if lo <= addr < self.area.vbase + (PAGE_SLOTS_LAST + 1) * PAGE_SIZE:
             return True
-        # The later regions hold no code but slots.
-        return self.area.vbase + REGION_SIZE <= addr < self.area.end
+        if self.area.vbase + REGION_SIZE <= addr < self.area.end:
+            return True  # the later regions hold no code but slots
+        d_lo, d_hi = self._detour_range()
+        return d_lo <= addr < d_hi
 
     def _stale_once_switched(self, addr: int) -> bool:
         """Whether a task's voluntary switch (or its sleep off the run queue)
@@ -972,15 +1048,15 @@ class KprobeEngine:
             self.run(timeout=pause)
             pause = min(2 * pause, 0.2)
 
-    def _collect_garbage_slots(self, slots: list[int]) -> list[int]:
-        """The dirty slots nothing points into now (one look, guest stopped).
+    def _collect_garbage_slots(self, slots: list[int], size: int = x86insn.SLOT_SIZE) -> list[int]:
+        """The dirty slots (or detour buffers, of ``size`` bytes) nothing
+        points into now (one look, guest stopped).
 
         Any task the scan cannot decide keeps every slot dirty. Without a
         :attr:`stack_scanner` only vCPU rips are checked.
         """
         if not slots or self.client.running:
             return []
-        size = x86insn.SLOT_SIZE
         lo, hi = min(slots), max(slots) + size
         try:
             cpus = []
@@ -1206,6 +1282,11 @@ class KprobeEngine:
                 at = points.get(a)
                 if at is not None and at.armed:
                     data[a - addr] = at.opcode
+        for det in self.detours.values():
+            # The bytes under a detour's jump (recover_probed_instruction()).
+            for i, byte in enumerate(det.window.original[: x86insn.JMP_REL32_SIZE]):
+                if addr <= det.addr + i < addr + length:
+                    data[det.addr + i - addr] = byte
         if self.recover_text is not None:
             return self.recover_text(addr, bytes(data))
         return bytes(data)
@@ -1454,6 +1535,11 @@ class KprobeEngine:
         addr = self._check_ftrace_location(site)
         kp.addr = site  # as register_kprobe() fills in p->addr; symbol_name stays
         kp.on_ftrace = addr != site
+        covering = self._detour_covering(addr)
+        if covering is not None and covering.addr != addr:
+            # A probe inside a detour's window: the jump goes first, as Linux
+            # unoptimizes an optprobe whose window a new kprobe falls into.
+            self._unoptimize(self.points[covering.addr])
         point = self.points.get(addr)
         if point is not None:
             # An aggregate probe: one int3, one slot, several handlers. Its
@@ -1634,8 +1720,14 @@ class KprobeEngine:
     # --- the fast path ------------------------------------------------------------
 
     def _fast_update(self, point: ProbePoint) -> None:
-        """Rewrite the fast-path word of ``point`` after its kprobes changed."""
-        if self.fast is None or not point.armed:
+        """Rewrite the fast-path word of ``point`` after its kprobes changed.
+        A detour goes (back to the int3) once the point's hits may not all
+        run the recorder: an aggregate probe, a disabled one."""
+        if self.fast is None:
+            return
+        if point.addr in self.detours and self.fast.word(point) == 0:
+            self._unoptimize(point)
+        if not point.armed:
             return
         i = self._ptable_find(point.addr)
         if i is not None:
@@ -1657,12 +1749,17 @@ class KprobeEngine:
             self.poll_hooks.append(self.fastret.poll)
         return self.fast.enable(len(self.target.vcpus))
 
-    def install_recorder(self, kp: Kprobe, build: Callable[[int], Recorder]) -> Recorder | None:
+    def install_recorder(self, kp: Kprobe, build: Callable[[int], Recorder],
+                         detour: bool | None = None) -> Recorder | None:  # fmt: skip
         """Give the registered ``kp`` a recorder that runs in the guest at its
         hits, in place of the doorbell. ``build(address)`` generates it. The
         recorder runs only while ``kp`` is the sole, enabled kprobe of a
         boosted probe point; other hits keep the slow path (its pre_handler).
-        Returns None where the point can never be fast (not boosted)."""
+        Returns None where the point can never be fast (not boosted).
+
+        With ``detour`` (default :attr:`detour`) the engine then tries to
+        jump-optimize the point (:meth:`optimize`); a refusal leaves it on
+        the int3 fast path, with the reason in ``kp.detour_refused``."""
         if self.fast is None or self.fast.ring is None:
             raise ProbeError("enable the fast path before installing recorders")
         if not kp.registered or kp.arm_addr is None:
@@ -1672,6 +1769,8 @@ class KprobeEngine:
             return None
         rec = self.fast.install(kp, point, build)
         self._fast_update(point)
+        if self.detour if detour is None else detour:
+            self.optimize(kp)
         return rec
 
     def not_fast_because(self, kp: Kprobe) -> str | None:
@@ -1695,6 +1794,248 @@ class KprobeEngine:
         self.fast.install_placed(kp, point, rec)
         self._fast_update(point)
 
+    # --- jump-optimized probes (Linux's optprobes) --------------------------------
+
+    def optimize(self, kp: Kprobe) -> bool:
+        """Replace the int3 of fast-path ``kp`` by a jump to a detour buffer
+        (``optimize_kprobe``). False, with ``kp.detour_refused`` saying why,
+        when the point stays on its int3 (no error: the int3 fast path
+        records the same events)."""
+        if kp.arm_addr is None or kp.arm_addr not in self.points:
+            raise ProbeError(f"{kp!r} is not registered")
+        point = self.points[kp.arm_addr]
+        if point.addr in self.detours:
+            return True
+        try:
+            self._optimize(point)
+        except (DetourError, InstructionError) as exc:  # InstructionError: a copy out of reach
+            kp.detour_refused = exc.reason
+            log.info("%s stays on its int3: %s", self._where(point.addr), exc.reason)
+            return False
+        except ProbeError as exc:
+            # Anything else that kept the jump out (the guest patching its
+            # text for too long, the buffer not assembling): the int3 fast
+            # path is intact, so this is a refusal too.
+            kp.detour_refused = str(exc)
+            log.info("%s stays on its int3: %s", self._where(point.addr), exc)
+            return False
+        kp.detour_refused = None
+        return True
+
+    def is_detoured(self, kp: Kprobe) -> bool:
+        """Whether hits of ``kp`` go through a detour now (no exception)."""
+        return kp.arm_addr is not None and kp.arm_addr in self.detours
+
+    def _detour_covering(self, addr: int) -> x86detour.Detour | None:
+        for det in self.detours.values():
+            if det.addr <= addr < det.window.end:
+                return det
+        return None
+
+    def _selectors(self) -> tuple[int, int]:
+        """The kernel's cs and ss, for the frame a detour builds (which the
+        #BP stub's iretq loads when the host takes the hit): a vCPU's in
+        kernel mode, else the code selector of the guest's #BP gate and the
+        data selector after it (SYSCALL's layout: ss = cs + 8)."""
+        if self._kernel_selectors is None:
+            for vcpu in self.target.vcpus:
+                regs = self.target.registers(vcpu)
+                if not regs.cs & 3:
+                    self._kernel_selectors = (regs.cs, regs.ss)
+                    break
+            else:
+                gate = next((g for (_idt, v), g in self._orig_gates.items() if v == 3), None)
+                if gate is None:
+                    raise DetourError(0, "the kernel's code selector is not known")
+                cs = int.from_bytes(gate[2:4], "little")
+                self._kernel_selectors = (cs, cs + 8)
+        return self._kernel_selectors
+
+    def _detour_window(self, point: ProbePoint) -> x86detour.Window:
+        """The window of ``point``'s detour, with every rule checked: the
+        instruction rules of :func:`~qprobes.arch.x86_64.detour.select_window`,
+        then the guest's rules for every byte of it (the same checks a probe
+        there passes: blacklist, text the kernel patches, ftrace sites), no
+        other probe inside it, and the front end's function rule."""
+        addr = point.addr
+
+        def refuse(why: str) -> DetourError:
+            return DetourError(addr, why)
+
+        found = self.symbols.resolve(addr) if self.symbols is not None else None
+        if found is None or found[0].kind != "func" or not found[0].size:
+            raise refuse("no function bounds are known (kallsyms size)")
+        if self.module_base is not None and self.module_base(addr):
+            raise refuse("module text is not detoured")
+        sym = found[0]
+        start, end = sym.addr, sym.addr + sym.size
+        try:
+            insns = x86insn.decode_function(self._original_bytes(start, sym.size), start)
+            extra: list[x86insn.Insn] = []
+            assert self.symbols is not None
+            if f"{sym.name}.cold" in self.symbols:
+                cold = self.symbols.lookup(f"{sym.name}.cold")
+                extra = x86insn.decode_function(self._original_bytes(cold.addr, cold.size),
+                                                cold.addr)  # fmt: skip
+        except InstructionError as exc:
+            raise refuse(f"{sym.name} does not decode ({exc.reason})") from exc
+        window = x86detour.select_window(insns, addr, start, end, self.indirect_thunks, extra)
+        lo, hi = window.addr, window.end
+        for b_lo, b_hi, reason in self._blacklist:
+            if b_lo < hi and lo < b_hi:
+                raise refuse(f"the window overlaps blacklisted text: {reason}")
+        for insn in window.insns[1:]:
+            self._check_text(insn.addr)
+        if self.address_check is not None:
+            try:
+                self.address_check(lo, window.length)
+            except ProbeError as exc:
+                raise refuse(str(exc)) from exc
+        if self.ftrace is not None:
+            reserved = self.ftrace.text_reserved(lo, hi)
+            if reserved is not None:
+                raise refuse(f"the window holds text the kernel patches: {reserved}")
+            for site in range(lo - MCOUNT_INSN_SIZE + 1, hi):
+                if self.ftrace.site(site) is not None:
+                    raise refuse(f"the window overlaps the ftrace site at {self._where(site)}")
+        for other in self.points.values():
+            if other is not point and lo <= other.addr < hi:
+                raise refuse(f"another probe is inside the window, at {self._where(other.addr)}")
+        for det in self.detours.values():
+            if det.addr < hi and lo < det.window.end:
+                raise refuse(f"the window overlaps the detour at {self._where(det.addr)}")
+        if self.detour_function_check is not None:
+            refused = self.detour_function_check(start, end)
+            if refused is not None:
+                raise refuse(refused)
+        return window
+
+    def _wait_out_of(self, ranges: list[tuple[int, int]], what: str) -> None:
+        """Run the guest until no vCPU rip and no live stack word is in any of
+        ``ranges`` (the host's ``synchronize_rcu()`` before the jump: Linux's
+        optimizer waits for a grace period so that no context interrupted
+        inside the window can resume there). DetourError after
+        :attr:`detour_quiesce_timeout` seconds."""
+        deadline = time.monotonic() + self.detour_quiesce_timeout
+        baselines: dict[tuple[int, int], dict[int, int]] = {}
+        pause = 0.002
+        while True:
+            blocking: list[str] = []
+            for lo, hi in ranges:
+                found, scan = self.area_references(lo, hi, baseline=None)
+                if scan is not None:
+                    base = baselines.setdefault((lo, hi), dict(scan.nvcsw))
+                    found = [f for f in found if f.startswith("vCPU ")]
+                    found += pending(scan, base, lambda _value: True)
+                blocking += found
+            if not blocking:
+                return
+            if time.monotonic() >= deadline:
+                raise DetourError(ranges[0][0], f"something stayed inside {what} for "
+                                  f"{self.detour_quiesce_timeout:g} s ({blocking[0]})")  # fmt: skip
+            self.run(timeout=pause)
+            pause = min(2 * pause, 0.1)
+
+    def _optimize(self, point: ProbePoint) -> None:
+        """``arch_optimize_kprobes``: the detour buffer, then the jump over the
+        window, with the int3 already armed, in ``text_poke_bp()``'s order.
+
+        1. The buffer is written and checked while nothing can reach it.
+        2. The guest runs until no vCPU and no task context is inside the
+           window's bytes 1..n-1, nor, for a window of several instructions,
+           in the probe's boosted slot (whose jump back lands inside the
+           window), nor with a #BP frame of this int3 pending (its rip is
+           the probe + 1): :meth:`_wait_out_of`.
+        3. The journal records the window's original bytes and the jump.
+        4. With the vCPUs stopped (as for every write) and the int3 still at
+           the first byte, the jump's four displacement bytes are written,
+           then its first byte (``text_poke_bp``: int3, tail, sync, head).
+           Any hit meanwhile takes the int3 path, which stays correct: the
+           bytes after the int3 are never executed while it is there.
+        """
+        if self.fast is None or self.fast.word(point) == 0:
+            raise DetourError(point.addr, "the probe is not on the int3 fast path")
+        if not point.armed or point.lost or point.opcode == INT3:
+            raise DetourError(point.addr, "the probe is not armed")
+        inst = self.fast.installed[point.addr]
+        window = self._detour_window(point)
+        assert self._detour_buffers is not None
+        try:
+            buf = self._detour_buffers.get_insn_slot()
+        except ProbeError as exc:
+            raise DetourError(point.addr, str(exc)) from exc
+        try:
+            cs, ss = self._selectors()
+            source, rel = x86detour.detour_source(window, buf, inst.recorder.address,
+                                                  self.stubs["qp_bp_ours"], cs, ss)  # fmt: skip
+            try:
+                code, _ = assemble_at(source, buf)
+            except ProbeError as exc:
+                raise DetourError(point.addr, f"the detour does not assemble: {exc}") from exc
+            if len(code) != x86detour.DETOUR_SIZE:
+                raise DetourError(point.addr, f"the detour assembled to {len(code)} bytes")
+            det = x86detour.Detour(
+                window, x86detour.DetourCode(buf, code, buf + x86detour.RELOC_OFFSET, rel.copies),
+                x86detour.jump_bytes(point.addr, buf))  # fmt: skip
+            self.kwrite_code(buf, code)
+            ranges = [(window.addr + 1, window.end)]
+            if len(window.insns) > 1:
+                ranges.append((point.boost_entry, point.slot + x86insn.SLOT_SIZE))
+            self._wait_out_of(ranges, "the window")
+            self.wait_text_unlocked()
+            if self.fast.word(point) == 0 or not point.armed:
+                raise DetourError(point.addr, "the probe changed while waiting")
+            expected = bytes([INT3]) + window.original[1:]
+            current = self.kread(point.addr, window.length)
+            if current != expected:
+                raise DetourError(point.addr, f"the window's bytes changed under qprobes "
+                                  f"({current.hex()})")  # fmt: skip
+            if self.journal is not None:
+                self.journal.detour(point.addr, window.original, det.jump)
+        except BaseException:
+            self._detour_buffers.free_insn_slot(buf)
+            raise
+        self.kwrite_code(point.addr + 1, det.jump[1:])
+        self.kwrite_code(point.addr, det.jump[:1])
+        self.detours[point.addr] = det
+        for kp in point.kprobes:
+            kp.detoured = True
+        log.info("%s detoured: a jump over %d bytes (%d instructions) to %#x",
+                 self._where(point.addr), window.length, len(window.insns), buf)  # fmt: skip
+
+    def _unoptimize(self, point: ProbePoint) -> None:
+        """``arch_unoptimize_kprobe``: back to the armed int3, in
+        ``text_poke_bp()``'s order: the int3 over the jump's first byte, then
+        the original tail. The buffer is freed dirty: a vCPU or a task
+        interrupted in it goes on to the end of the window, so it is handed
+        out again only once nothing points into it (the slots' rule). If the
+        guest rewrote the jump, nothing is written back and the probe is lost."""
+        det = self.detours.pop(point.addr, None)
+        if det is None:
+            return
+        for kp in point.kprobes:
+            kp.detoured = False
+        assert self._detour_buffers is not None
+        try:
+            self.wait_text_unlocked()
+            current = self.kread(point.addr, len(det.jump))
+            if current != det.jump:
+                log.warning("the guest rewrote the detour's jump at %s", self._where(point.addr))
+                self._lose(point)
+                return
+            self.kwrite_code(point.addr, bytes([INT3]))
+            self.kwrite_code(point.addr + 1, det.window.original[1 : len(det.jump)])
+        finally:
+            self._detour_buffers.free_insn_slot(det.buffer, dirty=True)
+        if self.journal is not None:
+            self.journal.undetour(point.addr)
+
+    def _detour_owner(self, rip: int) -> x86detour.Detour | None:
+        for det in self.detours.values():
+            if det.buffer <= rip < det.buffer + x86detour.DETOUR_SIZE:
+                return det
+        return None
+
     def is_fast(self, kp: Kprobe) -> bool:
         """Whether hits of ``kp`` are recorded in the guest now."""
         if self.fast is None or kp.arm_addr is None:
@@ -1712,9 +2053,11 @@ class KprobeEngine:
                 slot_hi: int) -> StubLayout:  # fmt: skip
         assert self.fast is not None
         fast, vbase = self.fast, self.area.vbase
+        detour_lo, detour_hi = self._detour_range(vbase)
         return StubLayout(code, doorbell, vars_, ptable, slot_lo, slot_hi, fast.rtable,
                           fast.rec_lo, fast.rec_hi, fast.extable,
                           slot2_lo=vbase + REGION_SIZE, slot2_hi=vbase + AREA_SPAN,
+                          detour_lo=detour_lo, detour_hi=detour_hi,
                           cpu_number=self.cpu_number_offset)  # fmt: skip
 
     def _write_table_header(self, buf: _TableBuffer, table: ProbeTable) -> None:
@@ -1873,9 +2216,13 @@ class KprobeEngine:
                 self.journal.unsite(addr)
 
     def _disarm(self, point: ProbePoint) -> None:
-        """``arch_disarm_kprobe``: the original byte back, if ours is still there."""
+        """``arch_disarm_kprobe``: the original byte back, if ours is still there
+        (a detour goes first: :meth:`_unoptimize`)."""
         if not point.armed:
             return
+        self._unoptimize(point)
+        if not point.armed:
+            return  # lost: the guest rewrote the jump
         if point.opcode != INT3:
             self.wait_text_unlocked()
             current = self.kread(point.addr, 1)[0]
@@ -1921,7 +2268,11 @@ class KprobeEngine:
         """
         armed = [p for p in (self.points.values() if points is None else points) if p.armed]
         current = self._code_bytes([p.addr for p in armed])
-        lost = [p for p in armed if current.get(p.addr) != INT3]
+        # A detoured point holds the jump's first byte instead of the int3.
+        def ours(p: ProbePoint) -> int:
+            return x86insn.JMP_REL32 if p.addr in self.detours else INT3
+
+        lost = [p for p in armed if current.get(p.addr) != ours(p)]
         for point in lost:
             if point.addr in current:
                 self._lose(point)
@@ -1936,6 +2287,15 @@ class KprobeEngine:
         else:
             log.warning("probe lost: %s (%s)", self._where(point.addr), why)
         self.stats.lost += 1
+        det = self.detours.pop(point.addr, None)
+        if det is not None:
+            # Its jump is no longer ours to take out; the buffer stays dirty.
+            assert self._detour_buffers is not None
+            self._detour_buffers.free_insn_slot(det.buffer, dirty=True)
+            if self.journal is not None:
+                self.journal.undetour(point.addr)
+            for kp in point.kprobes:
+                kp.detoured = False
         self._ptable_remove(point.addr)
         point.armed = False
         point.lost = True
@@ -2169,6 +2529,14 @@ class KprobeEngine:
                 self._end_step(kcb, ctx.cr3)
                 regs.action = ACTION_CHAIN
                 return
+            if point is not None and point.armed and point.addr in self.detours:
+                # A detour handed this hit over (its ring was full) while the
+                # vCPU steps another probe: missed, and on through the
+                # detour's relocated copy (the window's tail is the jump).
+                for kp in point.kprobes:
+                    kp.nmissed += 1
+                regs.rip = self.detours[point.addr].code.reloc
+                return
             if point is not None and point.armed:
                 self._reenter_kprobe(kcb, point, ctx)
                 return
@@ -2241,6 +2609,15 @@ class KprobeEngine:
     def _prepare_singlestep(self, kcb: KprobeCtlblk, point: ProbePoint, ctx: HitContext,
                             status: KprobeStatus) -> None:  # fmt: skip
         regs = ctx.regs
+        det = self.detours.get(point.addr)
+        if status is KprobeStatus.HIT_SS and det is not None:
+            # A detour handed this hit over (a full ring): on through its
+            # relocated copy of the window, which jumps back after it (the
+            # boosted slot's jump back would land inside the window).
+            regs.rip = det.code.reloc
+            kcb.status = KprobeStatus.NONE
+            kcb.current = None
+            return
         if status is KprobeStatus.HIT_SS and point.boost_now() and not regs.eflags & TF:
             # Boosted: copy + jmp back, no single-step, one stop per hit.
             # Decided per hit from what will run: a post_handler needs the
@@ -2390,6 +2767,13 @@ class KprobeEngine:
             # Undo the step: the guest sees the fault at the probed address.
             regs.rip, regs.eflags = x86fix.fault_fixup(point.addr, kcb.old_rflags, regs.eflags)
             self._end_step(kcb, ctx.cr3)
+            regs.action = ACTION_CHAIN
+            return
+        det = self._detour_owner(regs.rip)
+        if det is not None:
+            # A relocated instruction faulted in a detour buffer: the guest
+            # sees the fault at the original instruction, registers as there.
+            regs.rip = det.original_rip(regs.rip)
             regs.action = ACTION_CHAIN
             return
         # A boosted copy faulted: no TF to undo, only rip. Only the copy can

@@ -17,6 +17,10 @@ and taken out after it is undone:
   the value it replaced (the entries of qprobes' own page table live in
   the reservation and need no record);
 - each armed probe site: address, original byte, slot, boosted;
+- each detoured (jump-optimized) site: address, the original bytes of its
+  whole window and the jump written over them, so a recovery can put the
+  int3 and the original tail back before the site's own record restores
+  the first byte;
 - each stack slot a kretprobe hijacked: the real return address and cr3;
 - where the fast return probes' instance store is (its instances hold
   the hijacked return addresses of the calls that return in the guest);
@@ -46,7 +50,7 @@ from qprobes.machine.qemu import process_start_time
 
 PAGE_SIZE = 4096
 MAGIC = b"QPJRNL01"
-VERSION = 2  # 2: the sites last, as many as the reservation gives room for
+VERSION = 3  # 2: the sites last, as many as the reservation gives room for; 3: detours
 
 #: Capacities: the journal's size follows from them.
 MAX_GATES = 64  # (IDT, vector) pairs
@@ -55,6 +59,7 @@ MAX_SITES = 4096  # armed probe addresses, in the smallest journal (see sites_fo
 MAX_RETS = 2048  # hijacked return addresses
 MAX_VCPUS = 64
 STEP_LEVELS = 4  # a step and up to three reentries it interrupted
+MAX_DETOURS = 256  # detour buffers (qprobes.probes.engine: pages 400-415)
 
 _HEADER = struct.Struct("<8sIIQIIQ32s16sQQB7xQQQQQQQQ")
 _GATE = struct.Struct("<QI4x16s")  # 32 bytes
@@ -62,6 +67,7 @@ _PTE = struct.Struct("<QQ")  # 16
 _SITE = struct.Struct("<QQBB6xQ")  # 32 (addr, slot, opcode, flags, module text base)
 _RET = struct.Struct("<QQQ")  # 24 (slot, real return address, cr3)
 _STEP = struct.Struct("<BB6xQQQQ")  # 40 per level (status, used, point, old, saved, popped)
+_DETOUR = struct.Struct("<QB7x24s8s")  # 48 (addr, window length, original window, jump)
 
 HEADER_SIZE = 512
 # In the header's spare bytes: the fast return probes' store (address,
@@ -72,7 +78,8 @@ GATES_OFF = HEADER_SIZE
 PTES_OFF = GATES_OFF + MAX_GATES * _GATE.size
 STEPS_OFF = PTES_OFF + MAX_PTES * _PTE.size
 RETS_OFF = STEPS_OFF + MAX_VCPUS * STEP_LEVELS * _STEP.size
-SITES_OFF = RETS_OFF + MAX_RETS * _RET.size
+DETOURS_OFF = RETS_OFF + MAX_RETS * _RET.size
+SITES_OFF = DETOURS_OFF + MAX_DETOURS * _DETOUR.size
 END = SITES_OFF + MAX_SITES * _SITE.size  # of the smallest journal
 JOURNAL_PAGES = (END + PAGE_SIZE - 1) // PAGE_SIZE
 JOURNAL_SIZE = JOURNAL_PAGES * PAGE_SIZE
@@ -166,6 +173,7 @@ class Contents:
     steps: dict[int, list[StepLevel]] = field(default_factory=dict)  # vcpu -> levels
     # (store, instances, instance size, trampolines lo, hi), or None
     fast_returns: tuple[int, int, int, int, int] | None = None
+    detours: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # (addr, window, jump)
 
 
 def _pack_header(h: Header, n_sites: int, n_rets: int) -> bytes:
@@ -260,6 +268,9 @@ class Journal:
         self._next_ret = 0
         self._gates = 0
         self._ptes = 0
+        self._detours: dict[int, int] = {}  # addr -> index
+        self._free_detours: list[int] = []
+        self._next_detour = 0
 
     # --- reading ----------------------------------------------------------------
 
@@ -307,6 +318,10 @@ class Journal:
         store, count, size, lo, hi = _FASTRET.unpack_from(raw, FASTRET_OFF)
         if store:
             out.fast_returns = (store, count, size, lo, hi)
+        for i in range(MAX_DETOURS):
+            addr, n, window, jump = _DETOUR.unpack_from(raw, DETOURS_OFF + i * _DETOUR.size)
+            if addr and 0 < n <= len(window):
+                out.detours.append((addr, window[:n], jump[:5]))
         return out
 
     # --- writing ----------------------------------------------------------------
@@ -327,6 +342,9 @@ class Journal:
         self._free_rets.clear()
         self._next_ret = 0
         self._gates = self._ptes = 0
+        self._detours.clear()
+        self._free_detours.clear()
+        self._next_detour = 0
         # The records before the sites; the sites are read only up to the
         # high-water mark, which starts at 0.
         self.write(self.base + HEADER_SIZE, bytes(SITES_OFF - HEADER_SIZE))
@@ -360,6 +378,15 @@ class Journal:
                 used_rets.append(i)
         self._next_ret = max(used_rets, default=-1) + 1
         self._free_rets = [i for i in range(self._next_ret) if i not in set(used_rets)]
+        self._detours.clear()
+        used_detours = []
+        for i in range(MAX_DETOURS):
+            (addr,) = struct.unpack_from("<Q", raw, DETOURS_OFF + i * _DETOUR.size)
+            if addr:
+                self._detours[addr] = i
+                used_detours.append(i)
+        self._next_detour = max(used_detours, default=-1) + 1
+        self._free_detours = [i for i in range(self._next_detour) if i not in set(used_detours)]
         self._gates, self._ptes = len(contents.gates), len(contents.ptes)
         self.header = dataclasses.replace(
             contents.header, generation=contents.header.generation + 1, owner_pid=os.getpid(),
@@ -492,6 +519,36 @@ class Journal:
             return
         self.write(self.base + RETS_OFF + index * _RET.size, bytes(_RET.size))
         self._free_rets.append(index)
+
+    def detour(self, addr: int, window: bytes, jump: bytes) -> None:
+        """Record a detoured site (its whole window's original bytes and the
+        jump) before the jump is written over the window."""
+        if self.header is None:
+            return  # not attached: nothing to record
+        if not 0 < len(window) <= 24 or len(jump) > 8:
+            raise JournalError(f"a {len(window)}-byte detour window at {addr:#x} does not fit "
+                               "the journal")  # fmt: skip
+        index = self._detours.get(addr)
+        if index is None:
+            if self._free_detours:
+                index = self._free_detours.pop()
+            elif self._next_detour < MAX_DETOURS:
+                index, self._next_detour = self._next_detour, self._next_detour + 1
+            else:
+                raise JournalError(f"more than {MAX_DETOURS} detours to record")
+            self._detours[addr] = index
+        self.write(self.base + DETOURS_OFF + index * _DETOUR.size,
+                   _DETOUR.pack(addr, len(window), window, jump))  # fmt: skip
+
+    def undetour(self, addr: int) -> None:
+        """Forget a detour whose int3 and original tail are back."""
+        if self.header is None:
+            return  # not attached: nothing to record
+        index = self._detours.pop(addr, None)
+        if index is None:
+            return
+        self.write(self.base + DETOURS_OFF + index * _DETOUR.size, bytes(_DETOUR.size))
+        self._free_detours.append(index)
 
     def steps(self, vcpu: int, levels: list[StepLevel]) -> None:
         """Record vCPU ``vcpu``'s single-step state (empty: none)."""

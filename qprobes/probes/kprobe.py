@@ -54,6 +54,11 @@ class Kprobe:
     went away (its module unloaded): the probe no longer fires."""
     lost_why: str | None = None  # what happened, for reports
     on_ftrace: bool = field(default=False, init=False)
+    detoured: bool = field(default=False, init=False)
+    """Its hits go through a jump to a detour buffer, with no exception
+    (Linux's ``kprobe_optimized()``); set by the engine."""
+    detour_refused: str | None = field(default=None, init=False)
+    """Why the engine left this fast-path probe on its int3, if it tried."""
 
     @property
     def arm_addr(self) -> int | None:

@@ -115,6 +115,10 @@ class StubLayout:
     slot2_hi: int = 0
     # The per-CPU offset of the guest kernel's CPU number (None: cpuid).
     cpu_number: int | None = None
+    # [detour_lo, detour_hi): the detour buffers (0: none), where a fault
+    # is qprobes' as in a slot.
+    detour_lo: int = 0
+    detour_hi: int = 0
 
 
 # Offsets inside the vars page.
@@ -281,31 +285,27 @@ qp_bp_record:
 """
 
 
-def _in_slots(label: str, more: bool = False) -> str:
+def _in_slots(label: str, more: bool = False, detours: bool = False) -> str:
     """Jump to ``{label}_ours`` if the frame's rip is in the slot pages (with
-    ``more``, those of the later regions too), else to ``{label}_chain``.
-    Clobbers rax, rcx."""
-    second = f"""
-{label}_slots2:
-    lea rcx, [rip + SLOT2_LO]
+    ``more``, those of the later regions too; with ``detours``, in the detour
+    buffers), else to ``{label}_chain``. Clobbers rax, rcx."""
+    ranges = [("SLOT_LO", "SLOT_HI", f"{label}_slots1")]
+    if more:
+        ranges.append(("SLOT2_LO", "SLOT2_HI", f"{label}_slots2"))
+    if detours:
+        ranges.append(("DETOUR_LO", "DETOUR_HI", f"{label}_detours"))
+    out = ["    mov rax, [rsp + " + str(_RIP) + "]"]
+    for i, (lo, hi, name) in enumerate(ranges):
+        miss = ranges[i + 1][2] if i + 1 < len(ranges) else f"{label}_chain"
+        out.append(f"""{name}:
+    lea rcx, [rip + {lo}]
     cmp rax, rcx
-    jb {label}_chain
-    lea rcx, [rip + SLOT2_HI]
+    jb {miss}
+    lea rcx, [rip + {hi}]
     cmp rax, rcx
-    jae {label}_chain
-    jmp {label}_ours
-""" if more else ""
-    other = f"{label}_slots2" if more else f"{label}_chain"
-    return f"""
-    mov rax, [rsp + {_RIP}]
-    lea rcx, [rip + SLOT_LO]
-    cmp rax, rcx
-    jb {other}
-    lea rcx, [rip + SLOT_HI]
-    cmp rax, rcx
-    jae {other}
-    jmp {label}_ours
-{second}"""
+    jae {miss}
+    jmp {label}_ours""")
+    return "\n" + "\n".join(out) + "\n"
 
 
 def fault_label(vector: int) -> str:
@@ -345,10 +345,14 @@ def _recorder_fixup(label: str) -> str:
 """
 
 
-def _slot_fault(vector: int, error_code: bool, fast: bool = False, more: bool = False) -> str:
-    """A fault stub: ours when rip is in a slot (then the shared doorbell of
-    ``qp_fault_ours``), else straight to the guest's handler. With ``fast``,
-    a fault at a recorder's load goes to its fixup first."""
+def _slot_fault(vector: int, error_code: bool, fast: bool = False, more: bool = False,
+                detours: bool = False) -> str:  # fmt: skip
+    """A fault stub: ours when rip is in a slot (with ``more``, also those of
+    the later regions) or, with ``detours``, in a detour buffer (a relocated
+    instruction faulted: the host moves rip back to the original), then the
+    shared doorbell of ``qp_fault_ours``; else straight to the guest's
+    handler. With ``fast``, a fault at a recorder's load goes to its fixup
+    first."""
     label = fault_label(vector)
     push = "" if error_code else "    push -1"
     drop = "" if error_code else "    add rsp, 8"
@@ -359,7 +363,7 @@ def _slot_fault(vector: int, error_code: bool, fast: bool = False, more: bool = 
 {push}
 {_SAVE}
 {fixup}
-{_in_slots(label, more)}
+{_in_slots(label, more, detours)}
 {label}_ours:
     push {vector:#x}
     jmp qp_fault_ours
@@ -424,6 +428,12 @@ def stub_source(layout: StubLayout) -> str:
 .set REC_HI, qp_base + {layout.rec_hi - c:#x}
 .set EXTABLE, qp_base + {layout.extable - c:#x}
 """
+    detours = layout.detour_hi != 0
+    if detours:
+        data += f"""
+.set DETOUR_LO, qp_base + {layout.detour_lo - c:#x}
+.set DETOUR_HI, qp_base + {layout.detour_hi - c:#x}
+"""
     return f"""
 qp_base:
 {data}
@@ -487,7 +497,7 @@ qp_db_entry:
 {_ring(1, "qp_db", error_code=False, debug=True, cpu_number=layout.cpu_number)}
 
 /* the faults an instruction in a slot can raise: ours when rip is in a slot. */
-{"".join(_slot_fault(v, e, fast, more) for v, e in SLOT_FAULT_VECTORS.items())}
+{"".join(_slot_fault(v, e, fast, more, detours) for v, e in SLOT_FAULT_VECTORS.items())}
 {_fault_doorbell(layout.cpu_number)}
 /* kretprobe trampoline: a hijacked return lands here. The slot the return
    address was popped from is taken back with the trampoline's address still

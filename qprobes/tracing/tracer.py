@@ -194,11 +194,16 @@ class Tracer:
     slow path. A full ring hands its hit to the host (``lossless``, the
     default: one stop, the rings drained, the hit on the slow path), or
     drops and counts it (:attr:`fast_dropped`).
+
+    With ``detour`` (the default) a fast-path probe whose instructions allow
+    it is jump-optimized: a jump to a detour buffer replaces its int3, so a
+    hit raises no exception (``summary()``'s ``detour``; where the engine
+    refuses, ``detour_refused`` says why and the int3 fast path stays).
     """
 
     def __init__(self, session: ProbeHost, sink: Callable[[TraceEvent], None], *,
                  fast: bool = False, string_cap: int = 255,
-                 lossless: bool = True) -> None:  # fmt: skip
+                 lossless: bool = True, detour: bool = True) -> None:  # fmt: skip
         self.session = session
         self.sink = sink
         self.probes: dict[str, TraceProbe] = {}
@@ -206,6 +211,7 @@ class Tracer:
         self.fast = fast
         self.string_cap = string_cap
         self.lossless = lossless
+        self.detour = detour
         self._tsc_hz: float | None = None
         self._tsc_anchor: int | None = None  # ns to subtract from tsc / hz
         self._per_cpu: list[int] | None = None  # __per_cpu_offset, for record clocks
@@ -399,15 +405,22 @@ class Tracer:
             raise NotFastError(f"{tp.name}: {exc}") from exc
         probe_id = engine.fast.new_id() if engine.fast is not None else 0
         spec = self._recorder_spec(probe_id, plan.fetches, ring, self.lossless)
+        assert engine.fast is not None
+        # Taken before the recorder can run: detouring it runs the guest.
+        tp.plan = plan
+        engine.fast.consumers[probe_id] = lambda data: self._consume(tp, data)
         try:
-            rec = engine.install_recorder(kp, lambda at: assemble_recorder(spec, at))
+            rec = engine.install_recorder(kp, lambda at: assemble_recorder(spec, at),
+                                          detour=self.detour)  # fmt: skip
         except ProbeError as exc:
+            engine.fast.consumers.pop(probe_id, None)
+            tp.plan = None
             raise NotFastError(f"{tp.name}: {exc}") from exc
         if rec is None:
+            engine.fast.consumers.pop(probe_id, None)
+            tp.plan = None
             raise NotFastError(f"{tp.name}: the probed instruction cannot run boosted")
-        tp.plan, tp.fast_id = plan, probe_id
-        assert engine.fast is not None
-        engine.fast.consumers[probe_id] = lambda data: self._consume(tp, data)
+        tp.fast_id = probe_id
 
     def _make_fast_return(self, tp: TraceProbe, rp: Kretprobe) -> None:
         """The entry code and trampoline of a return probe in the guest
@@ -808,6 +821,10 @@ class Tracer:
              "note": engine.ftrace_site_changed(tp.kprobe)
                      if notes and tp.kprobe is not None and not tp.lost else None,
              "lost": tp.lost, "lost_why": tp.lost_why, "fast": self._fast_now(tp),
-             "slow_reason": self._slow_reason(tp)}
+             "slow_reason": self._slow_reason(tp),
+             "detour": tp.kprobe is not None and engine.is_detoured(tp.kprobe),
+             "detour_refused": tp.kprobe.detour_refused
+                               if self.fast and self.detour and tp.kprobe is not None
+                               and self._fast_now(tp) else None}
             for name, tp in self.probes.items()
         ]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -60,10 +61,11 @@ def make_result() -> BenchResult:
         events_seen=20,
         fast={"events": 24, "hits": 24, "dropped": 0, "spilled": 0, "orphans": 0},
     )
-    for row in (base, boosted, step, gdb_base, gdb, guest, fast):
+    detour = dataclasses.replace(fast, key="detour", walls=[0.0017, 0.0015])  # 20 us a hit
+    for row in (base, boosted, step, gdb_base, gdb, guest, fast, detour):
         result.rows[row.key] = row
-    for key in ("detour", "kretprobe_fast"):
-        result.rows[key] = Row(key, 0, available=False, reason="not built yet")
+    result.rows["kretprobe_fast"] = Row("kretprobe_fast", 0, available=False,
+                                        reason="not built yet")  # fmt: skip
     result.arming[1000] = Arming(1000, armed=1000, refused=3, seconds=2.5, seconds_tried=2.5)
     result.arming[10_000] = Arming(
         10_000, armed=4096, seconds_tried=9.0, limit="at most 4096 probe addresses at once"
@@ -97,9 +99,12 @@ def test_ratios_are_quotients_and_null_where_a_row_is_missing() -> None:
         doc["fast_us_per_hit"] / doc["guest_kprobe_events_us_per_hit"]
     )
     assert doc["stops_per_hit"]["fast"] == 0.0
+    assert doc["detour_us_per_hit"] == pytest.approx(20.0)
+    assert doc["ratio_detour_to_guest_kprobe_events"] == (
+        doc["detour_us_per_hit"] / doc["guest_kprobe_events_us_per_hit"]
+    )
     for key in (
-        "detour_us_per_hit",
-        "ratio_detour_to_guest_kprobe_events",
+        "kretprobe_fast_us_per_hit",
         "tracer_us_per_hit",
         "ratio_tracer_to_fast",  # no slow Tracer row in this result
     ):
@@ -130,10 +135,12 @@ def test_json_document_round_trips() -> None:
     again = json.loads(json.dumps(doc))
     assert again["ratio_gdb_to_boosted"] == doc["ratio_gdb_to_boosted"]
     rows = {r["key"]: r for r in again["rows"]}
-    assert rows["detour"] == {
-        "key": "detour",
-        "json_key": "detour_us_per_hit",
-        "label": "qprobes fast path, detour",
+    assert rows["detour"]["label"] == "qprobes Tracer, string fetch (fast path, detour)"
+    assert rows["detour"]["available"] is True
+    assert rows["kretprobe_fast"] == {
+        "key": "kretprobe_fast",
+        "json_key": "kretprobe_fast_us_per_hit",
+        "label": "qprobes Tracer r: $retval (fast path)",
         "available": False,
         "reason": "not built yet",
     }

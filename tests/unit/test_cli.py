@@ -152,3 +152,20 @@ def test_a_bad_gdb_listen_address_is_one_line_before_booting(capsys: pytest.Capt
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["qprobes: error: --gdb-listen 'nowhere': give HOST:PORT (a port from 0 to "
                    "65535), or unix:PATH for a Unix socket"]  # fmt: skip
+
+
+def test_no_detour_reaches_the_tracer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``trace --fast --no-detour`` asks the API for no detours; the default asks for them."""
+    from qprobes.frontends import api
+    from qprobes.frontends.cli import main
+
+    seen: list[dict[str, object]] = []
+
+    def fake_trace(probes: list[str], command: list[str], **kw: object) -> int:
+        seen.append(kw)
+        return 0
+
+    monkeypatch.setattr(api, "trace", fake_trace)
+    assert main(["trace", "--fast", "--no-detour", "p:x vfs_read"]) == 0
+    assert main(["trace", "--fast", "p:x vfs_read"]) == 0
+    assert [(kw["fast"], kw["detour"]) for kw in seen] == [(True, False), (True, True)]

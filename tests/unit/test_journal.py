@@ -143,3 +143,30 @@ def test_a_step_only_site_is_kept_apart_and_taken_over() -> None:
     later.unsite(0xFFFFFFFF81000100)  # the recovery finished the step
     after = later.load()
     assert after is not None and after.step_sites == [] and len(after.sites) == 1
+
+
+def test_detour_records_round_trip_and_survive_a_take_over() -> None:
+    """A detoured site keeps its whole window's original bytes and the jump,
+    so a recovery can put the int3 and the original tail back."""
+    mem = Memory()
+    j = journal(mem)
+    j.begin(None, 0x5000, "0.1.0")
+    window = bytes.fromhex("4157415641 55")
+    jump = bytes.fromhex("e9fbffffff")
+    j.site(0xFFFFFFFF81000005, 0xFFFFFFFF83020000, 0x41, True)
+    j.detour(0xFFFFFFFF81000005, window, jump)
+    j.detour(0xFFFFFFFF81000105, b"\x55" * 7, jump)
+    j.undetour(0xFFFFFFFF81000105)
+    got = journal(mem).load()
+    assert got is not None
+    assert got.detours == [(0xFFFFFFFF81000005, window, jump)]
+    # A later session takes the journal over and drops the record once the
+    # site is back to its int3.
+    later = journal(mem)
+    later.take_over(got)
+    later.undetour(0xFFFFFFFF81000005)
+    again = journal(mem).load()
+    assert again is not None and not again.detours
+    assert again.sites == got.sites
+    with pytest.raises(JournalError, match="does not fit"):
+        later.detour(0xFFFFFFFF81000205, bytes(30), jump)
