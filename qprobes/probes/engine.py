@@ -1981,8 +1981,24 @@ class KprobeEngine:
             ranges = [(window.addr + 1, window.end)]
             if len(window.insns) > 1:
                 ranges.append((point.boost_entry, point.slot + x86insn.SLOT_SIZE))
-            self._wait_out_of(ranges, "the window")
-            self.wait_text_unlocked()
+                # Slots freed dirty (a probe removed here before, on the slow
+                # path or the int3 one) may still hold a task interrupted in
+                # its copy: their jump back lands inside the window too.
+                if self._slots is not None:
+                    ranges += [(slot, slot + x86insn.SLOT_SIZE)
+                               for slot in self._slots.dirty_slots()]  # fmt: skip
+            # Both waits run the guest: the check that nothing is inside
+            # the window must be the last thing before the writes, with no
+            # run after it (a vCPU let run after the check can enter the
+            # #BP path, whose boosted slot jumps back into the window).
+            deadline = time.monotonic() + self.detour_quiesce_timeout
+            while True:
+                self.wait_text_unlocked()
+                self._wait_out_of(ranges, "the window")
+                if self.text_lock_held is None or not self.text_lock_held():
+                    break
+                if time.monotonic() > deadline:
+                    raise DetourError(point.addr, "the guest kept patching its text")
             if self.fast.word(point) == 0 or not point.armed:
                 raise DetourError(point.addr, "the probe changed while waiting")
             expected = bytes([INT3]) + window.original[1:]
