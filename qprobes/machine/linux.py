@@ -326,8 +326,9 @@ def linux_guest(build: bool = True) -> LinuxGuest:
             f"the Linux guest is not built in {directory}; run {BUILD_SCRIPT} {directory}"
         )
     # One builder at a time (pytest-xdist workers, parallel jobs): the others
-    # wait, then find its build.
-    with cache_lock(directory):
+    # wait, then find its build. Not the builder's own ``.lock``: the script
+    # takes that one itself, and waiting on it while holding it would hang.
+    with cache_lock(directory, ".qprobes-build.lock"):
         guest = _load(directory, check_builder=True)
         if guest is not None:
             return guest
