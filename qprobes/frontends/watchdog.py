@@ -47,9 +47,9 @@ from qprobes.errors import ConnectionClosedError, MachineError, QprobesError, St
 from qprobes.machine.qemu import (
     OWNER_FILE,
     WORKDIR_PREFIX,
-    clean_stale_workdirs,
     owner_record,
     process_start_time,
+    workdir_parent,
 )
 
 #: What qprobes writes to the pipe once it has detached.
@@ -83,9 +83,8 @@ class Watchdog:
         """Start a watchdog for the guest at gdbstub ``address`` whose
         journal is in ``reserve``. Raises :class:`MachineError` when it cannot
         be started."""
-        clean_stale_workdirs()
         try:
-            workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+            workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=workdir_parent()))
         except OSError as exc:
             raise MachineError(f"cannot start the watchdog: {exc}") from exc
         owner = workdir / OWNER_FILE

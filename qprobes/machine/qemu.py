@@ -102,6 +102,25 @@ def _named_by_a_process(path: Path) -> bool:
     return False
 
 
+#: Room a scratch directory's path leaves for its sockets' names
+#: ("/console.sock") within a Unix socket path's 107 bytes.
+SOCKET_PATH_MAX = 107 - len("/console.sock") - len(WORKDIR_PREFIX) - 8 - 1
+
+
+def workdir_parent() -> Path:
+    """Where scratch directories go: ``$TMPDIR``, or ``/tmp`` when ``$TMPDIR``
+    is too deep for the Unix sockets inside (a socket path holds at most 107
+    bytes; CI runners and pytest's temporary directories nest deep). Stale
+    directories of dead processes are cleaned in both on the way."""
+    parent = Path(tempfile.gettempdir())
+    clean_stale_workdirs(parent)
+    if len(str(parent)) <= SOCKET_PATH_MAX:
+        return parent
+    short = Path("/tmp")
+    clean_stale_workdirs(short)
+    return short
+
+
 def clean_stale_workdirs(parent: Path | None = None, now: float | None = None) -> list[Path]:
     """Remove the scratch directories qprobes processes left behind when they
     died without cleaning up (SIGKILL, a crash), and return them.
@@ -282,8 +301,7 @@ class QemuMachine:
             raise LaunchError(f"{self.config.binary} not found on PATH", [self.config.binary], "")
         if not Path(self.config.kernel).is_file():
             raise LaunchError(f"kernel {self.config.kernel} does not exist", [], "")
-        clean_stale_workdirs()
-        self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+        self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=workdir_parent()))
         try:
             self._start()
         except BaseException:

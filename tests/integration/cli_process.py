@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
+from qprobes.machine.qemu import SOCKET_PATH_MAX
 from tests.integration.terminal import CLI
 
 
@@ -20,6 +22,10 @@ class CliProcess:
         self.out_path = tmp / "stdout"
         self.err_path = tmp / "stderr"
         self.scratch = tmp / "scratch" if scratch is None else scratch
+        if scratch is None and len(str(self.scratch)) > SOCKET_PATH_MAX:
+            # Too deep for the sockets in QEMU's scratch directory (pytest's
+            # temporary directories under xdist): a short one of the test's own.
+            self.scratch = Path(tempfile.mkdtemp(prefix="qpt-", dir="/tmp"))
         self.scratch.mkdir(exist_ok=True)
         env = dict(os.environ, TMPDIR=str(self.scratch))
         with self.out_path.open("w") as out, self.err_path.open("w") as err:
