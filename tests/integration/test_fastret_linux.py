@@ -69,6 +69,13 @@ def _stops(session: Session) -> int:
     return stats.bp + stats.kret
 
 
+def _handed(session: Session) -> int:
+    """Hits the guest handed to the host, each counted: full rings (entry
+    and return records) and full instance stores."""
+    fast = session.engine.fast
+    return session.engine.stats.fastret_spills + (fast.spilled if fast is not None else 0)
+
+
 def _run(session: Session, fast: bool, guest_too: bool = False,
          ) -> tuple[list[TraceEvent], int, int, Tracer, str]:  # fmt: skip
     events: list[TraceEvent] = []
@@ -132,10 +139,12 @@ def _latencies(session: Session, fast: bool) -> list[float]:
         tp = tracer.latency("do_sys_openat2")
         assert bool(tp.fast_id) == fast, tp.slow_reason
         session.command("true")
-        stops = _stops(session)
+        stops, handed = _stops(session), _handed(session)
         out = session.command("sh -c 'echo PID=$$; exec qp-open 100 /etc/hostname'",
                               timeout=300)  # fmt: skip
         stops = _stops(session) - stops
+        # Stops a full ring or store hands to the host are counted, and allowed.
+        stops = max(0, stops - (_handed(session) - handed))
         assert tp.latency is not None
         assert tp.latency.count >= 100
     finally:
