@@ -43,11 +43,14 @@ def snapshot(address: str, text_addrs: list[int]) -> dict[str, str]:
         target.client.close()
 
 
-def busy_guest() -> tuple[QemuMachine, list[int]]:
-    """A 2-vCPU Linux guest started as someone else's QEMU would be, two busy
-    loops running, its gdbstub released; and the addresses of :data:`PROBED`
-    (from its /proc/kallsyms). The caller shuts the machine down."""
-    machine = QemuMachine(linux_config(append="qprobes.echo=0", smp=2))
+def busy_guest(extra_args: list[str] | None = None) -> tuple[QemuMachine, list[int]]:
+    """A 2-vCPU Linux guest started as someone else's QEMU would be (with
+    ``extra_args`` for QEMU; ``{memory_mib}`` in them is the guest's RAM in
+    MiB), two busy loops running, its gdbstub released; and the addresses of
+    :data:`PROBED` (from its /proc/kallsyms). The caller shuts the machine down."""
+    config = linux_config(append="qprobes.echo=0", smp=2)
+    config.extra_args += [a.format(memory_mib=config.memory_mib) for a in extra_args or []]
+    machine = QemuMachine(config)
     try:
         machine.launch()
     except QprobesError as exc:

@@ -17,7 +17,6 @@ fast path for a few seconds and detaches:
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,14 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from qprobes.errors import QprobesError, TargetError
+from qprobes.errors import TargetError
 from qprobes.frontends.session import Session
-from qprobes.machine.linux import LINUX_PROMPT, linux_config
+from qprobes.machine.linux import LINUX_PROMPT
 from qprobes.machine.qemu import QemuMachine
 from qprobes.target.hostmem import FileMemory
 from qprobes.tracing import TraceEvent, Tracer
-from tests.conftest import require_vm
-from tests.integration.attached import BAD, CLI, LOOP, PROBED, snapshot
+from tests.integration.attached import BAD, CLI, busy_guest, snapshot
 
 pytestmark = pytest.mark.vm
 
@@ -44,30 +42,12 @@ SECONDS = 4.0
 def shared(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[QemuMachine, Path, list[int]]]:
-    config = linux_config(append="qprobes.echo=0", smp=2)
     ram = tmp_path_factory.mktemp("ram") / "guest.ram"
-    config.extra_args += [
-        "-object",
-        f"memory-backend-file,id=qpram,size={config.memory_mib}M,mem-path={ram},share=on",
-        "-machine",
-        "memory-backend=qpram",
-    ]
-    machine = QemuMachine(config)
+    machine, addrs = busy_guest([
+        "-object", f"memory-backend-file,id=qpram,size={{memory_mib}}M,mem-path={ram},share=on",
+        "-machine", "memory-backend=qpram",
+    ])  # fmt: skip
     try:
-        machine.launch()
-    except QprobesError as exc:
-        require_vm(f"cannot launch QEMU: {exc}")
-    try:
-        machine.target.resume()
-        machine.console.recvuntil(LINUX_PROMPT, timeout=120)
-        for _ in range(2):
-            machine.console.command(LOOP, LINUX_PROMPT, timeout=120)
-        out = machine.console.command(f"grep -E ' ({'|'.join(PROBED)})$' /proc/kallsyms",
-                                      LINUX_PROMPT, timeout=120)  # fmt: skip
-        found = {m.group(2): int(m.group(1), 16)
-                 for m in re.finditer(r"([0-9a-f]{16}) \w (\w+)", str(out))}  # fmt: skip
-        addrs = [found[n] for n in PROBED]
-        machine.release_gdbstub()
         yield machine, ram, addrs
     finally:
         machine.shutdown()
