@@ -223,7 +223,9 @@ install_kernel() {
     for path in $TEST_MODULE_PATHS; do
         ko=$kpkg/lib/modules/$release/$path
         [ -f "$ko" ] || die "$pkg $ver has no lib/modules/$release/$path"
-        tr '\0' '\n' <"$ko" | grep -qx 'depends=' ||
+        # (grep reads it all: with -q it could exit first and tr's SIGPIPE
+        # would fail the pipeline under pipefail.)
+        tr '\0' '\n' <"$ko" | grep -x 'depends=' >/dev/null ||
             die "$path depends on other modules: $(tr '\0' '\n' <"$ko" | grep -a '^depends=')"
         tr '\0' '\n' <"$ko" | grep -aq "^vermagic=$release " ||
             die "$path was not built for $release"
@@ -392,7 +394,11 @@ fi
 find "$root" -exec touch -h -d @0 {} +
 if command -v cpio >/dev/null; then
     cpio_cmd=(cpio --quiet -o -H newc -R 0:0 --null)
-    cpio --help 2>/dev/null | grep -q -- --reproducible && cpio_cmd+=(--reproducible)
+    # (Not "cpio --help | grep -q": grep may exit before cpio has written
+    # it all, and cpio's SIGPIPE fails that pipeline under pipefail, which
+    # left --reproducible out now and then and changed the archive.)
+    cpio_help=$(cpio --help 2>/dev/null || true)
+    case $cpio_help in *--reproducible*) cpio_cmd+=(--reproducible) ;; esac
 else
     cpio_cmd=("$busybox" cpio -o -H newc -0)
 fi
