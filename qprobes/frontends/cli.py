@@ -435,8 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from qprobes.frontends.signals import held_until_exit
+
     try:
-        status: int = args.func(args)
+        with held_until_exit():
+            status: int = args.func(args)
     except BrokenPipeError:
         return _broken_pipe()
     except ProbeSyntaxError as exc:

@@ -17,12 +17,20 @@ restoring it, so a :class:`SignalGuard` goes through three phases:
   once ``detaching, please wait``), so that a second or third Ctrl-C, or a
   SIGTERM after a SIGHUP, cannot leave a half-restored guest. Only SIGKILL
   ends qprobes at once.
+
+A guard restores the handlers it found when it exits, so that a Python
+program goes on as before. A program that exits once a signal was noted
+(the CLI, which exits 128 + the signal) runs inside :func:`held_until_exit`:
+a guard that saw a signal then leaves the signals ignored, so that one
+between the end of the detach and the process's exit cannot end it by that
+signal (and change its status).
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType, TracebackType
 
 #: The signals that end a trace cleanly.
@@ -30,6 +38,21 @@ EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 #: What a second signal prints (once).
 PLEASE_WAIT = "qprobes: detaching, please wait"
+
+
+_held = 0
+
+
+@contextmanager
+def held_until_exit() -> Iterator[None]:
+    """While entered, a :class:`SignalGuard` that received a signal keeps
+    handling signals after it exits (see the module docstring)."""
+    global _held
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
 
 
 def exit_status(signum: int) -> int:
@@ -113,6 +136,14 @@ class SignalGuard:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:  # fmt: skip
+        if self.signum is not None and _held:
+            # The process exits next. Ignored, not left to our handler: the
+            # interpreter puts Python handlers back to SIG_DFL as it shuts
+            # down, and a signal then would still end it by that signal.
+            for signum in self._previous:
+                signal.signal(signum, signal.SIG_IGN)
+            self._previous.clear()
+            return
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)  # type: ignore[arg-type]
         self._previous.clear()

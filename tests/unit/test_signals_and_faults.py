@@ -14,7 +14,14 @@ import pytest
 
 from qprobes.errors import GuestDiedError
 from qprobes.frontends.session import console_tail
-from qprobes.frontends.signals import PLEASE_WAIT, Interrupted, SignalGuard, exit_status
+from qprobes.frontends.signals import (
+    EXIT_SIGNALS,
+    PLEASE_WAIT,
+    Interrupted,
+    SignalGuard,
+    exit_status,
+    held_until_exit,
+)
 from qprobes.machine.qemu import (
     KEPT_FILE,
     LEGACY_STALE_AFTER,
@@ -43,6 +50,28 @@ def test_a_deferred_signal_is_noted_and_the_rest_wait_for_the_detach(
     assert exit_status(signum) == status
     # The handlers in force before are back.
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_in_the_cli_a_guard_that_saw_a_signal_leaves_them_ignored_until_exit() -> None:
+    """After the detach the CLI exits 128 + the first signal; a SIGTERM that
+    comes between the guard's end and the exit must not kill it (-15)."""
+    said: list[str] = []
+    before = {signum: signal.getsignal(signum) for signum in EXIT_SIGNALS}
+    try:
+        with held_until_exit():
+            with SignalGuard(said.append) as quiet:
+                pass
+            assert quiet.signum is None
+            # A guard that saw no signal restored what it found.
+            assert {s: signal.getsignal(s) for s in EXIT_SIGNALS} == before
+            with SignalGuard(said.append) as guard:
+                os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # after the guard: ignored
+            assert guard.signum == signal.SIGTERM and said == []
+            assert all(signal.getsignal(s) is signal.SIG_IGN for s in EXIT_SIGNALS)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
 def test_a_signal_while_booting_raises_and_the_clean_up_is_not_interrupted() -> None:
