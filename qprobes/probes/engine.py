@@ -409,6 +409,10 @@ class KprobeEngine:
         # range of the retpoline thunks (a jmp there is an indirect jump).
         self.detour = True
         self.detours: dict[int, x86detour.Detour] = {}
+        # Points whose recorder was installed with a detour wanted: one that
+        # goes back to its int3 (its probe disabled, a second probe there)
+        # is optimized again once it is a single enabled fast probe.
+        self._detour_wanted: set[int] = set()
         self.detour_function_check: Callable[[int, int], str | None] | None = None
         self.indirect_thunks: tuple[int, int] | None = None
         # How long to wait for no vCPU and no task inside a window before
@@ -1680,8 +1684,10 @@ class KprobeEngine:
             inst = self.fast.installed.get(point.addr)
             if inst is not None and inst.kp is kp:
                 self.fast.remove(point.addr)
+                self._detour_wanted.discard(point.addr)
         if point.kprobes:
             self._fast_update(point)
+            self._reoptimize(point)
             return
         # A vCPU may be stepping this probe's slot: let it finish first.
         self.drain()
@@ -1689,6 +1695,12 @@ class KprobeEngine:
         del self.points[point.addr]
         assert self._slots is not None
         self._slots.free_insn_slot(point.slot, dirty=point.boosted)
+        # A detour this probe's int3 had taken out (it was inside the window)
+        # may go back in.
+        for addr in [a for a in self._detour_wanted if point.addr - 32 < a < point.addr]:
+            near = self.points.get(addr)
+            if near is not None:
+                self._reoptimize(near)
 
     def enable_kprobe(self, kp: Kprobe) -> None:
         kp.disabled = False
@@ -1701,6 +1713,7 @@ class KprobeEngine:
                 self._check_site_room(point.addr)
                 self._arm(point)
             self._fast_update(point)
+            self._reoptimize(point)
 
     def _check_site_room(self, addr: int) -> None:
         """Refuse to arm ``addr`` when the journal has no room for its record."""
@@ -1770,8 +1783,22 @@ class KprobeEngine:
         rec = self.fast.install(kp, point, build)
         self._fast_update(point)
         if self.detour if detour is None else detour:
+            self._detour_wanted.add(point.addr)
             self.optimize(kp)
+        else:
+            self._detour_wanted.discard(point.addr)
         return rec
+
+    def _reoptimize(self, point: ProbePoint) -> None:
+        """Jump-optimize ``point`` again when its detour was wanted and its
+        hits all run the recorder once more (the jump went when they did not)."""
+        if (point.addr not in self._detour_wanted or point.addr in self.detours
+                or not point.armed or self.fast is None
+                or self.fast.word(point) == 0):  # fmt: skip
+            return
+        inst = self.fast.installed.get(point.addr)
+        if inst is not None:
+            self.optimize(inst.kp)
 
     def not_fast_because(self, kp: Kprobe) -> str | None:
         """Why the registered ``kp``'s point can never run a recorder of
