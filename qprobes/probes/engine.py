@@ -674,45 +674,7 @@ class KprobeEngine:
         for idt, vector, gate in contents.gates:
             self._orig_gates[(idt, vector)] = gate
             self._orig_handler.setdefault(vector, gate_offset(gate))
-        for addr, slot, opcode, boosted, module in contents.sites:
-            # Only an int3 still in the same code is the dead session's: a
-            # module may have gone (and its memory been reused) meanwhile.
-            if module and (self.module_base is None or self.module_base(addr) != module):
-                log.warning("not restoring %#x: its module is gone", addr)
-                self.journal.unsite(addr)
-                continue
-            try:
-                code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
-            except TranslationError:
-                log.warning("not restoring %#x: its text is no longer mapped", addr)
-                self.journal.unsite(addr)
-                continue
-            if code[0] != INT3:
-                self.journal.unsite(addr)  # nothing of ours there any more
-                continue
-            code[0] = opcode
-            insn = x86insn.decode(bytes(code), addr)
-            analysis = x86insn.analyze(insn)
-            _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
-            self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
-                                           armed=True, boost_slot=boost_slot)  # fmt: skip
-        for addr, slot, opcode, boosted, _module in contents.step_sites:
-            # Its int3 is gone, but a vCPU steps its slot: the point is needed
-            # to finish that step, and nothing is ever written at the site.
-            try:
-                code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
-            except TranslationError:
-                code = bytearray()
-            if not code or code[0] != opcode:
-                # Rewritten or unmapped since: the slot's copy has the same
-                # length and kind (its displacement aside).
-                code = bytearray(self.kread(slot, x86insn.MAX_INSN_SIZE))
-            insn = x86insn.decode(bytes(code), addr)
-            analysis = x86insn.analyze(insn)
-            _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
-            self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
-                                           lost=True, boost_slot=boost_slot)  # fmt: skip
-            self._unsite_after_step.add(addr)
+        marked = self._adopt_sites(contents)
         # The probe table as the dead session left it (its linear-probing
         # order), wherever its last switch put it.
         (header,) = struct.unpack("<Q", self.read_data(h.vars + VAR_PTABLE, 8))
@@ -743,10 +705,78 @@ class KprobeEngine:
         self.journal.take_over(contents)
         for addr in restored:
             self.journal.undetour(addr)
+        for addr in marked:
+            self.journal.site_step_only(addr)
         self.target.add_watchpoint(self._doorbell, 1, "write")
         self.attached = True
         log.warning("recovering the changes of %s", h.owner())
         return True
+
+    def _adopt_sites(self, contents: Contents) -> list[int]:
+        """``adopt``: the dead session's probe sites become this engine's
+        points: armed where its int3 still is, lost (kept only to finish a
+        step, nothing ever written at the site) where a vCPU still steps the
+        slot. Returns the sites recorded as armed whose int3 is gone while a
+        step level names them (to be marked step-only once the journal is
+        taken over).
+
+        A session that died in :meth:`_disarm` between writing the original
+        byte back and marking the record step-only left such a record: it is
+        a step-only site, not one to drop (the step could not be finished).
+        """
+        assert self.journal is not None
+        stepped = {lv.point for levels in contents.steps.values() for lv in levels}
+        step_sites = list(contents.step_sites)
+        marked: list[int] = []
+        for site in contents.sites:
+            addr, slot, opcode, boosted, module = site
+            # Only an int3 still in the same code is the dead session's: a
+            # module may have gone (and its memory been reused) meanwhile.
+            gone = None
+            code = bytearray()
+            if module and (self.module_base is None or self.module_base(addr) != module):
+                gone = "its module is gone"
+            else:
+                try:
+                    code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
+                except TranslationError:
+                    gone = "its text is no longer mapped"
+                else:
+                    if code[0] != INT3:
+                        gone = ""  # nothing of ours there any more
+            if gone is not None:
+                if addr in stepped:
+                    step_sites.append(site)
+                    marked.append(addr)
+                    continue
+                if gone:
+                    log.warning("not restoring %#x: %s", addr, gone)
+                self.journal.unsite(addr)
+                continue
+            code[0] = opcode
+            insn = x86insn.decode(bytes(code), addr)
+            analysis = x86insn.analyze(insn)
+            _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
+            self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
+                                           armed=True, boost_slot=boost_slot)  # fmt: skip
+        for addr, slot, opcode, boosted, _module in step_sites:
+            # Its int3 is gone, but a vCPU steps its slot: the point is needed
+            # to finish that step, and nothing is ever written at the site.
+            try:
+                code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
+            except TranslationError:
+                code = bytearray()
+            if not code or code[0] != opcode:
+                # Rewritten or unmapped since: the slot's copy has the same
+                # length and kind (its displacement aside).
+                code = bytearray(self.kread(slot, x86insn.MAX_INSN_SIZE))
+            insn = x86insn.decode(bytes(code), addr)
+            analysis = x86insn.analyze(insn)
+            _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
+            self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
+                                           lost=True, boost_slot=boost_slot)  # fmt: skip
+            self._unsite_after_step.add(addr)
+        return marked
 
     def _journal_steps(self, kcb: KprobeCtlblk) -> None:
         if self.journal is None:
