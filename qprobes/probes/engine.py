@@ -3051,16 +3051,26 @@ class KprobeEngine:
             self.target.write(addr, data, vcpu)
             self._lose_rewritten_disarmed(addr, end)
             return
+        # Journal first, as for every change: each moment of this one leaves
+        # bytes a recovery puts right. The int3s come out (their records
+        # still name the old bytes), the new bytes go in without them (a
+        # recovery leaves a site without its int3 alone), each site's new
+        # byte and slot are recorded, and only then its int3 goes back.
+        in_place = [p for p in hit if p.addr not in self.detours]
+        for point in in_place:
+            self.kwrite_code(point.addr, bytes([point.opcode]))
         buf = bytearray(data)
         for point in hit:
             if addr <= point.addr < end:
                 point.opcode = buf[point.addr - addr]
-                buf[point.addr - addr] = INT3
+                if point not in in_place:
+                    buf[point.addr - addr] = INT3
         self.target.write(addr, bytes(buf), vcpu)
         for point in hit:
             code = self._original_bytes(point.addr, x86insn.MAX_INSN_SIZE)
             if code[: point.insn.length] == point.insn.raw:
                 self._journal_site(point)
+                self._rearm_written(point, in_place)
                 continue
             try:
                 insn = x86insn.decode(code, point.addr)
@@ -3094,8 +3104,14 @@ class KprobeEngine:
             point.boosted, point.boost_slot = boosted, boost_slot
             slots.free_insn_slot(old, dirty=True)
             self._journal_site(point)
+            self._rearm_written(point, in_place)
             self._fast_update(point)
         self._lose_rewritten_disarmed(addr, end)
+
+    def _rearm_written(self, point: ProbePoint, in_place: list[ProbePoint]) -> None:
+        """:meth:`write_text`: the int3 back at a site it took out (recorded)."""
+        if point in in_place and point.opcode != INT3:
+            self.kwrite_code(point.addr, bytes([INT3]))
 
     def _lose_rewritten_disarmed(self, lo: int, hi: int) -> None:
         """A disarmed probe (disabled) whose instruction a debugger's write
