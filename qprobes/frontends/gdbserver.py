@@ -237,6 +237,8 @@ class Backend(Protocol):
     def write_registers(self, thread: int, data: bytes) -> None: ...
     def read_register(self, thread: int, regnum: int) -> bytes: ...
     def write_register(self, thread: int, regnum: int, value: bytes) -> None: ...
+    def rip_register(self) -> tuple[int, int] | None:
+        """rip's register number and offset in a ``g`` packet (None: unknown)."""
     def rip(self, thread: int) -> int: ...
     def read_memory(self, thread: int, addr: int, length: int) -> bytes: ...
     def write_memory(self, thread: int, addr: int, data: bytes) -> None: ...
@@ -284,6 +286,10 @@ class EngineBackend:
         client = self.engine.client
         client.select_thread("g", thread)
         client.write_register(regnum, value)
+
+    def rip_register(self) -> tuple[int, int] | None:
+        reg = self.engine.client.layout.get("rip")
+        return (reg.regnum, reg.offset_in_g) if reg is not None else None
 
     def rip(self, thread: int) -> int:
         return self.engine.target.read_register("rip", thread)
@@ -768,14 +774,22 @@ class GdbServer:
         if letter == b"g":
             return encode_hex(self.backend.read_registers(self._current(self._g_thread)))
         if letter == b"G":
-            self.backend.write_registers(self._current(self._g_thread), decode_hex(packet[1:]))
+            thread, data = self._current(self._g_thread), decode_hex(packet[1:])
+            rip = self.backend.rip_register()
+            if rip is not None and self._refuse_rip(thread, data[rip[1] : rip[1] + 8]):
+                return E_BAD
+            self.backend.write_registers(thread, data)
             return b"OK"
         if letter == b"p":
             return self._read_register(packet[1:])
         if letter == b"P":
-            regnum, _, value = packet[1:].partition(b"=")
-            self.backend.write_register(self._current(self._g_thread), parse_hex_int(regnum),
-                                        decode_hex(value))  # fmt: skip
+            regnum_text, _, value_text = packet[1:].partition(b"=")
+            thread, regnum = self._current(self._g_thread), parse_hex_int(regnum_text)
+            value = decode_hex(value_text)
+            rip = self.backend.rip_register()
+            if rip is not None and regnum == rip[0] and self._refuse_rip(thread, value):
+                return E_BAD
+            self.backend.write_register(thread, regnum, value)
             return b"OK"
         if letter == b"m":
             return self._read_memory(packet[1:])
@@ -814,6 +828,20 @@ class GdbServer:
             self._detach_gdb(b"OK" if letter == b"v" else None)
             return True
         return b""
+
+    def _refuse_rip(self, thread: int, value: bytes) -> bool:
+        """Whether a write of ``value`` to ``thread``'s rip is refused (said
+        on gdb's console): qprobes' area (stubs, slots, detour buffers,
+        trampolines) is no place for a vCPU gdb sends, its code expects the
+        host's answers and reads as unmapped to gdb."""
+        if len(value) < 8:
+            return False
+        rip = int.from_bytes(value[:8], "little")
+        if not overlaps(rip, 1, self.backend.hidden_ranges()):
+            return False
+        self._reply_console(f"qprobes: refused to set thread {thread}'s rip to {rip:#x}: that "
+                            "is qprobes' own code (stubs, instruction slots, trampolines)\n")
+        return True
 
     def _read_register(self, text: bytes) -> bytes:
         try:

@@ -2980,10 +2980,11 @@ class KprobeEngine:
         return dict(self._orig_gates)
 
     def area_ranges(self) -> list[tuple[int, int]]:
-        """The guest-virtual ranges ``[lo, hi)`` of qprobes' own area."""
+        """The guest-virtual ranges ``[lo, hi)`` of qprobes' own area (every
+        region it may grow to: slots go on past the first)."""
         if not self.attached:
             return []
-        return [(self.area.vbase, self.area.vbase + REGION_SIZE)]
+        return [(self.area.vbase, self.area.end)]
 
     def park_vcpus(self, vcpus: list[int] | None = None,
                    max_steps: int = 100_000) -> None:  # fmt: skip

@@ -70,6 +70,9 @@ class FakeGuest:
     def write_register(self, thread: int, regnum: int, value: bytes) -> None:
         self.regs[thread][8 * regnum : 8 * regnum + 8] = value
 
+    def rip_register(self) -> tuple[int, int]:
+        return 16, 128  # as in QEMU's x86_64 layout (and this fake's 8 bytes a register)
+
     def rip(self, thread: int) -> int:
         return self.rips[thread]
 
@@ -343,6 +346,27 @@ def test_registers(rig: Rig) -> None:
     # (gdb continued before: the stop is reported first)
     assert rig.gdb.replies(3) == [b"T02thread:01;", b"OK", b"OK"]
     assert rig.guest.regs[2] == b"\x07" * 608
+
+
+def test_rip_cannot_be_set_into_qprobes_area(rig: Rig) -> None:
+    """gdb could send a vCPU into a stub, a slot or a trampoline (``set $pc``,
+    ``jump``): code that waits for the host's answers, and that gdb itself
+    reads as unmapped."""
+    attach(rig)
+    inside = (AREA[0] + 0x40).to_bytes(8, "little")
+    regs = bytearray(rig.guest.regs[2])
+    regs[128:136] = inside
+    rig.held(b"Hg2", b"P10=" + encode_hex(inside), b"G" + encode_hex(bytes(regs)),
+             b"P0=" + encode_hex(inside), b"P10=" + encode_hex(TEXT.to_bytes(8, "little")),
+             b"c", stop=INTERRUPTED)  # fmt: skip
+    _halt, ok, said, refused, said2, refused2, ok2, ok3 = rig.gdb.replies(8)
+    assert ok == b"OK" and (refused, refused2) == (b"E01", b"E01")
+    for text in (said, said2):
+        assert text[:1] == b"O"
+        assert b"refused to set thread 2's rip to %#x" % (AREA[0] + 0x40) in decode_hex(text[1:])
+    assert (ok2, ok3) == (b"OK", b"OK")  # another register may hold such a value; rip elsewhere
+    assert rig.guest.regs[2][:8] == inside and rig.guest.regs[2][128:136] == TEXT.to_bytes(8,
+                                                                                     "little")
 
 
 def test_threads(rig: Rig) -> None:
