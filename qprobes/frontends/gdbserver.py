@@ -96,6 +96,10 @@ E_BAD: Final = b"E01"
 _OUTPUT_CHUNK: Final = 1000
 #: How long a held loop waits for gdb before it looks at ``stopping()`` again.
 _HOLD_POLL: Final = 0.1
+#: Replies a gdb may leave unread before it is dropped: they are queued and
+#: sent as its socket takes them, never waited for (qprobes' run loop must
+#: not block on a gdb that stopped reading).
+OUTPUT_LIMIT: Final = 1 << 20
 
 #: Monitor (HMP) commands that would pull the machine from under qprobes:
 #: refused (their first word, with HMP's short forms).
@@ -367,19 +371,25 @@ class EngineBackend:
 class _Peer:
     """Packets to and from one gdb (acks until ``QStartNoAckMode``)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, output_limit: int = OUTPUT_LIMIT) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.decoder = PacketDecoder()
         self.no_ack = False
         self._last = b""
+        self._out = bytearray()  # sent to gdb as its socket takes it
+        self.output_limit = output_limit
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def read(self, timeout: float) -> list[bytes | Interrupt]:
-        """What gdb sent, waiting up to ``timeout``; ConnectionClosedError at EOF."""
-        ready, _, _ = select.select([self.sock], [], [], timeout)
+        """What gdb sent, waiting up to ``timeout`` (sending queued replies
+        meanwhile); ConnectionClosedError at EOF."""
+        ready, writable, _ = select.select([self.sock], [self.sock] if self._out else [], [],
+                                           timeout)  # fmt: skip
+        if writable:
+            self.flush()
         if not ready:
             return []
         try:
@@ -419,20 +429,31 @@ class _Peer:
         self._write(self._last)
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
+        """Queue ``data`` and send what the socket takes now; a gdb that
+        leaves more than :attr:`output_limit` bytes unread is dropped."""
+        self._out += data
+        self.flush()
+        if len(self._out) > self.output_limit:
+            log.warning("dropping gdb: it stopped reading its replies (%d bytes unread); "
+                        "the probes go on", len(self._out))  # fmt: skip
+            raise ConnectionClosedError(f"gdb stopped reading its replies ({len(self._out)} "
+                                        "bytes unread)")  # fmt: skip
+
+    def flush(self) -> None:
+        """Send queued replies, as much as the socket takes without waiting."""
         try:
-            while view:
+            while self._out:
                 try:
-                    sent = self.sock.send(view)
+                    sent = self.sock.send(self._out)
                 except BlockingIOError:
-                    if not select.select([], [self.sock], [], 5.0)[1]:
-                        raise ConnectionClosedError("gdb stopped reading") from None
-                    continue
-                view = view[sent:]
+                    return
+                del self._out[:sent]
         except OSError as exc:
             raise ConnectionClosedError(f"gdb's connection dropped: {exc}") from exc
 
     def close(self) -> None:
+        with contextlib.suppress(ConnectionClosedError):
+            self.flush()  # the last replies, if the socket takes them now
         with contextlib.suppress(OSError):
             self.sock.close()
 

@@ -7,6 +7,7 @@ runs, ``hold`` once a hold was requested) and reads the replies.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -562,3 +563,51 @@ def test_gdb_cannot_write_over_an_idt_gate_qprobes_redirected() -> None:
         backend.write_memory(1, idt + 16 * 3 + 15, b"\x00\x00")
     backend.write_memory(1, idt + 16 * 4, b"\x00")  # the next gate is the guest's
     assert writes == [idt + 16 * 4]
+
+
+def test_a_gdb_that_stops_reading_is_dropped_without_blocking(
+    rig: Rig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write to gdb waited up to 5 s for its socket to drain, with qprobes'
+    run loop (and the probes) stuck meanwhile; now replies are queued, and a
+    gdb that leaves too many unread is dropped."""
+    import time
+
+    attach(rig)
+    peer = rig.server._peer
+    assert peer is not None
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.output_limit = 32 * 1024
+    started = time.monotonic()
+    # 100 register reads (1216 bytes each), none of them read by "gdb".
+    rig.held(*([b"g"] * 100), b"c", stop=INTERRUPTED)
+    took = time.monotonic() - started
+    assert took < 2.0, f"the hold blocked {took:.1f} s on a gdb that does not read"
+    assert not rig.server.connected
+    assert "dropping gdb: it stopped reading its replies" in caplog.text
+    # The endpoint goes on: another gdb can connect and is served.
+    rig.gdb = Gdb(str(tmp_path / "gdb.sock"))
+    rig.server.poll(True)
+    assert rig.server.connected
+
+
+def test_replies_a_gdb_reads_late_all_arrive(rig: Rig) -> None:
+    """Replies queued while gdb's socket was full are sent as it drains."""
+    attach(rig)
+    peer = rig.server._peer
+    assert peer is not None
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    rig.held(*([b"g"] * 20), b"c", stop=INTERRUPTED)
+    assert rig.server.connected
+    for _ in range(50):  # the run loop's polls send the rest
+        rig.server.poll(True)
+        if not peer._out:
+            break
+        rig.gdb.sock.settimeout(0.05)
+        with contextlib.suppress(TimeoutError):
+            rig.gdb.queue += [e.payload for e in rig.gdb.decoder.feed(rig.gdb.sock.recv(65536))
+                              if isinstance(e, Packet)]  # fmt: skip
+    rig.gdb.sock.settimeout(2.0)
+    replies = rig.gdb.replies(21)
+    assert replies[0] == b"T02thread:01;"
+    assert replies[1:] == [encode_hex(bytes(range(16)) * 38)] * 20
