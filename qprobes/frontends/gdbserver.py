@@ -485,6 +485,7 @@ class GdbServer:
         self.request_hold = request_hold
         self.stopping = stopping
         self._listener = self._open(self.listen)
+        self._socket_file = self._file_id(self.listen.path)  # ours to unlink at close
         self._peer: _Peer | None = None
         self._pending: collections.deque[bytes] = collections.deque()
         self._points: list[tuple[int, int, int]] = []  # gdb's Z points in QEMU
@@ -504,12 +505,47 @@ class GdbServer:
     # --- the listening socket -----------------------------------------------------
 
     @staticmethod
-    def _open(where: Listen) -> socket.socket:
+    def _file_id(path: str | None) -> tuple[int, int] | None:
+        if path is None:
+            return None
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    @staticmethod
+    def _remove_stale(path: str) -> None:
+        """Take out a socket an earlier run left at ``path`` (nobody listens
+        there: connect() is refused); refuse anything else found there."""
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise GdbServerError(f"cannot listen for gdb on {path}: it exists and is not a "
+                                 "socket")  # fmt: skip
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)  # (a listener with a full backlog keeps connect() waiting)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: nobody listens
+            return
+        except TimeoutError:
+            pass  # a listener, its backlog full
+        except OSError as exc:
+            raise GdbServerError(f"cannot listen for gdb on {path}: a socket is there "
+                                 f"({exc.strerror or exc})") from exc  # fmt: skip
+        finally:
+            probe.close()
+        raise GdbServerError(f"cannot listen for gdb on {path}: another process listens there")
+
+    @classmethod
+    def _open(cls, where: Listen) -> socket.socket:
         try:
             if where.path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISSOCK(os.stat(where.path).st_mode):
-                        os.unlink(where.path)  # a stale socket of an earlier run
+                cls._remove_stale(where.path)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
                     sock.bind(where.path)
@@ -1002,9 +1038,12 @@ class GdbServer:
         self._take_out_orphans()
         with contextlib.suppress(OSError):
             self._listener.close()
-        if self.listen.path is not None:
+        path = self.listen.path
+        if path is not None and self._socket_file is not None \
+                and self._file_id(path) == self._socket_file:  # fmt: skip
+            # (Only the socket this endpoint made: not one that replaced it.)
             with contextlib.suppress(OSError):
-                os.unlink(self.listen.path)
+                os.unlink(path)
 
 
 def serve(engine: KprobeEngine, listen: Listen | str, *,

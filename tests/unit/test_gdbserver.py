@@ -611,3 +611,59 @@ def test_replies_a_gdb_reads_late_all_arrive(rig: Rig) -> None:
     replies = rig.gdb.replies(21)
     assert replies[0] == b"T02thread:01;"
     assert replies[1:] == [encode_hex(bytes(range(16)) * 38)] * 20
+
+
+def test_a_stale_socket_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "gdb.sock"
+    old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old.bind(str(path))
+    old.close()  # an earlier run's socket: nobody listens on it
+    server = GdbServer(FakeGuest(), Listen(path=str(path)))
+    try:
+        gdb = Gdb(str(path))
+        server.poll(True)
+        assert server.connected
+        gdb.sock.close()
+    finally:
+        server.close()
+    assert not path.exists()
+
+
+def test_a_socket_someone_listens_on_is_left_alone(tmp_path: Path) -> None:
+    """Any socket at the path was unlinked: a running endpoint (or anything
+    else listening there) lost its name to this one."""
+    path = tmp_path / "gdb.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(path))
+    other.listen(1)
+    try:
+        with pytest.raises(GdbServerError) as refused:
+            GdbServer(FakeGuest(), Listen(path=str(path)))
+        assert str(refused.value) == (f"cannot listen for gdb on {path}: another process "
+                                      "listens there")  # fmt: skip
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))  # still the other listener's
+        client.close()
+    finally:
+        other.close()
+
+
+def test_a_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("mine\n")
+    with pytest.raises(GdbServerError, match=r"notes.txt: it exists and is not a socket$"):
+        GdbServer(FakeGuest(), Listen(path=str(path)))
+    assert path.read_text() == "mine\n"
+
+
+def test_close_leaves_a_socket_that_replaced_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "gdb.sock"
+    server = GdbServer(FakeGuest(), Listen(path=str(path)))
+    path.unlink()
+    newer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    newer.bind(str(path))
+    try:
+        server.close()
+        assert path.exists()
+    finally:
+        newer.close()
