@@ -787,10 +787,10 @@ class KprobeEngine:
             levels.append(StepLevel(kcb.status.value, kcb.current.addr, kcb.old_rflags,
                                     kcb.saved_rflags, kcb.popped_tf))  # fmt: skip
         if len(levels) > STEP_LEVELS:
-            # Deeper than the journal records (a reentry of a probe that
-            # cannot run boosted, STEP_LEVELS deep): the innermost levels,
-            # the steps a recovery would meet first, are kept. Never raised
-            # from the hit path: the guest must get its answer.
+            # Deeper than the journal records (_reenter_kprobe refuses such a
+            # step: not expected): the innermost levels, the steps a recovery
+            # would meet first, are kept. Never raised from the hit path: the
+            # guest must get its answer.
             log.error("kprobe reentry %d deep on vCPU %d: the journal records the "
                       "innermost %d levels", len(levels), kcb.vcpu, STEP_LEVELS)  # fmt: skip
             levels = levels[-STEP_LEVELS:]
@@ -2631,18 +2631,37 @@ class KprobeEngine:
         saved on a stack, so a nested reentry is refused the same way (missed,
         stepped, no handlers) and unwinding restores every level in turn:
         no step is forgotten, so no TF or slot rip is left to the guest.
+
+        The journal records :data:`STEP_LEVELS` levels a vCPU, all a
+        recovery needs to finish them. A hit one level deeper runs boosted
+        if it can (no step, no record); if its copy needs a step, the probe
+        is refused (lost, its original byte back) and the vCPU runs the
+        original instruction in place: no step the journal cannot hold.
         """
         regs = ctx.regs
         for kp in point.kprobes:
             kp.nmissed += 1
         self.stats.reentered += 1
-        if len(kcb.prev) + 2 > STEP_LEVELS and point.boosted and not regs.eflags & TF:
+        depth = len(kcb.prev) + 2
+        if depth > STEP_LEVELS and point.boosted and not regs.eflags & TF:
             # One level more than the journal records for a vCPU: a boosted
             # copy needs no step (and no record).
             log.warning("kprobe reentry %d deep at %s on vCPU %d: run boosted, counted "
-                        "missed", len(kcb.prev) + 2, self._where(point.addr),
-                        ctx.vcpu)  # fmt: skip
+                        "missed", depth, self._where(point.addr), ctx.vcpu)  # fmt: skip
             regs.rip = point.boost_entry
+            return
+        if depth > STEP_LEVELS:
+            # The byte goes back before the record goes (a recovery drops a
+            # site without its int3); the vCPU then runs the original, as
+            # after any probe removed once it was hit.
+            log.error("kprobe reentry %d deep at %s on vCPU %d: the journal records %d "
+                      "levels of steps; the probe is taken out", depth,
+                      self._where(point.addr), ctx.vcpu, STEP_LEVELS)  # fmt: skip
+            if point.opcode != INT3:
+                self.kwrite_code(point.addr, bytes([point.opcode]))
+            self._lose(point, f"hit in a kprobe reentry {depth} deep (the journal records "
+                              f"{STEP_LEVELS} levels of steps)")  # fmt: skip
+            regs.rip = point.addr
             return
         if kcb.status is KprobeStatus.REENTER:
             log.warning("nested kprobe reentry at %s on vCPU %d (depth %d): counted missed",

@@ -327,7 +327,8 @@ def nested_steps(boosted_last: bool) -> tuple[KprobeEngine, list[int]]:
     from qprobes.probes.journal import STEP_LEVELS
     from qprobes.probes.kprobe import Kprobe, KprobeCtlblk, ProbePoint
 
-    engine, _mem, _ = make_engine()
+    engine, mem, _ = make_engine()
+    engine.target = MemTarget(mem)  # type: ignore[assignment]
     addrs = [0xFFFFFFFF81001000 + 0x100 * i for i in range(STEP_LEVELS + 1)]
     for i, addr in enumerate(addrs):
         slot = SLOT_A + 0x40 * i
@@ -338,6 +339,9 @@ def nested_steps(boosted_last: bool) -> tuple[KprobeEngine, list[int]]:
         engine.points[addr] = ProbePoint(addr, MOV_RAX_RBX[0], insn, analysis, slot, boosted,
                                          [Kprobe(addr=addr)], armed=True,
                                          boost_slot=boost_slot)  # fmt: skip
+        mem.write_virt(CR3, addr, b"\xcc" + MOV_RAX_RBX[1:])
+        assert engine.journal is not None
+        engine.journal.site(addr, slot, MOV_RAX_RBX[0], boosted)
     kcb = engine.kcb.setdefault(1, KprobeCtlblk(vcpu=1))
     rips = []
     for addr in addrs:
@@ -362,9 +366,17 @@ def test_a_reentry_deeper_than_the_journal_records_does_not_raise(boosted_last: 
         assert rips[-1] == last.boost_entry and len(engine.kcb[1].prev) == STEP_LEVELS - 1
         assert recorded == sorted(engine.points)[:STEP_LEVELS]
     else:
-        # Stepped; the journal keeps the innermost levels.
-        assert rips[-1] == last.slot and len(engine.kcb[1].prev) == STEP_LEVELS
-        assert recorded == sorted(engine.points)[1:]
+        # Its copy needs a step the journal could not hold (it kept the
+        # innermost levels: a recovery met the outermost step unknown, TF set
+        # in a slot). Refused: the probe is out, the vCPU runs the original.
+        assert rips[-1] == last.addr and len(engine.kcb[1].prev) == STEP_LEVELS - 1
+        assert recorded == sorted(engine.points)[:STEP_LEVELS]
+        assert last.lost and not last.armed and last.kprobes[0].nmissed == 1
+        assert f"reentry {STEP_LEVELS + 1} deep" in (last.kprobes[0].lost_why or "")
+        mem = engine.hostmem
+        assert mem is not None
+        assert mem.read_phys(last.addr & 0xFFFFFFFF, 3) == MOV_RAX_RBX  # its byte back
+        assert [s[0] for s in contents.sites] == sorted(engine.points)[:STEP_LEVELS]
 
 
 def test_more_vcpus_than_the_journal_records_are_refused_before_anything_is_written() -> None:
