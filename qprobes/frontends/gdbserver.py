@@ -833,8 +833,9 @@ class GdbServer:
         if letter == b"G":
             thread, data = self._current(self._g_thread), decode_hex(packet[1:])
             rip = self.backend.rip_register()
-            if rip is not None and self._refuse_rip(thread, data[rip[1] : rip[1] + 8]):
-                return E_BAD
+            refused = self._refuse_rip(thread, data[rip[1] : rip[1] + 8]) if rip else None
+            if refused is not None:
+                return refused
             self.backend.write_registers(thread, data)
             return b"OK"
         if letter == b"p":
@@ -844,8 +845,9 @@ class GdbServer:
             thread, regnum = self._current(self._g_thread), parse_hex_int(regnum_text)
             value = decode_hex(value_text)
             rip = self.backend.rip_register()
-            if rip is not None and regnum == rip[0] and self._refuse_rip(thread, value):
-                return E_BAD
+            refused = self._refuse_rip(thread, value) if rip and regnum == rip[0] else None
+            if refused is not None:
+                return refused
             self.backend.write_register(thread, regnum, value)
             return b"OK"
         if letter == b"m":
@@ -886,19 +888,25 @@ class GdbServer:
             return True
         return b""
 
-    def _refuse_rip(self, thread: int, value: bytes) -> bool:
-        """Whether a write of ``value`` to ``thread``'s rip is refused (said
-        on gdb's console): qprobes' area (stubs, slots, detour buffers,
+    def _refuse_rip(self, thread: int, value: bytes) -> bytes | None:
+        """The error reply refusing a write of ``value`` to ``thread``'s rip,
+        or None when it may go: qprobes' area (stubs, slots, detour buffers,
         trampolines) is no place for a vCPU gdb sends, its code expects the
-        host's answers and reads as unmapped to gdb."""
+        host's answers and reads as unmapped to gdb.
+
+        The reason goes in the reply itself (``E.errtext``, E.1 "Standard
+        Replies"; gdb prints it in its "remote failure reply" error): an
+        ``O`` packet is no answer to ``G``/``P`` (gdb would take it for
+        the reply), and goes to qprobes' log too."""
         if len(value) < 8:
-            return False
+            return None
         rip = int.from_bytes(value[:8], "little")
         if not overlaps(rip, 1, self.backend.hidden_ranges()):
-            return False
-        self._reply_console(f"qprobes: refused to set thread {thread}'s rip to {rip:#x}: that "
-                            "is qprobes' own code (stubs, instruction slots, trampolines)\n")
-        return True
+            return None
+        why = (f"qprobes refused to set thread {thread}'s rip to {rip:#x}: that is qprobes' "
+               "own code (stubs, instruction slots, trampolines)")  # fmt: skip
+        log.warning("%s", why)
+        return b"E." + why.encode("ascii")
 
     def _read_register(self, text: bytes) -> bytes:
         try:
