@@ -160,6 +160,7 @@ class BenchOptions:
 
     repeat: int = 5  # timed runs per row
     hits: int = 1000  # opens per run (probe hits), qprobes and kprobe_events rows
+    pairs: int = 4  # off/on pairs per round of the rows that can be switched off
     gdb_hits: int = 100  # opens per run with gdb's breakpoint (about 25-55 ms each)
     unhit: int = 1000  # probes armed for the mixed workload (0: skip)
     arm_many: int = 10_000  # probes to arm at once (0: skip)
@@ -173,7 +174,8 @@ class BenchOptions:
     def quick_run(cls, **changes: Any) -> BenchOptions:
         """A short run: every row, fewer runs and hits, no 10,000-probe arming."""
         opts = cls(
-            repeat=3, hits=300, gdb_hits=10, arm_many=0, mixed_rounds=4, trace_hits=2, quick=True
+            repeat=3, hits=300, gdb_hits=10, arm_many=0, mixed_rounds=4, trace_hits=2, quick=True,
+            pairs=2,
         )
         return dataclasses.replace(opts, **changes)
 
@@ -204,6 +206,11 @@ class Row:
     vcpu_fixed: list[float | None] = field(default_factory=list)  # the same for 0
     hosts: list[float] = field(default_factory=list)  # qprobes' CPU seconds, command(hits)
     host_fixed: list[float] = field(default_factory=list)  # the same for 0
+    # Pairs of runs for ``hits`` opens with the probe switched off, then on,
+    # one right after the other (rows that can be switched off).
+    offs: list[Timed] = field(default_factory=list)
+    ons: list[Timed] = field(default_factory=list)
+    pair_stops: int = 0  # stops in the runs with the probe on
     stops: dict[str, int] = field(default_factory=dict)  # the N runs net of the N=0 runs
     hits_seen: int | None = None  # counted by the probe, N runs net of the N=0 runs
     events_seen: int | None = None  # events naming the file opened, N runs net of N=0
@@ -229,7 +236,25 @@ class Row:
 
     @property
     def has_vcpu(self) -> bool:
-        return bool(self.vcpus) and all(v is not None for v in self.vcpus + self.vcpu_fixed)
+        runs = self.vcpus + self.vcpu_fixed + [t.vcpu for t in self.offs + self.ons]
+        return bool(self.vcpus) and all(v is not None for v in runs)
+
+    def add_pair(self, off: Timed, on: Timed, stops: int) -> None:
+        self.offs.append(off)
+        self.ons.append(on)
+        self.pair_stops += stops
+
+    def pair_overheads(self, metric: str) -> list[float]:
+        """Seconds per hit in each off/on pair: (on - off) / hits."""
+        def value(t: Timed) -> float | None:
+            return t.vcpu if metric == "vcpu" else t.host if metric == "host" else t.wall
+
+        out = []
+        for off, on in zip(self.offs, self.ons, strict=True):
+            a, b = value(on), value(off)
+            if a is not None and b is not None:
+                out.append((a - b) / self.hits)
+        return out
 
     @property
     def metric(self) -> str:
@@ -239,7 +264,7 @@ class Row:
         they wait for a host CPU, which on a busy host is most of the spread
         of wall time), ``wall`` for the rest (a stop's cost is time the
         guest does not run) and for the baselines."""
-        if self.baseline is None or self.stops.get("stops") != 0:
+        if self.baseline is None or self.stops.get("stops") != 0 or self.pair_stops:
             return "wall"
         if self.has_vcpu and self.baseline.has_vcpu:
             return "vcpu"
@@ -268,14 +293,22 @@ class Row:
         return statistics.median(self.per_open_runs)
 
     def overhead_of(self, metric: str) -> list[float]:
-        """Seconds a probe hit adds to an open by ``metric``, per run (no
-        baseline: per open).
+        """Seconds a probe hit adds to an open by ``metric``: per off/on pair
+        when the row has them (the closest comparison: the same set-up, the
+        same moment), else per run against the baseline (no baseline: per
+        open).
 
         qprobes' rows run in rounds: run i is compared with the baseline's
         run i, of the same round (close in time, so that a busy spell of the
         host falls on both). gdb's runs come in a block after its
         baseline's: they are compared with the baseline's median.
         """
+        if self.ons:
+            return self.pair_overheads(metric)
+        return self.round_overheads(metric)
+
+    def round_overheads(self, metric: str) -> list[float]:
+        """Per run, against the baseline's run of the same round."""
         mine = self.per_open_of(metric)
         if self.baseline is None:
             return mine
@@ -336,6 +369,11 @@ class Row:
                 "us_vcpu": median_us("vcpu") if self.has_vcpu and (
                     self.baseline is None or self.baseline.has_vcpu) else None,
                 "qprobes_cpu_us": median_us("host"),
+                "pairs": len(self.ons),
+                "pair_us": [x * 1e6 for x in self.pair_overheads(self.metric)],
+                "pair_stops": self.pair_stops,
+                "rounds_us": (statistics.median(r) * 1e6
+                              if (r := self.round_overheads(self.metric)) else None),
                 "baseline": self.baseline.key if self.baseline is not None else None,
                 "stops": self.stops,
                 "stops_per_hit": self.stops_per_hit,
@@ -591,6 +629,25 @@ class Case:
     events: Callable[[], int] | None = None
     seen: int = 0
     events_seen: int = 0
+    #: Switches the row's probe off (False) and on again (True), if it can be.
+    toggle: Callable[[bool], None] | None = None
+
+    def switched(self, run: Callable[[int], Timed], stats: Callable[[], dict[str, int]],
+                 pairs: int, warm: int) -> None:  # fmt: skip
+        """``pairs`` times: the probe off, a run; the probe on, a run (each
+        after a short warm-up: switching rewrites the probed code, whose
+        translation QEMU then drops)."""
+        if self.toggle is None:
+            return
+        for _ in range(pairs):
+            self.toggle(False)
+            run(warm)
+            off = run(self.row.hits)
+            self.toggle(True)
+            run(warm)
+            before = stats().get("stops", 0)
+            on = run(self.row.hits)
+            self.row.add_pair(off, on, stats().get("stops", 0) - before)
 
     def pair(self, run: Callable[[int], Timed], stats: Callable[[], dict[str, int]]) -> None:
         """run(0), then run(row.hits): the fixed cost, then the timed run.
@@ -728,7 +785,12 @@ class LinuxBench:
                 f"{TRACEFS}/kprobe_events; echo > {TRACEFS}/trace"
             )
 
-        case.setup, case.teardown = setup, teardown
+        def toggle(on: bool) -> None:
+            out = self.shell(f"echo {int(on)} > {enable} && echo switched")
+            if "switched" not in out:
+                raise BenchError(f"could not switch the guest's event {'on' if on else 'off'}")
+
+        case.setup, case.teardown, case.toggle = setup, teardown, toggle
         return case
 
     def _detour_at(self) -> str:
@@ -823,7 +885,24 @@ class LinuxBench:
                 tracer.drain()
             return int(held[0].nhit)
 
-        return Case(row, setup, teardown, count=count, events=lambda: paths[OPENED])
+        def toggle(on: bool) -> None:
+            probe = held[0].probe if held else None
+            if not isinstance(probe, Kprobe):
+                raise BenchError(f"{definition}: no kprobe to switch")
+            if on:
+                engine.enable_kprobe(probe)
+                if detour and not engine.is_detoured(probe):
+                    row.problems.append(f"not detoured after it was enabled again: "
+                                        f"{probe.detour_refused}")  # fmt: skip
+            else:
+                engine.disable_kprobe(probe)
+            tracer.drain()
+
+        # The fast entry rows can be switched off and on (the slow ones cost
+        # far more than the spread a switch would remove; a return probe's
+        # instances outlive a switch).
+        return Case(row, setup, teardown, count=count, events=lambda: paths[OPENED],
+                    toggle=toggle if fast and not ret else None)  # fmt: skip
 
     def hit_rows(self) -> Row:
         """Every row on qprobes' side, interleaved: each round runs each row
@@ -872,6 +951,7 @@ class LinuxBench:
                 try:
                     self.open_n(min(n, 50))  # warm up: the translation cache, the slot pages
                     case.pair(self.open_n, self.stats)
+                    case.switched(self.open_n, self.stats, self.opts.pairs, min(n, 50))
                 finally:
                     case.teardown()
         for case in cases:

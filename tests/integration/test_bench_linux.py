@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import subprocess
 from typing import Any
 
@@ -202,3 +203,17 @@ def test_rows_that_never_stop_the_guest_are_timed_by_its_vcpu_threads(
             assert vcpu is not None and 0 < vcpu <= wall * 1.02 + 0.005, row["key"]
     assert report["unhit"]["metric"] == "vcpu"
     assert isinstance(report["unhit_1000_slowdown_wall"], float)
+
+
+def test_the_cheap_rows_are_measured_in_off_on_pairs(report: dict[str, Any]) -> None:
+    """The guest's event and the fast entry rows are switched off and on in
+    each round; their number is the median of those pairs."""
+    rows = {r["key"]: r for r in report["rows"]}
+    options = report["options"]
+    for key in ("guest_kprobe_events", "fast", "detour"):
+        row = rows[key]
+        assert row["pairs"] == options["repeat"] * options["pairs"], row
+        assert len(row["pair_us"]) == row["pairs"]
+        assert row["us"] == pytest.approx(statistics.median(row["pair_us"]), rel=1e-9), key
+        assert row["problems"] == [], row["problems"]  # the detour came back each time
+    assert rows["kretprobe_fast"]["pairs"] == 0 and rows["boosted"]["pairs"] == 0

@@ -345,3 +345,37 @@ def test_arming_goes_through_batches_and_reports_refusals() -> None:
     probes = bench_for(limited)._arm(list(range(100)), 50, arm)
     assert arm.limit == "at most 20 probe addresses at once" and arm.seconds is None
     assert len(probes) == 18 and len(limited.batches) == 1
+
+
+def test_switchable_rows_take_their_number_from_off_on_pairs() -> None:
+    """A row that can be switched off: each pair is a run with the probe
+    off, then one with it on, in the same set-up; the number is the median
+    of (on - off) / hits, not the comparison with the baseline's round."""
+    base, fast = Row("noprobe", 10), Row("fast", 10)
+    fast.baseline = base
+    base.add(0, Timed(0.0, 0.0))
+    base.add(10, Timed(0.010, 0.002))  # 200 us an open of vCPU time: a busy round
+    fast.add(0, Timed(0.0, 0.0))
+    fast.add(10, Timed(0.004, 0.0006))  # cheaper than that baseline: noise
+    fast.stops = {"stops": 0}
+    assert fast.us() is not None and fast.us() < 0  # by the round alone
+    states: list[bool] = []
+    timings = iter([Timed(0.001, 0.0005), Timed(0.0012, 0.00060),   # 10 us a hit
+                    Timed(0.003, 0.0008), Timed(0.0033, 0.00092),   # 12 us
+                    Timed(0.001, 0.0004), Timed(0.0011, 0.00048)])  # 8 us  # fmt: skip
+
+    def run(n: int) -> Timed:
+        return next(timings) if n == 10 else Timed(0.0, 0.0)
+
+    case = Case(fast, toggle=states.append)
+    case.switched(run, lambda: {"stops": 0}, pairs=3, warm=2)
+    assert states == [False, True] * 3
+    assert fast.metric == "vcpu" and fast.us() == pytest.approx(10.0)
+    doc = fast.as_dict()
+    assert doc["pairs"] == 3 and doc["pair_us"] == pytest.approx([10.0, 12.0, 8.0])
+    assert doc["rounds_us"] is not None and doc["rounds_us"] < 0
+    # A stop in a run with the probe on: the row goes by the wall clock.
+    stops = iter([{"stops": 0}, {"stops": 1}])
+    timings = iter([Timed(0.001, 0.0005), Timed(0.002, 0.0006)])
+    case.switched(run, lambda: next(stops), pairs=1, warm=0)
+    assert fast.pair_stops == 1 and fast.metric == "wall"
