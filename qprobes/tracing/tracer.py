@@ -530,7 +530,12 @@ class Tracer:
                                                     8 * n)  # fmt: skip
                 self._per_cpu = [int.from_bytes(raw[8 * i : 8 * i + 8], "little")
                                  for i in range(n)]  # fmt: skip
-            if self._per_cpu is not None and 0 <= cpu < len(self._per_cpu):
+            at = getattr(clock, "sched_clock_at", None)
+            if at is not None and self._per_cpu is not None and 0 <= cpu < len(self._per_cpu):
+                ns = at(tsc, self._per_cpu[cpu])  # see below: ftrace's "local" clock
+                if ns is not None:
+                    return ns, "local"
+            elif self._per_cpu is not None and 0 <= cpu < len(self._per_cpu):
                 ctx = HitContext(cpu + 1, PtRegs([0] * FRAME_WORDS), self.session.engine.read_data,
                                  0, tsc=tsc, gs_base=self._per_cpu[cpu])  # fmt: skip
                 # sched_clock() of the record's TSC (ftrace's "local" clock):
@@ -565,7 +570,9 @@ class Tracer:
                 duration = max(0, ts - entry_ts) / 1e9
                 if tp.latency is not None:
                     tp.latency.add(duration)
-        seen = {**common_values(raw.pid, raw.comm, cpu), "common_cpu": cpu, **values}
+        seen: dict[str, Any] = {}
+        if tp.filter is not None or tp.hists:  # (built only for them: a drain is hot)
+            seen = {**common_values(raw.pid, raw.comm, cpu), "common_cpu": cpu, **values}
         passed = tp.filter is None or evaluate_filter(tp.filter, seen)
         if not passed and not tp.hists:
             tp.filtered += 1
