@@ -49,6 +49,7 @@ from qprobes.tracing.recorder import (
     plan_recorder,
     plan_return_recorder,
     return_extra,
+    with_context,
 )
 
 #: Where x86-64 modules (and ftrace/BPF trampolines) live: MODULES_VADDR up.
@@ -179,6 +180,7 @@ class TraceProbe:
 # TASK_SIZE_MAX + PAGE_SIZE (4-level paging) fault.
 LINUX_KERNEL_FLOOR = 0x0000_8000_0000_0000
 SP_OFFSET = 8 * PT_REGS_NAMES.index("rsp")
+RFLAGS_OFFSET = 8 * PT_REGS_NAMES.index("eflags")
 
 
 class Tracer:
@@ -398,7 +400,7 @@ class Tracer:
         if tp.want_stack:
             raise NotFastError(f"{tp.name}: kernel stack traces are taken on the slow path")
         engine = self.session.engine
-        plan = plan_recorder(tp.args, tp.addr)
+        plan = self._with_context(plan_recorder(tp.args, tp.addr))
         try:
             ring = engine.enable_fast_path()
         except ProbeError as exc:
@@ -429,7 +431,7 @@ class Tracer:
         if tp.want_stack:
             raise NotFastError(f"{tp.name}: kernel stack traces are taken on the slow path")
         engine = self.session.engine
-        plan = plan_return_recorder(tp.args)
+        plan = self._with_context(plan_return_recorder(tp.args))
         try:
             ring = engine.enable_fast_path()
         except ProbeError as exc:
@@ -475,6 +477,12 @@ class Tracer:
             return bool(slow_entry(kp, ctx))
 
         rp.kp.pre_handler = pre_handler
+
+    def _with_context(self, plan: RecorderPlan) -> RecorderPlan:
+        """``plan`` recording the hit's context too (the latency columns), when
+        the session reads the guest's (a Linux guest)."""
+        fetches = getattr(self.session.trace_state, "record_fetches", None)
+        return with_context(plan, fetches(RFLAGS_OFFSET)) if fetches is not None else plan
 
     def _recorder_spec(self, probe_id: int, fetches: tuple[Fetch, ...], ring: RingLayout,
                        lossless: bool) -> RecorderSpec:  # fmt: skip
@@ -579,6 +587,8 @@ class Tracer:
             return
         if entry_tsc is None:
             ts, clock = self._record_timestamp(raw.tsc, cpu)
+        context = tp.plan.context(raw)
+        tctx = tracing_gen_ctx(*context) if context is not None else None
         event = TraceEvent(
             group=tp.spec.group,
             event=tp.spec.event,
@@ -593,9 +603,8 @@ class Tracer:
             fields=values,
             text=format_args(tp.args, values),
             clock=clock,
-            # A recorder does not read the interrupted context's flags yet.
-            trace_flags=0,
-            preempt_count=0,
+            trace_flags=tctx.flags if tctx is not None else 0,
+            preempt_count=tctx.preempt_count if tctx is not None else 0,
             duration=duration,
         )
         for hist in tp.hists:
