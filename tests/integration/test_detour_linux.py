@@ -20,6 +20,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 
+import iced_x86
 import pytest
 
 from qprobes.arch.x86_64 import detour as x86detour
@@ -402,3 +403,46 @@ def test_recover_puts_a_detoured_site_back() -> None:
         assert snapshot(address, addrs) == before, "the detoured sites are not all restored"
     finally:
         machine.shutdown()
+
+
+@pytest.mark.parametrize("detour", [False, True], ids=["int3", "detour"])
+def test_a_probe_on_a_call_is_on_the_fast_path(busy: Session, detour: bool) -> None:
+    """A probe on a ``call rel32`` (vfs_read's first) runs boosted, as a push of
+    the original return address and a jmp to the callee, so it records in
+    the guest with no stop, detoured or on its int3; the guest's own probe on
+    vfs_read's entry (every read of dd's passes the call) counts the same
+    hits, and the callee returns past the probe as before. (The guest's
+    kprobe cannot go at the same address: it decodes the function from its
+    start, and qprobes' int3 or jump on the way is not one of its own.)"""
+    s = busy
+    assert s.symbols is not None
+    sym = s.symbols.lookup("vfs_read")
+    code = s.engine.read_data(sym.addr, sym.size)
+    offset = next(i.ip - sym.addr for i in iced_x86.Decoder(64, code, ip=sym.addr)
+                  if i.ip > sym.addr + 5 and i.code == iced_x86.Code.CALL_REL32_64)  # fmt: skip
+    where = f"vfs_read+{offset:#x}"
+    events: list[TraceEvent] = []
+    tracer = Tracer(s, events.append, fast=True, detour=detour)
+    try:
+        out = s.command(f"echo > {TR}/trace && echo 'p:lx/entry vfs_read' >> {TR}/kprobe_events "
+                        f"&& echo 1 > {TR}/events/lx/enable && echo configured")  # fmt: skip
+        assert "configured" in out, out
+        tp = tracer.add(f"p:qp/call {where}")
+        kp = tp.kprobe
+        assert tp.fast_id and kp is not None, tp.slow_reason
+        assert kp.detoured == detour, kp.detour_refused
+        stops = s.engine.stats.bp - tracer.fast_spilled
+        s.command("dd if=/dev/zero of=/dev/null bs=1 count=300 2>/dev/null; echo dd-done")
+        stops = s.engine.stats.bp - tracer.fast_spilled - stops
+        s.command(f"echo 0 > {TR}/events/lx/enable")
+        trace_text = s.command(f"cat {TR}/trace", timeout=120)
+        tracer.drain()
+    finally:
+        s.command(f"echo 0 > {TR}/events/lx/enable; echo > {TR}/kprobe_events")
+        for name in list(tracer.probes):
+            tracer.remove(name)
+    pids = {e.pid for e in events if e.comm == "dd"}
+    ours = sum(1 for e in events if e.pid in pids)
+    theirs = sum(1 for _c, pid, _e, _f in parse_ftrace(trace_text) if pid in pids)
+    assert ours == theirs >= 300, (ours, theirs)
+    assert stops == 0

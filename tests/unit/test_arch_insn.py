@@ -342,7 +342,7 @@ ANALYSIS_TABLE = [
     An("48cf", IRET, False, if_modifier=True),
     An("6648cf", IRET, False, if_modifier=True),  # REX.W wins over 66: iretq
     # calls
-    An("e800010000", CR, False),
+    An("e800010000", CR, True),  # relocated: push the return address, jmp
     An("2ee800010000", CR, False),  # cs call to a retpoline thunk
     An("ffd0", CI, False),
     An("41ffd3", CI, False),
@@ -622,6 +622,9 @@ def jmp(from_addr: int, to_addr: int) -> str:
         ("7410", "0f84" + jmp(SLOT + 1, A + 2 + 0x10)[2:] + jmp(SLOT + 6, A + 2)),
         ("3e75f0", "0f85" + jmp(SLOT + 1, A + 3 - 0x10)[2:] + jmp(SLOT + 6, A + 3)),
         ("0f8f00100000", "0f8f" + jmp(SLOT + 1, A + 6 + 0x1000)[2:] + jmp(SLOT + 6, A + 6)),
+        # call rel32: push the original return address, jmp to the callee
+        ("e800010000", "68" + (A + 5).to_bytes(8, "little")[:4].hex()
+         + jmp(SLOT + 5, A + 5 + 0x100)),
     ],
 )
 def test_boosted_copy(hexbytes: str, boosted: str) -> None:
@@ -635,11 +638,40 @@ def test_boosted_copy_known_bytes() -> None:
     assert boosted_copy(insn("0f1f440000"), SLOT).hex() == "0f1f440000e95b3523e1"
 
 
-@pytest.mark.parametrize("hexbytes", ["e800010000", "ffd0", "fb", "48cf", "cc", "e210", "0fa2"])
+@pytest.mark.parametrize("hexbytes", ["2ee800010000", "ffd0", "fb", "48cf", "cc", "e210", "0fa2"])
 def test_boosted_copy_not_boostable(hexbytes: str) -> None:
     with pytest.raises(InstructionError) as exc:
         boosted_copy(insn(hexbytes), SLOT)
     assert "not boostable" in str(exc.value)
+
+
+def test_a_boosted_call_runs_as_the_call_does() -> None:
+    """Under unicorn (a paged machine: the addresses are kernel ones): the
+    boosted copy of a call leaves the original's return address on the
+    stack and rip at the callee."""
+    import unicorn.x86_const as X
+
+    from tests.unit.test_recorder import Guest
+
+    call = insn("e800010000")
+    g = Guest()
+    g.map(SLOT)
+    g.write(SLOT, boosted_copy(call, SLOT))
+    g.map(A + 5 + 0x100)
+    g.write(A + 5 + 0x100, b"\xf4")  # hlt: where the callee starts
+    stack = 0xFFFF_C900_0000_8000
+    g.map(stack - 0x1000)
+    g.uc.reg_write(X.UC_X86_REG_RSP, stack)
+    g.uc.emu_start(SLOT, 0, count=2)
+    assert g.uc.reg_read(X.UC_X86_REG_RIP) == A + 5 + 0x100  # the callee
+    assert g.uc.reg_read(X.UC_X86_REG_RSP) == stack - 8
+    assert int.from_bytes(g.read(stack - 8, 8), "little") == A + 5
+
+
+def test_a_call_whose_return_address_a_push_cannot_hold_is_not_boosted() -> None:
+    low = decode(bytes.fromhex("e800010000"), 0x40_0000)  # user text: not sign-extendable
+    assert not analyze(low).boostable
+    assert "push imm32" in analyze(low).boost_reason
 
 
 def test_boosted_copy_rejected() -> None:

@@ -62,6 +62,8 @@ ACCEPTED = [
     (NOP5 + "4889f8 4889f2" + "ebf8" + RET, 5, 2),
     # a call to a retpoline thunk is not an indirect jump
     (NOP5 + "4889f8 4889f2 e8" + _rel32(11 + 5, THUNKS[0]) + RET, 5, 2),
+    # a call as the probed instruction: the window is the call alone
+    (NOP5 + "e8 00010000" + RET, 5, 1),
 ]  # fmt: skip
 
 
@@ -81,8 +83,6 @@ def _thunk_jmp(at_offset: int) -> str:
 REFUSED = [
     # a relative jcc inside the window (mntput+5)
     (NOP5 + "4885ff 7405 4889f8" + RET, 5, "relative jump"),
-    # a call as the probed instruction
-    (NOP5 + "e8 00010000" + RET, 5, "call probe"),
     # a ret before the window's last instruction (the bytes after it are
     # reached only by jumps from elsewhere)
     (NOP5 + "4889f8 c3 4889f8" + RET, 5, "ends the flow"),

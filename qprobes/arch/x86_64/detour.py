@@ -138,8 +138,6 @@ def _check_window_insn(insn: Insn, first: bool, last: bool) -> None:
     if _is_call_rel32(insn):
         if not last:
             raise DetourError(insn.addr, f"a call at {where} would not end the window")
-        if first:
-            raise DetourError(insn.addr, f"{where}: a call probe has no int3 fast path")
         return
     if _is_jump(insn):
         raise DetourError(insn.addr, f"{where} is a relative jump, which detours do not "

@@ -102,10 +102,17 @@ original in place. The rules mirror modern kprobes' ``can_boost``
 * two-byte opcodes: the kernel's ``twobyte_is_boostable`` table, except the
   0f 8x conditional jumps (see relocation below).
 * one-byte opcodes with a 2e or 67 prefix: no (``can_boost``).
-* one-byte opcodes: ``can_boost``'s switch: no for bound, loop/jrcxz, call
-  rel32, software interrupts, x87 escapes, lock/rep/hlt opcodes; yes
-  otherwise, including ret/lret (the jmp back is dead code), pushf, popf and
-  cli (the copy sees the guest's own flags).
+* one-byte opcodes: ``can_boost``'s switch: no for bound, loop/jrcxz,
+  software interrupts, x87 escapes, lock/rep/hlt opcodes; yes otherwise,
+  including ret/lret (the jmp back is dead code), pushf, popf and cli (the
+  copy sees the guest's own flags).
+* ``call rel32`` (e8, no prefixes other than 3e) whose return address is in
+  the top 2 GiB (kernel text, modules): boostable by relocation, where
+  ``can_boost`` says no and modern kprobes emulate it
+  (``kprobe_emulate_call``): the copy is ``push imm32`` of the original
+  return address and a ``jmp rel32`` to the target, so the callee returns
+  past the probe and sees the real caller on its stack. A single-stepped
+  call still runs the plain copy and has its return address fixed up.
 * opcode-extension groups are decided by ModRM.reg, where ``can_boost``
   refuses Grp2..Grp4 whole and allows only ``ff /4`` of Grp5: the data
   operations boost (Grp2 shifts, Grp3 test/not/neg/mul/div, inc/dec of Grp4
@@ -1025,7 +1032,7 @@ _ONEBYTE_NOT_BOOSTABLE: dict[int, str] = {
     0xCE: "software exception",
     0xD6: "(UD)",
     **{op: "x87 escape" for op in range(0xD8, 0xE0)},
-    0xE8: "call rel32: the return address would point into the slot",
+    0xE8: "call rel32 with prefixes is not relocated",
     0xF0: "LOCK/REP, HLT",
     0xF1: "LOCK/REP, HLT",
     0xF2: "LOCK/REP, HLT",
@@ -1062,6 +1069,14 @@ def _can_boost(insn: Insn) -> tuple[bool, str]:
         if insn.rex is not None or any(p != 0x3E for p in insn.prefixes):
             return False, "relative jmp/jcc with prefixes is not relocated"
         return True, "relative jmp/jcc: relocated to a rel32 to the original target"
+    if op == b"\xe8" and insn.is_relative_branch:
+        if insn.rex is not None or any(p != 0x3E for p in insn.prefixes):
+            return False, "call rel32 with prefixes is not relocated"
+        if insn.next_addr < _PUSH_IMM32_LOW:
+            return False, ("call rel32: its return address does not fit a sign-extended "
+                           "push imm32")  # fmt: skip
+        return True, ("call rel32: relocated to a push of the original return address "
+                      "and a jmp to the target")  # fmt: skip
     if len(op) == 2:
         if op[1] in _TWOBYTE_IS_BOOSTABLE:
             return True, f"two-byte opcode 0f {op[1]:02x} is boostable"
@@ -1173,6 +1188,11 @@ def copy_instruction(insn: Insn, slot_addr: int) -> bytes:
     return insn.raw[:at] + encoded + insn.raw[at + 4 :]
 
 
+#: The lowest address a ``push imm32`` (sign-extended) can push: the top 2
+#: GiB, where x86-64 kernel text and modules live.
+_PUSH_IMM32_LOW = 0xFFFF_FFFF_8000_0000
+
+
 def boosted_copy(insn: Insn, slot_addr: int) -> bytes:
     """The bytes to run ``insn`` at ``slot_addr`` without single-stepping.
 
@@ -1193,6 +1213,13 @@ def boosted_copy(insn: Insn, slot_addr: int) -> bytes:
     if analysis.relocated_branch:
         assert insn.branch_target is not None
         op = insn.opcode
+        if op[0] == 0xE8:
+            # What the call does: its return address on the stack (the
+            # original's, so the callee returns past the probe and an
+            # unwinder sees the real caller), then the jump to the callee.
+            push = bytes((0x68,)) + insn.next_addr.to_bytes(8, "little")[:4]
+            return push + _reljump(insn.addr, slot_addr, slot_addr + len(push),
+                                   insn.branch_target)  # fmt: skip
         if op[0] in (0xE9, 0xEB):
             return _reljump(insn.addr, slot_addr, slot_addr, insn.branch_target)
         cc = op[1] & 0x0F if op[0] == 0x0F else op[0] & 0x0F
