@@ -327,6 +327,13 @@ def _check_addr(name: str, value: int) -> None:
         raise ValueError(f"{name} {value:#x} is not a 64-bit address")
 
 
+#: Instructions decoded so far, by their bytes: what :func:`decode` gave for
+#: them at some address (relative branches and emulate prefixes left out).
+_DECODED: dict[bytes, Insn] = {}
+_DECODED_MAX = 1 << 15
+_UD2 = b"\x0f\x0b"  # how every emulate prefix starts
+
+
 def decode(code: bytes, addr: int) -> Insn:
     """Decode the instruction at the start of ``code``, located at ``addr``.
 
@@ -334,8 +341,57 @@ def decode(code: bytes, addr: int) -> Insn:
     bytes or more when the length is unknown). Raises
     :class:`~qprobes.errors.InstructionError` for bytes that are not a valid
     64-bit instruction or that end before the instruction does.
+
+    The same bytes decode to the same instruction wherever they are, but for
+    what depends on the address: the address itself, a rip-relative operand's
+    target, and a relative branch's target (which capstone also prints in its
+    operands, so branches are not reused). An instruction decoded once is
+    therefore taken from a cache, moved to ``addr`` (:func:`_rebased`): a
+    lookup by the bytes of iced-x86's length (the length of every successful
+    decode), an iced-x86 decode instead of both decoders' full work. Both
+    decoders read only an instruction's own bytes, so whatever follows them
+    cannot change the answer; a window starting with ``ud2`` (where an
+    emulate prefix makes one instruction of two) always takes the full path.
     """
     _check_addr("address", addr)
+    window = bytes(code[:MAX_INSN_SIZE])
+    if window[:2] == _UD2:
+        return _decode_full(code, addr)
+    length = _iced_length(window, addr)
+    if length is not None:
+        known = _DECODED.get(window[:length])
+        if known is not None:
+            return _rebased(known, addr)
+    insn = _decode_full(window, addr)
+    if insn.branch_target is None and not insn.emulate_prefix and insn.length == length:
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[insn.raw] = insn
+    return insn
+
+
+def _iced_length(window: bytes, addr: int) -> int | None:
+    instr = iced_x86.Decoder(64, window, ip=addr).decode()
+    return None if instr.is_invalid else int(instr.len)
+
+
+def _rebased(insn: Insn, addr: int) -> Insn:
+    """``insn`` (no relative branch) decoded at ``addr`` instead."""
+    target = insn.riprel_target
+    if target is not None:
+        mask = _MASK32 if insn.address_size == 4 else _MASK64
+        target = (addr + insn.length + insn.disp) & mask
+    # A field-for-field copy: a frozen dataclass's __init__ (what
+    # dataclasses.replace runs) takes longer than the iced-x86 decode.
+    moved = object.__new__(Insn)
+    fields = moved.__dict__
+    fields.update(insn.__dict__)
+    fields["addr"] = addr
+    fields["riprel_target"] = target
+    return moved
+
+
+def _decode_full(code: bytes, addr: int) -> Insn:
     for prefix in _EMULATE_PREFIXES:
         if code.startswith(prefix):
             try:
