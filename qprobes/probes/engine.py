@@ -858,21 +858,15 @@ class KprobeEngine:
                 self.drain(drain_timeout)
                 self.check_lost()
             finally:
-                # One at a time: a point whose disarm failed (a dropped
-                # connection, text locked for too long) stays known and armed,
-                # for a detach after a reconnect or a recovery.
-                stuck: list[str] = []
-                for addr, point in list(self.points.items()):
-                    try:
-                        self._disarm(point)
-                    except ConnectionClosedError:
-                        raise
-                    except TranslationError:
-                        # Its text is gone (a freed module): nothing to put back.
-                        self._lose(point, "its text is no longer mapped")
-                    except QprobesError as exc:
-                        stuck.append(f"{self._where(addr)}: {exc}")
-                        continue
+                # In one batch (the text read once per page, the bytes
+                # written in one stream). A point whose disarm failed (a
+                # dropped connection, text locked for too long) stays known
+                # and armed, for a detach after a reconnect or a recovery; a
+                # probe whose text is gone (a freed module) is lost, nothing
+                # put back.
+                left = self._disarm_many(list(self.points.values()))
+                stuck = [f"{self._where(addr)}: {exc}" for addr, exc in left.items()]
+                for addr in [a for a in self.points if a not in left]:
                     del self.points[addr]
                 if stuck:
                     raise ProbeError(f"{len(stuck)} probes could not be disarmed ({stuck[0]})")
@@ -1635,15 +1629,18 @@ class KprobeEngine:
             self._table_room(room)
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, *, hooks: bool = True) -> Iterator[None]:
         """Group guest accesses (see :meth:`register_many`); the guest must
-        stay stopped inside. Nested batches join the outer one."""
+        stay stopped inside. Nested batches join the outer one. ``hooks``
+        false: the :attr:`batch_hooks` are not told (a batch that only puts
+        bytes back, at detach, needs none of what they read)."""
         if self._batch is not None:
             yield
             return
         self._batch = _Batch()
+        told = self.batch_hooks if hooks else []
         try:
-            for hook in self.batch_hooks:
+            for hook in told:
                 hook(True)
             yield
         finally:
@@ -1651,7 +1648,7 @@ class KprobeEngine:
             try:
                 self._flush(batch.writes)
             finally:
-                for hook in self.batch_hooks:
+                for hook in told:
                     hook(False)
 
     def _flush(self, writes: list[tuple[int, bytes]]) -> None:
@@ -1689,6 +1686,128 @@ class KprobeEngine:
         del self.points[point.addr]
         assert self._slots is not None
         self._slots.free_insn_slot(point.slot, dirty=point.boosted)
+
+    def unregister_many(self, kps: Sequence[Kprobe], *,
+                        stop_on_error: bool = False) -> list[QprobesError | None]:  # fmt: skip
+        """Disarm and forget many kprobes in one pass (:meth:`unregister_kprobe`
+        for each, the guest stopped once).
+
+        Every byte goes back as it does for one probe (a detour's jump first,
+        the original byte only where qprobes' int3 still is, a probe whose
+        text the guest rewrote is lost instead); what the batch saves is guest
+        traffic: one look for lost probes, one drain, the text read once per
+        page, the original bytes written in one pipelined stream, then the
+        probe table entries in runs and the journal records (each record goes
+        only once its byte is back). Returns, for each probe, None or the
+        error that kept it registered (not registered, or a disarm that
+        failed); with ``stop_on_error`` the first such error is raised once
+        the others are done.
+        """
+        results: list[QprobesError | None] = [None] * len(kps)
+        mine: list[tuple[int, Kprobe, ProbePoint]] = []
+        seen: set[int] = set()
+        for n, kp in enumerate(kps):
+            point = self.points.get(kp.arm_addr) if kp.arm_addr is not None else None
+            if not kp.registered or point is None or id(kp) in seen:
+                results[n] = ProbeError(f"{kp!r} is not registered")
+                continue
+            seen.add(id(kp))
+            mine.append((n, kp, point))
+        points = list({id(p): p for _n, _kp, p in mine}.values())
+        if points:
+            self.check_lost(points)
+        going: list[ProbePoint] = []
+        for _n, kp, point in mine:
+            point.kprobes.remove(kp)
+            kp.registered = False
+            if self.fast is not None:
+                inst = self.fast.installed.get(point.addr)
+                if inst is not None and inst.kp is kp:
+                    self.fast.remove(point.addr)
+        for point in points:
+            if point.kprobes:
+                self._fast_update(point)
+            else:
+                going.append(point)
+        if going:
+            # A vCPU may be stepping one of these slots: let it finish first.
+            self.drain()
+            stuck = self._disarm_many(going)
+            assert self._slots is not None
+            for point in going:
+                if point.addr in stuck:
+                    continue
+                del self.points[point.addr]
+                self._slots.free_insn_slot(point.slot, dirty=point.boosted)
+            for n, kp, point in mine:
+                exc = stuck.get(point.addr)
+                if exc is not None:
+                    # Still armed: its kprobe stays registered with it.
+                    point.kprobes.append(kp)
+                    kp.registered = True
+                    results[n] = exc
+        if stop_on_error:
+            for exc in results:
+                if exc is not None:
+                    raise exc
+        return results
+
+    def _disarm_many(self, points: Sequence[ProbePoint]) -> dict[int, QprobesError]:
+        """:meth:`_disarm` for each of ``points`` in one batch: detours go
+        first, one by one (each in ``text_poke_bp()``'s order); then the
+        original bytes, read and written in one batch; once they are in the
+        guest, the table entries (in runs) and the journal records. Returns
+        the points that stay armed, by address, with the reason."""
+        stuck: dict[int, QprobesError] = {}
+        for point in points:
+            if point.armed and point.addr in self.detours:
+                try:
+                    self._unoptimize(point)
+                except ConnectionClosedError:
+                    raise
+                except QprobesError as exc:
+                    stuck[point.addr] = exc
+        todo = [p for p in points if p.armed and p.addr not in stuck]
+        if not todo:
+            return stuck
+        if any(p.opcode != INT3 for p in todo):
+            try:
+                self.wait_text_unlocked()  # may run the guest: before the batch
+            except ProbeError as exc:
+                stuck.update((p.addr, exc) for p in todo)
+                return stuck
+        back: list[ProbePoint] = []
+        with self.batch(hooks=False):
+            current = self._code_bytes([p.addr for p in todo if p.opcode != INT3])
+            for point in todo:
+                try:
+                    if point.opcode == INT3:
+                        back.append(point)
+                    elif point.addr not in current:
+                        self._lose(point, "its text is no longer mapped")
+                    elif current[point.addr] != INT3:
+                        # The guest rewrote its own text (ftrace, static keys):
+                        # the saved byte is stale, so leave the new one alone.
+                        self._lose(point)
+                    else:
+                        self.kwrite_code(point.addr, bytes([point.opcode]))
+                        back.append(point)
+                except ConnectionClosedError:
+                    raise
+                except TranslationError:
+                    self._lose(point, "its text is no longer mapped")
+                except QprobesError as exc:
+                    stuck[point.addr] = exc
+        # The bytes are back (the batch flushed them): nothing hits these now.
+        # Without host memory the records go through the gdbstub: pipelined.
+        with self.batch(hooks=False) if self.hostmem is None else contextlib.nullcontext():
+            indexes = [i for i in (self._ptable.remove(p.addr) for p in back) if i is not None]
+            if indexes:
+                self._ptable_write(indexes)
+            for point in back:
+                point.armed = False
+                self._unsite(point)
+        return stuck
 
     def enable_kprobe(self, kp: Kprobe) -> None:
         kp.disabled = False

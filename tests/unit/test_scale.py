@@ -349,3 +349,42 @@ def test_a_bigger_journal_records_more_sites_and_reads_only_up_to_its_mark() -> 
     j2.site(addrs[0], 0, 0x55, False)
     again = j2.load()
     assert again is not None and [s[0] for s in again.sites] == [addrs[0]]
+
+
+def test_unregister_many_puts_back_every_byte_as_one_by_one() -> None:
+    engine, target, where, _ftrace = fake_engine()
+    before = bytes(target.mem)
+    kps = [Kprobe(symbol_name=n, offset=o) for n, o in wanted(where)]
+    results = engine.register_many(kps)
+    armed = [kp for kp, err in zip(kps, results, strict=True) if err is None]
+    assert len(armed) == 3 and bytes(target.mem) != before
+    # A second kprobe on plain's point: the point stays while it is there.
+    extra = engine.register_kprobe(Kprobe(symbol_name="plain", offset=0))
+    # The guest rewrote nofentry's int3 (its own text patching): lost, left alone.
+    nofentry = next(kp for kp in armed if kp.symbol_name == "nofentry")
+    assert nofentry.arm_addr is not None
+    target.write(nofentry.arm_addr, b"\x90")
+    rewritten = bytes(target.mem)
+    stray = Kprobe(symbol_name="plain", offset=0)  # never registered
+    got = engine.unregister_many([*armed, stray, armed[0]])
+    assert got[: len(armed)] == [None] * len(armed)
+    assert [str(e) for e in got[len(armed) :]] == [f"{stray!r} is not registered",
+                                                   f"{armed[0]!r} is not registered"]  # fmt: skip
+    assert all(not kp.registered for kp in armed) and nofentry.lost
+    plain = extra.arm_addr
+    assert plain is not None and engine.points[plain].armed and target.read(plain, 1) == b"\xcc"
+    assert list(engine.points) == [plain] and engine.probe_table.live == 1
+    # What is left equals unregistering the same probes one by one.
+    alone, t2, w2, _f2 = fake_engine()
+    kps2 = [Kprobe(symbol_name=n, offset=o) for n, o in wanted(w2)]
+    armed2 = [kp for kp, err in zip(kps2, alone.register_many(kps2), strict=True) if err is None]
+    alone.register_kprobe(Kprobe(symbol_name="plain", offset=0))
+    t2.mem[:] = rewritten
+    for kp in armed2:
+        alone.unregister_kprobe(kp)
+    assert bytes(target.mem) == bytes(t2.mem)
+    engine.unregister_many([extra])
+    expected = bytearray(before)
+    expected[nofentry.arm_addr - KTEXT] = 0x90  # the guest's byte stays
+    assert target.mem == expected
+    assert not engine.points and engine.probe_table.live == 0
