@@ -33,7 +33,7 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -211,6 +211,67 @@ def _segments(ranges: list[tuple[int, int, str]]) -> tuple[list[int], list[int]]
     return bounds, first
 
 
+class _Points(dict[int, ProbePoint]):
+    """Probe points by address, with an index by page: which points lie in a
+    range, for :meth:`KprobeEngine._original_bytes` over a whole function,
+    without a look at every byte of it or at every point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pages: dict[int, set[int]] = {}
+
+    def __setitem__(self, addr: int, point: ProbePoint) -> None:
+        if addr not in self:
+            self._pages.setdefault(addr // PAGE_SIZE, set()).add(addr)
+        super().__setitem__(addr, point)
+
+    def __delitem__(self, addr: int) -> None:
+        super().__delitem__(addr)
+        self._unindex(addr)
+
+    def _unindex(self, addr: int) -> None:
+        page = self._pages.get(addr // PAGE_SIZE)
+        if page is not None:
+            page.discard(addr)
+            if not page:
+                del self._pages[addr // PAGE_SIZE]
+
+    def pop(self, addr: int, *default: ProbePoint | None) -> ProbePoint | None:  # type: ignore[override]
+        if addr in self:
+            self._unindex(addr)
+        return super().pop(addr, *default)
+
+    def popitem(self) -> tuple[int, ProbePoint]:
+        addr, point = super().popitem()
+        self._unindex(addr)
+        return addr, point
+
+    def clear(self) -> None:
+        super().clear()
+        self._pages.clear()
+
+    def setdefault(self, addr: int, point: ProbePoint) -> ProbePoint:
+        if addr not in self:
+            self[addr] = point
+        return self[addr]
+
+    def update(self, other: Mapping[int, ProbePoint]) -> None:  # type: ignore[override]
+        for addr, point in other.items():
+            self[addr] = point
+
+    def within(self, lo: int, hi: int) -> list[int]:
+        """The addresses of the points in ``[lo, hi)``."""
+        if hi - lo <= 32:  # a few lookups by address
+            return [a for a in range(lo, hi) if a in self]
+        pages = self._pages
+        out: list[int] = []
+        for page in range(lo // PAGE_SIZE, (hi - 1) // PAGE_SIZE + 1):
+            found = pages.get(page)
+            if found:
+                out += [a for a in found if lo <= a < hi]
+        return out
+
+
 @dataclass
 class _Batch:
     """A batch of registrations (see :meth:`KprobeEngine.register_many`)."""
@@ -293,7 +354,7 @@ class KprobeEngine:
         if hostmem is not None:
             self.area.write_data_phys = hostmem.write_phys  # zero-filling data pages
         self.stats = EngineStats()
-        self.points: dict[int, ProbePoint] = {}
+        self.points = _Points()
         self.kcb: dict[int, KprobeCtlblk] = {}
         self._steps_to_clear: list[KprobeCtlblk] = []
         # Journal records to take out once the current doorbell frame is
@@ -1267,15 +1328,10 @@ class KprobeEngine:
         optimized kprobes: Linux's ``recover_probed_instruction()``)."""
         data = bytearray(self.kread(addr, length))
         points = self.points
-        if len(points) < length:
-            for point in points.values():
-                if point.armed and addr <= point.addr < addr + length:
-                    data[point.addr - addr] = point.opcode
-        else:
-            for a in range(addr, addr + length):
-                at = points.get(a)
-                if at is not None and at.armed:
-                    data[a - addr] = at.opcode
+        for a in points.within(addr, addr + length):
+            at = points[a]
+            if at.armed:
+                data[a - addr] = at.opcode
         for det in self.detours.values():
             # The bytes under a detour's jump (recover_probed_instruction()).
             for i, byte in enumerate(det.window.original[: x86insn.JMP_REL32_SIZE]):

@@ -388,3 +388,27 @@ def test_unregister_many_puts_back_every_byte_as_one_by_one() -> None:
     expected[nofentry.arm_addr - KTEXT] = 0x90  # the guest's byte stays
     assert target.mem == expected
     assert not engine.points and engine.probe_table.live == 0
+
+
+def test_the_points_index_finds_the_points_in_a_range_as_a_scan_does() -> None:
+    from qprobes.probes.engine import _Points
+
+    rng = random.Random(3)
+    points = _Points()
+    plain: dict[int, object] = {}
+    base = KTEXT + 0x3F00
+    for step in range(3000):
+        addr = base + rng.randrange(0x3000)
+        op = rng.randrange(4)
+        if op < 2:
+            points[addr] = plain[addr] = step  # type: ignore[assignment]
+        elif op == 2 and addr in plain:
+            del points[addr], plain[addr]
+        else:
+            assert points.pop(addr, None) == plain.pop(addr, None)
+        lo = base + rng.randrange(-0x100, 0x3000)
+        hi = lo + rng.choice((0, 1, 5, 15, 32, 33, 300, 0x1800))
+        assert sorted(points.within(lo, hi)) == sorted(a for a in plain if lo <= a < hi)
+    assert dict(points) == plain
+    points.clear()
+    assert points.within(base, base + 0x4000) == [] and not points._pages
