@@ -1495,28 +1495,35 @@ class KprobeEngine:
         if site is None:
             return addr
         new = addr + MCOUNT_INSN_SIZE
-        where, there = self._where(addr), self._where(new)
-        head = f"{where} is an ftrace site, where qprobes probes the next instruction, {there}"
+
+        # Named only on the way to a refusal (a batch arms thousands).
+        def there() -> str:
+            return self._where(new)
+
+        def head() -> str:  # the start of each refusal
+            return (f"{self._where(addr)} is an ftrace site, where qprobes probes the next "
+                    f"instruction, {there()}")  # fmt: skip
+
         if site.direct:
             raise ProbeError(
-                f"{head}; but the guest attached a direct trampoline to it (a BPF fentry/fexit "
-                f"program: FTRACE_FL_DIRECT, {site.describe()}), which calls {there} with its "
+                f"{head()}; but the guest attached a direct trampoline to it (a BPF fentry/fexit "
+                f"program: FTRACE_FL_DIRECT, {site.describe()}), which calls {there()} with its "
                 "own return address or skips the function: not probing it"
             )
         if site.ipmodify:
             raise ProbeError(
-                f"{head}; but an ftrace_ops that changes the ip (FTRACE_FL_IPMODIFY: "
-                f"livepatch or the like, {site.describe()}) is attached, so {there} may never "
+                f"{head()}; but an ftrace_ops that changes the ip (FTRACE_FL_IPMODIFY: "
+                f"livepatch or the like, {site.describe()}) is attached, so {there()} may never "
                 "run: not probing it"
             )
         self.can_probe(addr)  # the blacklist names the function itself
         try:
             next_insn = self._decode(self._original_bytes(new, x86insn.MAX_INSN_SIZE), new)
         except InstructionError as exc:
-            raise ProbeError(f"{head}; but {there} does not decode ({exc})") from exc
+            raise ProbeError(f"{head()}; but {there()} does not decode ({exc})") from exc
         reason = self.ftrace.text_reserved(new, new + next_insn.length)
         if reason is not None:
-            raise ProbeError(f"{head}; but that is text the kernel patches: {reason}")
+            raise ProbeError(f"{head()}; but that is text the kernel patches: {reason}")
         found = self.symbols.resolve(addr) if self.symbols is not None else None
         if found is not None and found[0].size > MCOUNT_INSN_SIZE:
             assert self.symbols is not None
@@ -1535,19 +1542,21 @@ class KprobeEngine:
                         insns = x86insn.decode_function(code, sym.addr)
                     except InstructionError as exc:
                         raise ProbeError(
-                            f"{head}; but {sym.name} does not decode ({exc}), so qprobes "
-                            f"cannot tell whether a branch goes to {there}: probe {there} "
+                            f"{head()}; but {sym.name} does not decode ({exc}), so qprobes "
+                            f"cannot tell whether a branch goes to {there()}: probe {there()} "
                             "explicitly"
                         ) from exc
                     sources = branches_to(insns, new)
                 if sources:
                     named = ", ".join(self._where(a) for a in sources)
                     raise ProbeError(
-                        f"{head}; but a branch in {sym.name} goes there too ({named}), whose "
-                        f"hits would look like calls: probe {there} explicitly (every pass "
+                        f"{head()}; but a branch in {sym.name} goes there too ({named}), whose "
+                        f"hits would look like calls: probe {there()} explicitly (every pass "
                         "through it) or another offset"
                     )
-        log.info("%s is an ftrace site (%s): armed at %s", where, site.describe(), there)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s is an ftrace site (%s): armed at %s", self._where(addr), site.describe(),
+                     there())  # fmt: skip
         return new
 
     def ftrace_site_changed(self, kp: Kprobe) -> str | None:
