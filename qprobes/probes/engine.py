@@ -1375,7 +1375,7 @@ class KprobeEngine:
         self._check_text(addr)
         if self.symbols is None:
             return
-        found = self.symbols.resolve(addr)
+        found = found_addr
         if found is None:
             return
         sym, off = found
@@ -1459,7 +1459,7 @@ class KprobeEngine:
         fb = self._handler_syms[b]
         if fa is None or fb is None:
             return a == b
-        return fa[0] == fb[0]
+        return fa[0].addr == fb[0].addr and fa[0] == fb[0]  # the address first: cheaper
 
     def resolve_addr(self, addr: int) -> tuple[Symbol, int] | None:
         """The symbol holding ``addr`` and the offset into it: vmlinux's, or

@@ -83,9 +83,15 @@ def test_the_second_decode_of_the_same_bytes_runs_no_capstone(
     again = decode(bytes.fromhex("488b0500100000 c3"), B)
     assert again.addr == B and again.riprel_target == B + 7 + 0x1000
     assert (again.raw, again.mnemonic, again.op_str) == (first.raw, first.mnemonic, first.op_str)
-    # A relative branch is not reused: its target is in capstone's operands.
+    # A relative branch: its target (capstone's operand) moves with it...
+    monkeypatch.undo()
+    decode(bytes.fromhex("e800010000"), A)
+    monkeypatch.setattr(x86insn, "_capstone", no_capstone)
+    call = decode(bytes.fromhex("e800010000"), B)
+    assert (call.branch_target, call.op_str) == (B + 5 + 0x100, f"{B + 5 + 0x100:#x}")
+    # ...within the kernel half; below it, decoded afresh.
     with pytest.raises(AssertionError, match="capstone ran"):
-        decode(bytes.fromhex("e800010000"), B)
+        decode(bytes.fromhex("e800010000"), LOW)
 
 
 def test_random_bytes_decode_the_same_with_the_cache() -> None:

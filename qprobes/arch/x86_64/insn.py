@@ -344,8 +344,8 @@ def decode(code: bytes, addr: int) -> Insn:
 
     The same bytes decode to the same instruction wherever they are, but for
     what depends on the address: the address itself, a rip-relative operand's
-    target, and a relative branch's target (which capstone also prints in its
-    operands, so branches are not reused). An instruction decoded once is
+    target, and a relative branch's target (which capstone also prints as its
+    operand: :func:`_movable`). An instruction decoded once is
     therefore taken from a cache, moved to ``addr`` (:func:`_rebased`): a
     lookup by the bytes of iced-x86's length (the length of every successful
     decode), an iced-x86 decode instead of both decoders' full work. Both
@@ -361,13 +361,23 @@ def decode(code: bytes, addr: int) -> Insn:
     if length is not None:
         known = _DECODED.get(window[:length])
         if known is not None:
-            return _rebased(known, addr)
+            moved = _rebased(known, addr)
+            if moved is not None:
+                return moved
     insn = _decode_full(window, addr)
-    if insn.branch_target is None and not insn.emulate_prefix and insn.length == length:
+    if not insn.emulate_prefix and insn.length == length and _movable(insn):
         if len(_DECODED) >= _DECODED_MAX:
             _DECODED.clear()
         _DECODED[insn.raw] = insn
     return insn
+
+
+def _movable(insn: Insn) -> bool:
+    """Whether :func:`_rebased` can move ``insn``: no relative branch, or one
+    to a kernel-half target that capstone printed as its operand in full
+    (``0x%llx``, as it prints every such target: printPCRelImm)."""
+    target = insn.branch_target
+    return target is None or (target >> 63 == 1 and insn.op_str == f"{target:#x}")
 
 
 def _iced_length(window: bytes, addr: int) -> int | None:
@@ -375,12 +385,21 @@ def _iced_length(window: bytes, addr: int) -> int | None:
     return None if instr.is_invalid else int(instr.len)
 
 
-def _rebased(insn: Insn, addr: int) -> Insn:
-    """``insn`` (no relative branch) decoded at ``addr`` instead."""
+def _rebased(insn: Insn, addr: int) -> Insn | None:
+    """``insn`` (see :func:`_movable`) decoded at ``addr`` instead; None for
+    a branch whose target there is not in the kernel half (decoded afresh)."""
     target = insn.riprel_target
     if target is not None:
         mask = _MASK32 if insn.address_size == 4 else _MASK64
         target = (addr + insn.length + insn.disp) & mask
+    branch = insn.branch_target
+    op_str = insn.op_str
+    if branch is not None:
+        assert insn.imm_offset is not None
+        branch = (addr + insn.length + _signed(insn.raw[insn.imm_offset :])) & _MASK64
+        if not branch >> 63:
+            return None
+        op_str = f"{branch:#x}"
     # A field-for-field copy: a frozen dataclass's __init__ (what
     # dataclasses.replace runs) takes longer than the iced-x86 decode.
     moved = object.__new__(Insn)
@@ -388,6 +407,8 @@ def _rebased(insn: Insn, addr: int) -> Insn:
     fields.update(insn.__dict__)
     fields["addr"] = addr
     fields["riprel_target"] = target
+    fields["branch_target"] = branch
+    fields["op_str"] = op_str
     return moved
 
 
