@@ -279,6 +279,11 @@ class _Batch:
     pages: dict[int, bytes] = field(default_factory=dict)  # kernel page vaddr -> bytes
     phys: dict[int, int] = field(default_factory=dict)  # kernel page vaddr -> paddr
     writes: list[tuple[int, bytes]] = field(default_factory=list)  # (paddr, code), in order
+    # The int3s that arm probes, by paddr: written after every other write of
+    # the batch (each after its slot, table entry and journal record, as one
+    # at a time; and the slots, one after the other, merge into long writes).
+    # A later write over one of them takes its place (see kwrite_code).
+    int3s: dict[int, bytes] = field(default_factory=dict)
     decoded: dict[tuple[int, bytes], x86insn.Insn] = field(default_factory=dict)
     text_unlocked: bool = False  # the guest's text_mutex was seen free in the batch
 
@@ -1233,19 +1238,31 @@ class KprobeEngine:
             vaddr, length = vaddr + n, length - n
         return bytes(out)
 
-    def kwrite_code(self, vaddr: int, data: bytes) -> None:
-        """Write kernel code (int3, slots, stubs) so that TCG sees the change."""
+    def kwrite_code(self, vaddr: int, data: bytes, *, arming: bool = False) -> None:
+        """Write kernel code (int3, slots, stubs) so that TCG sees the change.
+        ``arming``: the int3 that arms a probe, which a batch writes last."""
         if not self._kcr3:
             self.target.write(vaddr, data)
             return
         batch = self._batch
         if batch is not None:
+            if not self.area.contains(vaddr):
+                # Cache the pages first: reads later in the batch see this write.
+                self._batch_read(batch, vaddr, len(data))
             self._batch_note_write(batch, vaddr, bytes(data))
         view = memoryview(data)
         while view:
             n = min(len(view), PAGE_SIZE - vaddr % PAGE_SIZE)
             if batch is not None:
-                batch.writes.append((self._kphys(vaddr), bytes(view[:n])))
+                paddr = self._kphys(vaddr)
+                if arming:
+                    batch.int3s.pop(paddr, None)  # (moved to the end, as written last)
+                    batch.int3s[paddr] = bytes(view[:n])
+                else:
+                    if batch.int3s:
+                        for a in range(paddr, paddr + n):
+                            batch.int3s.pop(a, None)  # overwritten: the int3 must not win
+                    batch.writes.append((paddr, bytes(view[:n])))
             else:
                 self.target.write_phys(self._kphys(vaddr), bytes(view[:n]))
             vaddr, view = vaddr + n, view[n:]
@@ -1711,7 +1728,7 @@ class KprobeEngine:
         finally:
             batch, self._batch = self._batch, None
             try:
-                self._flush(batch.writes)
+                self._flush(batch.writes + list(batch.int3s.items()))
             finally:
                 for hook in told:
                     hook(False)
@@ -2382,7 +2399,7 @@ class KprobeEngine:
             self.journal.site(point.addr, point.slot, point.opcode, point.boosted, module or 0)
             self._unsite_after_step.discard(point.addr)  # a full record again
         if point.opcode != INT3:
-            self.kwrite_code(point.addr, bytes([INT3]))
+            self.kwrite_code(point.addr, bytes([INT3]), arming=True)
         point.armed = True
 
     def _stepped_sites(self) -> set[int]:

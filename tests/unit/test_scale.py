@@ -412,3 +412,40 @@ def test_the_points_index_finds_the_points_in_a_range_as_a_scan_does() -> None:
     assert dict(points) == plain
     points.clear()
     assert points.within(base, base + 0x4000) == [] and not points._pages
+
+
+def test_a_batch_writes_the_int3s_last_and_a_later_write_over_one_wins() -> None:
+    from tests.unit.test_journal_order import CR3, PageMem
+
+    class Client:
+        def __init__(self, mem: PageMem) -> None:
+            self.mem, self.streams = mem, []  # type: list[list[tuple[int, bytes]]]
+
+        def set_phys_mem_mode(self, on: bool) -> None:
+            assert on
+
+        def write_memory_many(self, writes: list[tuple[int, bytes]]) -> None:
+            self.streams.append(list(writes))
+            for paddr, data in writes:
+                self.mem.write_phys(paddr, data)
+
+    engine = KprobeEngine(FakeTarget(), (0x7C00000, 4 << 20), KTEXT)  # type: ignore[arg-type]
+    mem = PageMem()
+    client = Client(mem)
+    engine.hostmem, engine.client, engine._kcr3 = mem, client, CR3  # type: ignore[assignment]
+    slot = 0xFFFF_FFFF_FE40_0000
+    a, b, c = KTEXT + 0x10, KTEXT + 0x2010, KTEXT + 0x4010
+    mem.write_phys(a & 0xFFFFFFFF, b"\x55")
+    with engine.batch():
+        for n, addr in enumerate((a, b, c)):
+            engine.kwrite_code(slot + 32 * n, bytes([n]) * 32)
+            engine.kwrite_code(addr, b"\xcc", arming=True)
+            assert engine.kread(addr, 1) == b"\xcc"  # the batch reads what it will write
+        engine.kwrite_code(a, b"\x55")  # a's probe taken out again in the same batch
+    (stream,) = client.streams
+    phys = 0xFFFFFFFF
+    # The three slots in one write, then the int3s that still stand, in order.
+    slots = b"".join(bytes([n]) * 32 for n in range(3))
+    assert stream == [(slot & phys, slots), (a & phys, b"\x55"), (b & phys, b"\xcc"),
+                      (c & phys, b"\xcc")]  # fmt: skip
+    assert mem.read_phys(a & phys, 1) == b"\x55" and mem.read_phys(b & phys, 1) == b"\xcc"
