@@ -110,7 +110,7 @@ from qprobes.probes.stubs import (
 )
 from qprobes.symbols.elf import Symbol, SymbolTable
 from qprobes.target.hostmem import HostMemory
-from qprobes.target.paging import walk
+from qprobes.target.paging import Translation, walk
 from qprobes.target.registers import Registers
 from qprobes.target.target import Target
 from qprobes.wire.stop import StopReply
@@ -141,6 +141,7 @@ PAGE_SLOTS_LAST = 383  # 384-399: fast return probes (qprobes.probes.fastret); 4
 PAGE_DETOUR_FIRST = 400  # detour buffers (jump-optimized probes): pages 400-415
 PAGE_DETOUR_LAST = 415
 CR4_SMAP = 1 << 21
+LARGE_PAGE = 2 << 20  # a 2 MiB page (a 1 GiB one is cached as its 2 MiB pieces)
 
 TRAPPED_VECTORS = (1, 3, *SLOT_FAULT_VECTORS)
 _VECTORS = frozenset((*TRAPPED_VECTORS, KRETPROBE_VECTOR, JPROBE_VECTOR, FASTRET_SPILL_VECTOR))
@@ -278,6 +279,7 @@ class _Batch:
 
     pages: dict[int, bytes] = field(default_factory=dict)  # kernel page vaddr -> bytes
     phys: dict[int, int] = field(default_factory=dict)  # kernel page vaddr -> paddr
+    large: dict[int, int] = field(default_factory=dict)  # 2 MiB page vaddr -> its paddr
     writes: list[tuple[int, bytes]] = field(default_factory=list)  # (paddr, code), in order
     # The int3s that arm probes, by paddr: written after every other write of
     # the batch (each after its slot, table entry and journal record, as one
@@ -1180,14 +1182,27 @@ class KprobeEngine:
             page = vaddr - vaddr % PAGE_SIZE
             paddr = batch.phys.get(page)
             if paddr is None:
-                paddr = batch.phys[page] = self._kphys_walk(page)
+                # One walk per large page (kernel text is mapped with 2 MiB
+                # pages): the batch keeps the mapping, the guest does not run.
+                large = vaddr - vaddr % LARGE_PAGE
+                base = batch.large.get(large)
+                if base is not None:
+                    paddr = batch.phys[page] = base + page - large
+                else:
+                    found = self._kphys_translate(page)
+                    paddr = batch.phys[page] = found.paddr
+                    if found.page_size >= LARGE_PAGE:
+                        batch.large[large] = found.paddr - (page - large)
             return paddr + vaddr % PAGE_SIZE
         return self._kphys_walk(vaddr)
 
     def _kphys_walk(self, vaddr: int) -> int:
+        return self._kphys_translate(vaddr).paddr
+
+    def _kphys_translate(self, vaddr: int) -> Translation:
         if self.hostmem is not None:
-            return self.hostmem.translate(self._kcr3, vaddr, self._la57).paddr
-        return walk(self.target.read_phys_u64, self._kcr3, vaddr, self._la57).paddr
+            return self.hostmem.translate(self._kcr3, vaddr, self._la57)
+        return walk(self.target.read_phys_u64, self._kcr3, vaddr, self._la57)
 
     def _batch_read(self, batch: _Batch, vaddr: int, length: int) -> bytes:
         """Kernel memory from the batch's page cache (whole pages read once)."""
