@@ -286,6 +286,7 @@ class _Batch:
     # at a time; and the slots, one after the other, merge into long writes).
     # A later write over one of them takes its place (see kwrite_code).
     int3s: dict[int, bytes] = field(default_factory=dict)
+    int3_pages: set[int] = field(default_factory=set)  # the physical pages they are in
     decoded: dict[tuple[int, bytes], x86insn.Insn] = field(default_factory=dict)
     text_unlocked: bool = False  # the guest's text_mutex was seen free in the batch
 
@@ -413,6 +414,8 @@ class KprobeEngine:
         self._blacklist: list[tuple[int, int, str]] = []
         self._blacklist_index: tuple[list[int], list[int]] | None = None
         self._handler_syms: dict[int, tuple[Symbol, int] | None] = {}
+        self._handler_table: tuple[tuple[int, tuple[tuple[int, int], ...]], dict[Symbol, int],
+                                   dict[int, int], dict[int, int]] | None = None  # fmt: skip
         # A batch of registrations in progress (register_many): kernel reads
         # served from a page cache, code writes held for one pipelined flush.
         self._batch: _Batch | None = None
@@ -1273,8 +1276,9 @@ class KprobeEngine:
                 if arming:
                     batch.int3s.pop(paddr, None)  # (moved to the end, as written last)
                     batch.int3s[paddr] = bytes(view[:n])
+                    batch.int3_pages.add(paddr // PAGE_SIZE)
                 else:
-                    if batch.int3s:
+                    if paddr // PAGE_SIZE in batch.int3_pages:  # (a write stays in its page)
                         for a in range(paddr, paddr + n):
                             batch.int3s.pop(a, None)  # overwritten: the int3 must not win
                     batch.writes.append((paddr, bytes(view[:n])))
@@ -1398,12 +1402,12 @@ class KprobeEngine:
             where = self.symbols.format(addr) if self.symbols is not None else f"{addr:#x}"
             raise ProbeError(f"{where} is blacklisted: {hit[2]}")
         found_addr = self.symbols.resolve(addr) if self.symbols is not None else None
-        for vector, handler in self._orig_handler.items():
-            if self._same_function_as(addr, found_addr, handler):
-                raise ProbeError(
-                    f"{addr:#x} is in the guest's handler for vector {vector}, "
-                    "which qprobes' stubs chain to"
-                )
+        vector = self._handler_vector(addr, found_addr)
+        if vector is not None:
+            raise ProbeError(
+                f"{addr:#x} is in the guest's handler for vector {vector}, "
+                "which qprobes' stubs chain to"
+            )
         self._check_text(addr)
         if self.symbols is None:
             return
@@ -1475,6 +1479,36 @@ class KprobeEngine:
                     f"{self.text_lock_timeout:g} s: not writing kernel text meanwhile"
                 )
             self.run(timeout=0.005)
+
+    def _handler_vector(self, addr: int, found: tuple[Symbol, int] | None) -> int | None:
+        """The first vector (in :attr:`_orig_handler`'s order) whose handler
+        :meth:`_same_function_as` puts in ``addr``'s function (``found``:
+        ``addr`` resolved), or None: lookups in tables built once for the
+        handlers, not a comparison with each of them."""
+        key = (id(self.symbols), tuple(self._orig_handler.items()))
+        table = self._handler_table
+        if table is None or table[0] != key:
+            by_sym: dict[Symbol, int] = {}  # handlers in a function: the first one's position
+            by_addr: dict[int, int] = {}  # handlers outside any function
+            every: dict[int, int] = {}  # every handler (addr has no function)
+            for n, (_vector, handler) in enumerate(key[1]):
+                every.setdefault(handler, n)
+                if self.symbols is not None and handler not in self._handler_syms:
+                    self._handler_syms[handler] = self.symbols.resolve(handler)
+                fb = self._handler_syms.get(handler)
+                if fb is None:
+                    by_addr.setdefault(handler, n)
+                else:
+                    by_sym.setdefault(fb[0], n)
+            table = self._handler_table = (key, by_sym, by_addr, every)
+        _key, by_sym, by_addr, every = table
+        pos: int | None
+        if self.symbols is None or found is None:
+            pos = every.get(addr)
+        else:
+            hits = [p for p in (by_sym.get(found[0]), by_addr.get(addr)) if p is not None]
+            pos = min(hits) if hits else None
+        return None if pos is None else key[1][pos][0]
 
     def _same_function(self, a: int, b: int) -> bool:
         if self.symbols is None:

@@ -449,3 +449,21 @@ def test_a_batch_writes_the_int3s_last_and_a_later_write_over_one_wins() -> None
     assert stream == [(slot & phys, slots), (a & phys, b"\x55"), (b & phys, b"\xcc"),
                       (c & phys, b"\xcc")]  # fmt: skip
     assert mem.read_phys(a & phys, 1) == b"\x55" and mem.read_phys(b & phys, 1) == b"\xcc"
+
+
+def test_the_handler_table_names_the_vector_each_comparison_named() -> None:
+    engine, _t, where, _f = fake_engine()
+    assert engine.symbols is not None
+    plain, loops = where["plain"], where["loops"]
+    outside = KTEXT + 0x9000  # in no function
+    # Vector order matters: the first whose handler shares the function.
+    engine._orig_handler = {14: loops + 3, 3: plain + 2, 1: outside, 13: plain}
+    for addr in (plain, plain + 5, loops, loops + 1, outside, outside + 1, where["nofentry"]):
+        found = engine.symbols.resolve(addr)
+        want = next((v for v, h in engine._orig_handler.items()
+                     if engine._same_function_as(addr, found, h)), None)  # fmt: skip
+        assert engine._handler_vector(addr, found) == want, hex(addr)
+    assert engine._handler_vector(plain, engine.symbols.resolve(plain)) == 3
+    assert engine._handler_vector(outside, None) == 1
+    engine._orig_handler = {1: plain}  # a new set of handlers: a new table
+    assert engine._handler_vector(plain + 1, engine.symbols.resolve(plain + 1)) == 1
