@@ -287,6 +287,8 @@ class _Batch:
     # A later write over one of them takes its place (see kwrite_code).
     int3s: dict[int, bytes] = field(default_factory=dict)
     int3_pages: set[int] = field(default_factory=set)  # the physical pages they are in
+    # Kernel page vaddr -> its original bytes (see KprobeEngine._original_bytes).
+    original: dict[int, bytes] = field(default_factory=dict)
     decoded: dict[tuple[int, bytes], x86insn.Insn] = field(default_factory=dict)
     text_unlocked: bool = False  # the guest's text_mutex was seen free in the batch
 
@@ -1267,6 +1269,9 @@ class KprobeEngine:
             if not self.area.contains(vaddr):
                 # Cache the pages first: reads later in the batch see this write.
                 self._batch_read(batch, vaddr, len(data))
+                if not arming:  # (arming leaves the original bytes as they are)
+                    for page in range(vaddr - vaddr % PAGE_SIZE, vaddr + len(data), PAGE_SIZE):
+                        batch.original.pop(page, None)
             self._batch_note_write(batch, vaddr, bytes(data))
         view = memoryview(data)
         while view:
@@ -1361,7 +1366,27 @@ class KprobeEngine:
     def _original_bytes(self, addr: int, length: int) -> bytes:
         """Guest text with qprobes' own int3 bytes replaced by the originals
         (and, through ``recover_text``, the guest's own jumps over its
-        optimized kprobes: Linux's ``recover_probed_instruction()``)."""
+        optimized kprobes: Linux's ``recover_probed_instruction()``).
+
+        In a batch, a page's original bytes are worked out once: the int3s
+        qprobes arms and takes out meanwhile leave them as they are (that
+        is what the originals are), and any other code write to the page
+        (a debugger's), or a probe lost, makes it be worked out again."""
+        batch = self._batch
+        if batch is not None and self._kcr3 and length > 0 and not self.area.contains(addr):
+            out = bytearray()
+            while length > 0:
+                page = addr - addr % PAGE_SIZE
+                original = batch.original.get(page)
+                if original is None:
+                    original = batch.original[page] = self._original_uncached(page, PAGE_SIZE)
+                n = min(length, PAGE_SIZE - (addr - page))
+                out += original[addr - page : addr - page + n]
+                addr, length = addr + n, length - n
+            return bytes(out)
+        return self._original_uncached(addr, length)
+
+    def _original_uncached(self, addr: int, length: int) -> bytes:
         data = bytearray(self.kread(addr, length))
         points = self.points
         for a in points.within(addr, addr + length):
@@ -2548,6 +2573,8 @@ class KprobeEngine:
         return lost
 
     def _lose(self, point: ProbePoint, why: str = REWRITTEN) -> None:
+        if self._batch is not None:
+            self._batch.original.clear()  # its bytes (or its detour's) are no longer ours
         if why == REWRITTEN:
             log.warning("probe lost: the guest rewrote %s", self._where(point.addr))
         else:

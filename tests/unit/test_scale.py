@@ -30,6 +30,7 @@ from qprobes.probes.ptable import (
 from qprobes.probes.slots import SlotAllocator
 from qprobes.probes.stubs import PTABLE_BITS, probe_hash
 from qprobes.symbols.elf import Symbol, SymbolTable
+from tests.unit.test_journal_order import CR3, PageMem
 
 KTEXT = 0xFFFF_FFFF_8100_0000
 
@@ -414,25 +415,32 @@ def test_the_points_index_finds_the_points_in_a_range_as_a_scan_does() -> None:
     assert points.within(base, base + 0x4000) == [] and not points._pages
 
 
-def test_a_batch_writes_the_int3s_last_and_a_later_write_over_one_wins() -> None:
-    from tests.unit.test_journal_order import CR3, PageMem
+class _StreamClient:
+    """A gdbstub client that records each pipelined stream of writes."""
 
-    class Client:
-        def __init__(self, mem: PageMem) -> None:
-            self.mem, self.streams = mem, []  # type: list[list[tuple[int, bytes]]]
+    def __init__(self, mem: PageMem) -> None:
+        self.mem, self.streams = mem, []  # type: list[list[tuple[int, bytes]]]
 
-        def set_phys_mem_mode(self, on: bool) -> None:
-            assert on
+    def set_phys_mem_mode(self, on: bool) -> None:
+        assert on
 
-        def write_memory_many(self, writes: list[tuple[int, bytes]]) -> None:
-            self.streams.append(list(writes))
-            for paddr, data in writes:
-                self.mem.write_phys(paddr, data)
+    def write_memory_many(self, writes: list[tuple[int, bytes]]) -> None:
+        self.streams.append(list(writes))
+        for paddr, data in writes:
+            self.mem.write_phys(paddr, data)
 
+
+def paged_engine() -> tuple[KprobeEngine, PageMem, _StreamClient]:
     engine = KprobeEngine(FakeTarget(), (0x7C00000, 4 << 20), KTEXT)  # type: ignore[arg-type]
     mem = PageMem()
-    client = Client(mem)
+    client = _StreamClient(mem)
     engine.hostmem, engine.client, engine._kcr3 = mem, client, CR3  # type: ignore[assignment]
+    engine.target.read_phys = mem.read_phys  # type: ignore[attr-defined]
+    return engine, mem, client
+
+
+def test_a_batch_writes_the_int3s_last_and_a_later_write_over_one_wins() -> None:
+    engine, mem, client = paged_engine()
     slot = 0xFFFF_FFFF_FE40_0000
     a, b, c = KTEXT + 0x10, KTEXT + 0x2010, KTEXT + 0x4010
     mem.write_phys(a & 0xFFFFFFFF, b"\x55")
@@ -467,3 +475,34 @@ def test_the_handler_table_names_the_vector_each_comparison_named() -> None:
     assert engine._handler_vector(outside, None) == 1
     engine._orig_handler = {1: plain}  # a new set of handlers: a new table
     assert engine._handler_vector(plain + 1, engine.symbols.resolve(plain + 1)) == 1
+
+
+def test_original_bytes_in_a_batch_are_as_outside_it() -> None:
+    """The batch works out each page's original bytes once: the same as
+    without the batch after int3s come and go, and after a write that is
+    not an int3 (a debugger's) the new bytes."""
+    from qprobes.arch.x86_64 import insn as x86insn
+    from qprobes.probes.kprobe import ProbePoint
+
+    engine, mem, _client = paged_engine()
+    code = bytes.fromhex("554889e5 4883ec10 c9c3") * 600  # 10 bytes each, over two pages
+    base = KTEXT + 0xF00
+    mem.write_phys(base & 0xFFFFFFFF, code)
+    a, b = base + 0x104, base + 0x1004  # two probe points (on a push), one per page
+    for addr in (a, b):
+        insn = x86insn.decode(code[addr - base :], addr)
+        engine.points[addr] = ProbePoint(addr, code[addr - base], insn, x86insn.analyze(insn),
+                                         0, False, [], armed=True)  # fmt: skip
+    mem.write_phys(a & 0xFFFFFFFF, b"\xcc")
+    outside = engine._original_bytes(base, len(code))
+    assert outside == code
+    with engine.batch():
+        assert engine._original_bytes(base, len(code)) == outside
+        assert engine._batch is not None and len(engine._batch.original) == 3  # its pages, kept
+        engine.kwrite_code(b, b"\xcc", arming=True)
+        assert engine._original_bytes(b - 3, 9) == code[b - 3 - base : b + 6 - base]
+        assert engine.kread(b, 1) == b"\xcc"
+        engine.kwrite_code(base + 0x10, b"\x90\x90")  # not an int3: the bytes change
+        got = engine._original_bytes(base, 0x20)
+        assert got == code[:0x10] + b"\x90\x90" + code[0x12:0x20]
+    assert engine._original_bytes(base, 0x20) == got
