@@ -289,6 +289,7 @@ class _Batch:
     int3_pages: set[int] = field(default_factory=set)  # the physical pages they are in
     # Kernel page vaddr -> its original bytes (see KprobeEngine._original_bytes).
     original: dict[int, bytes] = field(default_factory=dict)
+    ptable: set[int] = field(default_factory=set)  # probe table entries to write at the end
     decoded: dict[tuple[int, bytes], x86insn.Insn] = field(default_factory=dict)
     text_unlocked: bool = False  # the guest's text_mutex was seen free in the batch
 
@@ -1802,6 +1803,8 @@ class KprobeEngine:
         finally:
             batch, self._batch = self._batch, None
             try:
+                if batch.ptable:
+                    self._ptable_write(list(batch.ptable))
                 self._flush(batch.writes + list(batch.int3s.items()))
             finally:
                 for hook in told:
@@ -2384,14 +2387,22 @@ class KprobeEngine:
 
     def _ptable_insert(self, addr: int) -> None:
         self._table_room(1)
-        self._ptable_write([self._ptable.insert(addr)])
+        self._ptable_changed(self._ptable.insert(addr))
 
     def _ptable_remove(self, addr: int) -> None:
         """Take ``addr`` out: a tombstone, nothing moves (a search in progress
         on another vCPU still finds every other address)."""
         i = self._ptable.remove(addr)
         if i is not None:
-            self._ptable_write([i])
+            self._ptable_changed(i)
+
+    def _ptable_changed(self, index: int) -> None:
+        """Write the entry at ``index``; a batch writes its entries in runs
+        when it ends, before the code (so before every int3 it arms)."""
+        if self._batch is not None:
+            self._batch.ptable.add(index)
+        else:
+            self._ptable_write([index])
 
     def _table_room(self, more: int) -> None:
         """Make room in the probe table for ``more`` addresses: switch to a
@@ -2422,6 +2433,8 @@ class KprobeEngine:
         buf = _TableBuffer(base, base + PAGE_SIZE, base + PAGE_SIZE + nbytes, (first, pages))
         old, old_buf = self._ptable, self._tbuf
         self._ptable, self._tbuf = new, buf
+        if self._batch is not None:
+            self._batch.ptable.clear()  # the old table's: the new one is written whole
         try:
             self._ptable_write([i for i, a in enumerate(new.entries) if a])
             self._write_table_header(buf, new)
