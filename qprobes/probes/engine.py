@@ -189,9 +189,9 @@ def slot_code(insn: x86insn.Insn, analysis: x86insn.InsnAnalysis, slot: int,
     if boosted and analysis.relocated_branch:
         boost_slot = slot + BOOST_OFFSET
         copy = copy.ljust(BOOST_OFFSET, bytes([INT3]))
-        return copy + x86insn.boosted_copy(insn, boost_slot), boost_slot
+        return copy + x86insn.boosted_copy(insn, boost_slot, analysis), boost_slot
     if boosted:
-        return x86insn.boosted_copy(insn, slot), None
+        return x86insn.boosted_copy(insn, slot, analysis), None
     return copy, None
 
 

@@ -1250,7 +1250,7 @@ def copy_instruction(insn: Insn, slot_addr: int) -> bytes:
     return insn.raw[:at] + encoded + insn.raw[at + 4 :]
 
 
-def boosted_copy(insn: Insn, slot_addr: int) -> bytes:
+def boosted_copy(insn: Insn, slot_addr: int, analysis: InsnAnalysis | None = None) -> bytes:
     """The bytes to run ``insn`` at ``slot_addr`` without single-stepping.
 
     Mirrors ``prepare_boost()``: the copy (:func:`copy_instruction`) followed
@@ -1259,9 +1259,10 @@ def boosted_copy(insn: Insn, slot_addr: int) -> bytes:
     original target followed by the jmp back. Raises
     :class:`~qprobes.errors.InstructionError` when the instruction is rejected
     or not boostable, :class:`~qprobes.errors.SlotRangeError` when the slot is
-    out of rel32 reach.
+    out of rel32 reach. ``analysis``: ``analyze(insn)``, when the caller has it.
     """
-    analysis = analyze(insn)
+    if analysis is None or analysis.insn is not insn:
+        analysis = analyze(insn)
     if analysis.rejected is not None:
         raise InstructionError(insn.addr, analysis.rejected)
     if not analysis.boostable:
