@@ -195,9 +195,14 @@ def test_tracer_adds_many_definitions_in_one_batch(linux: Session) -> None:
         opens(linux, 3)
         named = [e for e in events if e.fields.get("path") == "/etc/hostname"]
         assert len(named) >= 3, events[-5:]
+        added = [tp for tp in got if not isinstance(tp, QprobesError)]
+        points = len(linux.engine.points)
+        gone = tracer.remove_many([tp.name for tp in added] + ["qpscale/none"])
+        assert gone[:-1] == [None] * len(added) and str(gone[-1]) == "no event qpscale/none"
+        assert not tracer.probes and len(linux.engine.points) == points - len(added)
+        assert not any(tp.probe is not None and tp.probe.registered for tp in added)
     finally:
-        for name in list(tracer.probes):
-            tracer.remove(name)
+        tracer.remove_many(list(tracer.probes))
 
 
 def idt_hashes(session: Session) -> dict[int, str]:
