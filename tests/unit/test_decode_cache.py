@@ -103,3 +103,32 @@ def test_random_bytes_decode_the_same_with_the_cache() -> None:
         addr = rng.choice((A, B, LOW)) + rng.randrange(1 << 20)
         assert outcome(code, addr) == full(code, addr), (code.hex(), hex(addr))
     assert x86insn._DECODED  # it did cache
+
+
+def test_capstones_layout_read_from_its_c_structure_is_its_detail() -> None:
+    """_cs_layout reads the encoding and the operands' bases from capstone's
+    C structure: the same values as its Python detail API, on the tables
+    and on random bytes."""
+    from capstone import x86_const
+
+    md = x86insn._capstone()
+    rng = random.Random(9)
+    codes = [bytes.fromhex(h) for h in CODES] + [bytes(rng.randrange(256) for _ in range(15))
+                                                 for _ in range(3000)]  # fmt: skip
+    seen = 0
+    for code in codes:
+        window = (code + bytes(15))[:15]
+        ci = next(md.disasm(window, A, 1), None)
+        if ci is None:
+            continue
+        enc, riprel = x86insn._cs_layout(ci)
+        ref = next(md.disasm(window, A, 1))
+        want = ref.encoding
+        assert (enc.modrm_offset, enc.disp_offset, enc.disp_size, enc.imm_offset,
+                enc.imm_size) == (want.modrm_offset, want.disp_offset, want.disp_size,
+                                  want.imm_offset, want.imm_size), window.hex()  # fmt: skip
+        assert riprel == any(op.type == x86_const.X86_OP_MEM and op.mem.base in
+                             (x86_const.X86_REG_RIP, x86_const.X86_REG_EIP)
+                             for op in ref.operands), window.hex()  # fmt: skip
+        seen += riprel
+    assert seen > 3

@@ -526,7 +526,7 @@ def _decode_one(code: bytes, addr: int) -> Insn:
                 f"capstone {ci.size} bytes, iced-x86 {iced_length}",
             )
     raw = window[:length]
-    enc = ci.encoding
+    enc, cs_riprel = _cs_layout(ci)
 
     def disagree(what: str) -> InstructionError:
         return DecoderDisagreementError(addr, f"decoder disagreement on {raw.hex(' ')}: {what}")
@@ -627,11 +627,6 @@ def _decode_one(code: bytes, addr: int) -> Insn:
     # Rip-relative: capstone's operand says base RIP (EIP with 0x67); ModRM
     # must say mod=00 rm=101 (2.6 is_riprel(): (modrm & 0xc7) == 0x05).
     # "mov cr, r" (0f 20..23) ignores mod, so the bits alone are not enough.
-    cs_riprel = any(
-        op.type == x86_const.X86_OP_MEM
-        and op.mem.base in (x86_const.X86_REG_RIP, x86_const.X86_REG_EIP)
-        for op in ci.operands
-    )
     if ud_modrm:
         cs_riprel = modrm is not None and (modrm & 0xC7) == 0x05
     is_riprel = disp_offset is not None and modrm is not None and (modrm & 0xC7) == 0x05
@@ -681,6 +676,25 @@ def _decode_one(code: bytes, addr: int) -> Insn:
         riprel_target=riprel_target,
         branch_target=branch_target,
     )
+
+
+_RIP_BASES = (x86_const.X86_REG_RIP, x86_const.X86_REG_EIP)
+
+
+def _cs_layout(ci: Any) -> tuple[Any, bool]:
+    """Capstone's ``encoding`` detail (modrm, disp and imm offsets and sizes)
+    and whether a memory operand has base RIP or EIP, read from the C
+    structure itself: the same fields as ``ci.encoding`` and ``ci.operands``,
+    which first copy the whole detail into Python objects (three times the
+    cost of the rest of the decode)."""
+    x86 = ci._raw.detail.contents.arch.x86
+    operands = x86.operands
+    riprel = False
+    for i in range(x86.op_count):
+        op = operands[i]
+        if op.type == x86_const.X86_OP_MEM and op.mem.base in _RIP_BASES:
+            riprel = True
+    return x86.encoding, riprel
 
 
 def _modrm_disp_offset(raw: bytes, modrm_offset: int) -> int | None:
