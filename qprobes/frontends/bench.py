@@ -79,6 +79,7 @@ from typing import Any, TextIO
 
 from qprobes.errors import MachineError, QprobesError
 from qprobes.frontends.session import Session
+from qprobes.machine.guestprog import OPENAT_LOOP_NAME, openat_loop, upload_command
 from qprobes.probes.kprobe import Kprobe
 
 PROBED = "do_sys_openat2"
@@ -99,8 +100,23 @@ MIXED = (
 FAST_DEF = f"p:myopen_fast {PROBED} {FETCHARGS}"
 #: The fast return probe row's event.
 FAST_RET_DEF = f"r:myret_fast {PROBED} ret=$retval:s32"
+#: The workload: a static program the bench writes into the guest at the
+#: start (:mod:`qprobes.machine.guestprog`), N rounds of openat, read and
+#: close of :data:`OPENED` with no shell in between: a round costs tens of
+#: microseconds under TCG, where a shell loop's round costs hundreds.
+WORKLOAD = f"/tmp/{OPENAT_LOOP_NAME}"
 #: The process the workload runs in (its comm in events).
-WORKLOAD_COMM = "qp-open"
+WORKLOAD_COMM = OPENAT_LOOP_NAME
+
+
+def workload_line(n: int) -> str:
+    """The console line that runs the workload for ``n`` opens."""
+    return f"{WORKLOAD} {n} {OPENED} && echo '{workload_done(n)}'"
+
+
+def workload_done(n: int) -> str:
+    """What :func:`workload_line` prints when all ``n`` opens succeeded."""
+    return f"{OPENAT_LOOP_NAME}: {n} opens of {OPENED}"
 NOT_BUILT: dict[str, str] = {}  # rows not built yet: key -> why
 
 #: Rows by key: the JSON key of their overhead, their label.
@@ -144,6 +160,7 @@ class BenchOptions:
 
     repeat: int = 5  # timed runs per row
     hits: int = 1000  # opens per run (probe hits), qprobes and kprobe_events rows
+    pairs: int = 4  # off/on pairs per round of the rows that can be switched off
     gdb_hits: int = 100  # opens per run with gdb's breakpoint (about 25-55 ms each)
     unhit: int = 1000  # probes armed for the mixed workload (0: skip)
     arm_many: int = 10_000  # probes to arm at once (0: skip)
@@ -157,9 +174,21 @@ class BenchOptions:
     def quick_run(cls, **changes: Any) -> BenchOptions:
         """A short run: every row, fewer runs and hits, no 10,000-probe arming."""
         opts = cls(
-            repeat=3, hits=300, gdb_hits=10, arm_many=0, mixed_rounds=4, trace_hits=2, quick=True
+            repeat=3, hits=300, gdb_hits=10, arm_many=0, mixed_rounds=4, trace_hits=2, quick=True,
+            pairs=2,
         )
         return dataclasses.replace(opts, **changes)
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One timed guest command: wall seconds, the seconds of host CPU the
+    guest's vCPU threads ran meanwhile (None: not known), and qprobes' own
+    CPU seconds (this process: serving stops, draining the rings)."""
+
+    wall: float
+    vcpu: float | None = None
+    host: float = 0.0
 
 
 @dataclass
@@ -173,6 +202,15 @@ class Row:
     reason: str | None = None  # why a row is not available
     walls: list[float] = field(default_factory=list)  # seconds, command(hits)
     fixed: list[float] = field(default_factory=list)  # seconds, the same command for 0
+    vcpus: list[float | None] = field(default_factory=list)  # vCPU seconds, command(hits)
+    vcpu_fixed: list[float | None] = field(default_factory=list)  # the same for 0
+    hosts: list[float] = field(default_factory=list)  # qprobes' CPU seconds, command(hits)
+    host_fixed: list[float] = field(default_factory=list)  # the same for 0
+    # Pairs of runs for ``hits`` opens with the probe switched off, then on,
+    # one right after the other (rows that can be switched off).
+    offs: list[Timed] = field(default_factory=list)
+    ons: list[Timed] = field(default_factory=list)
+    pair_stops: int = 0  # stops in the runs with the probe on
     stops: dict[str, int] = field(default_factory=dict)  # the N runs net of the N=0 runs
     hits_seen: int | None = None  # counted by the probe, N runs net of the N=0 runs
     events_seen: int | None = None  # events naming the file opened, N runs net of N=0
@@ -190,31 +228,98 @@ class Row:
     def measured(self) -> bool:
         return self.available and bool(self.walls)
 
+    def add(self, n: int, timed: Timed) -> None:
+        """A run of the command for ``n`` opens (0: the fixed cost)."""
+        (self.walls if n else self.fixed).append(timed.wall)
+        (self.vcpus if n else self.vcpu_fixed).append(timed.vcpu)
+        (self.hosts if n else self.host_fixed).append(timed.host)
+
+    @property
+    def has_vcpu(self) -> bool:
+        runs = self.vcpus + self.vcpu_fixed + [t.vcpu for t in self.offs + self.ons]
+        return bool(self.vcpus) and all(v is not None for v in runs)
+
+    def add_pair(self, off: Timed, on: Timed, stops: int) -> None:
+        self.offs.append(off)
+        self.ons.append(on)
+        self.pair_stops += stops
+
+    def pair_overheads(self, metric: str) -> list[float]:
+        """Seconds per hit in each off/on pair: (on - off) / hits."""
+        def value(t: Timed) -> float | None:
+            return t.vcpu if metric == "vcpu" else t.host if metric == "host" else t.wall
+
+        out = []
+        for off, on in zip(self.offs, self.ons, strict=True):
+            a, b = value(on), value(off)
+            if a is not None and b is not None:
+                out.append((a - b) / self.hits)
+        return out
+
+    @property
+    def metric(self) -> str:
+        """What the row's number is taken from: ``vcpu`` for a row that
+        never stopped the guest (the guest's own execution is then the whole
+        cost, and its vCPU threads' CPU time measures it without the time
+        they wait for a host CPU, which on a busy host is most of the spread
+        of wall time), ``wall`` for the rest (a stop's cost is time the
+        guest does not run) and for the baselines."""
+        if self.baseline is None or self.stops.get("stops") != 0 or self.pair_stops:
+            return "wall"
+        if self.has_vcpu and self.baseline.has_vcpu:
+            return "vcpu"
+        return "wall"
+
+    def _series(self, metric: str) -> tuple[list[float], list[float]]:
+        if metric == "vcpu":
+            return ([v for v in self.vcpus if v is not None],
+                    [v for v in self.vcpu_fixed if v is not None])  # fmt: skip
+        if metric == "host":
+            return self.hosts, self.host_fixed
+        return self.walls, self.fixed
+
+    def per_open_of(self, metric: str) -> list[float]:
+        """Seconds per open in each run, the fixed cost (median) removed."""
+        runs, fixed_runs = self._series(metric)
+        fixed = statistics.median(fixed_runs) if fixed_runs else 0.0
+        return [(w - fixed) / self.hits for w in runs]
+
     @property
     def per_open_runs(self) -> list[float]:
-        """Seconds per open in each run, the fixed cost (median) removed."""
-        fixed = statistics.median(self.fixed) if self.fixed else 0.0
-        return [(w - fixed) / self.hits for w in self.walls]
+        return self.per_open_of("wall")
 
     @property
     def per_open(self) -> float:
         return statistics.median(self.per_open_runs)
 
-    @property
-    def overhead_runs(self) -> list[float]:
-        """Seconds a probe hit adds to an open, per run (no baseline: per open).
+    def overhead_of(self, metric: str) -> list[float]:
+        """Seconds a probe hit adds to an open by ``metric``: per off/on pair
+        when the row has them (the closest comparison: the same set-up, the
+        same moment), else per run against the baseline (no baseline: per
+        open).
 
         qprobes' rows run in rounds: run i is compared with the baseline's
         run i, of the same round (close in time, so that a busy spell of the
         host falls on both). gdb's runs come in a block after its
         baseline's: they are compared with the baseline's median.
         """
+        if self.ons:
+            return self.pair_overheads(metric)
+        return self.round_overheads(metric)
+
+    def round_overheads(self, metric: str) -> list[float]:
+        """Per run, against the baseline's run of the same round."""
+        mine = self.per_open_of(metric)
         if self.baseline is None:
-            return self.per_open_runs
-        base = self.baseline.per_open_runs
-        if self.path == "session" and len(base) == len(self.walls):
-            return [p - b for p, b in zip(self.per_open_runs, base, strict=True)]
-        return [p - self.baseline.per_open for p in self.per_open_runs]
+            return mine
+        base = self.baseline.per_open_of(metric)
+        if self.path == "session" and len(base) == len(mine):
+            return [p - b for p, b in zip(mine, base, strict=True)]
+        return [p - statistics.median(base) for p in mine] if base else mine
+
+    @property
+    def overhead_runs(self) -> list[float]:
+        return self.overhead_of(self.metric)
 
     @property
     def stops_per_hit(self) -> float | None:
@@ -239,6 +344,11 @@ class Row:
         if not self.measured:
             return doc
         over = [x * 1e6 for x in self.overhead_runs]
+
+        def median_us(metric: str) -> float | None:
+            runs = self.overhead_of(metric)
+            return statistics.median(runs) * 1e6 if runs else None
+
         doc.update(
             {
                 "path": self.path,
@@ -246,10 +356,24 @@ class Row:
                 "runs": len(self.walls),
                 "wall_s": self.walls,
                 "fixed_s": self.fixed,
+                "vcpu_s": self.vcpus,
+                "vcpu_fixed_s": self.vcpu_fixed,
+                "qprobes_cpu_s": self.hosts,
+                "qprobes_cpu_fixed_s": self.host_fixed,
                 "per_open_us": self.per_open * 1e6,
+                "metric": self.metric,
                 "us": self.us(),
                 "us_min": min(over),
                 "us_max": max(over),
+                "us_wall": median_us("wall"),
+                "us_vcpu": median_us("vcpu") if self.has_vcpu and (
+                    self.baseline is None or self.baseline.has_vcpu) else None,
+                "qprobes_cpu_us": median_us("host"),
+                "pairs": len(self.ons),
+                "pair_us": [x * 1e6 for x in self.pair_overheads(self.metric)],
+                "pair_stops": self.pair_stops,
+                "rounds_us": (statistics.median(r) * 1e6
+                              if (r := self.round_overheads(self.metric)) else None),
                 "baseline": self.baseline.key if self.baseline is not None else None,
                 "stops": self.stops,
                 "stops_per_hit": self.stops_per_hit,
@@ -290,27 +414,55 @@ class Unhit:
     rounds: int = 0
     baseline_s: list[float] = field(default_factory=list)
     armed_s: list[float] = field(default_factory=list)
+    baseline_vcpu_s: list[float | None] = field(default_factory=list)
+    armed_vcpu_s: list[float | None] = field(default_factory=list)
     dropped: int = 0  # probes the calibration found hit, replaced
     hits: int = 0  # hits on the probes during the timed runs (should be 0)
     lost_check_s: float | None = None  # one engine.check_lost() over them, guest stopped
     problems: list[str] = field(default_factory=list)
 
+    def add(self, armed: bool, timed: Timed) -> None:
+        (self.armed_s if armed else self.baseline_s).append(timed.wall)
+        (self.armed_vcpu_s if armed else self.baseline_vcpu_s).append(timed.vcpu)
+
     @property
-    def slowdown(self) -> float | None:
+    def metric(self) -> str:
+        """``vcpu`` when every run has its vCPU time (unhit probes never stop
+        the guest, so its own execution is what they could slow), else ``wall``."""
+        runs = self.baseline_vcpu_s + self.armed_vcpu_s
+        return "vcpu" if runs and all(v is not None for v in runs) else "wall"
+
+    def _runs(self, metric: str) -> tuple[list[float], list[float]]:
+        if metric == "vcpu":
+            return ([v for v in self.baseline_vcpu_s if v is not None],
+                    [v for v in self.armed_vcpu_s if v is not None])  # fmt: skip
+        return self.baseline_s, self.armed_s
+
+    def slowdown_of(self, metric: str) -> float | None:
         """How much longer a run takes with the probes armed (a fraction): the
         median of each armed run over the run without them just before it."""
-        if not self.baseline_s or not self.armed_s:
+        base, armed = self._runs(metric)
+        if not base or not armed or min(base) <= 0:
             return None
-        if self.pairs:
-            return statistics.median(self.pairs) - 1
-        return statistics.median(self.armed_s) / statistics.median(self.baseline_s) - 1
+        pairs = self.pairs_of(metric)
+        if pairs:
+            return statistics.median(pairs) - 1
+        return statistics.median(armed) / statistics.median(base) - 1
+
+    @property
+    def slowdown(self) -> float | None:
+        return self.slowdown_of(self.metric)
+
+    def pairs_of(self, metric: str) -> list[float]:
+        """Each armed run over the run without the probes just before it."""
+        base, armed = self._runs(metric)
+        if not armed or len(base) != len(armed) or min(base) <= 0:
+            return []
+        return [a / b for a, b in zip(armed, base, strict=True)]
 
     @property
     def pairs(self) -> list[float]:
-        """Each armed run over the run without the probes just before it."""
-        if not self.armed_s or len(self.baseline_s) != len(self.armed_s):
-            return []
-        return [a / b for a, b in zip(self.armed_s, self.baseline_s, strict=True)]
+        return self.pairs_of(self.metric)
 
 
 @dataclass
@@ -363,6 +515,9 @@ class BenchResult:
             doc[f"arm_{n}_limit"] = arm.limit if arm is not None else None
             doc[f"unregister_{n}_s"] = arm.unregister_s if arm is not None else None
         doc["unhit_1000_slowdown"] = self.unhit.slowdown if self.unhit.probes == 1000 else None
+        doc["unhit_1000_slowdown_wall"] = (
+            self.unhit.slowdown_of("wall") if self.unhit.probes == 1000 else None
+        )
         doc["unhit_probes"] = self.unhit.probes
         doc["boot_plain_s"] = self.boot.plain_s
         doc["boot_to_first_probe_s"] = self.boot.first_probe_s
@@ -372,16 +527,20 @@ class BenchResult:
     def as_json(self) -> dict[str, Any]:
         return {
             **self.summary(),
-            "workload": f"Linux {self.release or '?'}: 'qp-open N {OPENED}', probes on "
-            f"{PROBED}, TCG, smp=1",
-            "method": "per open = (wall(N) - median wall(0)) / N per run; per hit = per open "
-            "- the no-probe row's per open of the same round (same path); us = median over "
-            "the rounds",
+            "workload": f"Linux {self.release or '?'}: '{OPENAT_LOOP_NAME} N {OPENED}' "
+            f"(openat, read, close; no shell between rounds), probes on {PROBED}, TCG, smp=1",
+            "method": "per open = (t(N) - median t(0)) / N per run; per hit = per open - the "
+            "no-probe row's per open of the same round (same path); us = median over the "
+            "rounds. t is the wall time for rows that stop the guest and for the baselines, "
+            "and the CPU time of QEMU's vCPU threads for rows that never stop it (the row's "
+            "'metric'; both are in each row)",
             "rows": [r.as_dict() for r in self.rows.values()],
             "arming": [dataclasses.asdict(a) for a in self.arming.values()],
             "unhit": {
                 **dataclasses.asdict(self.unhit),
+                "metric": self.unhit.metric,
                 "slowdown": self.unhit.slowdown,
+                "slowdown_wall": self.unhit.slowdown_of("wall"),
                 "pairs": self.unhit.pairs,
             },
             "boot": {**dataclasses.asdict(self.boot), "ratio": self.boot.ratio},
@@ -417,7 +576,7 @@ def _net(before: dict[str, int], after: dict[str, int], sign: int, into: dict[st
 
 def measure(
     row: Row,
-    run: Callable[[int], float],
+    run: Callable[[int], Timed],
     repeat: int,
     *,
     count: Callable[[], int] | None = None,
@@ -436,13 +595,13 @@ def measure(
         for n in (0, row.hits):
             hits0 = count() if count is not None else 0
             stats0 = stats() if stats is not None else {}
-            wall = run(n)
+            timed = run(n)
             sign = 1 if n else -1
             if count is not None:
                 seen += sign * (count() - hits0)
             if stats is not None:
                 _net(stats0, stats(), sign, row.stops)
-            (row.walls if n else row.fixed).append(wall)
+            row.add(n, timed)
     if count is not None:
         row.hits_seen = seen
         if seen != row.hits * repeat:
@@ -471,8 +630,27 @@ class Case:
     events: Callable[[], int] | None = None
     seen: int = 0
     events_seen: int = 0
+    #: Switches the row's probe off (False) and on again (True), if it can be.
+    toggle: Callable[[bool], None] | None = None
 
-    def pair(self, run: Callable[[int], float], stats: Callable[[], dict[str, int]]) -> None:
+    def switched(self, run: Callable[[int], Timed], stats: Callable[[], dict[str, int]],
+                 pairs: int, warm: int) -> None:  # fmt: skip
+        """``pairs`` times: the probe off, a run; the probe on, a run (each
+        after a short warm-up: switching rewrites the probed code, whose
+        translation QEMU then drops)."""
+        if self.toggle is None:
+            return
+        for _ in range(pairs):
+            self.toggle(False)
+            run(warm)
+            off = run(self.row.hits)
+            self.toggle(True)
+            run(warm)
+            before = stats().get("stops", 0)
+            on = run(self.row.hits)
+            self.row.add_pair(off, on, stats().get("stops", 0) - before)
+
+    def pair(self, run: Callable[[int], Timed], stats: Callable[[], dict[str, int]]) -> None:
         """run(0), then run(row.hits): the fixed cost, then the timed run.
         Hits and stops of the run for 0 are subtracted."""
         for n in (0, self.row.hits):
@@ -480,13 +658,13 @@ class Case:
             hits0 = self.count() if self.count is not None else 0
             events0 = self.events() if self.events is not None else 0
             stats0 = stats()
-            wall = run(n)
+            timed = run(n)
             _net(stats0, stats(), sign, self.row.stops)
             if self.count is not None:
                 self.seen += sign * (self.count() - hits0 - self.count_cost)
             if self.events is not None:
                 self.events_seen += sign * (self.events() - events0)
-            (self.row.walls if n else self.row.fixed).append(wall)
+            self.row.add(n, timed)
 
     def check(self, rounds: int) -> None:
         expected = self.row.hits * rounds
@@ -520,15 +698,29 @@ class LinuxBench:
 
     # --- the workload -----------------------------------------------------------------
 
-    def open_n(self, n: int) -> float:
-        """``qp-open n`` through ``Session.command`` (probe hits served meanwhile)."""
-        line = f"qp-open {n} {OPENED}"
+    def prepare(self) -> None:
+        """Write the workload program into the guest (see :data:`WORKLOAD`)."""
+        out = self.shell(upload_command(WORKLOAD, openat_loop()) + f" && {WORKLOAD} 1 {OPENED}"
+                         " && echo workload-ready")  # fmt: skip
+        if "workload-ready" not in out:
+            raise BenchError(f"could not write {WORKLOAD} into the guest: {out.strip()[-200:]!r}")
+
+    def vcpu_time(self) -> float | None:
+        machine = self.session.machine
+        return machine.vcpu_cpu_time() if machine is not None else None
+
+    def open_n(self, n: int) -> Timed:
+        """``qp-openat n`` through ``Session.command`` (probe hits served meanwhile)."""
+        line = workload_line(n)
+        vcpu0, host0 = self.vcpu_time(), time.process_time()
         start = time.perf_counter()
         out = self.session.command(line, timeout=self.opts.timeout)
         wall = time.perf_counter() - start
-        if out.strip() != f"qp-open: {n} opens of {OPENED}":
+        vcpu1, host1 = self.vcpu_time(), time.process_time()
+        if out.strip() != workload_done(n):
             raise BenchError(f"{line!r} printed {out.strip()[-200:]!r}")
-        return wall
+        vcpu = vcpu1 - vcpu0 if vcpu0 is not None and vcpu1 is not None else None
+        return Timed(wall, vcpu, host1 - host0)
 
     def shell(self, line: str, timeout: float = 60.0) -> str:
         return self.session.command(line, timeout=timeout)
@@ -594,7 +786,12 @@ class LinuxBench:
                 f"{TRACEFS}/kprobe_events; echo > {TRACEFS}/trace"
             )
 
-        case.setup, case.teardown = setup, teardown
+        def toggle(on: bool) -> None:
+            out = self.shell(f"echo {int(on)} > {enable} && echo switched")
+            if "switched" not in out:
+                raise BenchError(f"could not switch the guest's event {'on' if on else 'off'}")
+
+        case.setup, case.teardown, case.toggle = setup, teardown, toggle
         return case
 
     def _detour_at(self) -> str:
@@ -689,7 +886,24 @@ class LinuxBench:
                 tracer.drain()
             return int(held[0].nhit)
 
-        return Case(row, setup, teardown, count=count, events=lambda: paths[OPENED])
+        def toggle(on: bool) -> None:
+            probe = held[0].probe if held else None
+            if not isinstance(probe, Kprobe):
+                raise BenchError(f"{definition}: no kprobe to switch")
+            if on:
+                engine.enable_kprobe(probe)
+                if detour and not engine.is_detoured(probe):
+                    row.problems.append(f"not detoured after it was enabled again: "
+                                        f"{probe.detour_refused}")  # fmt: skip
+            else:
+                engine.disable_kprobe(probe)
+            tracer.drain()
+
+        # The fast entry rows can be switched off and on (the slow ones cost
+        # far more than the spread a switch would remove; a return probe's
+        # instances outlive a switch).
+        return Case(row, setup, teardown, count=count, events=lambda: paths[OPENED],
+                    toggle=toggle if fast and not ret else None)  # fmt: skip
 
     def hit_rows(self) -> Row:
         """Every row on qprobes' side, interleaved: each round runs each row
@@ -738,6 +952,7 @@ class LinuxBench:
                 try:
                     self.open_n(min(n, 50))  # warm up: the translation cache, the slot pages
                     case.pair(self.open_n, self.stats)
+                    case.switched(self.open_n, self.stats, self.opts.pairs, min(n, 50))
                 finally:
                     case.teardown()
         for case in cases:
@@ -795,14 +1010,16 @@ class LinuxBench:
             raise BenchError(f"{len(failed)} probes could not be unregistered ({failed[0]})")
         return took
 
-    def mixed(self, rounds: int) -> float:
+    def mixed(self, rounds: int) -> Timed:
         line = MIXED.format(n=rounds, file=OPENED)
+        vcpu0 = self.vcpu_time()
         start = time.perf_counter()
         out = self.shell(line, timeout=self.opts.timeout)
         wall = time.perf_counter() - start
+        vcpu1 = self.vcpu_time()
         if "mixed-done" not in out:
             raise BenchError(f"the mixed workload printed {out.strip()[-300:]!r}")
-        return wall
+        return Timed(wall, vcpu1 - vcpu0 if vcpu0 is not None and vcpu1 is not None else None)
 
     def unhit(self) -> None:
         """Arm ``opts.unhit`` probes the mixed workload never hits; time it without and with."""
@@ -853,11 +1070,11 @@ class LinuxBench:
             for kp in probes:
                 engine.disable_kprobe(kp)
             self.mixed(min(2, result.rounds))
-            result.baseline_s.append(self.mixed(result.rounds))
+            result.add(False, self.mixed(result.rounds))
             for kp in probes:
                 engine.enable_kprobe(kp)
             self.mixed(min(2, result.rounds))
-            result.armed_s.append(self.mixed(result.rounds))
+            result.add(True, self.mixed(result.rounds))
         result.hits = sum(kp.nhit for kp in probes) - before
         if result.hits:
             result.problems.append(f"the armed probes were hit {result.hits} times")
@@ -890,7 +1107,7 @@ class LinuxBench:
 
         kp = self.session.kprobe(PROBED, pre)
         try:
-            self.open_n(1)
+            self.shell(f"read -r _line < {OPENED}")  # the shell opens it
         finally:
             self.session.unregister(kp)
         if first:
@@ -941,18 +1158,21 @@ class GdbRows:
             raise BenchError("gdb needs a QEMU that qprobes launched")
         self.machine = machine
 
-    def run(self, n: int) -> float:
+    def run(self, n: int) -> Timed:
         from qprobes.machine.linux import LINUX_PROMPT
 
         tube = self.machine.console.tube
-        line = f"qp-open {n} {OPENED}"
+        line = workload_line(n)
+        vcpu0 = self.machine.vcpu_cpu_time()
         start = time.perf_counter()
         tube.sendline(line.encode())
         out: bytes = tube.recvuntil(LINUX_PROMPT, timeout=self.opts.timeout)
         wall = time.perf_counter() - start
-        if f"qp-open: {n} opens of {OPENED}".encode() not in out:
+        vcpu1 = self.machine.vcpu_cpu_time()
+        if workload_done(n).encode() not in out:
             raise BenchError(f"{line!r} printed {out[-200:]!r} with gdb attached")
-        return wall
+        vcpu = vcpu1 - vcpu0 if vcpu0 is not None and vcpu1 is not None else None
+        return Timed(wall, vcpu)
 
     def measure(self) -> None:
         from qprobes.frontends.gdbmi import Gdb
@@ -1106,6 +1326,7 @@ def run_bench(opts: BenchOptions, progress: TextIO | None = sys.stderr) -> Bench
         if result.boot.first_probe_s is not None:
             log(f"boot to the first probe hit: {result.boot.first_probe_s:.2f} s")
         result.release = session.command("uname -r").strip() or None
+        bench.prepare()
         base = bench.hit_rows()
         bench.not_available()
         if opts.unhit > 0:
@@ -1146,8 +1367,8 @@ def report(result: BenchResult, out: TextIO) -> None:
     opts, host = result.options, result.host
     w = out.write
     w(
-        f"qprobes bench: Linux {result.release or '?'}, TCG, smp=1; workload 'qp-open N "
-        f"{OPENED}' (one openat per round), probes on {PROBED}\n"
+        f"qprobes bench: Linux {result.release or '?'}, TCG, smp=1; workload "
+        f"'{OPENAT_LOOP_NAME} N {OPENED}' (openat, read, close a round), probes on {PROBED}\n"
     )
     w(
         f"  {host.get('qemu')}; {host.get('gdb')}; {host.get('nproc')} x {host.get('cpu')}; "
@@ -1156,10 +1377,14 @@ def report(result: BenchResult, out: TextIO) -> None:
     )
     w(
         f"  {opts.repeat} runs per row, N = {opts.hits} opens (gdb: {opts.gdb_hits}); "
-        "per hit = what a probe adds to one open, fixed cost removed\n\n"
+        "per hit = what a probe adds to one open, fixed cost removed;\n"
+        "  timed by the wall clock, or (vcpu) by the CPU time of QEMU's vCPU threads for "
+        "rows that never stop the guest;\n  qprobes cpu = this process's CPU time per hit "
+        "(serving stops, draining rings)\n\n"
     )
     gdb = result.value("gdb")
-    head = f"{'row':<46} {'per hit':>10} {'min':>10} {'max':>10} {'stops/hit':>9} {'gdb / row':>9}"
+    head = (f"{'row':<46} {'per hit':>10} {'min':>10} {'max':>10} {'timed by':>8} "
+            f"{'stops/hit':>9} {'gdb / row':>9} {'qprobes cpu':>11}")  # fmt: skip
     w(head + "\n" + "-" * len(head) + "\n")
     for row in result.rows.values():
         if not row.available:
@@ -1169,10 +1394,12 @@ def report(result: BenchResult, out: TextIO) -> None:
         sph = row.stops_per_hit
         us = row.us()
         vs = gdb / us if gdb and us and us > 0 and row.baseline and row.key != "gdb" else None
+        cost = row.overhead_of("host") if row.path == "session" else []
         w(
             f"{row.label:<46} {fmt_us(row.us()):>10} {fmt_us(min(over)):>10} "
-            f"{fmt_us(max(over)):>10} {'-' if sph is None else f'{sph:.2f}':>9} "
-            f"{fmt_ratio(vs) if vs else '':>9}\n"
+            f"{fmt_us(max(over)):>10} {row.metric:>8} {'-' if sph is None else f'{sph:.2f}':>9} "
+            f"{fmt_ratio(vs) if vs else '':>9} "
+            f"{fmt_us(statistics.median(cost) * 1e6) if cost else '':>11}\n"
         )
     w("\nRatios (per hit):\n")
     for key, num, den in RATIOS:
@@ -1195,11 +1422,17 @@ def report(result: BenchResult, out: TextIO) -> None:
         w(f"  {10_000:>6,} probes: skipped (--quick)\n")
     u = result.unhit
     if u.slowdown is not None:
+        wall = u.slowdown_of("wall")
+        by_wall = ""
+        if u.metric != "wall" and wall is not None:
+            by_wall = f", {wall:+.1%} by the wall clock"
         w(
             f"\nMixed workload ({u.rounds} rounds of ls, cat, echo, sort | wc), {u.probes} armed "
             f"probes never hit: median {statistics.median(u.armed_s):.3f} s against "
-            f"{statistics.median(u.baseline_s):.3f} s with none: slowdown {u.slowdown:+.1%}"
+            f"{statistics.median(u.baseline_s):.3f} s with none (wall); slowdown "
+            f"{u.slowdown:+.1%} by {u.metric}"
             + (f" (pairs {min(u.pairs) - 1:+.1%} .. {max(u.pairs) - 1:+.1%})" if u.pairs else "")
+            + by_wall
             + "\n"
         )
         if u.lost_check_s is not None:

@@ -73,7 +73,8 @@ def _cmd_completion(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from qprobes.frontends.bench import BenchOptions, bench
 
-    changes = {k: getattr(args, k) for k in ("repeat", "hits", "gdb_hits") if getattr(args, k)}
+    changes = {k: getattr(args, k) for k in ("repeat", "hits", "gdb_hits", "pairs")
+               if getattr(args, k)}  # fmt: skip
     if args.gdb:
         changes["gdb"] = args.gdb
     opts = BenchOptions.quick_run(**changes) if args.quick else BenchOptions(**changes)
@@ -355,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
         "kretprobe, Tracer on the slow path and on the fast path (recorders in the guest), "
         "and a real gdb's break + commands on the same QEMU; then arm "
         "1,000 and 10,000 probes, time a mixed workload with 1,000 unhit probes armed, and "
-        "compare the boot to the first probe hit with a plain boot. Rows that do not exist "
-        "yet (detours, fast return probes) are 'not available' (null in JSON). Progress "
+        "compare the boot to the first probe hit with a plain boot. Rows that never stop "
+        "the guest are timed by its vCPU threads' CPU time, and those that can be switched "
+        "off (the guest's event, the fast entry probes) also in off/on pairs. Progress "
         "goes to stderr; docs/BENCHMARKS.md explains the method.",
     )  # fmt: skip
     p.add_argument("--json", action="store_true",
@@ -365,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs per row (default 5; --quick: 3)")  # fmt: skip
     p.add_argument("-n", "--hits", type=_positive_int, default=None,
                    help="opens (probe hits) per run (default 1000; --quick: 300)")  # fmt: skip
+    p.add_argument("--pairs", type=_positive_int, default=None,
+                   help="off/on pairs per round of the rows that can be switched off "
+                   "(default 4; --quick: 2)")  # fmt: skip
     p.add_argument("--gdb-hits", type=_positive_int, default=None,
                    help="opens per run with gdb's breakpoint, about 25-55 ms each "
                    "(default 100; --quick: 10)")  # fmt: skip

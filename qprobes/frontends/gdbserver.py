@@ -96,6 +96,10 @@ E_BAD: Final = b"E01"
 _OUTPUT_CHUNK: Final = 1000
 #: How long a held loop waits for gdb before it looks at ``stopping()`` again.
 _HOLD_POLL: Final = 0.1
+#: Replies a gdb may leave unread before it is dropped: they are queued and
+#: sent as its socket takes them, never waited for (qprobes' run loop must
+#: not block on a gdb that stopped reading).
+OUTPUT_LIMIT: Final = 1 << 20
 
 #: Monitor (HMP) commands that would pull the machine from under qprobes:
 #: refused (their first word, with HMP's short forms).
@@ -237,6 +241,8 @@ class Backend(Protocol):
     def write_registers(self, thread: int, data: bytes) -> None: ...
     def read_register(self, thread: int, regnum: int) -> bytes: ...
     def write_register(self, thread: int, regnum: int, value: bytes) -> None: ...
+    def rip_register(self) -> tuple[int, int] | None:
+        """rip's register number and offset in a ``g`` packet (None: unknown)."""
     def rip(self, thread: int) -> int: ...
     def read_memory(self, thread: int, addr: int, length: int) -> bytes: ...
     def write_memory(self, thread: int, addr: int, data: bytes) -> None: ...
@@ -284,6 +290,10 @@ class EngineBackend:
         client = self.engine.client
         client.select_thread("g", thread)
         client.write_register(regnum, value)
+
+    def rip_register(self) -> tuple[int, int] | None:
+        reg = self.engine.client.layout.get("rip")
+        return (reg.regnum, reg.offset_in_g) if reg is not None else None
 
     def rip(self, thread: int) -> int:
         return self.engine.target.read_register("rip", thread)
@@ -361,19 +371,25 @@ class EngineBackend:
 class _Peer:
     """Packets to and from one gdb (acks until ``QStartNoAckMode``)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, output_limit: int = OUTPUT_LIMIT) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.decoder = PacketDecoder()
         self.no_ack = False
         self._last = b""
+        self._out = bytearray()  # sent to gdb as its socket takes it
+        self.output_limit = output_limit
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def read(self, timeout: float) -> list[bytes | Interrupt]:
-        """What gdb sent, waiting up to ``timeout``; ConnectionClosedError at EOF."""
-        ready, _, _ = select.select([self.sock], [], [], timeout)
+        """What gdb sent, waiting up to ``timeout`` (sending queued replies
+        meanwhile); ConnectionClosedError at EOF."""
+        ready, writable, _ = select.select([self.sock], [self.sock] if self._out else [], [],
+                                           timeout)  # fmt: skip
+        if writable:
+            self.flush()
         if not ready:
             return []
         try:
@@ -413,20 +429,31 @@ class _Peer:
         self._write(self._last)
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
+        """Queue ``data`` and send what the socket takes now; a gdb that
+        leaves more than :attr:`output_limit` bytes unread is dropped."""
+        self._out += data
+        self.flush()
+        if len(self._out) > self.output_limit:
+            log.warning("dropping gdb: it stopped reading its replies (%d bytes unread); "
+                        "the probes go on", len(self._out))  # fmt: skip
+            raise ConnectionClosedError(f"gdb stopped reading its replies ({len(self._out)} "
+                                        "bytes unread)")  # fmt: skip
+
+    def flush(self) -> None:
+        """Send queued replies, as much as the socket takes without waiting."""
         try:
-            while view:
+            while self._out:
                 try:
-                    sent = self.sock.send(view)
+                    sent = self.sock.send(self._out)
                 except BlockingIOError:
-                    if not select.select([], [self.sock], [], 5.0)[1]:
-                        raise ConnectionClosedError("gdb stopped reading") from None
-                    continue
-                view = view[sent:]
+                    return
+                del self._out[:sent]
         except OSError as exc:
             raise ConnectionClosedError(f"gdb's connection dropped: {exc}") from exc
 
     def close(self) -> None:
+        with contextlib.suppress(ConnectionClosedError):
+            self.flush()  # the last replies, if the socket takes them now
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -458,6 +485,7 @@ class GdbServer:
         self.request_hold = request_hold
         self.stopping = stopping
         self._listener = self._open(self.listen)
+        self._socket_file = self._file_id(self.listen.path)  # ours to unlink at close
         self._peer: _Peer | None = None
         self._pending: collections.deque[bytes] = collections.deque()
         self._points: list[tuple[int, int, int]] = []  # gdb's Z points in QEMU
@@ -477,12 +505,47 @@ class GdbServer:
     # --- the listening socket -----------------------------------------------------
 
     @staticmethod
-    def _open(where: Listen) -> socket.socket:
+    def _file_id(path: str | None) -> tuple[int, int] | None:
+        if path is None:
+            return None
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    @staticmethod
+    def _remove_stale(path: str) -> None:
+        """Take out a socket an earlier run left at ``path`` (nobody listens
+        there: connect() is refused); refuse anything else found there."""
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise GdbServerError(f"cannot listen for gdb on {path}: it exists and is not a "
+                                 "socket")  # fmt: skip
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)  # (a listener with a full backlog keeps connect() waiting)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: nobody listens
+            return
+        except TimeoutError:
+            pass  # a listener, its backlog full
+        except OSError as exc:
+            raise GdbServerError(f"cannot listen for gdb on {path}: a socket is there "
+                                 f"({exc.strerror or exc})") from exc  # fmt: skip
+        finally:
+            probe.close()
+        raise GdbServerError(f"cannot listen for gdb on {path}: another process listens there")
+
+    @classmethod
+    def _open(cls, where: Listen) -> socket.socket:
         try:
             if where.path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISSOCK(os.stat(where.path).st_mode):
-                        os.unlink(where.path)  # a stale socket of an earlier run
+                cls._remove_stale(where.path)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
                     sock.bind(where.path)
@@ -768,14 +831,24 @@ class GdbServer:
         if letter == b"g":
             return encode_hex(self.backend.read_registers(self._current(self._g_thread)))
         if letter == b"G":
-            self.backend.write_registers(self._current(self._g_thread), decode_hex(packet[1:]))
+            thread, data = self._current(self._g_thread), decode_hex(packet[1:])
+            rip = self.backend.rip_register()
+            refused = self._refuse_rip(thread, data[rip[1] : rip[1] + 8]) if rip else None
+            if refused is not None:
+                return refused
+            self.backend.write_registers(thread, data)
             return b"OK"
         if letter == b"p":
             return self._read_register(packet[1:])
         if letter == b"P":
-            regnum, _, value = packet[1:].partition(b"=")
-            self.backend.write_register(self._current(self._g_thread), parse_hex_int(regnum),
-                                        decode_hex(value))  # fmt: skip
+            regnum_text, _, value_text = packet[1:].partition(b"=")
+            thread, regnum = self._current(self._g_thread), parse_hex_int(regnum_text)
+            value = decode_hex(value_text)
+            rip = self.backend.rip_register()
+            refused = self._refuse_rip(thread, value) if rip and regnum == rip[0] else None
+            if refused is not None:
+                return refused
+            self.backend.write_register(thread, regnum, value)
             return b"OK"
         if letter == b"m":
             return self._read_memory(packet[1:])
@@ -814,6 +887,26 @@ class GdbServer:
             self._detach_gdb(b"OK" if letter == b"v" else None)
             return True
         return b""
+
+    def _refuse_rip(self, thread: int, value: bytes) -> bytes | None:
+        """The error reply refusing a write of ``value`` to ``thread``'s rip,
+        or None when it may go: qprobes' area (stubs, slots, detour buffers,
+        trampolines) is no place for a vCPU gdb sends, its code expects the
+        host's answers and reads as unmapped to gdb.
+
+        The reason goes in the reply itself (``E.errtext``, E.1 "Standard
+        Replies"; gdb prints it in its "remote failure reply" error): an
+        ``O`` packet is no answer to ``G``/``P`` (gdb would take it for
+        the reply), and goes to qprobes' log too."""
+        if len(value) < 8:
+            return None
+        rip = int.from_bytes(value[:8], "little")
+        if not overlaps(rip, 1, self.backend.hidden_ranges()):
+            return None
+        why = (f"qprobes refused to set thread {thread}'s rip to {rip:#x}: that is qprobes' "
+               "own code (stubs, instruction slots, trampolines)")  # fmt: skip
+        log.warning("%s", why)
+        return b"E." + why.encode("ascii")
 
     def _read_register(self, text: bytes) -> bytes:
         try:
@@ -953,9 +1046,12 @@ class GdbServer:
         self._take_out_orphans()
         with contextlib.suppress(OSError):
             self._listener.close()
-        if self.listen.path is not None:
+        path = self.listen.path
+        if path is not None and self._socket_file is not None \
+                and self._file_id(path) == self._socket_file:  # fmt: skip
+            # (Only the socket this endpoint made: not one that replaced it.)
             with contextlib.suppress(OSError):
-                os.unlink(self.listen.path)
+                os.unlink(path)
 
 
 def serve(engine: KprobeEngine, listen: Listen | str, *,

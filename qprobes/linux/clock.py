@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -150,6 +151,7 @@ class GuestClock:
 
     def __init__(self, kernel: LinuxKernel, read: Read) -> None:
         self.read = read
+        self._cyc2ns_cache: dict[int, tuple[float, Cyc2nsData]] = {}
         self.symbols = symbols = kernel.symbols
         btf = kernel.btf
         if btf is None:
@@ -265,6 +267,27 @@ class GuestClock:
         at = lay.data - start + (seq & 1) * lay.data_size
         data = raw[at : at + lay.data_size]
         return Cyc2nsData(_field(data, lay.mul), _field(data, lay.shift), _field(data, lay.offset))
+
+    #: How long :meth:`sched_clock_at` reuses a CPU's ``cyc2ns`` data: the
+    #: records of one drain share a read (they are converted when drained,
+    #: long after they were made, with the data of that moment either way).
+    CYC2NS_REUSE_S = 0.1
+
+    def sched_clock_at(self, tsc: int, gs_base: int) -> int | None:
+        """``sched_clock()`` in ns of a TSC read on the CPU whose per-CPU
+        base is ``gs_base`` (a fast-path record's), or None."""
+        if not gs_base:
+            return None
+        now = time.monotonic()
+        cache = self._cyc2ns_cache
+        hit = cache.get(gs_base)
+        if hit is None or now - hit[0] > self.CYC2NS_REUSE_S:
+            try:
+                hit = (now, self.cyc2ns(gs_base))
+            except (QprobesError, struct.error):
+                return None
+            cache[gs_base] = hit
+        return cycles_2_ns(tsc, hit[1])
 
     def sched_clock(self, ctx: HitContext) -> int | None:
         """``sched_clock()`` in ns at the hit, or None (no TSC, no per-CPU base)."""

@@ -20,6 +20,14 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from qprobes.arch.x86_64.recorder_asm import (
+    Const,
+    Fetch,
+    FrameWord,
+    PerCpuWord,
+    StoreMem,
+    StoreValue,
+)
 from qprobes.errors import QprobesError, SymbolError
 from qprobes.probes.context import HitContext
 from qprobes.symbols.linux import LinuxKernel
@@ -143,3 +151,21 @@ class PreemptState:
         except (QprobesError, struct.error):
             return None
         return tracing_gen_ctx(ctx.regs.eflags, pc, tif, migrate)
+
+    def record_fetches(self, rflags_offset: int) -> tuple[Fetch, Fetch, Fetch, Fetch]:
+        """What :meth:`trace_ctx` reads, as a recorder's fetches (the fast
+        path records them at the hit): the frame's rflags (at
+        ``rflags_offset`` of pt_regs), ``__preempt_count``, the current
+        task's ``thread_info.flags`` and ``migration_disabled`` (0 where the
+        kernel has no such field)."""
+        current = self.kernel.current_task
+
+        def task_field(where: tuple[int, int] | None) -> Fetch:
+            if current is None or where is None:
+                return Fetch(Const(0))
+            off, size = where
+            return Fetch(PerCpuWord(current), store=StoreMem(off, size))
+
+        return (Fetch(FrameWord(rflags_offset)),
+                Fetch(PerCpuWord(self.preempt_count), store=StoreValue(4)),
+                task_field(self.tif), task_field(self.migration_disabled))  # fmt: skip

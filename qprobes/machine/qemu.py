@@ -289,7 +289,34 @@ class QemuMachine:
             args += ["-initrd", str(c.initrd)]
         if c.debug_exit:
             args += ["-device", f"isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=4"]
+        if "-name" not in c.extra_args:
+            # Threads named "CPU 0/TCG" and so on: in top -H, and for
+            # vcpu_cpu_time().
+            args += ["-name", "qprobes,debug-threads=on"]
         return args + list(c.extra_args)
+
+    def vcpu_cpu_time(self) -> float | None:
+        """Seconds of host CPU QEMU's vCPU threads have run so far (the
+        scheduler's count, ``/proc/PID/task/*/schedstat``): what the guest's
+        own execution costs, apart from the time its vCPUs wait for a host
+        CPU or are stopped. None when they cannot be told apart (a ``-name``
+        of the user's without ``debug-threads=on``) or not read."""
+        if self._proc is None:
+            return None
+        total, found = 0, False
+        try:
+            tasks = list(Path(f"/proc/{self._proc.pid}/task").iterdir())
+        except OSError:
+            return None
+        for task in tasks:
+            try:
+                if not (task / "comm").read_text().startswith("CPU "):
+                    continue
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that just ended
+            found = True
+        return total / 1e9 if found else None
 
     # --- lifecycle --------------------------------------------------------------
 

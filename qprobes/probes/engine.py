@@ -483,6 +483,10 @@ class KprobeEngine:
         # range of the retpoline thunks (a jmp there is an indirect jump).
         self.detour = True
         self.detours: dict[int, x86detour.Detour] = {}
+        # Points whose recorder was installed with a detour wanted: one that
+        # goes back to its int3 (its probe disabled, a second probe there)
+        # is optimized again once it is a single enabled fast probe.
+        self._detour_wanted: set[int] = set()
         self.detour_function_check: Callable[[int, int], str | None] | None = None
         self.indirect_thunks: tuple[int, int] | None = None
         # How long to wait for no vCPU and no task inside a window before
@@ -748,45 +752,7 @@ class KprobeEngine:
         for idt, vector, gate in contents.gates:
             self._orig_gates[(idt, vector)] = gate
             self._orig_handler.setdefault(vector, gate_offset(gate))
-        for addr, slot, opcode, boosted, module in contents.sites:
-            # Only an int3 still in the same code is the dead session's: a
-            # module may have gone (and its memory been reused) meanwhile.
-            if module and (self.module_base is None or self.module_base(addr) != module):
-                log.warning("not restoring %#x: its module is gone", addr)
-                self.journal.unsite(addr)
-                continue
-            try:
-                code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
-            except TranslationError:
-                log.warning("not restoring %#x: its text is no longer mapped", addr)
-                self.journal.unsite(addr)
-                continue
-            if code[0] != INT3:
-                self.journal.unsite(addr)  # nothing of ours there any more
-                continue
-            code[0] = opcode
-            insn = x86insn.decode(bytes(code), addr)
-            analysis = x86insn.analyze(insn)
-            _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
-            self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
-                                           armed=True, boost_slot=boost_slot)  # fmt: skip
-        for addr, slot, opcode, boosted, _module in contents.step_sites:
-            # Its int3 is gone, but a vCPU steps its slot: the point is needed
-            # to finish that step, and nothing is ever written at the site.
-            try:
-                code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
-            except TranslationError:
-                code = bytearray()
-            if not code or code[0] != opcode:
-                # Rewritten or unmapped since: the slot's copy has the same
-                # length and kind (its displacement aside).
-                code = bytearray(self.kread(slot, x86insn.MAX_INSN_SIZE))
-            insn = x86insn.decode(bytes(code), addr)
-            analysis = x86insn.analyze(insn)
-            _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
-            self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
-                                           lost=True, boost_slot=boost_slot)  # fmt: skip
-            self._unsite_after_step.add(addr)
+        marked = self._adopt_sites(contents)
         # The probe table as the dead session left it (its linear-probing
         # order), wherever its last switch put it.
         (header,) = struct.unpack("<Q", self.read_data(h.vars + VAR_PTABLE, 8))
@@ -817,10 +783,78 @@ class KprobeEngine:
         self.journal.take_over(contents)
         for addr in restored:
             self.journal.undetour(addr)
+        for addr in marked:
+            self.journal.site_step_only(addr)
         self.target.add_watchpoint(self._doorbell, 1, "write")
         self.attached = True
         log.warning("recovering the changes of %s", h.owner())
         return True
+
+    def _adopt_sites(self, contents: Contents) -> list[int]:
+        """``adopt``: the dead session's probe sites become this engine's
+        points: armed where its int3 still is, lost (kept only to finish a
+        step, nothing ever written at the site) where a vCPU still steps the
+        slot. Returns the sites recorded as armed whose int3 is gone while a
+        step level names them (to be marked step-only once the journal is
+        taken over).
+
+        A session that died in :meth:`_disarm` between writing the original
+        byte back and marking the record step-only left such a record: it is
+        a step-only site, not one to drop (the step could not be finished).
+        """
+        assert self.journal is not None
+        stepped = {lv.point for levels in contents.steps.values() for lv in levels}
+        step_sites = list(contents.step_sites)
+        marked: list[int] = []
+        for site in contents.sites:
+            addr, slot, opcode, boosted, module = site
+            # Only an int3 still in the same code is the dead session's: a
+            # module may have gone (and its memory been reused) meanwhile.
+            gone = None
+            code = bytearray()
+            if module and (self.module_base is None or self.module_base(addr) != module):
+                gone = "its module is gone"
+            else:
+                try:
+                    code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
+                except TranslationError:
+                    gone = "its text is no longer mapped"
+                else:
+                    if code[0] != INT3:
+                        gone = ""  # nothing of ours there any more
+            if gone is not None:
+                if addr in stepped:
+                    step_sites.append(site)
+                    marked.append(addr)
+                    continue
+                if gone:
+                    log.warning("not restoring %#x: %s", addr, gone)
+                self.journal.unsite(addr)
+                continue
+            code[0] = opcode
+            insn = x86insn.decode(bytes(code), addr)
+            analysis = x86insn.analyze(insn)
+            _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
+            self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
+                                           armed=True, boost_slot=boost_slot)  # fmt: skip
+        for addr, slot, opcode, boosted, _module in step_sites:
+            # Its int3 is gone, but a vCPU steps its slot: the point is needed
+            # to finish that step, and nothing is ever written at the site.
+            try:
+                code = bytearray(self.kread(addr, x86insn.MAX_INSN_SIZE))
+            except TranslationError:
+                code = bytearray()
+            if not code or code[0] != opcode:
+                # Rewritten or unmapped since: the slot's copy has the same
+                # length and kind (its displacement aside).
+                code = bytearray(self.kread(slot, x86insn.MAX_INSN_SIZE))
+            insn = x86insn.decode(bytes(code), addr)
+            analysis = x86insn.analyze(insn)
+            _copy, boost_slot = slot_code(insn, analysis, slot, boosted)
+            self.points[addr] = ProbePoint(addr, opcode, insn, analysis, slot, boosted, [],
+                                           lost=True, boost_slot=boost_slot)  # fmt: skip
+            self._unsite_after_step.add(addr)
+        return marked
 
     def _journal_steps(self, kcb: KprobeCtlblk) -> None:
         if self.journal is None:
@@ -831,10 +865,10 @@ class KprobeEngine:
             levels.append(StepLevel(kcb.status.value, kcb.current.addr, kcb.old_rflags,
                                     kcb.saved_rflags, kcb.popped_tf))  # fmt: skip
         if len(levels) > STEP_LEVELS:
-            # Deeper than the journal records (a reentry of a probe that
-            # cannot run boosted, STEP_LEVELS deep): the innermost levels,
-            # the steps a recovery would meet first, are kept. Never raised
-            # from the hit path: the guest must get its answer.
+            # Deeper than the journal records (_reenter_kprobe refuses such a
+            # step: not expected): the innermost levels, the steps a recovery
+            # would meet first, are kept. Never raised from the hit path: the
+            # guest must get its answer.
             log.error("kprobe reentry %d deep on vCPU %d: the journal records the "
                       "innermost %d levels", len(levels), kcb.vcpu, STEP_LEVELS)  # fmt: skip
             levels = levels[-STEP_LEVELS:]
@@ -1836,8 +1870,10 @@ class KprobeEngine:
             inst = self.fast.installed.get(point.addr)
             if inst is not None and inst.kp is kp:
                 self.fast.remove(point.addr)
+                self._detour_wanted.discard(point.addr)
         if point.kprobes:
             self._fast_update(point)
+            self._reoptimize(point)
             return
         # A vCPU may be stepping this probe's slot: let it finish first.
         self.drain()
@@ -1845,6 +1881,12 @@ class KprobeEngine:
         del self.points[point.addr]
         assert self._slots is not None
         self._slots.free_insn_slot(point.slot, dirty=point.boosted)
+        # A detour this probe's int3 had taken out (it was inside the window)
+        # may go back in.
+        for addr in [a for a in self._detour_wanted if point.addr - 32 < a < point.addr]:
+            near = self.points.get(addr)
+            if near is not None:
+                self._reoptimize(near)
 
     def unregister_many(self, kps: Sequence[Kprobe], *,
                         stop_on_error: bool = False) -> list[QprobesError | None]:  # fmt: skip
@@ -1979,6 +2021,7 @@ class KprobeEngine:
                 self._check_site_room(point.addr)
                 self._arm(point)
             self._fast_update(point)
+            self._reoptimize(point)
 
     def _check_site_room(self, addr: int) -> None:
         """Refuse to arm ``addr`` when the journal has no room for its record."""
@@ -2048,8 +2091,22 @@ class KprobeEngine:
         rec = self.fast.install(kp, point, build)
         self._fast_update(point)
         if self.detour if detour is None else detour:
+            self._detour_wanted.add(point.addr)
             self.optimize(kp)
+        else:
+            self._detour_wanted.discard(point.addr)
         return rec
+
+    def _reoptimize(self, point: ProbePoint) -> None:
+        """Jump-optimize ``point`` again when its detour was wanted and its
+        hits all run the recorder once more (the jump went when they did not)."""
+        if (point.addr not in self._detour_wanted or point.addr in self.detours
+                or not point.armed or self.fast is None
+                or self.fast.word(point) == 0):  # fmt: skip
+            return
+        inst = self.fast.installed.get(point.addr)
+        if inst is not None:
+            self.optimize(inst.kp)
 
     def not_fast_because(self, kp: Kprobe) -> str | None:
         """Why the registered ``kp``'s point can never run a recorder of
@@ -2891,18 +2948,37 @@ class KprobeEngine:
         saved on a stack, so a nested reentry is refused the same way (missed,
         stepped, no handlers) and unwinding restores every level in turn:
         no step is forgotten, so no TF or slot rip is left to the guest.
+
+        The journal records :data:`STEP_LEVELS` levels a vCPU, all a
+        recovery needs to finish them. A hit one level deeper runs boosted
+        if it can (no step, no record); if its copy needs a step, the probe
+        is refused (lost, its original byte back) and the vCPU runs the
+        original instruction in place: no step the journal cannot hold.
         """
         regs = ctx.regs
         for kp in point.kprobes:
             kp.nmissed += 1
         self.stats.reentered += 1
-        if len(kcb.prev) + 2 > STEP_LEVELS and point.boosted and not regs.eflags & TF:
+        depth = len(kcb.prev) + 2
+        if depth > STEP_LEVELS and point.boosted and not regs.eflags & TF:
             # One level more than the journal records for a vCPU: a boosted
             # copy needs no step (and no record).
             log.warning("kprobe reentry %d deep at %s on vCPU %d: run boosted, counted "
-                        "missed", len(kcb.prev) + 2, self._where(point.addr),
-                        ctx.vcpu)  # fmt: skip
+                        "missed", depth, self._where(point.addr), ctx.vcpu)  # fmt: skip
             regs.rip = point.boost_entry
+            return
+        if depth > STEP_LEVELS:
+            # The byte goes back before the record goes (a recovery drops a
+            # site without its int3); the vCPU then runs the original, as
+            # after any probe removed once it was hit.
+            log.error("kprobe reentry %d deep at %s on vCPU %d: the journal records %d "
+                      "levels of steps; the probe is taken out", depth,
+                      self._where(point.addr), ctx.vcpu, STEP_LEVELS)  # fmt: skip
+            if point.opcode != INT3:
+                self.kwrite_code(point.addr, bytes([point.opcode]))
+            self._lose(point, f"hit in a kprobe reentry {depth} deep (the journal records "
+                              f"{STEP_LEVELS} levels of steps)")  # fmt: skip
+            regs.rip = point.addr
             return
         if kcb.status is KprobeStatus.REENTER:
             log.warning("nested kprobe reentry at %s on vCPU %d (depth %d): counted missed",
@@ -3240,10 +3316,11 @@ class KprobeEngine:
         return dict(self._orig_gates)
 
     def area_ranges(self) -> list[tuple[int, int]]:
-        """The guest-virtual ranges ``[lo, hi)`` of qprobes' own area."""
+        """The guest-virtual ranges ``[lo, hi)`` of qprobes' own area (every
+        region it may grow to: slots go on past the first)."""
         if not self.attached:
             return []
-        return [(self.area.vbase, self.area.vbase + REGION_SIZE)]
+        return [(self.area.vbase, self.area.end)]
 
     def park_vcpus(self, vcpus: list[int] | None = None,
                    max_steps: int = 100_000) -> None:  # fmt: skip
@@ -3311,16 +3388,26 @@ class KprobeEngine:
             self.target.write(addr, data, vcpu)
             self._lose_rewritten_disarmed(addr, end)
             return
+        # Journal first, as for every change: each moment of this one leaves
+        # bytes a recovery puts right. The int3s come out (their records
+        # still name the old bytes), the new bytes go in without them (a
+        # recovery leaves a site without its int3 alone), each site's new
+        # byte and slot are recorded, and only then its int3 goes back.
+        in_place = [p for p in hit if p.addr not in self.detours]
+        for point in in_place:
+            self.kwrite_code(point.addr, bytes([point.opcode]))
         buf = bytearray(data)
         for point in hit:
             if addr <= point.addr < end:
                 point.opcode = buf[point.addr - addr]
-                buf[point.addr - addr] = INT3
+                if point not in in_place:
+                    buf[point.addr - addr] = INT3
         self.target.write(addr, bytes(buf), vcpu)
         for point in hit:
             code = self._original_bytes(point.addr, x86insn.MAX_INSN_SIZE)
             if code[: point.insn.length] == point.insn.raw:
                 self._journal_site(point)
+                self._rearm_written(point, in_place)
                 continue
             try:
                 insn = x86insn.decode(code, point.addr)
@@ -3354,8 +3441,14 @@ class KprobeEngine:
             point.boosted, point.boost_slot = boosted, boost_slot
             slots.free_insn_slot(old, dirty=True)
             self._journal_site(point)
+            self._rearm_written(point, in_place)
             self._fast_update(point)
         self._lose_rewritten_disarmed(addr, end)
+
+    def _rearm_written(self, point: ProbePoint, in_place: list[ProbePoint]) -> None:
+        """:meth:`write_text`: the int3 back at a site it took out (recorded)."""
+        if point in in_place and point.opcode != INT3:
+            self.kwrite_code(point.addr, bytes([INT3]))
 
     def _lose_rewritten_disarmed(self, lo: int, hi: int) -> None:
         """A disarmed probe (disabled) whose instruction a debugger's write

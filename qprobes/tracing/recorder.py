@@ -126,10 +126,27 @@ class ArgPlan:
 
 @dataclass(frozen=True)
 class RecorderPlan:
-    """The guest's fetches for one definition and how to read them back."""
+    """The guest's fetches for one definition and how to read them back.
+
+    ``context_at``: the first of the :data:`CONTEXT_VALUES` values after the
+    definition's that describe the hit's context (see :func:`with_context`),
+    or None when the record has none."""
 
     fetches: tuple[Fetch, ...]
     args: tuple[ArgPlan, ...]
+    context_at: int | None = None
+
+    def context(self, raw: RawRecord) -> tuple[int, int, int, int] | None:
+        """(rflags, raw ``__preempt_count``, ``thread_info.flags``,
+        ``migration_disabled``) at the hit, or None (not recorded, or a load
+        of them faulted)."""
+        at = self.context_at
+        if at is None:
+            return None
+        got = [v for v in raw.values[at : at + CONTEXT_VALUES] if type(v) is int]
+        if len(got) != CONTEXT_VALUES:
+            return None  # a load faulted (FAULT), or the record is short
+        return got[0], got[1], got[2], got[3]
 
     @property
     def strings(self) -> tuple[bool, ...]:
@@ -214,6 +231,24 @@ def plan_recorder(args: Sequence[CompiledArg], ip: int, *, ret: bool = False) ->
     if len(fetches) > MAX_VALUES:
         raise NotFastError(f"{len(fetches)} fetched values, the fast path holds {MAX_VALUES}")
     return RecorderPlan(tuple(fetches), tuple(plans))
+
+
+#: Values :func:`with_context` appends: rflags, preempt count, TIF flags,
+#: migration_disabled.
+CONTEXT_VALUES = 4
+
+
+def with_context(plan: RecorderPlan, fetches: Sequence[Fetch]) -> RecorderPlan:
+    """``plan`` with the :data:`CONTEXT_VALUES` fetches of the hit's context
+    (as the guest's trace events record it: ``tracing_gen_ctx()``) after
+    its own values; ftrace's latency columns come from them."""
+    if len(fetches) != CONTEXT_VALUES:
+        raise ProbeError(f"{len(fetches)} context fetches, wanted {CONTEXT_VALUES}")
+    if any(f.is_string for f in fetches):
+        raise ProbeError("a context fetch is a string")
+    if len(plan.fetches) + CONTEXT_VALUES > MAX_VALUES:
+        return plan  # no room: the latency columns stay unknown
+    return RecorderPlan(plan.fetches + tuple(fetches), plan.args, len(plan.fetches))
 
 
 #: Values a return recorder puts before the definition's: the entry's TSC

@@ -49,6 +49,7 @@ from qprobes.tracing.recorder import (
     plan_recorder,
     plan_return_recorder,
     return_extra,
+    with_context,
 )
 
 #: Where x86-64 modules (and ftrace/BPF trampolines) live: MODULES_VADDR up.
@@ -181,6 +182,7 @@ class TraceProbe:
 # TASK_SIZE_MAX + PAGE_SIZE (4-level paging) fault.
 LINUX_KERNEL_FLOOR = 0x0000_8000_0000_0000
 SP_OFFSET = 8 * PT_REGS_NAMES.index("rsp")
+RFLAGS_OFFSET = 8 * PT_REGS_NAMES.index("eflags")
 
 
 class Tracer:
@@ -400,7 +402,7 @@ class Tracer:
         if tp.want_stack:
             raise NotFastError(f"{tp.name}: kernel stack traces are taken on the slow path")
         engine = self.session.engine
-        plan = plan_recorder(tp.args, tp.addr)
+        plan = self._with_context(plan_recorder(tp.args, tp.addr))
         try:
             ring = engine.enable_fast_path()
         except ProbeError as exc:
@@ -431,7 +433,7 @@ class Tracer:
         if tp.want_stack:
             raise NotFastError(f"{tp.name}: kernel stack traces are taken on the slow path")
         engine = self.session.engine
-        plan = plan_return_recorder(tp.args)
+        plan = self._with_context(plan_return_recorder(tp.args))
         try:
             ring = engine.enable_fast_path()
         except ProbeError as exc:
@@ -477,6 +479,12 @@ class Tracer:
             return bool(slow_entry(kp, ctx))
 
         rp.kp.pre_handler = pre_handler
+
+    def _with_context(self, plan: RecorderPlan) -> RecorderPlan:
+        """``plan`` recording the hit's context too (the latency columns), when
+        the session reads the guest's (a Linux guest)."""
+        fetches = getattr(self.session.trace_state, "record_fetches", None)
+        return with_context(plan, fetches(RFLAGS_OFFSET)) if fetches is not None else plan
 
     def _recorder_spec(self, probe_id: int, fetches: tuple[Fetch, ...], ring: RingLayout,
                        lossless: bool) -> RecorderSpec:  # fmt: skip
@@ -532,7 +540,12 @@ class Tracer:
                                                     8 * n)  # fmt: skip
                 self._per_cpu = [int.from_bytes(raw[8 * i : 8 * i + 8], "little")
                                  for i in range(n)]  # fmt: skip
-            if self._per_cpu is not None and 0 <= cpu < len(self._per_cpu):
+            at = getattr(clock, "sched_clock_at", None)
+            if at is not None and self._per_cpu is not None and 0 <= cpu < len(self._per_cpu):
+                ns = at(tsc, self._per_cpu[cpu])  # see below: ftrace's "local" clock
+                if ns is not None:
+                    return ns, "local"
+            elif self._per_cpu is not None and 0 <= cpu < len(self._per_cpu):
                 ctx = HitContext(cpu + 1, PtRegs([0] * FRAME_WORDS), self.session.engine.read_data,
                                  0, tsc=tsc, gs_base=self._per_cpu[cpu])  # fmt: skip
                 # sched_clock() of the record's TSC (ftrace's "local" clock):
@@ -567,13 +580,17 @@ class Tracer:
                 duration = max(0, ts - entry_ts) / 1e9
                 if tp.latency is not None:
                     tp.latency.add(duration)
-        seen = {**common_values(raw.pid, raw.comm, cpu), "common_cpu": cpu, **values}
+        seen: dict[str, Any] = {}
+        if tp.filter is not None or tp.hists:  # (built only for them: a drain is hot)
+            seen = {**common_values(raw.pid, raw.comm, cpu), "common_cpu": cpu, **values}
         passed = tp.filter is None or evaluate_filter(tp.filter, seen)
         if not passed and not tp.hists:
             tp.filtered += 1
             return
         if entry_tsc is None:
             ts, clock = self._record_timestamp(raw.tsc, cpu)
+        context = tp.plan.context(raw)
+        tctx = tracing_gen_ctx(*context) if context is not None else None
         event = TraceEvent(
             group=tp.spec.group,
             event=tp.spec.event,
@@ -588,9 +605,8 @@ class Tracer:
             fields=values,
             text=format_args(tp.args, values),
             clock=clock,
-            # A recorder does not read the interrupted context's flags yet.
-            trace_flags=0,
-            preempt_count=0,
+            trace_flags=tctx.flags if tctx is not None else 0,
+            preempt_count=tctx.preempt_count if tctx is not None else 0,
             duration=duration,
         )
         for hist in tp.hists:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import subprocess
 from typing import Any
 
@@ -179,3 +180,40 @@ def test_the_fast_return_row_runs_in_the_guest_and_misses_nothing(report: dict[s
     assert isinstance(report["kretprobe_fast_us_per_hit"], float)
     assert report["fast_kretprobe_us_per_hit"] == report["kretprobe_fast_us_per_hit"]
     assert row["fast"]["dropped"] == 0 and row["fast"]["events"] == row["fast"]["hits"]
+
+
+def test_rows_that_never_stop_the_guest_are_timed_by_its_vcpu_threads(
+    report: dict[str, Any],
+) -> None:
+    """The workload is the static qp-openat (no shell between rounds); a row
+    with no stop is taken from the CPU time of QEMU's vCPU threads, which a
+    guest with one vCPU can never have more of than the wall time."""
+    rows = {r["key"]: r for r in report["rows"]}
+    assert "qp-openat N /etc/hostname" in report["workload"]
+    for key in ("guest_kprobe_events", "kretprobe_fast"):
+        assert rows[key]["metric"] == "vcpu", rows[key]
+        assert rows[key]["us"] == rows[key]["us_vcpu"]
+    for key in ("boosted", "single_step", "tracer", "noprobe", "gdb"):
+        assert rows[key]["metric"] == "wall", rows[key]
+    for row in rows.values():
+        if not row["available"]:
+            continue
+        for wall, vcpu in zip(row["wall_s"] + row["fixed_s"],
+                              row["vcpu_s"] + row["vcpu_fixed_s"], strict=True):  # fmt: skip
+            assert vcpu is not None and 0 < vcpu <= wall * 1.02 + 0.005, row["key"]
+    assert report["unhit"]["metric"] == "vcpu"
+    assert isinstance(report["unhit_1000_slowdown_wall"], float)
+
+
+def test_the_cheap_rows_are_measured_in_off_on_pairs(report: dict[str, Any]) -> None:
+    """The guest's event and the fast entry rows are switched off and on in
+    each round; their number is the median of those pairs."""
+    rows = {r["key"]: r for r in report["rows"]}
+    options = report["options"]
+    for key in ("guest_kprobe_events", "fast", "detour"):
+        row = rows[key]
+        assert row["pairs"] == options["repeat"] * options["pairs"], row
+        assert len(row["pair_us"]) == row["pairs"]
+        assert row["us"] == pytest.approx(statistics.median(row["pair_us"]), rel=1e-9), key
+        assert row["problems"] == [], row["problems"]  # the detour came back each time
+    assert rows["kretprobe_fast"]["pairs"] == 0 and rows["boosted"]["pairs"] == 0

@@ -290,11 +290,43 @@ def test_probe_inside_a_window_takes_the_detour_out(busy: Session) -> None:
         assert not first.kprobe.detoured
         assert second.kprobe is not None
         s.command("dd if=/dev/zero of=/dev/null bs=1 count=20 2>/dev/null")
+        # The second probe gone, the first takes its detour again.
+        tracer.remove("qp/w1")
+        assert first.kprobe.detoured, first.kprobe.detour_refused
+        s.command("dd if=/dev/zero of=/dev/null bs=1 count=10 2>/dev/null")
     finally:
         for name in list(tracer.probes):
             tracer.remove(name)
     dd = Counter(e.event for e in events if e.comm == "dd")
-    assert dd["w0"] == dd["w1"] >= 20, dd
+    # Both fired on every read of the first dd, the first alone on the second's.
+    assert dd["w1"] >= 20 and dd["w0"] >= dd["w1"] + 10, dd
+
+
+def test_a_disabled_detoured_probe_is_detoured_again_when_enabled(busy: Session) -> None:
+    """Disabling takes the jump out (the probed bytes are the original's);
+    enabling puts the int3 back and then the detour, and hits record again."""
+    s = busy
+    events: list[TraceEvent] = []
+    tracer = Tracer(s, events.append, fast=True)
+    try:
+        tp = tracer.add("p:qp/t0 vfs_read")
+        kp = tp.kprobe
+        assert kp is not None and kp.detoured and kp.arm_addr is not None
+        original = s.engine.detours[kp.arm_addr].window.original
+        s.engine.disable_kprobe(kp)
+        assert not kp.detoured
+        assert s.engine.kread(kp.arm_addr, len(original)) == original
+        s.command("dd if=/dev/zero of=/dev/null bs=1 count=10 2>/dev/null")
+        tracer.drain()
+        assert not [e for e in events if e.comm == "dd"]
+        s.engine.enable_kprobe(kp)
+        assert kp.detoured, kp.detour_refused
+        assert s.engine.kread(kp.arm_addr, 1)[0] == 0xE9  # jmp rel32
+        s.command("dd if=/dev/zero of=/dev/null bs=1 count=10 2>/dev/null")
+    finally:
+        for name in list(tracer.probes):
+            tracer.remove(name)
+    assert sum(1 for e in events if e.comm == "dd") >= 10
 
 
 def test_detach_with_detours_leaves_the_guest_clean(busy: Session) -> None:

@@ -340,6 +340,17 @@ def test_registers_read_and_write(rig: Rig, gdb: Cli) -> None:
     assert gdb.register("r11") == old
 
 
+def test_rip_cannot_be_set_into_qprobes_area(rig: Rig, gdb: Cli) -> None:
+    """A vCPU that gdb sent into a stub or a slot would run qprobes' code
+    without its host's answers: the write is refused, rip stays."""
+    (lo, _hi), = rig.session.engine.area_ranges()
+    old = gdb.register("rip")
+    said = gdb.error(f"set var $pc = {lo + 0x100:#x}")
+    assert "qprobes refused to set thread" in said and "rip" in said, said
+    assert gdb.register("rip") == old
+    assert "VM status" in gdb("monitor info status")  # the replies are not out of step
+
+
 def test_monitor_commands(rig: Rig, gdb: Cli) -> None:
     assert "VM status" in gdb("monitor info status")
     for command in ("system_reset", "quit", "loadvm snap", "stop", "cont"):

@@ -142,3 +142,59 @@ def test_recover_refuses_while_the_journals_owner_runs() -> None:
             owner.kill()
             owner.wait()
         machine.shutdown()
+
+
+#: A controller that dies in ``_disarm`` between writing a probe's original
+#: byte back and marking its site record step-only, while a vCPU steps the
+#: probe's slot: it stops the guest right after a hit's answer (the step
+#: set up), writes the byte, and drops the gdbstub connection.
+DIES_MID_DISARM = """
+import os, sys
+from qprobes.frontends.session import Session
+from qprobes.probes.kprobe import KprobeStatus
+address, start, size = sys.argv[1], int(sys.argv[2], 0), int(sys.argv[3], 0)
+s = Session.attach(address, reserve=(start, size), watchdog=False)
+engine = s.engine
+base = s.symbols.address("do_sys_openat2")  # (the busy loop opens files)
+skip = 5 if engine.kread(base, 5) == bytes.fromhex("0f1f440000") else 0  # (ftrace's nop)
+kp = s.kprobe(base + skip, lambda kp, ctx: False, boost=False)
+point = engine.points[kp.arm_addr]
+def stepping():
+    return any(k.status is KprobeStatus.HIT_SS and k.current is point
+               for k in engine.kcb.values())
+s.run(until=stepping, timeout=60)
+assert stepping(), "no hit"
+engine.kwrite_code(point.addr, bytes([point.opcode]))  # _disarm's byte write
+s.target.client.close()  # and the controller is gone
+print("died", flush=True)
+os._exit(0)
+"""
+
+
+def test_recover_finishes_a_step_whose_site_was_disarmed_before_it_died() -> None:
+    """The journal holds a normal site record without its int3 and a step
+    that names it: the recovery dropped the site, could not finish the
+    step, and left the vCPU with TF set in a slot of an area it unmapped."""
+    machine, addrs = busy_guest()
+    try:
+        address = str(machine.gdb_socket)
+        start, size = machine.config.reserved
+        reserve = f"{start:#x}:{size:#x}"
+        before = snapshot(address, addrs)
+        dying = subprocess.run([sys.executable, "-c", DIES_MID_DISARM, address, hex(start),
+                                hex(size)], capture_output=True, text=True, timeout=300,
+                               check=False)  # fmt: skip
+        assert dying.stdout.strip() == "died", dying.stdout + dying.stderr
+
+        recovered = run("attach", address, "--recover", "--reserve", reserve)
+        assert recovered.returncode == 0, recovered.stderr
+        assert "recovered the changes of pid" in recovered.stdout, recovered.stdout
+        mark = len(machine.console_text())
+        out = machine.console.command("echo qp-alive; dmesg | tail -50", LINUX_PROMPT,
+                                      timeout=120)  # fmt: skip
+        text = str(out) + machine.console_text()[mark:]
+        assert "qp-alive" in text
+        assert not [x for x in text.splitlines() if BAD.search(x)], text[-3000:]
+        assert snapshot(address, addrs) == before, "what qprobes wrote is not all undone"
+    finally:
+        machine.shutdown()

@@ -19,6 +19,7 @@ from qprobes.frontends.bench import (
     Boot,
     Case,
     Row,
+    Timed,
     _is_limit,
     report,
 )
@@ -181,9 +182,9 @@ def test_engine_limits_end_an_arming_refusals_do_not(message: str, limit: bool) 
 def test_case_subtracts_the_run_for_zero_and_the_cost_of_counting() -> None:
     hits = [0]
 
-    def run(n: int) -> float:
+    def run(n: int) -> Timed:
         hits[0] += n + 1  # the command itself hits once, as the shell opening a script
-        return 0.001 * n
+        return Timed(0.001 * n)
 
     def count() -> int:
         hits[0] += 2  # a count read on the console opens files too
@@ -201,9 +202,9 @@ def test_case_subtracts_the_run_for_zero_and_the_cost_of_counting() -> None:
 def test_case_counts_the_events_of_the_timed_runs_net_of_the_run_for_zero() -> None:
     events = [0]
 
-    def run(n: int) -> float:
-        events[0] += n + 3  # the shell starting qp-open opens other files: not counted
-        return 0.001 * n
+    def run(n: int) -> Timed:
+        events[0] += n + 3  # the shell starting the workload opens other files: not counted
+        return Timed(0.001 * n)
 
     row = Row("fast", 5)
     case = Case(row, events=lambda: events[0])
@@ -217,6 +218,57 @@ def test_case_counts_the_events_of_the_timed_runs_net_of_the_run_for_zero() -> N
     lossy.check(1)
     assert short.events_seen is not None and short.events_seen < 5
     assert short.problems and "expected 5" in short.problems[0]
+
+
+def test_rows_that_never_stop_the_guest_are_timed_by_its_vcpu_threads() -> None:
+    """A busy host stretches wall time (the vCPU waits for a CPU); a row with
+    no stop is taken from the vCPU threads' CPU time, a row with stops from
+    the wall clock, each against the baseline's runs by the same clock."""
+    base, fast, boosted = Row("noprobe", 10), Row("fast", 10), Row("boosted", 10)
+    fast.baseline = boosted.baseline = base
+    for wall, vcpu in ((0.0010, 0.0005), (0.0030, 0.0006)):  # a busy spell in round 2
+        base.add(0, Timed(0.0, 0.0, 0.0))
+        base.add(10, Timed(wall, vcpu, 0.0001))
+        fast.add(0, Timed(0.0, 0.0, 0.0))
+        fast.add(10, Timed(wall * 3, vcpu + 0.0001, 0.0004))  # 10 us a hit of vCPU time
+        boosted.add(0, Timed(0.0, 0.0, 0.0))
+        boosted.add(10, Timed(wall + 0.005, vcpu, 0.002))  # 500 us a hit, all of it stopped
+    fast.stops, boosted.stops = {"stops": 0}, {"stops": 20}
+    assert (base.metric, fast.metric, boosted.metric) == ("wall", "vcpu", "wall")
+    assert fast.us() == pytest.approx(10.0)
+    assert boosted.us() == pytest.approx(500.0)
+    doc = fast.as_dict()
+    assert doc["metric"] == "vcpu" and doc["us_wall"] == pytest.approx(400.0)
+    assert doc["qprobes_cpu_us"] == pytest.approx(30.0)
+    # One run without its vCPU time: wall for the row.
+    fast.add(10, Timed(0.003, None))
+    fast.add(0, Timed(0.0, 0.0))
+    assert fast.metric == "wall" and fast.as_dict()["us_vcpu"] is None
+    # A row with a stop is timed by the wall clock whatever it has.
+    boosted.stops = {"stops": 1}
+    assert boosted.metric == "wall"
+    text = io.StringIO()
+    result = BenchResult(BenchOptions(repeat=2, hits=10))
+    result.rows = {"noprobe": base, "boosted": boosted}
+    report(result, text)
+    assert "timed by" in text.getvalue()
+
+
+def test_the_unhit_slowdown_is_taken_from_vcpu_time_when_every_run_has_it() -> None:
+    result = BenchResult(BenchOptions())
+    u = result.unhit
+    u.probes = 1000
+    for base, armed in ((Timed(1.0, 0.50), Timed(2.0, 0.51)), (Timed(1.0, 0.50), Timed(1.0, 0.51))):
+        u.add(False, base)
+        u.add(True, armed)
+    assert u.metric == "vcpu" and u.slowdown == pytest.approx(0.02)
+    assert u.slowdown_of("wall") == pytest.approx(0.5)
+    summary = result.summary()
+    assert summary["unhit_1000_slowdown"] == pytest.approx(0.02)
+    assert summary["unhit_1000_slowdown_wall"] == pytest.approx(0.5)
+    u.add(True, Timed(1.0, None))
+    u.add(False, Timed(1.0, 0.5))
+    assert u.metric == "wall"
 
 
 def test_gdb_remote_log_counts() -> None:
@@ -305,3 +357,37 @@ def test_arming_goes_through_batches_and_reports_refusals() -> None:
     assert bench_for(limited)._unregister(ok) >= 0 and limited.batches[-1] == [-1, len(ok)]
     with pytest.raises(BenchError, match=r"1 probes could not be unregistered \(stuck\)"):
         bench_for(limited)._unregister([Kprobe(addr=14)])
+
+
+def test_switchable_rows_take_their_number_from_off_on_pairs() -> None:
+    """A row that can be switched off: each pair is a run with the probe
+    off, then one with it on, in the same set-up; the number is the median
+    of (on - off) / hits, not the comparison with the baseline's round."""
+    base, fast = Row("noprobe", 10), Row("fast", 10)
+    fast.baseline = base
+    base.add(0, Timed(0.0, 0.0))
+    base.add(10, Timed(0.010, 0.002))  # 200 us an open of vCPU time: a busy round
+    fast.add(0, Timed(0.0, 0.0))
+    fast.add(10, Timed(0.004, 0.0006))  # cheaper than that baseline: noise
+    fast.stops = {"stops": 0}
+    assert fast.us() is not None and fast.us() < 0  # by the round alone
+    states: list[bool] = []
+    timings = iter([Timed(0.001, 0.0005), Timed(0.0012, 0.00060),   # 10 us a hit
+                    Timed(0.003, 0.0008), Timed(0.0033, 0.00092),   # 12 us
+                    Timed(0.001, 0.0004), Timed(0.0011, 0.00048)])  # 8 us  # fmt: skip
+
+    def run(n: int) -> Timed:
+        return next(timings) if n == 10 else Timed(0.0, 0.0)
+
+    case = Case(fast, toggle=states.append)
+    case.switched(run, lambda: {"stops": 0}, pairs=3, warm=2)
+    assert states == [False, True] * 3
+    assert fast.metric == "vcpu" and fast.us() == pytest.approx(10.0)
+    doc = fast.as_dict()
+    assert doc["pairs"] == 3 and doc["pair_us"] == pytest.approx([10.0, 12.0, 8.0])
+    assert doc["rounds_us"] is not None and doc["rounds_us"] < 0
+    # A stop in a run with the probe on: the row goes by the wall clock.
+    stops = iter([{"stops": 0}, {"stops": 1}])
+    timings = iter([Timed(0.001, 0.0005), Timed(0.002, 0.0006)])
+    case.switched(run, lambda: next(stops), pairs=1, warm=0)
+    assert fast.pair_stops == 1 and fast.metric == "wall"

@@ -152,6 +152,75 @@ def test_a_write_into_a_disabled_probes_instruction_loses_it() -> None:
     assert target.read(A + 0x100, 2) == b"\x41\x55"
 
 
+class JournalMem:
+    """Physical memory for the journal, telling ``on_write`` of each write."""
+
+    def __init__(self, on_write: Any) -> None:
+        self.data: dict[int, int] = {}
+        self.on_write = on_write
+
+    def read_phys(self, paddr: int, length: int) -> bytes:
+        return bytes(self.data.get(paddr + i, 0) for i in range(length))
+
+    def write_phys(self, paddr: int, data: bytes) -> None:
+        for i, b in enumerate(data):
+            self.data[paddr + i] = b
+        self.on_write()
+
+
+@pytest.mark.parametrize("data", [b"\x53\x90", b"\x53", b"\x90"],
+                         ids=["instruction", "site byte", "tail byte"])  # fmt: skip
+def test_every_moment_of_a_write_into_a_probed_instruction_is_recoverable(data: bytes) -> None:
+    """The text went in before the journal had the new saved byte: a
+    controller killed in between left an int3 whose record restored the old
+    byte in front of the debugger's new bytes (41 90 for 53 90 over 41 54)."""
+    engine, target, _point = make()
+    where = A if data != b"\x90" else A + 1
+    old = target.read(A, 2).replace(b"\xcc", b"\x41")
+    new = bytearray(old)
+    new[where - A : where - A + len(data)] = data
+    recovered: list[bytes] = []
+
+    def after_each_write() -> None:
+        # What a recovery from the guest as it is now would leave at A: a
+        # site still holding qprobes' int3 gets the journal's byte.
+        contents = engine.journal_contents()
+        text = bytearray(target.read(A, 2))
+        if contents is not None and text[0] == 0xCC:
+            saved = {site[0]: site[2] for site in contents.sites}
+            if A in saved:
+                text[0] = saved[A]
+        recovered.append(bytes(text))
+
+    engine.hostmem = JournalMem(after_each_write)  # type: ignore[assignment]
+    real_write = target.write
+
+    def write(addr: int, data: bytes, vcpu: int | None = None) -> None:
+        real_write(addr, data, vcpu)
+        after_each_write()
+
+    target.write = write  # type: ignore[method-assign]
+    assert engine.journal is not None
+    engine.journal.begin(None, 0, "test")
+    engine._journal_site(engine.points[A])  # as _arm recorded it
+
+    class Slots:
+        def get_insn_slot(self) -> int:
+            return SLOT + 64
+
+        def free_insn_slot(self, slot: int, dirty: bool = False) -> None:
+            pass
+
+    engine._slots = Slots()  # type: ignore[assignment]
+    recovered.clear()
+    engine.write_text(where, data)
+    assert recovered, "nothing written"
+    assert set(recovered) <= {bytes(old), bytes(new)}, [r.hex() for r in recovered]
+    assert recovered[-1] == bytes(new)
+    point = engine.points[A]
+    assert point.armed and point.slot == SLOT + 64 and target.read(A, 1) == b"\xcc"
+
+
 def test_a_step_over_a_probe_site_runs_the_original() -> None:
     engine, target, _point = make()
     engine.step_original(1)

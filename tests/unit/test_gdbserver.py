@@ -7,6 +7,7 @@ runs, ``hold`` once a hold was requested) and reads the replies.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -69,6 +70,9 @@ class FakeGuest:
 
     def write_register(self, thread: int, regnum: int, value: bytes) -> None:
         self.regs[thread][8 * regnum : 8 * regnum + 8] = value
+
+    def rip_register(self) -> tuple[int, int]:
+        return 16, 128  # as in QEMU's x86_64 layout (and this fake's 8 bytes a register)
 
     def rip(self, thread: int) -> int:
         return self.rips[thread]
@@ -345,6 +349,27 @@ def test_registers(rig: Rig) -> None:
     assert rig.guest.regs[2] == b"\x07" * 608
 
 
+def test_rip_cannot_be_set_into_qprobes_area(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """gdb could send a vCPU into a stub, a slot or a trampoline (``set $pc``,
+    ``jump``): code that waits for the host's answers, and that gdb itself
+    reads as unmapped."""
+    attach(rig)
+    inside = (AREA[0] + 0x40).to_bytes(8, "little")
+    regs = bytearray(rig.guest.regs[2])
+    regs[128:136] = inside
+    rig.held(b"Hg2", b"P10=" + encode_hex(inside), b"G" + encode_hex(bytes(regs)),
+             b"P0=" + encode_hex(inside), b"P10=" + encode_hex(TEXT.to_bytes(8, "little")),
+             b"c", stop=INTERRUPTED)  # fmt: skip
+    _halt, ok, refused, refused2, ok2, ok3 = rig.gdb.replies(6)
+    why = b"E.qprobes refused to set thread 2's rip to %#x: that is qprobes' own code" % (
+        AREA[0] + 0x40)
+    assert ok == b"OK" and refused.startswith(why) and refused2 == refused
+    assert (ok2, ok3) == (b"OK", b"OK")  # another register may hold such a value; rip elsewhere
+    assert rig.guest.regs[2][:8] == inside
+    assert rig.guest.regs[2][128:136] == TEXT.to_bytes(8, "little")
+    assert caplog.text.count("qprobes refused to set thread 2's rip") == 2
+
+
 def test_threads(rig: Rig) -> None:
     attach(rig)
     rig.held(b"qfThreadInfo", b"qsThreadInfo", b"qC", b"T2", b"T9", b"qThreadExtraInfo,2", b"c",
@@ -538,3 +563,107 @@ def test_gdb_cannot_write_over_an_idt_gate_qprobes_redirected() -> None:
         backend.write_memory(1, idt + 16 * 3 + 15, b"\x00\x00")
     backend.write_memory(1, idt + 16 * 4, b"\x00")  # the next gate is the guest's
     assert writes == [idt + 16 * 4]
+
+
+def test_a_gdb_that_stops_reading_is_dropped_without_blocking(
+    rig: Rig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write to gdb waited up to 5 s for its socket to drain, with qprobes'
+    run loop (and the probes) stuck meanwhile; now replies are queued, and a
+    gdb that leaves too many unread is dropped."""
+    import time
+
+    attach(rig)
+    peer = rig.server._peer
+    assert peer is not None
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.output_limit = 32 * 1024
+    started = time.monotonic()
+    # 100 register reads (1216 bytes each), none of them read by "gdb".
+    rig.held(*([b"g"] * 100), b"c", stop=INTERRUPTED)
+    took = time.monotonic() - started
+    assert took < 2.0, f"the hold blocked {took:.1f} s on a gdb that does not read"
+    assert not rig.server.connected
+    assert "dropping gdb: it stopped reading its replies" in caplog.text
+    # The endpoint goes on: another gdb can connect and is served.
+    rig.gdb = Gdb(str(tmp_path / "gdb.sock"))
+    rig.server.poll(True)
+    assert rig.server.connected
+
+
+def test_replies_a_gdb_reads_late_all_arrive(rig: Rig) -> None:
+    """Replies queued while gdb's socket was full are sent as it drains."""
+    attach(rig)
+    peer = rig.server._peer
+    assert peer is not None
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    rig.held(*([b"g"] * 20), b"c", stop=INTERRUPTED)
+    assert rig.server.connected
+    for _ in range(50):  # the run loop's polls send the rest
+        rig.server.poll(True)
+        if not peer._out:
+            break
+        rig.gdb.sock.settimeout(0.05)
+        with contextlib.suppress(TimeoutError):
+            rig.gdb.queue += [e.payload for e in rig.gdb.decoder.feed(rig.gdb.sock.recv(65536))
+                              if isinstance(e, Packet)]  # fmt: skip
+    rig.gdb.sock.settimeout(2.0)
+    replies = rig.gdb.replies(21)
+    assert replies[0] == b"T02thread:01;"
+    assert replies[1:] == [encode_hex(bytes(range(16)) * 38)] * 20
+
+
+def test_a_stale_socket_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "gdb.sock"
+    old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old.bind(str(path))
+    old.close()  # an earlier run's socket: nobody listens on it
+    server = GdbServer(FakeGuest(), Listen(path=str(path)))
+    try:
+        gdb = Gdb(str(path))
+        server.poll(True)
+        assert server.connected
+        gdb.sock.close()
+    finally:
+        server.close()
+    assert not path.exists()
+
+
+def test_a_socket_someone_listens_on_is_left_alone(tmp_path: Path) -> None:
+    """Any socket at the path was unlinked: a running endpoint (or anything
+    else listening there) lost its name to this one."""
+    path = tmp_path / "gdb.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(path))
+    other.listen(1)
+    try:
+        with pytest.raises(GdbServerError) as refused:
+            GdbServer(FakeGuest(), Listen(path=str(path)))
+        assert str(refused.value) == (f"cannot listen for gdb on {path}: another process "
+                                      "listens there")  # fmt: skip
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))  # still the other listener's
+        client.close()
+    finally:
+        other.close()
+
+
+def test_a_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("mine\n")
+    with pytest.raises(GdbServerError, match=r"notes.txt: it exists and is not a socket$"):
+        GdbServer(FakeGuest(), Listen(path=str(path)))
+    assert path.read_text() == "mine\n"
+
+
+def test_close_leaves_a_socket_that_replaced_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "gdb.sock"
+    server = GdbServer(FakeGuest(), Listen(path=str(path)))
+    path.unlink()
+    newer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    newer.bind(str(path))
+    try:
+        server.close()
+        assert path.exists()
+    finally:
+        newer.close()

@@ -327,7 +327,8 @@ def nested_steps(boosted_last: bool) -> tuple[KprobeEngine, list[int]]:
     from qprobes.probes.journal import STEP_LEVELS
     from qprobes.probes.kprobe import Kprobe, KprobeCtlblk, ProbePoint
 
-    engine, _mem, _ = make_engine()
+    engine, mem, _ = make_engine()
+    engine.target = MemTarget(mem)  # type: ignore[assignment]
     addrs = [0xFFFFFFFF81001000 + 0x100 * i for i in range(STEP_LEVELS + 1)]
     for i, addr in enumerate(addrs):
         slot = SLOT_A + 0x40 * i
@@ -338,6 +339,9 @@ def nested_steps(boosted_last: bool) -> tuple[KprobeEngine, list[int]]:
         engine.points[addr] = ProbePoint(addr, MOV_RAX_RBX[0], insn, analysis, slot, boosted,
                                          [Kprobe(addr=addr)], armed=True,
                                          boost_slot=boost_slot)  # fmt: skip
+        mem.write_virt(CR3, addr, b"\xcc" + MOV_RAX_RBX[1:])
+        assert engine.journal is not None
+        engine.journal.site(addr, slot, MOV_RAX_RBX[0], boosted)
     kcb = engine.kcb.setdefault(1, KprobeCtlblk(vcpu=1))
     rips = []
     for addr in addrs:
@@ -362,9 +366,17 @@ def test_a_reentry_deeper_than_the_journal_records_does_not_raise(boosted_last: 
         assert rips[-1] == last.boost_entry and len(engine.kcb[1].prev) == STEP_LEVELS - 1
         assert recorded == sorted(engine.points)[:STEP_LEVELS]
     else:
-        # Stepped; the journal keeps the innermost levels.
-        assert rips[-1] == last.slot and len(engine.kcb[1].prev) == STEP_LEVELS
-        assert recorded == sorted(engine.points)[1:]
+        # Its copy needs a step the journal could not hold (it kept the
+        # innermost levels: a recovery met the outermost step unknown, TF set
+        # in a slot). Refused: the probe is out, the vCPU runs the original.
+        assert rips[-1] == last.addr and len(engine.kcb[1].prev) == STEP_LEVELS - 1
+        assert recorded == sorted(engine.points)[:STEP_LEVELS]
+        assert last.lost and not last.armed and last.kprobes[0].nmissed == 1
+        assert f"reentry {STEP_LEVELS + 1} deep" in (last.kprobes[0].lost_why or "")
+        mem = engine.hostmem
+        assert mem is not None
+        assert mem.read_phys(last.addr & 0xFFFFFFFF, 3) == MOV_RAX_RBX  # its byte back
+        assert [s[0] for s in contents.sites] == sorted(engine.points)[:STEP_LEVELS]
 
 
 def test_more_vcpus_than_the_journal_records_are_refused_before_anything_is_written() -> None:
@@ -378,3 +390,83 @@ def test_more_vcpus_than_the_journal_records_are_refused_before_anything_is_writ
     with pytest.raises(JournalError, match=f"vCPU {MAX_VCPUS + 1}: .*vCPUs 1 to {MAX_VCPUS}"):
         engine.attach()
     assert counting.writes == 0
+
+
+# --- a site record a step names, its int3 gone (recovery) ----------------------------
+
+
+class KernelTarget(MemTarget):
+    """Kernel data reads and writes (the engine's vars, its probe table) too."""
+
+    def read(self, addr: int, length: int) -> bytes:
+        return self.memory.read_virt(CR3, addr, length)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.memory.write_virt(CR3, addr, data)
+
+    def add_watchpoint(self, addr: int, length: int, kind: str) -> None:
+        pass
+
+
+def recovering_engine(mem: PageMem) -> KprobeEngine:
+    """A new controller on the dead one's guest, ready for :meth:`KprobeEngine.adopt`
+    (the stubs are taken as this build's)."""
+    engine = KprobeEngine(KernelTarget(mem), (0x7C00000, 4 << 20), A)  # type: ignore[arg-type]
+    engine.hostmem = mem  # type: ignore[assignment]
+    engine.client = StopClient()  # type: ignore[assignment]
+    engine._use_stubs = lambda layout: Stubs(b"", {})  # type: ignore[method-assign]
+    return engine
+
+
+def dead_stepping_session() -> tuple[KprobeEngine, PageMem]:
+    """vCPU 1 steps the probe at A (:func:`stepping_engine`) in a session
+    whose journal and probe table (empty) a recovery can read, and no more."""
+    from qprobes.probes.stubs import VAR_PTABLE
+
+    dead, mem = stepping_engine()
+    assert dead.journal is not None
+    header, addrs = 0xFFFFFFFFFEE03000, 0xFFFFFFFFFEE10000  # its probe table (empty)
+    dead.journal.set_area(area=0xFFFFFFFFFEE00000, kcr3=CR3, la57=False, code=0xFFFFFFFFFEE00000,
+                          doorbell=DOORBELL, vars_=dead._vars, ptable=header, slot_lo=SLOT_A,
+                          slot_hi=SLOT_A + 0x10000)  # fmt: skip
+    mem.write_virt(CR3, dead._vars + VAR_PTABLE, struct.pack("<Q", header))
+    mem.write_virt(CR3, header, struct.pack("<QQQQ", 64 - 13, (1 << 13) - 1, addrs, 0))
+    return dead, mem
+
+
+def test_recovery_finishes_a_step_whose_site_record_missed_its_step_only_mark() -> None:
+    """A controller died in ``_disarm`` between writing the original byte back
+    and marking the site record step-only, while vCPU 1 stepped the slot. The
+    recovery dropped the site (no int3 there: "nothing of ours") and then could
+    not finish the step: the #DB went to the guest with rip in the slot."""
+    from qprobes.probes.stubs import ACTION_CHAIN
+
+    dead, mem = dead_stepping_session()
+    mem.write_virt(CR3, A, MOV_RAX_RBX[:1])  # _disarm's byte write, and then it died
+    assert site_records(dead) == ([A], [], {0: [A]})
+
+    engine = recovering_engine(mem)
+    assert engine.adopt()
+    point = engine.points.get(A)
+    assert point is not None and point.lost and not point.armed  # was: dropped
+    assert site_records(engine) == ([], [A], {0: [A]})  # marked step-only now
+    engine._vars_phys = VARS_PHYS  # (the fake's doorbell record sits there)
+    step_done(engine, mem)
+    frame = struct.unpack(f"<{FRAME_WORDS}Q", mem.read_virt(CR3, 0xFFFFC90000013E00,
+                                                          8 * FRAME_WORDS))  # fmt: skip
+    assert frame[0] != ACTION_CHAIN  # the step is qprobes' own, finished here
+    assert frame[2 + 16] == A + len(MOV_RAX_RBX) and not frame[2 + 18] & TF
+    assert engine.kcb[1].current is None
+    assert site_records(engine) == ([], [], {})
+    assert mem.read_virt(CR3, A, 3) == MOV_RAX_RBX  # nothing written at the site
+
+
+def test_recovery_still_puts_back_the_int3_of_a_site_a_step_names() -> None:
+    """The other case a step names a normal record: the probe armed, a vCPU
+    mid-step. Its int3 is the dead session's and must go at detach."""
+    _dead, mem = dead_stepping_session()
+    engine = recovering_engine(mem)
+    assert engine.adopt()
+    point = engine.points[A]
+    assert point.armed and not point.lost
+    assert site_records(engine) == ([A], [], {0: [A]})

@@ -42,6 +42,7 @@ from qprobes.tracing import FAULT, compile_fetchargs, evaluate, parse_probe  # n
 from qprobes.tracing.ast import ProbeSpec  # noqa: E402
 from qprobes.tracing.recorder import (  # noqa: E402
     NotFastError,
+    RawRecord,
     RecorderPlan,
     decode_record,
     drain_ring,
@@ -467,6 +468,60 @@ def test_wild_current_is_caught() -> None:
     guest.write(PERCPU + CURRENT_TASK, q(UNMAPPED))
     run = record("%di", guest=guest)
     assert decode_record(run.records[0], run.plan.strings).pid is None
+
+
+PREEMPT_COUNT = 0x110  # per-CPU offset
+TASK_TIF, TASK_MIGRATE = 0x8, 0x40  # thread_info.flags, migration_disabled
+
+
+class _PreemptKernel:
+    """The kernel's share of PreemptState.record_fetches: current_task."""
+
+    current_task = CURRENT_TASK
+
+
+def _context_run(guest: Guest) -> tuple[RecorderPlan, RawRecord]:
+    from qprobes.linux.preempt import PreemptState
+    from qprobes.tracing.recorder import with_context
+
+    state = PreemptState.__new__(PreemptState)  # the layout without a kernel's symbol table
+    state.kernel = _PreemptKernel  # type: ignore[assignment]
+    state.preempt_count, state.tif, state.migration_disabled = (
+        PREEMPT_COUNT, (TASK_TIF, 8), (TASK_MIGRATE, 2))  # fmt: skip
+    compiled = compile_fetchargs(spec_for("%di"), SYMBOLS)
+    plan = with_context(plan_recorder(compiled, PROBE_IP),
+                        state.record_fetches(8 * PT_REGS_NAMES.index("eflags")))  # fmt: skip
+    rspec = RecorderSpec(5, plan.fetches, 8 * PT_REGS_NAMES.index("rsp"), RING, task=TASK_LAYOUT,
+                         cpu_number=CPU_NUMBER, kernel_floor=KERNEL_FLOOR)  # fmt: skip
+    rec = assemble_recorder(rspec, CODE)
+    guest.write(CODE, rec.code)
+    guest.call(rec)
+    (data,) = drain_ring(GuestMem(guest), RING, 2)
+    return plan, decode_record(data, plan.strings)
+
+
+def test_the_hits_context_is_recorded_for_the_latency_columns() -> None:
+    """rflags from the frame, __preempt_count through GS, the current task's
+    TIF flags and migration_disabled: what tracing_gen_ctx() takes, so the
+    fast path's ftrace columns are the slow path's."""
+    from qprobes.linux.preempt import tracing_gen_ctx
+
+    guest = make_guest()
+    guest.write(PERCPU + PREEMPT_COUNT, struct.pack("<I", 0x8001_0101))  # softirq, 1 deep
+    guest.write(TASK + TASK_TIF, q(1 << 3))  # TIF_NEED_RESCHED
+    guest.write(TASK + TASK_MIGRATE, struct.pack("<H", 2))
+    plan, raw = _context_run(guest)
+    assert plan.values(raw) == {"arg1": KDATA}  # the definition's values only
+    assert plan.context(raw) == (0x246, 0x8001_0101, 1 << 3, 2)
+    ctx = tracing_gen_ctx(*plan.context(raw))  # type: ignore[misc]
+    assert ctx.preempt_count == 0x21  # 1 deep, migrate-disabled 2
+
+
+def test_a_context_that_cannot_be_read_is_unknown() -> None:
+    guest = make_guest()
+    guest.write(PERCPU + CURRENT_TASK, q(0))  # no current task: its fields fault
+    plan, raw = _context_run(guest)
+    assert plan.context(raw) is None and plan.values(raw) == {"arg1": KDATA}
 
 
 def _counters(guest: Guest, cpu: int = 2) -> tuple[int, int, int, int]:

@@ -281,6 +281,30 @@ def test_sched_clock_reads_the_latched_copy(seq: int) -> None:
     assert clock.sched_clock(hit(tsc, gs_base=0)) is None
 
 
+def test_sched_clock_at_reads_a_cpus_data_once_per_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fast-path record's TSC to ns, as sched_clock() does; the records
+    drained together share one read of the CPU's cyc2ns data."""
+    mem = clock_memory(6)
+    reads: list[int] = []
+
+    def read(addr: int, size: int) -> bytes:
+        reads.append(addr)
+        return mem.read(addr, size)
+
+    clock = GuestClock(FakeKernel(SYMS), read)  # type: ignore[arg-type]
+    tsc = 2445379000 * 5
+    expect = (tsc * 6860 >> 24) - 500
+    now = [100.0]
+    monkeypatch.setattr("qprobes.linux.clock.time.monotonic", lambda: now[0])
+    before = len(reads)
+    assert [clock.sched_clock_at(tsc + i, GS) for i in (0, 0, 0)] == [expect] * 3
+    assert len(reads) == before + 1
+    assert clock.sched_clock_at(tsc, 0) is None  # no per-CPU base
+    now[0] += clock.CYC2NS_REUSE_S * 2  # the next drain reads it again
+    assert clock.sched_clock_at(tsc, GS) == expect and len(reads) == before + 2
+    assert clock.sched_clock_at(tsc, GS) == clock.sched_clock(hit(tsc))
+
+
 SCD, GTOD_OFFSET, TICK_NSEC, RUNNING = (
     0x32640,
     0xFFFFFFFF82C39DB0,

@@ -97,6 +97,7 @@ __all__ = [
     "Fetch",
     "FrameWord",
     "ModBitfield",
+    "PerCpuWord",
     "Recorder",
     "RecorderSpec",
     "RingLayout",
@@ -167,7 +168,15 @@ class StackWord:
     n: int
 
 
-Source = FrameWord | Const | StackWord
+@dataclass(frozen=True)
+class PerCpuWord:
+    """The u64 at per-CPU ``offset`` of the hit's CPU (``this_cpu_read``:
+    ``gs:[offset]``; a per-CPU variable cannot fault)."""
+
+    offset: int
+
+
+Source = FrameWord | Const | StackWord | PerCpuWord
 
 
 @dataclass(frozen=True)
@@ -712,6 +721,8 @@ class _Gen:
                 a.load("rax", _mem("rdi", offset))
             case Const(value):
                 a.mov_imm("rax", value)
+            case PerCpuWord(offset):
+                a.load("rax", _mem(None, offset, seg=R.GS))
             case StackWord(n):
                 zero, loaded = f"stackzero{k}", f"stackok{k}"
                 a.load("rax", _mem("rdi", s.sp_offset))
