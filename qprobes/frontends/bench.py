@@ -513,6 +513,7 @@ class BenchResult:
             doc[f"arm_{n}_armed"] = arm.armed if arm is not None else None
             doc[f"arm_{n}_refused"] = arm.refused if arm is not None else None
             doc[f"arm_{n}_limit"] = arm.limit if arm is not None else None
+            doc[f"unregister_{n}_s"] = arm.unregister_s if arm is not None else None
         doc["unhit_1000_slowdown"] = self.unhit.slowdown if self.unhit.probes == 1000 else None
         doc["unhit_1000_slowdown_wall"] = (
             self.unhit.slowdown_of("wall") if self.unhit.probes == 1000 else None
@@ -1001,10 +1002,13 @@ class LinuxBench:
         return armed
 
     def _unregister(self, probes: list[Kprobe]) -> float:
+        """Unregister ``probes`` in one batch (``Session.unregister_many``)."""
         start = time.perf_counter()
-        for kp in probes:
-            self.session.unregister(kp)
-        return time.perf_counter() - start
+        failed = [e for e in self.session.unregister_many(probes) if e is not None]
+        took = time.perf_counter() - start
+        if failed:
+            raise BenchError(f"{len(failed)} probes could not be unregistered ({failed[0]})")
+        return took
 
     def mixed(self, rounds: int) -> Timed:
         line = MIXED.format(n=rounds, file=OPENED)

@@ -263,8 +263,7 @@ class GuestTracer:
         if not healthy(self.session):
             return
         self.drain()
-        for name in list(self.tracer.probes):
-            self.tracer.remove(name)
+        self.tracer.remove_many(list(self.tracer.probes))
 
 
 # --- options -----------------------------------------------------------------------

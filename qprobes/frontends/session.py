@@ -794,6 +794,25 @@ class Session:
         else:
             self.engine.unregister_kprobe(probe)
 
+    def unregister_many(self, probes: Sequence[Kprobe | Kretprobe | Jprobe],
+                        ) -> list[QprobesError | None]:  # fmt: skip
+        """Unregister each of ``probes``: the kprobes in one pass with the guest
+        stopped once (:meth:`~qprobes.probes.engine.KprobeEngine.unregister_many`),
+        return probes and jprobes one by one. For each, None or the error that
+        kept it registered."""
+        out: list[QprobesError | None] = [None] * len(probes)
+        kps = [(n, p) for n, p in enumerate(probes) if isinstance(p, Kprobe)]
+        for (n, _kp), got in zip(kps, self.engine.unregister_many([kp for _n, kp in kps]),
+                                 strict=True):  # fmt: skip
+            out[n] = got
+        for n, probe in enumerate(probes):
+            if not isinstance(probe, Kprobe):
+                try:
+                    self.unregister(probe)
+                except QprobesError as exc:
+                    out[n] = exc
+        return out
+
     # --- running ------------------------------------------------------------------
 
     def run(self, until: Callable[[], bool] | None = None, timeout: float | None = None,

@@ -265,9 +265,9 @@ class FtraceRecords:
         except QprobesError as exc:
             return f"the jump-label table could not be read ({exc})"
         i = bisect.bisect_left(sites, start - 4)
-        for code in sites[i:]:
-            if code >= end:
-                break
+        while i < len(sites) and sites[i] < end:  # (no copy of the list's tail)
+            code = sites[i]
             if code + 5 > start:  # JUMP_LABEL_NOP_SIZE: the site's 5 bytes
                 return f"a jump-label (static key) site at {code:#x}"
+            i += 1
         return None

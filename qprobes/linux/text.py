@@ -474,6 +474,8 @@ class KernelText:
     _modules: dict[tuple[int, int, int, str], Module] = field(default_factory=dict)
     # The optimized kprobes as read when a batch of registrations began.
     _frozen: list[tuple[int, int, bytes]] | None = field(default=None, repr=False)
+    _ranges: dict[tuple[str, str], tuple[int, int] | None] = field(default_factory=dict,
+                                                                   repr=False)  # fmt: skip
 
     # --- loading -------------------------------------------------------------
 
@@ -534,8 +536,12 @@ class KernelText:
         return self.kernel.symbols.address(name) if name in self.kernel.symbols else None
 
     def _range(self, first: str, last: str) -> tuple[int, int] | None:
-        a, b = self._sym(first), self._sym(last)
-        return (a, b) if a is not None and b is not None else None
+        """Two symbols' addresses (kept: the symbol table does not change)."""
+        key = (first, last)
+        if key not in self._ranges:
+            a, b = self._sym(first), self._sym(last)
+            self._ranges[key] = (a, b) if a is not None and b is not None else None
+        return self._ranges[key]
 
     def init_text_freed(self) -> bool:
         """Whether ``free_initmem()`` has run or is running (``system_state``)."""
@@ -548,7 +554,9 @@ class KernelText:
         """Raise unless ``addr`` is in a function's code in kernel or module
         text, and not blacklisted (``core_kernel_text()``,
         ``is_module_text_address()``, ``within_kprobe_blacklist()``)."""
-        where = self._where(addr)
+        def where() -> str:  # named only in a refusal
+            return self._where(addr)
+
         if not addr >> 63:
             raise ProbeError(f"{addr:#x} is a user-space address, not kernel text")
         text = self._range("_stext", "_etext")
@@ -558,25 +566,25 @@ class KernelText:
         init = self._range("_sinittext", "_einittext")
         if not in_kernel and init is not None and init[0] <= addr < init[1]:
             if self.init_text_freed():
-                raise ProbeError(f"{where} is in .init.text, which the kernel freed after boot")
+                raise ProbeError(f"{where()} is in .init.text, which the kernel freed after boot")
             in_kernel = True
         if not in_kernel:
             initmem = self._range("__init_begin", "__init_end")
             if initmem is not None and initmem[0] <= addr < initmem[1]:
-                raise ProbeError(f"{where} is in the kernel's init memory, not text")
+                raise ProbeError(f"{where()} is in the kernel's init memory, not text")
             if self.module_at(addr) is None:
-                raise ProbeError(f"{where} is not kernel text{self._kind(addr)}")
+                raise ProbeError(f"{where()} is not kernel text{self._kind(addr)}")
             self.check_optimized(addr, addr + 1)
             return  # module symbols are not read: any of its text is allowed
         found = self.kernel.symbols.resolve(addr)
         if found is None or found[0].kind != "func":
-            raise ProbeError(f"{where} is in kernel text but not in a function's code")
+            raise ProbeError(f"{where()} is in kernel text but not in a function's code")
         # Before the instruction-boundary walk, which reads the guest's jump there.
         self.check_optimized(addr, addr + 1)
         tramp = self._range("__static_call_text_start", "__static_call_text_end")
         if tramp is not None and tramp[0] <= addr < tramp[1]:
             raise ProbeError(
-                f"{where} is a static call trampoline (.static_call.text), which the kernel "
+                f"{where()} is a static call trampoline (.static_call.text), which the kernel "
                 "rewrites and checks (arch_static_call_transform)"
             )
         name = found[0].name
@@ -587,7 +595,7 @@ class KernelText:
             if base_addr is not None:
                 for start, end, why in self.blacklist:
                     if start <= base_addr < end:
-                        raise ProbeError(f"{where} is blacklisted as part of {base}: {why}")
+                        raise ProbeError(f"{where()} is blacklisted as part of {base}: {why}")
 
     def _kind(self, addr: int) -> str:
         found = self.kernel.symbols.resolve(addr)

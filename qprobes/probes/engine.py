@@ -33,7 +33,7 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -110,7 +110,7 @@ from qprobes.probes.stubs import (
 )
 from qprobes.symbols.elf import Symbol, SymbolTable
 from qprobes.target.hostmem import HostMemory
-from qprobes.target.paging import walk
+from qprobes.target.paging import Translation, walk
 from qprobes.target.registers import Registers
 from qprobes.target.target import Target
 from qprobes.wire.stop import StopReply
@@ -141,6 +141,7 @@ PAGE_SLOTS_LAST = 383  # 384-399: fast return probes (qprobes.probes.fastret); 4
 PAGE_DETOUR_FIRST = 400  # detour buffers (jump-optimized probes): pages 400-415
 PAGE_DETOUR_LAST = 415
 CR4_SMAP = 1 << 21
+LARGE_PAGE = 2 << 20  # a 2 MiB page (a 1 GiB one is cached as its 2 MiB pieces)
 
 TRAPPED_VECTORS = (1, 3, *SLOT_FAULT_VECTORS)
 _VECTORS = frozenset((*TRAPPED_VECTORS, KRETPROBE_VECTOR, JPROBE_VECTOR, FASTRET_SPILL_VECTOR))
@@ -188,9 +189,9 @@ def slot_code(insn: x86insn.Insn, analysis: x86insn.InsnAnalysis, slot: int,
     if boosted and analysis.relocated_branch:
         boost_slot = slot + BOOST_OFFSET
         copy = copy.ljust(BOOST_OFFSET, bytes([INT3]))
-        return copy + x86insn.boosted_copy(insn, boost_slot), boost_slot
+        return copy + x86insn.boosted_copy(insn, boost_slot, analysis), boost_slot
     if boosted:
-        return x86insn.boosted_copy(insn, slot), None
+        return x86insn.boosted_copy(insn, slot, analysis), None
     return copy, None
 
 
@@ -211,13 +212,84 @@ def _segments(ranges: list[tuple[int, int, str]]) -> tuple[list[int], list[int]]
     return bounds, first
 
 
+class _Points(dict[int, ProbePoint]):
+    """Probe points by address, with an index by page: which points lie in a
+    range, for :meth:`KprobeEngine._original_bytes` over a whole function,
+    without a look at every byte of it or at every point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pages: dict[int, set[int]] = {}
+
+    def __setitem__(self, addr: int, point: ProbePoint) -> None:
+        if addr not in self:
+            self._pages.setdefault(addr // PAGE_SIZE, set()).add(addr)
+        super().__setitem__(addr, point)
+
+    def __delitem__(self, addr: int) -> None:
+        super().__delitem__(addr)
+        self._unindex(addr)
+
+    def _unindex(self, addr: int) -> None:
+        page = self._pages.get(addr // PAGE_SIZE)
+        if page is not None:
+            page.discard(addr)
+            if not page:
+                del self._pages[addr // PAGE_SIZE]
+
+    def pop(self, addr: int, *default: ProbePoint | None) -> ProbePoint | None:  # type: ignore[override]
+        if addr in self:
+            self._unindex(addr)
+        return super().pop(addr, *default)
+
+    def popitem(self) -> tuple[int, ProbePoint]:
+        addr, point = super().popitem()
+        self._unindex(addr)
+        return addr, point
+
+    def clear(self) -> None:
+        super().clear()
+        self._pages.clear()
+
+    def setdefault(self, addr: int, point: ProbePoint) -> ProbePoint:
+        if addr not in self:
+            self[addr] = point
+        return self[addr]
+
+    def update(self, other: Mapping[int, ProbePoint]) -> None:  # type: ignore[override]
+        for addr, point in other.items():
+            self[addr] = point
+
+    def within(self, lo: int, hi: int) -> list[int]:
+        """The addresses of the points in ``[lo, hi)``."""
+        if hi - lo <= 32:  # a few lookups by address
+            return [a for a in range(lo, hi) if a in self]
+        pages = self._pages
+        out: list[int] = []
+        for page in range(lo // PAGE_SIZE, (hi - 1) // PAGE_SIZE + 1):
+            found = pages.get(page)
+            if found:
+                out += [a for a in found if lo <= a < hi]
+        return out
+
+
 @dataclass
 class _Batch:
     """A batch of registrations (see :meth:`KprobeEngine.register_many`)."""
 
     pages: dict[int, bytes] = field(default_factory=dict)  # kernel page vaddr -> bytes
     phys: dict[int, int] = field(default_factory=dict)  # kernel page vaddr -> paddr
+    large: dict[int, int] = field(default_factory=dict)  # 2 MiB page vaddr -> its paddr
     writes: list[tuple[int, bytes]] = field(default_factory=list)  # (paddr, code), in order
+    # The int3s that arm probes, by paddr: written after every other write of
+    # the batch (each after its slot, table entry and journal record, as one
+    # at a time; and the slots, one after the other, merge into long writes).
+    # A later write over one of them takes its place (see kwrite_code).
+    int3s: dict[int, bytes] = field(default_factory=dict)
+    int3_pages: set[int] = field(default_factory=set)  # the physical pages they are in
+    # Kernel page vaddr -> its original bytes (see KprobeEngine._original_bytes).
+    original: dict[int, bytes] = field(default_factory=dict)
+    ptable: set[int] = field(default_factory=set)  # probe table entries to write at the end
     decoded: dict[tuple[int, bytes], x86insn.Insn] = field(default_factory=dict)
     text_unlocked: bool = False  # the guest's text_mutex was seen free in the batch
 
@@ -293,7 +365,7 @@ class KprobeEngine:
         if hostmem is not None:
             self.area.write_data_phys = hostmem.write_phys  # zero-filling data pages
         self.stats = EngineStats()
-        self.points: dict[int, ProbePoint] = {}
+        self.points = _Points()
         self.kcb: dict[int, KprobeCtlblk] = {}
         self._steps_to_clear: list[KprobeCtlblk] = []
         # Journal records to take out once the current doorbell frame is
@@ -345,6 +417,8 @@ class KprobeEngine:
         self._blacklist: list[tuple[int, int, str]] = []
         self._blacklist_index: tuple[list[int], list[int]] | None = None
         self._handler_syms: dict[int, tuple[Symbol, int] | None] = {}
+        self._handler_table: tuple[tuple[int, tuple[tuple[int, int], ...]], dict[Symbol, int],
+                                   dict[int, int], dict[int, int]] | None = None  # fmt: skip
         # A batch of registrations in progress (register_many): kernel reads
         # served from a page cache, code writes held for one pipelined flush.
         self._batch: _Batch | None = None
@@ -892,21 +966,15 @@ class KprobeEngine:
                 self.drain(drain_timeout)
                 self.check_lost()
             finally:
-                # One at a time: a point whose disarm failed (a dropped
-                # connection, text locked for too long) stays known and armed,
-                # for a detach after a reconnect or a recovery.
-                stuck: list[str] = []
-                for addr, point in list(self.points.items()):
-                    try:
-                        self._disarm(point)
-                    except ConnectionClosedError:
-                        raise
-                    except TranslationError:
-                        # Its text is gone (a freed module): nothing to put back.
-                        self._lose(point, "its text is no longer mapped")
-                    except QprobesError as exc:
-                        stuck.append(f"{self._where(addr)}: {exc}")
-                        continue
+                # In one batch (the text read once per page, the bytes
+                # written in one stream). A point whose disarm failed (a
+                # dropped connection, text locked for too long) stays known
+                # and armed, for a detach after a reconnect or a recovery; a
+                # probe whose text is gone (a freed module) is lost, nothing
+                # put back.
+                left = self._disarm_many(list(self.points.values()))
+                stuck = [f"{self._where(addr)}: {exc}" for addr, exc in left.items()]
+                for addr in [a for a in self.points if a not in left]:
                     del self.points[addr]
                 if stuck:
                     raise ProbeError(f"{len(stuck)} probes could not be disarmed ({stuck[0]})")
@@ -1154,14 +1222,27 @@ class KprobeEngine:
             page = vaddr - vaddr % PAGE_SIZE
             paddr = batch.phys.get(page)
             if paddr is None:
-                paddr = batch.phys[page] = self._kphys_walk(page)
+                # One walk per large page (kernel text is mapped with 2 MiB
+                # pages): the batch keeps the mapping, the guest does not run.
+                large = vaddr - vaddr % LARGE_PAGE
+                base = batch.large.get(large)
+                if base is not None:
+                    paddr = batch.phys[page] = base + page - large
+                else:
+                    found = self._kphys_translate(page)
+                    paddr = batch.phys[page] = found.paddr
+                    if found.page_size >= LARGE_PAGE:
+                        batch.large[large] = found.paddr - (page - large)
             return paddr + vaddr % PAGE_SIZE
         return self._kphys_walk(vaddr)
 
     def _kphys_walk(self, vaddr: int) -> int:
+        return self._kphys_translate(vaddr).paddr
+
+    def _kphys_translate(self, vaddr: int) -> Translation:
         if self.hostmem is not None:
-            return self.hostmem.translate(self._kcr3, vaddr, self._la57).paddr
-        return walk(self.target.read_phys_u64, self._kcr3, vaddr, self._la57).paddr
+            return self.hostmem.translate(self._kcr3, vaddr, self._la57)
+        return walk(self.target.read_phys_u64, self._kcr3, vaddr, self._la57)
 
     def _batch_read(self, batch: _Batch, vaddr: int, length: int) -> bytes:
         """Kernel memory from the batch's page cache (whole pages read once)."""
@@ -1212,19 +1293,35 @@ class KprobeEngine:
             vaddr, length = vaddr + n, length - n
         return bytes(out)
 
-    def kwrite_code(self, vaddr: int, data: bytes) -> None:
-        """Write kernel code (int3, slots, stubs) so that TCG sees the change."""
+    def kwrite_code(self, vaddr: int, data: bytes, *, arming: bool = False) -> None:
+        """Write kernel code (int3, slots, stubs) so that TCG sees the change.
+        ``arming``: the int3 that arms a probe, which a batch writes last."""
         if not self._kcr3:
             self.target.write(vaddr, data)
             return
         batch = self._batch
         if batch is not None:
+            if not self.area.contains(vaddr):
+                # Cache the pages first: reads later in the batch see this write.
+                self._batch_read(batch, vaddr, len(data))
+                if not arming:  # (arming leaves the original bytes as they are)
+                    for page in range(vaddr - vaddr % PAGE_SIZE, vaddr + len(data), PAGE_SIZE):
+                        batch.original.pop(page, None)
             self._batch_note_write(batch, vaddr, bytes(data))
         view = memoryview(data)
         while view:
             n = min(len(view), PAGE_SIZE - vaddr % PAGE_SIZE)
             if batch is not None:
-                batch.writes.append((self._kphys(vaddr), bytes(view[:n])))
+                paddr = self._kphys(vaddr)
+                if arming:
+                    batch.int3s.pop(paddr, None)  # (moved to the end, as written last)
+                    batch.int3s[paddr] = bytes(view[:n])
+                    batch.int3_pages.add(paddr // PAGE_SIZE)
+                else:
+                    if paddr // PAGE_SIZE in batch.int3_pages:  # (a write stays in its page)
+                        for a in range(paddr, paddr + n):
+                            batch.int3s.pop(a, None)  # overwritten: the int3 must not win
+                    batch.writes.append((paddr, bytes(view[:n])))
             else:
                 self.target.write_phys(self._kphys(vaddr), bytes(view[:n]))
             vaddr, view = vaddr + n, view[n:]
@@ -1304,18 +1401,33 @@ class KprobeEngine:
     def _original_bytes(self, addr: int, length: int) -> bytes:
         """Guest text with qprobes' own int3 bytes replaced by the originals
         (and, through ``recover_text``, the guest's own jumps over its
-        optimized kprobes: Linux's ``recover_probed_instruction()``)."""
+        optimized kprobes: Linux's ``recover_probed_instruction()``).
+
+        In a batch, a page's original bytes are worked out once: the int3s
+        qprobes arms and takes out meanwhile leave them as they are (that
+        is what the originals are), and any other code write to the page
+        (a debugger's), or a probe lost, makes it be worked out again."""
+        batch = self._batch
+        if batch is not None and self._kcr3 and length > 0 and not self.area.contains(addr):
+            out = bytearray()
+            while length > 0:
+                page = addr - addr % PAGE_SIZE
+                original = batch.original.get(page)
+                if original is None:
+                    original = batch.original[page] = self._original_uncached(page, PAGE_SIZE)
+                n = min(length, PAGE_SIZE - (addr - page))
+                out += original[addr - page : addr - page + n]
+                addr, length = addr + n, length - n
+            return bytes(out)
+        return self._original_uncached(addr, length)
+
+    def _original_uncached(self, addr: int, length: int) -> bytes:
         data = bytearray(self.kread(addr, length))
         points = self.points
-        if len(points) < length:
-            for point in points.values():
-                if point.armed and addr <= point.addr < addr + length:
-                    data[point.addr - addr] = point.opcode
-        else:
-            for a in range(addr, addr + length):
-                at = points.get(a)
-                if at is not None and at.armed:
-                    data[a - addr] = at.opcode
+        for a in points.within(addr, addr + length):
+            at = points[a]
+            if at.armed:
+                data[a - addr] = at.opcode
         for det in self.detours.values():
             # The bytes under a detour's jump (recover_probed_instruction()).
             for i, byte in enumerate(det.window.original[: x86insn.JMP_REL32_SIZE]):
@@ -1350,16 +1462,16 @@ class KprobeEngine:
             where = self.symbols.format(addr) if self.symbols is not None else f"{addr:#x}"
             raise ProbeError(f"{where} is blacklisted: {hit[2]}")
         found_addr = self.symbols.resolve(addr) if self.symbols is not None else None
-        for vector, handler in self._orig_handler.items():
-            if self._same_function_as(addr, found_addr, handler):
-                raise ProbeError(
-                    f"{addr:#x} is in the guest's handler for vector {vector}, "
-                    "which qprobes' stubs chain to"
-                )
+        vector = self._handler_vector(addr, found_addr)
+        if vector is not None:
+            raise ProbeError(
+                f"{addr:#x} is in the guest's handler for vector {vector}, "
+                "which qprobes' stubs chain to"
+            )
         self._check_text(addr)
         if self.symbols is None:
             return
-        found = self.symbols.resolve(addr)
+        found = found_addr
         if found is None:
             return
         sym, off = found
@@ -1428,6 +1540,36 @@ class KprobeEngine:
                 )
             self.run(timeout=0.005)
 
+    def _handler_vector(self, addr: int, found: tuple[Symbol, int] | None) -> int | None:
+        """The first vector (in :attr:`_orig_handler`'s order) whose handler
+        :meth:`_same_function_as` puts in ``addr``'s function (``found``:
+        ``addr`` resolved), or None: lookups in tables built once for the
+        handlers, not a comparison with each of them."""
+        key = (id(self.symbols), tuple(self._orig_handler.items()))
+        table = self._handler_table
+        if table is None or table[0] != key:
+            by_sym: dict[Symbol, int] = {}  # handlers in a function: the first one's position
+            by_addr: dict[int, int] = {}  # handlers outside any function
+            every: dict[int, int] = {}  # every handler (addr has no function)
+            for n, (_vector, handler) in enumerate(key[1]):
+                every.setdefault(handler, n)
+                if self.symbols is not None and handler not in self._handler_syms:
+                    self._handler_syms[handler] = self.symbols.resolve(handler)
+                fb = self._handler_syms.get(handler)
+                if fb is None:
+                    by_addr.setdefault(handler, n)
+                else:
+                    by_sym.setdefault(fb[0], n)
+            table = self._handler_table = (key, by_sym, by_addr, every)
+        _key, by_sym, by_addr, every = table
+        pos: int | None
+        if self.symbols is None or found is None:
+            pos = every.get(addr)
+        else:
+            hits = [p for p in (by_sym.get(found[0]), by_addr.get(addr)) if p is not None]
+            pos = min(hits) if hits else None
+        return None if pos is None else key[1][pos][0]
+
     def _same_function(self, a: int, b: int) -> bool:
         if self.symbols is None:
             return a == b
@@ -1443,7 +1585,7 @@ class KprobeEngine:
         fb = self._handler_syms[b]
         if fa is None or fb is None:
             return a == b
-        return fa[0] == fb[0]
+        return fa[0].addr == fb[0].addr and fa[0] == fb[0]  # the address first: cheaper
 
     def resolve_addr(self, addr: int) -> tuple[Symbol, int] | None:
         """The symbol holding ``addr`` and the offset into it: vmlinux's, or
@@ -1479,28 +1621,35 @@ class KprobeEngine:
         if site is None:
             return addr
         new = addr + MCOUNT_INSN_SIZE
-        where, there = self._where(addr), self._where(new)
-        head = f"{where} is an ftrace site, where qprobes probes the next instruction, {there}"
+
+        # Named only on the way to a refusal (a batch arms thousands).
+        def there() -> str:
+            return self._where(new)
+
+        def head() -> str:  # the start of each refusal
+            return (f"{self._where(addr)} is an ftrace site, where qprobes probes the next "
+                    f"instruction, {there()}")  # fmt: skip
+
         if site.direct:
             raise ProbeError(
-                f"{head}; but the guest attached a direct trampoline to it (a BPF fentry/fexit "
-                f"program: FTRACE_FL_DIRECT, {site.describe()}), which calls {there} with its "
+                f"{head()}; but the guest attached a direct trampoline to it (a BPF fentry/fexit "
+                f"program: FTRACE_FL_DIRECT, {site.describe()}), which calls {there()} with its "
                 "own return address or skips the function: not probing it"
             )
         if site.ipmodify:
             raise ProbeError(
-                f"{head}; but an ftrace_ops that changes the ip (FTRACE_FL_IPMODIFY: "
-                f"livepatch or the like, {site.describe()}) is attached, so {there} may never "
+                f"{head()}; but an ftrace_ops that changes the ip (FTRACE_FL_IPMODIFY: "
+                f"livepatch or the like, {site.describe()}) is attached, so {there()} may never "
                 "run: not probing it"
             )
         self.can_probe(addr)  # the blacklist names the function itself
         try:
             next_insn = self._decode(self._original_bytes(new, x86insn.MAX_INSN_SIZE), new)
         except InstructionError as exc:
-            raise ProbeError(f"{head}; but {there} does not decode ({exc})") from exc
+            raise ProbeError(f"{head()}; but {there()} does not decode ({exc})") from exc
         reason = self.ftrace.text_reserved(new, new + next_insn.length)
         if reason is not None:
-            raise ProbeError(f"{head}; but that is text the kernel patches: {reason}")
+            raise ProbeError(f"{head()}; but that is text the kernel patches: {reason}")
         found = self.symbols.resolve(addr) if self.symbols is not None else None
         if found is not None and found[0].size > MCOUNT_INSN_SIZE:
             assert self.symbols is not None
@@ -1519,19 +1668,21 @@ class KprobeEngine:
                         insns = x86insn.decode_function(code, sym.addr)
                     except InstructionError as exc:
                         raise ProbeError(
-                            f"{head}; but {sym.name} does not decode ({exc}), so qprobes "
-                            f"cannot tell whether a branch goes to {there}: probe {there} "
+                            f"{head()}; but {sym.name} does not decode ({exc}), so qprobes "
+                            f"cannot tell whether a branch goes to {there()}: probe {there()} "
                             "explicitly"
                         ) from exc
                     sources = branches_to(insns, new)
                 if sources:
                     named = ", ".join(self._where(a) for a in sources)
                     raise ProbeError(
-                        f"{head}; but a branch in {sym.name} goes there too ({named}), whose "
-                        f"hits would look like calls: probe {there} explicitly (every pass "
+                        f"{head()}; but a branch in {sym.name} goes there too ({named}), whose "
+                        f"hits would look like calls: probe {there()} explicitly (every pass "
                         "through it) or another offset"
                     )
-        log.info("%s is an ftrace site (%s): armed at %s", where, site.describe(), there)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s is an ftrace site (%s): armed at %s", self._where(addr), site.describe(),
+                     there())  # fmt: skip
         return new
 
     def ftrace_site_changed(self, kp: Kprobe) -> str | None:
@@ -1669,23 +1820,28 @@ class KprobeEngine:
             self._table_room(room)
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, *, hooks: bool = True) -> Iterator[None]:
         """Group guest accesses (see :meth:`register_many`); the guest must
-        stay stopped inside. Nested batches join the outer one."""
+        stay stopped inside. Nested batches join the outer one. ``hooks``
+        false: the :attr:`batch_hooks` are not told (a batch that only puts
+        bytes back, at detach, needs none of what they read)."""
         if self._batch is not None:
             yield
             return
         self._batch = _Batch()
+        told = self.batch_hooks if hooks else []
         try:
-            for hook in self.batch_hooks:
+            for hook in told:
                 hook(True)
             yield
         finally:
             batch, self._batch = self._batch, None
             try:
-                self._flush(batch.writes)
+                if batch.ptable:
+                    self._ptable_write(list(batch.ptable))
+                self._flush(batch.writes + list(batch.int3s.items()))
             finally:
-                for hook in self.batch_hooks:
+                for hook in told:
                     hook(False)
 
     def _flush(self, writes: list[tuple[int, bytes]]) -> None:
@@ -1731,6 +1887,128 @@ class KprobeEngine:
             near = self.points.get(addr)
             if near is not None:
                 self._reoptimize(near)
+
+    def unregister_many(self, kps: Sequence[Kprobe], *,
+                        stop_on_error: bool = False) -> list[QprobesError | None]:  # fmt: skip
+        """Disarm and forget many kprobes in one pass (:meth:`unregister_kprobe`
+        for each, the guest stopped once).
+
+        Every byte goes back as it does for one probe (a detour's jump first,
+        the original byte only where qprobes' int3 still is, a probe whose
+        text the guest rewrote is lost instead); what the batch saves is guest
+        traffic: one look for lost probes, one drain, the text read once per
+        page, the original bytes written in one pipelined stream, then the
+        probe table entries in runs and the journal records (each record goes
+        only once its byte is back). Returns, for each probe, None or the
+        error that kept it registered (not registered, or a disarm that
+        failed); with ``stop_on_error`` the first such error is raised once
+        the others are done.
+        """
+        results: list[QprobesError | None] = [None] * len(kps)
+        mine: list[tuple[int, Kprobe, ProbePoint]] = []
+        seen: set[int] = set()
+        for n, kp in enumerate(kps):
+            point = self.points.get(kp.arm_addr) if kp.arm_addr is not None else None
+            if not kp.registered or point is None or id(kp) in seen:
+                results[n] = ProbeError(f"{kp!r} is not registered")
+                continue
+            seen.add(id(kp))
+            mine.append((n, kp, point))
+        points = list({id(p): p for _n, _kp, p in mine}.values())
+        if points:
+            self.check_lost(points)
+        going: list[ProbePoint] = []
+        for _n, kp, point in mine:
+            point.kprobes.remove(kp)
+            kp.registered = False
+            if self.fast is not None:
+                inst = self.fast.installed.get(point.addr)
+                if inst is not None and inst.kp is kp:
+                    self.fast.remove(point.addr)
+        for point in points:
+            if point.kprobes:
+                self._fast_update(point)
+            else:
+                going.append(point)
+        if going:
+            # A vCPU may be stepping one of these slots: let it finish first.
+            self.drain()
+            stuck = self._disarm_many(going)
+            assert self._slots is not None
+            for point in going:
+                if point.addr in stuck:
+                    continue
+                del self.points[point.addr]
+                self._slots.free_insn_slot(point.slot, dirty=point.boosted)
+            for n, kp, point in mine:
+                exc = stuck.get(point.addr)
+                if exc is not None:
+                    # Still armed: its kprobe stays registered with it.
+                    point.kprobes.append(kp)
+                    kp.registered = True
+                    results[n] = exc
+        if stop_on_error:
+            for exc in results:
+                if exc is not None:
+                    raise exc
+        return results
+
+    def _disarm_many(self, points: Sequence[ProbePoint]) -> dict[int, QprobesError]:
+        """:meth:`_disarm` for each of ``points`` in one batch: detours go
+        first, one by one (each in ``text_poke_bp()``'s order); then the
+        original bytes, read and written in one batch; once they are in the
+        guest, the table entries (in runs) and the journal records. Returns
+        the points that stay armed, by address, with the reason."""
+        stuck: dict[int, QprobesError] = {}
+        for point in points:
+            if point.armed and point.addr in self.detours:
+                try:
+                    self._unoptimize(point)
+                except ConnectionClosedError:
+                    raise
+                except QprobesError as exc:
+                    stuck[point.addr] = exc
+        todo = [p for p in points if p.armed and p.addr not in stuck]
+        if not todo:
+            return stuck
+        if any(p.opcode != INT3 for p in todo):
+            try:
+                self.wait_text_unlocked()  # may run the guest: before the batch
+            except ProbeError as exc:
+                stuck.update((p.addr, exc) for p in todo)
+                return stuck
+        back: list[ProbePoint] = []
+        with self.batch(hooks=False):
+            current = self._code_bytes([p.addr for p in todo if p.opcode != INT3])
+            for point in todo:
+                try:
+                    if point.opcode == INT3:
+                        back.append(point)
+                    elif point.addr not in current:
+                        self._lose(point, "its text is no longer mapped")
+                    elif current[point.addr] != INT3:
+                        # The guest rewrote its own text (ftrace, static keys):
+                        # the saved byte is stale, so leave the new one alone.
+                        self._lose(point)
+                    else:
+                        self.kwrite_code(point.addr, bytes([point.opcode]))
+                        back.append(point)
+                except ConnectionClosedError:
+                    raise
+                except TranslationError:
+                    self._lose(point, "its text is no longer mapped")
+                except QprobesError as exc:
+                    stuck[point.addr] = exc
+        # The bytes are back (the batch flushed them): nothing hits these now.
+        # Without host memory the records go through the gdbstub: pipelined.
+        with self.batch(hooks=False) if self.hostmem is None else contextlib.nullcontext():
+            indexes = [i for i in (self._ptable.remove(p.addr) for p in back) if i is not None]
+            if indexes:
+                self._ptable_write(indexes)
+            for point in back:
+                point.armed = False
+                self._unsite(point)
+        return stuck
 
     def enable_kprobe(self, kp: Kprobe) -> None:
         kp.disabled = False
@@ -2166,14 +2444,22 @@ class KprobeEngine:
 
     def _ptable_insert(self, addr: int) -> None:
         self._table_room(1)
-        self._ptable_write([self._ptable.insert(addr)])
+        self._ptable_changed(self._ptable.insert(addr))
 
     def _ptable_remove(self, addr: int) -> None:
         """Take ``addr`` out: a tombstone, nothing moves (a search in progress
         on another vCPU still finds every other address)."""
         i = self._ptable.remove(addr)
         if i is not None:
-            self._ptable_write([i])
+            self._ptable_changed(i)
+
+    def _ptable_changed(self, index: int) -> None:
+        """Write the entry at ``index``; a batch writes its entries in runs
+        when it ends, before the code (so before every int3 it arms)."""
+        if self._batch is not None:
+            self._batch.ptable.add(index)
+        else:
+            self._ptable_write([index])
 
     def _table_room(self, more: int) -> None:
         """Make room in the probe table for ``more`` addresses: switch to a
@@ -2204,6 +2490,8 @@ class KprobeEngine:
         buf = _TableBuffer(base, base + PAGE_SIZE, base + PAGE_SIZE + nbytes, (first, pages))
         old, old_buf = self._ptable, self._tbuf
         self._ptable, self._tbuf = new, buf
+        if self._batch is not None:
+            self._batch.ptable.clear()  # the old table's: the new one is written whole
         try:
             self._ptable_write([i for i, a in enumerate(new.entries) if a])
             self._write_table_header(buf, new)
@@ -2255,7 +2543,7 @@ class KprobeEngine:
             self.journal.site(point.addr, point.slot, point.opcode, point.boosted, module or 0)
             self._unsite_after_step.discard(point.addr)  # a full record again
         if point.opcode != INT3:
-            self.kwrite_code(point.addr, bytes([INT3]))
+            self.kwrite_code(point.addr, bytes([INT3]), arming=True)
         point.armed = True
 
     def _stepped_sites(self) -> set[int]:
@@ -2355,6 +2643,8 @@ class KprobeEngine:
         return lost
 
     def _lose(self, point: ProbePoint, why: str = REWRITTEN) -> None:
+        if self._batch is not None:
+            self._batch.original.clear()  # its bytes (or its detour's) are no longer ours
         if why == REWRITTEN:
             log.warning("probe lost: the guest rewrote %s", self._where(point.addr))
         else:

@@ -44,6 +44,20 @@ class InsnPage:
         return sum(self.used)
 
 
+def _clean_free(page: InsnPage) -> int | None:
+    """The first slot of ``page`` neither used nor dirty (list searches, not a
+    loop over every slot)."""
+    used, dirty = page.used, page.dirty
+    i = -1
+    while True:
+        try:
+            i = used.index(False, i + 1)
+        except ValueError:
+            return None
+        if not dirty[i]:
+            return i
+
+
 class SlotAllocator:
     """Fixed-size instruction slots on area pages ``first_page..last_page``."""
 
@@ -78,11 +92,11 @@ class SlotAllocator:
         """The address of a free slot: a clean one, then a new page, then a dirty one."""
         for n in range(self._last_free, len(self.pages)):
             page = self.pages[n]
-            for i, used in enumerate(page.used):
-                if not used and not page.dirty[i]:
-                    page.used[i] = True
-                    self._last_free = n
-                    return page.vaddr + i * self.slot_size
+            i = _clean_free(page)
+            if i is not None:
+                page.used[i] = True
+                self._last_free = n
+                return page.vaddr + i * self.slot_size
         self._last_free = len(self.pages)
         taken = {p.index for p in self.pages}
         free = next((i for i in range(self._first, self._last + 1) if i not in taken), None)

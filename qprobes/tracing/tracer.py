@@ -102,6 +102,8 @@ class ProbeHost(Protocol):
     @property
     def trace_state(self) -> HitState | None: ...
     def unregister(self, probe: Kprobe | Kretprobe) -> None: ...
+    def unregister_many(self, probes: Sequence[Kprobe | Kretprobe],
+                        ) -> Sequence[QprobesError | None]: ...  # fmt: skip
     def watch_modules(self) -> None: ...
 
 
@@ -630,6 +632,36 @@ class Tracer:
         if tp.fast_ret is not None and fastret is not None:
             # Its trampoline and instances stay while calls are outstanding.
             fastret.remove(tp.fast_ret)
+
+    def remove_many(self, names: Sequence[str]) -> list[QprobesError | None]:
+        """:meth:`remove` each of ``names``, their probes unregistered in one
+        batch (``Session.unregister_many``: one drain, the bytes back in one
+        stream); for each, None or the error that kept it."""
+        out: list[QprobesError | None] = [None] * len(names)
+        fast = self.session.engine.fast
+        going: list[tuple[int, TraceProbe]] = []
+        for n, name in enumerate(names):
+            tp = self.probes.get(name)
+            if tp is None:
+                out[n] = ProbeError(f"no event {name}")
+                continue
+            going.append((n, tp))
+            del self.probes[name]
+        if fast is not None and any(tp.fast_id for _n, tp in going):
+            self.drain()  # what they recorded before they go
+        for _n, tp in going:
+            if tp.fast_id and fast is not None:
+                fast.consumers.pop(tp.fast_id, None)
+        with_probe = [(n, tp) for n, tp in going if tp.probe is not None]
+        results = self.session.unregister_many([tp.probe for _n, tp in with_probe
+                                                if tp.probe is not None])  # fmt: skip
+        for (n, _tp), err in zip(with_probe, results, strict=True):
+            out[n] = err
+        fastret = self.session.engine.fastret
+        for _n, tp in going:
+            if tp.fast_ret is not None and fastret is not None:
+                fastret.remove(tp.fast_ret)  # its trampoline stays while calls are out
+        return out
 
     def _task(self, ctx: HitContext) -> tuple[str | None, int | None]:
         kernel = self.session.kernel

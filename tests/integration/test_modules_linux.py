@@ -60,9 +60,9 @@ def test_module_probes_against_the_guests_kprobe_events(linux: Session) -> None:
 
         # Unload: the probes are dropped before the module's memory goes,
         # and nothing is written there afterwards.
-        def spy(addr: int, data: bytes) -> None:
+        def spy(addr: int, data: bytes, **how: bool) -> None:
             writes.append(addr)
-            original(addr, data)
+            original(addr, data, **how)
 
         engine.kwrite_code = spy  # type: ignore[method-assign]
         assert "rc=0" in linux.command(UNLOAD)

@@ -195,6 +195,68 @@ def test_tracer_adds_many_definitions_in_one_batch(linux: Session) -> None:
         opens(linux, 3)
         named = [e for e in events if e.fields.get("path") == "/etc/hostname"]
         assert len(named) >= 3, events[-5:]
+        added = [tp for tp in got if not isinstance(tp, QprobesError)]
+        points = len(linux.engine.points)
+        gone = tracer.remove_many([tp.name for tp in added] + ["qpscale/none"])
+        assert gone[:-1] == [None] * len(added) and str(gone[-1]) == "no event qpscale/none"
+        assert not tracer.probes and len(linux.engine.points) == points - len(added)
+        assert not any(tp.probe is not None and tp.probe.registered for tp in added)
     finally:
-        for name in list(tracer.probes):
-            tracer.remove(name)
+        tracer.remove_many(list(tracer.probes))
+
+
+def idt_hashes(session: Session) -> dict[int, str]:
+    target = session.target
+    out = {}
+    for vcpu in target.vcpus:
+        idt = target.idt(vcpu)
+        paddr = target.translate(idt.base, vcpu).paddr
+        out[vcpu] = hashlib.sha256(target.read_phys(paddr, idt.limit + 1)).hexdigest()
+    return out
+
+
+BATCH = 2000
+
+
+def test_a_batch_unregistered_at_once_puts_back_every_byte(linux: Session) -> None:
+    """2,000 function entries (the bench's arm_many order) armed in one batch
+    and unregistered in one batch (unregister_many): the kernel text and the
+    IDTs as before, every table entry and journal record gone, the guest's
+    log clean; a sample of the refusals is what registering alone gives."""
+    engine = linux.engine
+    assert linux.symbols is not None
+    text_before, idt_before = text_hash(linux), idt_hashes(linux)
+    journal_before = engine.journal_contents()
+    funcs = sorted({s.addr for s in linux.symbols if s.kind == "func" and s.size > 0})
+    k = max(1, len(funcs) // BATCH)
+    order = [a for i in range(k) for a in funcs[i::k]][:BATCH]
+    got = linux.kprobe_many(order, lambda kp, ctx: None)
+    armed = [kp for kp in got if isinstance(kp, Kprobe)]
+    refused = [(a, e) for a, e in zip(order, got, strict=True) if not isinstance(e, Kprobe)]
+    print(f"{len(armed)} armed, {len(refused)} refused")
+    assert len(armed) >= BATCH * 0.95, [str(e) for _a, e in refused[:5]]
+    assert engine.probe_table.live == len(armed) and text_hash(linux) != text_before
+    # Refusals as alone: the first ten of them, and ten that were armed in
+    # the batch register alone as well once the batch is gone (below).
+    for addr, err in refused[:10]:
+        with pytest.raises(QprobesError) as alone:
+            linux.kprobe(addr, lambda kp, ctx: None)
+        assert (type(alone.value), str(alone.value)) == (type(err), str(err))
+    sample = [kp.addr for kp in armed[:: max(1, len(armed) // 10)]]
+    results = linux.unregister_many(armed)
+    assert results == [None] * len(armed)
+    assert not any(kp.registered for kp in armed)
+    assert not engine.points and engine.probe_table.live == 0
+    assert text_hash(linux) == text_before, "kernel text differs after unregister_many"
+    assert idt_hashes(linux) == idt_before
+    contents = engine.journal_contents()
+    assert contents is not None and journal_before is not None
+    assert len(contents.sites) == len(journal_before.sites) == 0
+    for addr in sample:
+        assert addr is not None
+        kp = linux.kprobe(addr, lambda kp, ctx: None)  # armed alone too
+        linux.unregister(kp)
+    assert text_hash(linux) == text_before
+    printed = console_after(linux, 2)
+    assert not bad_lines(printed), bad_lines(printed)[:5]
+    assert "qp-dmesg-start" in printed

@@ -13,6 +13,7 @@ from qprobes.frontends.bench import (
     RATIOS,
     ROWS,
     Arming,
+    BenchError,
     BenchOptions,
     BenchResult,
     Boot,
@@ -67,7 +68,8 @@ def make_result() -> BenchResult:
         result.rows[row.key] = row
     result.rows["kretprobe_fast"] = Row("kretprobe_fast", 0, available=False,
                                         reason="not built yet")  # fmt: skip
-    result.arming[1000] = Arming(1000, armed=1000, refused=3, seconds=2.5, seconds_tried=2.5)
+    result.arming[1000] = Arming(1000, armed=1000, refused=3, seconds=2.5, seconds_tried=2.5,
+                                 unregister_s=0.4)  # fmt: skip
     result.arming[10_000] = Arming(
         10_000, armed=4096, seconds_tried=9.0, limit="at most 4096 probe addresses at once"
     )
@@ -127,6 +129,7 @@ def test_arming_unhit_and_boot_numbers() -> None:
     # Not all 10,000 armed: no time, but what was armed and what stopped it.
     assert doc["arm_10000_s"] is None and doc["arm_10000_armed"] == 4096
     assert doc["arm_10000_limit"].startswith("at most")
+    assert doc["unregister_1000_s"] == 0.4 and doc["unregister_10000_s"] is None
     assert doc["unhit_1000_slowdown"] == pytest.approx(0.1)  # medians 1.1 / 1.0
     assert doc["boot_to_first_probe_ratio"] == pytest.approx(1.5)
 
@@ -323,6 +326,10 @@ class _BatchSession:
                 out.append(Kprobe(addr=a))
         return out
 
+    def unregister_many(self, probes: list[Kprobe]) -> list[object]:
+        self.batches.append([-1, len(probes)])
+        return [None if p.addr is not None and p.addr % 7 else ProbeError("stuck") for p in probes]
+
 
 def test_arming_goes_through_batches_and_reports_refusals() -> None:
     from qprobes.frontends.bench import LinuxBench
@@ -345,6 +352,11 @@ def test_arming_goes_through_batches_and_reports_refusals() -> None:
     probes = bench_for(limited)._arm(list(range(100)), 50, arm)
     assert arm.limit == "at most 20 probe addresses at once" and arm.seconds is None
     assert len(probes) == 18 and len(limited.batches) == 1
+    # Unregistered in one batch too; one that stays registered is a problem.
+    ok = [kp for kp in probes if kp.addr is not None and kp.addr % 7]
+    assert bench_for(limited)._unregister(ok) >= 0 and limited.batches[-1] == [-1, len(ok)]
+    with pytest.raises(BenchError, match=r"1 probes could not be unregistered \(stuck\)"):
+        bench_for(limited)._unregister([Kprobe(addr=14)])
 
 
 def test_switchable_rows_take_their_number_from_off_on_pairs() -> None:

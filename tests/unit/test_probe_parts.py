@@ -244,3 +244,24 @@ def test_late_doorbell_stops_land_before_the_answer_is_read() -> None:
         assert code[ret : ret + 4] == bytes.fromhex("488b0424"), prefix  # mov rax, [rsp]
         assert code[ret + 4 : ret + 7] == bytes.fromhex("4885c0"), prefix  # test rax, rax
         assert code[ret + 7] in (0x74, 0x0F), prefix  # jz
+
+
+def test_slots_come_back_as_the_first_clean_free_one() -> None:
+    """get_insn_slot hands out the first slot neither used nor dirty (a
+    search by list, checked against the plain scan)."""
+    import random as _random
+
+    from qprobes.probes.slots import InsnPage, SlotAllocator, _clean_free
+
+    rng = _random.Random(4)
+    for _ in range(500):
+        page = InsnPage(0, 0, [rng.random() < 0.7 for _ in range(128)],
+                        [rng.random() < 0.3 for _ in range(128)])  # fmt: skip
+        want = next((i for i in range(128) if not page.used[i] and not page.dirty[i]), None)
+        assert _clean_free(page) == want
+    slots = SlotAllocator(32, 0, 3, lambda i: 0x1000 * (i + 1), lambda i: None)
+    got = [slots.get_insn_slot() for _ in range(130)]
+    assert got[:3] == [0x1000, 0x1020, 0x1040] and got[128] == 0x2000
+    slots.free_insn_slot(0x1020, dirty=True)
+    slots.free_insn_slot(0x1060)
+    assert slots.get_insn_slot() == 0x1060  # the dirty one is left alone

@@ -30,6 +30,7 @@ from qprobes.probes.ptable import (
 from qprobes.probes.slots import SlotAllocator
 from qprobes.probes.stubs import PTABLE_BITS, probe_hash
 from qprobes.symbols.elf import Symbol, SymbolTable
+from tests.unit.test_journal_order import CR3, PageMem
 
 KTEXT = 0xFFFF_FFFF_8100_0000
 
@@ -349,3 +350,159 @@ def test_a_bigger_journal_records_more_sites_and_reads_only_up_to_its_mark() -> 
     j2.site(addrs[0], 0, 0x55, False)
     again = j2.load()
     assert again is not None and [s[0] for s in again.sites] == [addrs[0]]
+
+
+def test_unregister_many_puts_back_every_byte_as_one_by_one() -> None:
+    engine, target, where, _ftrace = fake_engine()
+    before = bytes(target.mem)
+    kps = [Kprobe(symbol_name=n, offset=o) for n, o in wanted(where)]
+    results = engine.register_many(kps)
+    armed = [kp for kp, err in zip(kps, results, strict=True) if err is None]
+    assert len(armed) == 3 and bytes(target.mem) != before
+    # A second kprobe on plain's point: the point stays while it is there.
+    extra = engine.register_kprobe(Kprobe(symbol_name="plain", offset=0))
+    # The guest rewrote nofentry's int3 (its own text patching): lost, left alone.
+    nofentry = next(kp for kp in armed if kp.symbol_name == "nofentry")
+    assert nofentry.arm_addr is not None
+    target.write(nofentry.arm_addr, b"\x90")
+    rewritten = bytes(target.mem)
+    stray = Kprobe(symbol_name="plain", offset=0)  # never registered
+    got = engine.unregister_many([*armed, stray, armed[0]])
+    assert got[: len(armed)] == [None] * len(armed)
+    assert [str(e) for e in got[len(armed) :]] == [f"{stray!r} is not registered",
+                                                   f"{armed[0]!r} is not registered"]  # fmt: skip
+    assert all(not kp.registered for kp in armed) and nofentry.lost
+    plain = extra.arm_addr
+    assert plain is not None and engine.points[plain].armed and target.read(plain, 1) == b"\xcc"
+    assert list(engine.points) == [plain] and engine.probe_table.live == 1
+    # What is left equals unregistering the same probes one by one.
+    alone, t2, w2, _f2 = fake_engine()
+    kps2 = [Kprobe(symbol_name=n, offset=o) for n, o in wanted(w2)]
+    armed2 = [kp for kp, err in zip(kps2, alone.register_many(kps2), strict=True) if err is None]
+    alone.register_kprobe(Kprobe(symbol_name="plain", offset=0))
+    t2.mem[:] = rewritten
+    for kp in armed2:
+        alone.unregister_kprobe(kp)
+    assert bytes(target.mem) == bytes(t2.mem)
+    engine.unregister_many([extra])
+    expected = bytearray(before)
+    expected[nofentry.arm_addr - KTEXT] = 0x90  # the guest's byte stays
+    assert target.mem == expected
+    assert not engine.points and engine.probe_table.live == 0
+
+
+def test_the_points_index_finds_the_points_in_a_range_as_a_scan_does() -> None:
+    from qprobes.probes.engine import _Points
+
+    rng = random.Random(3)
+    points = _Points()
+    plain: dict[int, object] = {}
+    base = KTEXT + 0x3F00
+    for step in range(3000):
+        addr = base + rng.randrange(0x3000)
+        op = rng.randrange(4)
+        if op < 2:
+            points[addr] = plain[addr] = step  # type: ignore[assignment]
+        elif op == 2 and addr in plain:
+            del points[addr], plain[addr]
+        else:
+            assert points.pop(addr, None) == plain.pop(addr, None)
+        lo = base + rng.randrange(-0x100, 0x3000)
+        hi = lo + rng.choice((0, 1, 5, 15, 32, 33, 300, 0x1800))
+        assert sorted(points.within(lo, hi)) == sorted(a for a in plain if lo <= a < hi)
+    assert dict(points) == plain
+    points.clear()
+    assert points.within(base, base + 0x4000) == [] and not points._pages
+
+
+class _StreamClient:
+    """A gdbstub client that records each pipelined stream of writes."""
+
+    def __init__(self, mem: PageMem) -> None:
+        self.mem, self.streams = mem, []  # type: list[list[tuple[int, bytes]]]
+
+    def set_phys_mem_mode(self, on: bool) -> None:
+        assert on
+
+    def write_memory_many(self, writes: list[tuple[int, bytes]]) -> None:
+        self.streams.append(list(writes))
+        for paddr, data in writes:
+            self.mem.write_phys(paddr, data)
+
+
+def paged_engine() -> tuple[KprobeEngine, PageMem, _StreamClient]:
+    engine = KprobeEngine(FakeTarget(), (0x7C00000, 4 << 20), KTEXT)  # type: ignore[arg-type]
+    mem = PageMem()
+    client = _StreamClient(mem)
+    engine.hostmem, engine.client, engine._kcr3 = mem, client, CR3  # type: ignore[assignment]
+    engine.target.read_phys = mem.read_phys  # type: ignore[attr-defined]
+    return engine, mem, client
+
+
+def test_a_batch_writes_the_int3s_last_and_a_later_write_over_one_wins() -> None:
+    engine, mem, client = paged_engine()
+    slot = 0xFFFF_FFFF_FE40_0000
+    a, b, c = KTEXT + 0x10, KTEXT + 0x2010, KTEXT + 0x4010
+    mem.write_phys(a & 0xFFFFFFFF, b"\x55")
+    with engine.batch():
+        for n, addr in enumerate((a, b, c)):
+            engine.kwrite_code(slot + 32 * n, bytes([n]) * 32)
+            engine.kwrite_code(addr, b"\xcc", arming=True)
+            assert engine.kread(addr, 1) == b"\xcc"  # the batch reads what it will write
+        engine.kwrite_code(a, b"\x55")  # a's probe taken out again in the same batch
+    (stream,) = client.streams
+    phys = 0xFFFFFFFF
+    # The three slots in one write, then the int3s that still stand, in order.
+    slots = b"".join(bytes([n]) * 32 for n in range(3))
+    assert stream == [(slot & phys, slots), (a & phys, b"\x55"), (b & phys, b"\xcc"),
+                      (c & phys, b"\xcc")]  # fmt: skip
+    assert mem.read_phys(a & phys, 1) == b"\x55" and mem.read_phys(b & phys, 1) == b"\xcc"
+
+
+def test_the_handler_table_names_the_vector_each_comparison_named() -> None:
+    engine, _t, where, _f = fake_engine()
+    assert engine.symbols is not None
+    plain, loops = where["plain"], where["loops"]
+    outside = KTEXT + 0x9000  # in no function
+    # Vector order matters: the first whose handler shares the function.
+    engine._orig_handler = {14: loops + 3, 3: plain + 2, 1: outside, 13: plain}
+    for addr in (plain, plain + 5, loops, loops + 1, outside, outside + 1, where["nofentry"]):
+        found = engine.symbols.resolve(addr)
+        want = next((v for v, h in engine._orig_handler.items()
+                     if engine._same_function_as(addr, found, h)), None)  # fmt: skip
+        assert engine._handler_vector(addr, found) == want, hex(addr)
+    assert engine._handler_vector(plain, engine.symbols.resolve(plain)) == 3
+    assert engine._handler_vector(outside, None) == 1
+    engine._orig_handler = {1: plain}  # a new set of handlers: a new table
+    assert engine._handler_vector(plain + 1, engine.symbols.resolve(plain + 1)) == 1
+
+
+def test_original_bytes_in_a_batch_are_as_outside_it() -> None:
+    """The batch works out each page's original bytes once: the same as
+    without the batch after int3s come and go, and after a write that is
+    not an int3 (a debugger's) the new bytes."""
+    from qprobes.arch.x86_64 import insn as x86insn
+    from qprobes.probes.kprobe import ProbePoint
+
+    engine, mem, _client = paged_engine()
+    code = bytes.fromhex("554889e5 4883ec10 c9c3") * 600  # 10 bytes each, over two pages
+    base = KTEXT + 0xF00
+    mem.write_phys(base & 0xFFFFFFFF, code)
+    a, b = base + 0x104, base + 0x1004  # two probe points (on a push), one per page
+    for addr in (a, b):
+        insn = x86insn.decode(code[addr - base :], addr)
+        engine.points[addr] = ProbePoint(addr, code[addr - base], insn, x86insn.analyze(insn),
+                                         0, False, [], armed=True)  # fmt: skip
+    mem.write_phys(a & 0xFFFFFFFF, b"\xcc")
+    outside = engine._original_bytes(base, len(code))
+    assert outside == code
+    with engine.batch():
+        assert engine._original_bytes(base, len(code)) == outside
+        assert engine._batch is not None and len(engine._batch.original) == 3  # its pages, kept
+        engine.kwrite_code(b, b"\xcc", arming=True)
+        assert engine._original_bytes(b - 3, 9) == code[b - 3 - base : b + 6 - base]
+        assert engine.kread(b, 1) == b"\xcc"
+        engine.kwrite_code(base + 0x10, b"\x90\x90")  # not an int3: the bytes change
+        got = engine._original_bytes(base, 0x20)
+        assert got == code[:0x10] + b"\x90\x90" + code[0x12:0x20]
+    assert engine._original_bytes(base, 0x20) == got

@@ -334,6 +334,13 @@ def _check_addr(name: str, value: int) -> None:
         raise ValueError(f"{name} {value:#x} is not a 64-bit address")
 
 
+#: Instructions decoded so far, by their bytes: what :func:`decode` gave for
+#: them at some address (relative branches and emulate prefixes left out).
+_DECODED: dict[bytes, Insn] = {}
+_DECODED_MAX = 1 << 15
+_UD2 = b"\x0f\x0b"  # how every emulate prefix starts
+
+
 def decode(code: bytes, addr: int) -> Insn:
     """Decode the instruction at the start of ``code``, located at ``addr``.
 
@@ -341,8 +348,78 @@ def decode(code: bytes, addr: int) -> Insn:
     bytes or more when the length is unknown). Raises
     :class:`~qprobes.errors.InstructionError` for bytes that are not a valid
     64-bit instruction or that end before the instruction does.
+
+    The same bytes decode to the same instruction wherever they are, but for
+    what depends on the address: the address itself, a rip-relative operand's
+    target, and a relative branch's target (which capstone also prints as its
+    operand: :func:`_movable`). An instruction decoded once is
+    therefore taken from a cache, moved to ``addr`` (:func:`_rebased`): a
+    lookup by the bytes of iced-x86's length (the length of every successful
+    decode), an iced-x86 decode instead of both decoders' full work. Both
+    decoders read only an instruction's own bytes, so whatever follows them
+    cannot change the answer; a window starting with ``ud2`` (where an
+    emulate prefix makes one instruction of two) always takes the full path.
     """
     _check_addr("address", addr)
+    window = bytes(code[:MAX_INSN_SIZE])
+    if window[:2] == _UD2:
+        return _decode_full(code, addr)
+    length = _iced_length(window, addr)
+    if length is not None:
+        known = _DECODED.get(window[:length])
+        if known is not None:
+            moved = _rebased(known, addr)
+            if moved is not None:
+                return moved
+    insn = _decode_full(window, addr)
+    if not insn.emulate_prefix and insn.length == length and _movable(insn):
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[insn.raw] = insn
+    return insn
+
+
+def _movable(insn: Insn) -> bool:
+    """Whether :func:`_rebased` can move ``insn``: no relative branch, or one
+    to a kernel-half target that capstone printed as its operand in full
+    (``0x%llx``, as it prints every such target: printPCRelImm)."""
+    target = insn.branch_target
+    return target is None or (target >> 63 == 1 and insn.op_str == f"{target:#x}")
+
+
+def _iced_length(window: bytes, addr: int) -> int | None:
+    instr = iced_x86.Decoder(64, window, ip=addr).decode()
+    return None if instr.is_invalid else int(instr.len)
+
+
+def _rebased(insn: Insn, addr: int) -> Insn | None:
+    """``insn`` (see :func:`_movable`) decoded at ``addr`` instead; None for
+    a branch whose target there is not in the kernel half (decoded afresh)."""
+    target = insn.riprel_target
+    if target is not None:
+        mask = _MASK32 if insn.address_size == 4 else _MASK64
+        target = (addr + insn.length + insn.disp) & mask
+    branch = insn.branch_target
+    op_str = insn.op_str
+    if branch is not None:
+        assert insn.imm_offset is not None
+        branch = (addr + insn.length + _signed(insn.raw[insn.imm_offset :])) & _MASK64
+        if not branch >> 63:
+            return None
+        op_str = f"{branch:#x}"
+    # A field-for-field copy: a frozen dataclass's __init__ (what
+    # dataclasses.replace runs) takes longer than the iced-x86 decode.
+    moved = object.__new__(Insn)
+    fields = moved.__dict__
+    fields.update(insn.__dict__)
+    fields["addr"] = addr
+    fields["riprel_target"] = target
+    fields["branch_target"] = branch
+    fields["op_str"] = op_str
+    return moved
+
+
+def _decode_full(code: bytes, addr: int) -> Insn:
     for prefix in _EMULATE_PREFIXES:
         if code.startswith(prefix):
             try:
@@ -456,7 +533,7 @@ def _decode_one(code: bytes, addr: int) -> Insn:
                 f"capstone {ci.size} bytes, iced-x86 {iced_length}",
             )
     raw = window[:length]
-    enc = ci.encoding
+    enc, cs_riprel = _cs_layout(ci)
 
     def disagree(what: str) -> InstructionError:
         return DecoderDisagreementError(addr, f"decoder disagreement on {raw.hex(' ')}: {what}")
@@ -557,11 +634,6 @@ def _decode_one(code: bytes, addr: int) -> Insn:
     # Rip-relative: capstone's operand says base RIP (EIP with 0x67); ModRM
     # must say mod=00 rm=101 (2.6 is_riprel(): (modrm & 0xc7) == 0x05).
     # "mov cr, r" (0f 20..23) ignores mod, so the bits alone are not enough.
-    cs_riprel = any(
-        op.type == x86_const.X86_OP_MEM
-        and op.mem.base in (x86_const.X86_REG_RIP, x86_const.X86_REG_EIP)
-        for op in ci.operands
-    )
     if ud_modrm:
         cs_riprel = modrm is not None and (modrm & 0xC7) == 0x05
     is_riprel = disp_offset is not None and modrm is not None and (modrm & 0xC7) == 0x05
@@ -611,6 +683,25 @@ def _decode_one(code: bytes, addr: int) -> Insn:
         riprel_target=riprel_target,
         branch_target=branch_target,
     )
+
+
+_RIP_BASES = (x86_const.X86_REG_RIP, x86_const.X86_REG_EIP)
+
+
+def _cs_layout(ci: Any) -> tuple[Any, bool]:
+    """Capstone's ``encoding`` detail (modrm, disp and imm offsets and sizes)
+    and whether a memory operand has base RIP or EIP, read from the C
+    structure itself: the same fields as ``ci.encoding`` and ``ci.operands``,
+    which first copy the whole detail into Python objects (three times the
+    cost of the rest of the decode)."""
+    x86 = ci._raw.detail.contents.arch.x86
+    operands = x86.operands
+    riprel = False
+    for i in range(x86.op_count):
+        op = operands[i]
+        if op.type == x86_const.X86_OP_MEM and op.mem.base in _RIP_BASES:
+            riprel = True
+    return x86.encoding, riprel
 
 
 def _modrm_disp_offset(raw: bytes, modrm_offset: int) -> int | None:
@@ -1193,7 +1284,7 @@ def copy_instruction(insn: Insn, slot_addr: int) -> bytes:
 _PUSH_IMM32_LOW = 0xFFFF_FFFF_8000_0000
 
 
-def boosted_copy(insn: Insn, slot_addr: int) -> bytes:
+def boosted_copy(insn: Insn, slot_addr: int, analysis: InsnAnalysis | None = None) -> bytes:
     """The bytes to run ``insn`` at ``slot_addr`` without single-stepping.
 
     Mirrors ``prepare_boost()``: the copy (:func:`copy_instruction`) followed
@@ -1202,9 +1293,10 @@ def boosted_copy(insn: Insn, slot_addr: int) -> bytes:
     original target followed by the jmp back. Raises
     :class:`~qprobes.errors.InstructionError` when the instruction is rejected
     or not boostable, :class:`~qprobes.errors.SlotRangeError` when the slot is
-    out of rel32 reach.
+    out of rel32 reach. ``analysis``: ``analyze(insn)``, when the caller has it.
     """
-    analysis = analyze(insn)
+    if analysis is None or analysis.insn is not insn:
+        analysis = analyze(insn)
     if analysis.rejected is not None:
         raise InstructionError(insn.addr, analysis.rejected)
     if not analysis.boostable:
