@@ -227,7 +227,7 @@ install_kernel() {
         # would fail the pipeline under pipefail.)
         tr '\0' '\n' <"$ko" | grep -x 'depends=' >/dev/null ||
             die "$path depends on other modules: $(tr '\0' '\n' <"$ko" | grep -a '^depends=')"
-        tr '\0' '\n' <"$ko" | grep -aq "^vermagic=$release " ||
+        tr '\0' '\n' <"$ko" | grep -a "^vermagic=$release " >/dev/null ||
             die "$path was not built for $release"
         install -m 0644 "$ko" "$cache/$(basename "$path")"
     done

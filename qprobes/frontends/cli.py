@@ -440,11 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from qprobes.frontends.signals import held_until_exit
-
     try:
-        with held_until_exit():
-            status: int = args.func(args)
+        status: int = args.func(args)
     except BrokenPipeError:
         return _broken_pipe()
     except ProbeSyntaxError as exc:
@@ -487,5 +484,19 @@ def _broken_pipe() -> int:
     return 141
 
 
+def run() -> None:
+    """The ``qprobes`` command: :func:`main`, then exit with its status. Once
+    a signal has ended a trace, the exit signals stay ignored until the
+    process is gone (:func:`~qprobes.frontends.signals.held_until_exit`):
+    one that came after the detach would end it by that signal, not 128 +
+    the first. :func:`main` called from Python leaves the handlers as they
+    were."""
+    from qprobes.frontends.signals import held_until_exit
+
+    with held_until_exit():
+        status = main()
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -170,6 +170,10 @@ def _loads_flags(insn: x86insn.Insn) -> bool:
     return x86insn.flags_image(insn) is not None
 
 
+#: ``push imm32``: the first instruction of a boosted call's copy.
+PUSH_IMM32_SIZE = 5
+
+
 def slot_code(insn: x86insn.Insn, analysis: x86insn.InsnAnalysis, slot: int,
               boosted: bool) -> tuple[bytes, int | None]:  # fmt: skip
     """The bytes of a probe's slot and where its boosted copy starts (None: at
@@ -1925,6 +1929,7 @@ class KprobeEngine:
                 inst = self.fast.installed.get(point.addr)
                 if inst is not None and inst.kp is kp:
                     self.fast.remove(point.addr)
+                    self._detour_wanted.discard(point.addr)
         for point in points:
             if point.kprobes:
                 self._fast_update(point)
@@ -2105,8 +2110,17 @@ class KprobeEngine:
                 or self.fast.word(point) == 0):  # fmt: skip
             return
         inst = self.fast.installed.get(point.addr)
-        if inst is not None:
+        if inst is None:
+            return
+        try:
             self.optimize(inst.kp)
+        except ConnectionClosedError:
+            raise
+        except QprobesError as exc:
+            # What called this has done its work (an enable, an unregister):
+            # the point stays on its int3 fast path, which records the same.
+            inst.kp.detour_refused = str(exc)
+            log.info("%s stays on its int3: %s", self._where(point.addr), exc)
 
     def not_fast_because(self, kp: Kprobe) -> str | None:
         """Why the registered ``kp``'s point can never run a recorder of
@@ -2314,6 +2328,15 @@ class KprobeEngine:
                 x86detour.jump_bytes(point.addr, buf))  # fmt: skip
             self.kwrite_code(buf, code)
             ranges = [(window.addr + 1, window.end)]
+            if window.insns[-1].length == 1:
+                # A #BP frame of a probe on the window's last instruction of
+                # one byte, removed just now (a probe inside the window takes
+                # the detour out; its removal puts it back), holds that byte
+                # + 1 = the end, and the answer to its hit sends the vCPU back
+                # to the byte, inside the jump. (A longer last instruction
+                # puts such a frame's rip inside the window, which is waited
+                # on anyway.)
+                ranges = [(window.addr + 1, window.end + 1)]
             if len(window.insns) > 1:
                 ranges.append((point.boost_entry, point.slot + x86insn.SLOT_SIZE))
                 # Slots freed dirty (a probe removed here before, on the slow
@@ -2906,6 +2929,13 @@ class KprobeEngine:
         if point is None or not point.armed:
             if self.kread(addr, 1)[0] != INT3:
                 regs.rip = addr  # removed after this vCPU hit it
+                det = self._detour_covering(addr)
+                if det is not None and det.addr != addr:
+                    # ... and a detour's jump covers it now: its copy in the
+                    # detour buffer runs it (and the rest of the window).
+                    for copy, _length, orig in det.code.copies:
+                        if orig == addr:
+                            regs.rip = copy
             else:
                 regs.action = ACTION_CHAIN
             return
@@ -3118,6 +3148,11 @@ class KprobeEngine:
             entry = owner.boost_entry
             if owner.boost_slot is None and regs.rip == entry + owner.insn.length:
                 regs.rip = owner.insn.next_addr
+            elif (owner.insn.opcode == b"\xe8" and owner.insn.branch_target is not None
+                  and regs.rip == entry + PUSH_IMM32_SIZE):  # fmt: skip
+                # A boosted call's push hit a guest watchpoint on the stack:
+                # the call has pushed, the callee is next.
+                regs.rip = owner.insn.branch_target
         regs.action = ACTION_CHAIN
 
     def _slot_owner(self, rip: int) -> ProbePoint | None:

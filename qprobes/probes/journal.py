@@ -50,7 +50,8 @@ from qprobes.machine.qemu import process_start_time
 
 PAGE_SIZE = 4096
 MAGIC = b"QPJRNL01"
-VERSION = 3  # 2: the sites last, as many as the reservation gives room for; 3: detours
+VERSION = 4  # 2: the sites last, as many as the reservation gives room for; 3: detours;
+# 4: a site may be a boosted call (its slot a push and a jmp: older builds cannot rebuild it)
 
 #: Capacities: the journal's size follows from them.
 MAX_GATES = 64  # (IDT, vector) pairs

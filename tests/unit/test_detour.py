@@ -64,6 +64,7 @@ ACCEPTED = [
     (NOP5 + "4889f8 4889f2 e8" + _rel32(11 + 5, THUNKS[0]) + RET, 5, 2),
     # a call as the probed instruction: the window is the call alone
     (NOP5 + "e8 00010000" + RET, 5, 1),
+    (NOP5 + "3ee8 00010000" + RET, 5, 1),  # ds-prefixed: the same call
 ]  # fmt: skip
 
 

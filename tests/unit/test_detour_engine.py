@@ -63,13 +63,13 @@ class FakeFast:
         pass
 
 
-def detoured_engine() -> tuple[Any, Any, ProbePoint, Kprobe]:
+def detoured_engine(code: bytes = CODE) -> tuple[Any, Any, ProbePoint, Kprobe]:
     engine, target = make_engine()
-    target.write(A, CODE)
+    target.write(A, code)
     target.write(A, b"\xcc")  # the armed int3
-    insn = X.decode(CODE, A)
+    insn = X.decode(code, A)
     kp = Kprobe(addr=A)
-    point = ProbePoint(A, CODE[0], insn, X.analyze(insn), SLOT_A, True, [kp], armed=True)
+    point = ProbePoint(A, code[0], insn, X.analyze(insn), SLOT_A, True, [kp], armed=True)
     engine.points[A] = point
     engine._detour_buffers = SlotAllocator(D.DETOUR_SIZE, 400, 415,
                                            lambda i: BUF + (i - 400) * 4096,
@@ -77,7 +77,7 @@ def detoured_engine() -> tuple[Any, Any, ProbePoint, Kprobe]:
     engine._stubs = Stubs(b"", {"qp_bp_ours": BP_OURS})
     engine._kernel_selectors = (0x10, 0x18)
     engine.fast = FakeFast()
-    window = D.Window(tuple(X.decode_function(CODE[:5], A)))
+    window = D.Window(tuple(X.decode_function(code[:5], A)))
     engine._detour_window = lambda p: window
     return engine, target, point, kp
 
@@ -99,6 +99,19 @@ def test_the_jump_goes_in_tail_first_after_the_window_is_empty() -> None:
     assert tail == (A + 1, jump[1:]) and head == (A, jump[:1])
     assert target.read(A, 5) == jump
     assert engine.check_lost() == []  # the jump's e9 is what a detoured point holds
+
+
+@pytest.mark.skipif(shutil.which("as") is None, reason="GNU as is not installed")
+def test_a_window_ending_in_a_one_byte_instruction_waits_on_its_end_too() -> None:
+    """push r15; push r14; push rbp: a probe on the push rbp, just removed,
+    can leave a #BP frame whose rip is its byte + 1, the window's end; the
+    answer to that hit sends the vCPU back to the byte, inside the jump."""
+    code = bytes.fromhex("4157 4156 55")
+    engine, target, _point, kp = detoured_engine(code)
+    waited: list[list[tuple[int, int]]] = []
+    engine._wait_out_of = lambda ranges, what: waited.append(ranges)
+    assert engine.optimize(kp), kp.detour_refused
+    assert waited[0][0] == (A + 1, A + 6)
 
 
 @pytest.mark.skipif(shutil.which("as") is None, reason="GNU as is not installed")

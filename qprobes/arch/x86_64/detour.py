@@ -101,7 +101,10 @@ class Window:
 
 
 def _is_call_rel32(insn: Insn) -> bool:
-    return insn.opcode == b"\xe8" and not insn.prefixes and insn.rex is None
+    """A near ``call rel32``, with no prefix but 3e (which the CPU ignores
+    here, as the boosted copy does)."""
+    return (insn.opcode == b"\xe8" and insn.rex is None
+            and all(p == 0x3E for p in insn.prefixes))  # fmt: skip
 
 
 def _is_indirect_jump(insn: Insn) -> bool:
