@@ -635,20 +635,28 @@ class Case:
 
     def switched(self, run: Callable[[int], Timed], stats: Callable[[], dict[str, int]],
                  pairs: int, warm: int) -> None:  # fmt: skip
-        """``pairs`` times: the probe off, a run; the probe on, a run (each
+        """``pairs`` times a run with the probe off and one with it on, in
+        turn off-on and on-off (a drift of the host's load then cancels), each
         after a short warm-up: switching rewrites the probed code, whose
-        translation QEMU then drops)."""
+        translation QEMU then drops. The probe is left on."""
         if self.toggle is None:
             return
-        for _ in range(pairs):
-            self.toggle(False)
-            run(warm)
-            off = run(self.row.hits)
+        state = True
+        for k in range(pairs):
+            timed: dict[bool, Timed] = {}
+            stops = 0
+            for on in (False, True) if k % 2 == 0 else (True, False):
+                if on != state:
+                    self.toggle(on)
+                    state = on
+                run(warm)
+                before = stats().get("stops", 0) if on else 0
+                timed[on] = run(self.row.hits)
+                if on:
+                    stops = stats().get("stops", 0) - before
+            self.row.add_pair(timed[False], timed[True], stops)
+        if not state:
             self.toggle(True)
-            run(warm)
-            before = stats().get("stops", 0)
-            on = run(self.row.hits)
-            self.row.add_pair(off, on, stats().get("stops", 0) - before)
 
     def pair(self, run: Callable[[int], Timed], stats: Callable[[], dict[str, int]]) -> None:
         """run(0), then run(row.hits): the fixed cost, then the timed run.

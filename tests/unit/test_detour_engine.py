@@ -107,7 +107,7 @@ def test_a_window_ending_in_a_one_byte_instruction_waits_on_its_end_too() -> Non
     can leave a #BP frame whose rip is its byte + 1, the window's end; the
     answer to that hit sends the vCPU back to the byte, inside the jump."""
     code = bytes.fromhex("4157 4156 55")
-    engine, target, _point, kp = detoured_engine(code)
+    engine, _target, _point, kp = detoured_engine(code)
     waited: list[list[tuple[int, int]]] = []
     engine._wait_out_of = lambda ranges, what: waited.append(ranges)
     assert engine.optimize(kp), kp.detour_refused
