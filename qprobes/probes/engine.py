@@ -296,6 +296,10 @@ class _Batch:
     ptable: set[int] = field(default_factory=set)  # probe table entries to write at the end
     decoded: dict[tuple[int, bytes], x86insn.Insn] = field(default_factory=dict)
     text_unlocked: bool = False  # the guest's text_mutex was seen free in the batch
+    # Fast-path probes to jump-optimize once the batch is written: a detour
+    # waits for the window to empty, which runs the guest, and the guest
+    # must stay stopped in a batch (its cached pages, its int3s not out yet).
+    optimize: list[Kprobe] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -1847,6 +1851,9 @@ class KprobeEngine:
             finally:
                 for hook in told:
                     hook(False)
+            for kp in batch.optimize:
+                if kp.registered:
+                    self._optimize_wanted(kp)
 
     def _flush(self, writes: list[tuple[int, bytes]]) -> None:
         """Physical writes, in order, pipelined (adjacent ones merged)."""
@@ -2097,7 +2104,10 @@ class KprobeEngine:
         self._fast_update(point)
         if self.detour if detour is None else detour:
             self._detour_wanted.add(point.addr)
-            self.optimize(kp)
+            if self._batch is not None:
+                self._batch.optimize.append(kp)  # once the batch is out
+            else:
+                self.optimize(kp)  # its refusal is the caller's to see
         else:
             self._detour_wanted.discard(point.addr)
         return rec
@@ -2110,17 +2120,24 @@ class KprobeEngine:
                 or self.fast.word(point) == 0):  # fmt: skip
             return
         inst = self.fast.installed.get(point.addr)
-        if inst is None:
+        if inst is not None:
+            self._optimize_wanted(inst.kp)
+
+    def _optimize_wanted(self, kp: Kprobe) -> None:
+        """:meth:`optimize` for a caller whose own work is done (an enable, an
+        unregister, a batch): a failure leaves the point on its int3 fast
+        path, which records the same, and is only said in ``detour_refused``.
+        In a batch it waits for the batch's end (a detour runs the guest)."""
+        if self._batch is not None:
+            self._batch.optimize.append(kp)
             return
         try:
-            self.optimize(inst.kp)
+            self.optimize(kp)
         except ConnectionClosedError:
             raise
         except QprobesError as exc:
-            # What called this has done its work (an enable, an unregister):
-            # the point stays on its int3 fast path, which records the same.
-            inst.kp.detour_refused = str(exc)
-            log.info("%s stays on its int3: %s", self._where(point.addr), exc)
+            kp.detour_refused = str(exc)
+            log.info("%r stays on its int3: %s", kp, exc)
 
     def not_fast_because(self, kp: Kprobe) -> str | None:
         """Why the registered ``kp``'s point can never run a recorder of

@@ -205,6 +205,46 @@ def test_tracer_adds_many_definitions_in_one_batch(linux: Session) -> None:
         tracer.remove_many(list(tracer.probes))
 
 
+def test_fast_definitions_added_in_a_batch_are_detoured_after_it(linux: Session) -> None:
+    """Tracer(fast=True).add_many: the recorders go in with the batch, and the
+    detours once it is written (a detour's wait runs the guest, which a batch
+    must not: its cached pages, its int3s still to write)."""
+    from qprobes.tracing import TraceEvent, Tracer
+
+    events: list[TraceEvent] = []
+    tracer = Tracer(linux, events.append, fast=True)
+    defs = ["p:qpscale/fread vfs_read count=%dx:u64", "p:qpscale/fopen do_sys_openat2+0x18"]
+    text = linux.engine.read_data(linux.engine.resolve(Kprobe(symbol_name="vfs_read")), 64)
+    engine = linux.engine
+    runs_in_batch: list[bool] = []
+    real_run = engine.run
+
+    def run(*args: object, **kwargs: object) -> object:
+        runs_in_batch.append(engine._batch is not None)
+        return real_run(*args, **kwargs)  # type: ignore[arg-type]
+
+    engine.run = run  # type: ignore[method-assign]
+    try:
+        got = tracer.add_many(defs)
+    finally:
+        del engine.run
+    assert not any(runs_in_batch)  # a detour wait that runs the guest comes after the batch
+    try:
+        assert not any(isinstance(tp, QprobesError) for tp in got), got
+        for tp in got:
+            assert not isinstance(tp, QprobesError)
+            assert tp.fast_id and tp.kprobe is not None, tp.slow_reason
+            assert tp.kprobe.detoured, tp.kprobe.detour_refused
+        opens(linux, 3)
+        tracer.drain()
+        assert sum(1 for e in events if e.event == "fopen") >= 3
+        assert sum(1 for e in events if e.event == "fread") >= 1
+    finally:
+        tracer.remove_many(list(tracer.probes))
+    addr = linux.engine.resolve(Kprobe(symbol_name="vfs_read"))
+    assert linux.engine.read_data(addr, 64) == text
+
+
 def idt_hashes(session: Session) -> dict[int, str]:
     target = session.target
     out = {}
