@@ -1868,13 +1868,8 @@ class KprobeEngine:
         self.client.set_phys_mem_mode(True)
         self.client.write_memory_many([(a, bytes(d)) for a, d in merged])
 
-    def unregister_kprobe(self, kp: Kprobe) -> None:
-        """Disarm and forget ``kp`` (``unregister_kprobe``)."""
-        arm_addr = kp.arm_addr
-        if not kp.registered or arm_addr is None:
-            raise ProbeError(f"{kp!r} is not registered")
-        point = self.points[arm_addr]
-        self.check_lost([point])
+    def _forget_kprobe(self, point: ProbePoint, kp: Kprobe) -> None:
+        """``kp`` leaves ``point``, with its recorder and wanted detour."""
         point.kprobes.remove(kp)
         kp.registered = False
         if self.fast is not None:
@@ -1882,6 +1877,15 @@ class KprobeEngine:
             if inst is not None and inst.kp is kp:
                 self.fast.remove(point.addr)
                 self._detour_wanted.discard(point.addr)
+
+    def unregister_kprobe(self, kp: Kprobe) -> None:
+        """Disarm and forget ``kp`` (``unregister_kprobe``)."""
+        arm_addr = kp.arm_addr
+        if not kp.registered or arm_addr is None:
+            raise ProbeError(f"{kp!r} is not registered")
+        point = self.points[arm_addr]
+        self.check_lost([point])
+        self._forget_kprobe(point, kp)
         if point.kprobes:
             self._fast_update(point)
             self._reoptimize(point)
@@ -1930,13 +1934,7 @@ class KprobeEngine:
             self.check_lost(points)
         going: list[ProbePoint] = []
         for _n, kp, point in mine:
-            point.kprobes.remove(kp)
-            kp.registered = False
-            if self.fast is not None:
-                inst = self.fast.installed.get(point.addr)
-                if inst is not None and inst.kp is kp:
-                    self.fast.remove(point.addr)
-                    self._detour_wanted.discard(point.addr)
+            self._forget_kprobe(point, kp)
         for point in points:
             if point.kprobes:
                 self._fast_update(point)
