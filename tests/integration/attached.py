@@ -70,3 +70,14 @@ def busy_guest(extra_args: list[str] | None = None) -> tuple[QemuMachine, list[i
         machine.shutdown()
         raise
     return machine, addrs
+
+
+def answers_cleanly(machine: QemuMachine) -> None:
+    """The guest still answers at its shell, and nothing bad is in its dmesg
+    or on its console since (a recovery, a detach done)."""
+    mark = len(machine.console_text())
+    out = machine.console.command("echo qp-alive; dmesg | tail -50", LINUX_PROMPT,
+                                  timeout=120)  # fmt: skip
+    text = str(out) + machine.console_text()[mark:]
+    assert "qp-alive" in text
+    assert not [x for x in text.splitlines() if BAD.search(x)], text[-3000:]
