@@ -641,7 +641,10 @@ class KernelText:
         """Raise if ``[start, end)`` overlaps one of the guest's optimized
         kprobes (``get_optimized_kprobe()``/``arch_within_optimized_kprobe()``:
         its jump covers ``addr .. addr + optinsn.size``)."""
-        for kp_addr, size in self.optimized_kprobes():
+        optimized = self._optimized()
+        if not optimized:
+            return
+        for kp_addr, size, _ in optimized:
             if overlaps(start, end, kp_addr, kp_addr + size):
                 raise ProbeError(
                     f"{self._where(start)} is inside the guest's own optimized kprobe at "

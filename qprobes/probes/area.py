@@ -167,20 +167,38 @@ class GuestArea:
         # Writes guest-physical *data* (the fill of a data page) faster than
         # the gdbstub (the engine's host-memory path); None: the gdbstub.
         self.write_data_phys: Callable[[int, bytes], None] | None = None
+        # Reads guest-physical data the same way (qprobes' own page-table
+        # entries); None: the gdbstub.
+        self.read_data_phys_u64: Callable[[int], int] | None = None
+        # Writes the fill of a code page (the engine's batch puts it in its
+        # stream, before the slots written into the page); None: the gdbstub.
+        self.write_code_phys: Callable[[int, bytes], None] | None = None
         self._reserve = reserve
 
     # --- set-up -------------------------------------------------------------
 
+    def _own(self, paddr: int) -> bool:
+        """Whether ``paddr`` is in qprobes' reserved RAM (its own tables)."""
+        start, size = self._reserve
+        return start <= paddr < start + size
+
     def _read_entry(self, paddr: int) -> int:
+        if self.read_data_phys_u64 is not None and self._own(paddr):
+            return self.read_data_phys_u64(paddr)
         return self.target.read_phys_u64(paddr)
 
     def _write_entry(self, paddr: int, value: int) -> None:
         old = self._read_entry(paddr)
-        start, size = self._reserve
-        if self.on_guest_write is not None and not start <= paddr < start + size:
+        own = self._own(paddr)
+        if self.on_guest_write is not None and not own:
             self.on_guest_write(paddr, old)
         self._written.append((paddr, old))
-        self.target.write_phys(paddr, value.to_bytes(8, "little"))
+        if own and self.write_data_phys is not None:
+            # An entry of qprobes' own tables is data, never cached while not
+            # present: host memory, no gdbstub round trip.
+            self.write_data_phys(paddr, value.to_bytes(8, "little"))
+        else:
+            self.target.write_phys(paddr, value.to_bytes(8, "little"))
 
     def _new_table(self) -> int:
         page = self.phys.alloc()
@@ -358,7 +376,9 @@ class GuestArea:
         if table is None:
             table = self._map_region(region)
         paddr = self.phys.alloc()
-        if executable or self.write_data_phys is None:
+        if executable and self.write_code_phys is not None:
+            self.write_code_phys(paddr, bytes([fill]) * PAGE_SIZE)
+        elif executable or self.write_data_phys is None:
             self.target.write_phys(paddr, bytes([fill]) * PAGE_SIZE)
         else:
             # A data page: TCG has no code of it to invalidate.

@@ -281,7 +281,7 @@ class _Points(dict[int, ProbePoint]):
 class _Batch:
     """A batch of registrations (see :meth:`KprobeEngine.register_many`)."""
 
-    pages: dict[int, bytes] = field(default_factory=dict)  # kernel page vaddr -> bytes
+    pages: dict[int, bytearray] = field(default_factory=dict)  # kernel page vaddr -> bytes
     phys: dict[int, int] = field(default_factory=dict)  # kernel page vaddr -> paddr
     large: dict[int, int] = field(default_factory=dict)  # 2 MiB page vaddr -> its paddr
     writes: list[tuple[int, bytes]] = field(default_factory=list)  # (paddr, code), in order
@@ -300,6 +300,7 @@ class _Batch:
     # waits for the window to empty, which runs the guest, and the guest
     # must stay stopped in a batch (its cached pages, its int3s not out yet).
     optimize: list[Kprobe] = field(default_factory=list)
+    handlers_checked: bool = False  # the handler table was found current in the batch
 
 
 @dataclass(frozen=True)
@@ -372,6 +373,8 @@ class KprobeEngine:
         self.area = GuestArea(target, reserve, near, area_base)
         if hostmem is not None:
             self.area.write_data_phys = hostmem.write_phys  # zero-filling data pages
+            self.area.read_data_phys_u64 = hostmem.read_phys_u64
+        self.area.write_code_phys = self._code_fill
         self.stats = EngineStats()
         self.points = _Points()
         self.kcb: dict[int, KprobeCtlblk] = {}
@@ -509,6 +512,14 @@ class KprobeEngine:
         if self.hostmem is not None:
             return self.hostmem.read_phys(paddr, length)
         return self.target.read_phys(paddr, length)
+
+    def _code_fill(self, paddr: int, data: bytes) -> None:
+        """The fill of a new code page: in a batch, in its stream (before the
+        slots written into the page and the int3s that lead there)."""
+        if self._batch is not None:
+            self._batch.writes.append((paddr, bytes(data)))
+        else:
+            self.target.write_phys(paddr, data)
 
     def _phys_write(self, paddr: int, data: bytes) -> None:
         if self.hostmem is not None:
@@ -1258,7 +1269,7 @@ class KprobeEngine:
         if off + length <= PAGE_SIZE:
             data = batch.pages.get(vaddr - off)
             if data is not None:
-                return data[off : off + length]
+                return bytes(data[off : off + length])
         out = bytearray()
         while length > 0:
             page = vaddr - vaddr % PAGE_SIZE
@@ -1266,9 +1277,9 @@ class KprobeEngine:
             if data is None:
                 paddr = self._kphys(page)
                 if self.hostmem is not None:
-                    data = self.hostmem.read_phys(paddr, PAGE_SIZE)
+                    data = bytearray(self.hostmem.read_phys(paddr, PAGE_SIZE))
                 else:
-                    data = self.target.read_phys(paddr, PAGE_SIZE)
+                    data = bytearray(self.target.read_phys(paddr, PAGE_SIZE))
                 batch.pages[page] = data
             off = vaddr - page
             n = min(length, PAGE_SIZE - off)
@@ -1284,7 +1295,7 @@ class KprobeEngine:
             n = min(len(data), PAGE_SIZE - off)
             cached = batch.pages.get(page)
             if cached is not None:
-                batch.pages[page] = cached[:off] + data[:n] + cached[off + n :]
+                cached[off : off + n] = data[:n]
             vaddr, data = vaddr + n, data[n:]
 
     def kread(self, vaddr: int, length: int) -> bytes:
@@ -1417,6 +1428,11 @@ class KprobeEngine:
         (a debugger's), or a probe lost, makes it be worked out again."""
         batch = self._batch
         if batch is not None and self._kcr3 and length > 0 and not self.area.contains(addr):
+            off = addr % PAGE_SIZE
+            if off + length <= PAGE_SIZE:
+                original = batch.original.get(addr - off)
+                if original is not None:
+                    return original[off : off + length]
             out = bytearray()
             while length > 0:
                 page = addr - addr % PAGE_SIZE
@@ -1461,14 +1477,17 @@ class KprobeEngine:
             return None
         return self._blacklist[first[i]]
 
-    def can_probe(self, addr: int) -> None:
-        """Raise unless ``addr`` may be probed (``can_probe``/``check_kprobe_address_safe``)."""
+    def _check_blacklist(self, addr: int) -> None:
         if self.attached and self.area.contains(addr):
             raise ProbeError(f"{addr:#x} is inside qprobes' own guest area")
         hit = self._blacklisted(addr)
         if hit is not None:
             where = self.symbols.format(addr) if self.symbols is not None else f"{addr:#x}"
             raise ProbeError(f"{where} is blacklisted: {hit[2]}")
+
+    def can_probe(self, addr: int) -> None:
+        """Raise unless ``addr`` may be probed (``can_probe``/``check_kprobe_address_safe``)."""
+        self._check_blacklist(addr)
         found_addr = self.symbols.resolve(addr) if self.symbols is not None else None
         vector = self._handler_vector(addr, found_addr)
         if vector is not None:
@@ -1553,8 +1572,14 @@ class KprobeEngine:
         :meth:`_same_function_as` puts in ``addr``'s function (``found``:
         ``addr`` resolved), or None: lookups in tables built once for the
         handlers, not a comparison with each of them."""
-        key = (id(self.symbols), tuple(self._orig_handler.items()))
         table = self._handler_table
+        batch = self._batch
+        if batch is not None and table is not None and batch.handlers_checked:
+            key = table[0]  # the handlers do not change inside a batch
+        else:
+            key = (id(self.symbols), tuple(self._orig_handler.items()))
+            if batch is not None:
+                batch.handlers_checked = True
         if table is None or table[0] != key:
             by_sym: dict[Symbol, int] = {}  # handlers in a function: the first one's position
             by_addr: dict[int, int] = {}  # handlers outside any function
@@ -1650,7 +1675,10 @@ class KprobeEngine:
                 f"livepatch or the like, {site.describe()}) is attached, so {there()} may never "
                 "run: not probing it"
             )
-        self.can_probe(addr)  # the blacklist names the function itself
+        # The blacklist names the function itself; the rest of can_probe()
+        # (the text, the handlers, the boundary) is asked of the next
+        # instruction, in the same function, where the int3 goes.
+        self._check_blacklist(addr)
         try:
             next_insn = self._decode(self._original_bytes(new, x86insn.MAX_INSN_SIZE), new)
         except InstructionError as exc:
@@ -1838,11 +1866,18 @@ class KprobeEngine:
             return
         self._batch = _Batch()
         told = self.batch_hooks if hooks else []
+        journal = self.journal
         try:
+            if journal is not None:
+                journal.hold_sites(True)
             for hook in told:
                 hook(True)
             yield
         finally:
+            if journal is not None:
+                # With the batch still open: the header joins its writes
+                # after the records, before the int3s.
+                journal.hold_sites(False)
             batch, self._batch = self._batch, None
             try:
                 if batch.ptable:

@@ -272,6 +272,12 @@ class Journal:
         self._detours: dict[int, int] = {}  # addr -> index
         self._free_detours: list[int] = []
         self._next_detour = 0
+        # Inside an engine batch the sites' high-water mark goes into the
+        # header once, at the end (:meth:`hold_sites`): still after every
+        # record it covers and before any int3 of the batch is written.
+        self._holding = False
+        self._held = False  # the header's high-water mark is behind
+        self._held_records: dict[int, bytes] = {}  # site index -> its record, not written yet
 
     # --- reading ----------------------------------------------------------------
 
@@ -287,6 +293,7 @@ class Journal:
 
     def load(self) -> Contents | None:
         """Every record of the journal in the guest, or None without one."""
+        self._write_held()
         header = self.read_header()
         if header is None:
             return None
@@ -348,8 +355,8 @@ class Journal:
         self._next_detour = 0
         # The records before the sites; the sites are read only up to the
         # high-water mark, which starts at 0.
-        self.write(self.base + HEADER_SIZE, bytes(SITES_OFF - HEADER_SIZE))
-        self.write(self.base + FASTRET_OFF, bytes(_FASTRET.size))
+        self._w(self.base + HEADER_SIZE, bytes(SITES_OFF - HEADER_SIZE))
+        self._w(self.base + FASTRET_OFF, bytes(_FASTRET.size))
         self.header = Header(
             JournalState.ACTIVE, generation, os.getpid(), time.time(), socket.gethostname(),
             version, 0, 0, False, 0, 0, 0, 0, 0, 0, max(phys_next, floor), floor,
@@ -397,7 +404,48 @@ class Journal:
 
     def _flush(self) -> None:
         assert self.header is not None
-        self.write(self.base, _pack_header(self.header, self._next_site, len(self._rets)))
+        self._held = False
+        self._w(self.base, _pack_header(self.header, self._next_site, len(self._rets)))
+
+    def _w(self, addr: int, data: bytes) -> None:
+        """Write ``data`` at ``addr``, after the site records held back."""
+        if self._held_records:
+            self._write_held()
+        self.write(addr, data)
+
+    def _site_record(self, index: int, data: bytes) -> None:
+        if self._holding:
+            self._held_records[index] = data  # the last one of a site's index wins
+        else:
+            self._w(self.base + SITES_OFF + index * _SITE.size, data)
+
+    def _write_held(self) -> None:
+        """The held site records, adjacent ones in one write."""
+        held, self._held_records = self._held_records, {}
+        run: list[bytes] = []
+        first = prev = -2
+        for index in sorted(held):
+            if index != prev + 1 and run:
+                self.write(self.base + SITES_OFF + first * _SITE.size, b"".join(run))
+                run = []
+            if not run:
+                first = index
+            run.append(held[index])
+            prev = index
+        if run:
+            self.write(self.base + SITES_OFF + first * _SITE.size, b"".join(run))
+
+    def hold_sites(self, holding: bool) -> None:
+        """From ``True`` to ``False``, site records are written, adjacent ones
+        together, and the header's high-water mark moved, only when holding
+        ends (a few writes for a batch of thousands, not two per site). The
+        caller writes the batch's int3s after that: a site's record is in the
+        guest, covered by the header, before its int3 is."""
+        self._holding = holding
+        if not holding:
+            self._write_held()
+            if self._held and self.header is not None:
+                self._flush()
 
     def _update(self, **changes: object) -> None:
         assert self.header is not None
@@ -413,7 +461,7 @@ class Journal:
         """Record where the fast return instances are, before the first is used."""
         if self.header is None:
             return  # not attached: nothing to record
-        self.write(self.base + FASTRET_OFF, _FASTRET.pack(store, count, size, lo, hi))
+        self._w(self.base + FASTRET_OFF, _FASTRET.pack(store, count, size, lo, hi))
 
     def set_phys_next(self, phys_next: int) -> None:
         """Record the allocator's high-water mark (before a new page is used)."""
@@ -427,7 +475,7 @@ class Journal:
             return  # not attached: nothing to record
         if self._gates >= MAX_GATES:
             raise JournalError(f"more than {MAX_GATES} IDT gates to record")
-        self.write(self.base + GATES_OFF + self._gates * _GATE.size, _GATE.pack(idt, vector, gate))
+        self._w(self.base + GATES_OFF + self._gates * _GATE.size, _GATE.pack(idt, vector, gate))
         self._gates += 1
         self._update(n_gates=self._gates)
 
@@ -437,7 +485,7 @@ class Journal:
             return  # not attached: nothing to record
         if self._ptes >= MAX_PTES:
             raise JournalError(f"more than {MAX_PTES} page-table entries to record")
-        self.write(self.base + PTES_OFF + self._ptes * _PTE.size, _PTE.pack(paddr, old))
+        self._w(self.base + PTES_OFF + self._ptes * _PTE.size, _PTE.pack(paddr, old))
         self._ptes += 1
         self._update(n_ptes=self._ptes)
 
@@ -455,12 +503,14 @@ class Journal:
                 raise JournalError(f"more than {self.max_sites} probe sites to record")
             self._sites[addr] = index
         flags = SITE_ARMED | (SITE_BOOSTED if boosted else 0)
-        self.write(self.base + SITES_OFF + index * _SITE.size,
-                   _SITE.pack(addr, slot, opcode, flags, module))  # fmt: skip
+        self._site_record(index, _SITE.pack(addr, slot, opcode, flags, module))
         if index >= self._next_site:
             # The high-water mark moves after the record is written.
             self._next_site = index + 1
-            self._flush()
+            if self._holding:
+                self._held = True
+            else:
+                self._flush()
 
     def has_room(self, addr: int) -> bool:
         """Whether a site at ``addr`` can be recorded."""
@@ -486,8 +536,9 @@ class Journal:
         if index is None:
             return
         at = self.base + SITES_OFF + index * _SITE.size + _SITE_FLAGS_AT
+        self._write_held()
         flags = self.read(at, 1)[0]
-        self.write(at, bytes([flags | SITE_STEP_ONLY]))
+        self._w(at, bytes([flags | SITE_STEP_ONLY]))
 
     def unsite(self, addr: int) -> None:
         """Forget a site whose original byte is back (or that the guest rewrote)."""
@@ -496,7 +547,7 @@ class Journal:
         index = self._sites.pop(addr, None)
         if index is None:
             return
-        self.write(self.base + SITES_OFF + index * _SITE.size, bytes(_SITE.size))
+        self._site_record(index, bytes(_SITE.size))
         self._free_sites.append(index)
 
     def ret(self, slot: int, real: int, cr3: int) -> None:
@@ -512,13 +563,13 @@ class Journal:
             else:
                 raise JournalError(f"more than {MAX_RETS} return addresses to record")
             self._rets[slot] = index
-        self.write(self.base + RETS_OFF + index * _RET.size, _RET.pack(slot, real, cr3))
+        self._w(self.base + RETS_OFF + index * _RET.size, _RET.pack(slot, real, cr3))
 
     def unret(self, slot: int) -> None:
         index = self._rets.pop(slot, None)
         if index is None:
             return
-        self.write(self.base + RETS_OFF + index * _RET.size, bytes(_RET.size))
+        self._w(self.base + RETS_OFF + index * _RET.size, bytes(_RET.size))
         self._free_rets.append(index)
 
     def detour(self, addr: int, window: bytes, jump: bytes) -> None:
@@ -538,7 +589,7 @@ class Journal:
             else:
                 raise JournalError(f"more than {MAX_DETOURS} detours to record")
             self._detours[addr] = index
-        self.write(self.base + DETOURS_OFF + index * _DETOUR.size,
+        self._w(self.base + DETOURS_OFF + index * _DETOUR.size,
                    _DETOUR.pack(addr, len(window), window, jump))  # fmt: skip
 
     def undetour(self, addr: int) -> None:
@@ -548,7 +599,7 @@ class Journal:
         index = self._detours.pop(addr, None)
         if index is None:
             return
-        self.write(self.base + DETOURS_OFF + index * _DETOUR.size, bytes(_DETOUR.size))
+        self._w(self.base + DETOURS_OFF + index * _DETOUR.size, bytes(_DETOUR.size))
         self._free_detours.append(index)
 
     def steps(self, vcpu: int, levels: list[StepLevel]) -> None:
@@ -564,7 +615,7 @@ class Journal:
         data = b"".join(_STEP.pack(lv.status, 1, lv.point, lv.old_rflags, lv.saved_rflags,
                                    lv.popped_tf) for lv in levels)  # fmt: skip
         data = data.ljust(STEP_LEVELS * _STEP.size, b"\0")
-        self.write(self.base + STEPS_OFF + vcpu * STEP_LEVELS * _STEP.size, data)
+        self._w(self.base + STEPS_OFF + vcpu * STEP_LEVELS * _STEP.size, data)
 
     def end(self, state: JournalState, phys_next: int | None = None) -> None:
         """Close this session's journal: everything is back (DETACHED), or

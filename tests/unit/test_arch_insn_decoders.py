@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qprobes.arch.x86_64.insn import (
     adjust_kprobe_offset,
@@ -29,6 +31,7 @@ from qprobes.errors import DecoderDisagreementError, InstructionError, ProbeErro
 from qprobes.probes.engine import KprobeEngine
 from qprobes.probes.kprobe import Kprobe
 from qprobes.symbols.elf import Symbol, SymbolTable
+from tests.unit.fuzzing import FUZZ
 
 A = 0xFFFF_FFFF_8123_4560
 
@@ -299,3 +302,55 @@ def test_engine_probes_past_a_leading_endbr(kprobe: Kprobe, addr: int) -> None:
 def test_engine_leaves_other_entries_alone() -> None:
     engine = engine_with(bytes.fromhex("0f1f440000 55 c3"))
     assert engine.resolve(Kprobe(symbol_name="f")) == A
+
+
+# --- the byte scan before the branch sweep ---------------------------------------
+
+_BRANCHES = [  # (opcode bytes, displacement width)
+    (b"\xeb", 1), (b"\x74", 1), (b"\x7f", 1), (b"\xe2", 1), (b"\xe3", 1),
+    (b"\xe9", 4), (b"\xe8", 4), (b"\x0f\x85", 4), (b"\x0f\x8e", 4), (b"\xc7\xf8", 4),
+]  # fmt: skip
+
+
+def _iced_targets(code: bytes, start: int, target: int) -> list[int]:
+    import iced_x86
+
+    from qprobes.arch.x86_64.insn import _NEAR_BRANCH_KINDS
+
+    return [i.ip for i in iced_x86.Decoder(64, code, ip=start)
+            if not i.is_invalid and i.op0_kind in _NEAR_BRANCH_KINDS
+            and i.near_branch_target == target]  # fmt: skip
+
+
+@FUZZ
+@given(
+    st.binary(min_size=0, max_size=400),
+    st.lists(st.tuples(st.integers(0, 399), st.sampled_from(_BRANCHES)), max_size=4),
+    st.sampled_from([5, 0, 9, 200, -4096, 1 << 20, -(1 << 30)]),
+    st.integers(0, 1 << 20),
+)
+def test_the_byte_scan_never_misses_a_branch_to_the_target(
+    noise: bytes, planted: list[tuple[int, tuple[bytes, int]]], delta: int, where: int
+) -> None:
+    """Wherever iced-x86 finds a relative branch to the target, on any
+    boundaries, the scan says one may be there; and the sweep it guards
+    finds the same branches."""
+    from qprobes.arch.x86_64.insn import _may_branch_to, quick_branches_to
+
+    start = 0xFFFFFFFF81000000 + where
+    target = start + delta
+    code = bytearray(noise)
+    for at, (opcode, width) in planted:
+        end = at + len(opcode) + width
+        disp = target - (start + end)
+        if end > len(code) or not -(1 << (8 * width - 1)) <= disp < 1 << (8 * width - 1):
+            continue
+        code[at:end] = opcode + disp.to_bytes(width, "little", signed=True)
+    data = bytes(code)
+    for offset in range(min(len(data), 16)):  # every boundary iced-x86 may start on
+        found = _iced_targets(data[offset:], start + offset, target)
+        if found:
+            assert _may_branch_to(data, start, target), (data.hex(), offset, found)
+    quick = quick_branches_to(data, start, target)
+    if quick is not None:
+        assert quick == _iced_targets(data, start, target)

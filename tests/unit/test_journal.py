@@ -70,6 +70,44 @@ def test_records_round_trip() -> None:
     assert not again.rets and not again.steps
 
 
+def test_held_site_records_go_out_together_before_the_header_that_covers_them() -> None:
+    mem = Memory()
+    j = journal(mem)
+    j.begin(None, 0x5000, "0.1.0")
+    j.site(0xFFFFFFFF81000005, 0xFFFFFFFF83020000, 0x48, True)
+    log: list[tuple[int, int]] = []
+    write = mem.write
+
+    def logged(addr: int, data: bytes) -> None:
+        log.append((addr, len(data)))
+        write(addr, data)
+
+    j.write = logged
+    j.hold_sites(True)
+    sites = [0xFFFFFFFF81000105 + 0x100 * n for n in range(50)]
+    for n, addr in enumerate(sites):
+        j.site(addr, 0xFFFFFFFF83020020 + 0x20 * n, 0x55, False)
+    j.unsite(sites[7])  # taken out again before the batch ends
+    j.site(sites[7], 0xFFFFFFFF83030000, 0x41, True)  # and in once more
+    j.unsite(sites[9])
+    assert log == []  # nothing while held
+    assert [s[0] for s in journal(mem).load().sites] == [0xFFFFFFFF81000005]  # type: ignore[union-attr]
+    j.hold_sites(False)
+    # One write of the 50 adjacent records, then the header (at the base).
+    assert [a for a, _ in log] == [log[0][0], 0x1000] and log[0][0] > 0x1000
+    got = journal(mem).load()
+    assert got is not None
+    want = {0xFFFFFFFF81000005, *sites} - {sites[9]}
+    assert {s[0] for s in got.sites} == want
+    assert (sites[7], 0xFFFFFFFF83030000, 0x41, True, 0) in got.sites
+    log.clear()
+    # Not held: at once. The first takes sites[9]'s free record; the second
+    # a new one, which the header's high-water mark then covers.
+    j.site(0xFFFFFFFF82000000, 0xFFFFFFFF83040000, 0x90, False)
+    j.site(0xFFFFFFFF82000100, 0xFFFFFFFF83040020, 0x90, False)
+    assert len(log) == 3 and log[1][0] - log[0][0] == (51 - 10) * 32 and log[2][0] == 0x1000
+
+
 def test_a_new_session_starts_clean_with_a_higher_generation() -> None:
     mem = Memory()
     j = journal(mem)

@@ -170,7 +170,8 @@ def test_an_ftrace_site_is_probed_on_the_next_instruction() -> None:
         (BODY, FL_ENABLED | FL_DIRECT | 1, None, ["direct trampoline", "FTRACE_FL_DIRECT"]),
         (BODY, FL_ENABLED | FL_IPMODIFY | 1, None, ["FTRACE_FL_IPMODIFY", "may never run"]),
         (BODY, 0, {FUNC + 5}, ["text the kernel patches", "jump-label"]),
-        (NOP5 + bytes.fromhex("55 0f0b ff"), 0, None, ["does not decode"]),
+        # a "jmp f+5" (eb fd at f+6) in a function whose end does not decode
+        (NOP5 + bytes.fromhex("55 ebfd 0f0b ff"), 0, None, ["does not decode"]),
     ],
 )  # fmt: skip
 def test_refused_where_the_next_instruction_is_not_enough(
@@ -187,6 +188,13 @@ def test_refused_where_the_next_instruction_is_not_enough(
         assert word in message
     assert "\n" not in message
     assert target.mem == before  # nothing written
+
+
+def test_no_branch_can_go_to_the_next_instruction_of_a_function_that_does_not_decode() -> None:
+    # No byte of f can be the displacement of a branch to f+5: f+5 is
+    # probed although f's tail does not decode (nor does it need to).
+    engine, _ = engine_with(NOP5 + bytes.fromhex("55 0f0b ff"), plain())
+    assert engine._check_ftrace_location(FUNC) == FUNC + 5
 
 
 def hit(rip: int) -> HitContext:

@@ -1327,6 +1327,63 @@ _NEAR_BRANCH_KINDS = frozenset({iced_x86.OpKind.NEAR_BRANCH16, iced_x86.OpKind.N
                                 iced_x86.OpKind.NEAR_BRANCH64})  # fmt: skip
 
 
+#: The one-byte opcodes of branches with an 8-bit displacement: jcc, loopne,
+#: loope, loop, jrcxz, jmp.
+_REL8_OPCODES = frozenset([*range(0x70, 0x80), 0xE0, 0xE1, 0xE2, 0xE3, 0xEB])
+#: ``(-k) & 0xff`` for k up to 64 KiB + 256: every descending byte sequence.
+_DESCENDING = bytes((-k) & 0xFF for k in range((1 << 16) + 256))
+
+
+def _low_byte_matches(code: bytes, c: int, lo: int, hi: int) -> list[int]:
+    """The offsets ``i`` in ``[lo, hi)`` where ``code[i] == (c - i) & 0xff``
+    (a field at ``i`` whose value falls by one per byte: a displacement to a
+    fixed target): one XOR of the bytes with a descending sequence."""
+    if lo >= hi:
+        return []
+    seg = code[lo:hi]
+    k = 256 - (c & 0xFF) + lo
+    pat = _DESCENDING[k : k + hi - lo]
+    diff = (int.from_bytes(seg, "little") ^ int.from_bytes(pat, "little")).to_bytes(
+        hi - lo, "little"
+    )
+    out: list[int] = []
+    at = diff.find(0)
+    while at >= 0:
+        out.append(lo + at)
+        at = diff.find(0, at + 1)
+    return out
+
+
+def _may_branch_to(code: bytes, start: int, target: int) -> bool:
+    """False only when no relative branch in ``code`` (at ``start``), on any
+    instruction boundaries, can go to ``target``: a branch's displacement is
+    its last field, right after the opcode, so one whose field starts at
+    offset ``i`` holds ``target - (start + i + width)``. A byte scan with no
+    decoding: the fields' low bytes are found all at once (they fall by one
+    per offset), and only the few offsets that match are looked at.
+    (rel16 branches truncate rip to 16 bits: never a kernel address.)"""
+    n = len(code)
+    if n >= 1 << 16:
+        return True
+    # rel8 (jcc, jmp, loop*, jrcxz): the field at i holds target - (start +
+    # i + 1), in -128 .. 127.
+    base8 = target - start - 1
+    for i in _low_byte_matches(code, base8, max(1, base8 - 127), min(n, base8 + 129)):
+        if code[i - 1] in _REL8_OPCODES:
+            return True
+    # rel32 (call, jmp, jcc, xbegin): the field at i holds target - (start + i + 4).
+    base32 = target - start - 4
+    if base32 < -(1 << 31) or base32 - (n - 4) >= 1 << 31:
+        return False  # out of reach of every rel32 field here
+    for i in _low_byte_matches(code, base32, 1, n - 3):
+        if (int.from_bytes(code[i : i + 4], "little", signed=True) == base32 - i
+                and (code[i - 1] in (0xE8, 0xE9)
+                     or (i >= 2 and code[i - 2] == 0x0F and 0x80 <= code[i - 1] <= 0x8F)
+                     or (i >= 2 and code[i - 2] == 0xC7 and code[i - 1] == 0xF8))):  # fmt: skip
+            return True
+    return False
+
+
 def quick_branches_to(code: bytes, start: int, target: int) -> list[int] | None:
     """The relative branches in ``code`` (a function at ``start``) that go to
     ``target``, found by one linear sweep of iced-x86 with no per-instruction
@@ -1338,6 +1395,8 @@ def quick_branches_to(code: bytes, start: int, target: int) -> list[int] | None:
     to agree, or takes iced-x86's for ud0/ud1), so the branch targets are
     the same."""
     _check_addr("start", start)
+    if not _may_branch_to(code, start, target):
+        return []
     if any(prefix in code for prefix in _EMULATE_PREFIXES):
         return None
     out: list[int] = []
