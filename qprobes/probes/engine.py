@@ -494,6 +494,8 @@ class KprobeEngine:
         # range of the retpoline thunks (a jmp there is an indirect jump).
         self.detour = True
         self.detours: dict[int, x86detour.Detour] = {}
+        # What each detour calls (FastPath.entry_of when it was built).
+        self._detour_entry: dict[int, int] = {}
         # Points whose recorder was installed with a detour wanted: one that
         # goes back to its int3 (its probe disabled, a second probe there)
         # is optimized again once it is a single enabled fast probe.
@@ -1907,10 +1909,9 @@ class KprobeEngine:
         """``kp`` leaves ``point``, with its recorder and wanted detour."""
         point.kprobes.remove(kp)
         kp.registered = False
-        if self.fast is not None:
-            inst = self.fast.installed.get(point.addr)
-            if inst is not None and inst.kp is kp:
-                self.fast.remove(point.addr)
+        if self.fast is not None and self.fast.recorder_of(kp, point.addr) is not None:
+            self.fast.remove(point.addr, kp)
+            if point.addr not in self.fast.installed:
                 self._detour_wanted.discard(point.addr)
 
     def unregister_kprobe(self, kp: Kprobe) -> None:
@@ -2091,7 +2092,10 @@ class KprobeEngine:
         run the recorder: an aggregate probe, a disabled one."""
         if self.fast is None:
             return
-        if point.addr in self.detours and self.fast.word(point) == 0:
+        if point.addr in self.detours and (
+                self.fast.entry_of(point) != self._detour_entry.get(point.addr)):  # fmt: skip
+            # Its hits may not all run a recorder now, or they run another
+            # one (a chain that grew or shrank): the int3 until it is redone.
             self._unoptimize(point)
         if not point.armed:
             return
@@ -2152,9 +2156,9 @@ class KprobeEngine:
                 or not point.armed or self.fast is None
                 or self.fast.word(point) == 0):  # fmt: skip
             return
-        inst = self.fast.installed.get(point.addr)
-        if inst is not None:
-            self._optimize_wanted(inst.kp)
+        installed = self.fast.installed.get(point.addr)
+        if installed:
+            self._optimize_wanted(installed[0].kp)
 
     def _optimize_wanted(self, kp: Kprobe) -> None:
         """:meth:`optimize` for a caller whose own work is done (an enable, an
@@ -2178,8 +2182,8 @@ class KprobeEngine:
         point = self.points.get(kp.arm_addr) if kp.arm_addr is not None else None
         if point is None or not point.boosted:
             return "the probed instruction cannot run boosted"
-        if self.fast is not None and point.addr in self.fast.installed:
-            return "another probe's recorder is at its address"
+        if self.fast is not None and self.fast.recorder_of(kp, point.addr) is not None:
+            return "it has a recorder already"
         return None
 
     def install_fast_entry(self, kp: Kprobe, rec: Recorder) -> None:
@@ -2352,11 +2356,15 @@ class KprobeEngine:
            Any hit meanwhile takes the int3 path, which stays correct: the
            bytes after the int3 are never executed while it is there.
         """
-        if self.fast is None or self.fast.word(point) == 0:
+        fast = self.fast
+        entry = fast.entry_of(point) if fast is not None else None
+        if fast is None or entry is None:
             raise DetourError(point.addr, "the probe is not on the int3 fast path")
         if not point.armed or point.lost or point.opcode == INT3:
             raise DetourError(point.addr, "the probe is not armed")
-        inst = self.fast.installed[point.addr]
+        refused = fast.detour_refusal(point.addr)
+        if refused is not None:
+            raise DetourError(point.addr, refused)
         window = self._detour_window(point)
         assert self._detour_buffers is not None
         try:
@@ -2365,8 +2373,8 @@ class KprobeEngine:
             raise DetourError(point.addr, str(exc)) from exc
         try:
             cs, ss = self._selectors()
-            source, rel = x86detour.detour_source(window, buf, inst.recorder.address,
-                                                  self.stubs["qp_bp_ours"], cs, ss)  # fmt: skip
+            source, rel = x86detour.detour_source(window, buf, entry, self.stubs["qp_bp_ours"],
+                                                  cs, ss)  # fmt: skip
             try:
                 code, _ = assemble_at(source, buf)
             except ProbeError as exc:
@@ -2407,7 +2415,7 @@ class KprobeEngine:
                     break
                 if time.monotonic() > deadline:
                     raise DetourError(point.addr, "the guest kept patching its text")
-            if self.fast.word(point) == 0 or not point.armed:
+            if fast.entry_of(point) != entry or not point.armed:
                 raise DetourError(point.addr, "the probe changed while waiting")
             expected = bytes([INT3]) + window.original[1:]
             current = self.kread(point.addr, window.length)
@@ -2422,6 +2430,7 @@ class KprobeEngine:
         self.kwrite_code(point.addr + 1, det.jump[1:])
         self.kwrite_code(point.addr, det.jump[:1])
         self.detours[point.addr] = det
+        self._detour_entry[point.addr] = entry
         for kp in point.kprobes:
             kp.detoured = True
         log.info("%s detoured: a jump over %d bytes (%d instructions) to %#x",
@@ -2969,7 +2978,7 @@ class KprobeEngine:
                 # A detour handed this hit over (its ring was full) while the
                 # vCPU steps another probe: missed, and on through the
                 # detour's relocated copy (the window's tail is the jump).
-                for kp in point.kprobes:
+                for kp in point.kprobes[self._recorded_in_guest(point, regs):]:
                     kp.nmissed += 1
                 regs.rip = self.detours[point.addr].code.reloc
                 return
@@ -2993,8 +3002,9 @@ class KprobeEngine:
         point.nhit += 1
         kcb.current = point
         kcb.status = KprobeStatus.HIT_ACTIVE
-        for kp in point.kprobes:
-            if kp.disabled:
+        recorded = self._recorded_in_guest(point, regs)
+        for n, kp in enumerate(point.kprobes):
+            if kp.disabled or n < recorded:
                 continue
             kp.nhit += 1
             if kp.on_ftrace:
@@ -3017,6 +3027,18 @@ class KprobeEngine:
                     kp.post_handler(kp, ctx, 0)
                 regs.rip = addr
         self._prepare_singlestep(kcb, point, ctx, KprobeStatus.HIT_SS)
+
+    def _recorded_in_guest(self, point: ProbePoint, regs: PtRegs) -> int:
+        """How many of ``point``'s kprobes recorded this hit in the guest
+        before one handed it to the host: a chain of recorders (an aggregate
+        point on the fast path, :func:`~qprobes.arch.x86_64.recorder_asm.assemble_chain`)
+        leaves that count in ``orig_ax``, which every other #BP frame holds
+        as -1. Their handlers do not run again; the word goes back to -1."""
+        done = regs.orig_rax
+        if done >= len(point.kprobes):
+            return 0  # -1: no chain ran, or it recorded nothing
+        regs.words[_ORIG_RAX] = 2**64 - 1
+        return done
 
     # reenter_kprobe
     def _reenter_kprobe(self, kcb: KprobeCtlblk, point: ProbePoint, ctx: HitContext) -> None:

@@ -36,6 +36,7 @@ from qprobes.arch.x86_64.recorder_asm import (
     RING_HEADER_SIZE,
     Recorder,
     RingLayout,
+    assemble_chain,
     drain_ring,
     record_header,
     record_tsc,
@@ -43,7 +44,7 @@ from qprobes.arch.x86_64.recorder_asm import (
 )
 from qprobes.errors import ProbeError
 from qprobes.probes.area import PAGE_SIZE, GuestArea
-from qprobes.probes.stubs import PTABLE_ENTRIES, rtable_entry
+from qprobes.probes.stubs import PT_REGS_NAMES, PTABLE_ENTRIES, rtable_entry
 
 if TYPE_CHECKING:
     from qprobes.probes.kprobe import Kprobe, ProbePoint
@@ -59,6 +60,8 @@ PAGE_RING_DATA = 448
 PAGE_FAST_END = 512
 RTABLE_PAGES = PTABLE_ENTRIES * 8 // PAGE_SIZE
 EXTABLE_ENTRIES = EXTABLE_PAGES * PAGE_SIZE // 16 - 1  # one zero entry ends it
+#: Where a chain of recorders leaves its progress in ``pt_regs`` (orig_ax).
+ORIG_RAX_OFFSET = 8 * PT_REGS_NAMES.index("orig_rax")
 
 
 def ring_size_for(ncpus: int) -> int:
@@ -75,6 +78,9 @@ class Installed:
 
     kp: Kprobe
     recorder: Recorder
+    #: Code placed by its owner (a fast return probe's entry), not built here:
+    #: the #BP stub calls it, a detour does not (see ``detour_refusal``).
+    placed: bool = False
 
 
 class FastPath:
@@ -95,7 +101,10 @@ class FastPath:
         self.ring: RingLayout | None = None
         self._code_next = 0
         self._extable: list[tuple[int, int]] = []
-        self.installed: dict[int, Installed] = {}  # probe point address -> recorder
+        # Probe point address -> its kprobes' recorders, in installation order.
+        self.installed: dict[int, list[Installed]] = {}
+        # The recorders of aggregate points: by the recorders they call, in order.
+        self._chains: dict[tuple[int, ...], Recorder] = {}
         # Who takes the records of each probe id (a Tracer's decoder); ids
         # are the engine's, so several tracers share the rings.
         self.consumers: dict[int, Callable[[bytes], None]] = {}
@@ -180,18 +189,30 @@ class FastPath:
         """Place the recorder ``build(address)`` returns for ``kp`` (registered,
         at ``point``); it runs once the probe-table word is written
         (:meth:`update`, which the engine calls)."""
-        if point.addr in self.installed:
-            raise ProbeError(f"{point.addr:#x} already has a recorder")
+        self._check_new(kp, point)
         rec = self.place(build)
-        self.installed[point.addr] = Installed(kp, rec)
+        self.installed.setdefault(point.addr, []).append(Installed(kp, rec))
         return rec
 
     def install_placed(self, kp: Kprobe, point: ProbePoint, rec: Recorder) -> None:
         """Make ``rec``, code already in the area (a fast return probe's entry
         code), the recorder of ``kp`` at ``point``."""
-        if point.addr in self.installed:
-            raise ProbeError(f"{point.addr:#x} already has a recorder")
-        self.installed[point.addr] = Installed(kp, rec)
+        self._check_new(kp, point)
+        self.installed.setdefault(point.addr, []).append(Installed(kp, rec, placed=True))
+
+    def detour_refusal(self, point_addr: int) -> str | None:
+        """Why a detour may not call the recorders at a point, or None."""
+        if any(i.placed for i in self.installed.get(point_addr, ())):
+            return "a return probe's entry code there runs from the int3 only"
+        return None
+
+    def _check_new(self, kp: Kprobe, point: ProbePoint) -> None:
+        if any(inst.kp is kp for inst in self.installed.get(point.addr, ())):
+            raise ProbeError(f"{kp!r} already has a recorder at {point.addr:#x}")
+
+    def recorder_of(self, kp: Kprobe, point_addr: int) -> Recorder | None:
+        """``kp``'s own recorder at the point, if it has one."""
+        return next((i.recorder for i in self.installed.get(point_addr, ()) if i.kp is kp), None)
 
     def place(self, build: Callable[[int], Recorder]) -> Recorder:
         """Write the recorder ``build(address)`` returns into the recorder
@@ -216,24 +237,54 @@ class FastPath:
         self._code_next = (rec.end + 15) & ~15
         return rec
 
-    def remove(self, point_addr: int) -> None:
-        """Forget the recorder of a point (its code stays: a vCPU may be in it)."""
-        self.installed.pop(point_addr, None)
+    def remove(self, point_addr: int, kp: Kprobe | None = None) -> None:
+        """Forget ``kp``'s recorder at a point (default: every one there).
+        The code stays: a vCPU may be in it."""
+        if kp is None:
+            self.installed.pop(point_addr, None)
+            return
+        left = [i for i in self.installed.get(point_addr, ()) if i.kp is not kp]
+        if left:
+            self.installed[point_addr] = left
+        else:
+            self.installed.pop(point_addr, None)
+
+    def entry_of(self, point: ProbePoint | None) -> int | None:
+        """The address the #BP stub or a detour calls at a hit of ``point``,
+        when every hit there may run in the guest: its kprobe's recorder, or
+        for an aggregate point (several kprobes, each with a recorder) a
+        chain of theirs in the kprobes' order (:func:`assemble_chain`,
+        placed once per sequence). None: the hits go to the host (a kprobe
+        with no recorder, one disabled, one that needs the single-step)."""
+        if point is None or not point.boosted or point.lost or not point.kprobes:
+            return None
+        mine = {id(i.kp): i.recorder for i in self.installed.get(point.addr, ())}
+        recs: list[int] = []
+        for kp in point.kprobes:
+            rec = mine.get(id(kp))
+            if rec is None or kp.disabled or kp.post_handler is not None or not kp.boost:
+                return None
+            recs.append(rec.address)
+        if len(recs) == 1:
+            return recs[0]
+        chain = self._chains.get(tuple(recs))
+        if chain is None:
+            try:
+                chain = self.place(lambda at: assemble_chain(recs, at, ORIG_RAX_OFFSET))
+            except ProbeError:
+                return None  # no room for its code: the host takes these hits
+            self._chains[tuple(recs)] = chain
+        return chain.address
 
     def word(self, point: ProbePoint | None) -> int:
-        """The table word for ``point``: its recorder and boosted slot entry,
-        when every hit there may run in the guest."""
-        if point is None:
+        """The table word for ``point``: the recorder to call (:meth:`entry_of`)
+        and its boosted slot entry; 0 when its hits go to the host."""
+        entry = self.entry_of(point)
+        if entry is None:
             return 0
-        inst = self.installed.get(point.addr)
-        if inst is None or not point.boosted or point.lost:
-            return 0
-        if point.kprobes != [inst.kp] or inst.kp.disabled or inst.kp.post_handler is not None:
-            return 0  # an aggregate probe, or one that needs the single-step
-        if not inst.kp.boost:
-            return 0
+        assert point is not None
         base = self.area.vbase
-        return rtable_entry(inst.recorder.address - base, point.boost_entry - base)
+        return rtable_entry(entry - base, point.boost_entry - base)
 
     def write_word(self, index: int, point: ProbePoint | None, rtable: int | None = None) -> None:
         """Write ``point``'s word at ``index`` of the fast-path array at

@@ -846,9 +846,6 @@ class Tracer:
             names[nr] = name
         return names
 
-
-        """Hits and misses per probe. ``notes=False`` leaves out what needs the
-        guest (whether it changed a probed ftrace site): for a guest that died."""
     def _fast_now(self, tp: TraceProbe) -> bool:
         """Whether ``tp``'s hits are recorded in the guest now."""
         kp = tp.kprobe
@@ -858,10 +855,13 @@ class Tracer:
         if not self.fast or self._fast_now(tp):
             return None
         if tp.slow_reason is None:
-            return "another probe shares its address, or it is disabled or lost"
+            return ("another probe shares its address and runs on the host, or it is "
+                    "disabled or lost")
         return tp.slow_reason
 
     def summary(self, notes: bool = True) -> list[dict[str, Any]]:
+        """Hits and misses per probe. ``notes=False`` leaves out what needs the
+        guest (whether it changed a probed ftrace site): for a guest that died."""
         engine = self.session.engine
         return [
             {"event": name, "location": tp.spec.location, "hits": tp.nhit,

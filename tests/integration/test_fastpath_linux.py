@@ -275,10 +275,88 @@ def test_cli_trace_fast() -> None:
     assert paths[-3:] == ["/etc/hostname"] * 3
     rows = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     summary = {row["summary"]["event"]: row["summary"] for row in rows if "summary" in row}
-    # The return probe's entry probe shares the address with fo: both take
-    # the slow path there (an aggregate probe; fo's recorder came first).
-    assert summary["kprobes/fr"]["fast"] is False
-    assert "recorder is at its address" in summary["kprobes/fr"]["slow_reason"]
-    assert summary["kprobes/fo"]["fast"] is False
-    assert "shares its address" in summary["kprobes/fo"]["slow_reason"]
+    # The return probe's entry probe shares the address with fo (an
+    # aggregate probe): both run in the guest, through a chain of recorders.
+    assert summary["kprobes/fr"]["fast"] is True, summary["kprobes/fr"]
+    assert summary["kprobes/fo"]["fast"] is True, summary["kprobes/fo"]
     assert summary["kprobes/fo"]["hits"] == summary["kprobes/fr"]["hits"]
+
+
+AGGREGATE = [
+    "p:ao do_sys_openat2 path=+0(%si):string",
+    "r:ar do_sys_openat2 r=$retval:s32 c=$comm",
+    "p:ad do_sys_openat2 dfd=%di:s32 how=+0(%dx):x64",
+]
+
+
+def _trace_many(session: Session, definitions: list[str], fast: bool
+                ) -> tuple[list[TraceEvent], int, Tracer, list[dict[str, object]]]:  # fmt: skip
+    events: list[TraceEvent] = []
+    tracer = Tracer(session, events.append, fast=fast)
+    try:
+        for definition in definitions:
+            tracer.add(definition)
+        session.command("true")
+        stops = session.engine.stats.bp + session.engine.stats.kret
+        out = session.command(WORKLOAD)
+        stops = session.engine.stats.bp + session.engine.stats.kret - stops
+    finally:
+        summary = tracer.summary()
+        for name in list(tracer.probes):
+            tracer.remove(name)
+    found = re.search(r"PID=(\d+)", out)
+    assert found, out
+    return [e for e in events if e.pid == int(found.group(1))], stops, tracer, summary
+
+
+def test_probes_sharing_a_function_all_stay_on_the_fast_path(linux: Session) -> None:
+    """An entry and a return probe and a second entry probe on one function
+    (an aggregate point: one int3 or jump, a chain of recorders): no stop per
+    call, and the events of the slow path, field by field."""
+    slow, slow_stops, _, _ = _trace_many(linux, AGGREGATE, fast=False)
+    fast, fast_stops, tracer, summary = _trace_many(linux, AGGREGATE, fast=True)
+    assert all(row["fast"] for row in summary), summary
+    opens = [e for e in slow if e.event == "ao" and e.fields["path"] == "/etc/hostname"]
+    assert len(opens) == N_OPENS
+    assert {e.event for e in slow} == {"ao", "ar", "ad"}
+    assert sorted(map(repr, map(_fields, fast))) == sorted(map(repr, map(_fields, slow)))
+    # Per call: ao then ad at the entry (the order they were added), ar at the return.
+    assert [e.event for e in fast][:3] == ["ao", "ad", "ar"]
+    # The slow path: one stop at each call for both entry probes, one at each return.
+    assert slow_stops >= 2 * len(opens)
+    assert fast_stops == 0
+    assert tracer.fast_dropped == 0
+
+
+def test_a_full_ring_hands_an_aggregate_hit_over_once(linux: Session) -> None:
+    """Two fast probes on one address, rings drained only at stops: a chain
+    that finds the ring full after the first recorded hands the hit to the
+    host, which runs the second's handler only. Every read is one event of
+    each, never two."""
+    fast = linux.engine.fast
+    assert fast is not None
+    n = 6000
+    events: list[TraceEvent] = []
+    tracer = Tracer(linux, events.append, fast=True)
+    hooks = linux.engine.poll_hooks
+    saved: list[object] = []
+    try:
+        small = tracer.add("p:fs vfs_read c=%dx")
+        big = tracer.add("p:fb vfs_read a=%di b=%si c=%dx d=%cx e=%r8 f=%r9 g=%ax h=%bx")
+        assert small.fast_id and big.fast_id, (small.slow_reason, big.slow_reason)
+        saved = list(hooks)
+        at = hooks.index(fast.poll)
+        hooks[at] = lambda running: None if running else fast.poll(False)
+        spilled = tracer.fast_spilled
+        linux.command(f"dd if=/dev/zero of=/dev/null bs=1 count={n}", timeout=300)
+        spilled = tracer.fast_spilled - spilled
+    finally:
+        if saved:
+            hooks[:] = saved
+        for name in list(tracer.probes):
+            tracer.remove(name)
+    for event in ("fs", "fb"):
+        reads = [e for e in events if e.event == event and e.comm == "dd" and e.fields["c"] == 1]
+        assert len(reads) == n, (event, len(reads))
+    assert spilled >= 1
+    assert tracer.fast_dropped == 0

@@ -54,10 +54,16 @@ class _Installed:
 
 class FakeFast:
     def __init__(self) -> None:
-        self.installed = {A: _Installed(_Rec(REC))}
+        self.installed = {A: [_Installed(_Rec(REC))]}
 
     def word(self, point: ProbePoint | None) -> int:
         return 1
+
+    def entry_of(self, point: ProbePoint | None) -> int | None:
+        return REC
+
+    def detour_refusal(self, point_addr: int) -> str | None:
+        return None
 
     def write_word(self, index: int, point: ProbePoint | None) -> None:
         pass

@@ -400,3 +400,24 @@ def test_guest_breakpoint_hit_by_a_boosted_copy_is_seen_after_the_original() -> 
     ctx = frame(SLOT_A + 3)
     assert engine._post_kprobe_handler(KprobeCtlblk(), ctx, B0) == B0
     assert ctx.regs.rip == A + 3 and ctx.regs.action == ACTION_CHAIN
+
+
+@pytest.mark.parametrize("recorded", [None, 0, 1, 2])
+def test_an_aggregate_hit_a_chain_handed_over_runs_the_handlers_of_the_rest(
+    recorded: int | None,
+) -> None:
+    # A chain of recorders that found the ring full after ``recorded`` of
+    # them says so in orig_ax; -1 (None here): no chain ran, every handler runs.
+    engine, target = make_engine()
+    p = boosted_point(engine, target, b"\x55")  # push rbp
+    ran: list[str] = []
+    for name in ("first", "second", "third"):
+        kp = Kprobe(addr=A, pre_handler=lambda kp, ctx, n=name: bool(ran.append(n)))
+        p.kprobes.append(kp)
+    ctx = frame(A + 1)
+    ctx.regs.words[2 + 15] = 2**64 - 1 if recorded is None else recorded  # orig_rax
+    engine._kprobe_handler(KprobeCtlblk(), ctx)
+    assert ran == ["first", "second", "third"][recorded or 0 :]
+    assert ctx.regs.orig_rax == 2**64 - 1  # the word is the int3's again
+    assert [kp.nhit for kp in p.kprobes] == [0] * (recorded or 0) + [1] * (3 - (recorded or 0))
+    assert ctx.regs.rip == SLOT_A  # on through the boosted copy

@@ -138,7 +138,7 @@ def test_which_points_run_in_the_guest() -> None:
     assert fast.word(pt) == rtable_entry(rec.address - VBASE, pt.boost_entry - VBASE)
     assert fast.word(None) == 0
     other = Kprobe(addr=pt.addr)
-    pt.kprobes.append(other)  # an aggregate probe
+    pt.kprobes.append(other)  # an aggregate probe, one of whose kprobes has no recorder
     assert fast.word(pt) == 0
     pt.kprobes.remove(other)
     for change, undo in (
@@ -154,6 +154,36 @@ def test_which_points_run_in_the_guest() -> None:
         assert fast.word(pt) != 0
     fast.remove(pt.addr)
     assert fast.word(pt) == 0
+
+
+def test_an_aggregate_point_whose_kprobes_all_record_calls_a_chain_of_them() -> None:
+    fast, code, _ = make()
+    pt, kp1 = point()
+    r1 = fast.install(kp1, pt, recorder_at(16))  # type: ignore[arg-type]
+    kp2 = Kprobe(addr=pt.addr)
+    pt.kprobes.append(kp2)
+    assert fast.entry_of(pt) is None  # kp2 has no recorder: the host takes the hits
+    r2 = fast.install(kp2, pt, recorder_at(16))  # type: ignore[arg-type]
+    with pytest.raises(ProbeError, match="already has a recorder"):
+        fast.install(kp2, pt, recorder_at(8))  # type: ignore[arg-type]
+    chain = fast.entry_of(pt)
+    assert chain is not None and chain not in (r1.address, r2.address)
+    assert fast.word(pt) == rtable_entry(chain - VBASE, pt.boost_entry - VBASE)
+    # The chain calls kp1's recorder, then kp2's (the kprobes' order).
+    calls = [chain + i + 5 + int.from_bytes(code[chain][i + 1 : i + 5], "little", signed=True)
+             for i in range(len(code[chain]) - 4) if code[chain][i] == 0xE8]  # fmt: skip
+    assert calls == [r1.address, r2.address]
+    assert fast.entry_of(pt) == chain  # placed once for the same recorders
+    kp2.disabled = True
+    assert fast.entry_of(pt) is None
+    kp2.disabled = False
+    pt.kprobes.reverse()
+    other = fast.entry_of(pt)
+    assert other is not None and other != chain  # another order, another chain
+    fast.remove(pt.addr, kp1)
+    pt.kprobes.remove(kp1)
+    assert fast.entry_of(pt) == r2.address
+    assert fast.recorder_of(kp2, pt.addr) is r2 and fast.recorder_of(kp1, pt.addr) is None
 
 
 def _put(fast: FastPath, cpu: int, records: list[tuple[int, int]], pad: int = 0) -> None:

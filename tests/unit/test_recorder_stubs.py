@@ -215,3 +215,76 @@ def test_hits_the_guest_cannot_take_ring_the_doorbell(case: str) -> None:
     assert (frame["vector"], frame["action"], frame["rip"]) == (3, 0, PROBE_IP + 1)
     assert frame["rdi"] == REGS["rdi"] and frame["eflags"] == eflags
     assert len(m.records()) == (4 if case == "ring full" else 0)
+
+
+def _chained(m: Machine, second: str) -> int:
+    """A second recorder (probe id 6, fetching ``second``) at the same probe,
+    and the chain the engine gives an aggregate point: the table's word now
+    calls the chain, which calls the first recorder, then the second."""
+    from qprobes.arch.x86_64.recorder_asm import assemble_chain
+
+    compiled = compile_fetchargs(spec_for(second), SYMBOLS)
+    spec = RecorderSpec(6, plan_recorder(compiled, PROBE_IP).fetches,
+                        8 * PT_REGS_NAMES.index("rsp"), m.ring, task=TASK_LAYOUT,
+                        cpu_number=CPU_NUMBER, kernel_floor=KERNEL_FLOOR,
+                        kernel_reads_user=True)  # fmt: skip
+    rec2 = assemble_recorder(spec, REC_LO + 0x800)
+    m.guest.write(rec2.address, rec2.code)
+    chain = assemble_chain([REC_LO, rec2.address], REC_LO + 0x1000,
+                           8 * PT_REGS_NAMES.index("orig_rax"))  # fmt: skip
+    m.guest.write(chain.address, chain.code)
+    m.guest.write(RTABLE + 8 * probe_hash(PROBE_IP), q(rtable_entry(chain.address - AREA,
+                                                                   BOOST - AREA)))  # fmt: skip
+    return rec2.max_record
+
+
+def _ids(records: list[bytes]) -> list[int]:
+    return [struct.unpack_from("<I", r, 4)[0] for r in records]
+
+
+def test_a_chain_runs_every_recorder_of_an_aggregate_point_in_order() -> None:
+    m = Machine("%di c=$comm")
+    _chained(m, "+0(%si):string %dx")
+    for _ in range(3):
+        m.hit()
+    uc = m.guest.uc
+    assert {n: uc.reg_read(_reg(n)) for n in GPRS} == {n: REGS[n] for n in GPRS}
+    assert uc.reg_read(X.UC_X86_REG_RSP) == REGS["rsp"]
+    assert _ids(m.records()) == [5, 6] * 3
+    assert m.guest.read(DOORBELL, 1) == b"\0"
+
+
+@pytest.mark.parametrize("first_fits", [True, False])
+def test_a_chain_that_finds_the_ring_full_tells_the_host_which_recorded(first_fits: bool) -> None:
+    # Lossless mode: a full ring hands the hit to the host. The chain stops
+    # at the first recorder that found no room and leaves in orig_ax how
+    # many recorded before it, for the host to run only the others' handlers.
+    small = RingLayout(RING.headers, RING.data, 512, RING.ncpus)
+    # Records of 56 and 144 bytes: after two hits (400 bytes) a 56-byte
+    # record still fits, a 144-byte one does not.
+    big = "%di %si %dx %cx %r8 %r9 %r10 %r11 %ax %bx %bp %r12"
+    m = Machine("%di" if first_fits else big, ring=small)
+    _chained(m, big if first_fits else "%di")
+    taken = 0
+    doorbell = m.stubs["qp_bp_doorbell_ret"]
+    for _ in range(20):
+        g, uc = m.guest, m.guest.uc
+        g._forget_exception()
+        for name in GPRS:
+            uc.reg_write(_reg(name), REGS[name])
+        uc.reg_write(X.UC_X86_REG_RSP, REGS["rsp"])
+        m.deliver(m.stubs["qp_bp_entry"], PROBE_IP + 1, None, 0x246)
+        uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), doorbell, count=200_000)
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        if rip == BOOST + 1:  # past the hlt where the boosted copy would run
+            taken += 1
+            continue
+        assert rip == doorbell, hex(rip)
+        frame = _frame_at_doorbell(m)
+        assert m.guest.read(DOORBELL, 1) == b"\1"
+        assert (frame["vector"], frame["rip"], frame["rdi"]) == (3, PROBE_IP + 1, REGS["rdi"])
+        assert frame["orig_rax"] == (1 if first_fits else 0)
+        assert taken >= 1
+        assert _ids(m.records()) == [5, 6] * taken + [5] * frame["orig_rax"]
+        return
+    raise AssertionError("the ring never filled")

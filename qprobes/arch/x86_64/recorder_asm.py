@@ -818,6 +818,53 @@ def assemble_recorder(spec: RecorderSpec, address: int) -> Recorder:
     return Recorder(address, data, extable, gen.max)
 
 
+def assemble_chain(recorders: Sequence[int], address: int, progress_at: int) -> Recorder:
+    """A recorder at ``address`` that calls the recorders at ``recorders``
+    in turn with the same ``pt_regs`` (the probes of an aggregate point, in
+    their order), each as the #BP stub or a detour calls one: ``rdi`` =
+    ``pt_regs``, ``eax`` = 0 when it recorded. The first that hands its hit
+    to the host (nonzero) ends the chain with its answer, after writing how
+    many recorded before it into the frame's word at ``progress_at``
+    (``orig_ax``, -1 otherwise): the host runs the handlers of the others
+    only. No load of guest data: no exception-table entries.
+
+    ::
+
+        push rdi; push 0
+        (mov rdi, [rsp + 8]; call REC; test eax, eax; jnz spill;
+         inc qword ptr [rsp]) for each
+        add rsp, 16; xor eax, eax; ret
+      spill:
+        mov rdi, [rsp + 8]; mov rcx, [rsp]; mov [rdi + progress_at], rcx
+        add rsp, 16; ret
+    """
+    if len(recorders) < 2:
+        raise ProbeError("a chain calls two recorders or more")
+    if not 0 <= progress_at < 2**31:
+        raise ProbeError(f"frame offset {progress_at} out of range")
+    step = 5 + 5 + 2 + 6 + 4
+    spill = address + 3 + step * len(recorders) + 4 + 2 + 1
+    code = bytearray(b"\x57\x6a\x00")  # push rdi; push 0
+    for rec in recorders:
+        at = address + len(code)
+        call = rec - (at + 10)
+        jnz = spill - (at + 18)
+        if not (_fits32(call) and _fits32(jnz)):
+            raise ProbeError(f"recorder {rec:#x} is out of reach of a chain at {address:#x}")
+        code += b"\x48\x8b\x7c\x24\x08"  # mov rdi, [rsp + 8]
+        code += b"\xe8" + struct.pack("<i", call)  # call rec
+        code += b"\x85\xc0"  # test eax, eax
+        code += b"\x0f\x85" + struct.pack("<i", jnz)  # jnz spill
+        code += b"\x48\xff\x04\x24"  # inc qword ptr [rsp]
+    code += b"\x48\x83\xc4\x10\x31\xc0\xc3"  # add rsp, 16; xor eax, eax; ret
+    assert address + len(code) == spill
+    code += b"\x48\x8b\x7c\x24\x08"  # mov rdi, [rsp + 8]
+    code += b"\x48\x8b\x0c\x24"  # mov rcx, [rsp]
+    code += b"\x48\x89\x8f" + struct.pack("<i", progress_at)  # mov [rdi + progress_at], rcx
+    code += b"\x48\x83\xc4\x10\xc3"  # add rsp, 16; ret
+    return Recorder(address, bytes(code), (), 0)
+
+
 def extable_lookup(tables: Sequence[tuple[int, int]], rip: int) -> int | None:
     """The fixup rip of the load at ``rip``, if it is one (what the fault stub does)."""
     for load, fixup in tables:
