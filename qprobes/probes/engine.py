@@ -301,6 +301,7 @@ class _Batch:
     # must stay stopped in a batch (its cached pages, its int3s not out yet).
     optimize: list[Kprobe] = field(default_factory=list)
     handlers_checked: bool = False  # the handler table was found current in the batch
+    armed: list[ProbePoint] = field(default_factory=list)  # points whose int3 it writes
 
 
 @dataclass(frozen=True)
@@ -1876,12 +1877,22 @@ class KprobeEngine:
                 hook(True)
             yield
         finally:
+            held: BaseException | None = None
             if journal is not None:
                 # With the batch still open: the header joins its writes
                 # after the records, before the int3s.
-                journal.hold_sites(False)
+                try:
+                    journal.hold_sites(False)
+                except BaseException as exc:  # (the batch must end all the same)
+                    held = exc
             batch, self._batch = self._batch, None
             try:
+                if held is not None:
+                    # Their records may not be in the guest: none of the
+                    # batch's int3s goes in (their bytes stay the originals).
+                    for point in batch.armed:
+                        point.armed = False
+                    raise held
                 if batch.ptable:
                     self._ptable_write(list(batch.ptable))
                 self._flush(batch.writes + list(batch.int3s.items()))
@@ -1974,6 +1985,7 @@ class KprobeEngine:
         for point in points:
             if point.kprobes:
                 self._fast_update(point)
+                self._reoptimize(point)  # its detour again, with the chain it has now
             else:
                 going.append(point)
         if going:
@@ -2443,23 +2455,32 @@ class KprobeEngine:
         interrupted in it goes on to the end of the window, so it is handed
         out again only once nothing points into it (the slots' rule). If the
         guest rewrote the jump, nothing is written back and the probe is lost."""
-        det = self.detours.pop(point.addr, None)
+        det = self.detours.get(point.addr)
         if det is None:
             return
+        assert self._detour_buffers is not None
+        # Nothing is forgotten until the jump is out: if a read or write
+        # fails half-way, the detour stays known (its buffer taken, its
+        # journal record kept), so detach or a recovery still puts the
+        # window back, and its buffer cannot be handed to another site.
+        self.wait_text_unlocked()
+        current = self.kread(point.addr, len(det.jump))
+        half = bytes([INT3]) + det.jump[1:]  # an earlier attempt got this far
+        lost = current not in (det.jump, half)
+        if lost:
+            log.warning("the guest rewrote the detour's jump at %s", self._where(point.addr))
+        else:
+            if current != half:
+                self.kwrite_code(point.addr, bytes([INT3]))
+            self.kwrite_code(point.addr + 1, det.window.original[1 : len(det.jump)])
+        del self.detours[point.addr]
+        self._detour_entry.pop(point.addr, None)
         for kp in point.kprobes:
             kp.detoured = False
-        assert self._detour_buffers is not None
-        try:
-            self.wait_text_unlocked()
-            current = self.kread(point.addr, len(det.jump))
-            if current != det.jump:
-                log.warning("the guest rewrote the detour's jump at %s", self._where(point.addr))
-                self._lose(point)
-                return
-            self.kwrite_code(point.addr, bytes([INT3]))
-            self.kwrite_code(point.addr + 1, det.window.original[1 : len(det.jump)])
-        finally:
-            self._detour_buffers.free_insn_slot(det.buffer, dirty=True)
+        self._detour_buffers.free_insn_slot(det.buffer, dirty=True)
+        if lost:
+            self._lose(point)
+            return
         if self.journal is not None:
             self.journal.undetour(point.addr)
 
@@ -2627,6 +2648,8 @@ class KprobeEngine:
         if point.opcode != INT3:
             self.kwrite_code(point.addr, bytes([INT3]), arming=True)
         point.armed = True
+        if self._batch is not None:
+            self._batch.armed.append(point)
 
     def _stepped_sites(self) -> set[int]:
         """Addresses whose slot some vCPU is single-stepping (at any level)."""
@@ -2978,8 +3001,10 @@ class KprobeEngine:
                 # A detour handed this hit over (its ring was full) while the
                 # vCPU steps another probe: missed, and on through the
                 # detour's relocated copy (the window's tail is the jump).
-                for kp in point.kprobes[self._recorded_in_guest(point, regs):]:
-                    kp.nmissed += 1
+                recorded = self._recorded_in_guest(regs)
+                for kp in point.kprobes:
+                    if not any(kp is r for r in recorded):
+                        kp.nmissed += 1
                 regs.rip = self.detours[point.addr].code.reloc
                 return
             if point is not None and point.armed:
@@ -3002,9 +3027,9 @@ class KprobeEngine:
         point.nhit += 1
         kcb.current = point
         kcb.status = KprobeStatus.HIT_ACTIVE
-        recorded = self._recorded_in_guest(point, regs)
-        for n, kp in enumerate(point.kprobes):
-            if kp.disabled or n < recorded:
+        recorded = self._recorded_in_guest(regs)
+        for kp in point.kprobes:
+            if kp.disabled or any(kp is r for r in recorded):
                 continue
             kp.nhit += 1
             if kp.on_ftrace:
@@ -3028,17 +3053,19 @@ class KprobeEngine:
                 regs.rip = addr
         self._prepare_singlestep(kcb, point, ctx, KprobeStatus.HIT_SS)
 
-    def _recorded_in_guest(self, point: ProbePoint, regs: PtRegs) -> int:
-        """How many of ``point``'s kprobes recorded this hit in the guest
-        before one handed it to the host: a chain of recorders (an aggregate
-        point on the fast path, :func:`~qprobes.arch.x86_64.recorder_asm.assemble_chain`)
-        leaves that count in ``orig_ax``, which every other #BP frame holds
-        as -1. Their handlers do not run again; the word goes back to -1."""
-        done = regs.orig_rax
-        if done >= len(point.kprobes):
-            return 0  # -1: no chain ran, or it recorded nothing
+    def _recorded_in_guest(self, regs: PtRegs) -> tuple[Kprobe, ...]:
+        """The kprobes that recorded this hit in the guest before one handed
+        it to the host: a chain of recorders (an aggregate point on the fast
+        path, :func:`~qprobes.arch.x86_64.recorder_asm.assemble_chain`) names
+        its kprobes and how many recorded in ``orig_ax``, which every other
+        #BP frame holds as -1. Known by identity, not position: the point's
+        kprobes may have changed since. Their handlers do not run again; the
+        word goes back to -1."""
+        value = regs.orig_rax
+        if value == 2**64 - 1 or self.fast is None:
+            return ()
         regs.words[_ORIG_RAX] = 2**64 - 1
-        return done
+        return self.fast.chain_recorded(value)
 
     # reenter_kprobe
     def _reenter_kprobe(self, kcb: KprobeCtlblk, point: ProbePoint, ctx: HitContext) -> None:

@@ -103,8 +103,10 @@ class FastPath:
         self._extable: list[tuple[int, int]] = []
         # Probe point address -> its kprobes' recorders, in installation order.
         self.installed: dict[int, list[Installed]] = {}
-        # The recorders of aggregate points: by the recorders they call, in order.
+        # The recorders of aggregate points: by the recorders they call, in
+        # order; and the kprobes of each, by its tag (its index + 1).
         self._chains: dict[tuple[int, ...], Recorder] = {}
+        self._chain_kprobes: list[tuple[Kprobe, ...]] = []
         # Who takes the records of each probe id (a Tracer's decoder); ids
         # are the engine's, so several tracers share the rings.
         self.consumers: dict[int, Callable[[bytes], None]] = {}
@@ -269,12 +271,24 @@ class FastPath:
             return recs[0]
         chain = self._chains.get(tuple(recs))
         if chain is None:
+            # (A recorder is never reused: the same recorders, the same kprobes.)
+            tag = len(self._chain_kprobes) + 1
             try:
-                chain = self.place(lambda at: assemble_chain(recs, at, ORIG_RAX_OFFSET))
+                chain = self.place(lambda at: assemble_chain(recs, at, ORIG_RAX_OFFSET, tag))
             except ProbeError:
                 return None  # no room for its code: the host takes these hits
             self._chains[tuple(recs)] = chain
+            self._chain_kprobes.append(tuple(point.kprobes))
         return chain.address
+
+    def chain_recorded(self, orig_ax: int) -> tuple[Kprobe, ...]:
+        """The kprobes that recorded a hit in the guest before its chain
+        handed it to the host, from the ``orig_ax`` the chain left (see
+        :func:`assemble_chain`); none for any other value (-1: no chain)."""
+        tag, count = orig_ax >> 32, orig_ax & 0xFFFFFFFF
+        if not 0 < tag <= len(self._chain_kprobes):
+            return ()
+        return self._chain_kprobes[tag - 1][:count]
 
     def word(self, point: ProbePoint | None) -> int:
         """The table word for ``point``: the recorder to call (:meth:`entry_of`)

@@ -33,6 +33,7 @@ slot pages.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 PT_REGS_NAMES = (
@@ -583,6 +584,11 @@ def assemble_at(source: str, vma: int) -> tuple[bytes, dict[str, int]]:
 
     try:
         with context.local(arch="amd64", os="linux", log_level="error"):
+            if context.cache_dir:
+                # pwntools makes its cache directory after a check: two
+                # processes doing it at once (pytest-xdist workers with a new
+                # $HOME) make one of them fail.
+                os.makedirs(os.path.join(context.cache_dir, "asm-cache"), exist_ok=True)
             path = asm(source, vma=vma, extract=False)
     except Exception as exc:  # pwntools raises PwnlibException with the assembler's output
         raise ProbeError(f"cannot assemble guest code: {exc}") from exc

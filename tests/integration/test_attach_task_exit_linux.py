@@ -26,14 +26,17 @@ from tests.integration.attached import BAD
 
 pytestmark = pytest.mark.vm
 
-BUSY = "(i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; : > /tmp/qp-done; echo qp-busy-done) &"
+# The busy task spins until FILL starts (a loop of fixed length ended before
+# the attach on a fast host), then exits while FILL runs.
+BUSY = "(while [ ! -e /tmp/qp-go ]; do :; done; : > /tmp/qp-done; echo qp-busy-done) &"
 # Page tables wanted while the busy task exits: its page-table page goes back
 # to the allocator, and a dd faulting in its buffer takes it for a page of
 # PTEs (cleared when that dd exits). A fork would take it as another pgd,
 # whose kernel half is the same: that would hide the bug.
-FILL = ("while [ ! -e /tmp/qp-done ]; do dd if=/dev/zero of=/dev/null bs=16M count=1 "
-        "2>/dev/null; done; for i in 1 2 3 4; do dd if=/dev/zero of=/dev/null bs=16M count=1 "
-        "2>/dev/null; done; echo qp-filled")  # fmt: skip
+FILL = (": > /tmp/qp-go; while [ ! -e /tmp/qp-done ]; do "
+        "dd if=/dev/zero of=/dev/null bs=16M count=1 2>/dev/null; done; "
+        "for i in 1 2 3 4; do dd if=/dev/zero of=/dev/null bs=16M count=1 2>/dev/null; done; "
+        "echo qp-filled")  # fmt: skip
 
 
 def test_kernel_walks_survive_the_exit_of_the_task_running_at_attach() -> None:

@@ -309,6 +309,7 @@ def test_engine_leaves_other_entries_alone() -> None:
 _BRANCHES = [  # (opcode bytes, displacement width)
     (b"\xeb", 1), (b"\x74", 1), (b"\x7f", 1), (b"\xe2", 1), (b"\xe3", 1),
     (b"\xe9", 4), (b"\xe8", 4), (b"\x0f\x85", 4), (b"\x0f\x8e", 4), (b"\xc7\xf8", 4),
+    (b"\x66\xc7\xf8", 2),  # xbegin rel16: its target is not truncated
 ]  # fmt: skip
 
 

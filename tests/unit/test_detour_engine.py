@@ -65,6 +65,9 @@ class FakeFast:
     def detour_refusal(self, point_addr: int) -> str | None:
         return None
 
+    def chain_recorded(self, orig_ax: int) -> tuple[Kprobe, ...]:
+        return ()
+
     def write_word(self, index: int, point: ProbePoint | None) -> None:
         pass
 

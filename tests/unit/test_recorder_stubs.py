@@ -231,7 +231,7 @@ def _chained(m: Machine, second: str) -> int:
     rec2 = assemble_recorder(spec, REC_LO + 0x800)
     m.guest.write(rec2.address, rec2.code)
     chain = assemble_chain([REC_LO, rec2.address], REC_LO + 0x1000,
-                           8 * PT_REGS_NAMES.index("orig_rax"))  # fmt: skip
+                           8 * PT_REGS_NAMES.index("orig_rax"), tag=7)  # fmt: skip
     m.guest.write(chain.address, chain.code)
     m.guest.write(RTABLE + 8 * probe_hash(PROBE_IP), q(rtable_entry(chain.address - AREA,
                                                                    BOOST - AREA)))  # fmt: skip
@@ -283,8 +283,10 @@ def test_a_chain_that_finds_the_ring_full_tells_the_host_which_recorded(first_fi
         frame = _frame_at_doorbell(m)
         assert m.guest.read(DOORBELL, 1) == b"\1"
         assert (frame["vector"], frame["rip"], frame["rdi"]) == (3, PROBE_IP + 1, REGS["rdi"])
-        assert frame["orig_rax"] == (1 if first_fits else 0)
+        # The chain's tag (7) and how many recorded before the full ring.
+        recorded = 1 if first_fits else 0
+        assert frame["orig_rax"] == 7 << 32 | recorded
         assert taken >= 1
-        assert _ids(m.records()) == [5, 6] * taken + [5] * frame["orig_rax"]
+        assert _ids(m.records()) == [5, 6] * taken + [5] * recorded
         return
     raise AssertionError("the ring never filled")

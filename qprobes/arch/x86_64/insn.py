@@ -1330,6 +1330,8 @@ _NEAR_BRANCH_KINDS = frozenset({iced_x86.OpKind.NEAR_BRANCH16, iced_x86.OpKind.N
 #: The one-byte opcodes of branches with an 8-bit displacement: jcc, loopne,
 #: loope, loop, jrcxz, jmp.
 _REL8_OPCODES = frozenset([*range(0x70, 0x80), 0xE0, 0xE1, 0xE2, 0xE3, 0xEB])
+#: ``xbegin rel16`` (operand-size prefix): its target is not truncated.
+_XBEGIN16 = b"\x66\xc7\xf8"
 #: ``(-k) & 0xff`` for k up to 64 KiB + 256: every descending byte sequence.
 _DESCENDING = bytes((-k) & 0xFF for k in range((1 << 16) + 256))
 
@@ -1361,10 +1363,11 @@ def _may_branch_to(code: bytes, start: int, target: int) -> bool:
     offset ``i`` holds ``target - (start + i + width)``. A byte scan with no
     decoding: the fields' low bytes are found all at once (they fall by one
     per offset), and only the few offsets that match are looked at.
-    (rel16 branches truncate rip to 16 bits: never a kernel address.)"""
+    (jmp and jcc rel16 truncate rip to 16 bits: never a kernel address;
+    xbegin rel16 does not, and any ``66 c7 f8`` answers True.)"""
     n = len(code)
-    if n >= 1 << 16:
-        return True
+    if n >= 1 << 16 or _XBEGIN16 in code:
+        return True  # (xbegin rel16 does not truncate rip: not scanned for)
     # rel8 (jcc, jmp, loop*, jrcxz): the field at i holds target - (start +
     # i + 1), in -128 .. 127.
     base8 = target - start - 1

@@ -818,14 +818,16 @@ def assemble_recorder(spec: RecorderSpec, address: int) -> Recorder:
     return Recorder(address, data, extable, gen.max)
 
 
-def assemble_chain(recorders: Sequence[int], address: int, progress_at: int) -> Recorder:
+def assemble_chain(recorders: Sequence[int], address: int, progress_at: int,
+                   tag: int) -> Recorder:  # fmt: skip
     """A recorder at ``address`` that calls the recorders at ``recorders``
     in turn with the same ``pt_regs`` (the probes of an aggregate point, in
     their order), each as the #BP stub or a detour calls one: ``rdi`` =
     ``pt_regs``, ``eax`` = 0 when it recorded. The first that hands its hit
-    to the host (nonzero) ends the chain with its answer, after writing how
-    many recorded before it into the frame's word at ``progress_at``
-    (``orig_ax``, -1 otherwise): the host runs the handlers of the others
+    to the host (nonzero) ends the chain with its answer, after writing
+    ``tag << 32 | n`` (n: how many recorded before it) into the frame's
+    word at ``progress_at`` (``orig_ax``, -1 otherwise): the host, which
+    knows the kprobes of chain ``tag``, runs the handlers of the others
     only. No load of guest data: no exception-table entries.
 
     ::
@@ -835,11 +837,14 @@ def assemble_chain(recorders: Sequence[int], address: int, progress_at: int) -> 
          inc qword ptr [rsp]) for each
         add rsp, 16; xor eax, eax; ret
       spill:
-        mov rdi, [rsp + 8]; mov rcx, [rsp]; mov [rdi + progress_at], rcx
+        mov rdi, [rsp + 8]; mov rcx, [rsp]; mov rdx, tag << 32; or rcx, rdx
+        mov [rdi + progress_at], rcx
         add rsp, 16; ret
     """
     if len(recorders) < 2:
         raise ProbeError("a chain calls two recorders or more")
+    if not 0 < tag < 2**32 - 1:
+        raise ProbeError(f"chain tag {tag} out of range")
     if not 0 <= progress_at < 2**31:
         raise ProbeError(f"frame offset {progress_at} out of range")
     step = 5 + 5 + 2 + 6 + 4
@@ -860,6 +865,8 @@ def assemble_chain(recorders: Sequence[int], address: int, progress_at: int) -> 
     assert address + len(code) == spill
     code += b"\x48\x8b\x7c\x24\x08"  # mov rdi, [rsp + 8]
     code += b"\x48\x8b\x0c\x24"  # mov rcx, [rsp]
+    code += b"\x48\xba" + struct.pack("<Q", tag << 32)  # mov rdx, tag << 32
+    code += b"\x48\x09\xd1"  # or rcx, rdx
     code += b"\x48\x89\x8f" + struct.pack("<i", progress_at)  # mov [rdi + progress_at], rcx
     code += b"\x48\x83\xc4\x10\xc3"  # add rsp, 16; ret
     return Recorder(address, bytes(code), (), 0)
