@@ -152,6 +152,8 @@ class GuestClock:
     def __init__(self, kernel: LinuxKernel, read: Read) -> None:
         self.read = read
         self._cyc2ns_cache: dict[int, tuple[float, Cyc2nsData]] = {}
+        # Per CPU: the cyc2ns data seen, each from the TSC where it took over.
+        self._cyc2ns_eras: dict[int, list[tuple[int, Cyc2nsData]]] = {}
         self.symbols = symbols = kernel.symbols
         btf = kernel.btf
         if btf is None:
@@ -257,13 +259,21 @@ class GuestClock:
 
     def cyc2ns(self, gs_base: int) -> Cyc2nsData:
         """The CPU's current ``cyc2ns_data`` (``cyc2ns_read_begin``: the copy
-        the latch's sequence names). The guest is stopped (all-stop) while
-        the host reads, so one read of the whole struct is consistent."""
+        the latch's sequence names). Stopped, one read of the whole struct
+        is consistent; read while the guest runs (the fast path's drains
+        through host memory), the sequence is read again after, and the
+        read retried if it moved (``cyc2ns_read_retry``)."""
         lay = self.layout
         start = min(lay.data, lay.seq)
         end = max(lay.data + 2 * lay.data_size, lay.seq + 4)
-        raw = self.read(gs_base + lay.cyc2ns + start, end - start)
-        (seq,) = struct.unpack_from("<I", raw, lay.seq - start)
+        for _ in range(8):
+            raw = self.read(gs_base + lay.cyc2ns + start, end - start)
+            (seq,) = struct.unpack_from("<I", raw, lay.seq - start)
+            again = self.read(gs_base + lay.cyc2ns + lay.seq, 4)
+            if struct.unpack("<I", again)[0] == seq:
+                break
+        else:
+            raise ClockError("the guest kept changing its cyc2ns data while it was read")
         at = lay.data - start + (seq & 1) * lay.data_size
         data = raw[at : at + lay.data_size]
         return Cyc2nsData(_field(data, lay.mul), _field(data, lay.shift), _field(data, lay.offset))
@@ -287,7 +297,43 @@ class GuestClock:
             except (QprobesError, struct.error):
                 return None
             cache[gs_base] = hit
+            self._new_era(gs_base, hit[1])
+        # A record is converted with the data of its own moment: one made
+        # before the guest changed its scale (set_cyc2ns_scale(), e.g. the
+        # refined TSC calibration) and drained after it takes the old data,
+        # as the guest's own clock did then (the times stay in order).
+        for start, data in reversed(self._cyc2ns_eras.get(gs_base, ())):
+            if tsc >= start:
+                return cycles_2_ns(tsc, data)
         return cycles_2_ns(tsc, hit[1])
+
+    #: The eras a CPU's history keeps.
+    CYC2NS_ERAS = 8
+
+    def _new_era(self, gs_base: int, data: Cyc2nsData) -> None:
+        """Note ``data`` as the CPU's current cyc2ns, from the TSC where it
+        meets the last one (the guest makes the clock continuous there:
+        ``set_cyc2ns_scale()`` sets the new offset so that both give the
+        same time at the TSC of the change)."""
+        eras = self._cyc2ns_eras.setdefault(gs_base, [])
+        if not eras:
+            eras.append((0, data))
+            return
+        last = eras[-1][1]
+        if data == last:
+            return
+        rate_old = last.cyc2ns_mul / float(1 << last.cyc2ns_shift)
+        rate_new = data.cyc2ns_mul / float(1 << data.cyc2ns_shift)
+        if rate_old == rate_new:
+            start = 0  # only the offset moved: no TSC where they meet
+        else:
+            start = int((_s64(data.cyc2ns_offset) - _s64(last.cyc2ns_offset))
+                        / (rate_old - rate_new))  # fmt: skip
+        if start <= eras[-1][0]:
+            eras[:] = [(0, data)]  # (no usable meeting point: the new data alone)
+            return
+        eras.append((start, data))
+        del eras[: -self.CYC2NS_ERAS]
 
     def sched_clock(self, ctx: HitContext) -> int | None:
         """``sched_clock()`` in ns at the hit, or None (no TSC, no per-CPU base)."""

@@ -75,9 +75,13 @@ def _check_events(events: list[TraceEvent]) -> None:
     assert len(events) > 50, len(events)
     paths = [e.fields["path"] for e in events]
     assert paths.count("/etc/hostname") > len(events) // 6, paths[:20]
-    stamps = [e.timestamp_ns for e in events]
     assert {e.clock for e in events} == {"local"}, {e.clock for e in events}
-    assert stamps == sorted(stamps)
+    # In order on each CPU. (Across the two, a record still being appended
+    # on one vCPU when a drain reads the rings comes out with the next
+    # drain, after later records of the other: as with ftrace's trace_pipe.)
+    for cpu in {e.cpu for e in events}:
+        stamps = [e.timestamp_ns for e in events if e.cpu == cpu]
+        assert stamps == sorted(stamps), cpu
 
 
 def _check_guest(machine: QemuMachine, before: dict[str, str], addrs: list[int]) -> None:

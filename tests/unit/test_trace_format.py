@@ -288,7 +288,8 @@ def test_sched_clock_at_reads_a_cpus_data_once_per_drain(monkeypatch: pytest.Mon
     reads: list[int] = []
 
     def read(addr: int, size: int) -> bytes:
-        reads.append(addr)
+        if addr == GS + CYC2NS:  # (the latch's sequence is read again after)
+            reads.append(addr)
         return mem.read(addr, size)
 
     clock = GuestClock(FakeKernel(SYMS), read)  # type: ignore[arg-type]
@@ -303,6 +304,50 @@ def test_sched_clock_at_reads_a_cpus_data_once_per_drain(monkeypatch: pytest.Mon
     now[0] += clock.CYC2NS_REUSE_S * 2  # the next drain reads it again
     assert clock.sched_clock_at(tsc, GS) == expect and len(reads) == before + 2
     assert clock.sched_clock_at(tsc, GS) == clock.sched_clock(hit(tsc))
+
+
+def test_records_made_before_the_guest_rescaled_its_tsc_keep_the_old_scale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """set_cyc2ns_scale() (the refined TSC calibration) gives a CPU a new mul
+    and an offset that meets the old time at the TSC of the change; records
+    made before it but drained after it are converted with the old data, as
+    the guest's clock was then: times stay in order across the change."""
+    mem = clock_memory(6)
+    clock = GuestClock(FakeKernel(SYMS), mem.read)  # type: ignore[arg-type]
+    now = [100.0]
+    monkeypatch.setattr("qprobes.linux.clock.time.monotonic", lambda: now[0])
+    t0 = 2445379000 * 5
+    old = (t0 * 6860 >> 24) - 500
+    assert clock.sched_clock_at(t0, GS) == old
+    # The change at t1: mul 6860 -> 6900, offset so both agree at t1.
+    t1 = t0 + 50_000_000
+    offset = (t1 * 6860 >> 24) - 500 - (t1 * 6900 >> 24)
+    mem.poke(GS + CYC2NS, struct.pack("<IIQ", 6900, 24, offset & U64))
+    now[0] += 1.0
+    stamps = [clock.sched_clock_at(t, GS) for t in range(t1 - 30_000_000, t1 + 30_000_000,
+                                                          1_000_000)]  # fmt: skip
+    assert stamps == sorted(stamps)
+    assert clock.sched_clock_at(t1 - 1_000_000, GS) == ((t1 - 1_000_000) * 6860 >> 24) - 500
+    assert clock.sched_clock_at(t1 + 1_000_000, GS) == ((t1 + 1_000_000) * 6900 >> 24) + offset
+
+
+def test_cyc2ns_read_again_when_the_latch_moved_meanwhile() -> None:
+    mem = clock_memory(6)  # seq 6: data[0] is the live copy
+    after = iter([7, 6])  # the sequence read after each full read: moved once, then not
+    full: list[int] = []
+
+    def read(addr: int, size: int) -> bytes:
+        if addr == GS + CYC2NS + 32 and size == 4:
+            return struct.pack("<I", next(after))
+        if addr == GS + CYC2NS:
+            full.append(addr)
+        return mem.read(addr, size)
+
+    clock = GuestClock(FakeKernel(SYMS), read)  # type: ignore[arg-type]
+    data = clock.cyc2ns(GS)
+    assert (data.cyc2ns_mul, data.cyc2ns_shift) == (6860, 24)
+    assert len(full) == 2
 
 
 SCD, GTOD_OFFSET, TICK_NSEC, RUNNING = (
