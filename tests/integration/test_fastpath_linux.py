@@ -13,7 +13,7 @@ import re
 import pytest
 
 from qprobes.frontends.session import Session
-from qprobes.tracing import TraceEvent, Tracer
+from qprobes.tracing import TraceEvent, TraceProbe, Tracer
 
 pytestmark = pytest.mark.vm
 
@@ -196,29 +196,41 @@ def test_two_vcpus_record_in_their_own_rings() -> None:
         assert stamps == sorted(stamps)
 
 
-def test_a_full_ring_hands_its_hits_to_the_host(linux: Session) -> None:
-    """Lossless mode: with the rings drained only when the guest stops,
-    8,000 hits overflow them; every hit still becomes exactly one event."""
-    fast = linux.engine.fast
+def _dd_drained_at_stops(session: Session, definitions: list[str], n: int
+                        ) -> tuple[list[TraceEvent], Tracer, list[TraceProbe], int]:  # fmt: skip
+    """``dd`` reading ``n`` bytes one at a time with ``definitions`` traced
+    on the fast path and the rings drained only when the guest stops (so
+    they fill): the events, the tracer, its probes and the hits full rings
+    handed to the host."""
+    fast = session.engine.fast
     assert fast is not None
-    n = 8000
     events: list[TraceEvent] = []
-    tracer = Tracer(linux, events.append, fast=True)
-    hooks = linux.engine.poll_hooks
+    tracer = Tracer(session, events.append, fast=True)
+    hooks = session.engine.poll_hooks
     saved: list[object] = []
     try:
-        tp = tracer.add("p:fd vfs_read a=%di b=%si c=%dx d=%cx e=%r8 f=%r9 g=%ax h=%bx")
-        assert tp.fast_id, tp.slow_reason
+        tps = [tracer.add(d) for d in definitions]
+        assert all(tp.fast_id for tp in tps), [tp.slow_reason for tp in tps]
         saved = list(hooks)
         at = hooks.index(fast.poll)
         hooks[at] = lambda running: None if running else fast.poll(False)  # drain at stops only
         spilled = tracer.fast_spilled
-        linux.command(f"dd if=/dev/zero of=/dev/null bs=1 count={n}", timeout=300)
+        session.command(f"dd if=/dev/zero of=/dev/null bs=1 count={n}", timeout=300)
         spilled = tracer.fast_spilled - spilled
     finally:
         if saved:
             hooks[:] = saved
-        tracer.remove("kprobes/fd")
+        for name in list(tracer.probes):
+            tracer.remove(name)
+    return events, tracer, tps, spilled
+
+
+def test_a_full_ring_hands_its_hits_to_the_host(linux: Session) -> None:
+    """Lossless mode: with the rings drained only when the guest stops,
+    8,000 hits overflow them; every hit still becomes exactly one event."""
+    n = 8000
+    events, tracer, (tp,), spilled = _dd_drained_at_stops(
+        linux, ["p:fd vfs_read a=%di b=%si c=%dx d=%cx e=%r8 f=%r9 g=%ax h=%bx"], n)
     reads = [e for e in events if e.comm == "dd" and e.fields["c"] == 1]
     assert len(reads) == n
     assert spilled >= 1
@@ -333,28 +345,11 @@ def test_a_full_ring_hands_an_aggregate_hit_over_once(linux: Session) -> None:
     that finds the ring full after the first recorded hands the hit to the
     host, which runs the second's handler only. Every read is one event of
     each, never two."""
-    fast = linux.engine.fast
-    assert fast is not None
     n = 6000
-    events: list[TraceEvent] = []
-    tracer = Tracer(linux, events.append, fast=True)
-    hooks = linux.engine.poll_hooks
-    saved: list[object] = []
-    try:
-        small = tracer.add("p:fs vfs_read c=%dx")
-        big = tracer.add("p:fb vfs_read a=%di b=%si c=%dx d=%cx e=%r8 f=%r9 g=%ax h=%bx")
-        assert small.fast_id and big.fast_id, (small.slow_reason, big.slow_reason)
-        saved = list(hooks)
-        at = hooks.index(fast.poll)
-        hooks[at] = lambda running: None if running else fast.poll(False)
-        spilled = tracer.fast_spilled
-        linux.command(f"dd if=/dev/zero of=/dev/null bs=1 count={n}", timeout=300)
-        spilled = tracer.fast_spilled - spilled
-    finally:
-        if saved:
-            hooks[:] = saved
-        for name in list(tracer.probes):
-            tracer.remove(name)
+    events, tracer, _tps, spilled = _dd_drained_at_stops(linux, [
+        "p:fs vfs_read c=%dx",
+        "p:fb vfs_read a=%di b=%si c=%dx d=%cx e=%r8 f=%r9 g=%ax h=%bx",
+    ], n)  # fmt: skip
     for event in ("fs", "fb"):
         reads = [e for e in events if e.event == event and e.comm == "dd" and e.fields["c"] == 1]
         assert len(reads) == n, (event, len(reads))

@@ -227,7 +227,12 @@ def test_before_mark_rodata_ro(guest: LinuxGuest, plain_table: KallsymsTable) ->
         start = time.monotonic()
         table = read_guest_kallsyms(machine.target, use_cache=False, write_cache=False)
         print(f"\nkallsyms before mark_rodata_ro: {time.monotonic() - start:.2f} s")
-        assert re.search(r"Unable to mount root fs", machine.console_text())
+        # (Compared with runs of a character taken as one: a serial console
+        # under load was seen to print a character twice, "syscalll".)
+        def squeeze(text: str) -> str:
+            return re.sub(r"(.)\1+", r"\1", text)
+
+        assert squeeze("Unable to mount root fs") in squeeze(machine.console_text())
     assert table.entries == plain_table.entries
 
 
