@@ -31,18 +31,22 @@ N_OPENS = 25
 WORKLOAD = f"sh -c 'echo PID=$$; exec qp-open {N_OPENS} /etc/hostname'"
 
 
-def _trace(session: Session, fast: bool) -> tuple[list[TraceEvent], int, Tracer]:
+def _trace(session: Session, fast: bool, definitions: list[str] = DEFINITIONS,
+           ) -> tuple[list[TraceEvent], int, Tracer]:  # fmt: skip
+    """WORKLOAD's events with ``definitions`` traced, and the doorbell stops
+    (int3 and return trampoline) it took."""
     events: list[TraceEvent] = []
     tracer = Tracer(session, events.append, fast=fast)
+    stats = session.engine.stats
     try:
-        for definition in DEFINITIONS:
+        for definition in definitions:
             tracer.add(definition)
         # A hit in flight when the probes changed (the vCPU was stopped in
         # the #BP stub) may still ring once: let it finish before counting.
         session.command("true")
-        stops = session.engine.stats.bp
+        stops = stats.bp + stats.kret
         out = session.command(WORKLOAD)
-        stops = session.engine.stats.bp - stops
+        stops = stats.bp + stats.kret - stops
     finally:
         summary = tracer.summary()
         for name in list(tracer.probes):
@@ -301,33 +305,12 @@ AGGREGATE = [
 ]
 
 
-def _trace_many(session: Session, definitions: list[str], fast: bool
-                ) -> tuple[list[TraceEvent], int, Tracer, list[dict[str, object]]]:  # fmt: skip
-    events: list[TraceEvent] = []
-    tracer = Tracer(session, events.append, fast=fast)
-    try:
-        for definition in definitions:
-            tracer.add(definition)
-        session.command("true")
-        stops = session.engine.stats.bp + session.engine.stats.kret
-        out = session.command(WORKLOAD)
-        stops = session.engine.stats.bp + session.engine.stats.kret - stops
-    finally:
-        summary = tracer.summary()
-        for name in list(tracer.probes):
-            tracer.remove(name)
-    found = re.search(r"PID=(\d+)", out)
-    assert found, out
-    return [e for e in events if e.pid == int(found.group(1))], stops, tracer, summary
-
-
 def test_probes_sharing_a_function_all_stay_on_the_fast_path(linux: Session) -> None:
     """An entry and a return probe and a second entry probe on one function
     (an aggregate point: one int3 or jump, a chain of recorders): no stop per
     call, and the events of the slow path, field by field."""
-    slow, slow_stops, _, _ = _trace_many(linux, AGGREGATE, fast=False)
-    fast, fast_stops, tracer, summary = _trace_many(linux, AGGREGATE, fast=True)
-    assert all(row["fast"] for row in summary), summary
+    slow, slow_stops, _ = _trace(linux, fast=False, definitions=AGGREGATE)
+    fast, fast_stops, tracer = _trace(linux, fast=True, definitions=AGGREGATE)  # every row fast
     opens = [e for e in slow if e.event == "ao" and e.fields["path"] == "/etc/hostname"]
     assert len(opens) == N_OPENS
     assert {e.event for e in slow} == {"ao", "ar", "ad"}
