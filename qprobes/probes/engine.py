@@ -495,8 +495,6 @@ class KprobeEngine:
         # range of the retpoline thunks (a jmp there is an indirect jump).
         self.detour = True
         self.detours: dict[int, x86detour.Detour] = {}
-        # What each detour calls (FastPath.entry_of when it was built).
-        self._detour_entry: dict[int, int] = {}
         # Points whose recorder was installed with a detour wanted: one that
         # goes back to its int3 (its probe disabled, a second probe there)
         # is optimized again once it is a single enabled fast probe.
@@ -2104,8 +2102,8 @@ class KprobeEngine:
         run the recorder: an aggregate probe, a disabled one."""
         if self.fast is None:
             return
-        if point.addr in self.detours and (
-                self.fast.entry_of(point) != self._detour_entry.get(point.addr)):  # fmt: skip
+        det = self.detours.get(point.addr)
+        if det is not None and self.fast.entry_of(point) != det.recorder:
             # Its hits may not all run a recorder now, or they run another
             # one (a chain that grew or shrank): the int3 until it is redone.
             self._unoptimize(point)
@@ -2395,7 +2393,7 @@ class KprobeEngine:
                 raise DetourError(point.addr, f"the detour assembled to {len(code)} bytes")
             det = x86detour.Detour(
                 window, x86detour.DetourCode(buf, code, buf + x86detour.RELOC_OFFSET, rel.copies),
-                x86detour.jump_bytes(point.addr, buf))  # fmt: skip
+                x86detour.jump_bytes(point.addr, buf), recorder=entry)  # fmt: skip
             self.kwrite_code(buf, code)
             ranges = [(window.addr + 1, window.end)]
             if window.insns[-1].length == 1:
@@ -2442,7 +2440,6 @@ class KprobeEngine:
         self.kwrite_code(point.addr + 1, det.jump[1:])
         self.kwrite_code(point.addr, det.jump[:1])
         self.detours[point.addr] = det
-        self._detour_entry[point.addr] = entry
         for kp in point.kprobes:
             kp.detoured = True
         log.info("%s detoured: a jump over %d bytes (%d instructions) to %#x",
@@ -2474,7 +2471,6 @@ class KprobeEngine:
                 self.kwrite_code(point.addr, bytes([INT3]))
             self.kwrite_code(point.addr + 1, det.window.original[1 : len(det.jump)])
         del self.detours[point.addr]
-        self._detour_entry.pop(point.addr, None)
         for kp in point.kprobes:
             kp.detoured = False
         self._detour_buffers.free_insn_slot(det.buffer, dirty=True)

@@ -332,6 +332,7 @@ class Detour:
     window: Window
     code: DetourCode
     jump: bytes  # what the first JMP_REL32_SIZE bytes of the window hold
+    recorder: int = 0  # what the buffer calls (a recorder, or a chain of them)
 
     @property
     def addr(self) -> int:
