@@ -267,9 +267,12 @@ def test_refusals_stay_on_the_int3_fast_path(busy: Session) -> None:
         tp = off.add("p:qp/nd alloc_empty_file")
         assert tp.kprobe is not None and not tp.kprobe.detoured
         assert tp.kprobe.detour_refused is None
-        stops = s.engine.stats.bp
+        stops, spilled = s.engine.stats.bp, tracer.fast_spilled  # (engine-wide)
         s.command("qp-open 5 /etc/hostname")
-        assert s.engine.stats.bp == stops
+        # No stop but the hits a full ring handed over (lossless mode; the
+        # host drains late when loaded): counted, and allowed.
+        spilled = tracer.fast_spilled - spilled
+        assert s.engine.stats.bp - stops == spilled
         rows = {row["event"]: row for row in tracer.summary()}
         assert all(row["fast"] and not row["detour"] for row in rows.values()), rows
         assert rows["qp/r1"]["detour_refused"]
